@@ -1,0 +1,66 @@
+"""The `hubquant` command. Subcommands live beside the code they drive; this file wires them up and
+maps hubquant's error types to exit codes (see hubquant.errors)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+import hubquant  # noqa: F401  (sets the Hub environment before huggingface_hub is imported)
+from hubquant.errors import HubquantError
+
+# module -> it defines `add_parsers(subparsers)`; each parser sets `func(args) -> int`.
+SUBCOMMAND_MODULES = (
+    "hubquant.convert_cli",   # convert
+    "hubquant.hub.cli",       # hub serve | add-token | seed
+    "hubquant.runtime.cli",   # generate
+    "hubquant.space_cli",     # space
+    "hubquant.service.cli",   # watch, serve
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hubquant",
+        description="Quantized variants of Hugging Face Hub models: download, calibrate, quantize, card, push.",
+    )
+    parser.add_argument("--version", action="version", version=f"hubquant {hubquant.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that part of hubquant is not built yet
+                continue
+            raise
+        mod.add_parsers(sub)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except HubquantError as e:
+        if os.environ.get("HUBQUANT_DEBUG") == "1":
+            raise
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  fix: {e.hint}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
