@@ -1,0 +1,41 @@
+"""Round-to-nearest: min-max ranges per group, no calibration. The baseline every method must beat."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from hubquant.methods import QuantJob
+from hubquant.modeling import decoder_layers, layers_prefix, quantizable_linears
+from hubquant.quant import QuantizedWeight, rtn_quantize
+
+
+def quantize_linears(linears: dict[str, torch.nn.Linear], job: QuantJob) -> dict[str, QuantizedWeight]:
+    """RTN-quantize each Linear in place (weight := dequantized value) and return the codes."""
+    out = {}
+    for name, lin in linears.items():
+        w = lin.weight.data
+        qw = rtn_quantize(w.to(job.device), job.scheme.weights, scale_dtype=w.dtype)
+        lin.weight.data = qw.dequantize(w.dtype).to(w.device)
+        out[name] = _to_cpu(qw)
+    return out
+
+
+def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
+    qw.qweight, qw.scale = qw.qweight.cpu(), qw.scale.cpu()
+    if qw.zero_point is not None:
+        qw.zero_point = qw.zero_point.cpu()
+    return qw
+
+
+@torch.no_grad()
+def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
+    """Quantize every Linear except `job.ignore`, one decoder layer at a time."""
+    layers = decoder_layers(model)
+    prefix = layers_prefix(model)
+    result: dict[str, QuantizedWeight] = {}
+    for i, layer in enumerate(tqdm(layers, desc="rtn: layers", disable=not job.progress)):
+        result.update(quantize_linears(quantizable_linears(layer, job.ignore, f"{prefix}.{i}"), job))
+    # Linears outside the decoder layers (lm_head unless ignored)
+    rest = {n: m for n, m in quantizable_linears(model, job.ignore).items() if not n.startswith(prefix + ".")}
+    result.update(quantize_linears(rest, job))
+    return result
