@@ -1,0 +1,53 @@
+"""`hubquant space`: start the Gradio Space (space/app.py) locally, against HF_ENDPOINT."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from pathlib import Path
+
+from hubquant.errors import NotFoundError, missing_dependency
+
+APP_FILE = Path(__file__).resolve().parent.parent / "space" / "app.py"
+
+
+def load_app_module(path: Path = APP_FILE):
+    """Import space/app.py as a module (it is a Space's entry file, not part of the package).
+
+    Raises:
+        NotFoundError: space/app.py is not there (hubquant installed from a wheel, not a checkout).
+        UnsupportedError: gradio is not installed.
+    """
+    if not path.is_file():
+        raise NotFoundError(f"the Space's app is not at {path}",
+                            hint="run `hubquant space` from a source checkout (pip install -e '.[space]')")
+    if importlib.util.find_spec("gradio") is None:
+        raise missing_dependency("gradio", extra="space", why="the Space's UI")
+    spec = importlib.util.spec_from_file_location("hubquant_space_app", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(args: argparse.Namespace) -> int:
+    from huggingface_hub import constants
+
+    app = load_app_module()
+    print(f"hubquant space on http://{args.host}:{args.port or 7860} against {constants.ENDPOINT}", flush=True)
+    demo = app.build_app(default_base=args.base, max_new_tokens=args.max_new_tokens,
+                         cache_bytes=int(args.cache_mb * 1e6))
+    app.launch(demo, host=args.host, port=args.port or int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser("space", help="start the Gradio Space (compare variants, convert) locally",
+                              description="Start the Gradio Space against the Hub in HF_ENDPOINT (e.g. `hubquant "
+                                          "hub serve`). Compare a model with its variants; convert new ones.")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: GRADIO_SERVER_PORT or 7860)")
+    p.add_argument("--base", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="base model the Compare tab opens with")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default generation length (default: 64)")
+    p.add_argument("--cache-mb", type=float, default=float(os.environ.get("HUBQUANT_SPACE_CACHE_MB", "4000")),
+                   help="memory bound of loaded models in MB (default: 4000)")
+    p.set_defaults(func=_run)

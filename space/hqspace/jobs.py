@@ -1,0 +1,176 @@
+"""Conversions as background jobs: one worker thread, a log per job, results the UI polls.
+
+The job outlives the browser tab that started it: the page only reads `Job.lines` and `Job.state`.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from hubquant.errors import AuthError, HubquantError, NotFoundError
+
+_ENV_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertRequest:
+    """What the Convert tab asks for: one base model, one or more methods, one weight scheme."""
+
+    repo_id: str
+    methods: tuple[str, ...]
+    bits: int | None = None
+    group_size: int | None = None
+    token: str | None = None
+    user: str | None = None
+
+
+@dataclass
+class Job:
+    id: int
+    request: ConvertRequest
+    state: str = "queued"  # queued | running | done | failed
+    lines: list[str] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)
+    error: str | None = None
+    hint: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    methods_done: int = 0
+
+    def log(self, msg: str) -> None:
+        for line in str(msg).splitlines() or [""]:
+            self.lines.append(line)
+
+    @property
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the requested methods finished."""
+        return self.methods_done / max(1, len(self.request.methods))
+
+
+@contextlib.contextmanager
+def hub_token(token: str | None):
+    """Make huggingface_hub (and so hubquant.convert) use `token` for the duration of the block."""
+    if not token:
+        yield
+        return
+    with _ENV_LOCK:
+        old = os.environ.get("HF_TOKEN")
+        os.environ["HF_TOKEN"] = token
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("HF_TOKEN", None)
+            else:
+                os.environ["HF_TOKEN"] = old
+
+
+def preflight(api, repo_id: str, token: str | None) -> str:
+    """Check login and model access before a job is queued; returns the user's name.
+
+    Raises:
+        AuthError: no token, a token the Hub rejects, or a gated/private model without access.
+        NotFoundError: the model does not exist.
+    """
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    if not token:
+        raise AuthError("you are not logged in", hint="log in with the Hugging Face button (or paste a write token)")
+    try:
+        user = api.whoami(token=token)["name"]
+    except HfHubHTTPError as e:
+        raise AuthError("the Hub rejected your token (unauthorized)",
+                        hint="log in again, or paste a valid token with write access") from e
+    try:
+        info = api.model_info(repo_id, token=token)
+    except GatedRepoError as e:
+        raise AuthError(f"{repo_id} is gated: your account has no access to it",
+                        hint=f"request access on {api.endpoint}/{repo_id}, then try again") from e
+    except RepositoryNotFoundError as e:
+        raise NotFoundError(f"no model named {repo_id} (or it is private to someone else)",
+                            hint="check the model id") from e
+    if getattr(info, "gated", False) not in (False, None) and not _can_read(api, repo_id, token):
+        raise AuthError(f"{repo_id} is gated: your account has no access to it",
+                        hint=f"request access on {api.endpoint}/{repo_id}, then try again")
+    return user
+
+
+def _can_read(api, repo_id: str, token: str) -> bool:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    try:
+        hf_hub_download(repo_id, "config.json", token=token, endpoint=api.endpoint)
+        return True
+    except (GatedRepoError, HfHubHTTPError):
+        return False
+
+
+def default_convert(request: ConvertRequest, method: str, log: Callable[[str], None]) -> dict:
+    """Run hubquant.convert for one method and push to the user's namespace."""
+    from hubquant.convert import ConvertOptions, convert
+
+    kw = {"repo_id": request.repo_id, "method": method, "push": True}
+    if request.bits is not None:
+        kw["bits"] = request.bits
+    if request.group_size is not None:
+        kw["group_size"] = request.group_size
+    with hub_token(request.token):
+        res = convert(ConvertOptions(**kw), log=log)
+    return {"method": method, "target_repo": res.target_repo, "commit_url": res.commit_url,
+            "skipped": bool(res.skipped), "metrics": dict(res.metrics or {})}
+
+
+class JobRunner:
+    """A queue of conversion jobs worked through by one daemon thread (conversions are CPU-bound)."""
+
+    def __init__(self, convert_fn: Callable[[ConvertRequest, str, Callable[[str], None]], dict] = default_convert):
+        self._convert = convert_fn
+        self._jobs: dict[int, Job] = {}
+        self._ids = itertools.count(1)
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="hubquant-convert", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: ConvertRequest) -> Job:
+        job = Job(id=next(self._ids), request=request)
+        job.log(f"queued: {request.repo_id} with {', '.join(request.methods)}")
+        self._jobs[job.id] = job
+        self._queue.put(job)
+        return job
+
+    def get(self, job_id: int) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            job.state, job.started = "running", time.time()
+            try:
+                for method in job.request.methods:
+                    job.log(f"== {method}: converting {job.request.repo_id} ==")
+                    job.results.append(self._convert(job.request, method, job.log))
+                    job.methods_done += 1
+                job.state = "done"
+            except HubquantError as e:
+                job.error, job.hint, job.state = e.message, e.hint, "failed"
+                job.log(f"error: {e.message}" + (f"\n  fix: {e.hint}" if e.hint else ""))
+            except Exception as e:  # an unexpected failure still ends the job with a readable message
+                job.error, job.state = f"{type(e).__name__}: {e}", "failed"
+                job.log("".join(traceback.format_exception_only(type(e), e)).strip())
+            finally:
+                job.finished = time.time()
+                job.log(f"{job.state} in {job.elapsed:.0f} s")
