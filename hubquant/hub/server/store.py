@@ -1,0 +1,657 @@
+"""Durable storage of the local Hub: content-addressed blobs plus a SQLite index.
+
+Layout under ROOT:
+    blobs/ab/abcdef...   file contents, named by their sha256 (written to tmp/ then renamed)
+    tmp/                 partial uploads; anything left here after a crash is garbage
+    hub.sqlite           repos, commits (with parent), refs, files per commit, tokens (sha256 hashes only),
+                         gated-access grants
+
+A commit is one SQLite transaction that inserts the commit row and its full file list and moves the ref
+last, so a commit appears whole or not at all, also when the process is killed mid-commit (SQLite rolls
+the unfinished transaction back on the next open). Blobs are written before that transaction; an orphan
+blob is harmless.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from hubquant.errors import ConflictError, NotFoundError, UsageError
+
+REPO_TYPES = ("model", "dataset", "space")
+GATED_MODES = ("auto", "manual")
+FAILPOINT_ENV = "HUBQUANT_HUB_FAILPOINT_COMMIT_SLEEP"  # seconds to sleep inside a commit, before the ref moves
+_REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+
+# Files the real Hub stores with LFS whatever their size (its default .gitattributes, abridged).
+LFS_SUFFIXES = (
+    ".7z", ".arrow", ".bin", ".bz2", ".ckpt", ".ftz", ".gguf", ".gz", ".h5", ".joblib", ".mlmodel", ".model",
+    ".msgpack", ".npy", ".npz", ".onnx", ".ot", ".parquet", ".pb", ".pickle", ".pkl", ".pt", ".pth", ".rar",
+    ".safetensors", ".tar", ".tflite", ".tgz", ".wasm", ".xz", ".zip", ".zst",
+)
+LFS_MIN_SIZE = 10 * 1024 * 1024  # the real Hub: regular files up to 10 MB
+
+DEFAULT_GITATTRIBUTES = "".join(
+    f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES
+) + "*tfevents* filter=lfs diff=lfs merge=lfs -text\n"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS repos (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid TEXT NOT NULL,
+    type TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    private INTEGER NOT NULL DEFAULT 0,
+    gated TEXT,
+    created_at TEXT NOT NULL,
+    last_modified TEXT NOT NULL,
+    downloads INTEGER NOT NULL DEFAULT 0,
+    likes INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (type, namespace, name)
+);
+CREATE TABLE IF NOT EXISTS commits (
+    oid TEXT PRIMARY KEY,
+    repo INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+    parent TEXT,
+    title TEXT NOT NULL,
+    message TEXT NOT NULL,
+    author TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS refs (
+    repo INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    oid TEXT NOT NULL,
+    PRIMARY KEY (repo, name)
+);
+CREATE TABLE IF NOT EXISTS files (
+    commit_oid TEXT NOT NULL REFERENCES commits(oid) ON DELETE CASCADE,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    lfs INTEGER NOT NULL,
+    git_oid TEXT NOT NULL,
+    PRIMARY KEY (commit_oid, path)
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    hash TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    orgs TEXT NOT NULL,
+    write INTEGER NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS grants (
+    repo INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+    user TEXT NOT NULL,
+    PRIMARY KEY (repo, user)
+);
+"""
+
+
+class RepoNotFound(NotFoundError):
+    """The repo does not exist (or the caller may not know that it does)."""
+
+
+class RevisionNotFound(NotFoundError):
+    """The repo exists; the branch or commit does not."""
+
+
+class EntryNotFound(NotFoundError):
+    """The revision exists; the file does not."""
+
+
+class CommitConflict(ConflictError):
+    """`parentCommit` is not the branch's head any more."""
+
+
+def now_iso() -> str:
+    """The current UTC time as the Hub writes it (`2026-11-27T10:24:48.000Z`)."""
+    t = datetime.now(timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def git_blob_oid(data: bytes) -> str:
+    """The git object id (sha1 of `blob <len>\\0<data>`) that the Hub reports for a regular file."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The git-lfs pointer file that git stores in place of an LFS file."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def wants_lfs(path: str, size: int, sample: bytes = b"") -> bool:
+    """Whether the real Hub would store this file with LFS: large, a binary suffix, or binary content."""
+    return size >= LFS_MIN_SIZE or path.lower().endswith(LFS_SUFFIXES) or b"\0" in sample
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def split_repo_id(repo_id: str) -> tuple[str, str]:
+    """`ns/name` -> (ns, name); raises UsageError for anything else."""
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(_REPO_PART.match(p) for p in parts) or parts[1].endswith((".git", "..")):
+        raise UsageError(f"invalid repo id {repo_id!r}", hint="use NAMESPACE/NAME (letters, digits, . _ -)")
+    return parts[0], parts[1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Principal:
+    """Who a token belongs to and what it may do."""
+
+    user: str
+    orgs: tuple[str, ...] = ()
+    write: bool = True
+
+    def member_of(self, namespace: str) -> bool:
+        return namespace == self.user or namespace in self.orgs
+
+    def can_write(self, namespace: str) -> bool:
+        return self.write and self.member_of(namespace)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Repo:
+    id: int
+    uid: str
+    type: str
+    namespace: str
+    name: str
+    private: bool
+    gated: str | None
+    created_at: str
+    last_modified: str
+    downloads: int
+    likes: int
+
+    @property
+    def repo_id(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileEntry:
+    path: str
+    sha256: str
+    size: int
+    lfs: bool
+    git_oid: str  # sha1 of the git blob: the content for regular files, the LFS pointer for LFS files
+
+    @property
+    def pointer_size(self) -> int:
+        return len(lfs_pointer(self.sha256, self.size))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Commit:
+    oid: str
+    parent: str | None
+    title: str
+    message: str
+    author: str
+    created_at: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddFile:
+    """Put the blob `sha256` at `path` (the blob must already be stored)."""
+
+    path: str
+    sha256: str
+    size: int
+    lfs: bool
+    git_oid: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeletePath:
+    """Remove a file, or with `folder=True` everything under `path/`."""
+
+    path: str
+    folder: bool = False
+
+
+def _check_path(path: str) -> str:
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in path:
+        raise UsageError(f"invalid path in repo {path!r}", hint="use a relative path without '..' or empty parts")
+    if parts[0] == ".git":
+        raise UsageError(f"invalid path in repo {path!r}", hint="paths under .git/ are reserved")
+    return path
+
+
+class Store:
+    """The local Hub's storage. Thread-safe: every call opens its own SQLite connection."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.tmp = self.root / "tmp"
+        self.db_path = self.root / "hub.sqlite"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        init = sqlite3.connect(self.db_path, timeout=60)
+        try:
+            init.execute("PRAGMA journal_mode=WAL")
+            init.executescript(_SCHEMA)
+        finally:
+            init.close()
+        with self._db(immediate=True) as db:
+            if db.execute("SELECT 1 FROM meta WHERE key='secret'").fetchone() is None:
+                db.execute("INSERT INTO meta VALUES ('secret', ?)", (secrets.token_hex(32),))
+        with self._db() as db:
+            self._secret = bytes.fromhex(db.execute("SELECT value FROM meta WHERE key='secret'").fetchone()[0])
+
+    # --- plumbing -------------------------------------------------------------------------------------
+    @contextmanager
+    def _db(self, *, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection inside one transaction: committed on success, rolled back on any error."""
+        db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.row_factory = sqlite3.Row
+            db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def sign(self, message: str) -> str:
+        """An HMAC of `message` with this Hub's secret (LFS upload links carry one instead of a token)."""
+        return hmac.new(self._secret, message.encode(), hashlib.sha256).hexdigest()
+
+    def check_signature(self, message: str, signature: str) -> bool:
+        return hmac.compare_digest(self.sign(message), signature)
+
+    # --- tokens -----------------------------------------------------------------------------------------
+    def add_token(self, user: str, *, orgs: Iterable[str] = (), write: bool = True) -> str:
+        """Create a token for `user` (write access to `user` and `orgs` unless `write=False`); only its hash is kept.
+
+        Returns:
+            The token (`hf_...`), shown once.
+        """
+        for ns in (user, *orgs):
+            if not _REPO_PART.match(ns):
+                raise UsageError(f"invalid user or org name {ns!r}", hint="use letters, digits, '.', '_' or '-'")
+        token = "hf_" + secrets.token_urlsafe(30).replace("-", "A").replace("_", "B")
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?)",
+                (hash_token(token), user, json.dumps(list(orgs)), int(write), now_iso()),
+            )
+        return token
+
+    def principal(self, token: str) -> Principal | None:
+        """Who owns `token`, or None for an unknown token."""
+        with self._db() as db:
+            row = db.execute("SELECT * FROM tokens WHERE hash=?", (hash_token(token),)).fetchone()
+        if row is None:
+            return None
+        return Principal(user=row["user"], orgs=tuple(json.loads(row["orgs"])), write=bool(row["write"]))
+
+    # --- repos --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _repo(row: sqlite3.Row) -> Repo:
+        return Repo(
+            id=row["id"], uid=row["uid"], type=row["type"], namespace=row["namespace"], name=row["name"],
+            private=bool(row["private"]), gated=row["gated"], created_at=row["created_at"],
+            last_modified=row["last_modified"], downloads=row["downloads"], likes=row["likes"],
+        )
+
+    def get_repo(self, repo_id: str, repo_type: str = "model") -> Repo:
+        """The repo, or RepoNotFound."""
+        ns, name = repo_id.split("/", 1) if "/" in repo_id else ("", repo_id)
+        with self._db() as db:
+            row = db.execute(
+                "SELECT * FROM repos WHERE type=? AND namespace=? AND name=?", (repo_type, ns, name)
+            ).fetchone()
+        if row is None:
+            raise RepoNotFound(f"{repo_type} repo {repo_id} not found", hint="check the repo id and repo type")
+        return self._repo(row)
+
+    def list_repos(self, repo_type: str = "model") -> list[Repo]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM repos WHERE type=? ORDER BY id", (repo_type,)).fetchall()
+        return [self._repo(r) for r in rows]
+
+    def create_repo(
+        self, repo_id: str, repo_type: str = "model", *, private: bool = False, author: str = "hubquant"
+    ) -> tuple[Repo, bool]:
+        """Create a repo with the Hub's initial commit (a default .gitattributes).
+
+        Returns:
+            (repo, created): `created` is False when it already existed (nothing changed then).
+        """
+        if repo_type not in REPO_TYPES:
+            raise UsageError(f"unknown repo type {repo_type!r}", hint=f"use one of {', '.join(REPO_TYPES)}")
+        ns, name = split_repo_id(repo_id)
+        try:
+            return self.get_repo(repo_id, repo_type), False
+        except RepoNotFound:
+            pass
+        data = DEFAULT_GITATTRIBUTES.encode()
+        sha256, size = self.write_blob([data])
+        ts = now_iso()
+        with self._db(immediate=True) as db:
+            if db.execute(
+                "SELECT 1 FROM repos WHERE type=? AND namespace=? AND name=?", (repo_type, ns, name)
+            ).fetchone():
+                return self.get_repo(repo_id, repo_type), False
+            cur = db.execute(
+                "INSERT INTO repos (uid, type, namespace, name, private, gated, created_at, last_modified)"
+                " VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
+                (uuid.uuid4().hex[:24], repo_type, ns, name, int(private), ts, ts),
+            )
+            rid = cur.lastrowid
+            oid = self._new_commit_oid(rid, None, "initial commit")
+            db.execute(
+                "INSERT INTO commits VALUES (?, ?, NULL, ?, '', ?, ?)", (oid, rid, "initial commit", author, ts)
+            )
+            db.execute(
+                "INSERT INTO files VALUES (?, '.gitattributes', ?, ?, 0, ?)", (oid, sha256, size, git_blob_oid(data))
+            )
+            db.execute("INSERT INTO refs VALUES (?, 'main', ?)", (rid, oid))
+        return self.get_repo(repo_id, repo_type), True
+
+    def delete_repo(self, repo_id: str, repo_type: str = "model") -> None:
+        """Delete the repo, its commits, refs and grants (blobs stay: other repos may share them)."""
+        repo = self.get_repo(repo_id, repo_type)
+        with self._db(immediate=True) as db:
+            db.execute("DELETE FROM repos WHERE id=?", (repo.id,))
+
+    def set_private(self, repo_id: str, private: bool, repo_type: str = "model") -> Repo:
+        repo = self.get_repo(repo_id, repo_type)
+        with self._db() as db:
+            db.execute("UPDATE repos SET private=? WHERE id=?", (int(private), repo.id))
+        return self.get_repo(repo_id, repo_type)
+
+    def set_gated(self, repo_id: str, gated: str | bool | None, repo_type: str = "model") -> Repo:
+        """Gate the repo (`"auto"`, `"manual"`, or True for manual) or ungate it (False/None)."""
+        if gated is True:
+            gated = "manual"
+        if gated not in (*GATED_MODES, False, None):
+            raise UsageError(f"invalid gated mode {gated!r}", hint="use 'auto', 'manual' or False")
+        repo = self.get_repo(repo_id, repo_type)
+        with self._db() as db:
+            db.execute("UPDATE repos SET gated=? WHERE id=?", (gated or None, repo.id))
+        return self.get_repo(repo_id, repo_type)
+
+    def grant_access(self, repo_id: str, user: str, repo_type: str = "model") -> None:
+        repo = self.get_repo(repo_id, repo_type)
+        with self._db() as db:
+            db.execute("INSERT OR IGNORE INTO grants VALUES (?, ?)", (repo.id, user))
+
+    def has_grant(self, repo: Repo, user: str) -> bool:
+        with self._db() as db:
+            return db.execute("SELECT 1 FROM grants WHERE repo=? AND user=?", (repo.id, user)).fetchone() is not None
+
+    def count_download(self, repo: Repo) -> None:
+        with self._db() as db:
+            db.execute("UPDATE repos SET downloads = downloads + 1 WHERE id=?", (repo.id,))
+
+    # --- revisions, commits, files -------------------------------------------------------------------------
+    def refs(self, repo: Repo) -> dict[str, str]:
+        with self._db() as db:
+            rows = db.execute("SELECT name, oid FROM refs WHERE repo=? ORDER BY name", (repo.id,)).fetchall()
+        return {r["name"]: r["oid"] for r in rows}
+
+    def resolve(self, repo: Repo, revision: str) -> str:
+        """A branch name, `refs/heads/<branch>` or a full commit sha of this repo -> the commit sha."""
+        branch = revision[len("refs/heads/"):] if revision.startswith("refs/heads/") else revision
+        with self._db() as db:
+            row = db.execute("SELECT oid FROM refs WHERE repo=? AND name=?", (repo.id, branch)).fetchone()
+            if row is not None:
+                return row["oid"]
+            if _SHA1.match(revision):
+                row = db.execute("SELECT oid FROM commits WHERE repo=? AND oid=?", (repo.id, revision)).fetchone()
+                if row is not None:
+                    return row["oid"]
+        raise RevisionNotFound(
+            f"revision {revision!r} not found in {repo.repo_id}", hint="use a branch name such as 'main' or a commit sha"
+        )
+
+    def commit_info(self, oid: str) -> Commit:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM commits WHERE oid=?", (oid,)).fetchone()
+        if row is None:
+            raise RevisionNotFound(f"commit {oid} not found", hint="use a commit sha of this repo")
+        return Commit(**{k: row[k] for k in ("oid", "parent", "title", "message", "author", "created_at")})
+
+    def history(self, oid: str) -> list[Commit]:
+        """The commit `oid` and its ancestors, newest first."""
+        out: list[Commit] = []
+        cur: str | None = oid
+        while cur is not None:
+            c = self.commit_info(cur)
+            out.append(c)
+            cur = c.parent
+        return out
+
+    def files(self, oid: str) -> dict[str, FileEntry]:
+        """Every file of commit `oid`, by path (sorted)."""
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM files WHERE commit_oid=? ORDER BY path", (oid,)).fetchall()
+        return {
+            r["path"]: FileEntry(path=r["path"], sha256=r["sha256"], size=r["size"], lfs=bool(r["lfs"]),
+                                 git_oid=r["git_oid"])
+            for r in rows
+        }
+
+    def file(self, oid: str, path: str) -> FileEntry:
+        with self._db() as db:
+            r = db.execute("SELECT * FROM files WHERE commit_oid=? AND path=?", (oid, path)).fetchone()
+        if r is None:
+            raise EntryNotFound(f"{path} not found at commit {oid[:12]}", hint="list the repo's files")
+        return FileEntry(path=r["path"], sha256=r["sha256"], size=r["size"], lfs=bool(r["lfs"]), git_oid=r["git_oid"])
+
+    def read_small(self, entry: FileEntry, limit: int = 4 * 1024 * 1024) -> bytes | None:
+        """The content of a small file (None when larger than `limit`)."""
+        if entry.size > limit:
+            return None
+        return self.blob_path(entry.sha256).read_bytes()
+
+    # --- blobs --------------------------------------------------------------------------------------------
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs / sha256[:2] / sha256
+
+    def has_blob(self, sha256: str, size: int | None = None) -> bool:
+        if not _SHA256.match(sha256):
+            return False
+        p = self.blob_path(sha256)
+        return p.is_file() and (size is None or p.stat().st_size == size)
+
+    def open_upload(self) -> BlobWriter:
+        """A writer that streams bytes to a temp file and files them under their sha256 on `finish()`."""
+        return BlobWriter(self)
+
+    def write_blob(self, chunks: Iterable[bytes], *, sha256: str | None = None, size: int | None = None) -> tuple[str, int]:
+        """Store bytes; returns (sha256, size). Raises UsageError if `sha256`/`size` are given and differ."""
+        w = self.open_upload()
+        try:
+            for c in chunks:
+                w.write(c)
+            return w.finish(sha256=sha256, size=size)
+        finally:
+            w.abort()
+
+    def add_local_file(self, path: str | os.PathLike) -> tuple[str, int]:
+        """Store a local file's bytes (streamed)."""
+        def chunks() -> Iterator[bytes]:
+            with open(path, "rb") as f:
+                while block := f.read(_CHUNK):
+                    yield block
+
+        return self.write_blob(chunks())
+
+    # --- commits ---------------------------------------------------------------------------------------------
+    def _new_commit_oid(self, repo_id: int, parent: str | None, title: str) -> str:
+        seed = f"{repo_id}\0{parent}\0{title}\0{time.time_ns()}\0{secrets.token_hex(8)}"
+        return hashlib.sha1(seed.encode()).hexdigest()
+
+    def commit(
+        self,
+        repo: Repo,
+        ops: Iterable[AddFile | DeletePath],
+        *,
+        title: str,
+        message: str = "",
+        author: str,
+        branch: str = "main",
+        parent: str | None = None,
+    ) -> str:
+        """Apply `ops` on top of `branch` as one new commit, atomically.
+
+        Args:
+            parent: if given, the commit is refused unless `branch` still points at it.
+
+        Returns:
+            The new commit's sha (40 hex).
+
+        Raises:
+            RevisionNotFound: `branch` does not exist.
+            CommitConflict: `parent` is not the branch head any more.
+            EntryNotFound: a deleted path does not exist.
+            UsageError: an invalid path, or a blob that was never uploaded.
+        """
+        ops = list(ops)
+        for op in ops:
+            _check_path(op.path.rstrip("/") if isinstance(op, DeletePath) else op.path)
+            if isinstance(op, AddFile) and not self.has_blob(op.sha256, op.size):
+                raise UsageError(
+                    f"{op.path}: no uploaded object {op.sha256} of size {op.size}",
+                    hint="upload the LFS object (batch + PUT) before committing",
+                )
+        branch = branch[len("refs/heads/"):] if branch.startswith("refs/heads/") else branch
+        with self._db(immediate=True) as db:
+            row = db.execute("SELECT oid FROM refs WHERE repo=? AND name=?", (repo.id, branch)).fetchone()
+            if row is None:
+                raise RevisionNotFound(
+                    f"branch {branch!r} not found in {repo.repo_id}", hint="commit to 'main' or create the branch first"
+                )
+            head = row["oid"]
+            if parent is not None and parent != head:
+                raise CommitConflict(
+                    f"parent commit {parent} is not the head of {branch} ({head}): the branch moved",
+                    hint="fetch the new head and retry the commit",
+                )
+            current = {
+                r["path"]: tuple(r)[1:]
+                for r in db.execute(
+                    "SELECT path, sha256, size, lfs, git_oid FROM files WHERE commit_oid=?", (head,)
+                ).fetchall()
+            }
+            for op in ops:
+                if isinstance(op, DeletePath):
+                    p = op.path.rstrip("/")
+                    doomed = [k for k in current if k == p or k.startswith(p + "/")] if op.folder else (
+                        [p] if p in current else [])
+                    if not doomed:
+                        raise EntryNotFound(f"cannot delete {p}: not in {repo.repo_id}@{branch}", hint="check the path")
+                    for k in doomed:
+                        del current[k]
+                else:
+                    current[op.path] = (op.sha256, op.size, int(op.lfs), op.git_oid)
+            _check_no_file_dir_clash(current)
+            ts = now_iso()
+            oid = self._new_commit_oid(repo.id, head, title)
+            db.execute("INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?)", (oid, repo.id, head, title, message, author, ts))
+            db.executemany(
+                "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                [(oid, p, *v) for p, v in sorted(current.items())],
+            )
+            delay = float(os.environ.get(FAILPOINT_ENV, "0") or 0)
+            if delay > 0:  # test failpoint: the process can be killed here, before the ref moves
+                time.sleep(delay)
+            db.execute("UPDATE refs SET oid=? WHERE repo=? AND name=?", (oid, repo.id, branch))
+            db.execute("UPDATE repos SET last_modified=? WHERE id=?", (ts, repo.id))
+        return oid
+
+    def create_branch(self, repo: Repo, branch: str, revision: str | None = None) -> str:
+        """Point a new branch at `revision` (default: main's head)."""
+        oid = self.resolve(repo, revision or "main")
+        with self._db(immediate=True) as db:
+            if db.execute("SELECT 1 FROM refs WHERE repo=? AND name=?", (repo.id, branch)).fetchone():
+                raise ConflictError(f"branch {branch!r} already exists", hint="pick another name")
+            db.execute("INSERT INTO refs VALUES (?, ?, ?)", (repo.id, branch, oid))
+        return oid
+
+
+def _check_no_file_dir_clash(files: dict) -> None:
+    dirs = {p.rsplit("/", 1)[0] for p in files if "/" in p}
+    expanded = set()
+    for d in dirs:
+        parts = d.split("/")
+        expanded.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    clash = expanded.intersection(files)
+    if clash:
+        raise UsageError(f"{sorted(clash)[0]} would be both a file and a folder", hint="rename one of them")
+
+
+class BlobWriter:
+    """Streams bytes into ROOT/tmp while hashing; `finish()` renames the file to its sha256 name."""
+
+    def __init__(self, store: Store):
+        self._store = store
+        self._tmp = store.tmp / f"upload-{uuid.uuid4().hex}"
+        self._f = open(self._tmp, "wb")
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._f.write(chunk)
+        self._sha.update(chunk)
+        self.size += len(chunk)
+
+    def finish(self, *, sha256: str | None = None, size: int | None = None) -> tuple[str, int]:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        digest = self._sha.hexdigest()
+        if (sha256 is not None and digest != sha256) or (size is not None and self.size != size):
+            raise UsageError(
+                f"uploaded bytes do not match: got sha256 {digest} size {self.size}, expected {sha256} size {size}",
+                hint="upload the file again",
+            )
+        dest = self._store.blob_path(digest)
+        dest.parent.mkdir(exist_ok=True)
+        if dest.exists() and dest.stat().st_size == self.size:
+            self._tmp.unlink()
+        else:
+            os.replace(self._tmp, dest)
+        return digest, self.size
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+__all__ = [
+    "AddFile", "BlobWriter", "Commit", "CommitConflict", "DeletePath", "EntryNotFound", "FileEntry",
+    "Principal", "Repo", "RepoNotFound", "RevisionNotFound", "Store", "git_blob_oid", "lfs_pointer", "wants_lfs",
+]
