@@ -5,6 +5,7 @@ only around its own forward passes, so round-robin does not distort its speed.
 """
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections import OrderedDict
@@ -149,6 +150,11 @@ def _eos_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
+def _cache_arg(model: torch.nn.Module) -> str:
+    """transformers 5.x names the KV cache `cache`; older versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @dataclass
 class Stream:
     """One model's greedy generation, advanced a token at a time."""
@@ -173,10 +179,10 @@ class Stream:
         model = self.loaded.model
         t0 = time.perf_counter()
         ids = self.prompt if self._past is None else self.tokens[-1:]
-        out = model(input_ids=torch.tensor([ids]), past_key_values=self._past, use_cache=True)
+        out = model(input_ids=torch.tensor([ids]), use_cache=True, **{_cache_arg(model): self._past})
         nxt = int(out.logits[0, -1].argmax())
         dt = time.perf_counter() - t0
-        self._past = out.past_key_values
+        self._past = out.get("cache") or out.get("past_key_values")
         self.seconds += dt
         if self.ttft is None:
             self.ttft = dt
