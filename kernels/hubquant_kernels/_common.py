@@ -1,0 +1,131 @@
+"""What the kernels share: argument checks, the split-K workspace, and a per-shape chooser.
+
+The chooser times a few candidate implementations (Triton configs, cuBLAS-backed torch ops) the
+first time a shape bucket is seen on a GPU and keeps the fastest; on CPU (TRITON_INTERPRET=1 or
+the torch references) it takes the first candidate. Set HUBQUANT_TUNE=0 to skip timing on GPU.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hubquant.errors import UnsupportedError, UsageError, missing_dependency
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, or anywhere under TRITON_INTERPRET=1."""
+    return triton_available() and (x.is_cuda or interpreting())
+
+
+def require_triton() -> None:
+    if not triton_available():
+        raise missing_dependency("triton", "kernels", why="hubquant's GPU kernels are written in Triton")
+
+
+def check(cond: bool, message: str, hint: str) -> None:
+    """Raise UsageError(message, hint=hint) unless cond."""
+    if not cond:
+        raise UsageError(message, hint=hint)
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise UnsupportedError(f"{name} has dtype {t.dtype}; this kernel takes {names}",
+                               hint=f"convert {name} with .to(...) to one of: {names}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devs = {n: t.device for n, t in tensors.items() if t is not None}
+    if len(set(devs.values())) > 1:
+        raise UsageError(f"tensors are on different devices: {devs}", hint="move them to one device with .to(device)")
+
+
+def as_2d(x: torch.Tensor, k: int, what: str = "x") -> torch.Tensor:
+    """Flatten leading dims to [M, K]; the last dim must be K and have unit stride."""
+    check(x.shape[-1] == k, f"{what} has {x.shape[-1]} features, the weight expects {k}",
+          hint="pass activations whose last dimension is the layer's input size")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+# ---- split-K workspace: fp32 partial sums + arrival counters, left zeroed by every kernel ----
+_WORKSPACES: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace(device: torch.device, n_floats: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zeroed fp32 buffer and int32 counters that split-K kernels reduce into (and re-zero)."""
+    key = (device.type, device.index)
+    ws, cnt = _WORKSPACES.get(key, (None, None))
+    if ws is None or ws.numel() < n_floats or cnt.numel() < n_counters:
+        n_floats = max(n_floats, ws.numel() if ws is not None else 0, 1 << 16)
+        n_counters = max(n_counters, cnt.numel() if cnt is not None else 0, 1 << 12)
+        ws = torch.zeros(n_floats, dtype=torch.float32, device=device)
+        cnt = torch.zeros(n_counters, dtype=torch.int32, device=device)
+        _WORKSPACES[key] = (ws, cnt)
+    return ws, cnt
+
+
+# ---- per-shape chooser ----
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """One way to compute an op: a name for the records and a callable taking the op's arguments."""
+
+    name: str
+    fn: Callable
+
+
+_CHOICES: dict[tuple, Candidate] = {}
+TUNE_LOG: dict[tuple, dict[str, float]] = {}
+
+
+def m_bucket(m: int) -> int:
+    """Shapes are tuned per power-of-two bucket of the token count."""
+    return 1 if m <= 1 else 1 << (m - 1).bit_length()
+
+
+def choose(key: tuple, candidates: Sequence[Candidate], args: tuple, on_gpu: bool) -> Candidate:
+    """The fastest candidate for `key` (timed once on GPU); the first one elsewhere."""
+    if not on_gpu or os.environ.get("HUBQUANT_TUNE", "1") == "0" or len(candidates) == 1:
+        return candidates[0]
+    hit = _CHOICES.get(key)
+    if hit is not None:
+        return hit
+    if torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    from triton.testing import do_bench
+
+    times = {}
+    for c in candidates:
+        try:
+            times[c.name] = do_bench(lambda c=c: c.fn(*args), warmup=5, rep=15, return_mode="median")
+        except Exception as e:  # a config that does not compile for this shape (e.g. out of shared memory)
+            if os.environ.get("HUBQUANT_DEBUG") == "1":
+                print(f"[hubquant_kernels] {c.name} failed for {key}: {type(e).__name__}: {e}")
+            times[c.name] = float("inf")
+    best = min(candidates, key=lambda c: times[c.name])
+    _CHOICES[key] = best
+    TUNE_LOG[key] = times
+    return best
+
+
+def chosen() -> dict[tuple, str]:
+    """What the chooser picked so far, per key (for benchmark reports)."""
+    return {k: c.name for k, c in _CHOICES.items()}

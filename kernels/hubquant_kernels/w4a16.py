@@ -1,0 +1,337 @@
+"""W4A16: 4-bit grouped weights x bf16/fp16 activations, dequantized inside the GEMM.
+
+Weights are in the kernel layout of `hubquant_kernels.pack` (qweight int32 [K/8, N], scales [G, N],
+optional unsigned zero points [G, N]; symmetric codes use zero point 8), so
+``W[k, n] = (u[k, n] - z[k // gs, n]) * s[k // gs, n]`` and ``y = x @ W (+ bias)``.
+
+Paths, chosen per shape (timed once per shape bucket on GPU):
+- GEMV (M <= 4): FMA over [BK, BN] tiles, split-K across programs, no tensor cores;
+- tiled: tl.dot on dequantized [BK, BN] tiles, optional split-K for small M;
+- dequantize once into a bf16 [K, N] buffer + cuBLAS (large M, where the GEMM is compute-bound).
+Split-K programs add fp32 partial sums into a shared workspace; the last program of a tile (arrival counter)
+writes the output and re-zeroes the workspace, so one launch does the whole product (CUDA-graph safe).
+"""
+from __future__ import annotations
+
+import torch
+
+from hubquant.errors import UnsupportedError
+from hubquant_kernels._common import (
+    Candidate, as_2d, check, interpreting, check_dtype, check_same_device, choose, m_bucket, require_triton, use_triton, workspace,
+)
+from hubquant_kernels.pack import unpack_kn
+
+ACT_DTYPES = (torch.bfloat16, torch.float16)
+SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ---------------------------------------------------------------- torch reference
+def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                         group_size: int) -> torch.Tensor:
+    """float32 W [K, N] from the kernel layout."""
+    u = unpack_kn(qweight).to(torch.float32)
+    k, n = u.shape
+    gs = k if group_size == -1 else group_size
+    z = 8.0 if zeros is None else zeros.to(torch.float32).repeat_interleave(gs, 0)[:k]
+    return (u - z) * scales.to(torch.float32).repeat_interleave(gs, 0)[:k]
+
+
+def w4a16_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(W) in x's dtype (weights rounded to x's dtype first, as a float model would hold them)."""
+    w = dequantize_reference(qweight, scales, zeros, group_size).to(x.dtype)
+    y = x @ w
+    return y + bias.to(y.dtype) if bias is not None else y
+
+
+# ---------------------------------------------------------------- Triton kernels
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, G,
+                      GS: tl.constexpr, GPB: tl.constexpr, HAS_ZP: tl.constexpr, BK: tl.constexpr,
+                      BN: tl.constexpr):
+        """fp32 [BK, BN] tile of W starting at input row k0 (zeros outside K)."""
+        offs_r = k0 // 8 + tl.arange(0, BK // 8)
+        pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :],
+                     mask=(offs_r[:, None] < K // 8) & mask_n[None, :], other=0)
+        shifts = tl.arange(0, 8) * 4
+        u = (pw[:, None, :] >> shifts[None, :, None]) & 0xF  # [BK/8, 8, BN], k = 8 r + j
+        u = tl.reshape(u, (GPB, BK // GPB, BN)).to(tl.float32)
+        offs_g = k0 // GS + tl.arange(0, GPB)
+        gmask = (offs_g[:, None] < G) & mask_n[None, :]
+        s = tl.load(s_ptr + offs_g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+        if HAS_ZP:
+            z = tl.load(z_ptr + offs_g[:, None] * N + offs_n[None, :], mask=gmask, other=0).to(tl.float32)
+            w = (u - z[:, None, :]) * s[:, None, :]
+        else:
+            w = (u - 8.0) * s[:, None, :]
+        return tl.reshape(w, (BK, BN))
+
+    @triton.jit
+    def _store_or_reduce(acc, y_ptrs, ws_ptrs, mask, cnt_ptr, tile, bias,
+                         SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Write acc (+bias) to y, or add it into the workspace and let the tile's last program write y."""
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc = acc + bias
+            tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(ws_ptrs, acc, mask=mask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + tile, 1)
+            if arrived == SPLIT_K - 1:
+                total = tl.atomic_add(ws_ptrs, tl.zeros_like(acc), mask=mask)  # read through L2
+                tl.store(ws_ptrs, tl.zeros_like(acc), mask=mask)
+                if HAS_BIAS:
+                    total = total + bias
+                tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
+                tl.store(cnt_ptr + tile, 0)
+
+    @triton.jit
+    def _w4a16_gemv_kernel(
+        x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+        M, N, K, G, k_split, stride_xm, stride_ym,
+        GS: tl.constexpr, GPB: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < N
+        k_lo = pid_k * k_split
+        k_hi = tl.minimum(k_lo + k_split, K)
+        acc = tl.zeros((BK, BN), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, G, GS, GPB, HAS_ZP, BK, BN)
+            acc += x[:, None] * w
+        out = tl.sum(acc, axis=0)
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        _store_or_reduce(out, y_ptr + pid_m * stride_ym + offs_n, ws_ptr + pid_m * N + offs_n, mask_n,
+                         cnt_ptr, pid_m * tl.num_programs(1) + pid_n, bias, SPLIT_K, HAS_BIAS)
+
+    @triton.jit
+    def _w4a16_mm_kernel(
+        x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+        M, N, K, G, k_split, stride_xm, stride_ym,
+        GS: tl.constexpr, GPB: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n_m = tl.cdiv(M, BM)
+        n_n = tl.cdiv(N, BN)
+        # grouped ordering: GROUP_M row-tiles share each weight tile while it is in L2
+        width = GROUP_M * n_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        k_lo = pid_k * k_split
+        k_hi = tl.minimum(k_lo + k_split, K)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, G, GS, GPB, HAS_ZP, BK, BN)
+            if DOT_F32:  # the CPU interpreter mis-multiplies bf16 dots: same values, fp32 operands
+                acc = tl.dot(a.to(tl.float32), w.to(a.dtype).to(tl.float32), acc)
+            else:
+                acc = tl.dot(a, w.to(a.dtype), acc)
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
+        mask = mask_m[:, None] & mask_n[None, :]
+        _store_or_reduce(acc, y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+                         ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask, cnt_ptr, pid, bias,
+                         SPLIT_K, HAS_BIAS)
+
+    @triton.jit
+    def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G,
+                           GS: tl.constexpr, GPB: tl.constexpr, HAS_ZP: tl.constexpr,
+                           BK: tl.constexpr, BN: tl.constexpr):
+        k0 = tl.program_id(0) * BK
+        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+        mask_n = offs_n < N
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, G, GS, GPB, HAS_ZP, BK, BN)
+        offs_k = k0 + tl.arange(0, BK)
+        tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=(offs_k[:, None] < K) & mask_n[None, :])
+
+
+# ---------------------------------------------------------------- wrappers
+def _check(x, qweight, scales, zeros, group_size, bias):
+    check_dtype("x", x, ACT_DTYPES)
+    check_dtype("qweight", qweight, (torch.int32,))
+    check_dtype("scales", scales, SCALE_DTYPES)
+    check_same_device(x=x, qweight=qweight, scales=scales, zeros=zeros, bias=bias)
+    check(qweight.dim() == 2 and scales.dim() == 2, "qweight and scales must be 2-D ([K/8, N] and [G, N])",
+          hint="repack the checkpoint with hubquant_kernels.pack (kernel layout)")
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    gs = k if group_size == -1 else group_size
+    g = -(-k // gs)
+    check(scales.shape == (g, n), f"scales have shape {tuple(scales.shape)}, expected {(g, n)} for K={k}, "
+          f"N={n}, group size {group_size}", hint="scales are [K/group_size, N] (transpose [N, G] checkpoints)")
+    if zeros is not None:
+        check(zeros.shape == (g, n), f"zeros have shape {tuple(zeros.shape)}, expected {(g, n)}",
+              hint="zero points are unsigned [G, N]")
+    if bias is not None:
+        check(bias.shape == (n,), f"bias has shape {tuple(bias.shape)}, expected ({n},)", hint="bias is [N]")
+    check(qweight.is_contiguous() and scales.is_contiguous() and (zeros is None or zeros.is_contiguous()),
+          "qweight, scales and zeros must be contiguous", hint="call .contiguous() once at load time")
+    if gs != k and (gs & (gs - 1) or gs < 16):
+        raise UnsupportedError(f"group size {gs} is not supported by the W4A16 kernels",
+                               hint="use a power-of-two group size >= 16, or -1")
+    return k, n, gs, g
+
+
+def _fits(gs: int, k: int, bk: int) -> bool:
+    return gs % bk == 0 or bk % gs == 0 or gs == k
+
+
+def _gpb(gs: int, bk: int) -> int:
+    return bk // gs if gs < bk else 1
+
+
+def _gemv(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k):
+    m, k = x.shape
+    n = qweight.shape[1]
+    g = scales.shape[0]
+    n_tiles = triton.cdiv(n, bn)
+    k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
+    ws, cnt = workspace(x.device, m * n, m * n_tiles) if split_k > 1 else (y, y)
+    _w4a16_gemv_kernel[(m, n_tiles, split_k)](
+        x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
+        ws, cnt, m, n, k, g, k_split, x.stride(0), y.stride(0),
+        GS=gs, GPB=_gpb(gs, bk), HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+        BN=bn, BK=bk, SPLIT_K=split_k, num_warps=4,
+    )
+    return y
+
+
+def _mm(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k, warps, stages):
+    m, k = x.shape
+    n = qweight.shape[1]
+    g = scales.shape[0]
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
+    ws, cnt = workspace(x.device, m * n, tiles) if split_k > 1 else (y, y)
+    _w4a16_mm_kernel[(tiles, split_k)](
+        x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
+        ws, cnt, m, n, k, g, k_split, x.stride(0), y.stride(0),
+        GS=gs, GPB=_gpb(gs, bk), HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, GROUP_M=8, DOT_F32=interpreting() and x.dtype == torch.bfloat16,
+        num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W [K, N] in `dtype` (Triton on GPU, the torch reference elsewhere)."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    if not use_triton(qweight):
+        return dequantize_reference(qweight, scales, zeros, group_size).to(dtype)
+    gs = k if group_size == -1 else group_size
+    bk = 64 if _fits(gs, k, 64) else gs
+    w = torch.empty(k, n, dtype=dtype, device=qweight.device)
+    _w4_dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, 128))](
+        qweight, scales, zeros if zeros is not None else scales, w, n, k, scales.shape[0],
+        GS=gs, GPB=_gpb(gs, bk), HAS_ZP=zeros is not None, BK=bk, BN=128,
+    )
+    return w
+
+
+def _dequant_cublas(x, qweight, scales, zeros, bias, y, gs):
+    w = w4a16_dequantize(qweight, scales, zeros, gs, x.dtype)
+    torch.matmul(x, w, out=y)
+    if bias is not None:
+        y += bias.to(y.dtype)
+    return y
+
+
+def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
+    """Implementations worth timing for an [m, k] x [k, n] W4A16 product; the first is the default."""
+    out = []
+    if m <= 4:
+        for bn, bk in ((64, 128), (128, 128), (32, 256), (64, 256), (128, 64)):
+            for split in (1, 2, 4, 8, 16):
+                if _fits(gs, k, bk) and (k // bk) >= 2 * split:
+                    out.append(Candidate(name=f"gemv_bn{bn}_bk{bk}_s{split}",
+                                         fn=lambda *a, bn=bn, bk=bk, s=split: _gemv(*a, bn=bn, bk=bk, split_k=s)))
+    mm_cfgs = []
+    if m <= 16:
+        mm_cfgs = [(16, 64, 128, s, 4, 4) for s in (1, 2, 4, 8)] + [(16, 128, 128, s, 4, 4) for s in (1, 2, 4)]
+    elif m <= 64:
+        mm_cfgs = [(bm, 64, 128, s, 4, 4) for bm in (32, 64) for s in (1, 2, 4)] + [(64, 128, 64, 1, 4, 4)]
+    elif m <= 256:
+        mm_cfgs = [(64, 128, 64, s, 4, 4) for s in (1, 2)] + [(128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 4),
+                                                               (64, 64, 128, 1, 4, 4)]
+    else:
+        mm_cfgs = [(128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 128, 64, 1, 4, 4), (128, 128, 128, 1, 8, 3)]
+    for bm, bn, bk, split, warps, stages in mm_cfgs:
+        if _fits(gs, k, bk) and (split == 1 or (k // bk) >= 2 * split):
+            out.append(Candidate(
+                name=f"mm_{bm}x{bn}x{bk}_s{split}_w{warps}",
+                fn=lambda *a, bm=bm, bn=bn, bk=bk, s=split, w=warps, st=stages:
+                    _mm(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
+    if m >= 64:
+        out.append(Candidate(name="dequant+cublas", fn=_dequant_cublas))
+    if not out:  # tiny K: one block along K
+        bk = 16 if _fits(gs, k, 16) else gs
+        out.append(Candidate(name="mm_16x32_s1", fn=lambda *a, bk=bk: _mm(*a, bm=16, bn=32, bk=bk, split_k=1,
+                                                                          warps=4, stages=2)))
+    return out
+
+
+def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 group_size: int, bias: torch.Tensor | None = None, *, impl: str | None = None) -> torch.Tensor:
+    """y = x @ W (+ bias) for 4-bit grouped W in the kernel layout.
+
+    Args:
+        x: activations [..., K], bf16 or fp16.
+        qweight: int32 [K/8, N] (see hubquant_kernels.pack).
+        scales: [G, N] bf16/fp16/fp32, G = K / group_size.
+        zeros: unsigned zero points [G, N] (any integer or float dtype), or None for symmetric (zero point 8).
+        group_size: input rows per scale (power of two >= 16), or -1 for one group.
+        bias: optional [N].
+        impl: force one candidate by name (benchmarks); default: the fastest for this shape.
+
+    Returns:
+        y [..., N] in x's dtype.
+
+    Raises:
+        UsageError: shapes do not match or tensors are on different devices.
+        UnsupportedError: wrong dtypes, or a group size the kernels do not handle.
+    """
+    k, n, gs, _ = _check(x, qweight, scales, zeros, group_size, bias)
+    lead = x.shape[:-1]
+    x2 = as_2d(x, k)
+    if not use_triton(x2):
+        return w4a16_reference(x2, qweight, scales, zeros, group_size, bias).reshape(*lead, n)
+    require_triton()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*lead, n)
+    cands = candidates(m, n, k, gs)
+    if impl is not None:
+        cands = [c for c in cands if c.name == impl]
+        check(bool(cands), f"no W4A16 implementation named {impl!r} for this shape",
+              hint="see hubquant_kernels.w4a16.candidates(m, n, k, group_size)")
+    key = ("w4a16", m_bucket(m), n, k, gs, zeros is not None, x.dtype, bias is not None)
+    c = choose(key, cands, (x2, qweight, scales, zeros, bias, y, gs), on_gpu=x2.is_cuda)
+    return c.fn(x2, qweight, scales, zeros, bias, y, gs).reshape(*lead, n)

@@ -1,0 +1,286 @@
+"""W8A8 int8: dynamic per-token activation quantization + int8 GEMM with the scales in the epilogue.
+
+``y[m, n] = (sum_k qa[m, k] * qw[n, k]) * sa[m] * sw[n] (+ bias)`` with int32 accumulation.
+Weights stay in the checkpoint's [N, K] int8 layout (K-major, what the int8 tensor-core path wants).
+Activations: per token ``sa = amax(|x|) / 127.5`` (hubquant's and compressed-tensors' symmetric min-max),
+``qa = clamp(round_half_even(x / sa), -128, 127)``; or a static per-tensor scale.
+
+The GEMM kernel is shared with FP8 (hubquant_kernels.fp8): the operand type decides the accumulator.
+Per shape the chooser picks a Triton config or cuBLAS (`torch._int_mm` / `torch._scaled_mm` + epilogue).
+"""
+from __future__ import annotations
+
+import torch
+
+from hubquant_kernels._common import (
+    Candidate, as_2d, check, check_dtype, check_same_device, choose, m_bucket, require_triton, use_triton, workspace,
+)
+
+ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INT8_QMAX = 127.5  # (2^8 - 1) / 2: the symmetric min-max divisor of hubquant.quant
+FP8_MAX = 448.0
+
+
+# ---------------------------------------------------------------- torch references
+def quantize_act_reference(x: torch.Tensor, *, fp8: bool = False, static_scale: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (or static per-tensor) symmetric quantization: (q [M, K], scale fp32 [M])."""
+    xf = x.float()
+    if static_scale is not None:
+        s = static_scale.float().reshape(1).expand(x.shape[0]).contiguous()
+    else:
+        s = xf.abs().amax(dim=1) / (FP8_MAX if fp8 else INT8_QMAX)
+        s = torch.where(s > 0, s, torch.full_like(s, 1e-8))
+    v = xf / s[:, None]
+    if fp8:
+        return v.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
+    return torch.round(v).clamp(-128, 127).to(torch.int8), s
+
+
+def scaled_mm_reference(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
+                        bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """(qa @ qw.T) * sa[:, None] * sw[None, :] (+ bias) in float64 accumulation, cast to out_dtype."""
+    acc = qa.double() @ qw.double().t()
+    y = acc * sa.double()[:, None] * sw.double().reshape(-1)[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(out_dtype)
+
+
+def w8a8_reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                   *, static_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize x per token, then the int8 product with both scales, in x's dtype."""
+    qa, sa = quantize_act_reference(x, fp8=qweight.dtype == torch.float8_e4m3fn, static_scale=static_scale)
+    return scaled_mm_reference(qa, sa, qweight, w_scale, bias, x.dtype)
+
+
+# ---------------------------------------------------------------- Triton kernels
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    from hubquant_kernels.pack import _round_even
+    from hubquant_kernels.w4a16 import _store_or_reduce
+
+    @triton.jit
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, stride_qm,
+                          FP8: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < K
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+        if STATIC:
+            s = tl.load(static_ptr).to(tl.float32)
+        else:
+            amax = tl.max(tl.abs(x), axis=0)
+            s = tl.math.div_rn(amax, 448.0 if FP8 else 127.5)
+            s = tl.where(s > 0, s, 1e-8)
+        v = tl.math.div_rn(x, s)
+        if FP8:
+            q = tl.minimum(tl.maximum(v, -448.0), 448.0).to(q_ptr.dtype.element_ty)
+        else:
+            q = tl.minimum(tl.maximum(_round_even(v), -128.0), 127.0).to(tl.int8)
+        tl.store(q_ptr + row * stride_qm + offs, q, mask=mask)
+        tl.store(s_ptr + row, s)
+
+    @triton.jit
+    def _scaled_mm_kernel(
+        a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+        M, N, K, k_split, stride_am, stride_wn, stride_ym,
+        FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n_m = tl.cdiv(M, BM)
+        n_n = tl.cdiv(N, BN)
+        width = GROUP_M * n_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        k_lo = pid_k * k_split
+        k_hi = tl.minimum(k_lo + k_split, K)
+        acc = tl.zeros((BM, BN), dtype=tl.float32 if FP8 else tl.int32)
+        for k0 in range(k_lo, k_hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            kmask = offs_k < K
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=mask_m[:, None] & kmask[None, :],
+                        other=0.0)
+            b = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=kmask[:, None] & mask_n[None, :],
+                        other=0.0)
+            acc = tl.dot(a, b, acc)
+        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+        sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
+        mask = mask_m[:, None] & mask_n[None, :]
+        _store_or_reduce(out, y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+                         ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask, cnt_ptr, pid, bias, SPLIT_K, HAS_BIAS)
+
+
+# ---------------------------------------------------------------- wrappers
+def quantize_act(x: torch.Tensor, *, fp8: bool = False, static_scale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused per-token activation quantization (Triton on GPU; the torch reference elsewhere).
+
+    Args:
+        x: [M, K] bf16/fp16/fp32 activations.
+        fp8: float8_e4m3fn codes (scale amax/448) instead of int8 (scale amax/127.5).
+        static_scale: a one-element per-tensor scale (static schemes) instead of per-token scales.
+
+    Returns:
+        (codes [M, K] int8 or float8_e4m3fn, scales fp32 [M]).
+    """
+    check_dtype("x", x, ACT_DTYPES)
+    check(x.dim() == 2, f"x must be [M, K], got {tuple(x.shape)}", hint="flatten leading dims first")
+    if static_scale is not None:
+        check(static_scale.numel() == 1, "a static activation scale must hold one value",
+              hint="per-tensor input_scale [1] (per-token static scales are not supported)")
+    if not use_triton(x):
+        return quantize_act_reference(x, fp8=fp8, static_scale=static_scale)
+    require_triton()
+    m, k = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(k)
+    if m:
+        _act_quant_kernel[(m,)](x, q, s, static_scale if static_scale is not None else s, k, x.stride(0), q.stride(0),
+                                FP8=fp8, STATIC=static_scale is not None, BLOCK=block,
+                                num_warps=min(16, max(4, block // 1024)))
+    return q, s
+
+
+def _triton_mm(qa, sa, qw, sw, bias, y, *, bm, bn, bk, split_k, warps, stages):
+    m, k = qa.shape
+    n = qw.shape[0]
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
+    ws, cnt = workspace(qa.device, m * n, tiles) if split_k > 1 else (y, y)
+    _scaled_mm_kernel[(tiles, split_k)](
+        qa, qw, sa, sw, bias if bias is not None else sw, y, ws, cnt, m, n, k, k_split,
+        qa.stride(0), qw.stride(0), y.stride(0), FP8=qa.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
+        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, GROUP_M=8, num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+def _cublas_int8(qa, sa, qw, sw, bias, y):
+    acc = torch._int_mm(qa, qw.t())
+    out = acc.float().mul_(sa[:, None]).mul_(sw.float()[None, :])
+    if bias is not None:
+        out += bias.float()
+    y.copy_(out)
+    return y
+
+
+def _cublas_fp8(qa, sa, qw, sw, bias, y):
+    return torch._scaled_mm(qa, qw.t(), scale_a=sa[:, None], scale_b=sw.float()[None, :], bias=bias,
+                            out_dtype=y.dtype)
+
+
+def mm_candidates(m: int, n: int, k: int, fp8: bool, out_dtype: torch.dtype) -> list[Candidate]:
+    """Implementations worth timing for an [m, k] x [n, k]^T scaled int8/fp8 product; the first is the default."""
+    if m <= 16:
+        cfgs = [(16, 64, 128, s, 4, 4) for s in (1, 2, 4, 8)] + [(16, 128, 128, s, 4, 4) for s in (1, 2, 4)] + \
+               [(16, 64, 256, s, 4, 3) for s in (1, 2, 4)]
+    elif m <= 64:
+        cfgs = [(bm, 64, 128, s, 4, 4) for bm in (32, 64) for s in (1, 2, 4)] + [(64, 128, 128, 1, 4, 4)]
+    elif m <= 256:
+        cfgs = [(64, 128, 128, 1, 4, 4), (128, 128, 128, 1, 8, 3), (64, 64, 128, 2, 4, 4), (128, 64, 128, 1, 4, 4)]
+    else:
+        cfgs = [(128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3), (256, 128, 128, 1, 8, 3), (128, 128, 64, 1, 4, 4)]
+    out = []
+    for bm, bn, bk, split, warps, stages in cfgs:
+        if split == 1 or k // bk >= 2 * split:
+            out.append(Candidate(name=f"triton_{bm}x{bn}x{bk}_s{split}_w{warps}",
+                                 fn=lambda *a, bm=bm, bn=bn, bk=bk, s=split, w=warps, st=stages:
+                                 _triton_mm(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
+    if not out:
+        out.append(Candidate(name="triton_16x32x32_s1_w4",
+                             fn=lambda *a: _triton_mm(*a, bm=16, bn=32, bk=32, split_k=1, warps=4, stages=2)))
+    if not fp8 and m > 16 and k % 8 == 0 and n % 8 == 0:
+        out.append(Candidate(name="cublas_int_mm", fn=_cublas_int8))
+    if fp8 and k % 16 == 0 and n % 16 == 0 and out_dtype == torch.bfloat16:
+        out.append(Candidate(name="cublas_scaled_mm", fn=_cublas_fp8))
+    return out
+
+
+def scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None = None, *, out_dtype: torch.dtype = torch.bfloat16,
+              impl: str | None = None) -> torch.Tensor:
+    """y = (qa @ qweight.T) * sa[:, None] * w_scale[None, :] (+ bias), for int8 or float8_e4m3fn operands.
+
+    Args:
+        qa: [M, K] codes (int8 or float8_e4m3fn), sa: fp32 [M] per-token scales.
+        qweight: [N, K] codes of the same type, w_scale: [N] per-channel scales (any float dtype).
+        bias: optional [N]. out_dtype: bf16 or fp16 (fp32 on CPU). impl: force a candidate by name.
+
+    Raises:
+        UsageError: shapes or devices do not match. UnsupportedError: wrong dtypes.
+    """
+    fp8 = qa.dtype == torch.float8_e4m3fn
+    code_types = (torch.float8_e4m3fn,) if fp8 else (torch.int8,)
+    check_dtype("qa", qa, (torch.int8, torch.float8_e4m3fn))
+    check_dtype("qweight", qweight, code_types)
+    check_dtype("sa", sa, (torch.float32,))
+    check_same_device(qa=qa, sa=sa, qweight=qweight, w_scale=w_scale, bias=bias)
+    m, k = qa.shape
+    n = qweight.shape[0]
+    check(qweight.dim() == 2 and qweight.shape[1] == k, f"qweight has shape {tuple(qweight.shape)}, expected "
+          f"[N, {k}]", hint="int8/fp8 weights are [out_features, in_features]")
+    check(sa.shape == (m,), f"sa has shape {tuple(sa.shape)}, expected ({m},)", hint="one scale per token")
+    check(w_scale.numel() == n, f"w_scale has {w_scale.numel()} values, expected {n}",
+          hint="per-channel weight scales [N] (expand a per-tensor scale at load time)")
+    check(qweight.stride(1) == 1 and qa.stride(1) == 1, "qa and qweight need unit stride along K",
+          hint="call .contiguous() on them")
+    w_scale = w_scale.reshape(n)
+    if not use_triton(qa):
+        return scaled_mm_reference(qa, sa, qweight, w_scale, bias, out_dtype)
+    require_triton()
+    y = torch.empty(m, n, dtype=out_dtype, device=qa.device)
+    if m == 0:
+        return y
+    cands = mm_candidates(m, n, k, fp8, out_dtype)
+    if impl is not None:
+        cands = [c for c in cands if c.name == impl]
+        check(bool(cands), f"no scaled-mm implementation named {impl!r} for this shape",
+              hint="see hubquant_kernels.w8a8.mm_candidates(...)")
+    key = ("fp8" if fp8 else "int8", m_bucket(m), n, k, out_dtype, bias is not None)
+    args = (qa, sa, qweight, w_scale, bias, y)
+    return choose(key, cands, args, on_gpu=qa.is_cuda).fn(*args)
+
+
+def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                *, static_scale: torch.Tensor | None = None, impl: str | None = None) -> torch.Tensor:
+    """Quantize x per token (or with a static scale) and multiply by int8 weights: y [..., N] in x's dtype.
+
+    Args:
+        x: [..., K] activations. qweight: int8 [N, K]. w_scale: [N] or [N, 1] per-channel scales.
+        bias: optional [N]. static_scale: optional one-element activation scale (static schemes).
+        impl: force a GEMM candidate by name (benchmarks).
+
+    Raises:
+        UsageError / UnsupportedError: see `quantize_act` and `scaled_mm`.
+    """
+    check_dtype("qweight", qweight, (torch.int8,))
+    return _quantized_linear(x, qweight, w_scale, bias, static_scale, fp8=False, impl=impl)
+
+
+def _quantized_linear(x, qweight, w_scale, bias, static_scale, *, fp8, impl):
+    k = qweight.shape[1]
+    lead = x.shape[:-1]
+    x2 = as_2d(x, k)
+    qa, sa = quantize_act(x2, fp8=fp8, static_scale=static_scale)
+    out_dtype = x.dtype if x.dtype != torch.float32 or not x.is_cuda else torch.bfloat16
+    y = scaled_mm(qa, sa, qweight, w_scale, bias, out_dtype=out_dtype, impl=impl)
+    return y.to(x.dtype).reshape(*lead, qweight.shape[0])
