@@ -1,0 +1,275 @@
+"""The conversion service's HTTP face (Starlette): Hub webhooks in, jobs out, status and metrics.
+
+Routes:
+    POST /webhook      a Hub webhook (X-Webhook-Secret checked in constant time); new releases -> jobs
+    POST /jobs         submit one job by hand (Authorization: Bearer <HUBQUANT_SERVICE_TOKEN>)
+    GET  /jobs         jobs as JSON (?status=queued|running|done|failed&limit=N)
+    GET  /jobs/{id}    one job with its logs
+    GET  /metrics      Prometheus text: queue depth, job counts, durations, retries, failures, deliveries
+    GET  /healthz      liveness
+
+Status codes of /webhook: 401 no secret sent, 403 wrong secret, 400 malformed payload, 503 no secret
+configured on the server, 200 a duplicate delivery (the earlier jobs are returned), 202 accepted (jobs
+queued, or the event ignored with a reason).
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import json
+import os
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from hubquant.errors import HubquantError, NotFoundError, UsageError
+from hubquant.service.jobs import JobSpec
+from hubquant.service.queue import STATUSES, JobQueue
+
+SECRET_ENV = "HUBQUANT_WEBHOOK_SECRET"
+TOKEN_ENV = "HUBQUANT_SERVICE_TOKEN"
+DELIVERY_HEADERS = ("x-webhook-delivery", "x-request-id", "x-amzn-trace-id")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceConfig:
+    """What the service converts and who may ask.
+
+    Attributes:
+        methods, schemes: every new release gets one job per (method, scheme).
+        namespace: where variants go (None: the token's user).
+        private: create variant repos private.
+        max_ppl_increase: quality gate in percent (None: none).
+        authors, models: fnmatch patterns a webhook's repo must match (both empty: any model).
+        options: extra ConvertOptions fields for every job.
+        webhook_secret: the shared secret (default: $HUBQUANT_WEBHOOK_SECRET).
+        api_token: the bearer token for POST /jobs (default: $HUBQUANT_SERVICE_TOKEN).
+        workers: how many workers run jobs (reported by /metrics).
+    """
+
+    methods: tuple[str, ...] = ("rtn",)
+    schemes: tuple[str, ...] = ("default",)
+    namespace: str | None = None
+    private: bool = False
+    max_ppl_increase: float | None = None
+    authors: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    options: dict | None = None
+    webhook_secret: str | None = None
+    api_token: str | None = None
+    workers: int = 1
+    version: int = 1
+
+    @classmethod
+    def from_env(cls, **kw) -> "ServiceConfig":
+        kw.setdefault("webhook_secret", os.environ.get(SECRET_ENV) or None)
+        kw.setdefault("api_token", os.environ.get(TOKEN_ENV) or None)
+        return cls(**kw)
+
+    def watches(self, repo_id: str) -> bool:
+        if not self.authors and not self.models:
+            return True
+        owner = repo_id.split("/", 1)[0]
+        return (any(fnmatch.fnmatchcase(owner, a) for a in self.authors)
+                or any(fnmatch.fnmatchcase(repo_id, m) for m in self.models))
+
+    def specs_for(self, repo_id: str, sha: str | None) -> list[JobSpec]:
+        return [JobSpec(repo_id=repo_id, revision=sha, method=m, scheme=s, namespace=self.namespace,
+                        private=self.private, max_ppl_increase=self.max_ppl_increase,
+                        options=dict(self.options or {}))
+                for m in self.methods for s in self.schemes]
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _error(status: int, message: str, hint: str | None = None) -> JSONResponse:
+    body = {"error": message}
+    if hint:
+        body["hint"] = hint
+    return JSONResponse(body, status_code=status)
+
+
+def release_sha(raw: dict, payload) -> tuple[bool, str | None, str]:
+    """Is this event a new release of a model, and at which sha? Returns (is_release, sha, reason)."""
+    if payload.repo.type != "model":
+        return False, None, f"not a model repo ({payload.repo.type})"
+    scope, action = payload.event.scope, payload.event.action
+    head = (raw.get("repo") or {}).get("headSha") or payload.repo.head_sha
+    if scope == "repo" and action == "create":
+        return True, head, "repo created"
+    if scope == "repo.content" and action in ("create", "update"):
+        for ref in payload.updatedRefs or []:
+            if ref.ref in ("refs/heads/main", "main") and ref.newSha:
+                return True, ref.newSha, "new commit on main"
+        return False, None, "no new commit on main"
+    return False, None, f"event {scope}/{action} is not a release"
+
+
+def _resolve_sha(repo_id: str) -> str:
+    from hubquant.hub.client import api, hub_errors
+
+    with hub_errors(repo_id):
+        return api().model_info(repo_id).sha
+
+
+def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_sha) -> Starlette:
+    """The service's ASGI app over `queue`."""
+
+    async def webhook(request: Request):
+        if not config.webhook_secret:
+            return _error(503, "the webhook is not configured", hint=f"set {SECRET_ENV} and restart the service")
+        given = request.headers.get("x-webhook-secret")
+        if given is None:
+            queue.bump("webhook_unauthorized_total")
+            return _error(401, "missing X-Webhook-Secret header", hint="set the webhook's secret on the Hub")
+        if not _same(given, config.webhook_secret):
+            queue.bump("webhook_forbidden_total")
+            return _error(403, "wrong webhook secret", hint=f"use the value of {SECRET_ENV} as the webhook secret")
+        body = await request.body()
+        try:
+            raw = json.loads(body)
+            if not isinstance(raw, dict):
+                raise ValueError("the payload is not a JSON object")
+            from huggingface_hub import WebhookPayload
+            from pydantic import ValidationError
+
+            try:
+                payload = WebhookPayload.model_validate(raw)
+            except ValidationError as e:
+                raise ValueError(f"not a Hub webhook payload: {e.error_count()} field error(s), first: "
+                                 f"{'.'.join(map(str, e.errors()[0]['loc']))}: {e.errors()[0]['msg']}") from e
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            queue.bump("webhook_malformed_total")
+            return _error(400, f"malformed payload: {e}", hint="send the Hub's webhook payload (version 3)")
+        delivery = next((request.headers[h] for h in DELIVERY_HEADERS if h in request.headers), None)
+        delivery = delivery or "sha256:" + hashlib.sha256(body).hexdigest()
+        repo_id = payload.repo.name
+        is_release, sha, reason = release_sha(raw, payload)
+        if is_release and "hubquant" in (payload.repo.tags or []):
+            is_release, reason = False, "a hubquant variant (tag hubquant)"
+        if is_release and not config.watches(repo_id):
+            is_release, reason = False, f"{repo_id} is outside the watched authors/models"
+        if not is_release:
+            queue.bump("webhook_ignored_total")
+            return JSONResponse({"accepted": False, "reason": reason, "repo": repo_id, "jobs": []}, status_code=202)
+        earlier = queue.record_delivery(delivery, [])
+        if earlier is not None:
+            queue.bump("webhook_duplicate_total")
+            return JSONResponse({"accepted": True, "duplicate": True, "repo": repo_id, "jobs": earlier})
+        if sha is None:
+            try:
+                sha = await run_in_threadpool(resolve_sha, repo_id)
+            except HubquantError as e:
+                return _error(502, f"cannot read {repo_id} on the Hub: {e.message}", hint=e.hint)
+        jobs = []
+        for spec in config.specs_for(repo_id, sha):
+            job, created = queue.enqueue(spec.to_dict(), key=spec.key(), source="webhook")
+            jobs.append({"id": job.id, "status": job.status, "created": created, "label": spec.label()})
+        queue.record_delivery_jobs(delivery, [j["id"] for j in jobs])
+        queue.bump("webhook_accepted_total")
+        return JSONResponse({"accepted": True, "duplicate": False, "repo": repo_id, "sha": sha, "reason": reason,
+                             "jobs": jobs}, status_code=202)
+
+    async def submit(request: Request):
+        auth = request.headers.get("authorization", "")
+        if not config.api_token:
+            return _error(403, "job submission is disabled", hint=f"set {TOKEN_ENV} and restart the service")
+        if not auth.lower().startswith("bearer "):
+            return _error(401, "missing bearer token", hint=f"send Authorization: Bearer ${TOKEN_ENV}")
+        if not _same(auth[7:].strip(), config.api_token):
+            return _error(403, "wrong token", hint=f"use the value of {TOKEN_ENV}")
+        try:
+            body = json.loads(await request.body())
+            if not isinstance(body, dict):
+                raise UsageError("the body is not a JSON object", hint='send {"repo_id": "owner/name", ...}')
+            retry_failed = bool(body.pop("retry_failed", False))
+            defaults = config.specs_for(body.get("repo_id", "x/x"), None)[0].to_dict()
+            defaults.pop("repo_id")
+            defaults.update(body)
+            if not defaults.get("revision"):
+                defaults["revision"] = await run_in_threadpool(resolve_sha, defaults["repo_id"])
+            spec = JobSpec.from_dict(defaults)
+        except json.JSONDecodeError as e:
+            return _error(400, f"malformed JSON: {e}")
+        except HubquantError as e:
+            return _error(404 if isinstance(e, NotFoundError) else 400, e.message, hint=e.hint)
+        except TypeError as e:
+            return _error(400, str(e), hint="required field: repo_id")
+        job, created = queue.enqueue(spec.to_dict(), key=spec.key(), source="api", retry_failed=retry_failed)
+        return JSONResponse({"created": created, "job": job.to_dict()}, status_code=201 if created else 200)
+
+    async def list_jobs(request: Request):
+        status = request.query_params.get("status")
+        try:
+            limit = int(request.query_params.get("limit", "200"))
+            jobs = queue.list(status or None, limit=limit)
+        except (ValueError, UsageError) as e:
+            return _error(400, str(e), hint=f"status is one of {', '.join(STATUSES)}; limit an integer")
+        return JSONResponse({"counts": queue.counts(), "jobs": [j.to_dict() for j in jobs]})
+
+    async def get_job(request: Request):
+        try:
+            job = queue.get(request.path_params["job_id"])
+        except NotFoundError as e:
+            return _error(404, e.message, hint=e.hint)
+        return JSONResponse(job.to_dict(with_logs=True))
+
+    async def metrics(request: Request):
+        return PlainTextResponse(prometheus_text(queue, config), media_type="text/plain; version=0.0.4")
+
+    async def healthz(request: Request):
+        return JSONResponse({"ok": True, "counts": queue.counts()})
+
+    return Starlette(routes=[
+        Route("/webhook", webhook, methods=["POST"]),
+        Route("/jobs", submit, methods=["POST"]),
+        Route("/jobs", list_jobs, methods=["GET"]),
+        Route("/jobs/{job_id}", get_job, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ])
+
+
+def prometheus_text(queue: JobQueue, config: ServiceConfig) -> str:
+    """The Prometheus exposition text for the queue's state and counters."""
+    counts = queue.counts()
+    c = queue.counters()
+    lines = [
+        "# HELP hubquant_queue_depth Jobs waiting to run (queued).",
+        "# TYPE hubquant_queue_depth gauge",
+        f"hubquant_queue_depth {counts['queued']}",
+        "# HELP hubquant_jobs Jobs in the queue database by status.",
+        "# TYPE hubquant_jobs gauge",
+        *[f'hubquant_jobs{{status="{s}"}} {counts[s]}' for s in STATUSES],
+        "# HELP hubquant_jobs_completed_total Jobs that finished successfully.",
+        "# TYPE hubquant_jobs_completed_total counter",
+        f"hubquant_jobs_completed_total {c.get('done_total', 0):g}",
+        "# HELP hubquant_jobs_failed_total Jobs that ended in the failed list.",
+        "# TYPE hubquant_jobs_failed_total counter",
+        f"hubquant_jobs_failed_total {c.get('failed_total', 0):g}",
+        "# HELP hubquant_job_retries_total Attempts scheduled again after a failure or a lost worker.",
+        "# TYPE hubquant_job_retries_total counter",
+        f"hubquant_job_retries_total {c.get('retries_total', 0):g}",
+        "# HELP hubquant_job_leases_expired_total Jobs whose worker stopped renewing its lease.",
+        "# TYPE hubquant_job_leases_expired_total counter",
+        f"hubquant_job_leases_expired_total {c.get('lease_expired_total', 0):g}",
+        "# HELP hubquant_job_duration_seconds Wall time of successful attempts.",
+        "# TYPE hubquant_job_duration_seconds summary",
+        f"hubquant_job_duration_seconds_sum {c.get('duration_seconds_sum', 0):.3f}",
+        f"hubquant_job_duration_seconds_count {c.get('duration_seconds_count', 0):g}",
+        "# HELP hubquant_webhook_deliveries_total Webhook deliveries by outcome.",
+        "# TYPE hubquant_webhook_deliveries_total counter",
+        *[f'hubquant_webhook_deliveries_total{{result="{r}"}} {c.get(f"webhook_{r}_total", 0):g}'
+          for r in ("accepted", "duplicate", "ignored", "malformed", "unauthorized", "forbidden")],
+        "# HELP hubquant_workers Workers configured to run jobs.",
+        "# TYPE hubquant_workers gauge",
+        f"hubquant_workers {config.workers}",
+    ]
+    return "\n".join(lines) + "\n"
