@@ -1,0 +1,147 @@
+"""Fast greedy decoding for Llama-like models: a static KV cache and one CUDA graph per decode step.
+
+Batch-1 decoding is bound by streaming the weights; Python and launch overheads would hide the kernels'
+gains, so each decode step (all layers, argmax, position update) is captured once and replayed. The model's
+own modules run the step (quantized Linears, norms, rotary embedding, MLP); only attention over the static
+cache is written here. On CPU the same step runs eagerly (no graph).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hubquant.errors import UnsupportedError
+
+ARCHS = ("llama", "mistral", "qwen2")
+
+
+def supports(model: nn.Module) -> bool:
+    """True for architectures whose decoder layers this module knows how to run."""
+    cfg = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    return (getattr(cfg, "model_type", None) in ARCHS and inner is not None and hasattr(inner, "layers")
+            and hasattr(inner, "rotary_emb") and hasattr(model, "lm_head"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeResult:
+    tokens: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+    new_tokens: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else float("inf")
+
+
+class GraphDecoder:
+    """Greedy batch-1 generation with a static cache (CUDA graph replay on GPU, eager on CPU)."""
+
+    def __init__(self, model: nn.Module, max_len: int = 1024):
+        if not supports(model):
+            arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+            raise UnsupportedError(f"the fast decoder does not know {arch}",
+                                   hint=f"it runs {', '.join(ARCHS)}; use model.generate for other architectures")
+        self.model = model
+        cfg = model.config
+        p = next(model.model.embed_tokens.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.max_len = max_len
+        shape = (1, self.n_kv, max_len, self.head_dim)
+        n_layers = len(model.model.layers)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
+        self.slots = torch.arange(max_len, device=self.device)
+        # static inputs/outputs of the captured step
+        self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.out = torch.zeros(max_len, dtype=torch.long, device=self.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @torch.no_grad()
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        inner = self.model.model
+        t = ids.shape[1]
+        h = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(h, positions[None])
+        mask = (self.slots[None, :] <= positions[:, None])[None, None]  # [1, 1, T, max_len]
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(1, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, t, self.n_kv, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(1, t, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            self.k[i].index_copy_(2, positions, k)
+            self.v[i].index_copy_(2, positions, v)
+            o = nn.functional.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask,
+                                                           enable_gqa=self.n_kv != self.n_heads)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(inner.norm(h[:, -1:]))[:, -1]
+
+    def _step(self) -> None:
+        """One decode step on the static tensors: logits -> argmax -> next token, position + 1."""
+        nxt = self._forward(self.tok, self.pos).argmax(-1)
+        self.out.index_copy_(0, self.pos, nxt)
+        self.tok.copy_(nxt.view(1, 1))
+        self.pos.add_(1)
+
+    def _capture(self) -> None:
+        # warm up on a side stream (tunes every kernel for M=1 and allocates workspaces), then capture
+        pos0, tok0 = self.pos.clone(), self.tok.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(s)
+        self.pos.copy_(pos0)
+        self.tok.copy_(tok0)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        self.pos.copy_(pos0)
+        self.tok.copy_(tok0)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, use_graph: bool = True) -> DecodeResult:
+        """Greedy continuation of input_ids [1, T] (or [T]); times prefill and decode separately."""
+        ids = input_ids.reshape(1, -1).to(self.device)
+        t = ids.shape[1]
+        if t + max_new_tokens > self.max_len:
+            raise UnsupportedError(f"{t} prompt + {max_new_tokens} new tokens exceed the cache of {self.max_len}",
+                                   hint="build the GraphDecoder with a larger max_len")
+        cuda = self.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        t0 = time.perf_counter()
+        positions = torch.arange(t, device=self.device)
+        first = self._forward(ids, positions).argmax(-1)
+        self.tok.copy_(first.view(1, 1))
+        self.pos.fill_(t)
+        self.out[t - 1] = first[0]
+        sync()
+        t1 = time.perf_counter()
+        n = max_new_tokens - 1
+        if cuda and use_graph and n > 0:
+            if self.graph is None:
+                self._capture()
+                t1 = time.perf_counter()
+            for _ in range(n):
+                self.graph.replay()
+        else:
+            for _ in range(n):
+                self._step()
+        sync()
+        t2 = time.perf_counter()
+        new = self.out[t - 1: t - 1 + max_new_tokens].tolist()
+        return DecodeResult(tokens=new, prefill_seconds=t1 - t0, decode_seconds=t2 - t1, new_tokens=max(n, 0))
