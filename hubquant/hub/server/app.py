@@ -43,6 +43,7 @@ from hubquant.hub.server.store import (
     wants_lfs,
 )
 
+DROP_ENV = "HUBQUANT_HUB_FAILPOINT_DROP_DOWNLOAD"  # test failpoint: cut a file's first full GET after N bytes
 PAGE_SIZE_ENV = "HUBQUANT_HUB_PAGE_SIZE"  # entries per page of tree/commits/list answers (the Hub: 1000)
 LFS_LINK_TTL = 3600  # seconds an LFS upload link stays valid
 _CHUNK = 1 << 20
@@ -59,7 +60,8 @@ class HubHTTPError(Exception):
         self.status, self.message, self.code, self.body = status, message, code, body or {}
 
     def response(self) -> JSONResponse:
-        headers = {"X-Error-Message": self.message.encode("ascii", "replace").decode()}
+        one_line = " ".join(self.message.split())[:1000]
+        headers = {"X-Error-Message": one_line.encode("ascii", "replace").decode()}
         if self.code:
             headers["X-Error-Code"] = self.code
         return JSONResponse({"error": self.message, **self.body}, status_code=self.status, headers=headers)
@@ -163,6 +165,7 @@ class HubApp:
 
     def __init__(self, store: Store):
         self.store = store
+        self._dropped: set[str] = set()
         self.app = Starlette(routes=[
             Route("/{path:path}", self.dispatch, methods=["GET", "HEAD", "POST", "PUT", "DELETE"]),
         ])
@@ -596,8 +599,12 @@ class HubApp:
             return Response(status_code=status, headers=headers)
         if rtype == "model" and path == "config.json" or rtype != "model" and path == "README.md":
             self.store.count_download(repo)
-        return StreamingResponse(_read_range(self.store.blob_path(entry.sha256), start, length),
-                                 status_code=status, headers=headers)
+        body = _read_range(self.store.blob_path(entry.sha256), start, length)
+        drop = int(os.environ.get(DROP_ENV, "0") or 0)
+        if drop and not rng and entry.size > drop and entry.sha256 not in self._dropped:
+            self._dropped.add(entry.sha256)
+            body = _cut_after(body, drop)
+        return StreamingResponse(body, status_code=status, headers=headers)
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -629,6 +636,16 @@ def _read_range(path: Path, start: int, length: int) -> Iterator[bytes]:
                 break
             left -= len(block)
             yield block
+
+
+def _cut_after(chunks: Iterator[bytes], n: int) -> Iterator[bytes]:
+    """Yield `n` bytes, then fail: the client sees the connection end before Content-Length."""
+    for c in chunks:
+        if len(c) >= n:
+            yield c[:n]
+            raise ConnectionAbortedError(f"failpoint {DROP_ENV}: download cut after {n} bytes")
+        n -= len(c)
+        yield c
 
 
 def create_app(root: str | os.PathLike) -> Starlette:

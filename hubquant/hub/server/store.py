@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import sqlite3
+import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -586,6 +587,7 @@ class Store:
             )
             delay = float(os.environ.get(FAILPOINT_ENV, "0") or 0)
             if delay > 0:  # test failpoint: the process can be killed here, before the ref moves
+                print(f"failpoint: commit {oid} sleeps {delay:g} s before moving {branch}", file=sys.stderr, flush=True)
                 time.sleep(delay)
             db.execute("UPDATE refs SET oid=? WHERE repo=? AND name=?", (oid, repo.id, branch))
             db.execute("UPDATE repos SET last_modified=? WHERE id=?", (ts, repo.id))
