@@ -1,0 +1,107 @@
+"""End to end on the local Hub: `hubquant serve` converts a release it hears about by webhook (once, however
+often the delivery comes), and a worker SIGKILLed mid-job is replaced and the job completes with one commit.
+
+Conversions: tiny random Llama (hidden 64, 2 layers) published over HTTP, RTN W8 per channel, no evaluation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from hubquant.service.jobs import JobSpec
+from hubquant.service.queue import JobQueue, RetryPolicy
+from tests.service.conftest import FAST
+from tests.service.helpers import REPO_ROOT, ServiceProcess, hubquant_commits, wait_for, webhook_payload
+
+SECRET = "e2e-secret"
+
+
+def _provenance(repo_id: str) -> dict:
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(repo_id, "hubquant.json")).read_text())
+
+
+def test_webhook_delivered_twice_gives_one_variant(publish_tiny, hub_env, tmp_path):
+    repo, sha = publish_tiny(seed=1)
+    svc = ServiceProcess(
+        ["--db", str(tmp_path / "svc.db"), "--workers", "1", "--methods", "rtn", "--schemes", "W8A16",
+         "--namespace", "alice", "--option", "skip_eval=true", "--author", "hubquant-org", "--lease", "30"],
+        env={"HUBQUANT_WEBHOOK_SECRET": SECRET, "HUBQUANT_SERVICE_TOKEN": "tok"}, log_path=tmp_path / "svc.log")
+    try:
+        body = json.dumps(webhook_payload(repo, sha))
+        headers = {"X-Webhook-Secret": SECRET, "content-type": "application/json"}
+        r1 = httpx.post(svc.url + "/webhook", content=body, headers=headers, timeout=30)
+        r2 = httpx.post(svc.url + "/webhook", content=body, headers=headers, timeout=30)
+        assert r1.status_code == 202 and r2.status_code == 200 and r2.json()["duplicate"] is True
+        job_id = r1.json()["jobs"][0]["id"]
+        assert r2.json()["jobs"] == [job_id]
+        bad = httpx.post(svc.url + "/webhook", content=body, headers={**headers, "X-Webhook-Secret": "no"})
+        assert bad.status_code == 403
+
+        job = wait_for(lambda: (j := httpx.get(f"{svc.url}/jobs/{job_id}").json())["status"] in ("done", "failed") and j,
+                       240, "the webhook's job to finish")
+        assert job["status"] == "done", (job, svc.log_path.read_text()[-3000:])
+        target = job["result"]["target_repo"]
+        assert target == f"alice/{repo.split('/')[1]}-W8A16-RTN"
+        assert hubquant_commits(target) == [f"hubquant: W8A16 rtn of {repo}@{sha[:10]}"]
+        prov = _provenance(target)
+        assert prov["base_model"] == repo and prov["base_sha"] == sha
+        assert prov["settings"]["scheme"]["weights"]["bits"] == 8
+        listed = httpx.get(svc.url + "/jobs").json()
+        assert listed["counts"] == {"queued": 0, "running": 0, "done": 1, "failed": 0}
+        metrics = httpx.get(svc.url + "/metrics").text
+        assert "hubquant_jobs_completed_total 1\n" in metrics
+        assert 'hubquant_webhook_deliveries_total{result="duplicate"} 1\n' in metrics
+    finally:
+        svc.stop()
+
+
+def test_worker_killed_mid_job_is_retried_after_restart_with_one_commit(publish_tiny, hub_env, tmp_path):
+    repo, sha = publish_tiny(seed=2)
+    db = tmp_path / "q.db"
+    queue = JobQueue(db, retry=RetryPolicy(max_attempts=3, backoff_s=1))
+    spec = JobSpec(repo_id=repo, revision=sha, method="rtn", scheme="W8A16", namespace="alice", options=FAST)
+    job, _ = queue.enqueue(spec.to_dict(), key=spec.key())
+
+    def worker(name: str, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "hubquant.service.workers", "--db", str(db), "--id", name,
+                                 "--lease", "3", "--poll", "0.2", *extra], cwd=REPO_ROOT, env=os.environ.copy())
+
+    first = worker("w-doomed", "--claim-delay", "120")
+    try:
+        wait_for(lambda: queue.get(job.id).status == "running", 60, "the first worker to claim the job", every=0.1)
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert queue.get(job.id).lease_owner == "w-doomed" and queue.get(job.id).status == "running"
+    assert hubquant_commits_or_none(f"alice/{repo.split('/')[1]}-W8A16-RTN") == []
+
+    second = worker("w-restarted", "--exit-when-idle")  # the restart: a new worker on the same database
+    assert second.wait(240) == 0
+    done = queue.get(job.id)
+    assert done.status == "done" and done.attempts == 2 and done.lease_owner is None
+    lines = [e["line"] for e in done.logs]
+    assert "lease of w-doomed expired; job reclaimed" in lines
+    assert "claimed by w-restarted (attempt 2)" in lines
+    target = done.result["target_repo"]
+    assert hubquant_commits(target) == [f"hubquant: W8A16 rtn of {repo}@{sha[:10]}"]
+    assert _provenance(target)["base_sha"] == sha
+    assert queue.counters()["lease_expired_total"] == 1
+
+
+def hubquant_commits_or_none(repo_id: str) -> list[str]:
+    from huggingface_hub import errors
+
+    try:
+        return hubquant_commits(repo_id)
+    except errors.RepositoryNotFoundError:
+        return []
