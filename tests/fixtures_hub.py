@@ -1,6 +1,7 @@
 """Pytest fixtures for the local Hub (registered in tests/conftest.py via `pytest_plugins`).
 
-`local_hub` (session): `hubquant hub serve` in a subprocess on a free 127.0.0.1 port over a fresh temp
+`local_hub` (session): `hubquant hub serve` (as `python -m hubquant.hub.cli hub serve`, which skips the torch
+imports of the full CLI) in a subprocess on a free 127.0.0.1 port over a fresh temp
 root, with tokens for two users:
     alice  writes to `alice` and to the org `hubquant-org`
     bob    writes to `bob`
@@ -52,7 +53,7 @@ class HubProcess:
         log = self.root / "server.log"
         out = open(log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hubquant.cli", "hub", "serve", "--root", str(self.root), "--port", "0"],
+            [sys.executable, "-m", "hubquant.hub.cli", "hub", "serve", "--root", str(self.root), "--port", "0"],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
             cwd=Path(__file__).resolve().parents[1],
         )

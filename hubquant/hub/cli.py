@@ -97,3 +97,29 @@ def _gate(args) -> int:
     repo = hub.store.get_repo(args.repo, args.repo_type)
     print(f"{repo.repo_id}: gated={repo.gated or False} private={repo.private}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hubquant.hub.cli hub ...`: the same commands without importing the rest of hubquant's CLI
+    (which loads torch); the test fixtures start the server this way in a fraction of a second."""
+    import sys
+
+    from hubquant.errors import HubquantError
+
+    parser = argparse.ArgumentParser(prog="hubquant")
+    add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except HubquantError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  fix: {e.hint}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
