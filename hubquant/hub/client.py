@@ -117,9 +117,12 @@ def download_model(repo_id: str, *, revision: str | None = None, allow_pickle: b
                 f"{repo_id} ships only pickled weights ({pickles[0]}); loading them can execute code",
                 hint="convert the base to safetensors first, or pass --allow-pickle if you trust this repo")
         patterns += list(PICKLE_PATTERNS)
+    if not progress:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     with hub_errors(repo_id, revision=revision):
-        path = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns,
-                                      endpoint=endpoint(), tqdm_class=None if progress else _NoBar))
+        path = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns, endpoint=endpoint()))
     config = path / "config.json"
     if not config.is_file():
         raise NotFoundError(f"{repo_id} has no config.json", hint="hubquant needs a transformers model repo")
@@ -129,23 +132,6 @@ def download_model(repo_id: str, *, revision: str | None = None, allow_pickle: b
                                hint="pass --trust-remote-code if you trust this repo's code")
     verify_safetensors(path)
     return Downloaded(repo_id=repo_id, sha=info.sha, path=path, files=files)
-
-
-class _NoBar:  # tqdm stand-in that shows nothing
-    def __init__(self, *a, **k):
-        pass
-
-    def update(self, *a):
-        pass
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        pass
 
 
 def verify_safetensors(path: Path) -> None:
