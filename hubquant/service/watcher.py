@@ -150,9 +150,6 @@ def _config(hf, info) -> dict:
     """config.json of the repo (the listing's excerpt when it has architectures, else the file)."""
     from huggingface_hub import hf_hub_download
 
-    cfg = getattr(info, "config", None) or {}
-    if cfg.get("architectures") and "auto_map" in cfg:
-        return cfg
     path = hf_hub_download(info.id, "config.json", revision=info.sha, endpoint=hf.endpoint)
     return json.loads(Path(path).read_text())
 
@@ -205,8 +202,10 @@ def screen(info, opts: WatchOptions) -> str | None:
         return f"already quantized ({config['quantization_config'].get('quant_method', '?')})"
     if config.get("auto_map"):
         return "needs remote code (auto_map)"
-    if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return f"not a causal LM transformers knows (model_type {config.get('model_type')})"
+    arch = (config.get("architectures") or ["?"])[0]
+    causal = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)}
+    if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or arch not in causal:
+        return f"not a causal LM transformers knows ({arch}, model_type {config.get('model_type')})"
     if opts.max_params is not None:
         n = _param_count(hf, info, config)
         if n is not None and n > opts.max_params:
