@@ -26,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantized variants of Hugging Face Hub models: download, calibrate, quantize, card, push.",
     )
     parser.add_argument("--version", action="version", version=f"hubquant {hubquant.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_all_subcommands(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    return parser
+
+
+def add_all_subcommands(sub) -> None:
+    """Add every hubquant subcommand to `sub` (also used by `optimum-cli hubquant`)."""
     for name in SUBCOMMAND_MODULES:
         try:
             mod = importlib.import_module(name)
@@ -35,7 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.add_parsers(sub)
-    return parser
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -44,8 +48,13 @@ def run(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return call(args.func, args)
+
+
+def call(handler, args) -> int:
+    """Run a subcommand handler; hubquant errors become one clear message and their exit code."""
     try:
-        return int(args.func(args) or 0)
+        return int(handler(args) or 0)
     except HubquantError as e:
         if os.environ.get("HUBQUANT_DEBUG") == "1":
             raise
