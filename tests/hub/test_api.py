@@ -193,6 +193,8 @@ def test_list_models_author_search_filter_sort_limit(hub_env, tmp_path):
     assert [m.id for m in api.list_models(filter=tag, sort="created_at", limit=2)] == ids[::-1][:2]
     api.upload_file(path_or_fileobj=b"x", path_in_repo="touch.txt", repo_id=ids[0])
     assert [m.id for m in api.list_models(filter=tag, sort="last_modified")][0] == ids[0]
+    raw = httpx.get(f"{hub_env.endpoint}/api/models", params={"filter": tag, "sort": "createdAt", "direction": "1"})
+    assert [m["id"] for m in raw.json()] == ids  # direction=1: oldest first
     suffix = ids[1].split("-")[-1]
     assert [m.id for m in api.list_models(search=suffix)] == [ids[1]]
     assert set(ids) <= {m.id for m in api.list_models(author="bob")}
@@ -247,6 +249,15 @@ def test_stale_parent_commit_is_rejected(hub_env):
     assert e.value.response.status_code == 412
     assert api.model_info(repo_id).sha == first.oid
     assert api.list_repo_files(repo_id) == [".gitattributes", "a.txt"]
+    # deletions travel as deletedFile / deletedFolder lines
+    api.create_commit(repo_id, [CommitOperationAdd("dir/x.txt", b"x"), CommitOperationAdd("dir/y.txt", b"y")],
+                      commit_message="dir")
+    api.delete_file("a.txt", repo_id)
+    assert api.list_repo_files(repo_id) == [".gitattributes", "dir/x.txt", "dir/y.txt"]
+    api.delete_folder("dir", repo_id)
+    assert api.list_repo_files(repo_id) == [".gitattributes"]
+    with pytest.raises(EntryNotFoundError):
+        api.delete_file("a.txt", repo_id)
 
 
 def test_typed_errors(hub_env, tmp_path):
@@ -311,6 +322,9 @@ def test_typed_errors(hub_env, tmp_path):
         bob.model_info(private_id)
     with pytest.raises(RepositoryNotFoundError):
         hf_hub_download(private_id, ".gitattributes", token=hub_env.token("bob"), cache_dir=tmp_path / "c7")
+    with pytest.raises(RepositoryNotFoundError) as e:
+        anon.model_info(private_id)
+    assert e.value.response.status_code == 401
     assert private_id not in {m.id for m in bob.list_models(author="alice")}
     assert private_id in {m.id for m in alice.list_models(author="alice")}
 

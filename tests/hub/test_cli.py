@@ -89,6 +89,8 @@ def test_seeded_smollm2(seeded_hub, hub_env, tmp_path):
             "base_model:HuggingFaceTB/SmolLM2-135M"} <= set(info.tags)
     assert info.author == "HuggingFaceTB" and info.library_name == "transformers"
     assert [m.id for m in api.list_models(author="HuggingFaceTB")] == [repo_id]
+    meta = api.get_safetensors_metadata(repo_id)  # Range reads of the safetensors header
+    assert meta.parameter_count == {"BF16": 134515008}
     cfg = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
     assert cfg["hidden_size"] == 576 and cfg["model_type"] == "llama"
     local = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.md"]))
