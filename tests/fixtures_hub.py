@@ -154,6 +154,9 @@ def point_hf_at(monkeypatch, endpoint: str, token: str | None, hf_home: Path) ->
     host = endpoint.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
     if hasattr(constants, "HF_URL_HOSTS"):
         monkeypatch.setattr(constants, "HF_URL_HOSTS", frozenset(constants.HF_URL_HOSTS | {host}))
+    import huggingface_hub.file_download  # noqa: F401  (submodules are lazy: import them before patching)
+    import huggingface_hub.hf_api  # noqa: F401
+
     monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", endpoint)
     # file_download and transformers keep their own reference to the cache folder default
     fd = huggingface_hub.file_download

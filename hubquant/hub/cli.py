@@ -60,7 +60,9 @@ def _serve(args) -> int:
     except OSError as e:
         from hubquant.errors import UsageError
 
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror}", hint="pick another --port (0 = any free port)") from e
+        raise UsageError(
+            f"cannot listen on {args.host}:{args.port}: {e.strerror}", hint="pick another --port (0 = any free port)"
+        ) from e
     print(url_of(sock), flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, lifespan="off")).run(sockets=[sock])
     return 0

@@ -10,9 +10,9 @@ import sys
 import tempfile
 import uuid
 
+import huggingface_hub
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-import huggingface_hub
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import pytest
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
 from hubquant.hub.cli import main as hub_main

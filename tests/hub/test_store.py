@@ -104,4 +104,5 @@ def test_tokens_store_only_hashes(tmp_path):
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("hub.sqlite*"))
     assert token.encode() not in raw
     db = sqlite3.connect(tmp_path / "hub.sqlite")
-    assert db.execute("SELECT hash FROM tokens WHERE user='alice'").fetchone()[0] == hashlib.sha256(token.encode()).hexdigest()
+    stored = db.execute("SELECT hash FROM tokens WHERE user='alice'").fetchone()[0]
+    assert stored == hashlib.sha256(token.encode()).hexdigest()

@@ -25,31 +25,38 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-from hubquant.errors import ConflictError, NotFoundError, UsageError
+from hubquant.errors import ConflictError, UsageError
+from hubquant.hub.server.objects import (
+    DEFAULT_GITATTRIBUTES,
+    GATED_MODES,
+    NAME_RE,
+    REPO_TYPES,
+    AddFile,
+    Commit,
+    CommitConflict,
+    DeletePath,
+    EntryNotFound,
+    FileEntry,
+    Principal,
+    Repo,
+    RepoNotFound,
+    RevisionNotFound,
+    check_no_file_dir_clash,
+    check_path,
+    git_blob_oid,
+    hash_token,
+    lfs_pointer,
+    now_iso,
+    split_repo_id,
+    wants_lfs,
+)
 
-REPO_TYPES = ("model", "dataset", "space")
-GATED_MODES = ("auto", "manual")
 FAILPOINT_ENV = "HUBQUANT_HUB_FAILPOINT_COMMIT_SLEEP"  # seconds to sleep inside a commit, before the ref moves
-_REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
-
-# Files the real Hub stores with LFS whatever their size (its default .gitattributes, abridged).
-LFS_SUFFIXES = (
-    ".7z", ".arrow", ".bin", ".bz2", ".ckpt", ".ftz", ".gguf", ".gz", ".h5", ".joblib", ".mlmodel", ".model",
-    ".msgpack", ".npy", ".npz", ".onnx", ".ot", ".parquet", ".pb", ".pickle", ".pkl", ".pt", ".pth", ".rar",
-    ".safetensors", ".tar", ".tflite", ".tgz", ".wasm", ".xz", ".zip", ".zst",
-)
-LFS_MIN_SIZE = 10 * 1024 * 1024  # the real Hub: regular files up to 10 MB
-
-DEFAULT_GITATTRIBUTES = "".join(
-    f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES
-) + "*tfevents* filter=lfs diff=lfs merge=lfs -text\n"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -104,140 +111,6 @@ CREATE TABLE IF NOT EXISTS grants (
     PRIMARY KEY (repo, user)
 );
 """
-
-
-class RepoNotFound(NotFoundError):
-    """The repo does not exist (or the caller may not know that it does)."""
-
-
-class RevisionNotFound(NotFoundError):
-    """The repo exists; the branch or commit does not."""
-
-
-class EntryNotFound(NotFoundError):
-    """The revision exists; the file does not."""
-
-
-class CommitConflict(ConflictError):
-    """`parentCommit` is not the branch's head any more."""
-
-
-def now_iso() -> str:
-    """The current UTC time as the Hub writes it (`2026-11-27T10:24:48.000Z`)."""
-    t = datetime.now(timezone.utc)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
-
-
-def git_blob_oid(data: bytes) -> str:
-    """The git object id (sha1 of `blob <len>\\0<data>`) that the Hub reports for a regular file."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def lfs_pointer(sha256: str, size: int) -> bytes:
-    """The git-lfs pointer file that git stores in place of an LFS file."""
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
-
-
-def wants_lfs(path: str, size: int, sample: bytes = b"") -> bool:
-    """Whether the real Hub would store this file with LFS: large, a binary suffix, or binary content."""
-    return size >= LFS_MIN_SIZE or path.lower().endswith(LFS_SUFFIXES) or b"\0" in sample
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def split_repo_id(repo_id: str) -> tuple[str, str]:
-    """`ns/name` -> (ns, name); raises UsageError for anything else."""
-    parts = repo_id.split("/")
-    if len(parts) != 2 or not all(_REPO_PART.match(p) for p in parts) or parts[1].endswith((".git", "..")):
-        raise UsageError(f"invalid repo id {repo_id!r}", hint="use NAMESPACE/NAME (letters, digits, . _ -)")
-    return parts[0], parts[1]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Principal:
-    """Who a token belongs to and what it may do."""
-
-    user: str
-    orgs: tuple[str, ...] = ()
-    write: bool = True
-
-    def member_of(self, namespace: str) -> bool:
-        return namespace == self.user or namespace in self.orgs
-
-    def can_write(self, namespace: str) -> bool:
-        return self.write and self.member_of(namespace)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Repo:
-    id: int
-    uid: str
-    type: str
-    namespace: str
-    name: str
-    private: bool
-    gated: str | None
-    created_at: str
-    last_modified: str
-    downloads: int
-    likes: int
-
-    @property
-    def repo_id(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class FileEntry:
-    path: str
-    sha256: str
-    size: int
-    lfs: bool
-    git_oid: str  # sha1 of the git blob: the content for regular files, the LFS pointer for LFS files
-
-    @property
-    def pointer_size(self) -> int:
-        return len(lfs_pointer(self.sha256, self.size))
-
-
-@dataclass(frozen=True, kw_only=True)
-class Commit:
-    oid: str
-    parent: str | None
-    title: str
-    message: str
-    author: str
-    created_at: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class AddFile:
-    """Put the blob `sha256` at `path` (the blob must already be stored)."""
-
-    path: str
-    sha256: str
-    size: int
-    lfs: bool
-    git_oid: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class DeletePath:
-    """Remove a file, or with `folder=True` everything under `path/`."""
-
-    path: str
-    folder: bool = False
-
-
-def _check_path(path: str) -> str:
-    parts = path.split("/")
-    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in path:
-        raise UsageError(f"invalid path in repo {path!r}", hint="use a relative path without '..' or empty parts")
-    if parts[0] == ".git":
-        raise UsageError(f"invalid path in repo {path!r}", hint="paths under .git/ are reserved")
-    return path
 
 
 class Store:
@@ -297,7 +170,7 @@ class Store:
             The token (`hf_...`), shown once.
         """
         for ns in (user, *orgs):
-            if not _REPO_PART.match(ns):
+            if not NAME_RE.match(ns):
                 raise UsageError(f"invalid user or org name {ns!r}", hint="use letters, digits, '.', '_' or '-'")
         token = "hf_" + secrets.token_urlsafe(30).replace("-", "A").replace("_", "B")
         with self._db() as db:
@@ -433,7 +306,8 @@ class Store:
                 if row is not None:
                     return row["oid"]
         raise RevisionNotFound(
-            f"revision {revision!r} not found in {repo.repo_id}", hint="use a branch name such as 'main' or a commit sha"
+            f"revision {revision!r} not found in {repo.repo_id}",
+            hint="use a branch name such as 'main' or a commit sha",
         )
 
     def commit_info(self, oid: str) -> Commit:
@@ -490,7 +364,9 @@ class Store:
         """A writer that streams bytes to a temp file and files them under their sha256 on `finish()`."""
         return BlobWriter(self)
 
-    def write_blob(self, chunks: Iterable[bytes], *, sha256: str | None = None, size: int | None = None) -> tuple[str, int]:
+    def write_blob(
+        self, chunks: Iterable[bytes], *, sha256: str | None = None, size: int | None = None
+    ) -> tuple[str, int]:
         """Store bytes; returns (sha256, size). Raises UsageError if `sha256`/`size` are given and differ."""
         w = self.open_upload()
         try:
@@ -541,7 +417,7 @@ class Store:
         """
         ops = list(ops)
         for op in ops:
-            _check_path(op.path.rstrip("/") if isinstance(op, DeletePath) else op.path)
+            check_path(op.path.rstrip("/") if isinstance(op, DeletePath) else op.path)
             if isinstance(op, AddFile) and not self.has_blob(op.sha256, op.size):
                 raise UsageError(
                     f"{op.path}: no uploaded object {op.sha256} of size {op.size}",
@@ -577,10 +453,12 @@ class Store:
                         del current[k]
                 else:
                     current[op.path] = (op.sha256, op.size, int(op.lfs), op.git_oid)
-            _check_no_file_dir_clash(current)
+            check_no_file_dir_clash(current)
             ts = now_iso()
             oid = self._new_commit_oid(repo.id, head, title)
-            db.execute("INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?)", (oid, repo.id, head, title, message, author, ts))
+            db.execute(
+                "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?)", (oid, repo.id, head, title, message, author, ts)
+            )
             db.executemany(
                 "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)",
                 [(oid, p, *v) for p, v in sorted(current.items())],
@@ -601,17 +479,6 @@ class Store:
                 raise ConflictError(f"branch {branch!r} already exists", hint="pick another name")
             db.execute("INSERT INTO refs VALUES (?, ?, ?)", (repo.id, branch, oid))
         return oid
-
-
-def _check_no_file_dir_clash(files: dict) -> None:
-    dirs = {p.rsplit("/", 1)[0] for p in files if "/" in p}
-    expanded = set()
-    for d in dirs:
-        parts = d.split("/")
-        expanded.update("/".join(parts[: i + 1]) for i in range(len(parts)))
-    clash = expanded.intersection(files)
-    if clash:
-        raise UsageError(f"{sorted(clash)[0]} would be both a file and a folder", hint="rename one of them")
 
 
 class BlobWriter:
@@ -653,7 +520,8 @@ class BlobWriter:
         self._tmp.unlink(missing_ok=True)
 
 
-__all__ = [
-    "AddFile", "BlobWriter", "Commit", "CommitConflict", "DeletePath", "EntryNotFound", "FileEntry",
-    "Principal", "Repo", "RepoNotFound", "RevisionNotFound", "Store", "git_blob_oid", "lfs_pointer", "wants_lfs",
+__all__ = [  # the records, errors and helpers of objects.py are re-exported for callers of the store
+    "DEFAULT_GITATTRIBUTES", "FAILPOINT_ENV", "GATED_MODES", "REPO_TYPES",
+    "AddFile", "BlobWriter", "Commit", "CommitConflict", "DeletePath", "EntryNotFound", "FileEntry", "Principal",
+    "Repo", "RepoNotFound", "RevisionNotFound", "Store", "git_blob_oid", "lfs_pointer", "split_repo_id", "wants_lfs",
 ]

@@ -1,0 +1,171 @@
+"""The local Hub's vocabulary: object ids as git and git-lfs compute them, the Hub's LFS rule, repo ids and
+paths, the records the store returns, and its errors. Pure functions and frozen dataclasses, no I/O."""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from hubquant.errors import ConflictError, NotFoundError, UsageError
+
+REPO_TYPES = ("model", "dataset", "space")
+GATED_MODES = ("auto", "manual")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+# Files the real Hub stores with LFS whatever their size (its default .gitattributes, abridged).
+LFS_SUFFIXES = (
+    ".7z", ".arrow", ".bin", ".bz2", ".ckpt", ".ftz", ".gguf", ".gz", ".h5", ".joblib", ".mlmodel", ".model",
+    ".msgpack", ".npy", ".npz", ".onnx", ".ot", ".parquet", ".pb", ".pickle", ".pkl", ".pt", ".pth", ".rar",
+    ".safetensors", ".tar", ".tflite", ".tgz", ".wasm", ".xz", ".zip", ".zst",
+)
+LFS_MIN_SIZE = 10 * 1024 * 1024  # the real Hub: regular files up to 10 MB
+
+DEFAULT_GITATTRIBUTES = "".join(
+    f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES
+) + "*tfevents* filter=lfs diff=lfs merge=lfs -text\n"
+
+
+class RepoNotFound(NotFoundError):
+    """The repo does not exist (or the caller may not know that it does)."""
+
+
+class RevisionNotFound(NotFoundError):
+    """The repo exists; the branch or commit does not."""
+
+
+class EntryNotFound(NotFoundError):
+    """The revision exists; the file does not."""
+
+
+class CommitConflict(ConflictError):
+    """`parentCommit` is not the branch's head any more."""
+
+
+def now_iso() -> str:
+    """The current UTC time as the Hub writes it (`2026-11-27T10:24:48.000Z`)."""
+    t = datetime.now(timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def git_blob_oid(data: bytes) -> str:
+    """The git object id (sha1 of `blob <len>\\0<data>`) that the Hub reports for a regular file."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The git-lfs pointer file that git stores in place of an LFS file."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def wants_lfs(path: str, size: int, sample: bytes = b"") -> bool:
+    """Whether the real Hub would store this file with LFS: large, a binary suffix, or binary content."""
+    return size >= LFS_MIN_SIZE or path.lower().endswith(LFS_SUFFIXES) or b"\0" in sample
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def split_repo_id(repo_id: str) -> tuple[str, str]:
+    """`ns/name` -> (ns, name); raises UsageError for anything else."""
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(NAME_RE.match(p) for p in parts) or parts[1].endswith((".git", "..")):
+        raise UsageError(f"invalid repo id {repo_id!r}", hint="use NAMESPACE/NAME (letters, digits, . _ -)")
+    return parts[0], parts[1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Principal:
+    """Who a token belongs to and what it may do."""
+
+    user: str
+    orgs: tuple[str, ...] = ()
+    write: bool = True
+
+    def member_of(self, namespace: str) -> bool:
+        return namespace == self.user or namespace in self.orgs
+
+    def can_write(self, namespace: str) -> bool:
+        return self.write and self.member_of(namespace)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Repo:
+    id: int
+    uid: str
+    type: str
+    namespace: str
+    name: str
+    private: bool
+    gated: str | None
+    created_at: str
+    last_modified: str
+    downloads: int
+    likes: int
+
+    @property
+    def repo_id(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileEntry:
+    path: str
+    sha256: str
+    size: int
+    lfs: bool
+    git_oid: str  # sha1 of the git blob: the content for regular files, the LFS pointer for LFS files
+
+    @property
+    def pointer_size(self) -> int:
+        return len(lfs_pointer(self.sha256, self.size))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Commit:
+    oid: str
+    parent: str | None
+    title: str
+    message: str
+    author: str
+    created_at: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddFile:
+    """Put the blob `sha256` at `path` (the blob must already be stored)."""
+
+    path: str
+    sha256: str
+    size: int
+    lfs: bool
+    git_oid: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeletePath:
+    """Remove a file, or with `folder=True` everything under `path/`."""
+
+    path: str
+    folder: bool = False
+
+
+def check_path(path: str) -> str:
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in path:
+        raise UsageError(f"invalid path in repo {path!r}", hint="use a relative path without '..' or empty parts")
+    if parts[0] == ".git":
+        raise UsageError(f"invalid path in repo {path!r}", hint="paths under .git/ are reserved")
+    return path
+
+
+def check_no_file_dir_clash(files: dict) -> None:
+    dirs = {p.rsplit("/", 1)[0] for p in files if "/" in p}
+    expanded = set()
+    for d in dirs:
+        parts = d.split("/")
+        expanded.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    clash = expanded.intersection(files)
+    if clash:
+        raise UsageError(f"{sorted(clash)[0]} would be both a file and a folder", hint="rename one of them")
