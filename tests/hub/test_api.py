@@ -194,6 +194,10 @@ def test_list_models_author_search_filter_sort_limit(hub_env, tmp_path):
     assert [m.id for m in api.list_models(filter=tag, sort="created_at", limit=2)] == ids[::-1][:2]
     api.upload_file(path_or_fileobj=b"x", path_in_repo="touch.txt", repo_id=ids[0])
     assert [m.id for m in api.list_models(filter=tag, sort="last_modified")][0] == ids[0]
+    api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id=ids[1])
+    hf_hub_download(ids[1], "config.json", token=hub_env.token("bob"), cache_dir=tmp_path / "dl")  # one download
+    by_downloads = list(api.list_models(filter=tag, sort="downloads"))
+    assert by_downloads[0].id == ids[1] and by_downloads[0].downloads == 1
     raw = httpx.get(f"{hub_env.endpoint}/api/models", params={"filter": tag, "sort": "createdAt", "direction": "1"})
     assert [m["id"] for m in raw.json()] == ids  # direction=1: oldest first
     suffix = ids[1].split("-")[-1]
@@ -201,7 +205,7 @@ def test_list_models_author_search_filter_sort_limit(hub_env, tmp_path):
     assert set(ids) <= {m.id for m in api.list_models(author="bob")}
     assert not any(m.id in ids for m in api.list_models(author="alice"))
     full = next(iter(api.list_models(search=suffix, full=True, cardData=True)))
-    assert {s.rfilename for s in full.siblings} == {".gitattributes", "README.md"}
+    assert {s.rfilename for s in full.siblings} == {".gitattributes", "README.md", "config.json"}
     assert full.card_data.license == "mit" and full.sha is not None
 
 

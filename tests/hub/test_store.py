@@ -106,3 +106,32 @@ def test_tokens_store_only_hashes(tmp_path):
     db = sqlite3.connect(tmp_path / "hub.sqlite")
     stored = db.execute("SELECT hash FROM tokens WHERE user='alice'").fetchone()[0]
     assert stored == hashlib.sha256(token.encode()).hexdigest()
+
+
+def test_concurrent_commits_on_one_parent_one_wins(tmp_path):
+    """Eight writers race from the same parent: exactly one commit lands, the others get CommitConflict."""
+    import threading
+
+    store = Store(tmp_path)
+    repo, _ = store.create_repo("alice/race")
+    parent = store.resolve(repo, "main")
+    ops = [[_add(store, f"f{i}.txt", str(i).encode())] for i in range(8)]
+    results: list = [None] * 8
+    start = threading.Barrier(8)
+
+    def writer(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = store.commit(repo, ops[i], title=f"w{i}", author="alice", parent=parent)
+        except CommitConflict as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [r for r in results if isinstance(r, str)]
+    assert len(won) == 1 and sum(isinstance(r, CommitConflict) for r in results) == 7
+    assert store.resolve(repo, "main") == won[0]
+    assert len(store.files(won[0])) == 2 and [c.title for c in store.history(won[0])][1:] == ["initial commit"]
