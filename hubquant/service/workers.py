@@ -33,18 +33,31 @@ class WorkerOptions:
     version: int = 1
 
 
-def gpu_count() -> int:
-    """Visible CUDA GPUs (0 without CUDA). Asks nvidia-smi first so the parent never initialises CUDA."""
+def visible_gpus() -> list[str]:
+    """Ids of the CUDA GPUs this process may use ([] without CUDA): CUDA_VISIBLE_DEVICES when set, else
+    nvidia-smi's list. The parent never initialises CUDA itself (each worker does, on its own card)."""
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
     if vis is not None:
-        return len([v for v in vis.split(",") if v.strip() not in ("", "-1")])
+        ids = [v.strip() for v in vis.split(",")]
+        out = []
+        for v in ids:  # CUDA stops at the first invalid entry
+            if v in ("", "-1"):
+                break
+            out.append(v)
+        return out
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
         if out.returncode == 0:
-            return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+            listed = [ln for ln in out.stdout.splitlines() if ln.startswith("GPU ")]
+            return [str(i) for i in range(len(listed))]
     except (OSError, subprocess.TimeoutExpired):
         pass
-    return 0
+    return []
+
+
+def gpu_count() -> int:
+    """Number of visible CUDA GPUs (0 without CUDA)."""
+    return len(visible_gpus())
 
 
 def default_workers() -> int:
@@ -123,29 +136,37 @@ class WorkerPool:
     def __init__(self, db: str | Path, n: int | None = None, opts: WorkerOptions = WorkerOptions(),
                  env: dict[str, str] | None = None, log_dir: str | Path | None = None):
         self.db = str(db)
-        self.gpus = gpu_count()
+        self.gpu_ids = visible_gpus()
+        self.gpus = len(self.gpu_ids)
         self.n = n or max(1, self.gpus)
         self.opts = opts
         self.env = env or {}
         self.log_dir = Path(log_dir) if log_dir else None
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[int, subprocess.Popen] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.restarts = 0
 
-    def _spawn(self, idx: int) -> subprocess.Popen:
+    def command(self, idx: int) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment of worker `idx` (pinned to GPU idx % gpus when there are GPUs)."""
         name = f"{socket.gethostname()}-w{idx}"
         env = {**os.environ, **self.env}
         if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(idx % self.gpus)
+            env["CUDA_VISIBLE_DEVICES"] = self.gpu_ids[idx % self.gpus]
         cmd = [sys.executable, "-m", "hubquant.service.workers", "--db", self.db, "--id", name,
                "--lease", str(self.opts.lease_s), "--poll", str(self.opts.poll_s)]
+        return cmd, env
+
+    def _spawn(self, idx: int) -> subprocess.Popen:
+        cmd, env = self.command(idx)
         out = None
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the child)
+            out = open(self.log_dir / f"worker-{idx}.log", "ab")  # noqa: SIM115 (the child keeps it)
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
-        self.procs[name] = proc
+        if out:
+            out.close()
+        self.procs[idx] = proc
         return proc
 
     def start(self) -> "WorkerPool":
@@ -157,12 +178,11 @@ class WorkerPool:
 
     def _supervise(self) -> None:
         while not self._stop.wait(1.0):
-            for i, (name, proc) in enumerate(list(self.procs.items())):
+            for idx, proc in list(self.procs.items()):
                 if proc.poll() is not None and not self._stop.is_set():
-                    print(f"worker {name} exited with {proc.returncode}; restarting", file=sys.stderr, flush=True)
-                    del self.procs[name]
+                    print(f"worker {idx} exited with {proc.returncode}; restarting", file=sys.stderr, flush=True)
                     self.restarts += 1
-                    self._spawn(i)
+                    self._spawn(idx)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM every worker (a running job finishes its current step or is retried after its lease)."""
