@@ -30,9 +30,11 @@ def _provenance(repo_id: str) -> dict:
 
 def test_webhook_delivered_twice_gives_one_variant(publish_tiny, hub_env, tmp_path):
     repo, sha = publish_tiny(seed=1)
+    config = tmp_path / "service.toml"  # the conversion settings from a config file
+    config.write_text('methods = ["rtn"]\nschemes = ["W8A16"]\nnamespace = "alice"\nauthor = ["hubquant-org"]\n'
+                      '[options]\nskip_eval = true\n')
     svc = ServiceProcess(
-        ["--db", str(tmp_path / "svc.db"), "--workers", "1", "--methods", "rtn", "--schemes", "W8A16",
-         "--namespace", "alice", "--option", "skip_eval=true", "--author", "hubquant-org", "--lease", "30"],
+        ["--db", str(tmp_path / "svc.db"), "--workers", "1", "--config", str(config), "--lease", "30"],
         env={"HUBQUANT_WEBHOOK_SECRET": SECRET, "HUBQUANT_SERVICE_TOKEN": "tok"}, log_path=tmp_path / "svc.log")
     try:
         body = json.dumps(webhook_payload(repo, sha))
