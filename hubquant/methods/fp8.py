@@ -2,7 +2,8 @@
 
 Math (compressed-tensors' float observer): ``scale = amax / 448`` (448 = largest finite e4m3fn),
 ``q = (x / scale).clamp(-448, 448).to(float8_e4m3fn)``, ``dequant = q.float() * scale``.
-Weights are scaled per output channel (no calibration needed). Activations are quantized at run
+Weights are scaled per output channel (no calibration needed; per tensor with static activations, as
+compressed-tensors' FP8 static scheme says). Activations are quantized at run
 time per token (dynamic) or with one static ``input_scale`` per Linear measured on calibration text
 (``job.scheme.activations.dynamic = False``).
 
@@ -33,14 +34,21 @@ def fp8_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return scale.to(dtype)
 
 
-def fp8_quantize_weight(w: torch.Tensor, scheme: WeightScheme, *, scale_dtype: torch.dtype | None = None) -> QuantizedWeight:
-    """Per-output-channel e4m3 codes of `w` [out, in]: qweight float8_e4m3fn, scale [out, 1]."""
+def fp8_quantize_weight(w: torch.Tensor, scheme: WeightScheme, *, scale_dtype: torch.dtype | None = None,
+                        per_tensor: bool = False) -> QuantizedWeight:
+    """e4m3 codes of `w` [out, in]: qweight float8_e4m3fn, scale [out, 1] (per channel) or [1, 1] (per tensor).
+
+    compressed-tensors' FP8 static scheme uses per-tensor weight scales; the dynamic one per channel.
+    """
     if scheme.type != "float" or scheme.bits != 8 or scheme.group_size != -1:
         raise UsageError(
             f"FP8 needs 8-bit float per-channel weights, got {scheme}",
             hint="use the fp8 method's default scheme (--bits 8, no --group-size)",
         )
-    scale = fp8_scale(w.float().abs().amax(dim=1, keepdim=True), scale_dtype or w.dtype)
+    amax = w.float().abs().amax(dim=1, keepdim=True)
+    if per_tensor:
+        amax = amax.amax().reshape(1, 1)
+    scale = fp8_scale(amax, scale_dtype or w.dtype)
     return QuantizedWeight(qweight=_to_fp8(w, scale), scale=scale, zero_point=None, scheme=scheme)
 
 

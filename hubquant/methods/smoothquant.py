@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from hubquant.errors import UnsupportedError, UsageError
 from hubquant.methods.fp8 import FP8_MAX, fp8_fake_quant_per_token, fp8_fake_quant_static, fp8_quantize_weight
-from hubquant.modeling import decoder_layers, layers_prefix, model_dtype, quantizable_linears
+from hubquant.modeling import model_dtype, quantizable_linears
 from hubquant.quant import ActivationScheme, QuantizedWeight, QuantScheme, WeightScheme, rtn_quantize
 
 INT8_HALF_RANGE = 127.5  # compressed-tensors' symmetric scale: amax / ((2^8 - 1) / 2)
@@ -151,10 +151,10 @@ def static_input_scale(amax: torch.Tensor, act: ActivationScheme, dtype: torch.d
     return (amax.float().max().clamp(min=1e-8) / div).reshape(1).to(dtype)
 
 
-def quantize_weight(w: torch.Tensor, scheme: WeightScheme, dtype: torch.dtype) -> QuantizedWeight:
-    """Per-channel RTN weights: int8 codes, or e4m3 for float schemes; scales in `dtype`."""
+def quantize_weight(w: torch.Tensor, scheme: WeightScheme, dtype: torch.dtype, *, per_tensor: bool = False) -> QuantizedWeight:
+    """Per-channel RTN weights: int8 codes, or e4m3 for float schemes (optionally one per-tensor scale)."""
     if scheme.type == "float":
-        return fp8_quantize_weight(w, scheme, scale_dtype=dtype)
+        return fp8_quantize_weight(w, scheme, scale_dtype=dtype, per_tensor=per_tensor)
     return rtn_quantize(w, scheme, scale_dtype=dtype)
 
 
@@ -173,122 +173,169 @@ def group_output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Te
     return err
 
 
-# ---------------------------------------------------------------- calibration pass
-@torch.no_grad()
-def collect_activation_stats(model: nn.Module, calib: torch.Tensor, names: list[str], *, sample_for: set[str] = frozenset(),
-                             sample_tokens: int = 512, batch_size: int = 4, device: str = "cpu",
-                             progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per-input-channel absmax of every Linear in `names` over the calibration tokens.
+# ---------------------------------------------------------------- per-layer transforms
+@dataclass(frozen=True, kw_only=True)
+class SmoothConfig:
+    """SmoothQuant settings, read from ``job.options`` (see the module docstring)."""
 
-    Returns (absmax [in] float32 per name, sampled input rows [<=sample_tokens, in] for names in
-    `sample_for`). Rows are drawn uniformly with a fixed seed.
-    """
-    absmax: dict[str, torch.Tensor] = {}
-    samples: dict[str, list[torch.Tensor]] = {n: [] for n in sample_for}
-    n_batches = math.ceil(calib.shape[0] / batch_size)
-    per_batch = math.ceil(sample_tokens / n_batches)
-    gen = torch.Generator().manual_seed(0)
+    alpha: float | str = 0.5
+    smooth: str = "all"
+    alpha_grid: tuple[float, ...] = tuple(i / 10 for i in range(11))
+    search_tokens: int = 512
+    version: int = 1
 
-    def hook(name):
-        def fn(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            cur = x.abs().amax(dim=0).cpu()
-            absmax[name] = cur if name not in absmax else torch.maximum(absmax[name], cur)
-            if name in samples:
-                idx = torch.randperm(x.shape[0], generator=gen)[:per_batch]
-                samples[name].append(x[idx.to(x.device)].cpu())
-        return fn
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        for i in tqdm(range(0, calib.shape[0], batch_size), desc="calibrating activations", disable=not progress):
-            model(input_ids=calib[i:i + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return absmax, {n: torch.cat(v)[:sample_tokens] for n, v in samples.items() if v}
+    @classmethod
+    def from_options(cls, opts: dict) -> "SmoothConfig":
+        alpha = opts.get("alpha", 0.5)
+        if alpha != "search":
+            try:
+                alpha = float(alpha)
+            except (TypeError, ValueError):
+                alpha = -1.0
+            if not 0 <= alpha <= 1:
+                raise UsageError(f"alpha={opts.get('alpha')!r} is invalid", hint="use a number in [0, 1] or alpha=search")
+        grid = tuple(float(a) for a in opts.get("alpha_grid", cls.alpha_grid))
+        return cls(alpha=alpha, smooth=str(opts.get("smooth", "all")), alpha_grid=grid,
+                   search_tokens=int(opts.get("search_tokens", 512)))
 
 
-# ---------------------------------------------------------------- model transforms
 def _head_dims(model: nn.Module) -> tuple[int, int]:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return head_dim, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
+def _stats_hooks(names, sample_for, sample_tokens: int, n_batches: int):
+    """Input hooks that record per-channel absmax (and a seeded row sample for `sample_for`)."""
+    absmax: dict[str, torch.Tensor] = {}
+    samples: dict[str, list[torch.Tensor]] = {n: [] for n in sample_for}
+    per_batch = math.ceil(sample_tokens / max(n_batches, 1))
+    gen = torch.Generator().manual_seed(0)
+
+    def hook_for(name):
+        def fn(x):
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            cur = x2.abs().amax(dim=0).cpu()
+            absmax[name] = cur if name not in absmax else torch.maximum(absmax[name], cur)
+            if name in samples:
+                idx = torch.randperm(x2.shape[0], generator=gen)[:per_batch]
+                samples[name].append(x2[idx.to(x2.device)].cpu())
+        return fn
+
+    return {n: hook_for(n) for n in names}, absmax, samples
+
+
 @torch.no_grad()
-def smooth_model(model: nn.Module, absmax: dict[str, torch.Tensor], *, alpha: float | str = 0.5,
-                 smooth: str = "all", scheme: QuantScheme | None = None, samples: dict | None = None,
-                 alpha_grid: tuple[float, ...] = tuple(i / 10 for i in range(11)), progress: bool = True,
-                 ) -> dict[str, dict]:
-    """Fold SmoothQuant scales into `model` (in place) and update `absmax` to the smoothed inputs.
+def smooth_layer(layer: nn.Module, layer_name: str, absmax: dict[str, torch.Tensor], *, groups, style: str,
+                 head_dim: int, n_kv: int, alpha: float | str, scheme: QuantScheme | None = None,
+                 samples: dict | None = None, alpha_grid=(0.5,)) -> dict[str, float]:
+    """Fold SmoothQuant scales into one decoder layer (in place); update `absmax` to the smoothed inputs.
 
     Args:
-        model: a causal LM of an architecture in ``ARCHITECTURES``.
-        absmax: per-input-channel activation absmax keyed by Linear name (from calibration).
+        layer: the decoder layer. layer_name: its full module name (e.g. "model.layers.3").
+        absmax: per-input-channel activation absmax keyed by full Linear name (from calibration).
+        groups, style: from :func:`architecture_groups`.
+        head_dim, n_kv: attention geometry (to tie o_proj scales across query heads sharing a KV head).
         alpha: migration strength in [0, 1], or "search" (needs `scheme` and `samples`).
-        smooth: "all" or "norms" (see module docstring).
         scheme: the W8A8 scheme the search scores against.
-        samples: calibration input rows keyed by the first consumer's name (for the search).
+        samples: calibration input rows keyed by each group's first consumer (for the search).
         alpha_grid: alphas the search tries.
-        progress: show a progress bar.
 
     Returns:
-        {producer module name: {"alpha": a, "consumers": [...]}} for every group smoothed.
+        {producer full name: alpha used} for every group smoothed.
+    """
+    used = {}
+    for g in groups:
+        cnames = [f"{layer_name}.{c}" for c in g.consumers]
+        if any(c not in absmax for c in cnames):
+            continue  # a consumer is not quantized (ignored): leave this group alone
+        producer = layer.get_submodule(g.producer)
+        consumers = [layer.get_submodule(c) for c in g.consumers]
+        act = absmax[cnames[0]]
+        for c in cnames[1:]:
+            act = torch.maximum(act, absmax[c])
+        dev = consumers[0].weight.device
+        wmax = torch.stack([c.weight.detach().float().abs().amax(dim=0) for c in consumers]).amax(dim=0).cpu()
+        gqa = isinstance(producer, nn.Linear) and producer.out_features != consumers[0].in_features
+        if gqa:  # v_proj -> o_proj with grouped KV heads: one scale per KV channel
+            act_k = _kv_view(act, n_kv, head_dim).amax(dim=1).reshape(-1)
+            w_k = _kv_view(wmax, n_kv, head_dim).amax(dim=1).reshape(-1)
+            n_rep = consumers[0].in_features // producer.out_features
+        else:
+            act_k, w_k, n_rep = act, wmax, 1
+
+        def expand(s_k):
+            return s_k.reshape(n_kv, 1, head_dim).expand(n_kv, n_rep, head_dim).reshape(-1) if gqa else s_k
+
+        a = alpha
+        if alpha == "search":
+            x = samples[cnames[0]].to(dev)
+            ws = [c.weight.detach().float() for c in consumers]
+            errs = {ga: group_output_error(x, ws, expand(smoothing_scales(act_k, w_k, ga)).to(dev), scheme, act.to(dev))
+                    for ga in alpha_grid}
+            a = min(errs, key=errs.get)
+        s_k = smoothing_scales(act_k, w_k, a).to(dev)
+        s = expand(s_k)
+        if isinstance(producer, nn.Linear):
+            fold_into_linear_rows(producer, s_k)
+        else:
+            fold_into_norm(producer, s_k, style)
+        for c in consumers:
+            scale_linear_columns(c, s)
+        for c in cnames:
+            absmax[c] = (absmax[c].double() / s.cpu()).float()
+        used[f"{layer_name}.{g.producer}"] = float(a)
+    return used
+
+
+def _layer_stats(work, names: list[str], sample_for: set[str], sample_tokens: int):
+    hooks, absmax, samples = _stats_hooks(names, sample_for, sample_tokens, len(work.inputs))
+    work.forward(hooks=hooks)
+    return absmax, {n: torch.cat(v)[:sample_tokens] for n, v in samples.items() if v}
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, calib: torch.Tensor, *, config: SmoothConfig = SmoothConfig(),
+                 scheme: QuantScheme | None = None, ignore=("lm_head",), device: str = "cpu",
+                 progress: bool = True) -> dict[str, float]:
+    """Smooth `model` in place without quantizing it (its float function is unchanged up to rounding).
+
+    Runs the layer-sequential engine over `calib` (LongTensor [n, seq]); `scheme` is needed only for
+    ``alpha="search"``. Returns {producer name: alpha used}.
 
     Raises:
-        UnsupportedError: unknown architecture. UsageError: bad alpha.
+        UnsupportedError: architecture without a smoothing map. UsageError: bad options.
     """
-    groups, style = architecture_groups(model, smooth=smooth)
-    if alpha != "search" and not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
-        raise UsageError(f"alpha={alpha!r} is invalid", hint="use a number in [0, 1] or alpha=search")
-    prefix = layers_prefix(model)
+    from hubquant.engine import run_layers
+
+    groups, style = architecture_groups(model, smooth=config.smooth)
     head_dim, n_kv = _head_dims(model)
-    record = {}
-    for li, _layer in enumerate(tqdm(decoder_layers(model), desc="smoothing", disable=not progress)):
-        for g in groups:
-            pname = f"{prefix}.{li}.{g.producer}"
-            cnames = [f"{prefix}.{li}.{c}" for c in g.consumers]
-            if any(c not in absmax for c in cnames):
-                continue  # a consumer is not quantized (ignored): leave this group alone
-            producer = model.get_submodule(pname)
-            consumers = [model.get_submodule(c) for c in cnames]
-            act = absmax[cnames[0]]
-            for c in cnames[1:]:
-                act = torch.maximum(act, absmax[c])
-            wmax = torch.stack([c.weight.detach().float().abs().amax(dim=0) for c in consumers]).amax(dim=0)
-            gqa = isinstance(producer, nn.Linear) and producer.out_features != consumers[0].in_features
-            if gqa:  # v_proj -> o_proj with grouped KV heads: one scale per KV channel
-                act_k = _kv_view(act, n_kv, head_dim).amax(dim=1).reshape(-1)
-                w_k = _kv_view(wmax, n_kv, head_dim).amax(dim=1).reshape(-1)
-            else:
-                act_k, w_k = act, wmax
+    used: dict[str, float] = {}
 
-            def expand(s_k):
-                if not gqa:
-                    return s_k
-                n_rep = consumers[0].in_features // producer.out_features
-                return s_k.reshape(n_kv, 1, head_dim).expand(n_kv, n_rep, head_dim).reshape(-1)
+    def on_layer(work):
+        names = list(work.linears)
+        first = {f"{work.name}.{g.consumers[0]}" for g in groups} & set(names) if config.alpha == "search" else set()
+        absmax, samples = _layer_stats(work, names, first, config.search_tokens)
+        used.update(smooth_layer(work.layer, work.name, absmax, groups=groups, style=style, head_dim=head_dim,
+                                 n_kv=n_kv, alpha=config.alpha, scheme=scheme, samples=samples,
+                                 alpha_grid=config.alpha_grid))
 
-            a = alpha
-            if alpha == "search":
-                x = samples[cnames[0]]
-                ws = [c.weight.detach().float() for c in consumers]
-                errs = {g_a: group_output_error(x, ws, expand(smoothing_scales(act_k, w_k, g_a)), scheme, act)
-                        for g_a in alpha_grid}
-                a = min(errs, key=errs.get)
-            s_k = smoothing_scales(act_k, w_k, a)
-            s = expand(s_k)
-            if isinstance(producer, nn.Linear):
-                fold_into_linear_rows(producer, s_k)
-            else:
-                fold_into_norm(producer, s_k, style)
-            for c in consumers:
-                scale_linear_columns(c, s)
-            for c in cnames:
-                absmax[c] = (absmax[c].double() / s).float()
-            record[pname] = {"alpha": float(a), "consumers": g.consumers}
-    return record
+    run_layers(model, calib, on_layer=on_layer, device=device, ignore=ignore, rerun=False, progress=progress,
+               desc="smoothing")
+    return used
+
+
+def _attach(model: nn.Module, quantized: dict[str, QuantizedWeight], act: ActivationScheme) -> None:
+    for name, qw in quantized.items():
+        mod = model.get_submodule(name)
+        old = mod.__dict__.pop("_hubquant_act_quant", None)
+        if old is not None:
+            old.remove()
+
+        def hook(_mod, args, _scale=qw.input_scale):
+            return (activation_fake_quant(args[0], act, _scale),) + tuple(args[1:])
+
+        mod._hubquant_act_quant = mod.register_forward_pre_hook(hook)
 
 
 def attach_activation_quant(model: nn.Module, quantized: dict[str, QuantizedWeight], act: ActivationScheme) -> int:
@@ -299,17 +346,8 @@ def attach_activation_quant(model: nn.Module, quantized: dict[str, QuantizedWeig
     :func:`detach_activation_quant`. Returns the number of hooks attached.
     """
     detach_activation_quant(model)
-    n = 0
-    for name, qw in quantized.items():
-        mod = model.get_submodule(name)
-        scale = qw.input_scale
-
-        def hook(_mod, args, _scale=scale):
-            return (activation_fake_quant(args[0], act, _scale),) + tuple(args[1:])
-
-        mod._hubquant_act_quant = mod.register_forward_pre_hook(hook)
-        n += 1
-    return n
+    _attach(model, quantized, act)
+    return len(quantized)
 
 
 def detach_activation_quant(model: nn.Module) -> int:
@@ -324,7 +362,7 @@ def detach_activation_quant(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------- methods
-def _check_scheme(scheme: QuantScheme, float_weights: bool | None = None) -> None:
+def _check_scheme(scheme: QuantScheme) -> None:
     w, a = scheme.weights, scheme.activations
     if w.bits != 8 or w.group_size != -1 or not w.symmetric or a is None:
         raise UsageError(
@@ -336,50 +374,68 @@ def _check_scheme(scheme: QuantScheme, float_weights: bool | None = None) -> Non
                          hint="use dynamic per-token or static per-tensor activations")
 
 
+def _quantize_linear(name: str, lin: nn.Linear, scheme: QuantScheme, dtype, absmax=None) -> QuantizedWeight:
+    act = scheme.activations
+    static = not act.dynamic
+    qw = quantize_weight(lin.weight.data, scheme.weights, dtype, per_tensor=static and scheme.weights.type == "float")
+    if static:
+        if absmax is None:
+            raise UnsupportedError(f"no calibration statistics for {name} (outside the decoder layers)",
+                                   hint=f"add --ignore {name}, or use dynamic activations")
+        qw.input_scale = static_input_scale(absmax, act, dtype)
+    lin.weight.data = qw.dequantize(lin.weight.dtype).to(lin.weight.device)
+    return qw
+
+
 @torch.no_grad()
 def quantize_w8a8(model: nn.Module, job, *, smooth: bool) -> dict[str, QuantizedWeight]:
-    """The shared W8A8 flow (int8 or fp8 as `job.scheme` says), with or without smoothing."""
+    """The shared W8A8 flow (int8 or fp8 as `job.scheme` says), with or without smoothing.
+
+    With calibration (smoothing or static scales) it runs layer by layer through the engine: collect
+    input ranges, smooth, quantize, and rerun the layer so the next one calibrates on quantized inputs.
+    """
+    from hubquant.engine import run_layers
+
     scheme = job.scheme
     _check_scheme(scheme)
     act = scheme.activations
     linears = quantizable_linears(model, job.ignore)
     dtype = model_dtype(model)
     opts = dict(job.options or {})
-    alpha = opts.get("alpha", 0.5)
-    if isinstance(alpha, str) and alpha != "search":
-        alpha = float(alpha)
-    needs_stats = smooth or not act.dynamic
-    if needs_stats and job.calib is None:
-        raise UsageError("this method needs calibration data (smoothing or static activation scales)",
-                         hint="pass calibration text (--calib-dataset) or use dynamic activations")
-    absmax, record = {}, {}
-    if needs_stats:
-        sample_for = set()
-        if smooth and alpha == "search":
-            groups, _ = architecture_groups(model, smooth=opts.get("smooth", "all"))
-            prefix = layers_prefix(model)
-            sample_for = {f"{prefix}.{i}.{g.consumers[0]}" for i in range(len(decoder_layers(model))) for g in groups}
-            sample_for &= set(linears)
-        absmax, samples = collect_activation_stats(
-            model, job.calib, list(linears), sample_for=sample_for, sample_tokens=int(opts.get("search_tokens", 512)),
-            batch_size=int(opts.get("batch_size", 4)), device=job.device, progress=job.progress)
-        if smooth:
-            grid = tuple(float(a) for a in opts.get("alpha_grid", [i / 10 for i in range(11)]))
-            record = smooth_model(model, absmax, alpha=alpha, smooth=opts.get("smooth", "all"), scheme=scheme,
-                                  samples=samples, alpha_grid=grid, progress=job.progress)
-    quantized = {}
-    for name, lin in tqdm(linears.items(), desc="quantizing", disable=not job.progress):
-        qw = quantize_weight(lin.weight.data, scheme.weights, dtype)
-        if not act.dynamic:
-            qw.input_scale = static_input_scale(absmax[name], act, dtype)
-        if record:
-            qw.extra["smoothquant"] = True
-        lin.weight.data = qw.dequantize(lin.weight.dtype).to(lin.weight.device)
-        quantized[name] = qw
+    cfg = SmoothConfig.from_options(opts) if smooth else None
+    quantized: dict[str, QuantizedWeight] = {}
+    used: dict[str, float] = {}
+    if smooth or not act.dynamic:
+        if job.calib is None:
+            raise UsageError("this method needs calibration data (smoothing or static activation scales)",
+                             hint="pass calibration text (--calib-dataset) or use dynamic activations")
+        groups, style = architecture_groups(model, smooth=cfg.smooth) if smooth else ((), "rms")
+        head_dim, n_kv = _head_dims(model)
+
+        def on_layer(work):
+            names = [n for n in work.linears if n in linears]
+            first = set()
+            if smooth and cfg.alpha == "search":
+                first = {f"{work.name}.{g.consumers[0]}" for g in groups} & set(names)
+            absmax, samples = _layer_stats(work, names, first, cfg.search_tokens if cfg else 0)
+            if smooth:
+                used.update(smooth_layer(work.layer, work.name, absmax, groups=groups, style=style, head_dim=head_dim,
+                                         n_kv=n_kv, alpha=cfg.alpha, scheme=scheme, samples=samples,
+                                         alpha_grid=cfg.alpha_grid))
+            layer_q = {n: _quantize_linear(n, linears[n], scheme, dtype, absmax.get(n)) for n in names}
+            _attach(model, layer_q, act)  # the rerun feeds quantized outputs to the next layer
+            quantized.update(layer_q)
+
+        run_layers(model, job.calib, on_layer=on_layer, device=job.device, ignore=job.ignore, rerun=True,
+                   progress=job.progress, desc="smoothquant" if smooth else "w8a8 calibration",
+                   tokens_per_batch=int(opts.get("tokens_per_batch", 16384)))
+    for name in tqdm([n for n in linears if n not in quantized], desc="quantizing", disable=not job.progress):
+        quantized[name] = _quantize_linear(name, linears[name], scheme, dtype)
     attach_activation_quant(model, quantized, act)
-    if record:
-        alphas = sorted({r["alpha"] for r in record.values()})
-        model._hubquant_smoothquant = {"alpha": alpha, "alphas_used": alphas, "groups": len(record)}
+    if smooth:
+        for qw in quantized.values():
+            qw.extra["smoothquant"] = {"alpha": cfg.alpha, "smooth": cfg.smooth}
+        model._hubquant_smoothquant = {"alpha": cfg.alpha, "smooth": cfg.smooth, "alphas_used": used}
     return quantized
 
 
