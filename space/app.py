@@ -4,6 +4,7 @@ Run locally with `hubquant space` (against HF_ENDPOINT), or as a Hugging Face Sp
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -18,8 +19,8 @@ import hubquant  # noqa: E402,F401  (Hub environment before huggingface_hub is i
 import gradio as gr  # noqa: E402
 
 from hqspace.compare import METRICS, PanelResult, metrics_markdown, run_comparison, tradeoff_plot  # noqa: E402
-from hqspace.discover import ModelEntry, describe, find_bases, find_variants  # noqa: E402
-from hqspace.jobs import ConvertRequest, JobRunner, preflight  # noqa: E402
+from hqspace.discover import describe, find_bases, find_variants  # noqa: E402
+from hqspace.jobs import ConvertRequest, JobRunner, error_kind, preflight  # noqa: E402
 from hqspace.runner import ModelCache, download, load_model  # noqa: E402
 
 from hubquant.errors import HubquantError  # noqa: E402
@@ -56,18 +57,6 @@ def _error_md(kind: str, e: HubquantError) -> str:
     return f"**{kind}:** {e.message}" + (f"  \n**Fix:** {e.hint}" if e.hint else "")
 
 
-def _kind(e: HubquantError) -> str:
-    from hubquant.errors import AuthError, NotFoundError, UnsupportedError
-
-    if isinstance(e, AuthError):
-        return "Gated" if "gated" in e.message else "Unauthorized"
-    if isinstance(e, UnsupportedError):
-        return "Unsupported"
-    if isinstance(e, NotFoundError):
-        return "Not found"
-    return "Error"
-
-
 def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = None, max_new_tokens: int = 64,
               on_space: bool | None = None, job_runner: JobRunner | None = None) -> gr.Blocks:
     """The Blocks app with the Compare and Convert tabs.
@@ -94,7 +83,7 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
         try:
             found = find_variants(_api(), base)
         except HubquantError as e:
-            return gr.CheckboxGroup(choices=[], value=[]), _error_md(_kind(e), e)
+            return gr.CheckboxGroup(choices=[], value=[]), _error_md(error_kind(e), e)
         except Exception as e:  # Hub unreachable etc.: say so on the page
             return gr.CheckboxGroup(choices=[], value=[]), f"**Error:** cannot list models: {e}"
         choices = [(e.label, e.repo_id) for e in found]
@@ -115,14 +104,13 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
         for i in range(MAX_PANELS):
             if i < len(panels):
                 p = panels[i]
-                updates.append(gr.Textbox(label=p.entry.repo_id, value=p.text, visible=True))
-                updates.append(gr.Markdown(value=metrics_markdown(p), visible=True))
+                updates.append(gr.Column(visible=True))
+                updates.append(gr.Textbox(label=p.entry.repo_id, value=p.text))
+                updates.append(gr.Markdown(value=metrics_markdown(p)))
             else:
-                updates.append(gr.Textbox(visible=False, value=""))
-                updates.append(gr.Markdown(visible=False, value=""))
-        rows = [[p.entry.repo_id] + [getattr(p, attr) for _, attr, _, _ in METRICS] for p in panels]
-        table = [[None if isinstance(v, float) and v != v else (round(v, 4) if isinstance(v, float) else v)
-                  for v in row] for row in rows]
+                updates += [gr.Column(visible=False), gr.Textbox(value=""), gr.Markdown(value="")]
+        table = [[p.entry.repo_id] + [None if getattr(p, attr) is None else float(fmt.format(getattr(p, attr)))
+                                      for _, attr, _, fmt in METRICS] for p in panels]
         return [status, *updates, table, plot]
 
     def compare(base: str, variants: list[str], prompt: str, n_tokens: float):
@@ -136,11 +124,11 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
             found = [describe(api, v, base=base) for v in variants]
             base_entry = describe(api, base)
         except HubquantError as e:
-            yield _outputs([], _error_md(_kind(e), e))
+            yield _outputs([], _error_md(error_kind(e), e))
             return
         base_ppl = next((v.base_perplexity for v in found if v.base_perplexity is not None), None)
         if base_entry.perplexity is None and base_ppl is not None:
-            base_entry = ModelEntry(**{**base_entry.__dict__, "perplexity": base_ppl})
+            base_entry = dataclasses.replace(base_entry, perplexity=base_ppl)
         entries = [base_entry, *found]
         t0 = time.perf_counter()
         panels: list[PanelResult] = []
@@ -150,14 +138,18 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
                 status = f"{busy.status} {busy.entry.repo_id}…" if busy and busy.status == "loading" else "generating…"
                 yield _outputs(panels, status)
         except HubquantError as e:
-            yield _outputs(panels, _error_md(_kind(e), e))
+            yield _outputs(panels, _error_md(error_kind(e), e))
             return
+        except Exception as e:  # show any other failure on the page instead of a bare "Error" toast
+            yield _outputs(panels, f"**Error:** {type(e).__name__}: {e}")
+            raise
         done = f"Done in {time.perf_counter() - t0:.1f} s: {len(entries)} models, greedy, {int(n_tokens)} new tokens at most."
         yield _outputs(panels, done, tradeoff_plot(panels))
 
     # ---- Convert -------------------------------------------------------------------------------
-    def convert(model_id: str, methods: list[str], scheme: str, token_text: str,
-                oauth_token: Optional[gr.OAuthToken] = None):  # noqa: UP045 (gradio matches this hint)
+    def convert(model_id: str, methods: list[str], scheme: str, evaluate: bool, token_text: str,
+                oauth_token: Optional[gr.OAuthToken] = None,  # noqa: UP045 (gradio matches this hint)
+                progress=gr.Progress()):
         model_id = (model_id or "").strip()
         if not model_id or not methods:
             yield "Enter a model id and pick at least one method.", "", ""
@@ -167,15 +159,16 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
         try:
             user = preflight(api, model_id, token)
         except HubquantError as e:
-            yield _error_md(_kind(e), e), "", ""
+            yield _error_md(error_kind(e), e), "", ""
             return
         bits, group = SCHEMES.get(scheme, (None, None))
         job = jobs.submit(ConvertRequest(repo_id=model_id, methods=tuple(methods), bits=bits, group_size=group,
-                                         token=token, user=user))
+                                         token=token, user=user, evaluate=bool(evaluate)))
         while True:
             finished = job.state in ("done", "failed")
+            progress(job.progress, desc=f"{job.state}: {job.stage}" if job.stage else job.state)
             status = (f"Job {job.id} for {user}: **{job.state}** · {job.methods_done}/{len(job.request.methods)} "
-                      f"methods · {job.elapsed:.0f} s")
+                      f"methods · {100 * job.progress:.0f}% · {job.elapsed:.0f} s")
             links = ""
             if job.results:
                 links = "\n".join(
@@ -184,7 +177,8 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
                     for r in job.results)
                 links = "New repos:\n" + links
             if job.state == "failed":
-                status = f"**Failed:** {job.error}" + (f"  \n**Fix:** {job.hint}" if job.hint else "") + f"  \n{status}"
+                status = (f"**{job.error_kind or 'Error'}:** {job.error}" + (f"  \n**Fix:** {job.hint}" if job.hint else "")
+                          + f"  \n{status}")
             yield status, "\n".join(job.lines[-400:]), links
             if finished:
                 return
@@ -207,11 +201,11 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
             panel_components = []
             with gr.Row(equal_height=False):
                 for i in range(MAX_PANELS):
-                    with gr.Column(min_width=220):
+                    with gr.Column(min_width=220, visible=False, variant="panel") as col:
                         out = gr.Textbox(label=f"model {i + 1}", lines=8, max_lines=16, interactive=False,
-                                         visible=False, elem_id=f"panel-{i}", elem_classes="panel-out")
-                        met = gr.Markdown(visible=False, elem_id=f"metrics-{i}")
-                        panel_components += [out, met]
+                                         elem_id=f"panel-{i}", elem_classes="panel-out")
+                        met = gr.Markdown(elem_id=f"metrics-{i}")
+                        panel_components += [col, out, met]
             headers = ["model"] + [f"{label} ({unit})" if unit else label for label, _, unit, _ in METRICS]
             table = gr.Dataframe(headers=headers, label="Metrics", interactive=False, elem_id="metrics-table")
             plot = gr.Plot(label="Size vs quality vs speed")
@@ -232,13 +226,16 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
             model_box = gr.Textbox(label="Model", placeholder="org/name", value="")
             with gr.Row():
                 methods = gr.CheckboxGroup(label="Methods", choices=_methods(), value=["rtn"])
-                scheme = gr.Dropdown(label="Scheme", choices=list(SCHEMES), value="method default")
+                scheme = gr.Dropdown(label="Scheme", choices=list(SCHEMES), value="method default",
+                                     info="applies to weight-only methods (rtn, gptq, awq)")
+            evaluate = gr.Checkbox(label="Measure perplexity against the base (slower; shown on the card)", value=True)
             convert_btn = gr.Button("Convert", variant="primary")
             job_status = gr.Markdown(elem_id="convert-status")
             job_links = gr.Markdown(elem_id="convert-links")
             job_log = gr.Textbox(label="Log", lines=14, max_lines=30, interactive=False, autoscroll=True)
-            convert_btn.click(convert, [model_box, methods, scheme, token_box], [job_status, job_log, job_links],
-                              concurrency_limit=4, concurrency_id="convert")
+            convert_btn.click(convert, [model_box, methods, scheme, evaluate, token_box],
+                              [job_status, job_log, job_links], concurrency_limit=4, concurrency_id="convert",
+                              show_progress_on=[job_status])
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo
 

@@ -126,8 +126,10 @@ def describe(api, repo_id: str, *, base: str | None = None) -> ModelEntry:
     if _provenance_base(meta):
         declared.append(_provenance_base(meta))
     return ModelEntry(
-        repo_id=repo_id, base=base, method=meta.get("method"), scheme=_scheme_name(meta),
-        perplexity=ppl, base_perplexity=_base_perplexity_from_provenance(meta), size_bytes=size, sha=info.sha, declared_bases=tuple(dict.fromkeys(declared)),
+        repo_id=repo_id, base=base, method=meta.get("method") or (meta.get("settings") or {}).get("method"),
+        scheme=_scheme_name(meta),
+        perplexity=ppl, base_perplexity=_base_perplexity_from_provenance(meta), size_bytes=size, sha=info.sha,
+        declared_bases=tuple(dict.fromkeys(declared)),
     )
 
 

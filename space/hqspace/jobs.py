@@ -8,15 +8,32 @@ import contextlib
 import itertools
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
-from hubquant.errors import AuthError, HubquantError, NotFoundError
+from hubquant.errors import AuthError, HubquantError, NotFoundError, UnsupportedError
 
 _ENV_LOCK = threading.Lock()
+# what hubquant.convert logs as it passes each stage, in order (the progress bar follows these)
+STAGES = ("downloading", "loaded", "calibration:", "base perplexity", "quantized", "variant perplexity", "wrote",
+          "pushing", "pushed")
+
+
+def error_kind(e: HubquantError) -> str:
+    """The heading a person reads first: Gated, Unauthorized, Unsupported, Not found or Error."""
+    if isinstance(e, AuthError):
+        return "Gated" if "gated" in e.message else "Unauthorized"
+    if isinstance(e, UnsupportedError):
+        return "Unsupported"
+    if isinstance(e, NotFoundError):
+        return "Not found"
+    return "Error"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +46,8 @@ class ConvertRequest:
     group_size: int | None = None
     token: str | None = None
     user: str | None = None
+    evaluate: bool = True
+    eval_windows: int = 8
 
 
 @dataclass
@@ -39,14 +58,20 @@ class Job:
     lines: list[str] = field(default_factory=list)
     results: list[dict] = field(default_factory=list)
     error: str | None = None
+    error_kind: str | None = None
     hint: str | None = None
     started: float | None = None
     finished: float | None = None
     methods_done: int = 0
+    stage: str = ""
+    stage_index: int = -1  # of STAGES, within the method being converted
 
     def log(self, msg: str) -> None:
         for line in str(msg).splitlines() or [""]:
             self.lines.append(line)
+            for i, prefix in enumerate(STAGES):
+                if line.startswith(prefix) and i > self.stage_index:
+                    self.stage_index, self.stage = i, prefix.rstrip(":")
 
     @property
     def elapsed(self) -> float:
@@ -56,8 +81,10 @@ class Job:
 
     @property
     def progress(self) -> float:
-        """Fraction of the requested methods finished."""
-        return self.methods_done / max(1, len(self.request.methods))
+        """Fraction done: finished methods plus the stage the current one has reached."""
+        n = max(1, len(self.request.methods))
+        current = 0.0 if self.state != "running" else (self.stage_index + 1) / len(STAGES)
+        return min(1.0, (self.methods_done + current) / n)
 
 
 @contextlib.contextmanager
@@ -109,29 +136,56 @@ def preflight(api, repo_id: str, token: str | None) -> str:
 
 
 def _can_read(api, repo_id: str, token: str) -> bool:
-    from huggingface_hub import hf_hub_download
+    # a HEAD on a file: unlike hf_hub_download it never answers from the local cache
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 
     try:
-        hf_hub_download(repo_id, "config.json", token=token, endpoint=api.endpoint)
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json", endpoint=api.endpoint), token=token)
         return True
     except (GatedRepoError, HfHubHTTPError):
         return False
+
+
+def scheme_overrides(method: str, bits: int | None, group_size: int | None) -> dict:
+    """The bits/group_size to pass for `method`, or {} where the method has a scheme of its own.
+
+    FP8 and bitsandbytes methods have one fixed scheme; W8A8 methods quantize weights to 8 bits only.
+    """
+    from hubquant.methods import get_method
+
+    scheme = get_method(method).default_scheme
+    if bits is None or scheme.weights.type == "float" or method.startswith("bnb-"):
+        return {}
+    if scheme.activations is not None and bits != 8:
+        return {}
+    out = {"bits": bits}
+    if group_size is not None:
+        out["group_size"] = group_size
+    return out
 
 
 def default_convert(request: ConvertRequest, method: str, log: Callable[[str], None]) -> dict:
     """Run hubquant.convert for one method and push to the user's namespace."""
     from hubquant.convert import ConvertOptions, convert
 
-    kw = {"repo_id": request.repo_id, "method": method, "push": True}
-    if request.bits is not None:
-        kw["bits"] = request.bits
-    if request.group_size is not None:
-        kw["group_size"] = request.group_size
+    over = scheme_overrides(method, request.bits, request.group_size)
+    if request.bits is not None and not over:
+        log(f"note: {method} has a scheme of its own; the chosen scheme applies to weight-only methods")
+    opts = ConvertOptions(repo_id=request.repo_id, method=method, push=True, progress=False,
+                          skip_eval=not request.evaluate, eval_windows=request.eval_windows, **over)
     with hub_token(request.token):
-        res = convert(ConvertOptions(**kw), log=log)
+        res = convert(opts, log=log)
+    _remove_temp_output(Path(res.out_dir))
     return {"method": method, "target_repo": res.target_repo, "commit_url": res.commit_url,
             "skipped": bool(res.skipped), "metrics": dict(res.metrics or {})}
+
+
+def _remove_temp_output(out_dir: Path) -> None:
+    """convert() writes into a fresh temp folder when no output_dir is given; a long-running Space drops it."""
+    parent = out_dir.parent
+    if parent.name.startswith("hubquant-") and parent.parent == Path(tempfile.gettempdir()):
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 class JobRunner:
@@ -162,14 +216,16 @@ class JobRunner:
             try:
                 for method in job.request.methods:
                     job.log(f"== {method}: converting {job.request.repo_id} ==")
+                    job.stage_index, job.stage = -1, "starting"
                     job.results.append(self._convert(job.request, method, job.log))
                     job.methods_done += 1
                 job.state = "done"
             except HubquantError as e:
                 job.error, job.hint, job.state = e.message, e.hint, "failed"
+                job.error_kind = error_kind(e)
                 job.log(f"error: {e.message}" + (f"\n  fix: {e.hint}" if e.hint else ""))
             except Exception as e:  # an unexpected failure still ends the job with a readable message
-                job.error, job.state = f"{type(e).__name__}: {e}", "failed"
+                job.error, job.error_kind, job.state = f"{type(e).__name__}: {e}", "Error", "failed"
                 job.log("".join(traceback.format_exception_only(type(e), e)).strip())
             finally:
                 job.finished = time.time()

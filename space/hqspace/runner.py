@@ -76,9 +76,10 @@ def load_model(path: Path, repo_id: str) -> LoadedModel:
         from hubquant.runtime import load as hq_load  # the kernels' loader, where it exists
     except ImportError:
         hq_load = None
+    tok = None
     if hq_load is not None:
         try:
-            model = hq_load(str(path))
+            model, tok = hq_load(str(path), device="cpu", progress=False, log=lambda _msg: None)
             loader = "hubquant.load"
         except UnsupportedError:
             model = None
@@ -91,7 +92,10 @@ def load_model(path: Path, repo_id: str) -> LoadedModel:
             raise UnsupportedError(f"cannot load {repo_id}: {str(e).splitlines()[0][:200]}",
                                    hint="pick a variant in a format transformers loads on CPU (compressed-tensors)") from e
     model.eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    if tok is None:
+        tok = AutoTokenizer.from_pretrained(path)
+    with torch.inference_mode():  # first-call costs (weight unpacking, kernel setup) belong to loading
+        model(input_ids=torch.tensor([[tok.eos_token_id or 0] * 4]))
     return LoadedModel(repo_id=repo_id, model=model, tokenizer=tok, memory_bytes=module_bytes(model),
                        disk_bytes=folder_weight_bytes(path), load_seconds=time.perf_counter() - t0, loader=loader)
 
