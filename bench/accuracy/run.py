@@ -1,0 +1,166 @@
+"""Accuracy benchmark: SmolLM2-135M-Instruct, float vs RTN vs GPTQ vs AWQ (hubquant) vs llm-compressor's
+GPTQModifier and AWQModifier, same calibration windows and evaluation windows for everyone, each run in a
+fresh process, one after another. Writes docs/accuracy.md and docs/img/accuracy.png.
+
+    python bench/accuracy/run.py                 # W4 g64 and W3 g64
+    python bench/accuracy/run.py --bits 4        # W4 only
+Environment: LLMC_PYTHON (default /work/venvs/llmc/bin/python), BENCH_THREADS (default 1; every run gets the same).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+CALIB = ("fortunes", 32, 512)  # source, samples, tokens
+EVAL_WINDOWS, EVAL_LEN = 32, 512
+
+
+def prepare(work: Path, model_dir: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from hubquant.calibration import build_calibration, check_disjoint
+    from hubquant.textdata import load_texts
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    calib = build_calibration(tok, spec=CALIB[0], num_samples=CALIB[1], seq_len=CALIB[2], seed=0)
+    ev = load_texts("lee-news")
+    check_disjoint(calib, ev)
+    flat = []
+    for ids in tok(list(ev.texts), add_special_tokens=False)["input_ids"]:
+        flat += ids + [tok.eos_token_id]
+    n_win = len(flat) // EVAL_LEN
+    step = max(1, n_win // EVAL_WINDOWS)  # windows spread over the whole corpus
+    data = torch.tensor(flat)
+    eval_ids = torch.stack([data[i * EVAL_LEN:(i + 1) * EVAL_LEN] for i in range(0, n_win, step)][:EVAL_WINDOWS])
+    torch.save(calib.ids, work / "calib_ids.pt")
+    torch.save(eval_ids, work / "eval_ids.pt")
+    return {"calib": calib.description, "eval": f"{ev.description}: {eval_ids.shape[0]} x {EVAL_LEN} tokens"}
+
+
+def run_one(cmd: list[str], env: dict) -> dict:
+    t = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.time() - t
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:200], "process_s": wall}
+    res = json.loads(lines[-1])
+    res["process_s"] = wall
+    return res
+
+
+def write_report(rows: list[dict], meta: dict, out_md: Path, out_png: Path) -> None:
+    lines = [
+        "# Accuracy: hubquant GPTQ/AWQ vs RTN vs llm-compressor on SmolLM2-135M-Instruct",
+        "",
+        f"Measured {meta['date']} on {meta['machine']} by `python bench/accuracy/run.py`.",
+        "",
+        f"- Model: SmolLM2-135M-Instruct from `hubquant.assets.smollm2_dir()` (bf16; its weights carry Q4_1 rounding "
+        "from the GGUF they were rebuilt from), loaded in bf16 by every run.",
+        f"- Calibration (same token windows for every method): {meta['calib']}.",
+        f"- Evaluation (checked disjoint from the calibration text): {meta['eval']}; perplexity of the in-memory "
+        "quantized model (dequantized weights, bf16 compute).",
+        f"- Every run is a fresh process with {meta['threads']} CPU thread(s) (OMP_NUM_THREADS); the 2 cores were shared "
+        "with other jobs, so wall times carry noise.",
+        "- llm-compressor 0.14.0.1 (its own venv: torch 2.13.0 CPU, transformers 5.17, compressed-tensors 0.19): "
+        "GPTQModifier (actorder static, block 128, dampening 0.01, symmetric) and AWQModifier (duo scaling, grid 20) + "
+        "QuantizationModifier (asymmetric). On this CPU-only machine its AWQ calls `Tensor.pin_memory()`, which fails "
+        "without CUDA; the harness replaces `torch.Tensor.pin_memory` with the identity.",
+        "- hubquant: GPTQ (actorder static groups, block 128, damp 0.01, symmetric), AWQ (duo scaling, grid 20, clip "
+        "search, asymmetric), RTN min-max (GPTQ/RTN symmetric, AWQ asymmetric).",
+        "- `quantize s`: load + calibrate + quantize + save; `process s`: the whole process including imports and "
+        "the perplexity run; `peak RSS`: the process's maximum resident memory.",
+        "",
+        "| scheme | tool | method | perplexity | vs float | quantize s | process s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = next((r["ppl"] for r in rows if r.get("method") == "float" and "ppl" in r), None)
+    for r in rows:
+        scheme = "bf16" if r["method"] == "float" else f"W{r['bits']}A16 g64"
+        if "error" in r:
+            lines.append(f"| {scheme} | {r['tool']} | {r['method']} | failed: {r['error']} | | | {r['process_s']:.0f} | |")
+            continue
+        delta = f"{100 * (r['ppl'] / base - 1):+.1f}%" if base else ""
+        lines.append(f"| {scheme} | {r['tool']} | {r['method']} | {r['ppl']:.3f} | {delta} | {r['quant_s']:.0f} | "
+                     f"{r['process_s']:.0f} | {r['peak_rss_mib']:.0f} |")
+    lines += ["", "![perplexity and time](img/accuracy.png)", ""]
+    out_md.write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ok = [r for r in rows if "ppl" in r and r["method"] != "float"]
+        labels = [f"{r['tool'][:4]} {r['method']} W{r['bits']}" for r in ok]
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        colors = ["tab:blue" if r["tool"] == "hubquant" else "tab:orange" for r in ok]
+        ax[0].barh(labels, [r["ppl"] for r in ok], color=colors)
+        if base:
+            ax[0].axvline(base, color="k", ls="--", lw=1, label="bf16")
+            ax[0].legend()
+        ax[0].set_xlabel("perplexity (lee-news, lower is better)")
+        ax[1].barh(labels, [r["quant_s"] for r in ok], color=colors)
+        ax[1].set_xlabel("load + calibrate + quantize + save, s")
+        fig.tight_layout()
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=110)
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--work", default="/tmp/hubquant-bench-accuracy")
+    ap.add_argument("--skip-llmc", action="store_true")
+    args = ap.parse_args()
+    from hubquant.assets import smollm2_dir
+
+    model_dir = smollm2_dir()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    threads = os.environ.get("BENCH_THREADS", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT)}
+    meta = prepare(work, model_dir)
+    meta.update(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), threads=threads,
+                machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU, "
+                        f"torch {torch.__version__}")
+    llmc = os.environ.get("LLMC_PYTHON", "/work/venvs/llmc/bin/python")
+    jobs = [("float", 16, None)]
+    for bits in args.bits:
+        jobs += [("rtn", bits, None), ("gptq", bits, None), ("awq", bits, None)]
+        if not args.skip_llmc:
+            jobs += [("gptq", bits, llmc), ("awq", bits, llmc)]
+    rows = []
+    results = work / "results.jsonl"
+    for method, bits, py in jobs:
+        script = HERE / ("llmc_variant.py" if py else "hq_variant.py")
+        cmd = [py or sys.executable, str(script), "--model", str(model_dir), "--work", str(work),
+               "--method", method, "--bits", str(bits)]
+        res = run_one(cmd, env)
+        res.setdefault("tool", "llm-compressor" if py else "hubquant")
+        res.setdefault("method", method)
+        res.setdefault("bits", bits)
+        rows.append(res)
+        with results.open("a") as f:
+            f.write(json.dumps(res) + "\n")
+        print(json.dumps(res), flush=True)
+        write_report(rows, meta, ROOT / "docs" / "accuracy.md", ROOT / "docs" / "img" / "accuracy.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The layer-sequential runner shared by calibrated methods (GPTQ, AWQ, SmoothQuant).
+
+    embeddings -> capture decoder-layer-0 inputs (args + kwargs such as position_embeddings and the
+    attention mask) -> for each decoder layer: move it to the device, let the method collect per-Linear
+    statistics with hooks and change the layer, rerun it so the next layer sees the changed outputs,
+    move it back.
+
+Peak device memory is one decoder layer plus the calibration activations (inputs and outputs of one
+layer), independent of depth. A method plugs in through one callback::
+
+    def on_layer(work: LayerWork) -> None:
+        stats = work.collect(work.linears, hessian=True)      # one pass over the calibration batch
+        ...                                                   # change work.layer's weights
+    run_layers(model, calib_ids, on_layer=on_layer, device="cuda")
+
+``LayerWork.forward(hooks=...)`` runs arbitrary input hooks instead (SmoothQuant: per-channel max).
+With ``rerun=False`` the engine reuses the outputs of the callback's last pass (for callbacks that
+leave the layer's float function unchanged, e.g. statistics only or exact folding).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from hubquant.modeling import DEFAULT_IGNORE, decoder_layers, layers_prefix, quantizable_linears
+
+InputHook = Callable[[torch.Tensor], None]
+
+
+class _Captured(Exception):
+    """Raised by the catcher to stop the model right after layer 0's inputs are known."""
+
+
+class _Catcher(nn.Module):
+    def __init__(self, layer: nn.Module, store: list):
+        super().__init__()
+        self.layer = layer
+        self.store = store
+        self.attention_type = getattr(layer, "attention_type", None)  # some models read it off the layer
+
+    def forward(self, *args, **kwargs):
+        self.store.append((args, kwargs))
+        raise _Captured
+
+
+@dataclass
+class LinearStats:
+    """Statistics of one Linear's input over the calibration batch.
+
+    `xtx` is the fp32 sum of x^T x (the GPTQ Hessian is 2 * xtx / count); Linears that read the very
+    same input tensor (q/k/v, gate/up) share one `xtx` object. `absmean`/`absmax` are per input channel.
+    """
+
+    count: int = 0
+    xtx: torch.Tensor | None = None
+    abssum: torch.Tensor | None = None
+    absmax: torch.Tensor | None = None
+    shared_with: str | None = None  # the Linear whose xtx this one reuses
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        return self.abssum / max(self.count, 1)
+
+    def hessian(self) -> torch.Tensor:
+        """2 X^T X / n in fp32 (a new tensor)."""
+        return self.xtx * (2.0 / max(self.count, 1))
+
+
+@dataclass
+class LayerWork:
+    """One decoder layer on the device, with its captured calibration inputs."""
+
+    index: int
+    name: str
+    layer: nn.Module
+    linears: dict[str, nn.Linear]
+    device: torch.device
+    inputs: list[torch.Tensor]
+    kwargs: list[dict]
+    outputs: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    def relative(self, full_name: str) -> str:
+        return full_name[len(self.name) + 1:]
+
+    @torch.no_grad()
+    def forward(self, hooks: dict[str, InputHook] | None = None) -> list[torch.Tensor]:
+        """Run the layer over every captured batch; `hooks[name](x)` sees each named Linear's input.
+
+        Returns (and keeps in `self.outputs`) the layer's hidden-state outputs, one tensor per batch.
+        """
+        handles = []
+        for name, fn in (hooks or {}).items():
+            handles.append(self.linears[name].register_forward_pre_hook(lambda m, a, fn=fn: fn(a[0])))
+        try:
+            outs = []
+            for x, kw in zip(self.inputs, self.kwargs):
+                y = self.layer(x, **kw)
+                outs.append(y[0] if isinstance(y, (tuple, list)) else y)
+        finally:
+            for h in handles:
+                h.remove()
+        self.outputs = outs
+        return outs
+
+    @torch.no_grad()
+    def collect(self, names, *, hessian: bool = True, absmean: bool = False, absmax: bool = False,
+                dtype: torch.dtype = torch.float32) -> dict[str, LinearStats]:
+        """One pass that gathers input statistics for the Linears `names` (batched matmuls, fp32)."""
+        stats = {n: LinearStats() for n in names}
+        seen: list[tuple[torch.Tensor, str]] = []  # inputs already accumulated in this batch (refs keep ids valid)
+
+        def hook_for(name):
+            def hook(x):
+                st = stats[name]
+                x2 = x.reshape(-1, x.shape[-1])
+                owner = next((n for t, n in seen if t is x), None)
+                if owner is not None:  # same tensor as an earlier Linear (q/k/v, gate/up): share
+                    src = stats[owner]
+                    st.shared_with, st.count, st.xtx = owner, src.count, src.xtx
+                    st.abssum, st.absmax = src.abssum, src.absmax
+                    return
+                seen.append((x, name))
+                xf = x2.to(dtype)
+                if hessian:
+                    st.xtx = xf.T @ xf if st.xtx is None else st.xtx.addmm_(xf.T, xf)
+                if absmean or absmax:
+                    a = xf.abs()
+                    if absmean:
+                        s = a.sum(0)
+                        st.abssum = s if st.abssum is None else st.abssum.add_(s)
+                    if absmax:
+                        m = a.amax(0)
+                        st.absmax = m if st.absmax is None else torch.maximum(st.absmax, m)
+                st.count += x2.shape[0]
+            return hook
+
+        hooks = {n: hook_for(n) for n in names}
+        for x, kw in zip(self.inputs, self.kwargs):
+            seen.clear()
+            handles = [self.linears[n].register_forward_pre_hook(lambda m, a, fn=fn: fn(a[0]))
+                       for n, fn in hooks.items()]
+            try:
+                y = self.layer(x, **kw)
+            finally:
+                for h in handles:
+                    h.remove()
+        seen.clear()
+        # shared entries point at the owner's final tensors
+        for n, st in stats.items():
+            if st.shared_with:
+                src = stats[st.shared_with]
+                st.count, st.xtx, st.abssum, st.absmax = src.count, src.xtx, src.abssum, src.absmax
+        del y
+        return stats
+
+
+def _move_non_layers(model: nn.Module, layers: nn.ModuleList, device) -> nn.Module:
+    """Move the modules that run before the decoder layers (embeddings, rotary) to `device`."""
+    parent = next(m for m in model.modules() if any(c is layers for c in m.children()))
+    for child in parent.children():
+        if child is not layers:
+            child.to(device)
+    return parent
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, calib: torch.Tensor, *, device, batch_size: int) -> tuple[list, list]:
+    """Run the embeddings on `calib` in batches and return layer 0's (hidden states, kwargs) per batch."""
+    layers = decoder_layers(model)
+    parent = _move_non_layers(model, layers, device)
+    first = layers[0]
+    store: list = []
+    layers[0] = _Catcher(first, store)
+    try:
+        for i in range(0, calib.shape[0], batch_size):
+            ids = calib[i: i + batch_size].to(device)
+            try:
+                parent(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        layers[0] = first
+    inputs, kwargs = [], []
+    for args, kw in store:
+        x = args[0] if args else kw.pop("hidden_states")
+        kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        kw["use_cache"] = False
+        inputs.append(x)
+        kwargs.append(kw)
+    return inputs, kwargs
+
+
+def run_layers(
+    model: nn.Module, calib: torch.Tensor, *, on_layer: Callable[[LayerWork], None], device: str = "cpu",
+    ignore=DEFAULT_IGNORE, tokens_per_batch: int = 16384, rerun: bool = True, progress: bool = True,
+    desc: str = "layers", log: Callable[[str], None] | None = None,
+) -> None:
+    """Run `on_layer` on every decoder layer in order, on `device`, with that layer's calibration inputs.
+
+    Args:
+        model: a transformers causal LM (weights anywhere; each layer visits `device` in turn and goes
+            back where it was).
+        calib: LongTensor [n_samples, seq_len] of token ids.
+        on_layer: callback; it may collect statistics (`work.collect`, `work.forward(hooks=...)`) and
+            change the layer's weights in place.
+        device: where the layer runs ("cuda", "cpu", ...).
+        ignore: Linear name patterns left out of `work.linears`.
+        tokens_per_batch: calibration tokens per forward call (memory vs speed).
+        rerun: after `on_layer`, run the layer again so the next layer sees the changed outputs. False
+            reuses the outputs of the callback's last pass (only valid if the layer's function is unchanged).
+        progress: show a tqdm bar.
+        desc: progress-bar label.
+        log: called with a one-line timing summary at the end.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    device = torch.device(device)
+    layers = decoder_layers(model)
+    prefix = layers_prefix(model)
+    batch_size = max(1, tokens_per_batch // calib.shape[1])
+    home = {}
+    parent = next(m for m in model.modules() if any(c is layers for c in m.children()))
+    for name, child in parent.named_children():
+        if child is not layers:
+            p = next(iter(child.parameters()), None)
+            p = p if p is not None else next(iter(child.buffers()), None)
+            home[name] = p.device if p is not None else torch.device("cpu")
+    inputs, kwargs = capture_inputs(model, calib, device=device, batch_size=batch_size)
+    for name, child in parent.named_children():
+        if name in home:
+            child.to(home[name])
+    kwargs = [_to(kw, device) for kw in kwargs]
+
+    bar = tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer")
+    for i in bar:
+        layer = layers[i]
+        layer_home = next(layer.parameters()).device
+        layer.to(device)
+        name = f"{prefix}.{i}"
+        work = LayerWork(index=i, name=name, layer=layer, linears=quantizable_linears(layer, ignore, name),
+                         device=device, inputs=inputs, kwargs=kwargs)
+        on_layer(work)
+        if rerun or work.outputs is None:
+            work.forward()
+        inputs = work.outputs
+        work.outputs = None
+        layer.to(layer_home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if log:
+        log(f"{desc}: {len(layers)} layers on {device} in {time.time() - t0:.1f} s")
