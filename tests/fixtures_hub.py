@@ -16,9 +16,11 @@ The server writes its log to ROOT/server.log. Each test should create its own re
 session's Hub is shared by every test.
 
 `hub_env` (function): points huggingface_hub in this process (and subprocesses, through the environment) at
-`local_hub`: sets HF_ENDPOINT, HF_TOKEN (alice's), HF_HUB_DISABLE_XET=1 and a temp HF_HOME, and patches the
-values huggingface_hub read at import (constants.ENDPOINT, the URL template, HF_HUB_DISABLE_XET, the module
-level `HfApi` behind `huggingface_hub.list_models` & co). Returns the `local_hub` object.
+`local_hub`: sets HF_ENDPOINT, HF_TOKEN (alice's), HF_HUB_DISABLE_XET=1 and a temp HF_HOME; clears
+HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE (the Hub is on loopback); patches the values huggingface_hub read at
+import (constants.ENDPOINT, the URL template, HF_HUB_DISABLE_XET, HF_HUB_OFFLINE, the module-level `HfApi`
+behind `huggingface_hub.list_models` & co). Returns the `local_hub` object. `point_hf_at(monkeypatch,
+endpoint, token, hf_home)` does the same for another server (e.g. `HubProcess` or `LocalHub.serve()`).
 
 `seeded_hub` (session): `local_hub` after `seed_smollm2()`.
 
@@ -146,6 +148,10 @@ def point_hf_at(monkeypatch, endpoint: str, token: str | None, hf_home: Path) ->
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    # the local Hub is on loopback: an offline switch meant to keep tests off the internet must not block it
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HOME", str(hf_home))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
     monkeypatch.setattr(constants, "HUGGINGFACE_HUB_CACHE", str(hf_home / "hub"), raising=False)

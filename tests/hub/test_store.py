@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
+import time
 
 import pytest
 
@@ -54,6 +56,12 @@ def test_blobs_are_content_addressed(tmp_path):
     with pytest.raises(UsageError):
         store.write_blob([b"abc"], sha256="0" * 64)
     assert list(store.tmp.iterdir()) == []
+    # partial uploads left by a crash are removed once old
+    old, fresh = store.tmp / "upload-old", store.tmp / "upload-fresh"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert store.clean_tmp(max_age_s=3600) == 1 and list(store.tmp.iterdir()) == [fresh]
 
 
 def test_commits_revisions_and_conflicts(tmp_path):

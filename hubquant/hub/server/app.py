@@ -111,4 +111,6 @@ class HubApp:
 
 def create_app(root: str | os.PathLike) -> Starlette:
     """The local Hub as an ASGI app serving the store at `root`."""
-    return HubApp(Store(root)).app
+    store = Store(root)
+    store.clean_tmp()
+    return HubApp(store).app

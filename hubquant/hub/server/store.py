@@ -162,6 +162,19 @@ class Store:
     def check_signature(self, message: str, signature: str) -> bool:
         return hmac.compare_digest(self.sign(message), signature)
 
+    def clean_tmp(self, *, max_age_s: float = 3600) -> int:
+        """Delete partial uploads older than `max_age_s` (left by a crash); returns how many."""
+        n = 0
+        cutoff = time.time() - max_age_s
+        for p in self.tmp.iterdir():
+            try:
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    n += 1
+            except FileNotFoundError:
+                pass
+        return n
+
     # --- tokens -----------------------------------------------------------------------------------------
     def add_token(self, user: str, *, orgs: Iterable[str] = (), write: bool = True) -> str:
         """Create a token for `user` (write access to `user` and `orgs` unless `write=False`); only its hash is kept.
