@@ -99,3 +99,19 @@ def test_parsers_and_options():
     md = summary_markdown([WatchRow(repo_id="o/m", action="failed", reason="x | y")],
                           WatchOptions(authors=("o",), dry_run=True), "http://hub")
     assert "### hubquant watch (dry run)" in md and "| o/m |  |  | ❌ failed |  | x \\| y |" in md
+
+
+def test_quality_gate_blocks_the_push_and_exits_6(publish_tiny, hub_env, tmp_path):
+    from huggingface_hub import HfApi
+
+    tag = "watchq" + uuid.uuid4().hex[:6]
+    repo, _ = publish_tiny(seed=7, name=f"{tag}-llama")
+    out = tmp_path / "gate.json"
+    # a gate no variant can pass (perplexity must fall by half): the variant is measured, then not pushed
+    code = run(["watch", "--author", "hubquant-org", "--filter", tag, "--methods", "rtn", "--schemes", "W4A16-G32",
+                "--namespace", "alice", "--max-ppl-increase", "-50", "--option", "eval_windows=2",
+                "--option", "eval_seq_len=64", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert code == 6 and rows[0]["action"] == "failed"
+    assert rows[0]["reason"].startswith("QualityGateError: perplexity rose") and "(gate: -50.0%)" in rows[0]["reason"]
+    assert not HfApi().repo_exists(f"alice/{tag}-llama-W4A16-G32-RTN")
