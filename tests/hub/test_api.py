@@ -347,3 +347,30 @@ def test_datasets_paths(hub_env, tmp_path):
     assert (local / "data" / "train.csv").read_bytes() == b"a,b\n1,2\n"
     with pytest.raises(RepositoryNotFoundError):
         api.model_info(repo_id)  # a dataset is not a model
+
+
+def test_lfs_upload_links_carry_their_own_auth(hub_env):
+    api = HfApi()
+    repo_id = f"alice/{_name('lfs')}"
+    api.create_repo(repo_id)
+    data = os.urandom(100_000)
+    oid = hashlib.sha256(data).hexdigest()
+    batch_url = f"{hub_env.endpoint}/{repo_id}.git/info/lfs/objects/batch"
+    body = {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": len(data)}],
+            "hash_algo": "sha256"}
+    assert httpx.post(batch_url, json=body).status_code == 401  # no token
+    bob = {"Authorization": f"Bearer {hub_env.token('bob')}"}
+    assert httpx.post(batch_url, json=body, headers=bob).status_code == 403  # not bob's repo
+    alice = {"Authorization": f"Bearer {hub_env.token('alice')}"}
+    r = httpx.post(batch_url, json=body, headers=alice)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/vnd.git-lfs+json")
+    href = r.json()["objects"][0]["actions"]["upload"]["href"]
+    assert httpx.put(href.replace("sig=", "sig=0"), content=data).status_code == 403  # tampered link
+    assert httpx.put(href, content=data[:-1] + b"\0").status_code == 400  # bytes do not match the oid
+    assert not (hub_env.root / "blobs" / oid[:2] / oid).exists()
+    assert httpx.put(href, content=data).status_code == 200  # no Authorization header needed
+    verify = r.json()["objects"][0]["actions"]["verify"]["href"]
+    assert httpx.post(verify, json={"oid": oid, "size": len(data)}, headers=alice).status_code == 200
+    again = httpx.post(batch_url, json=body, headers=alice).json()["objects"][0]
+    assert "actions" not in again  # already stored
+    assert (hub_env.root / "blobs" / oid[:2] / oid).read_bytes() == data
