@@ -204,6 +204,7 @@ def load_model(path: Path, *, trust_remote_code: bool):
         dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model.requires_grad_(False)  # inference only: methods edit weights in place
     return model.eval(), tokenizer
 
 
