@@ -54,25 +54,30 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, G,
-                      GS: tl.constexpr, GPB: tl.constexpr, HAS_ZP: tl.constexpr, BK: tl.constexpr,
-                      BN: tl.constexpr):
-        """fp32 [BK, BN] tile of W starting at input row k0 (zeros outside K)."""
-        offs_r = k0 // 8 + tl.arange(0, BK // 8)
-        pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :],
-                     mask=(offs_r[:, None] < K // 8) & mask_n[None, :], other=0)
-        shifts = tl.arange(0, 8) * 4
-        u = (pw[:, None, :] >> shifts[None, :, None]) & 0xF  # [BK/8, 8, BN], k = 8 r + j
-        u = tl.reshape(u, (GPB, BK // GPB, BN)).to(tl.float32)
-        offs_g = k0 // GS + tl.arange(0, GPB)
-        gmask = (offs_g[:, None] < G) & mask_n[None, :]
-        s = tl.load(s_ptr + offs_g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
-        if HAS_ZP:
-            z = tl.load(z_ptr + offs_g[:, None] * N + offs_n[None, :], mask=gmask, other=0).to(tl.float32)
-            w = (u - z[:, None, :]) * s[:, None, :]
+    def _codes(pw, j: tl.constexpr):
+        """Nibble j of every word as fp32 2^23 + u (exact; avoids the slow int->float conversion)."""
+        return (((pw >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N,
+                      GS: tl.constexpr, HAS_ZP: tl.constexpr, SCALE_AFTER: tl.constexpr):
+        """Scale and (2^23 + zero point) for the rows of a K block: [1, BN] if one group covers it, else [R, BN]."""
+        if SCALE_AFTER:
+            g = k0 // GS
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if HAS_ZP:
+                z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+            else:
+                z = tl.full((1, offs_n.shape[0]), 8.0, tl.float32)
         else:
-            w = (u - 8.0) * s[:, None, :]
-        return tl.reshape(w, (BK, BN))
+            g = (offs_r * 8) // GS
+            m2 = rmask[:, None] & mask_n[None, :]
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+            if HAS_ZP:
+                z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0).to(tl.float32)
+            else:
+                z = tl.full(s.shape, 8.0, tl.float32)
+        return s, z + 8388608.0
 
     @triton.jit
     def _store_or_reduce(acc, y_ptrs, ws_ptrs, mask, cnt_ptr, tile, bias,
@@ -98,9 +103,11 @@ if triton is not None:
     def _w4a16_gemv_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, G, k_split, stride_xm, stride_ym,
-        GS: tl.constexpr, GPB: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+        GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_AFTER: tl.constexpr,
     ):
+        # y[m, n] = sum over K blocks of s * sum_j x[8r + j] * (u_j[r, n] - z): FMAs on whole packed words
+        R: tl.constexpr = BK // 8
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -108,12 +115,19 @@ if triton is not None:
         mask_n = offs_n < N
         k_lo = pid_k * k_split
         k_hi = tl.minimum(k_lo + k_split, K)
-        acc = tl.zeros((BK, BN), dtype=tl.float32)
+        acc = tl.zeros((R, BN), dtype=tl.float32)
+        x_row = x_ptr + pid_m * stride_xm
         for k0 in range(k_lo, k_hi, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, G, GS, GPB, HAS_ZP, BK, BN)
-            acc += x[:, None] * w
+            offs_r = k0 // 8 + tl.arange(0, R)
+            rmask = offs_r < K // 8
+            pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
+                         other=0)
+            s, zc = _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N, GS, HAS_ZP, SCALE_AFTER)
+            part = tl.zeros((R, BN), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_row + offs_r * 8 + j, mask=rmask, other=0.0).to(tl.float32)
+                part += xj[:, None] * (_codes(pw, j) - zc)
+            acc += part * s
         out = tl.sum(acc, axis=0)
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
         _store_or_reduce(out, y_ptr + pid_m * stride_ym + offs_n, ws_ptr + pid_m * N + offs_n, mask_n,
@@ -123,15 +137,18 @@ if triton is not None:
     def _w4a16_mm_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, G, k_split, stride_xm, stride_ym,
-        GS: tl.constexpr, GPB: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-        DOT_F32: tl.constexpr,
+        SCALE_AFTER: tl.constexpr, DOT_F32: tl.constexpr,
     ):
+        # 8 dots per K block, one per nibble j: A columns 8r + j (a strided gather) x W rows 8r + j (nibble j of
+        # the packed rows), so no register reshuffle is needed. With one group per block the weights enter the
+        # dot as exact small integers and the scale multiplies the block's result.
+        R: tl.constexpr = BK // 8
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         n_m = tl.cdiv(M, BM)
         n_n = tl.cdiv(N, BN)
-        # grouped ordering: GROUP_M row-tiles share each weight tile while it is in L2
         width = GROUP_M * n_n
         first_m = (pid // width) * GROUP_M
         size_m = tl.minimum(n_m - first_m, GROUP_M)
@@ -145,14 +162,26 @@ if triton is not None:
         k_hi = tl.minimum(k_lo + k_split, K)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, G, GS, GPB, HAS_ZP, BK, BN)
-            if DOT_F32:  # the CPU interpreter mis-multiplies bf16 dots: same values, fp32 operands
-                acc = tl.dot(a.to(tl.float32), w.to(a.dtype).to(tl.float32), acc)
+            offs_r = k0 // 8 + tl.arange(0, R)
+            rmask = offs_r < K // 8
+            pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
+                         other=0)
+            s, zc = _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N, GS, HAS_ZP, SCALE_AFTER)
+            blk = tl.zeros((BM, BN), dtype=tl.float32)
+            for j in tl.static_range(8):
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_r * 8 + j)[None, :],
+                            mask=mask_m[:, None] & rmask[None, :], other=0.0)
+                w = _codes(pw, j) - zc
+                if not SCALE_AFTER:
+                    w = w * s
+                if DOT_F32:  # the CPU interpreter mis-multiplies bf16 dots: same values, fp32 operands
+                    blk = tl.dot(a.to(tl.float32), w.to(a.dtype).to(tl.float32), blk)
+                else:
+                    blk = tl.dot(a, w.to(a.dtype), blk)
+            if SCALE_AFTER:
+                acc += blk * s
             else:
-                acc = tl.dot(a, w.to(a.dtype), acc)
+                acc += blk
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
         mask = mask_m[:, None] & mask_n[None, :]
         _store_or_reduce(acc, y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
@@ -161,15 +190,20 @@ if triton is not None:
 
     @triton.jit
     def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G,
-                           GS: tl.constexpr, GPB: tl.constexpr, HAS_ZP: tl.constexpr,
-                           BK: tl.constexpr, BN: tl.constexpr):
+                           GS: tl.constexpr, HAS_ZP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                           SCALE_AFTER: tl.constexpr):
+        R: tl.constexpr = BK // 8
         k0 = tl.program_id(0) * BK
         offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
         mask_n = offs_n < N
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, G, GS, GPB, HAS_ZP, BK, BN)
-        offs_k = k0 + tl.arange(0, BK)
-        tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
-                 mask=(offs_k[:, None] < K) & mask_n[None, :])
+        offs_r = k0 // 8 + tl.arange(0, R)
+        rmask = offs_r < K // 8
+        m2 = rmask[:, None] & mask_n[None, :]
+        pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=m2, other=0)
+        s, zc = _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N, GS, HAS_ZP, SCALE_AFTER)
+        for j in tl.static_range(8):
+            w = (_codes(pw, j) - zc) * s
+            tl.store(w_ptr + (offs_r * 8 + j)[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=m2)
 
 
 # ---------------------------------------------------------------- wrappers
@@ -202,8 +236,9 @@ def _fits(gs: int, k: int, bk: int) -> bool:
     return gs % bk == 0 or bk % gs == 0 or gs == k
 
 
-def _gpb(gs: int, bk: int) -> int:
-    return bk // gs if gs < bk else 1
+def _scale_after(gs: int, k: int, bk: int) -> bool:
+    """One group covers every K block: scale the block's sum instead of each weight."""
+    return gs % bk == 0 or gs == k
 
 
 def _gemv(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k):
@@ -216,8 +251,8 @@ def _gemv(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k):
     _w4a16_gemv_kernel[(m, n_tiles, split_k)](
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, g, k_split, x.stride(0), y.stride(0),
-        GS=gs, GPB=_gpb(gs, bk), HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
-        BN=bn, BK=bk, SPLIT_K=split_k, num_warps=4,
+        GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+        BN=bn, BK=bk, SPLIT_K=split_k, SCALE_AFTER=_scale_after(gs, k, bk), num_warps=4,
     )
     return y
 
@@ -232,8 +267,8 @@ def _mm(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k, warps, s
     _w4a16_mm_kernel[(tiles, split_k)](
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, g, k_split, x.stride(0), y.stride(0),
-        GS=gs, GPB=_gpb(gs, bk), HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
-        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, GROUP_M=8, DOT_F32=interpreting() and x.dtype == torch.bfloat16,
+        GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, GROUP_M=8, SCALE_AFTER=_scale_after(gs, k, bk), DOT_F32=interpreting() and x.dtype == torch.bfloat16,
         num_warps=warps, num_stages=stages,
     )
     return y
@@ -246,11 +281,11 @@ def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     if not use_triton(qweight):
         return dequantize_reference(qweight, scales, zeros, group_size).to(dtype)
     gs = k if group_size == -1 else group_size
-    bk = 64 if _fits(gs, k, 64) else gs
+    bk = 64
     w = torch.empty(k, n, dtype=dtype, device=qweight.device)
     _w4_dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, 128))](
         qweight, scales, zeros if zeros is not None else scales, w, n, k, scales.shape[0],
-        GS=gs, GPB=_gpb(gs, bk), HAS_ZP=zeros is not None, BK=bk, BN=128,
+        GS=gs, HAS_ZP=zeros is not None, BK=bk, BN=128, SCALE_AFTER=_scale_after(gs, k, bk),
     )
     return w
 
@@ -266,34 +301,32 @@ def _dequant_cublas(x, qweight, scales, zeros, bias, y, gs):
 def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     """Implementations worth timing for an [m, k] x [k, n] W4A16 product; the first is the default."""
     out = []
+    n_blocks = lambda bk: -(-k // bk)  # noqa: E731
     if m <= 4:
-        for bn, bk in ((64, 128), (128, 128), (32, 256), (64, 256), (128, 64)):
+        for bn, bk in ((64, 256), (128, 128), (128, 256), (32, 512), (64, 512), (256, 128)):
             for split in (1, 2, 4, 8, 16):
-                if _fits(gs, k, bk) and (k // bk) >= 2 * split:
+                if split == 1 or (n_blocks(bk) >= 2 * split and -(-n // bn) * split <= 4096):
                     out.append(Candidate(name=f"gemv_bn{bn}_bk{bk}_s{split}",
                                          fn=lambda *a, bn=bn, bk=bk, s=split: _gemv(*a, bn=bn, bk=bk, split_k=s)))
-    mm_cfgs = []
     if m <= 16:
-        mm_cfgs = [(16, 64, 128, s, 4, 4) for s in (1, 2, 4, 8)] + [(16, 128, 128, s, 4, 4) for s in (1, 2, 4)]
+        mm_cfgs = [(16, 64, 128, s, 4, 3) for s in (1, 2, 4, 8)] + [(16, 128, 128, s, 4, 3) for s in (1, 2, 4)] + \
+                  [(16, 64, 256, s, 4, 3) for s in (1, 2, 4)]
     elif m <= 64:
-        mm_cfgs = [(bm, 64, 128, s, 4, 4) for bm in (32, 64) for s in (1, 2, 4)] + [(64, 128, 64, 1, 4, 4)]
+        mm_cfgs = [(bm, 64, 128, s, 4, 3) for bm in (32, 64) for s in (1, 2, 4)] + [(64, 128, 128, 1, 4, 3)]
     elif m <= 256:
-        mm_cfgs = [(64, 128, 64, s, 4, 4) for s in (1, 2)] + [(128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 4),
-                                                               (64, 64, 128, 1, 4, 4)]
+        mm_cfgs = [(64, 128, 128, s, 4, 3) for s in (1, 2)] + [(128, 128, 128, 1, 8, 3), (128, 64, 128, 1, 4, 3),
+                                                                (64, 64, 128, 1, 4, 3)]
     else:
-        mm_cfgs = [(128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 128, 64, 1, 4, 4), (128, 128, 128, 1, 8, 3)]
+        mm_cfgs = [(128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3), (64, 128, 128, 1, 4, 3),
+                   (128, 128, 256, 1, 8, 2)]
     for bm, bn, bk, split, warps, stages in mm_cfgs:
-        if _fits(gs, k, bk) and (split == 1 or (k // bk) >= 2 * split):
+        if split == 1 or n_blocks(bk) >= 2 * split:
             out.append(Candidate(
                 name=f"mm_{bm}x{bn}x{bk}_s{split}_w{warps}",
                 fn=lambda *a, bm=bm, bn=bn, bk=bk, s=split, w=warps, st=stages:
                     _mm(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
-    if m >= 64:
+    if m > 16:
         out.append(Candidate(name="dequant+cublas", fn=_dequant_cublas))
-    if not out:  # tiny K: one block along K
-        bk = 16 if _fits(gs, k, 16) else gs
-        out.append(Candidate(name="mm_16x32_s1", fn=lambda *a, bk=bk: _mm(*a, bm=16, bn=32, bk=bk, split_k=1,
-                                                                          warps=4, stages=2)))
     return out
 
 
