@@ -3,11 +3,13 @@ and a readable body rendered from cards/variant.md.j2."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "cards" / "variant.md.j2"
-_PKG_TEMPLATE = Path(__file__).resolve().parent / "cards" / "variant.md.j2"
+TEMPLATE_NAME = "variant.md.j2"
+# a checkout (editable install) first, then where a wheel installs cards/
+TEMPLATE_DIRS = (Path(__file__).resolve().parent.parent / "cards", Path(sys.prefix) / "share" / "hubquant" / "cards")
 
 METHOD_TITLES = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant", "w8a8": "W8A8",
                  "fp8": "FP8", "bnb-int8": "LLM.int8 (bitsandbytes)", "bnb-nf4": "NF4 (bitsandbytes)"}
@@ -25,7 +27,10 @@ HARDWARE = {
 
 
 def template_path() -> Path:
-    return TEMPLATE if TEMPLATE.is_file() else _PKG_TEMPLATE
+    for d in TEMPLATE_DIRS:
+        if (d / TEMPLATE_NAME).is_file():
+            return d / TEMPLATE_NAME
+    raise FileNotFoundError(f"model-card template {TEMPLATE_NAME} not found in {[str(d) for d in TEMPLATE_DIRS]}")
 
 
 @dataclass(frozen=True, kw_only=True)
