@@ -191,7 +191,7 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
                 base = gr.Dropdown(label="Base model", choices=[default_base], value=default_base,
                                    allow_custom_value=True, scale=4)
                 find = gr.Button("Find variants", scale=1)
-            variants = gr.CheckboxGroup(label="Variants", choices=[])
+            variants = gr.CheckboxGroup(label="Variants", choices=[], elem_id="variants")
             find_msg = gr.Markdown()
             prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2)
             with gr.Row():

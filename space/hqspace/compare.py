@@ -26,6 +26,7 @@ class PanelResult:
     agreement_pct: float | None = None
     mean_kl: float | None = None
     perplexity: float | None = None
+    loader: str = ""  # how it was loaded, and the loader's notes
 
 
 # (label, attribute, unit, format) in the order panels show them
@@ -42,7 +43,7 @@ METRICS = (
 
 def metrics_markdown(p: PanelResult) -> str:
     """The panel's metrics as a Markdown list: numbers with units, or an em dash while unknown."""
-    lines = [f"**{p.status}**"]
+    lines = [f"**{p.status}**" + (f" · {p.loader}" if p.loader else "")]
     for label, attr, unit, fmt in METRICS:
         value = getattr(p, attr)
         shown = "—" if value is None else (fmt.format(value) + (f" {unit}" if unit else ""))
@@ -59,7 +60,7 @@ def _panel(entry: ModelEntry, stream: Stream | None, status: str) -> PanelResult
         tokens_per_s=stream.decode_tokens_per_second if len(stream.tokens) > 1 else None,
         ttft_ms=None if stream.ttft is None else 1000 * stream.ttft,
         disk_mb=(entry.size_bytes or loaded.disk_bytes) / MB, memory_mb=loaded.memory_bytes / MB,
-        perplexity=entry.perplexity,
+        perplexity=entry.perplexity, loader="; ".join((loaded.loader, *loaded.notes)),
     )
 
 

@@ -30,6 +30,7 @@ class LoadedModel:
     disk_bytes: int
     load_seconds: float
     loader: str  # "hubquant.load" or "transformers"
+    notes: tuple[str, ...] = ()  # what the loader says it did (e.g. weights dequantized for lack of a kernel)
 
 
 def module_bytes(model: torch.nn.Module) -> int:
@@ -77,9 +78,10 @@ def load_model(path: Path, repo_id: str) -> LoadedModel:
     except ImportError:
         hq_load = None
     tok = None
+    notes: list[str] = []
     if hq_load is not None:
         try:
-            model, tok = hq_load(str(path), device="cpu", progress=False, log=lambda _msg: None)
+            model, tok = hq_load(str(path), device="cpu", progress=False, log=notes.append)
             loader = "hubquant.load"
         except UnsupportedError:
             model = None
@@ -97,7 +99,8 @@ def load_model(path: Path, repo_id: str) -> LoadedModel:
     with torch.inference_mode():  # first-call costs (weight unpacking, kernel setup) belong to loading
         model(input_ids=torch.tensor([[tok.eos_token_id or 0] * 4]))
     return LoadedModel(repo_id=repo_id, model=model, tokenizer=tok, memory_bytes=module_bytes(model),
-                       disk_bytes=folder_weight_bytes(path), load_seconds=time.perf_counter() - t0, loader=loader)
+                       disk_bytes=folder_weight_bytes(path), load_seconds=time.perf_counter() - t0, loader=loader,
+                       notes=tuple(notes))
 
 
 class ModelCache:
