@@ -67,9 +67,10 @@ def _pack_cols(u: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
     return torch.where(v >= (1 << 31), v - (1 << 32), v).to(torch.int32)
 
 
-def quantize_linear(name: str, w: torch.Tensor, kind: str, group_size: int, *, input_scale: float = 0.05
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The checkpoint tensors of one Linear (keys `name.<tensor>`) and the float32 weight they dequantize to."""
+def quantize_linear(name: str, w: torch.Tensor, kind: str, group_size: int, *, input_scale: float = 0.05,
+                    dequantized: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The checkpoint tensors of one Linear (keys `name.<tensor>`) and the float32 weight they dequantize to
+    (None when `dequantized` is False: big models)."""
     n, k = w.shape
     dt = w.dtype
     if kind in ("ct-w4a16", "ct-w4a16-asym"):
@@ -80,7 +81,7 @@ def quantize_linear(name: str, w: torch.Tensor, kind: str, group_size: int, *, i
             t["weight_zero_point"] = pack_rows(zp.t().contiguous()).t().contiguous()
         from hubquant_kernels.pack import unpack_rows
 
-        deq = dequantize(unpack_rows(packed, k), scale, zp, group_size)
+        deq = dequantize(unpack_rows(packed, k), scale, zp, group_size) if dequantized else None
     elif kind == "ct-w8a8":
         qw = rtn_quantize(w, WeightScheme(bits=8, group_size=-1), scale_dtype=dt)
         t = {"weight": qw.qweight, "weight_scale": qw.scale}
@@ -122,7 +123,7 @@ def quantize_linear(name: str, w: torch.Tensor, kind: str, group_size: int, *, i
         deq = dequantize(q, scale, zp, group_size)
     else:
         raise UsageError(f"unknown synthetic kind {kind!r}", hint=f"use one of {', '.join(KINDS)}")
-    return {f"{name}.{key}": v.contiguous() for key, v in t.items()}, deq
+    return {f"{name}.{key}": v.contiguous() for key, v in t.items()}, (deq if dequantized else None)
 
 
 def _minmax(w, scheme):
@@ -133,7 +134,7 @@ def _minmax(w, scheme):
 
 def write_variant(out_dir: Path, config: dict, tensors: Iterable[tuple[str, torch.Tensor]], linears: set[str],
                   kind: str, *, group_size: int = 128, ignore: tuple[str, ...] = ("lm_head",),
-                  shard_bytes: int = 4 << 30) -> dict[str, torch.Tensor]:
+                  shard_bytes: int = 4 << 30, keep_dequantized: bool = True) -> dict[str, torch.Tensor]:
     """Write a checkpoint folder: quantized `linears` (module names) per `kind`, every other tensor as is.
 
     Args:
@@ -167,8 +168,9 @@ def write_variant(out_dir: Path, config: dict, tensors: Iterable[tuple[str, torc
     for key, v in tensors:
         mod = key[: -len(".weight")] if key.endswith(".weight") else None
         if kind != "bf16" and mod in linears and not any(mod == i or mod.endswith("." + i) for i in ignore):
-            out, deq = quantize_linear(mod, v, kind, group_size)
-            deq_all[mod] = deq.cpu()
+            out, deq = quantize_linear(mod, v, kind, group_size, dequantized=keep_dequantized)
+            if deq is not None:
+                deq_all[mod] = deq.cpu()
         else:
             if mod in linears:
                 skipped.append(mod)

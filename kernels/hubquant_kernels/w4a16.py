@@ -117,17 +117,22 @@ if triton is not None:
         k_hi = tl.minimum(k_lo + k_split, K)
         acc = tl.zeros((R, BN), dtype=tl.float32)
         x_row = x_ptr + pid_m * stride_xm
+        # software prefetch: the next block's packed words are in flight while this block is computed
+        offs_r = k_lo // 8 + tl.arange(0, R)
+        rmask = (offs_r < K // 8) & (offs_r < k_hi // 8)
+        pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :], other=0)
         for k0 in range(k_lo, k_hi, BK):
-            offs_r = k0 // 8 + tl.arange(0, R)
-            rmask = offs_r < K // 8
-            pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
-                         other=0)
+            nxt_r = offs_r + R
+            nmask = (nxt_r < K // 8) & (nxt_r < k_hi // 8)
+            pw_next = tl.load(qw_ptr + nxt_r[:, None] * N + offs_n[None, :], mask=nmask[:, None] & mask_n[None, :],
+                              other=0)
             s, zc = _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N, GS, HAS_ZP, SCALE_AFTER)
             part = tl.zeros((R, BN), dtype=tl.float32)
             for j in tl.static_range(8):
                 xj = tl.load(x_row + offs_r * 8 + j, mask=rmask, other=0.0).to(tl.float32)
                 part += xj[:, None] * (_codes(pw, j) - zc)
             acc += part * s
+            pw, offs_r, rmask = pw_next, nxt_r, nmask
         out = tl.sum(acc, axis=0)
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
         _store_or_reduce(out, y_ptr + pid_m * stride_ym + offs_n, ws_ptr + pid_m * N + offs_n, mask_n,
@@ -241,7 +246,7 @@ def _scale_after(gs: int, k: int, bk: int) -> bool:
     return gs % bk == 0 or gs == k
 
 
-def _gemv(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k):
+def _gemv(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4):
     m, k = x.shape
     n = qweight.shape[1]
     g = scales.shape[0]
@@ -252,7 +257,7 @@ def _gemv(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k):
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, g, k_split, x.stride(0), y.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
-        BN=bn, BK=bk, SPLIT_K=split_k, SCALE_AFTER=_scale_after(gs, k, bk), num_warps=4,
+        BN=bn, BK=bk, SPLIT_K=split_k, SCALE_AFTER=_scale_after(gs, k, bk), num_warps=warps,
     )
     return y
 
@@ -303,11 +308,12 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     out = []
     n_blocks = lambda bk: -(-k // bk)  # noqa: E731
     if m <= 4:
-        for bn, bk in ((64, 256), (128, 128), (128, 256), (32, 512), (64, 512), (256, 128)):
+        for bn, bk, warps in ((64, 256, 4), (128, 128, 4), (32, 512, 4), (128, 256, 8), (64, 512, 8)):
             for split in (1, 2, 4, 8, 16):
                 if split == 1 or (n_blocks(bk) >= 2 * split and -(-n // bn) * split <= 4096):
-                    out.append(Candidate(name=f"gemv_bn{bn}_bk{bk}_s{split}",
-                                         fn=lambda *a, bn=bn, bk=bk, s=split: _gemv(*a, bn=bn, bk=bk, split_k=s)))
+                    out.append(Candidate(name=f"gemv_bn{bn}_bk{bk}_s{split}_w{warps}",
+                                         fn=lambda *a, bn=bn, bk=bk, s=split, w=warps:
+                                         _gemv(*a, bn=bn, bk=bk, split_k=s, warps=w)))
     if m <= 16:
         mm_cfgs = [(16, 64, 128, s, 4, 3) for s in (1, 2, 4, 8)] + [(16, 128, 128, s, 4, 3) for s in (1, 2, 4)] + \
                   [(16, 64, 256, s, 4, 3) for s in (1, 2, 4)]

@@ -1,0 +1,148 @@
+"""Batch-1 decode speed of a Llama-3-8B-shaped random-weight model, loaded through hubquant.load.
+
+    python bench/decode/run.py --out decode.json            # on a CUDA machine
+    python bench/decode/report.py decode.json               # -> docs/decode.md
+
+For each variant (bf16, compressed-tensors W4A16 group 128, W8A8 int8, FP8 dynamic) the same seeded float
+weights are quantized on the GPU (hubquant_kernels' RTN kernel for W4), written as a checkpoint exactly as
+FORMATS.md describes, loaded with hubquant.load, checked (the decoder's logits against the transformers forward
+of the same loaded model), and decoded greedily with hubquant.runtime.decode.GraphDecoder (static KV cache,
+one CUDA graph per step). tokens/s is the median over repeats of the decode phase (prefill excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
+
+from hubquant.runtime import load  # noqa: E402
+from hubquant.runtime.decode import GraphDecoder  # noqa: E402
+from hubquant.runtime.synth import write_variant  # noqa: E402
+from hubquant_kernels import _common  # noqa: E402
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
+VARIANTS = ("bf16", "ct-w4a16", "ct-w8a8", "ct-fp8")
+DEVICE = "cuda"
+
+
+def float_tensors(cfg, layers: int, seed: int = 0):
+    """(name, tensor) of a random Llama state dict on the GPU, generated lazily, the same for every variant."""
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=gen, device=DEVICE) * 0.02).to(torch.bfloat16)
+
+    yield "model.embed_tokens.weight", rnd(v, h)
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        for name, shape in (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
+                            ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)),
+                            ("mlp.down_proj", (h, inter))):
+            yield f"{p}.{name}.weight", rnd(*shape)
+        yield f"{p}.input_layernorm.weight", torch.ones(h, dtype=torch.bfloat16, device=DEVICE)
+        yield f"{p}.post_attention_layernorm.weight", torch.ones(h, dtype=torch.bfloat16, device=DEVICE)
+    yield "model.norm.weight", torch.ones(h, dtype=torch.bfloat16, device=DEVICE)
+    yield "lm_head.weight", rnd(v, h)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="decode_results.json")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--smoke", action="store_true", help="tiny dims on CPU: checks the script, times nothing useful")
+    args = ap.parse_args()
+    global DEVICE
+    if args.smoke:
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
+        print("bench/decode needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from transformers import LlamaConfig
+
+    dims = {**LLAMA3_8B, **(TINY if args.smoke else {}), "num_hidden_layers": args.layers}
+    cfg = LlamaConfig(**dims, dtype="bfloat16").to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    linears = {f"model.layers.{i}.{n}" for i in range(args.layers) for n in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")} | {"lm_head"}
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and shutil.disk_usage(shm).free > 40e9 else Path(tempfile.gettempdir())
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+           "torch": torch.__version__, "layers": args.layers, "new_tokens": args.tokens,
+           "prompt_tokens": args.prompt, "config": {k: cfg.get(k) for k in dims}, "variants": {}}
+    out = Path(args.out)
+    ids = torch.randint(0, cfg["vocab_size"], (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    for kind in args.variants.split(","):
+        row = {}
+        res["variants"][kind] = row
+        d = base / f"hq-decode-{kind}"
+        try:
+            t0 = time.time()
+            write_variant(d, cfg, float_tensors(cfg, args.layers), linears, kind, group_size=128,
+                          keep_dequantized=False)
+            row["write_s"] = round(time.time() - t0, 1)
+            row["checkpoint_bytes"] = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+            t0 = time.time()
+            model, _ = load(d, device=DEVICE, progress=False, log=lambda s: row.setdefault("notes", []).append(s))
+            row["load_s"] = round(time.time() - t0, 1)
+            row["gpu_weight_bytes"] = sum(b.numel() * b.element_size() for b in
+                                          list(model.parameters()) + list(model.buffers()))
+            dec = GraphDecoder(model, max_len=args.prompt + args.tokens + 8)
+            with torch.no_grad():
+                ref = model(ids.to(DEVICE)).logits[0, -1].float()
+                mine = dec._forward(ids.to(DEVICE), torch.arange(args.prompt, device=DEVICE))[0].float()
+            row["decoder_vs_transformers_rel_err"] = float((mine - ref).norm() / ref.norm())
+            runs = []
+            for _ in range(args.repeats + 1):  # the first run captures the graph and tunes the kernels
+                r = dec.generate(ids, args.tokens)
+                runs.append(r.tokens_per_second)
+            row["tokens_per_s_runs"] = runs[1:]
+            row["tokens_per_s"] = sorted(runs[1:])[len(runs[1:]) // 2]
+            row["prefill_s"] = r.prefill_seconds
+            row["first_tokens"] = r.tokens[:8]
+            eager = dec.generate(ids, 16, use_graph=False)
+            row["eager_tokens_per_s"] = eager.tokens_per_second
+            print(f"{kind:14s} {row['tokens_per_s']:8.1f} tok/s (graph)  {row['eager_tokens_per_s']:7.1f} tok/s "
+                  f"(eager)  decoder-vs-HF rel err {row['decoder_vs_transformers_rel_err']:.2e}  "
+                  f"ckpt {row['checkpoint_bytes'] / 1e9:.2f} GB  write {row['write_s']} s  load {row['load_s']} s",
+                  flush=True)
+            del model, dec
+        except Exception as e:  # keep the other variants' numbers
+            import traceback
+
+            row["error"] = traceback.format_exc()[-2000:]
+            print(f"{kind}: FAILED {e!r}", flush=True)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+            res["chosen_kernels"] = {repr(k): v for k, v in _common.chosen().items()}
+            out.write_text(json.dumps(res, indent=1, default=str))
+    bf = res["variants"].get("bf16", {}).get("tokens_per_s")
+    if bf:
+        for kind, row in res["variants"].items():
+            if row.get("tokens_per_s"):
+                print(f"{kind:14s} {row['tokens_per_s'] / bf:.2f}x bf16")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
