@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
 from hubquant.hub.cli import main as hub_main
@@ -96,6 +97,7 @@ def test_seeded_smollm2(seeded_hub, hub_env, tmp_path):
     assert (local / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.slow  # ~17 s alone, ~40 s on 2 busy cores
 def test_seeded_smollm2_loads_with_transformers(seeded_hub, hub_env):
     """The seeded weights download whole and load: the greedy next token matches the local copy's."""
     import torch
