@@ -15,10 +15,13 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
+from typing import TYPE_CHECKING
 
 from hubquant.errors import UsageError
-from hubquant.quant import ActivationScheme, QuantScheme, WeightScheme
+from hubquant.schemes import ActivationScheme, QuantScheme, WeightScheme
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,7 +36,7 @@ class QuantJob:
     progress: bool = True
 
 
-MethodFn = Callable[[torch.nn.Module, QuantJob], dict]
+MethodFn = Callable[["torch.nn.Module", QuantJob], dict]
 
 
 @dataclass(frozen=True, kw_only=True)
