@@ -29,9 +29,42 @@ def load_app_module(path: Path = APP_FILE):
     return module
 
 
+def export(out_dir: Path) -> Path:
+    """Write a self-contained Space folder: space/, the hubquant and hubquant_kernels packages, cards/.
+
+    Upload the folder as a Gradio Space (`hf upload --repo-type space USER/NAME DIR`); app.py imports
+    the packages that sit next to it.
+
+    Raises:
+        NotFoundError: not run from a source checkout.
+        UsageError: out_dir exists and is not empty.
+    """
+    import shutil
+
+    from hubquant.errors import UsageError
+
+    root = APP_FILE.parent.parent
+    sources = {"": APP_FILE.parent, "hubquant": root / "hubquant", "cards": root / "cards",
+               "hubquant_kernels": root / "kernels" / "hubquant_kernels"}
+    for src in sources.values():
+        if not src.is_dir():
+            raise NotFoundError(f"{src} is missing", hint="run `hubquant space --export` from a source checkout")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UsageError(f"{out_dir} is not empty", hint="pass a new or empty folder to --export")
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for name, src in sources.items():
+        shutil.copytree(src, out_dir / name if name else out_dir, ignore=skip, dirs_exist_ok=True)
+    return out_dir
+
+
 def _run(args: argparse.Namespace) -> int:
     from huggingface_hub import constants
 
+    if args.export:
+        out = export(Path(args.export))
+        print(f"wrote a Space to {out}; upload it with: hf upload --repo-type space USER/NAME {out} .")
+        return 0
     app = load_app_module()
     print(f"hubquant space on http://{args.host}:{args.port or 7860} against {constants.ENDPOINT}", flush=True)
     demo = app.build_app(default_base=args.base, max_new_tokens=args.max_new_tokens,
@@ -46,8 +79,11 @@ def add_parsers(subparsers) -> None:
                                           "hub serve`). Compare a model with its variants; convert new ones.")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: GRADIO_SERVER_PORT or 7860)")
-    p.add_argument("--base", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="base model the Compare tab opens with")
+    p.add_argument("--base", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+                   help="base model the Compare tab opens with")
     p.add_argument("--max-new-tokens", type=int, default=64, help="default generation length (default: 64)")
     p.add_argument("--cache-mb", type=float, default=float(os.environ.get("HUBQUANT_SPACE_CACHE_MB", "4000")),
                    help="memory bound of loaded models in MB (default: 4000)")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="write a self-contained Space folder (app, hubquant packages) to DIR instead of serving")
     p.set_defaults(func=_run)

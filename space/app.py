@@ -126,9 +126,10 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
         except HubquantError as e:
             yield _outputs([], _error_md(error_kind(e), e))
             return
-        base_ppl = next((v.base_perplexity for v in found if v.base_perplexity is not None), None)
-        if base_entry.perplexity is None and base_ppl is not None:
-            base_entry = dataclasses.replace(base_entry, perplexity=base_ppl)
+        # the base's perplexity, when every variant's card measured it on the same text
+        base_ppls = {round(v.base_perplexity, 3) for v in found if v.base_perplexity is not None}
+        if base_entry.perplexity is None and len(base_ppls) == 1:
+            base_entry = dataclasses.replace(base_entry, perplexity=base_ppls.pop())
         entries = [base_entry, *found]
         t0 = time.perf_counter()
         panels: list[PanelResult] = []

@@ -26,6 +26,7 @@ class PanelResult:
     agreement_pct: float | None = None
     mean_kl: float | None = None
     perplexity: float | None = None
+    ppl_change_pct: float | None = None  # vs the base's perplexity on the same text, from the same card
     loader: str = ""  # how it was loaded, and the loader's notes
 
 
@@ -38,6 +39,7 @@ METRICS = (
     ("Identical tokens", "agreement_pct", "%", "{:.1f}"),
     ("Mean KL", "mean_kl", "nats/token", "{:.4f}"),
     ("Perplexity (card)", "perplexity", "", "{:.2f}"),
+    ("Perplexity change (card)", "ppl_change_pct", "%", "{:+.1f}"),
 )
 
 
@@ -51,16 +53,25 @@ def metrics_markdown(p: PanelResult) -> str:
     return "\n".join(lines)
 
 
+def _ppl_change(entry: ModelEntry) -> float | None:
+    if entry.base is None:
+        return 0.0
+    if entry.perplexity is None or not entry.base_perplexity:
+        return None
+    return 100.0 * (entry.perplexity / entry.base_perplexity - 1.0)
+
+
 def _panel(entry: ModelEntry, stream: Stream | None, status: str) -> PanelResult:
     if stream is None:
-        return PanelResult(entry=entry, status=status, perplexity=entry.perplexity)
+        return PanelResult(entry=entry, status=status, perplexity=entry.perplexity, ppl_change_pct=_ppl_change(entry))
     loaded = stream.loaded
     return PanelResult(
         entry=entry, text=stream.text, status=status, n_tokens=len(stream.tokens),
         tokens_per_s=stream.decode_tokens_per_second if len(stream.tokens) > 1 else None,
         ttft_ms=None if stream.ttft is None else 1000 * stream.ttft,
         disk_mb=(entry.size_bytes or loaded.disk_bytes) / MB, memory_mb=loaded.memory_bytes / MB,
-        perplexity=entry.perplexity, loader="; ".join((loaded.loader, *loaded.notes)),
+        perplexity=entry.perplexity, ppl_change_pct=_ppl_change(entry),
+        loader="; ".join((loaded.loader, *loaded.notes)),
     )
 
 
@@ -71,7 +82,7 @@ def run_comparison(entries: list[ModelEntry], prompt: str, *, cache: ModelCache,
     The last yield carries agreement with the base (free-running greedy tokens, position by position)
     and the mean KL(base || variant) of next-token distributions over prompt + the base's output.
     """
-    panels = [PanelResult(entry=e, status="waiting", perplexity=e.perplexity) for e in entries]
+    panels = [_panel(e, None, "waiting") for e in entries]
     loaded = []
     for i, e in enumerate(entries):
         panels[i] = replace(panels[i], status="loading")
@@ -103,7 +114,11 @@ def run_comparison(entries: list[ModelEntry], prompt: str, *, cache: ModelCache,
 
 
 def tradeoff_plot(panels: list[PanelResult]):
-    """Size on disk (x) vs quality (y: card perplexity, else mean KL) vs speed (marker area)."""
+    """Size on disk (x) vs quality (y: perplexity change from the cards, else mean KL) vs speed (marker area).
+
+    Each card measures its variant and the base on the same text, so the change in % compares across
+    variants even when their cards used different evaluation text; raw perplexities would not.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,15 +126,15 @@ def tradeoff_plot(panels: list[PanelResult]):
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     rows = [p for p in panels if p.disk_mb is not None]
-    use_ppl = bool(rows) and all(p.perplexity is not None for p in rows)
+    use_ppl = bool(rows) and all(p.ppl_change_pct is not None for p in rows)
     for p in rows:
-        y = p.perplexity if use_ppl else (p.mean_kl or 0.0)
+        y = p.ppl_change_pct if use_ppl else (p.mean_kl or 0.0)
         speed = p.tokens_per_s or 0.0
         ax.scatter([p.disk_mb], [y], s=40 + 8 * speed, alpha=0.6)
         ax.annotate(f"{p.entry.repo_id.split('/')[-1]}\n{speed:.1f} tok/s", (p.disk_mb, y),
                     textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xlabel("size on disk (MB)")
-    ax.set_ylabel("perplexity from card (lower is better)" if use_ppl else "mean KL vs base (nats/token)")
+    ax.set_ylabel("perplexity change vs base, from card (%)" if use_ppl else "mean KL vs base (nats/token)")
     ax.set_title("size vs quality vs speed (marker area = tokens/s)")
     ax.grid(alpha=0.3)
     ax.margins(x=0.25, y=0.3)

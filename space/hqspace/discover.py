@@ -152,7 +152,9 @@ def find_variants(api, base: str, *, limit: int = 50) -> list[ModelEntry]:
     for m in api.list_models(filter=f"base_model:quantized:{base}", limit=limit):
         candidates[m.id] = None
     for m in api.list_models(filter="hubquant", limit=limit, cardData=True):
-        if m.id != base:
+        # the listing carries card data: read hubquant.json only for repos whose card names this base
+        listed = _base_models(getattr(m, "card_data", None))
+        if m.id != base and (base in listed or not listed):
             candidates.setdefault(m.id, None)
     out = []
     for repo_id in candidates:

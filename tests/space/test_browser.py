@@ -24,7 +24,7 @@ BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
 MAX_NEW_TOKENS = 16
-NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
+NUMBER = r"([-+]?[0-9]+(?:\.[0-9]+)?)"
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
@@ -118,7 +118,8 @@ def page(browser, space_url):
 def _metrics(text: str) -> dict[str, float]:
     """Parse a panel's metrics ("Speed: 12.3 tokens/s", ...) into numbers keyed by label."""
     units = {"Speed": "tokens/s", "Time to first token": "ms", "Size on disk": "MB", "Memory": "MB",
-             "Identical tokens": "%", "Mean KL": "nats/token", "Perplexity (card)": ""}
+             "Identical tokens": "%", "Mean KL": "nats/token", "Perplexity (card)": "",
+             "Perplexity change (card)": "%"}
     out = {}
     for label, unit in units.items():
         m = re.search(re.escape(label) + r":\s*" + NUMBER + (r"\s*" + re.escape(unit) if unit else ""), text)
@@ -177,6 +178,8 @@ def test_compare_smollm2_with_its_variant(page, seeded_hub, variant_repo):
     prov = _hub_file(seeded_hub, variant_repo, "hubquant.json")
     assert var_m["Perplexity (card)"] == pytest.approx(prov["metrics"]["perplexity"], abs=0.006)
     assert base_m["Perplexity (card)"] == pytest.approx(prov["metrics"]["base_perplexity"], abs=0.006)
+    assert base_m["Perplexity change (card)"] == 0.0
+    assert var_m["Perplexity change (card)"] == pytest.approx(prov["metrics"]["ppl_increase_pct"], abs=0.051)
     # the summary table and the trade-off plot are there
     table = page.locator("#metrics-table").inner_text()
     assert BASE in table and variant_repo in table

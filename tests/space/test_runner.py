@@ -71,7 +71,8 @@ def test_comparison_numbers_match_an_independent_computation(tiny_pair):
     base, noisy = tiny_pair
     paths = {"t/base": base, "t/noisy": noisy}
     cache = ModelCache(int(1e9), loader=lambda repo: load_model(paths[repo], repo))
-    entries = [ModelEntry(repo_id="t/base", perplexity=20.0), ModelEntry(repo_id="t/noisy", base="t/base", perplexity=25.0)]
+    entries = [ModelEntry(repo_id="t/base", perplexity=20.0),
+               ModelEntry(repo_id="t/noisy", base="t/base", perplexity=25.0, base_perplexity=20.0)]
     prompt = "Write a short poem about rivers."
     *_, final = run_comparison(entries, prompt, cache=cache, max_new_tokens=16)
 
@@ -100,4 +101,6 @@ def test_comparison_numbers_match_an_independent_computation(tiny_pair):
         md = metrics_markdown(p)
         assert f"Size on disk: {p.disk_mb:.1f} MB" in md and "tokens/s" in md
     fig = tradeoff_plot(final)
-    assert fig.axes[0].get_ylabel().startswith("perplexity")
+    assert n.ppl_change_pct == pytest.approx(25.0) and b.ppl_change_pct == 0.0
+    assert "Perplexity change (card): +25.0 %" in metrics_markdown(n)
+    assert fig.axes[0].get_ylabel().startswith("perplexity change")
