@@ -9,6 +9,12 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -
   (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium)) >/dev/null 2>&1 \
     || echo "   (could not install chromium; browser tests will be skipped)"
 fi
+# the local Hub must also serve huggingface_hub 1.x clients: a small venv with the last 1.x release
+HF1=.cache/venv-hf1
+if [ ! -x "$HF1/bin/python" ]; then
+  python3 -m venv "$HF1" && "$HF1/bin/pip" install -q "huggingface_hub<2" || rm -rf "$HF1"
+fi
+[ -x "$HF1/bin/python" ] && export HUBQUANT_HF_CLIENT_PYTHONS="$PWD/$HF1/bin/python"
 . .venv/bin/activate
 set +e
 python -m pytest -q -p no:cacheprovider "$@"
