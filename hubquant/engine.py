@@ -109,7 +109,10 @@ class LayerWork:
     @torch.no_grad()
     def collect(self, names, *, hessian: bool = True, absmean: bool = False, absmax: bool = False,
                 dtype: torch.dtype = torch.float32) -> dict[str, LinearStats]:
-        """One pass that gathers input statistics for the Linears `names` (batched matmuls, fp32)."""
+        """One pass that gathers input statistics for the Linears `names` (batched matmuls, fp32).
+
+        Also keeps the layer's outputs of this pass in `self.outputs` (used when the engine runs with rerun=False).
+        """
         stats = {n: LinearStats() for n in names}
         seen: list[tuple[torch.Tensor, str]] = []  # inputs already accumulated in this batch (refs keep ids valid)
 
@@ -124,21 +127,23 @@ class LayerWork:
                     st.abssum, st.absmax = src.abssum, src.absmax
                     return
                 seen.append((x, name))
-                xf = x2.to(dtype)
                 if hessian:
-                    st.xtx = xf.T @ xf if st.xtx is None else st.xtx.addmm_(xf.T, xf)
+                    if st.xtx is None:
+                        st.xtx = torch.zeros(x2.shape[1], x2.shape[1], dtype=dtype, device=x2.device)
+                    _accumulate_xtx(st.xtx, x2)
                 if absmean or absmax:
-                    a = xf.abs()
+                    a = x2.abs()
                     if absmean:
-                        s = a.sum(0)
+                        s = a.sum(0, dtype=torch.float32)
                         st.abssum = s if st.abssum is None else st.abssum.add_(s)
                     if absmax:
-                        m = a.amax(0)
+                        m = a.amax(0).float()
                         st.absmax = m if st.absmax is None else torch.maximum(st.absmax, m)
                 st.count += x2.shape[0]
             return hook
 
         hooks = {n: hook_for(n) for n in names}
+        outs = []
         for x, kw in zip(self.inputs, self.kwargs):
             seen.clear()
             handles = [self.linears[n].register_forward_pre_hook(lambda m, a, fn=fn: fn(a[0]))
@@ -148,14 +153,28 @@ class LayerWork:
             finally:
                 for h in handles:
                     h.remove()
+            outs.append(y[0] if isinstance(y, (tuple, list)) else y)
         seen.clear()
+        self.outputs = outs
         # shared entries point at the owner's final tensors
         for n, st in stats.items():
             if st.shared_with:
                 src = stats[st.shared_with]
                 st.count, st.xtx, st.abssum, st.absmax = src.count, src.xtx, src.abssum, src.absmax
-        del y
         return stats
+
+
+def _accumulate_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += x^T x in fp32. On CUDA, 16-bit inputs go through a 16-bit GEMM with fp32 output: products of
+    bf16/fp16 values are exact in fp32, so this equals the fp32 GEMM of the upcast values, at tensor-core speed."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
+        try:
+            acc += torch.mm(x.T, x, out_dtype=torch.float32)
+            return
+        except (RuntimeError, TypeError):  # torch without mm(out_dtype=)
+            pass
+    xf = x.to(acc.dtype)
+    acc.addmm_(xf.T, xf)
 
 
 def _move_non_layers(model: nn.Module, layers: nn.ModuleList, device) -> nn.Module:

@@ -23,7 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CALIB = ("fortunes", 32, 512)  # source, samples, tokens
-EVAL_WINDOWS, EVAL_LEN = 32, 512
+EVAL_WINDOWS, EVAL_LEN = 16, 512
 
 
 def prepare(work: Path, model_dir: Path) -> dict:
