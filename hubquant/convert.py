@@ -349,7 +349,8 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
     ref = None
     if eval_set is not None:
         t = time.time()
-        ref = evaluate.reference(model, eval_set, progress=opts.progress)
+        with evaluate.on_device(model, _pick_device(opts.device), log):
+            ref = evaluate.reference(model, eval_set, progress=opts.progress)
         timings["eval_base"] = time.time() - t
         log(f"base perplexity {ref.perplexity:.3f} on {eval_set.n_tokens} tokens of {eval_set.description}")
     base_copy = None
@@ -393,7 +394,8 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
     leak = None
     if ref is not None:
         t = time.time()
-        cmp = evaluate.compare(model, eval_set, ref, progress=opts.progress)
+        with evaluate.on_device(model, device, log):
+            cmp = evaluate.compare(model, eval_set, ref, progress=opts.progress)
         metrics = cmp.as_dict()
         timings["eval_variant"] = time.time() - t
         log(f"variant perplexity {cmp.perplexity:.3f} ({cmp.ppl_increase_pct:+.2f}%), "

@@ -119,5 +119,31 @@ def compare(model, eval_set: EvalSet, ref: Reference, *, progress: bool = True) 
                       eval_tokens=eval_set.n_tokens)
 
 
+def on_device(model, device: str, log=print):
+    """Context: the model on `device` for evaluation when it fits in 90% of free GPU memory, else where it is."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        if not str(device).startswith("cuda") or not torch.cuda.is_available():
+            yield
+            return
+        need = sum(p.numel() * p.element_size() for p in model.parameters())
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        if need > 0.9 * free:
+            log(f"evaluating on CPU: the model ({need / 1e9:.1f} GB) does not fit in free GPU memory "
+                f"({free / 1e9:.1f} GB); pass --skip-eval to skip")
+            yield
+            return
+        model.to(device)
+        try:
+            yield
+        finally:
+            model.to("cpu")
+            torch.cuda.empty_cache()
+
+    return ctx()
+
+
 def folder_size(path: Path, patterns=("*.safetensors",)) -> int:
     return sum(f.stat().st_size for p in patterns for f in Path(path).glob(p))
