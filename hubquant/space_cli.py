@@ -55,6 +55,12 @@ def export(out_dir: Path) -> Path:
     skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
     for name, src in sources.items():
         shutil.copytree(src, out_dir / name if name else out_dir, ignore=skip, dirs_exist_ok=True)
+    # the README's screenshots, at paths that resolve inside the Space repo
+    (out_dir / "docs" / "img").mkdir(parents=True, exist_ok=True)
+    for img in (root / "docs" / "img").glob("space*.png"):
+        shutil.copyfile(img, out_dir / "docs" / "img" / img.name)
+    readme = out_dir / "README.md"
+    readme.write_text(readme.read_text().replace("](../docs/img/", "](docs/img/"))
     return out_dir
 
 

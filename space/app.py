@@ -144,7 +144,8 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
         except Exception as e:  # show any other failure on the page instead of a bare "Error" toast
             yield _outputs(panels, f"**Error:** {type(e).__name__}: {e}")
             raise
-        done = f"Done in {time.perf_counter() - t0:.1f} s: {len(entries)} models, greedy, {int(n_tokens)} new tokens at most."
+        done = (f"Done in {time.perf_counter() - t0:.1f} s: {len(entries)} models, greedy, "
+                f"{int(n_tokens)} new tokens at most.")
         yield _outputs(panels, done, tradeoff_plot(panels))
 
     # ---- Convert -------------------------------------------------------------------------------
@@ -178,8 +179,8 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
                     for r in job.results)
                 links = "New repos:\n" + links
             if job.state == "failed":
-                status = (f"**{job.error_kind or 'Error'}:** {job.error}" + (f"  \n**Fix:** {job.hint}" if job.hint else "")
-                          + f"  \n{status}")
+                fix = f"  \n**Fix:** {job.hint}" if job.hint else ""
+                status = f"**{job.error_kind or 'Error'}:** {job.error}{fix}  \n{status}"
             yield status, "\n".join(job.lines[-400:]), links
             if finished:
                 return

@@ -113,7 +113,8 @@ def describe(api, repo_id: str, *, base: str | None = None) -> ModelEntry:
     try:
         info = api.model_info(repo_id, files_metadata=True)
     except GatedRepoError as e:
-        raise AuthError(f"{repo_id} is gated", hint=f"accept its terms on the Hub page of {repo_id}, then log in") from e
+        raise AuthError(f"{repo_id} is gated",
+                        hint=f"accept its terms on the Hub page of {repo_id}, then log in") from e
     except RepositoryNotFoundError as e:
         raise NotFoundError(f"no model named {repo_id} on {api.endpoint}",
                             hint="check the spelling, or log in if it is private") from e

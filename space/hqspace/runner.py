@@ -91,8 +91,9 @@ def load_model(path: Path, repo_id: str) -> LoadedModel:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
         except (ValueError, OSError, ImportError) as e:
-            raise UnsupportedError(f"cannot load {repo_id}: {str(e).splitlines()[0][:200]}",
-                                   hint="pick a variant in a format transformers loads on CPU (compressed-tensors)") from e
+            raise UnsupportedError(
+                f"cannot load {repo_id}: {str(e).splitlines()[0][:200]}",
+                hint="pick a variant in a format transformers loads on CPU (compressed-tensors)") from e
     model.eval()
     if tok is None:
         tok = AutoTokenizer.from_pretrained(path)

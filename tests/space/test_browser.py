@@ -52,8 +52,8 @@ def variant_repo(seeded_hub, tmp_path_factory) -> str:
     """An RTN W4 group-64 variant of SmolLM2, made and pushed by `hubquant convert`."""
     target = f"alice/space-SmolLM2-W4A16-G64-RTN-{uuid.uuid4().hex[:6]}"
     env = _hub_env(seeded_hub, tmp_path_factory.mktemp("hf-convert"), seeded_hub.token("alice"))
-    cmd = [sys.executable, "-m", "hubquant.cli", "convert", BASE, "--method", "rtn", "--bits", "4", "--group-size", "64", "--push",
-           "--target-repo", target, "--eval-windows", "2", "--eval-seq-len", "256", "--quiet"]
+    cmd = [sys.executable, "-m", "hubquant.cli", "convert", BASE, "--method", "rtn", "--bits", "4", "--group-size",
+           "64", "--push", "--target-repo", target, "--eval-windows", "2", "--eval-seq-len", "256", "--quiet"]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return target
@@ -216,7 +216,8 @@ def test_convert_a_tiny_model_pushes_a_new_repo(page, seeded_hub, tmp_path, toke
     assert {"model.safetensors", "config.json", "hubquant.json", "README.md"} <= files
     prov = _hub_file(seeded_hub, target, "hubquant.json")
     assert prov["base_model"] == source and prov["settings"]["method"] == "rtn"
-    assert prov["settings"]["scheme"]["weights"]["bits"] == 4 and prov["settings"]["scheme"]["weights"]["group_size"] == 64
+    weights = prov["settings"]["scheme"]["weights"]
+    assert weights["bits"] == 4 and weights["group_size"] == 64
     config = _hub_file(seeded_hub, target, "config.json")
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
 

@@ -1,4 +1,10 @@
-from hqspace.discover import ModelEntry, _base_models, _perplexity_from_card, _perplexity_from_provenance, _provenance_base
+from hqspace.discover import (
+    ModelEntry,
+    _base_models,
+    _perplexity_from_card,
+    _perplexity_from_provenance,
+    _provenance_base,
+)
 
 
 def test_perplexity_is_read_from_model_index_and_skips_the_base_row():
@@ -13,7 +19,8 @@ def test_perplexity_is_read_from_model_index_and_skips_the_base_row():
 
 
 def test_provenance_fields():
-    meta = {"base_model": {"repo_id": "org/base", "sha": "abc"}, "metrics": {"perplexity": 20.5, "base_perplexity": 19.0}}
+    meta = {"base_model": {"repo_id": "org/base", "sha": "abc"},
+            "metrics": {"perplexity": 20.5, "base_perplexity": 19.0}}
     assert _provenance_base(meta) == "org/base"
     assert _provenance_base({"base_model": "org/other"}) == "org/other"
     assert _perplexity_from_provenance(meta) == 20.5

@@ -49,3 +49,25 @@ def test_hub_token_is_set_for_the_block_and_restored(monkeypatch):
     with hub_token("user-token"):
         assert os.environ["HF_TOKEN"] == "user-token"
     assert "HF_TOKEN" not in os.environ
+
+
+def test_export_writes_a_self_contained_space(tmp_path):
+    import subprocess
+    import sys
+
+    from hubquant.space_cli import export
+
+    out = export(tmp_path / "space")
+    for rel in ("app.py", "README.md", "requirements.txt", "hqspace/runner.py", "hubquant/convert.py",
+                "hubquant_kernels/w4a16.py", "cards/variant.md.j2", "docs/img/space-compare.png"):
+        assert (out / rel).is_file(), rel
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("---\n") and "sdk: gradio" in readme and "hf_oauth: true" in readme
+    assert "](docs/img/space-compare.png)" in readme
+    # the exported app builds from its own folder's packages
+    code = ("import sys; sys.argv=['app.py']; import runpy; g = runpy.run_path('app.py', run_name='space');"
+            "import hubquant; assert hubquant.__file__.startswith(sys.path[0]), hubquant.__file__;"
+            "d = g['build_app'](); print(type(d).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=out, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("Blocks"), proc.stderr[-2000:]
