@@ -12,7 +12,8 @@ Options (``job.options``): ``alpha`` (float, default 0.5, or ``"search"``: a gri
 smoothing group, scored by that group's W8A8 output error on calibration tokens), ``alpha_grid``
 (default 0.0..1.0 by 0.1), ``smooth`` (``"all"``: both norms plus v_proj->o_proj and
 up_proj->down_proj, the default; ``"norms"``: only the two norms, as llm-compressor does),
-``search_tokens`` (tokens kept per group for the search, default 512), ``batch_size`` (4).
+``search_tokens`` (tokens kept per group for the search, default 512), ``weights`` (``"rtn"``, the
+default, or ``"gptq"``: int8 weights by GPTQ on the smoothed layer's inputs, through the same engine).
 
 Evaluation: after ``run``/``run_naive`` the model behaves like the quantized model. Each quantized
 Linear holds its dequantized weight and carries a forward pre-hook that fake-quantizes its input
@@ -374,10 +375,34 @@ def _check_scheme(scheme: QuantScheme) -> None:
                          hint="use dynamic per-token or static per-tensor activations")
 
 
-def _quantize_linear(name: str, lin: nn.Linear, scheme: QuantScheme, dtype, absmax=None) -> QuantizedWeight:
+def _gptq_layer(work, names: list[str], scheme: WeightScheme, dtype) -> dict[str, QuantizedWeight]:
+    """GPTQ int8 per-channel weights for one layer's Linears (Hessians of the smoothed float inputs)."""
+    from hubquant.methods.gptq import gptq_quantize
+
+    stats = work.collect(names, hessian=True)
+    shared: dict[int, list[str]] = {}  # q/k/v and gate/up read one input: one Hessian, one matrix
+    for n in names:
+        shared.setdefault(id(stats[n].xtx), []).append(n)
+    out = {}
+    for group in shared.values():
+        h = stats[group[0]].hessian()
+        lins = [work.linears[n] for n in group]
+        qw, _ = gptq_quantize(torch.cat([lin.weight for lin in lins], 0), h, scheme, scale_dtype=dtype, inplace=True)
+        row = 0
+        for n, lin in zip(group, lins):
+            rows = slice(row, row + lin.out_features)
+            row += lin.out_features
+            out[n] = QuantizedWeight(qweight=qw.qweight[rows].cpu(), scale=qw.scale[rows].cpu(), zero_point=None,
+                                     scheme=scheme)
+    return out
+
+
+def _quantize_linear(name: str, lin: nn.Linear, scheme: QuantScheme, dtype, absmax=None,
+                     qw: QuantizedWeight | None = None) -> QuantizedWeight:
     act = scheme.activations
     static = not act.dynamic
-    qw = quantize_weight(lin.weight.data, scheme.weights, dtype, per_tensor=static and scheme.weights.type == "float")
+    if qw is None:
+        qw = quantize_weight(lin.weight.data, scheme.weights, dtype, per_tensor=static and scheme.weights.type == "float")
     if static:
         if absmax is None:
             raise UnsupportedError(f"no calibration statistics for {name} (outside the decoder layers)",
@@ -405,7 +430,10 @@ def quantize_w8a8(model: nn.Module, job, *, smooth: bool) -> dict[str, Quantized
     cfg = SmoothConfig.from_options(opts) if smooth else None
     quantized: dict[str, QuantizedWeight] = {}
     used: dict[str, float] = {}
-    if smooth or not act.dynamic:
+    use_gptq = opts.get("weights", "rtn") == "gptq"
+    if opts.get("weights", "rtn") not in ("rtn", "gptq") or (use_gptq and scheme.weights.type != "int"):
+        raise UsageError(f"weights={opts.get('weights')!r} is not supported here", hint="use weights=rtn or weights=gptq (int8)")
+    if smooth or not act.dynamic or use_gptq:
         if job.calib is None:
             raise UsageError("this method needs calibration data (smoothing or static activation scales)",
                              hint="pass calibration text (--calib-dataset) or use dynamic activations")
@@ -422,7 +450,8 @@ def quantize_w8a8(model: nn.Module, job, *, smooth: bool) -> dict[str, Quantized
                 used.update(smooth_layer(work.layer, work.name, absmax, groups=groups, style=style, head_dim=head_dim,
                                          n_kv=n_kv, alpha=cfg.alpha, scheme=scheme, samples=samples,
                                          alpha_grid=cfg.alpha_grid))
-            layer_q = {n: _quantize_linear(n, linears[n], scheme, dtype, absmax.get(n)) for n in names}
+            pre = _gptq_layer(work, names, scheme.weights, dtype) if use_gptq else {}
+            layer_q = {n: _quantize_linear(n, linears[n], scheme, dtype, absmax.get(n), pre.get(n)) for n in names}
             _attach(model, layer_q, act)  # the rerun feeds quantized outputs to the next layer
             quantized.update(layer_q)
 

@@ -163,3 +163,16 @@ def test_errors_name_the_fix():
     with pytest.raises(UsageError):
         METHODS["w8a8"].load()(tiny_model("llama", vocab=VOCAB),
                                QuantJob(scheme=QuantScheme(weights=WeightScheme(bits=4, group_size=64)), progress=False))
+
+
+def test_smoothquant_with_gptq_weights():
+    ids, calib = _ids(), _ids(seed=2)
+    out = {}
+    for weights in ("rtn", "gptq"):
+        m = _with_outliers()
+        ref = _logits(m, ids)
+        q = METHODS["smoothquant"].load()(m, QuantJob(scheme=W8A8, calib=calib, options={"weights": weights},
+                                                      progress=False))
+        assert q["model.layers.1.mlp.down_proj"].qweight.dtype == torch.int8
+        out[weights] = sqnr_db(ref, _logits(m, ids))
+    assert out["gptq"] > 25 and out["gptq"] > out["rtn"] - 0.5, out  # measured 29.2 vs 28.8 dB

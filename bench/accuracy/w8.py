@@ -1,0 +1,277 @@
+"""8-bit accuracy benchmark: SmolLM2-135M-Instruct, float vs naive W8A8 vs SmoothQuant W8A8 vs FP8 vs bitsandbytes
+LLM.int8 vs NF4 (hubquant), side by side with llm-compressor's SmoothQuant + W8A8 recipe, one run.
+
+    python bench/accuracy/w8.py                # writes docs/accuracy-8bit.md
+    python bench/accuracy/w8.py --extended     # also alpha search, norms-only smoothing, static W8A8 and FP8
+
+Same calibration windows (fortunes, 32 x 512) and evaluation windows (lee-news) for everyone. Activation
+quantization is simulated on CPU: hubquant's methods leave forward pre-hooks that quantize each Linear's input
+(per token, or with the static input_scale), and llm-compressor's checkpoint is loaded by transformers +
+compressed-tensors, which quantizes activations the same way (tests/formats/test_w8a8_loaders.py shows both give
+identical logits on hubquant checkpoints). llm-compressor runs in its own venv (LLMC_PYTHON, default
+/work/venvs/llmc/bin/python) in a subprocess, in parallel with the hubquant variants (1 thread each side).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+CALIB = ("fortunes", 32, 512)
+EVAL_WINDOWS, EVAL_LEN = 16, 512
+LLMC_ALPHA = 0.8  # llm-compressor's W8A8 example
+
+
+def llmc_worker(model_dir: str, work: Path, alpha: float) -> None:
+    """Runs under llm-compressor's python: SmoothQuantModifier + GPTQModifier(W8A8), save compressed."""
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    calib = torch.load(work / "calib_ids.pt")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    recipe = [SmoothQuantModifier(smoothing_strength=alpha),
+              GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+    oneshot(model=model, tokenizer=tok, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0],
+            max_seq_length=calib.shape[1], shuffle_calibration_samples=False)
+    out = work / "llmc-smoothquant-w8a8"
+    model.save_pretrained(out, save_compressed=True)
+    tok.save_pretrained(out)
+    print(json.dumps({"quant_s": time.time() - t0, "out": str(out)}), flush=True)
+
+
+def prepare(work: Path, model_dir: Path) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from hubquant.calibration import build_calibration, check_disjoint
+    from hubquant.textdata import load_texts
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    calib = build_calibration(tok, spec=CALIB[0], num_samples=CALIB[1], seq_len=CALIB[2], seed=0)
+    ev = load_texts("lee-news")
+    check_disjoint(calib, ev)
+    flat: list[int] = []
+    for ids in tok(list(ev.texts), add_special_tokens=False)["input_ids"]:
+        flat += ids + [tok.eos_token_id]
+    n_win = len(flat) // EVAL_LEN
+    step = max(1, n_win // EVAL_WINDOWS)  # windows spread over the whole corpus
+    data = torch.tensor(flat)
+    eval_ids = torch.stack([data[i * EVAL_LEN:(i + 1) * EVAL_LEN] for i in range(0, n_win, step)][:EVAL_WINDOWS])
+    torch.save(calib.ids, work / "calib_ids.pt")
+    torch.save(eval_ids, work / "eval_ids.pt")
+    return {"calib": calib.description, "eval": f"{ev.description}: {eval_ids.shape[0]} x {EVAL_LEN} tokens",
+            "calib_ids": calib.ids, "eval_ids": eval_ids}
+
+
+def variants(extended: bool) -> list[tuple[str, str, dict, str]]:
+    """(label, method, options, activation mode) in run order."""
+    v = [("naive W8A8", "w8a8", {}, "dynamic"),
+         ("SmoothQuant W8A8, alpha 0.5", "smoothquant", {"alpha": 0.5}, "dynamic"),
+         ("SmoothQuant W8A8, alpha 0.8", "smoothquant", {"alpha": 0.8}, "dynamic"),
+         ("FP8 e4m3 dynamic", "fp8", {}, "dynamic"),
+         ("bnb LLM.int8 (threshold 6)", "bnb-int8", {}, "dynamic"),
+         ("bnb NF4 + double quant (bf16 compute)", "bnb-nf4", {}, "-")]
+    if extended:
+        v += [("SmoothQuant W8A8, alpha search", "smoothquant", {"alpha": "search"}, "dynamic"),
+              ("SmoothQuant W8A8, alpha 0.5, norms only", "smoothquant", {"alpha": 0.5, "smooth": "norms"}, "dynamic"),
+              ("naive W8A8, static activations", "w8a8", {}, "static"),
+              ("SmoothQuant W8A8 alpha 0.5, static activations", "smoothquant", {"alpha": 0.5}, "static"),
+              ("FP8 e4m3 static", "fp8", {}, "static")]
+    return v
+
+
+def run_hubquant(base, label, method, options, act_mode, calib_ids, eval_ids, ppl_fn) -> dict:
+    import torch
+
+    from hubquant.methods import METHODS, QuantJob
+    from hubquant.quant import ActivationScheme, QuantScheme
+
+    spec = METHODS[method]
+    scheme = spec.default_scheme
+    if act_mode == "static":
+        scheme = QuantScheme(weights=scheme.weights, activations=ActivationScheme(
+            type=scheme.activations.type, dynamic=False, strategy="tensor"))
+    model = copy.deepcopy(base)
+    t0 = time.time()
+    spec.load()(model, QuantJob(scheme=scheme, calib=calib_ids, options=options, progress=False))
+    t_quant = time.time() - t0
+    t1 = time.time()
+    with torch.no_grad():
+        ppl = ppl_fn(model, eval_ids)
+    extra = getattr(model, "_hubquant_smoothquant", {}).get("alphas_used")
+    row = {"tool": "hubquant", "label": label, "method": method, "scheme": scheme.name, "ppl": ppl,
+           "quant_s": t_quant, "eval_s": time.time() - t1}
+    if extra:
+        vals = sorted(extra.values())
+        row["alphas"] = f"{len(vals)} groups, alpha median {vals[len(vals) // 2]:.1f}, range {vals[0]:.1f}-{vals[-1]:.1f}"
+    return row
+
+
+def write_report(rows: list[dict], meta: dict, out_md: Path) -> None:
+    base = next((r["ppl"] for r in rows if r["method"] == "float"), None)
+    lines = [
+        "# 8-bit accuracy: W8A8 int8 (naive, SmoothQuant), FP8, bitsandbytes on SmolLM2-135M-Instruct",
+        "",
+        f"Measured {meta['date']} on {meta['machine']} by `python bench/accuracy/w8.py{meta['args']}`.",
+        "",
+        "- Model: SmolLM2-135M-Instruct from `hubquant.assets.smollm2_dir()` (bf16 safetensors rebuilt from a GGUF; its "
+        "weights carry Q4_1 rounding), run in float32 so that only quantization error shows.",
+        f"- Calibration (same token windows for every calibrated method): {meta['calib']}.",
+        f"- Evaluation (checked disjoint from the calibration text): {meta['eval']}; perplexity, each window scored "
+        "on its own.",
+        "- Activation quantization is simulated on CPU. hubquant: each quantized Linear holds its dequantized weight "
+        "and a forward pre-hook quantizes its input (int8 per token with scale absmax/127.5, FP8 e4m3 per token "
+        "with absmax/448, or a static calibrated scale; LLM.int8: per-token int8 with columns holding a value >= 6 "
+        "kept in float, as bitsandbytes computes it; NF4: input cast to bf16). llm-compressor: its saved checkpoint "
+        "loaded by transformers + compressed-tensors, which quantizes activations in the forward the same way.",
+        f"- llm-compressor 0.14.0.1 in its own venv (torch 2.13.0 CPU, transformers 5.17, compressed-tensors 0.19): "
+        f"its W8A8 example recipe, `SmoothQuantModifier(smoothing_strength={LLMC_ALPHA})` + "
+        "`GPTQModifier(scheme=\"W8A8\", ignore=[\"lm_head\"])` (GPTQ int8 weights; hubquant uses round-to-nearest "
+        "int8 weights), run in a subprocess in parallel with the hubquant variants, 1 CPU thread each.",
+        "- hubquant SmoothQuant smooths input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, "
+        "v_proj -> o_proj (scales tied across the query heads that share a KV head) and up_proj -> down_proj "
+        "(`smooth=\"all\"`, the default); `norms only` is llm-compressor's mapping set.",
+        "- `quantize s`: calibrate + smooth + quantize in memory (llm-compressor: its whole oneshot + save); the 2 "
+        "cores were shared with other jobs, so times carry noise.",
+        "",
+        "| variant | tool | scheme | perplexity | vs float | quantize s | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['tool']} | {r.get('scheme', '')} | failed: {r['error']} | | | |")
+            continue
+        delta = "" if r["method"] == "float" or not base else f"{100 * (r['ppl'] / base - 1):+.2f}%"
+        q = f"{r['quant_s']:.0f}" if r.get("quant_s") is not None else ""
+        lines.append(f"| {r['label']} | {r['tool']} | {r.get('scheme', '')} | {r['ppl']:.3f} | {delta} | {q} | "
+                     f"{r.get('alphas', r.get('note', ''))} |")
+    out_md.write_text("\n".join(lines) + "\n" + meta.get("summary", ""))
+
+
+def summarize(rows: list[dict]) -> str:
+    by = {r["label"]: r for r in rows if "ppl" in r}
+    base = by.get("float", {}).get("ppl")
+    if not base:
+        return ""
+    pct = {k: 100 * (r["ppl"] / base - 1) for k, r in by.items()}
+    out = ["", "## Goals", ""]
+    naive = pct.get("naive W8A8")
+    sq = {k: v for k, v in pct.items() if k.startswith("SmoothQuant") and "static" not in k}
+    if sq:
+        best = min(sq, key=sq.get)
+        out.append(f"- SmoothQuant W8A8 within 1% of float: best hubquant variant ({best}) "
+                   f"{sq[best]:+.2f}% -> {'met' if sq[best] <= 1 else 'NOT met'}.")
+        if naive is not None:
+            beats = all(v < naive for v in sq.values())
+            out.append(f"- SmoothQuant strictly better than naive W8A8 ({naive:+.2f}%): "
+                       f"{'yes, every SmoothQuant variant' if beats else 'NOT for every variant'}.")
+    if "FP8 e4m3 dynamic" in pct:
+        v = pct["FP8 e4m3 dynamic"]
+        out.append(f"- FP8 within 1% of float: {v:+.2f}% -> {'met' if v <= 1 else 'NOT met'}.")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/hubquant-bench-w8")
+    ap.add_argument("--extended", action="store_true")
+    ap.add_argument("--skip-llmc", action="store_true")
+    ap.add_argument("--llmc-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work = Path(args.work)
+    if args.llmc_worker:
+        llmc_worker(args.model, work, LLMC_ALPHA)
+        return
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hubquant.assets import smollm2_dir
+
+    sys.path.insert(0, str(HERE))
+    from ppl import perplexity
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    model_dir = smollm2_dir()
+    work.mkdir(parents=True, exist_ok=True)
+    meta = prepare(work, model_dir)
+    calib_ids, eval_ids = meta.pop("calib_ids"), meta.pop("eval_ids")
+    meta.update(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                machine=f"{platform.processor() or platform.machine()} ({_cpu_name()}), {os.cpu_count()} CPU cores, "
+                        f"no GPU, torch {torch.__version__}",
+                args=" --extended" if args.extended else "")
+    llmc_proc = None
+    if not args.skip_llmc:
+        py = os.environ.get("LLMC_PYTHON", "/work/venvs/llmc/bin/python")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        log = open(work / "llmc.log", "w")
+        llmc_proc = subprocess.Popen([py, str(Path(__file__).resolve()), "--llmc-worker", "--model", str(model_dir),
+                                      "--work", str(work)], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    out_md = ROOT / "docs" / "accuracy-8bit.md"
+    rows: list[dict] = []
+
+    def record(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with (work / "results.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        meta["summary"] = summarize(rows)
+        write_report(rows, meta, out_md)
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    t1 = time.time()
+    with torch.no_grad():
+        record({"tool": "-", "label": "float", "method": "float", "scheme": "fp32", "ppl": perplexity(base, eval_ids),
+                "quant_s": None, "eval_s": time.time() - t1})
+    for label, method, options, act in variants(args.extended):
+        try:
+            record(run_hubquant(base, label, method, options, act, calib_ids, eval_ids, perplexity))
+        except Exception as e:  # one failed variant must not hide the others
+            record({"tool": "hubquant", "label": label, "method": method, "error": f"{type(e).__name__}: {e}"[:200]})
+    if llmc_proc is not None:
+        stdout, _ = llmc_proc.communicate()
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+        label = f"SmoothQuant (alpha {LLMC_ALPHA}) + GPTQ W8A8"
+        if llmc_proc.returncode or not lines:
+            err = (work / "llmc.log").read_text().strip().splitlines() or ["?"]
+            record({"tool": "llm-compressor", "label": label, "method": "smoothquant", "error": err[-1][:200]})
+        else:
+            info = json.loads(lines[-1])
+            model = AutoModelForCausalLM.from_pretrained(info["out"], device_map="cpu", dtype=torch.float32).eval()
+            t1 = time.time()
+            with torch.no_grad():
+                ppl = perplexity(model, eval_ids)
+            record({"tool": "llm-compressor", "label": label, "method": "smoothquant", "scheme": "W8A8", "ppl": ppl,
+                    "quant_s": info["quant_s"], "eval_s": time.time() - t1,
+                    "note": "checkpoint loaded by transformers 5.24 + compressed-tensors 0.20"})
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
