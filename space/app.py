@@ -156,7 +156,10 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
         if not model_id or not methods:
             yield "Enter a model id and pick at least one method.", "", ""
             return
-        token = (oauth_token.token if oauth_token else None) or (token_text or "").strip() or os.environ.get("HF_TOKEN")
+        if on_space:  # only the visitor's own login: never the Space owner's HF_TOKEN
+            token = oauth_token.token if oauth_token else None
+        else:
+            token = (token_text or "").strip() or os.environ.get("HF_TOKEN")
         api = _api(token)
         try:
             user = preflight(api, model_id, token)
