@@ -138,7 +138,7 @@ def write_variant(out_dir: Path, config: dict, tensors: Iterable[tuple[str, torc
     """Write a checkpoint folder: quantized `linears` (module names) per `kind`, every other tensor as is.
 
     Args:
-        out_dir: folder to create (config.json + model-XXXXX.safetensors shards).
+        out_dir: folder to create (config.json + model.safetensors, or shards + index past `shard_bytes`).
         config: the float model's config dict (quantization_config is added).
         tensors: (name, tensor) pairs of the float state dict; may be a generator (big models).
         linears: module names whose `.weight` is quantized (minus `ignore`).
@@ -155,13 +155,15 @@ def write_variant(out_dir: Path, config: dict, tensors: Iterable[tuple[str, torc
     out_dir.mkdir(parents=True, exist_ok=True)
     shard: dict[str, torch.Tensor] = {}
     size, n_shard = 0, 0
+    shard_keys: list[list[str]] = []
     deq_all: dict[str, torch.Tensor] = {}
     skipped = []
 
     def flush():
         nonlocal shard, size, n_shard
         if shard:
-            save_file(shard, str(out_dir / f"model-{n_shard:05d}.safetensors"), metadata={"format": "pt"})
+            save_file(shard, str(out_dir / f"shard-{n_shard}.tmp"), metadata={"format": "pt"})
+            shard_keys.append(list(shard))
             n_shard += 1
             shard, size = {}, 0
 
@@ -181,6 +183,16 @@ def write_variant(out_dir: Path, config: dict, tensors: Iterable[tuple[str, torc
         if size >= shard_bytes:
             flush()
     flush()
+    # the Hub's names: model.safetensors, or numbered shards + index (what transformers and vLLM look for)
+    if n_shard == 1:
+        (out_dir / "shard-0.tmp").rename(out_dir / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, keys in enumerate(shard_keys):
+            name = f"model-{i + 1:05d}-of-{n_shard:05d}.safetensors"
+            (out_dir / f"shard-{i}.tmp").rename(out_dir / name)
+            weight_map.update({k: name for k in keys})
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     cfg = dict(config)
     qc = quantization_config(kind, group_size, sorted(set(skipped)))
     if qc is not None:
@@ -193,8 +205,14 @@ def write_model_variant(model: torch.nn.Module, out_dir: Path, kind: str, *, gro
                         tokenizer=None) -> dict[str, torch.Tensor]:
     """`write_variant` for an in-memory transformers model (tests): returns the dequantized weights."""
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    deq = write_variant(out_dir, model.config.to_dict(), model.state_dict().items(), linears, kind,
-                        group_size=group_size)
+    seen: set[int] = set()
+    state = []
+    for key, v in model.state_dict().items():  # tied weights (embeddings / lm_head) are saved once
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        state.append((key, v))
+    deq = write_variant(out_dir, model.config.to_dict(), state, linears, kind, group_size=group_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return deq
