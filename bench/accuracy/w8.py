@@ -9,7 +9,7 @@ quantization is simulated on CPU: hubquant's methods leave forward pre-hooks tha
 (per token, or with the static input_scale), and llm-compressor's checkpoint is loaded by transformers +
 compressed-tensors, which quantizes activations the same way (tests/formats/test_w8a8_loaders.py shows both give
 identical logits on hubquant checkpoints). llm-compressor runs in its own venv (LLMC_PYTHON, default
-/work/venvs/llmc/bin/python) in a subprocess, in parallel with the hubquant variants (1 thread each side).
+/work/venvs/llmc/bin/python) in a subprocess, in parallel with the hubquant variants (llm-compressor 1 thread, hubquant BENCH_THREADS, default 2).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CALIB = ("fortunes", 32, 512)
-EVAL_WINDOWS, EVAL_LEN = 16, 512
+EVAL_WINDOWS, EVAL_LEN = 8, 512
 LLMC_ALPHA = 0.8  # llm-compressor's W8A8 example
 
 
@@ -88,7 +88,8 @@ def variants(extended: bool) -> list[tuple[str, str, dict, str]]:
          ("bnb LLM.int8 (threshold 6)", "bnb-int8", {}, "dynamic"),
          ("bnb NF4 + double quant (bf16 compute)", "bnb-nf4", {}, "-")]
     if extended:
-        v += [("SmoothQuant W8A8, alpha search", "smoothquant", {"alpha": "search"}, "dynamic"),
+        v += [("SmoothQuant W8A8, alpha 0.8, GPTQ weights", "smoothquant", {"alpha": 0.8, "weights": "gptq"}, "dynamic"),
+              ("SmoothQuant W8A8, alpha search", "smoothquant", {"alpha": "search"}, "dynamic"),
               ("SmoothQuant W8A8, alpha 0.5, norms only", "smoothquant", {"alpha": 0.5, "smooth": "norms"}, "dynamic"),
               ("naive W8A8, static activations", "w8a8", {}, "static"),
               ("SmoothQuant W8A8 alpha 0.5, static activations", "smoothquant", {"alpha": 0.5}, "static"),
@@ -143,7 +144,8 @@ def write_report(rows: list[dict], meta: dict, out_md: Path) -> None:
         f"- llm-compressor 0.14.0.1 in its own venv (torch 2.13.0 CPU, transformers 5.17, compressed-tensors 0.19): "
         f"its W8A8 example recipe, `SmoothQuantModifier(smoothing_strength={LLMC_ALPHA})` + "
         "`GPTQModifier(scheme=\"W8A8\", ignore=[\"lm_head\"])` (GPTQ int8 weights; hubquant uses round-to-nearest "
-        "int8 weights), run in a subprocess in parallel with the hubquant variants, 1 CPU thread each.",
+        "int8 weights), run in a subprocess with 1 CPU thread in parallel with the hubquant variants "
+        f"({meta['threads']} threads).",
         "- hubquant SmoothQuant smooths input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, "
         "v_proj -> o_proj (scales tied across the query heads that share a KV head) and up_proj -> down_proj "
         "(`smooth=\"all\"`, the default); `norms only` is llm-compressor's mapping set.",
@@ -208,7 +210,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from ppl import perplexity
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     model_dir = smollm2_dir()
     work.mkdir(parents=True, exist_ok=True)
     meta = prepare(work, model_dir)
@@ -216,7 +218,7 @@ def main() -> None:
     meta.update(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 machine=f"{platform.processor() or platform.machine()} ({_cpu_name()}), {os.cpu_count()} CPU cores, "
                         f"no GPU, torch {torch.__version__}",
-                args=" --extended" if args.extended else "")
+                args=" --extended" if args.extended else "", threads=torch.get_num_threads())
     llmc_proc = None
     if not args.skip_llmc:
         py = os.environ.get("LLMC_PYTHON", "/work/venvs/llmc/bin/python")

@@ -13,7 +13,9 @@ smoothing group, scored by that group's W8A8 output error on calibration tokens)
 (default 0.0..1.0 by 0.1), ``smooth`` (``"all"``: both norms plus v_proj->o_proj and
 up_proj->down_proj, the default; ``"norms"``: only the two norms, as llm-compressor does),
 ``search_tokens`` (tokens kept per group for the search, default 512), ``weights`` (``"rtn"``, the
-default, or ``"gptq"``: int8 weights by GPTQ on the smoothed layer's inputs, through the same engine).
+default, or ``"gptq"``: int8 weights by GPTQ on the smoothed layer's inputs, through the same engine),
+``sequential`` (calibrate each layer on the quantized outputs of the previous ones; default True for
+static activations and GPTQ weights, False otherwise: one pass over the float model).
 
 Evaluation: after ``run``/``run_naive`` the model behaves like the quantized model. Each quantized
 Linear holds its dequantized weight and carries a forward pre-hook that fake-quantizes its input
@@ -455,7 +457,12 @@ def quantize_w8a8(model: nn.Module, job, *, smooth: bool) -> dict[str, Quantized
             _attach(model, layer_q, act)  # the rerun feeds quantized outputs to the next layer
             quantized.update(layer_q)
 
-        run_layers(model, job.calib, on_layer=on_layer, device=job.device, ignore=job.ignore, rerun=True,
+        # Sequential (each layer calibrated on the quantized outputs of the ones before) costs a second pass per
+        # layer. Static scales and GPTQ depend on it; with dynamic activations only the smoothing ranges would,
+        # so by default those are measured on the float model in one pass, as the SmoothQuant paper does.
+        sequential = opts.get("sequential", use_gptq or not act.dynamic)
+        sequential = sequential if isinstance(sequential, bool) else str(sequential).lower() in ("1", "true", "yes")
+        run_layers(model, job.calib, on_layer=on_layer, device=job.device, ignore=job.ignore, rerun=sequential,
                    progress=job.progress, desc="smoothquant" if smooth else "w8a8 calibration",
                    tokens_per_batch=int(opts.get("tokens_per_batch", 16384)))
     for name in tqdm([n for n in linears if n not in quantized], desc="quantizing", disable=not job.progress):
