@@ -115,7 +115,11 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
 
     def compare(base: str, variants: list[str], prompt: str, n_tokens: float):
         base = (base or "").strip()
-        variants = [v for v in (variants or []) if v != base][: MAX_PANELS - 1]
+        variants = [v for v in (variants or []) if v != base]
+        note = ""
+        if len(variants) > MAX_PANELS - 1:
+            note = f" Showing the first {MAX_PANELS - 1} variants ({len(variants)} ticked)."
+            variants = variants[: MAX_PANELS - 1]
         if not base or not (prompt or "").strip():
             yield _outputs([], "Choose a base model and write a prompt.")
             return
@@ -145,7 +149,7 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
             yield _outputs(panels, f"**Error:** {type(e).__name__}: {e}")
             raise
         done = (f"Done in {time.perf_counter() - t0:.1f} s: {len(entries)} models, greedy, "
-                f"{int(n_tokens)} new tokens at most.")
+                f"{int(n_tokens)} new tokens at most.{note}")
         yield _outputs(panels, done, tradeoff_plot(panels))
 
     # ---- Convert -------------------------------------------------------------------------------

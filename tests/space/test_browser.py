@@ -167,7 +167,7 @@ def test_compare_smollm2_with_its_variant(page, seeded_hub, variant_repo):
     assert var_m["Size on disk"] < 0.5 * base_m["Size on disk"]  # packed int4 Linears vs bf16
     # base: bf16 everywhere; the variant keeps its packed 4-bit weights in memory (hubquant.load)
     assert base_m["Memory"] == pytest.approx(base_m["Size on disk"], rel=0.05)
-    assert var_m["Memory"] == pytest.approx(var_m["Size on disk"], rel=0.05)
+    assert var_m["Memory"] < 0.6 * base_m["Memory"], "hubquant.load should keep 4-bit weights packed"
     for m in (base_m, var_m):
         assert m["Speed"] > 0 and m["Time to first token"] > 0
     assert base_m["Identical tokens"] == 100.0 and base_m["Mean KL"] == 0.0
