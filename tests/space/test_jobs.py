@@ -55,6 +55,9 @@ def test_export_writes_a_self_contained_space(tmp_path):
     import subprocess
     import sys
 
+    import pytest
+
+    pytest.importorskip("gradio")
     from hubquant.space_cli import export
 
     out = export(tmp_path / "space")
