@@ -66,7 +66,7 @@ class ServiceConfig:
     version: int = 1
 
     @classmethod
-    def from_env(cls, **kw) -> "ServiceConfig":
+    def from_env(cls, **kw) -> ServiceConfig:
         kw.setdefault("webhook_secret", os.environ.get(SECRET_ENV) or None)
         kw.setdefault("api_token", os.environ.get(TOKEN_ENV) or None)
         return cls(**kw)

@@ -76,6 +76,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--workers", type=int, default=None, help="local workers (default: one per GPU, else 1)")
     s.add_argument("--backend", choices=("local", "ray"), default="local")
     s.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray)")
+    s.add_argument("--ray-node-ip", default=None, help="this machine's address in the Ray cluster (e.g. 127.0.0.1)")
     s.add_argument("--config", metavar="FILE", help="settings file (JSON, TOML or YAML) with any of the flags' names")
     s.add_argument("--author", action="append", metavar="ORG", help="only webhooks of these owners (fnmatch)")
     s.add_argument("--model", action="append", metavar="PATTERN", help="only webhooks of these repos (fnmatch)")
@@ -89,7 +90,14 @@ def add_parsers(sub) -> None:
 
 def _watch(args) -> int:
     from hubquant.hub.client import endpoint
-    from hubquant.service.watcher import WatchOptions, exit_code, parse_count, parse_since, summary_markdown, watch
+    from hubquant.service.watcher import (
+        WatchOptions,
+        exit_code,
+        parse_count,
+        parse_since,
+        summary_markdown,
+        watch,
+    )
 
     opts = WatchOptions(
         authors=_split(args.author), models=_split(args.model), search=args.search, since=parse_since(args.since),
@@ -184,7 +192,8 @@ def _serve(args) -> int:
     if pick("backend", "local") == "ray":
         from hubquant.service.ray_backend import RayBackend, RayOptions
 
-        backend = RayBackend(queue, RayOptions(address=pick("ray_address"), lease_s=lease))
+        backend = RayBackend(queue, RayOptions(address=pick("ray_address"), node_ip_address=pick("ray_node_ip"),
+                                                  lease_s=lease))
         threading.Thread(target=backend.run, args=(stop,), name="ray-dispatcher", daemon=True).start()
     else:
         pool = WorkerPool(db, n_workers, WorkerOptions(lease_s=lease)).start()

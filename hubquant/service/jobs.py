@@ -11,11 +11,19 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
-from hubquant.errors import (AuthError, ConflictError, HubquantError, NotFoundError, QualityGateError,
-                             UnsupportedError, UsageError)
+from hubquant.errors import (
+    AuthError,
+    ConflictError,
+    HubquantError,
+    NotFoundError,
+    QualityGateError,
+    UnsupportedError,
+    UsageError,
+)
 
 JOB_SPEC_VERSION = 1
 
@@ -84,7 +92,7 @@ class JobSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "JobSpec":
+    def from_dict(cls, d: dict[str, Any]) -> JobSpec:
         """Build from JSON (unknown keys are a UsageError, so typos do not pass silently)."""
         known = set(cls.__dataclass_fields__)
         extra = set(d) - known
@@ -160,7 +168,12 @@ def plan(spec: JobSpec) -> Plan:
     Raises:
         NotFoundError, AuthError: the base cannot be read. UsageError: bad method/scheme.
     """
-    from hubquant.convert import resolve_format, resolve_scheme, settings_hash, settings_of
+    from hubquant.convert import (
+        resolve_format,
+        resolve_scheme,
+        settings_hash,
+        settings_of,
+    )
     from hubquant.hub import client
 
     opts = convert_options(spec)

@@ -55,9 +55,12 @@ class RayOptions:
         cpus_per_task: CPUs each task asks for.
         lease_s: the job lease the dispatcher renews while a task runs.
         poll_s: how often the dispatcher looks for new jobs.
+        node_ip_address: this machine's address as the cluster knows it (e.g. 127.0.0.1 for a head
+            started with --node-ip-address 127.0.0.1); None lets Ray pick.
     """
 
     address: str | None = None
+    node_ip_address: str | None = None
     max_in_flight: int | None = None
     cpus_per_task: float = 1.0
     lease_s: float = 120.0
@@ -78,7 +81,8 @@ class RayBackend:
         self.opts = opts
         self.name = f"{name}-{os.getpid()}"
         if not self.ray.is_initialized():
-            self.ray.init(address=opts.address, ignore_reinit_error=True, log_to_driver=False)
+            kw = {"_node_ip_address": opts.node_ip_address} if opts.node_ip_address else {}
+            self.ray.init(address=opts.address, ignore_reinit_error=True, log_to_driver=False, **kw)
         res = self.ray.cluster_resources()
         self.gpus = int(res.get("GPU", 0))
         cpus = int(res.get("CPU", 1))
@@ -92,7 +96,8 @@ class RayBackend:
 
     def describe(self) -> str:
         kind = f"{self.gpus} GPU(s), one per task" if self.gpus else "no GPUs, CPU tasks"
-        return f"Ray cluster: {kind}; up to {self.capacity} task(s) at once"
+        nodes = sorted({n.get("NodeManagerAddress", "?") for n in self.ray.nodes() if n.get("Alive", True)})
+        return f"Ray cluster: {kind}; up to {self.capacity} task(s) at once; nodes {', '.join(nodes)}"
 
     def step(self, wait_s: float = 1.0) -> int:
         """Submit what fits, collect what finished (waiting up to wait_s). Returns jobs finished."""

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hubquant.errors import HubquantError, UsageError
 from hubquant.service.jobs import JobSpec, describe_error, plan, run_job
 
 Log = Callable[[str], None]
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMBT]?)\s*$", re.I)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMBT]?)\s*$", re.IGNORECASE)
 _MULT = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
 
 

@@ -15,9 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from hubquant.service.jobs import describe_error, is_retryable, run_job
 from hubquant.service.queue import JobQueue
@@ -169,7 +169,7 @@ class WorkerPool:
         self.procs[idx] = proc
         return proc
 
-    def start(self) -> "WorkerPool":
+    def start(self) -> WorkerPool:
         for i in range(self.n):
             self._spawn(i)
         self._thread = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)

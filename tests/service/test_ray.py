@@ -1,55 +1,18 @@
-"""The Ray backend against a local Ray instance the test starts: jobs from the queue run as Ray tasks
-(CPU tasks here: the instance has no GPU), results and failures land in the queue."""
+"""The Ray backend: `hubquant serve --backend ray --ray-address` against a local Ray instance the test
+starts (2 CPUs, no GPU, on loopback): jobs from the queue run as Ray tasks, results and failures land in
+the queue. Without a GPU machine, a fake cluster with GPUs shows the tasks ask for one GPU each."""
 from __future__ import annotations
 
 import pytest
 
-from hubquant.service.jobs import JobSpec
-from hubquant.service.queue import JobQueue, RetryPolicy
-from tests.service.conftest import FAST
+from hubquant.service.queue import JobQueue
 from tests.service.helpers import hubquant_commits
 
 ray = pytest.importorskip("ray", reason="pip install 'hubquant[service]'")
 
 
-@pytest.fixture
-def local_ray(hub_env):
-    # hub_env first: the raylet and its workers inherit HF_ENDPOINT/HF_TOKEN/HF_HOME from this process
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=80 * 1024 * 1024,
-             log_to_driver=False, configure_logging=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-@pytest.mark.slow
-def test_jobs_run_as_ray_tasks(publish_tiny, hub_env, local_ray, tmp_path):
-    from hubquant.service.ray_backend import RayBackend, RayOptions
-
-    repo, sha = publish_tiny(seed=5)
-    queue = JobQueue(tmp_path / "q.db", retry=RetryPolicy(max_attempts=2, backoff_s=1))
-    good = JobSpec(repo_id=repo, revision=sha, method="rtn", scheme="W4A16-G32", namespace="alice", options=FAST)
-    bad = JobSpec(repo_id=repo, revision=sha, method="rtn", scheme="W4A16-G48", namespace="alice", options=FAST)
-    ok_job, _ = queue.enqueue(good.to_dict(), key=good.key())
-    bad_job, _ = queue.enqueue(bad.to_dict(), key=bad.key())
-
-    backend = RayBackend(queue, RayOptions(cpus_per_task=1, lease_s=60))
-    assert backend.gpus == 0 and backend.capacity == 2
-    assert backend.describe() == "Ray cluster: no GPUs, CPU tasks; up to 2 task(s) at once"
-    assert backend.drain(timeout=300)
-
-    done = queue.get(ok_job.id)
-    assert done.status == "done", done.error
-    target = done.result["target_repo"]
-    assert target == f"alice/{repo.split('/')[1]}-W4A16-G32-RTN"
-    assert hubquant_commits(target) == [f"hubquant: W4A16-G32 rtn of {repo}@{sha[:10]}"]
-    assert any("submitted as a Ray task (CPU)" in e["line"] for e in done.logs)
-    assert any(e["line"].startswith("pushed: ") for e in done.logs)  # the task's log came back
-
-    failed = queue.get(bad_job.id)  # a usage error is permanent: one attempt, then the failed list
-    assert failed.status == "failed" and failed.attempts == 1
-    assert failed.error.startswith("UsageError: group size 48 does not divide")
+# Keep Ray on loopback: on Linux it otherwise swaps 127.0.0.1 for the machine's interface address.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def test_ray_task_asks_for_a_gpu_when_the_cluster_has_them(tmp_path, monkeypatch):
@@ -66,11 +29,11 @@ def test_ray_task_asks_for_a_gpu_when_the_cluster_has_them(tmp_path, monkeypatch
             return self
 
     fake = types.SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 32.0, "GPU": 2.0},
-                                 remote=lambda fn: Remote())
+                                 remote=lambda fn: Remote(), nodes=lambda: [{"NodeManagerAddress": "10.0.0.7"}])
     monkeypatch.setattr(ray_backend, "_import_ray", lambda: fake)
     b = ray_backend.RayBackend(JobQueue(tmp_path / "q.db"))
     assert seen["num_gpus"] == 1 and seen["max_retries"] == 0 and b.capacity == 2
-    assert b.describe() == "Ray cluster: 2 GPU(s), one per task; up to 2 task(s) at once"
+    assert b.describe() == "Ray cluster: 2 GPU(s), one per task; up to 2 task(s) at once; nodes 10.0.0.7"
 
 
 def test_missing_ray_names_the_extra(monkeypatch):
@@ -90,3 +53,66 @@ def test_missing_ray_names_the_extra(monkeypatch):
     with pytest.raises(UnsupportedError) as e:
         ray_backend._import_ray()
     assert e.value.hint == "run: pip install 'hubquant[service]'" and e.value.exit_code == 5
+
+
+@pytest.mark.slow
+def test_serve_dispatches_to_a_ray_cluster_by_address(publish_tiny, hub_env, tmp_path):
+    """`hubquant serve --backend ray --ray-address` against a Ray head this test starts (2 CPUs, no GPU)."""
+    import os
+    import secrets
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    import httpx
+
+    from tests.service.helpers import ServiceProcess, free_port, wait_for
+
+    repo, sha = publish_tiny(seed=8)
+    port = free_port()
+    # the cluster's auth token, handed to the head and to the service (nothing read from or left in ~/.ray)
+    ray_env = {**LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    temp = tempfile.mkdtemp(prefix="rq", dir="/tmp")  # Ray's socket paths must stay short
+    head = subprocess.Popen(
+        [shutil.which("ray") or "ray", "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+         "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats", "--node-ip-address",
+         "127.0.0.1", "--object-store-memory", str(80 * 1024 * 1024), "--temp-dir", temp],
+        stdout=open(tmp_path / "ray.log", "wb"), stderr=subprocess.STDOUT, env={**os.environ, **ray_env})
+    svc = None
+    try:
+        def gcs_up():
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+        wait_for(gcs_up, 90, "the Ray head to listen")
+        time.sleep(2)
+        svc = ServiceProcess(["--db", str(tmp_path / "svc.db"), "--backend", "ray", "--ray-address", f"127.0.0.1:{port}",
+                              "--ray-node-ip", "127.0.0.1",
+                              "--namespace", "alice", "--option", "skip_eval=true"],
+                             env={"HUBQUANT_SERVICE_TOKEN": "tok", **ray_env}, log_path=tmp_path / "svc.log")
+        auth = {"Authorization": "Bearer tok"}
+        r = httpx.post(svc.url + "/jobs", json={"repo_id": repo, "method": "rtn", "scheme": "W4A16-G32"},
+                       headers=auth, timeout=30)
+        assert r.status_code == 201, r.text
+        job_id = r.json()["job"]["id"]
+        good = wait_for(lambda: (j := httpx.get(f"{svc.url}/jobs/{job_id}").json())["status"] in ("done", "failed")
+                        and j, 300, "the Ray job")
+        assert good["status"] == "done", (good, svc.log_path.read_text()[-3000:])
+        assert good["spec"]["revision"] == sha  # POST /jobs pins the head sha
+        assert any(e["line"] == "submitted as a Ray task (CPU)" for e in good["logs"])
+        assert any(e["line"].startswith("pushed: ") for e in good["logs"])  # the task's log came back
+        assert hubquant_commits(good["result"]["target_repo"]) == [f"hubquant: W4A16-G32 rtn of {repo}@{sha[:10]}"]
+        # 2 CPU tasks at once, and the whole cluster on loopback
+        assert "Ray cluster: no GPUs, CPU tasks; up to 2 task(s) at once; nodes 127.0.0.1\n" in svc.log_path.read_text()
+    finally:
+        if svc is not None:
+            svc.stop()
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+

@@ -17,7 +17,13 @@ import httpx
 from hubquant.service.jobs import JobSpec
 from hubquant.service.queue import JobQueue, RetryPolicy
 from tests.service.conftest import FAST
-from tests.service.helpers import REPO_ROOT, ServiceProcess, hubquant_commits, wait_for, webhook_payload
+from tests.service.helpers import (
+    REPO_ROOT,
+    ServiceProcess,
+    hubquant_commits,
+    wait_for,
+    webhook_payload,
+)
 
 SECRET = "e2e-secret"
 

@@ -10,7 +10,13 @@ import pytest
 
 from hubquant.cli import run
 from hubquant.errors import UsageError
-from hubquant.service.watcher import WatchOptions, parse_count, parse_since, summary_markdown, WatchRow
+from hubquant.service.watcher import (
+    WatchOptions,
+    WatchRow,
+    parse_count,
+    parse_since,
+    summary_markdown,
+)
 from tests.service.helpers import hubquant_commits
 
 

@@ -9,7 +9,13 @@ import pytest
 
 from hubquant.errors import AuthError, ConflictError, QualityGateError, UsageError
 from hubquant.service.queue import JobQueue, RetryPolicy
-from hubquant.service.workers import WorkerOptions, WorkerPool, default_workers, visible_gpus, work_one
+from hubquant.service.workers import (
+    WorkerOptions,
+    WorkerPool,
+    default_workers,
+    visible_gpus,
+    work_one,
+)
 from tests.service.helpers import wait_for
 
 
