@@ -353,11 +353,14 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
             ref = evaluate.reference(model, eval_set, progress=opts.progress)
         timings["eval_base"] = time.time() - t
         log(f"base perplexity {ref.perplexity:.3f} on {eval_set.n_tokens} tokens of {eval_set.description}")
-    base_copy = None
+    leak_base = leak_docs = None
     if calib is not None and opts.leak_check and not opts.skip_eval:
-        import copy
+        # measured on the base now, on the variant after quantization (no second copy of the model)
+        from hubquant.leakcheck import memorization_rates
 
-        base_copy = copy.deepcopy(model)
+        leak_docs = _leak_documents(calib, eval_src)
+        with evaluate.on_device(model, _pick_device(opts.device), log):
+            leak_base = memorization_rates(model, tokenizer, *leak_docs)
 
     # 5. quantize (layer by layer)
     t = time.time()
@@ -400,9 +403,15 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
         timings["eval_variant"] = time.time() - t
         log(f"variant perplexity {cmp.perplexity:.3f} ({cmp.ppl_increase_pct:+.2f}%), "
             f"top-1 agreement {100 * cmp.top1_agreement:.1f}%, KL {cmp.mean_kl:.4f}")
-        if base_copy is not None:
-            leak = _leak_check(base_copy, model, tokenizer, calib, eval_src, log)
-            del base_copy
+        if leak_base is not None:
+            from hubquant.leakcheck import leak_report, memorization_rates
+
+            with evaluate.on_device(model, device, log):
+                leak = leak_report(leak_base, memorization_rates(model, tokenizer, *leak_docs))
+            log(f"calibration-leak check: score {leak['leak_score']:+.3f} (warn above {leak['threshold']})")
+            if leak["warn"]:
+                log("WARNING: the variant continues calibration text verbatim more often than the base does: "
+                    "calibrate on more varied text or fewer samples")
     size = evaluate.folder_size(out_dir)
     base_size = evaluate.folder_size(dl.path)
     metrics.update(size_bytes=size, base_size_bytes=base_size)
@@ -469,17 +478,15 @@ def _has_files(hf, repo_id: str) -> bool:
     return any(f not in (".gitattributes",) for f in files)
 
 
-def _leak_check(base_model, variant_model, tokenizer, calib, eval_src, log: Log) -> dict | None:
+def _leak_documents(calib, eval_src) -> tuple[list[str], list[str]]:
+    """Calibration documents, and held-out documents of the same source (else the eval text)."""
+    used = set(calib.texts)
     try:
-        from hubquant.leakcheck import calibration_leak
-    except ImportError:
-        return None
-    n = min(len(calib.texts), len(eval_src.texts))
-    result = calibration_leak(base_model, variant_model, tokenizer, list(calib.texts[:n]), list(eval_src.texts[-n:]))
-    if result.get("warn"):
-        log(f"WARNING: calibration leak: the variant continues calibration text verbatim more often than the base "
-            f"(score {result.get('leak_score')})")
-    return result
+        rest = [t for t in _texts(calib.spec).texts if t not in used]
+    except Exception:  # the source was loadable a moment ago; fall back rather than fail the conversion
+        rest = []
+    heldout = rest if len(rest) >= 8 else list(eval_src.texts)
+    return list(calib.texts), heldout
 
 
 def known_methods() -> list[str]:
