@@ -159,17 +159,17 @@ def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_s
         if not is_release:
             queue.bump("webhook_ignored_total")
             return JSONResponse({"accepted": False, "reason": reason, "repo": repo_id, "jobs": []}, status_code=202)
+        if sha is None:
+            try:
+                sha = await run_in_threadpool(resolve_sha, repo_id)
+            except HubquantError as e:  # nothing recorded: the Hub's retry of this delivery gets another chance
+                return _error(502, f"cannot read {repo_id} on the Hub: {e.message}", hint=e.hint)
         earlier = queue.record_delivery(delivery, [])
         if earlier is not None:
             queue.bump("webhook_duplicate_total")
             return JSONResponse({"accepted": True, "duplicate": True, "repo": repo_id, "jobs": earlier})
-        if sha is None:
-            try:
-                sha = await run_in_threadpool(resolve_sha, repo_id)
-            except HubquantError as e:
-                return _error(502, f"cannot read {repo_id} on the Hub: {e.message}", hint=e.hint)
         jobs = []
-        for spec in config.specs_for(repo_id, sha):
+        for spec in config.specs_for(repo_id, sha):  # schemes and methods were checked at startup
             job, created = queue.enqueue(spec.to_dict(), key=spec.key(), source="webhook")
             jobs.append({"id": job.id, "status": job.status, "created": created, "label": spec.label()})
         queue.record_delivery_jobs(delivery, [j["id"] for j in jobs])

@@ -174,10 +174,13 @@ def _serve(args) -> int:
         methods=listed("methods", ("rtn",)), schemes=listed("schemes", ("default",)), namespace=pick("namespace"),
         private=bool(pick("private", False)), max_ppl_increase=pick("max_ppl_increase"),
         authors=listed("author", ()), models=listed("model", ()), options=options, workers=n_workers)
-    for m in config.methods:
-        from hubquant.methods import get_method
+    from hubquant.methods import get_method
+    from hubquant.service.jobs import parse_scheme
 
+    for m in config.methods:
         get_method(m)
+    for sch in config.schemes:
+        parse_scheme(sch)
     db = pick("db") or str(Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hubquant" / "service.db")
     retry = RetryPolicy(max_attempts=pick("max_attempts", 3), backoff_s=pick("backoff", 30.0))
     queue = JobQueue(db, retry=retry)

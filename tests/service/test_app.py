@@ -159,3 +159,25 @@ def test_webhook_without_a_configured_secret_is_503(tmp_path):
         assert httpx.post(srv.url + "/jobs", json={"repo_id": "o/m"},
                           headers={"Authorization": "Bearer x"}).status_code == 403
     assert sum(queue.counts().values()) == 0
+
+
+def test_a_delivery_that_could_not_be_resolved_is_not_remembered(tmp_path):
+    from hubquant.errors import NotFoundError
+
+    calls = []
+
+    def flaky(repo):
+        calls.append(repo)
+        if len(calls) == 1:
+            raise NotFoundError(f"repository {repo} not found", hint="check the repo id")
+        return "c" * 40
+
+    queue = JobQueue(tmp_path / "q.db")
+    config = ServiceConfig(webhook_secret=SECRET)
+    with ServerThread(create_app(queue, config, resolve_sha=flaky)) as srv:
+        body = webhook_payload("o/new", None, scope="repo", action="create")
+        r1 = post_hook(srv.url, body)
+        assert r1.status_code == 502 and "not found" in r1.json()["error"]
+        r2 = post_hook(srv.url, body)  # the Hub retries the same delivery: this time it goes through
+        assert r2.status_code == 202 and r2.json()["sha"] == "c" * 40 and len(r2.json()["jobs"]) == 1
+    assert queue.counts()["queued"] == 1
