@@ -62,6 +62,7 @@ class ConvertOptions:
     trust_remote_code: bool = False
     method_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    token: str | None = field(default=None, repr=False)  # default: HF_TOKEN / login; never logged
     version: int = 1
 
 
@@ -268,25 +269,25 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
     if opts.num_samples < 1 or opts.seq_len < 16:
         raise UsageError("--num-samples must be >= 1 and --seq-len >= 16", hint="use e.g. --num-samples 128 --seq-len 2048")
     settings = settings_of(opts, scheme, fmt)
-    log(f"hubquant {hubquant.__version__}: {opts.repo_id} -> {scheme.name} {opts.method} ({fmt}); {client.env_summary()}")
+    log(f"hubquant {hubquant.__version__}: {opts.repo_id} -> {scheme.name} {opts.method} ({fmt}); {client.env_summary(opts.token)}")
 
     # 1. resolve the base and the target; stop early when the target is already up to date
     t = time.time()
-    hf = client.api()
-    with client.hub_errors(opts.repo_id, revision=opts.revision):
+    hf = client.api(opts.token)
+    with client.hub_errors(opts.repo_id, revision=opts.revision, token=opts.token):
         info = hf.model_info(opts.repo_id, revision=opts.revision)
     base_sha = info.sha
     shash = settings_hash(opts.repo_id, settings)
     target = None
     if opts.push:
-        namespace = client.whoami_name() if not opts.target_repo else opts.target_repo.split("/")[0]
+        namespace = client.whoami_name(opts.token) if not opts.target_repo else opts.target_repo.split("/")[0]
         target = opts.target_repo or default_target(opts.repo_id, namespace, scheme, opts.method, fmt)
         if "/" not in target:
             raise UsageError(f"--target-repo {target} needs a namespace", hint="use NAMESPACE/NAME")
         if target == opts.repo_id:
             raise UsageError("the target repo is the base repo", hint="pass another --target-repo")
-        prov = client.read_provenance(target)
-        head = client.repo_head(target)
+        prov = client.read_provenance(target, opts.token)
+        head = client.repo_head(target, opts.token)
         if prov is None and head is not None and _has_files(hf, target):
             raise ConflictError(f"{target} already exists and was not written by hubquant",
                                 hint="pass another --target-repo")
@@ -306,7 +307,7 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
     t = time.time()
     log(f"downloading {opts.repo_id}@{base_sha[:10]} (safetensors, config, tokenizer, card)")
     dl = client.download_model(opts.repo_id, revision=base_sha, allow_pickle=opts.allow_pickle,
-                               trust_remote_code=opts.trust_remote_code, progress=opts.progress)
+                               trust_remote_code=opts.trust_remote_code, progress=opts.progress, token=opts.token)
     timings["download"] = time.time() - t
     t = time.time()
     model, tokenizer = load_model(dl.path, trust_remote_code=opts.trust_remote_code)
@@ -449,6 +450,8 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
     # 9. quality gate, then push in one commit
     if opts.max_ppl_increase is not None and metrics:
         if metrics["ppl_increase_pct"] > opts.max_ppl_increase:
+            if tmp_root is not None:
+                shutil.rmtree(tmp_root, ignore_errors=True)
             raise QualityGateError(
                 f"perplexity rose {metrics['ppl_increase_pct']:.2f}% (gate: {opts.max_ppl_increase}%); nothing was pushed",
                 hint="try a better method (gptq, awq), more bits or a smaller group size, or raise --max-ppl-increase")
@@ -460,9 +463,11 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
             out_dir, target, private=opts.private,
             message=f"hubquant: {scheme.name} {opts.method} of {opts.repo_id}@{base_sha[:10]}",
             description=f"settings hash {shash}; {command_line(opts)}",
-            parent_commit=client.repo_head(target))
+            parent_commit=client.repo_head(target, opts.token), token=opts.token)
         timings["push"] = time.time() - t
         log(f"pushed: {commit_url}")
+        if tmp_root is not None:  # nothing asked to keep the files: the Hub has them now
+            shutil.rmtree(tmp_root, ignore_errors=True)
     timings["total"] = time.time() - t_start
     result = ConvertResult(out_dir=out_dir, target_repo=target, commit_url=commit_url, skipped=False,
                            metrics=metrics, settings_hash=shash, base_sha=base_sha, timings=timings)

@@ -104,6 +104,18 @@ def test_push_is_one_commit_and_rerun_makes_none(hub_env, tiny_repos):
     assert len(_commits(target)) == len(commits)
 
 
+def test_explicit_token_is_used_and_never_logged(hub_env, tiny_repos, local_hub):
+    """ConvertOptions(token=...) (the Space passes its visitor's token) overrides HF_TOKEN (alice's here)."""
+    bob = local_hub.token("bob")
+    lines: list[str] = []
+    opts = ConvertOptions(repo_id=tiny_repos["llama"], method="rtn", bits=8, push=True, skip_eval=True,
+                          progress=False, token=bob)
+    res = convert(opts, log=lines.append)
+    assert res.target_repo.startswith("bob/") and res.commit_url
+    assert not res.out_dir.exists()  # the temp folder is gone once the Hub has the files
+    assert bob not in "\n".join(lines) + repr(opts)
+
+
 def test_quality_gate_refuses_to_push(hub_env, tiny_repos):
     target = f"alice/gated-out-{_uid()}"
     with pytest.raises(QualityGateError) as e:

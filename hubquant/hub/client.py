@@ -26,13 +26,13 @@ PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 PROVENANCE_FILE = "hubquant.json"
 
 
-def api():
-    """An HfApi for the configured endpoint (HF_ENDPOINT) and token (HF_TOKEN / login)."""
+def api(token: str | None = None):
+    """An HfApi for the configured endpoint (HF_ENDPOINT) and `token` (default: HF_TOKEN / login)."""
     from huggingface_hub import HfApi, constants
 
     if "huggingface.co" not in constants.ENDPOINT:
         constants.HF_HUB_DISABLE_XET = True
-    return HfApi(endpoint=constants.ENDPOINT)
+    return HfApi(endpoint=constants.ENDPOINT, token=token)
 
 
 def endpoint() -> str:
@@ -42,7 +42,7 @@ def endpoint() -> str:
 
 
 @contextlib.contextmanager
-def hub_errors(repo_id: str, *, revision: str | None = None, action: str = "read"):
+def hub_errors(repo_id: str, *, revision: str | None = None, action: str = "read", token: str | None = None):
     """Translate huggingface_hub's typed errors into hubquant's, with the fix."""
     from huggingface_hub import errors as hf
 
@@ -57,7 +57,7 @@ def hub_errors(repo_id: str, *, revision: str | None = None, action: str = "read
     except hf.EntryNotFoundError as e:
         raise NotFoundError(f"a file is missing in {repo_id}: {e}", hint="check the repo's files") from e
     except hf.RepositoryNotFoundError as e:
-        has_token = bool(_token())
+        has_token = bool(token or _token())
         raise NotFoundError(
             f"repository {repo_id} not found" + ("" if has_token else " (or it is private and no token is set)"),
             hint="check the repo id" + ("" if has_token else ", or set HF_TOKEN to a token that can read it"),
@@ -91,7 +91,7 @@ class Downloaded:
 
 
 def download_model(repo_id: str, *, revision: str | None = None, allow_pickle: bool = False,
-                   trust_remote_code: bool = False, progress: bool = True) -> Downloaded:
+                   trust_remote_code: bool = False, progress: bool = True, token: str | None = None) -> Downloaded:
     """Download what a variant needs (safetensors, config, tokenizer, card), pinned to the resolved sha.
 
     Raises:
@@ -101,8 +101,8 @@ def download_model(repo_id: str, *, revision: str | None = None, allow_pickle: b
     """
     from huggingface_hub import snapshot_download
 
-    hf = api()
-    with hub_errors(repo_id, revision=revision):
+    hf = api(token)
+    with hub_errors(repo_id, revision=revision, token=token):
         info = hf.model_info(repo_id, revision=revision, files_metadata=False)
     files = tuple(s.rfilename for s in (info.siblings or []))
     has_st = any(f.endswith(".safetensors") for f in files)
@@ -121,8 +121,9 @@ def download_model(repo_id: str, *, revision: str | None = None, allow_pickle: b
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    with hub_errors(repo_id, revision=revision):
-        path = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns, endpoint=endpoint()))
+    with hub_errors(repo_id, revision=revision, token=token):
+        path = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns, endpoint=endpoint(),
+                                      token=token))
     config = path / "config.json"
     if not config.is_file():
         raise NotFoundError(f"{repo_id} has no config.json", hint="hubquant needs a transformers model repo")
@@ -156,9 +157,9 @@ def verify_safetensors(path: Path) -> None:
                                    hint="the shard in the repo is damaged; re-upload it (or clear the HF cache)") from e
 
 
-def whoami_name() -> str:
-    hf = api()
-    if not _token():
+def whoami_name(token: str | None = None) -> str:
+    hf = api(token)
+    if not (token or _token()):
         raise AuthError("pushing needs a Hub token", hint="set HF_TOKEN (or run `hf auth login`)")
     from huggingface_hub import errors as hf_errors
 
@@ -168,13 +169,13 @@ def whoami_name() -> str:
         raise AuthError("the Hub rejected your token", hint="set HF_TOKEN to a valid token") from e
 
 
-def read_provenance(repo_id: str) -> dict | None:
+def read_provenance(repo_id: str, token: str | None = None) -> dict | None:
     """The target repo's hubquant.json, or None when the repo or the file does not exist."""
     from huggingface_hub import errors as hf
     from huggingface_hub import hf_hub_download
 
     try:
-        p = hf_hub_download(repo_id, PROVENANCE_FILE, endpoint=endpoint())
+        p = hf_hub_download(repo_id, PROVENANCE_FILE, endpoint=endpoint(), token=token)
     except (hf.RepositoryNotFoundError, hf.EntryNotFoundError, hf.RevisionNotFoundError):
         return None
     except hf.HfHubHTTPError as e:
@@ -184,24 +185,24 @@ def read_provenance(repo_id: str) -> dict | None:
     return json.loads(Path(p).read_text())
 
 
-def repo_head(repo_id: str) -> str | None:
+def repo_head(repo_id: str, token: str | None = None) -> str | None:
     from huggingface_hub import errors as hf
 
     try:
-        return api().model_info(repo_id).sha
+        return api(token).model_info(repo_id).sha
     except (hf.RepositoryNotFoundError, hf.RevisionNotFoundError):
         return None
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, message: str, description: str = "",
-                parent_commit: str | None = None) -> str:
+                parent_commit: str | None = None, token: str | None = None) -> str:
     """Create `repo_id` if needed and push every file of `folder` in ONE commit. Returns the commit URL."""
     from huggingface_hub import CommitOperationAdd
 
-    hf = api()
+    hf = api(token)
     ops = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p))
            for p in sorted(folder.rglob("*")) if p.is_file()]
-    with hub_errors(repo_id, action="write"):
+    with hub_errors(repo_id, action="write", token=token):
         hf.create_repo(repo_id, private=private, exist_ok=True)
         info = hf.create_commit(repo_id, ops, commit_message=message, commit_description=description,
                                 parent_commit=parent_commit)
@@ -212,7 +213,7 @@ def hub_url(repo_id: str) -> str:
     return f"{endpoint().rstrip('/')}/{repo_id}"
 
 
-def env_summary() -> str:
+def env_summary(token: str | None = None) -> str:
     """Where we talk to, without secrets."""
-    return f"endpoint {endpoint()}, token {'set' if _token() else 'not set'}" + (
+    return f"endpoint {endpoint()}, token {'set' if token or _token() else 'not set'}" + (
         ", xet off" if os.environ.get("HF_HUB_DISABLE_XET") == "1" else "")
