@@ -4,22 +4,16 @@ The job outlives the browser tab that started it: the page only reads `Job.lines
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 import queue
-import shutil
-import tempfile
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from hubquant.errors import AuthError, HubquantError, NotFoundError, UnsupportedError
 
-_ENV_LOCK = threading.Lock()
 # what hubquant.convert logs as it passes each stage, in order (the progress bar follows these)
 STAGES = ("downloading", "loaded", "calibration:", "base perplexity", "quantized", "variant perplexity", "wrote",
           "pushing", "pushed")
@@ -85,24 +79,6 @@ class Job:
         n = max(1, len(self.request.methods))
         current = 0.0 if self.state != "running" else (self.stage_index + 1) / len(STAGES)
         return min(1.0, (self.methods_done + current) / n)
-
-
-@contextlib.contextmanager
-def hub_token(token: str | None):
-    """Make huggingface_hub (and so hubquant.convert) use `token` for the duration of the block."""
-    if not token:
-        yield
-        return
-    with _ENV_LOCK:
-        old = os.environ.get("HF_TOKEN")
-        os.environ["HF_TOKEN"] = token
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("HF_TOKEN", None)
-            else:
-                os.environ["HF_TOKEN"] = old
 
 
 def preflight(api, repo_id: str, token: str | None) -> str:
@@ -172,20 +148,13 @@ def default_convert(request: ConvertRequest, method: str, log: Callable[[str], N
     over = scheme_overrides(method, request.bits, request.group_size)
     if request.bits is not None and not over:
         log(f"note: {method} has a scheme of its own; the chosen scheme applies to weight-only methods")
+    # the visitor's own token, passed per call (never through the process environment)
     opts = ConvertOptions(repo_id=request.repo_id, method=method, push=True, progress=False,
-                          skip_eval=not request.evaluate, eval_windows=request.eval_windows, **over)
-    with hub_token(request.token):
-        res = convert(opts, log=log)
-    _remove_temp_output(Path(res.out_dir))
+                          skip_eval=not request.evaluate, eval_windows=request.eval_windows, token=request.token,
+                          **over)
+    res = convert(opts, log=log)  # convert() removes its temp folder once the Hub has the files
     return {"method": method, "target_repo": res.target_repo, "commit_url": res.commit_url,
             "skipped": bool(res.skipped), "metrics": dict(res.metrics or {})}
-
-
-def _remove_temp_output(out_dir: Path) -> None:
-    """convert() writes into a fresh temp folder when no output_dir is given; a long-running Space drops it."""
-    parent = out_dir.parent
-    if parent.name.startswith("hubquant-") and parent.parent == Path(tempfile.gettempdir()):
-        shutil.rmtree(parent, ignore_errors=True)
 
 
 class JobRunner:

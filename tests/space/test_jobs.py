@@ -1,7 +1,7 @@
 import os
 import time
 
-from hqspace.jobs import ConvertRequest, JobRunner, hub_token
+from hqspace.jobs import ConvertRequest, JobRunner, default_convert
 from hubquant.errors import UnsupportedError
 
 
@@ -38,17 +38,22 @@ def test_a_failing_job_reports_the_message_and_the_fix():
     assert any("fix: pick a Llama-like model" in line for line in job.lines)
 
 
-def test_hub_token_is_set_for_the_block_and_restored(monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "server-token")
-    from huggingface_hub import get_token
+def test_the_visitors_token_goes_to_convert_per_call(monkeypatch):
+    """The token travels in ConvertOptions, never through the process environment (shared by all visitors)."""
+    import hubquant.convert as conv
 
-    with hub_token("user-token"):
-        assert get_token() == "user-token"
-    assert get_token() == "server-token"
-    monkeypatch.delenv("HF_TOKEN")
-    with hub_token("user-token"):
-        assert os.environ["HF_TOKEN"] == "user-token"
-    assert "HF_TOKEN" not in os.environ
+    seen = []
+
+    def fake(opts, log):
+        seen.append((opts.token, os.environ.get("HF_TOKEN")))
+        return conv.ConvertResult(out_dir=conv.Path("/nonexistent"), target_repo="me/x", commit_url="u",
+                                  skipped=False, metrics={}, settings_hash="h", base_sha="s")
+
+    monkeypatch.setattr(conv, "convert", fake)
+    monkeypatch.setenv("HF_TOKEN", "server-token")
+    out = default_convert(ConvertRequest(repo_id="org/m", methods=("rtn",), token="user-token"), "rtn", print)
+    assert seen == [("user-token", "server-token")] and out["target_repo"] == "me/x"
+    assert "user-token" not in repr(conv.ConvertOptions(repo_id="a/b", token="user-token"))
 
 
 def test_export_writes_a_self_contained_space(tmp_path):
