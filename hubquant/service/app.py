@@ -14,6 +14,7 @@ queued, or the event ignored with a reason).
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import hmac
@@ -119,8 +120,10 @@ def _resolve_sha(repo_id: str) -> str:
         return api().model_info(repo_id).sha
 
 
-def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_sha) -> Starlette:
-    """The service's ASGI app over `queue`."""
+def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_sha,
+               on_shutdown: tuple = ()) -> Starlette:
+    """The service's ASGI app over `queue`; `on_shutdown` callables run when the server stops gracefully
+    (uvicorn re-raises SIGTERM/SIGINT after its shutdown, so cleanup after `uvicorn.run` would never run)."""
 
     async def webhook(request: Request):
         if not config.webhook_secret:
@@ -227,7 +230,13 @@ def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_s
     async def healthz(request: Request):
         return JSONResponse({"ok": True, "counts": queue.counts()})
 
-    return Starlette(routes=[
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        for fn in on_shutdown:
+            await run_in_threadpool(fn)
+
+    return Starlette(lifespan=lifespan, routes=[
         Route("/webhook", webhook, methods=["POST"]),
         Route("/jobs", submit, methods=["POST"]),
         Route("/jobs", list_jobs, methods=["GET"]),

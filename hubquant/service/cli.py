@@ -191,7 +191,7 @@ def _serve(args) -> int:
         print("warning: HUBQUANT_SERVICE_TOKEN is not set: POST /jobs answers 403", file=sys.stderr)
 
     stop = threading.Event()
-    pool = None
+    cleanup = [stop.set]
     if pick("backend", "local") == "ray":
         from hubquant.service.ray_backend import RayBackend, RayOptions
 
@@ -200,12 +200,13 @@ def _serve(args) -> int:
         threading.Thread(target=backend.run, args=(stop,), name="ray-dispatcher", daemon=True).start()
     else:
         pool = WorkerPool(db, n_workers, WorkerOptions(lease_s=lease)).start()
+        cleanup.append(pool.stop)
         print(f"{pool.n} local worker(s)" + (f", one per GPU ({pool.gpus})" if pool.gpus else ""), file=sys.stderr)
     print(f"hubquant service on http://{args.host}:{args.port} (queue {db})", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(create_app(queue, config), host=args.host, port=args.port, log_level="warning")
-    finally:
-        stop.set()
-        if pool is not None:
-            pool.stop()
+        uvicorn.run(create_app(queue, config, on_shutdown=tuple(cleanup)), host=args.host, port=args.port,
+                    log_level="warning")
+    finally:  # reached on errors; a signal ends the process after the app's shutdown hooks ran
+        for fn in cleanup:
+            fn()
     return 0

@@ -154,7 +154,7 @@ class WorkerPool:
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu_ids[idx % self.gpus]
         cmd = [sys.executable, "-m", "hubquant.service.workers", "--db", self.db, "--id", name,
-               "--lease", str(self.opts.lease_s), "--poll", str(self.opts.poll_s)]
+               "--lease", str(self.opts.lease_s), "--poll", str(self.opts.poll_s), "--die-with-parent"]
         return cmd, env
 
     def _spawn(self, idx: int) -> subprocess.Popen:
@@ -199,6 +199,18 @@ class WorkerPool:
                 proc.wait()
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM when the parent (the service) dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent was already gone before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hubquant.service.workers", description="one queue worker")
     p.add_argument("--db", required=True)
@@ -208,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--claim-delay", type=float, default=0.0)
     p.add_argument("--max-jobs", type=int, default=None)
     p.add_argument("--exit-when-idle", action="store_true")
+    p.add_argument("--die-with-parent", action="store_true", help="SIGTERM this worker when its parent dies")
     a = p.parse_args(argv)
+    if a.die_with_parent:
+        _die_with_parent()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     opts = WorkerOptions(lease_s=a.lease, poll_s=a.poll, claim_delay_s=a.claim_delay)

@@ -67,8 +67,12 @@ def test_webhook_delivered_twice_gives_one_variant(publish_tiny, hub_env, tmp_pa
         metrics = httpx.get(svc.url + "/metrics").text
         assert "hubquant_jobs_completed_total 1\n" in metrics
         assert 'hubquant_webhook_deliveries_total{result="duplicate"} 1\n' in metrics
+        workers = _children(svc.proc.pid)
+        assert len(workers) == 1
     finally:
         svc.stop()
+    assert svc.proc.returncode is not None
+    wait_for(lambda: not any(_alive(p) for p in workers), 15, "the worker to stop with the service")
 
 
 def test_worker_killed_mid_job_is_retried_after_restart_with_one_commit(publish_tiny, hub_env, tmp_path):
@@ -113,3 +117,16 @@ def hubquant_commits_or_none(repo_id: str) -> list[str]:
         return hubquant_commits(repo_id)
     except errors.RepositoryNotFoundError:
         return []
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"

@@ -95,3 +95,32 @@ def test_pool_restarts_a_killed_worker(tmp_path, monkeypatch):
     finally:
         pool.stop()
     assert all(p.poll() is not None for p in pool.procs.values())
+
+
+def test_pool_workers_die_with_a_killed_service(tmp_path):
+    """The service SIGKILLed: its workers get SIGTERM from the kernel (no orphans polling the queue)."""
+    import subprocess
+    import sys
+
+    JobQueue(tmp_path / "q.db")
+    code = ("import sys, time; from hubquant.service.workers import WorkerPool, WorkerOptions; "
+            f"p = WorkerPool({str(tmp_path / 'q.db')!r}, 1, WorkerOptions(poll_s=0.2)).start(); "
+            "print(p.procs[0].pid, flush=True); time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    try:
+        child = int(parent.stdout.readline())
+        wait_for(lambda: "--die-with-parent" in open(f"/proc/{child}/cmdline").read().replace("\0", " "), 10,
+                 "the worker to start")
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+
+        def gone():
+            try:
+                return open(f"/proc/{child}/stat").read().split()[2] == "Z"
+            except FileNotFoundError:
+                return True
+        wait_for(gone, 20, "the orphaned worker to exit")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
