@@ -49,7 +49,7 @@ class TensorFiles:
                 raise CorruptFileError(f"{f.name} is not a readable safetensors file: {e}",
                                        hint="download the checkpoint again") from e
             self._handles[f] = h
-            for k in h.keys():
+            for k in h.keys():  # noqa: SIM118  (a safetensors handle is not a dict)
                 self.where[k] = f
 
     def __contains__(self, key: str) -> bool:
@@ -303,8 +303,8 @@ def _load_generation_config(model, path: Path) -> None:
 
         try:
             model.generation_config = GenerationConfig.from_pretrained(path)
-        except Exception:  # a malformed generation config must not block loading
-            pass
+        except (OSError, ValueError, TypeError):  # a malformed generation config must not block loading
+            return
 
 
 def _tokenizer(path: Path):

@@ -9,7 +9,12 @@ from __future__ import annotations
 import torch
 
 from hubquant_kernels._common import check_dtype
-from hubquant_kernels.w8a8 import FP8_MAX, _quantized_linear, quantize_act_reference, scaled_mm_reference
+from hubquant_kernels.w8a8 import (
+    FP8_MAX,
+    _quantized_linear,
+    quantize_act_reference,
+    scaled_mm_reference,
+)
 
 __all__ = ["FP8_MAX", "fp8_matmul", "fp8_reference", "quantize_weight_fp8"]
 

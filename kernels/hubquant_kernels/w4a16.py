@@ -17,7 +17,17 @@ import torch
 
 from hubquant.errors import UnsupportedError
 from hubquant_kernels._common import (
-    Candidate, as_2d, check, interpreting, check_dtype, check_same_device, choose, m_bucket, require_triton, use_triton, workspace,
+    Candidate,
+    as_2d,
+    check,
+    check_dtype,
+    check_same_device,
+    choose,
+    interpreting,
+    m_bucket,
+    require_triton,
+    use_triton,
+    workspace,
 )
 from hubquant_kernels.pack import unpack_kn
 
@@ -30,7 +40,7 @@ def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
                          group_size: int) -> torch.Tensor:
     """float32 W [K, N] from the kernel layout."""
     u = unpack_kn(qweight).to(torch.float32)
-    k, n = u.shape
+    k = u.shape[0]
     gs = k if group_size == -1 else group_size
     z = 8.0 if zeros is None else zeros.to(torch.float32).repeat_interleave(gs, 0)[:k]
     return (u - z) * scales.to(torch.float32).repeat_interleave(gs, 0)[:k]
@@ -306,7 +316,7 @@ def _dequant_cublas(x, qweight, scales, zeros, bias, y, gs):
 def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     """Implementations worth timing for an [m, k] x [k, n] W4A16 product; the first is the default."""
     out = []
-    n_blocks = lambda bk: -(-k // bk)  # noqa: E731
+    n_blocks = lambda bk: -(-k // bk)
     if m <= 4:
         for bn, bk, warps in ((64, 256, 4), (128, 128, 4), (32, 512, 4), (128, 256, 8), (64, 512, 8)):
             for split in (1, 2, 4, 8, 16):

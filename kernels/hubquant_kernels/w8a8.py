@@ -13,7 +13,17 @@ from __future__ import annotations
 import torch
 
 from hubquant_kernels._common import (
-    Candidate, as_2d, check, check_dtype, interpreting, check_same_device, choose, m_bucket, require_triton, use_triton, workspace,
+    Candidate,
+    as_2d,
+    check,
+    check_dtype,
+    check_same_device,
+    choose,
+    interpreting,
+    m_bucket,
+    require_triton,
+    use_triton,
+    workspace,
 )
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hubquant_kernels import pack, w4a16
 
 from hubquant.errors import UnsupportedError, UsageError
-from hubquant_kernels import pack, w4a16
 
 
 def _case(m, n, k, gs, asym, dtype, seed):
@@ -83,7 +83,7 @@ def test_leading_dims_and_default_choice():
 
 
 def test_wrapper_errors():
-    x, qw, s, z, b = _case(2, 40, 256, 64, False, torch.bfloat16, seed=4)
+    x, qw, s, z, _ = _case(2, 40, 256, 64, False, torch.bfloat16, seed=4)
     with pytest.raises(UnsupportedError, match="dtype"):
         w4a16.w4a16_matmul(x.float(), qw, s, z, 64)
     with pytest.raises(UsageError, match="features"):

@@ -88,10 +88,10 @@ def test_qwen2_bias_and_tied_embeddings(tmp_path):
 
 
 SCHEMES = {
-    "w4-g32-sym": dict(weights=dict(bits=4, group_size=32, symmetric=True)),
-    "w4-g64-asym": dict(weights=dict(bits=4, group_size=64, symmetric=False)),
-    "w4-channel": dict(weights=dict(bits=4, group_size=-1, symmetric=True)),
-    "w8a8": dict(weights=dict(bits=8, group_size=-1), activations=dict()),
+    "w4-g32-sym": {"weights": {"bits": 4, "group_size": 32, "symmetric": True}},
+    "w4-g64-asym": {"weights": {"bits": 4, "group_size": 64, "symmetric": False}},
+    "w4-channel": {"weights": {"bits": 4, "group_size": -1, "symmetric": True}},
+    "w8a8": {"weights": {"bits": 8, "group_size": -1}, "activations": {}},
 }
 
 
