@@ -3,6 +3,7 @@ by hubquant's own compressed-tensors writer; weights must come back exactly, log
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,40 @@ def test_load_errors(tmp_path, base):
     save_file(t, f)
     with pytest.raises(CorruptFileError, match="model.norm.weight"):
         load(d2, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("fmt,symmetric,group", [("gptq", True, 32), ("gptq", False, 64), ("awq", False, 32),
+                                                  ("gptq", True, -1)])
+def test_round_trip_with_gptq_awq_writers(tmp_path, fmt, symmetric, group):
+    """RTN + hubquant's gptq/awq writers -> hubquant.load: exactly the weights the method produced."""
+    from hubquant.formats import get_format
+    from hubquant.methods import QuantJob, get_method
+    from hubquant.quant import QuantScheme, WeightScheme
+
+    scheme = QuantScheme(weights=WeightScheme(bits=4, group_size=group, symmetric=symmetric))
+    model = tiny_model("llama", vocab=512).to(torch.float16)
+    quantized = get_method("rtn").load()(model, QuantJob(scheme=scheme, progress=False))
+    qc = get_format(fmt)(model, quantized, scheme=scheme, out_dir=tmp_path, method="rtn", options={})
+    loaded, _ = load(tmp_path, device="cpu", dtype=torch.float16, progress=False)
+    assert loaded.hubquant_format["format"] == qc["quant_method"] == fmt
+    for name, qw in quantized.items():
+        mod = loaded.get_submodule(name)
+        assert isinstance(mod, W4A16Linear)
+        assert (mod.zeros is None) == symmetric, name
+        assert torch.equal(mod.dequantized_weight(torch.float32), qw.dequantize(torch.float32)), name
+
+
+def test_load_by_repo_id_from_local_hub(tmp_path, hub_env, base):
+    """A repo id is downloaded from the Hub (here hubquant's local Hub) with safetensors only, then loaded."""
+    folder = tmp_path / "variant"
+    deq = synth.write_model_variant(base, folder, "ct-w4a16", group_size=32)
+    (folder / "README.md").write_text("---\nlibrary_name: transformers\n---\n# tiny W4A16\n")
+    torch.save({"not": "loaded"}, folder / "training_args.bin")  # a pickle beside the weights is never fetched
+    hub_env.hub.publish_folder("alice/tiny-llama-w4a16-runtime", folder)
+    model, _ = load("alice/tiny-llama-w4a16-runtime", device="cpu", dtype=torch.bfloat16, progress=False)
+    path = model.hubquant_format["path"]
+    assert not list(Path(path).glob("*.bin"))
+    q = model.get_submodule("model.layers.1.mlp.down_proj")
+    assert torch.equal(q.dequantized_weight(torch.float32), deq["model.layers.1.mlp.down_proj"])
+    with pytest.raises(NotFoundError):
+        load("alice/no-such-variant", device="cpu")
