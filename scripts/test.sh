@@ -3,7 +3,7 @@
 # and run the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh "data,test,space,service,bnb,kernels,optimum"
+scripts/setup.sh "data,test,space,service,bnb,kernels"
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "==> installing Debian's chromium for the browser tests"
   (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium)) >/dev/null 2>&1 \
