@@ -68,6 +68,7 @@ def as_2d(x: torch.Tensor, k: int, what: str = "x") -> torch.Tensor:
 
 # ---- split-K workspace: fp32 partial sums + arrival counters, left zeroed by every kernel ----
 _WORKSPACES: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 def workspace(device: torch.device, n_floats: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +76,8 @@ def workspace(device: torch.device, n_floats: int, n_counters: int) -> tuple[tor
     key = (device.type, device.index)
     ws, cnt = _WORKSPACES.get(key, (None, None))
     if ws is None or ws.numel() < n_floats or cnt.numel() < n_counters:
+        if ws is not None:  # CUDA graphs captured earlier still point at the old buffers: never free them
+            _RETIRED.append((ws, cnt))
         n_floats = max(n_floats, ws.numel() if ws is not None else 0, 1 << 16)
         n_counters = max(n_counters, cnt.numel() if cnt is not None else 0, 1 << 12)
         ws = torch.zeros(n_floats, dtype=torch.float32, device=device)
