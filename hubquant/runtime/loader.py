@@ -159,8 +159,12 @@ def _build_gptq(qcfg, name, t, in_f, out_f, dtype, device, notes):
     if "qweight" not in t:
         return None
     fmt = qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq"
-    kw = repack.gptq_w4(t, in_f, out_f, bits=int(qcfg.get("bits", 4)), group_size=int(qcfg.get("group_size", 128)),
-                        v1=fmt != "gptq_v2")
+    bits, gs = int(qcfg.get("bits", 4)), int(qcfg.get("group_size", 128))
+    if bits != 4:
+        notes.add(f"{bits}-bit GPTQ weights dequantized to {dtype} (no {bits}-bit kernel)")
+        return _dense(repack.gptq_dequantize(t, in_f, out_f, bits=bits, v1=fmt != "gptq_v2"), t.get("bias"),
+                      dtype, device)
+    kw = repack.gptq_w4(t, in_f, out_f, bits=bits, group_size=gs, v1=fmt != "gptq_v2")
     return W4A16Linear(in_f, out_f, kw.pop("group_size"), bias=t.get("bias"), **_to(kw, device, dtype))
 
 

@@ -85,6 +85,20 @@ def gptq_w4(t: dict[str, torch.Tensor], in_f: int, out_f: int, *, bits: int, gro
             "group_size": -1 if n_groups == 1 else gs, "perm": perm}
 
 
+def gptq_dequantize(t: dict[str, torch.Tensor], in_f: int, out_f: int, *, bits: int, v1: bool) -> torch.Tensor:
+    """Float32 [N, K] weight of a GPTQ Linear of any bit width (dense bitstreams, as FORMATS.md describes)."""
+    from hubquant.formats.compressed_tensors import unpack_int32
+
+    q = unpack_int32(t["qweight"], bits, in_f, dim=0).to(torch.float32)  # [K, N] signed (u - 2^(b-1))
+    z = unpack_int32(t["qzeros"], bits, out_f, dim=1).to(torch.float32)  # [G, N] signed, v1 stores z - 1
+    if v1:
+        z = z + 1
+    n_groups = t["scales"].shape[0]
+    g_idx = t.get("g_idx")
+    g = g_idx.long() if g_idx is not None else torch.arange(in_f) // max(1, in_f // n_groups)
+    return ((q - z[g]) * t["scales"].float()[g]).t().contiguous()
+
+
 def awq_gemm_w4(t: dict[str, torch.Tensor], in_f: int, out_f: int, *, bits: int, group_size: int) -> dict:
     """AWQ GEMM: qweight [K, N/8] interleaved along N -> codes [K, N] -> kernel layout; qzeros likewise."""
     if bits != 4:

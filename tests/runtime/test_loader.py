@@ -191,3 +191,25 @@ def test_load_by_repo_id_from_local_hub(tmp_path, hub_env, base):
     assert torch.equal(q.dequantized_weight(torch.float32), deq["model.layers.1.mlp.down_proj"])
     with pytest.raises(NotFoundError):
         load("alice/no-such-variant", device="cpu")
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_other_bit_widths_fall_back_to_float(tmp_path, bits):
+    """GPTQ/compressed-tensors widths without a kernel are dequantized once into float Linears (same weights)."""
+    from hubquant.formats import get_format
+    from hubquant.methods import QuantJob, get_method
+    from hubquant.quant import QuantScheme, WeightScheme
+
+    scheme = QuantScheme(weights=WeightScheme(bits=bits, group_size=64, symmetric=True))
+    for fmt in ("gptq", "compressed-tensors"):
+        model = tiny_model("llama", vocab=512).to(torch.float16)
+        quantized = get_method("rtn").load()(model, QuantJob(scheme=scheme, progress=False))
+        out = tmp_path / fmt
+        get_format(fmt)(model, quantized, scheme=scheme, out_dir=out, method="rtn", options={})
+        notes = []
+        loaded, _ = load(out, device="cpu", dtype=torch.float16, progress=False, log=notes.append)
+        assert any("dequantized" in n for n in notes), notes
+        for name, qw in quantized.items():
+            lin = loaded.get_submodule(name)
+            assert type(lin) is torch.nn.Linear
+            assert torch.equal(lin.weight, qw.dequantize(torch.float16)), (fmt, name)
