@@ -108,10 +108,11 @@ class LayerWork:
 
     @torch.no_grad()
     def collect(self, names, *, hessian: bool = True, absmean: bool = False, absmax: bool = False,
-                dtype: torch.dtype = torch.float32) -> dict[str, LinearStats]:
+                dtype: torch.dtype = torch.float32, keep_outputs: bool = False) -> dict[str, LinearStats]:
         """One pass that gathers input statistics for the Linears `names` (batched matmuls, fp32).
 
-        Also keeps the layer's outputs of this pass in `self.outputs` (used when the engine runs with rerun=False).
+        With keep_outputs the layer's outputs of this pass are kept in `self.outputs` (for rerun=False);
+        otherwise they are dropped batch by batch (less device memory while the method works).
         """
         stats = {n: LinearStats() for n in names}
         seen: list[tuple[torch.Tensor, str]] = []  # inputs already accumulated in this batch (refs keep ids valid)
@@ -153,9 +154,11 @@ class LayerWork:
             finally:
                 for h in handles:
                     h.remove()
-            outs.append(y[0] if isinstance(y, (tuple, list)) else y)
+            if keep_outputs:
+                outs.append(y[0] if isinstance(y, (tuple, list)) else y)
+            del y
         seen.clear()
-        self.outputs = outs
+        self.outputs = outs if keep_outputs else None
         # shared entries point at the owner's final tensors
         for n, st in stats.items():
             if st.shared_with:

@@ -5,7 +5,9 @@ Pure math first (`gptq_quantize`), then the model walk (`run`) over hubquant.eng
 Options (job.options): block_size 128, damp 0.01 (times mean diag H), actorder True (static groups:
 group parameters come from the original weights, so no g_idx permutation is needed at inference),
 true_sequential False (True: quantize attention, then o_proj, then the MLP with statistics
-re-collected after each step; slower, usually a little more accurate).
+re-collected after each step; slower, usually a little more accurate), clip True (hubquant's addition:
+static group ranges shrunk to minimise each group's Hessian-weighted rounding error before the column
+loop; llm-compressor uses plain min-max).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from hubquant.methods import QuantJob
 from hubquant.modeling import model_dtype
 from hubquant.quant import QuantizedWeight, WeightScheme, minmax_qparams
 
-DEFAULTS = {"block_size": 128, "damp": 0.01, "actorder": True, "true_sequential": False}
+DEFAULTS = {"block_size": 128, "damp": 0.01, "actorder": True, "true_sequential": False, "clip": True}
 DAMP_RETRIES = (1.0, 10.0, 100.0)  # multipliers of `damp` tried before giving up
 
 
@@ -105,7 +107,7 @@ def _run_block(args: dict, kw: dict, use_graph: bool) -> dict:
 def gptq_quantize(
     weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, *, block_size: int = 128,
     damp: float = 0.01, actorder: bool = True, scale_dtype: torch.dtype = torch.float32,
-    cuda_graphs: bool = True, inplace: bool = False,
+    cuda_graphs: bool = True, inplace: bool = False, clip: bool = False,
 ) -> tuple[QuantizedWeight, float]:
     """GPTQ-quantize one weight matrix.
 
@@ -120,6 +122,8 @@ def gptq_quantize(
         scale_dtype: dtype the scales are stored in (the model dtype); rounding uses the stored scale.
         cuda_graphs: on CUDA, replay each block's column loop as a captured graph.
         inplace: let the function overwrite `hessian` (saves memory on large layers).
+        clip: shrink each static group's range to minimise its Hessian-weighted rounding error
+            (the search AWQ uses for clipping) before the column loop.
 
     Returns:
         (QuantizedWeight with codes in the original column order, half the sum of squared scaled errors).
@@ -146,7 +150,12 @@ def gptq_quantize(
     scale = torch.zeros(out_f, n_groups, dtype=scale_dtype, device=dev)
     zp = None if scheme.symmetric else torch.zeros(out_f, n_groups, dtype=torch.int8, device=dev)
     if static:
-        s, z = minmax_qparams(w, scheme, scale_dtype=scale_dtype)
+        ratio = 1.0
+        if clip:
+            from hubquant.methods.awq import search_clip
+
+            ratio = search_clip(w, h, scheme)
+        s, z = minmax_qparams(w, scheme, scale_dtype=scale_dtype, clip_ratio=ratio)
         scale.copy_(s)
         if zp is not None:
             zp.copy_(z)
@@ -154,7 +163,9 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(h), descending=True) if actorder else None
     if perm is not None:
         w = w[:, perm]
-        h = h[perm][:, perm]
+        tmp = h.index_select(0, perm)
+        torch.index_select(tmp, 1, perm, out=h)  # permute in place: one extra in x in buffer at a time
+        del tmp
     group_of = (perm if perm is not None else torch.arange(in_f, device=dev)) // gs
 
     hinv, _ = inverse_hessian_cholesky(h, damp)
@@ -244,7 +255,8 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
                 w = torch.cat([lin.weight for lin in lins], 0)
                 try:
                     qw, _ = gptq_quantize(w, h, scheme, block_size=opts["block_size"], damp=opts["damp"],
-                                          actorder=opts["actorder"], scale_dtype=dtype, inplace=True)
+                                          actorder=opts["actorder"], scale_dtype=dtype, inplace=True,
+                                          clip=opts["clip"])
                 except CholeskyFailed as e:
                     raise UsageError(f"GPTQ failed on {', '.join(names)}: {e}",
                                      hint=f"raise --damp (e.g. 0.1), add '{names[0]}' to --ignore, or use --method rtn") from e
