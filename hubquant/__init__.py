@@ -17,8 +17,8 @@ def _configure_hub_env() -> None:
 _configure_hub_env()
 
 
-def load(repo_or_path: str, **kwargs):
-    """Load any variant hubquant writes and run it with hubquant's kernels (see hubquant.runtime)."""
-    from hubquant.runtime import load as _load
+def load(repo_or_path: str, *args, **kwargs):
+    """Load any variant hubquant writes and run it with hubquant's kernels (see hubquant.runtime.loader.load)."""
+    from hubquant.runtime.loader import load as _load
 
-    return _load(repo_or_path, **kwargs)
+    return _load(repo_or_path, *args, **kwargs)
