@@ -13,7 +13,7 @@ checkpoints that transformers + bitsandbytes load unchanged.
 After ``run_int8``/``run_nf4`` the model behaves like the quantized one: weights hold their dequantized
 values and a forward pre-hook on each quantized Linear simulates the run-time part (LLM.int8's
 activation quantization with outlier columns; NF4's cast of inputs to the compute dtype). The hooks
-are removed by :func:`hubquant.methods.smoothquant.detach_activation_quant`.
+are removed by :func:`hubquant.methods.actquant.detach_activation_quant`.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hubquant.errors import UsageError, missing_dependency
+from hubquant.methods.actquant import attach_hook
 from hubquant.modeling import quantizable_linears
 from hubquant.quant import QuantizedWeight, WeightScheme
 
@@ -108,15 +109,6 @@ def llm_int8_fake_quant(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return out.reshape(shape).to(x.dtype)
 
 
-def _attach(model: nn.Module, names, fn) -> None:
-    for name in names:
-        mod = model.get_submodule(name)
-        old = mod.__dict__.pop("_hubquant_act_quant", None)
-        if old is not None:
-            old.remove()
-        mod._hubquant_act_quant = mod.register_forward_pre_hook(lambda m, a: (fn(a[0]),) + tuple(a[1:]))
-
-
 # ---------------------------------------------------------------- methods
 @torch.no_grad()
 def run_int8(model: nn.Module, job) -> dict[str, QuantizedWeight]:
@@ -139,7 +131,8 @@ def run_int8(model: nn.Module, job) -> dict[str, QuantizedWeight]:
         qw.extra["threshold"] = cfg.threshold
         lin.weight.data = qw.dequantize(lin.weight.dtype).to(lin.weight.device)
         out[name] = qw
-    _attach(model, out, lambda x: llm_int8_fake_quant(x, cfg.threshold))
+    for name in out:
+        attach_hook(model.get_submodule(name), lambda x: llm_int8_fake_quant(x, cfg.threshold))
     return out
 
 
@@ -169,5 +162,6 @@ def run_nf4(model: nn.Module, job) -> dict[str, QuantizedWeight]:
         qw.extra["double_quant"] = cfg.double_quant
         lin.weight.data = qw.dequantize(lin.weight.dtype).to(lin.weight.device)
         out[name] = qw
-    _attach(model, out, lambda x: x.to(compute).to(x.dtype))
+    for name in out:
+        attach_hook(model.get_submodule(name), lambda x: x.to(compute).to(x.dtype))
     return out

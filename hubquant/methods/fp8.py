@@ -9,7 +9,7 @@ time per token (dynamic) or with one static ``input_scale`` per Linear measured 
 
 The returned model behaves like the quantized one: every Linear's weight holds its dequantized
 value and a forward pre-hook fake-quantizes its input (see
-:func:`hubquant.methods.smoothquant.attach_activation_quant`).
+:func:`hubquant.methods.actquant.attach_activation_quant`).
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ static activations and GPTQ weights, False otherwise: one pass over the float mo
 
 Evaluation: after ``run``/``run_naive`` the model behaves like the quantized model. Each quantized
 Linear holds its dequantized weight and carries a forward pre-hook that fake-quantizes its input
-(:func:`attach_activation_quant`); :func:`detach_activation_quant` removes the hooks.
+(:func:`attach_activation_quant`, from :mod:`hubquant.methods.actquant`); :func:`detach_activation_quant`
+removes the hooks.
 """
 from __future__ import annotations
 
@@ -31,11 +32,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hubquant.errors import UnsupportedError, UsageError
-from hubquant.methods.fp8 import FP8_MAX, fp8_fake_quant_per_token, fp8_fake_quant_static, fp8_quantize_weight
+from hubquant.methods.actquant import (  # noqa: F401  (attach/detach are part of this module's documented API)
+    activation_fake_quant, attach_activation_quant, attach_input_hooks, detach_activation_quant, static_input_scale,
+)
+from hubquant.methods.fp8 import fp8_quantize_weight
 from hubquant.modeling import model_dtype, quantizable_linears
-from hubquant.quant import ActivationScheme, QuantizedWeight, QuantScheme, WeightScheme, rtn_quantize
-
-INT8_HALF_RANGE = 127.5  # compressed-tensors' symmetric scale: amax / ((2^8 - 1) / 2)
+from hubquant.quant import QuantizedWeight, QuantScheme, WeightScheme, rtn_quantize
 
 
 # ---------------------------------------------------------------- architecture knowledge (data)
@@ -104,6 +106,13 @@ def _kv_view(x: torch.Tensor, n_kv: int, head_dim: int) -> torch.Tensor:
     return x.reshape(n_kv, -1, head_dim)
 
 
+def _expand(s_k: torch.Tensor, n_kv: int, n_rep: int, head_dim: int) -> torch.Tensor:
+    """Per-KV-channel scales -> per o_proj input column (query head i reads KV head i // n_rep)."""
+    if n_rep == 1:
+        return s_k
+    return s_k.reshape(n_kv, 1, head_dim).expand(n_kv, n_rep, head_dim).reshape(-1)
+
+
 def fold_into_norm(norm: nn.Module, s: torch.Tensor, style: str) -> None:
     """Divide the norm's output channels by s, exactly in float64 (then cast back)."""
     w = norm.weight.data.double()
@@ -125,36 +134,8 @@ def scale_linear_columns(lin: nn.Linear, s: torch.Tensor) -> None:
     lin.weight.data = (lin.weight.data.double() * s[None, :]).to(lin.weight.dtype)
 
 
-def int8_fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic symmetric int8 per token (last dim): scale = amax / 127.5, codes in [-128, 127]."""
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / INT8_HALF_RANGE).clamp(min=1e-8)
-    return (torch.round(x.float() / scale).clamp(-128, 127) * scale).to(x.dtype)
-
-
-def int8_fake_quant_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-    """Static symmetric int8 with one calibrated scale."""
-    s = input_scale.float().reshape(())
-    return (torch.round(x.float() / s).clamp(-128, 127) * s).to(x.dtype)
-
-
-def activation_fake_quant(x: torch.Tensor, act: ActivationScheme, input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize -> dequantize activations as `act` says (int8 or fp8; per token or static per tensor)."""
-    if act.bits != 8 or not act.symmetric:
-        raise UsageError(f"activation scheme {act} is not supported", hint="use 8-bit symmetric activations")
-    if act.dynamic:
-        return int8_fake_quant_per_token(x) if act.type == "int" else fp8_fake_quant_per_token(x)
-    if input_scale is None:
-        raise UsageError("static activations need an input_scale", hint="calibrate (pass calibration data)")
-    return int8_fake_quant_static(x, input_scale) if act.type == "int" else fp8_fake_quant_static(x, input_scale)
-
-
-def static_input_scale(amax: torch.Tensor, act: ActivationScheme, dtype: torch.dtype) -> torch.Tensor:
-    """Per-tensor static scale [1] from the calibration amax (int8: /127.5, fp8: /448)."""
-    div = INT8_HALF_RANGE if act.type == "int" else FP8_MAX
-    return (amax.float().max().clamp(min=1e-8) / div).reshape(1).to(dtype)
-
-
-def quantize_weight(w: torch.Tensor, scheme: WeightScheme, dtype: torch.dtype, *, per_tensor: bool = False) -> QuantizedWeight:
+def quantize_weight(w: torch.Tensor, scheme: WeightScheme, dtype: torch.dtype, *,
+                    per_tensor: bool = False) -> QuantizedWeight:
     """Per-channel RTN weights: int8 codes, or e4m3 for float schemes (optionally one per-tensor scale)."""
     if scheme.type == "float":
         return fp8_quantize_weight(w, scheme, scale_dtype=dtype, per_tensor=per_tensor)
@@ -196,7 +177,8 @@ class SmoothConfig:
             except (TypeError, ValueError):
                 alpha = -1.0
             if not 0 <= alpha <= 1:
-                raise UsageError(f"alpha={opts.get('alpha')!r} is invalid", hint="use a number in [0, 1] or alpha=search")
+                raise UsageError(f"alpha={opts.get('alpha')!r} is invalid",
+                                 hint="use a number in [0, 1] or alpha=search")
         grid = tuple(float(a) for a in opts.get("alpha_grid", cls.alpha_grid))
         return cls(alpha=alpha, smooth=str(opts.get("smooth", "all")), alpha_grid=grid,
                    search_tokens=int(opts.get("search_tokens", 512)))
@@ -259,26 +241,19 @@ def smooth_layer(layer: nn.Module, layer_name: str, absmax: dict[str, torch.Tens
             act = torch.maximum(act, absmax[c])
         dev = consumers[0].weight.device
         wmax = torch.stack([c.weight.detach().float().abs().amax(dim=0) for c in consumers]).amax(dim=0).cpu()
-        gqa = isinstance(producer, nn.Linear) and producer.out_features != consumers[0].in_features
-        if gqa:  # v_proj -> o_proj with grouped KV heads: one scale per KV channel
-            act_k = _kv_view(act, n_kv, head_dim).amax(dim=1).reshape(-1)
-            w_k = _kv_view(wmax, n_kv, head_dim).amax(dim=1).reshape(-1)
-            n_rep = consumers[0].in_features // producer.out_features
-        else:
-            act_k, w_k, n_rep = act, wmax, 1
-
-        def expand(s_k):
-            return s_k.reshape(n_kv, 1, head_dim).expand(n_kv, n_rep, head_dim).reshape(-1) if gqa else s_k
-
+        # v_proj -> o_proj with grouped KV heads: one scale per KV channel, shared by the query heads reading it
+        n_rep = consumers[0].in_features // producer.out_features if isinstance(producer, nn.Linear) else 1
+        act_k, w_k = (_kv_view(t, n_kv, head_dim).amax(dim=1).reshape(-1) for t in (act, wmax)) if n_rep > 1 \
+            else (act, wmax)
         a = alpha
         if alpha == "search":
             x = samples[cnames[0]].to(dev)
             ws = [c.weight.detach().float() for c in consumers]
-            errs = {ga: group_output_error(x, ws, expand(smoothing_scales(act_k, w_k, ga)).to(dev), scheme, act.to(dev))
-                    for ga in alpha_grid}
+            errs = {ga: group_output_error(x, ws, _expand(smoothing_scales(act_k, w_k, ga), n_kv, n_rep, head_dim)
+                                           .to(dev), scheme, act.to(dev)) for ga in alpha_grid}
             a = min(errs, key=errs.get)
         s_k = smoothing_scales(act_k, w_k, a).to(dev)
-        s = expand(s_k)
+        s = _expand(s_k, n_kv, n_rep, head_dim)
         if isinstance(producer, nn.Linear):
             fold_into_linear_rows(producer, s_k)
         else:
@@ -328,42 +303,6 @@ def smooth_model(model: nn.Module, calib: torch.Tensor, *, config: SmoothConfig 
     return used
 
 
-def _attach(model: nn.Module, quantized: dict[str, QuantizedWeight], act: ActivationScheme) -> None:
-    for name, qw in quantized.items():
-        mod = model.get_submodule(name)
-        old = mod.__dict__.pop("_hubquant_act_quant", None)
-        if old is not None:
-            old.remove()
-
-        def hook(_mod, args, _scale=qw.input_scale):
-            return (activation_fake_quant(args[0], act, _scale),) + tuple(args[1:])
-
-        mod._hubquant_act_quant = mod.register_forward_pre_hook(hook)
-
-
-def attach_activation_quant(model: nn.Module, quantized: dict[str, QuantizedWeight], act: ActivationScheme) -> int:
-    """Make `model` quantize the inputs of every Linear in `quantized` as `act` says.
-
-    A forward pre-hook per Linear fake-quantizes its input (per token, or with the Linear's
-    static `input_scale`). Hooks stay on the modules (an evaluator running `model` sees them) until
-    :func:`detach_activation_quant`. Returns the number of hooks attached.
-    """
-    detach_activation_quant(model)
-    _attach(model, quantized, act)
-    return len(quantized)
-
-
-def detach_activation_quant(model: nn.Module) -> int:
-    """Remove the hooks :func:`attach_activation_quant` added; returns how many were removed."""
-    n = 0
-    for mod in model.modules():
-        handle = mod.__dict__.pop("_hubquant_act_quant", None)
-        if handle is not None:
-            handle.remove()
-            n += 1
-    return n
-
-
 # ---------------------------------------------------------------- methods
 def _check_scheme(scheme: QuantScheme) -> None:
     w, a = scheme.weights, scheme.activations
@@ -391,7 +330,7 @@ def _gptq_layer(work, names: list[str], scheme: WeightScheme, dtype) -> dict[str
         lins = [work.linears[n] for n in group]
         qw, _ = gptq_quantize(torch.cat([lin.weight for lin in lins], 0), h, scheme, scale_dtype=dtype, inplace=True)
         row = 0
-        for n, lin in zip(group, lins):
+        for n, lin in zip(group, lins, strict=True):
             rows = slice(row, row + lin.out_features)
             row += lin.out_features
             out[n] = QuantizedWeight(qweight=qw.qweight[rows].cpu(), scale=qw.scale[rows].cpu(), zero_point=None,
@@ -404,7 +343,8 @@ def _quantize_linear(name: str, lin: nn.Linear, scheme: QuantScheme, dtype, absm
     act = scheme.activations
     static = not act.dynamic
     if qw is None:
-        qw = quantize_weight(lin.weight.data, scheme.weights, dtype, per_tensor=static and scheme.weights.type == "float")
+        per_tensor = static and scheme.weights.type == "float"  # compressed-tensors' FP8 static scheme
+        qw = quantize_weight(lin.weight.data, scheme.weights, dtype, per_tensor=per_tensor)
     if static:
         if absmax is None:
             raise UnsupportedError(f"no calibration statistics for {name} (outside the decoder layers)",
@@ -434,7 +374,8 @@ def quantize_w8a8(model: nn.Module, job, *, smooth: bool) -> dict[str, Quantized
     used: dict[str, float] = {}
     use_gptq = opts.get("weights", "rtn") == "gptq"
     if opts.get("weights", "rtn") not in ("rtn", "gptq") or (use_gptq and scheme.weights.type != "int"):
-        raise UsageError(f"weights={opts.get('weights')!r} is not supported here", hint="use weights=rtn or weights=gptq (int8)")
+        raise UsageError(f"weights={opts.get('weights')!r} is not supported here",
+                         hint="use weights=rtn or weights=gptq (int8 only)")
     if smooth or not act.dynamic or use_gptq:
         if job.calib is None:
             raise UsageError("this method needs calibration data (smoothing or static activation scales)",
@@ -454,7 +395,7 @@ def quantize_w8a8(model: nn.Module, job, *, smooth: bool) -> dict[str, Quantized
                                          alpha_grid=cfg.alpha_grid))
             pre = _gptq_layer(work, names, scheme.weights, dtype) if use_gptq else {}
             layer_q = {n: _quantize_linear(n, linears[n], scheme, dtype, absmax.get(n), pre.get(n)) for n in names}
-            _attach(model, layer_q, act)  # the rerun feeds quantized outputs to the next layer
+            attach_input_hooks(model, layer_q, act)  # the rerun feeds quantized outputs to the next layer
             quantized.update(layer_q)
 
         # Sequential (each layer calibrated on the quantized outputs of the ones before) costs a second pass per

@@ -46,7 +46,8 @@ def test_compressed_tensors_round_trip(method, scheme, fmt, wdtype, names, tmp_p
     prefix = "model.layers.0.self_attn.k_proj."
     assert {k[len(prefix):] for k in tensors if k.startswith(prefix)} == names | {"bias"}
     assert tensors[prefix + "weight"].dtype == wdtype
-    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
     state = loaded.state_dict()

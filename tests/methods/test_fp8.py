@@ -5,33 +5,35 @@ import torch
 
 from hubquant.methods import METHODS, QuantJob
 from hubquant.methods.fp8 import FP8_MAX, fp8_fake_quant_per_token, fp8_fake_quant_static, fp8_quantize_weight
-from hubquant.quant import ActivationScheme, QuantScheme, WeightScheme, sqnr_db
+from hubquant.quant import ActivationScheme, QuantScheme, sqnr_db
 from tests.conftest import tiny_model
 
 FP8 = METHODS["fp8"].default_scheme
-FP8_STATIC = QuantScheme(weights=FP8.weights, activations=ActivationScheme(type="float", dynamic=False, strategy="tensor"))
+FP8_STATIC = QuantScheme(weights=FP8.weights,
+                         activations=ActivationScheme(type="float", dynamic=False, strategy="tensor"))
 
 
 def test_weight_codes_and_scales():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 256, generator=g)
-    w[3] *= 100.0
+    w[3] *= 1e5  # beyond e4m3's exponent range relative to the other rows
     qw = fp8_quantize_weight(w, FP8.weights)
     assert qw.qweight.dtype == torch.float8_e4m3fn and qw.scale.shape == (64, 1)
     torch.testing.assert_close(qw.scale, w.abs().amax(1, keepdim=True) / 448.0)
     assert qw.qweight.float().abs().amax() == FP8_MAX  # every row's absmax maps to 448 exactly
-    # e4m3 keeps 3 mantissa bits: ~31 dB on Gaussian weights, per row regardless of its range
-    assert sqnr_db(w, qw.dequantize()) > 30
-    assert sqnr_db(w[3], qw.dequantize()[3]) > 30
+    # e4m3 keeps 3 mantissa bits: ~31.5 dB on Gaussian weights (int8 per channel gives ~40 dB), any row range
+    assert 30 < sqnr_db(w, qw.dequantize()) < 33
+    assert sqnr_db(w[0], qw.dequantize()[0]) > 30
     per_tensor = fp8_quantize_weight(w, FP8.weights, per_tensor=True)
     assert per_tensor.scale.shape == (1, 1)
-    assert sqnr_db(w[0], per_tensor.dequantize()[0]) < sqnr_db(w[0], qw.dequantize()[0])
+    # a float format tolerates range differences up to its exponent range; 1e5 pushes row 0 into subnormals
+    assert sqnr_db(w[0], per_tensor.dequantize()[0]) < 15
 
 
 def test_activation_quantization():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, 256, generator=g)
-    x[0, 0] *= 1000.0  # one loud token does not hurt the others (per token)
+    x[0, 0] *= 1e5  # one loud token does not hurt the others (per token)
     fq = fp8_fake_quant_per_token(x)
     assert sqnr_db(x[1], fq[1]) > 30 and sqnr_db(x[0, 0], fq[0, 0]) > 30
     scale = torch.tensor([x.abs().max() / 448.0])

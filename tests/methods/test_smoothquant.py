@@ -6,10 +6,8 @@ import torch
 
 from hubquant.errors import UnsupportedError, UsageError
 from hubquant.methods import METHODS, QuantJob
-from hubquant.methods.smoothquant import (
-    SmoothConfig, activation_fake_quant, detach_activation_quant, group_output_error, int8_fake_quant_per_token,
-    smooth_model, smoothing_scales,
-)
+from hubquant.methods.actquant import activation_fake_quant, detach_activation_quant, int8_fake_quant_per_token
+from hubquant.methods.smoothquant import SmoothConfig, group_output_error, smooth_model, smoothing_scales
 from hubquant.quant import ActivationScheme, QuantScheme, WeightScheme, sqnr_db
 from tests.conftest import tiny_model
 
@@ -161,8 +159,8 @@ def test_errors_name_the_fix():
         METHODS["smoothquant"].load()(m, QuantJob(scheme=W8A8, calib=_ids(), progress=False))
     assert "w8a8" in e.value.hint
     with pytest.raises(UsageError):
-        METHODS["w8a8"].load()(tiny_model("llama", vocab=VOCAB),
-                               QuantJob(scheme=QuantScheme(weights=WeightScheme(bits=4, group_size=64)), progress=False))
+        w4 = QuantScheme(weights=WeightScheme(bits=4, group_size=64))
+        METHODS["w8a8"].load()(tiny_model("llama", vocab=VOCAB), QuantJob(scheme=w4, progress=False))
 
 
 def test_smoothquant_with_gptq_weights():
