@@ -87,6 +87,8 @@ def write_report(rows: list[dict], meta: dict, out_md: Path, out_png: Path) -> N
         "|---|---|---|---|---|---|---|---|",
     ]
     base = next((r["ppl"] for r in rows if r.get("method") == "float" and "ppl" in r), None)
+    order = {"float": 0, "rtn": 1, "gptq": 2, "awq": 3}
+    rows = sorted(rows, key=lambda r: (-r["bits"], order.get(r["method"], 9), r["tool"] != "hubquant"))
     for r in rows:
         scheme = "bf16" if r["method"] == "float" else f"W{r['bits']}A16 g64"
         if "error" in r:
@@ -96,6 +98,9 @@ def write_report(rows: list[dict], meta: dict, out_md: Path, out_png: Path) -> N
         lines.append(f"| {scheme} | {r['tool']} | {r['method']} | {r['ppl']:.3f} | {delta} | {r['quant_s']:.0f} | "
                      f"{r['process_s']:.0f} | {r['peak_rss_mib']:.0f} |")
     lines += ["", "![perplexity and time](img/accuracy.png)", ""]
+    notes = HERE / "NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text()]
     out_md.write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -126,6 +131,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--work", default="/tmp/hubquant-bench-accuracy")
     ap.add_argument("--skip-llmc", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="keep results.jsonl and skip runs already in it")
     args = ap.parse_args()
     from hubquant.assets import smollm2_dir
 
@@ -145,17 +151,25 @@ def main() -> None:
         jobs += [("rtn", bits, None), ("gptq", bits, None), ("awq", bits, None)]
         if not args.skip_llmc:
             jobs += [("gptq", bits, llmc), ("awq", bits, llmc)]
-    rows = []
     results = work / "results.jsonl"
+    rows = []
+    if args.resume and results.exists():
+        rows = [json.loads(ln) for ln in results.read_text().splitlines() if ln.strip()]
+    elif results.exists():
+        results.unlink()
+    done = {(r["tool"], r["method"], r["bits"]) for r in rows if "error" not in r}
     for method, bits, py in jobs:
+        tool = "llm-compressor" if py else "hubquant"
+        if (tool, method, bits) in done:
+            continue
         script = HERE / ("llmc_variant.py" if py else "hq_variant.py")
         cmd = [py or sys.executable, str(script), "--model", str(model_dir), "--work", str(work),
                "--method", method, "--bits", str(bits)]
         res = run_one(cmd, env)
-        res.setdefault("tool", "llm-compressor" if py else "hubquant")
+        res.setdefault("tool", tool)
         res.setdefault("method", method)
         res.setdefault("bits", bits)
-        rows.append(res)
+        rows = [r for r in rows if (r["tool"], r["method"], r["bits"]) != (tool, method, bits)] + [res]
         with results.open("a") as f:
             f.write(json.dumps(res) + "\n")
         print(json.dumps(res), flush=True)

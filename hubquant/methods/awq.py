@@ -89,19 +89,33 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, scheme: WeightScheme, *, grid:
                 min_ratio: float = CLIP_MIN_RATIO) -> torch.Tensor:
     """Per (row, group) range-shrink ratio minimising that group's output error d^T H_gg d.
 
-    Returns clip ratios [out, n_groups] for `minmax_qparams(..., clip_ratio=)`.
+    Returns clip ratios [out, n_groups] for `minmax_qparams(..., clip_ratio=)`. The candidates are
+    fake-quantized in float32 with the min-max rule of hubquant.quant (group ranges computed once).
     """
     w = w.float()
     out_f, in_f = w.shape
     gs = in_f if scheme.group_size == -1 else scheme.group_size
     ng = in_f // gs
-    hb = torch.stack([h[i * gs:(i + 1) * gs, i * gs:(i + 1) * gs] for i in range(ng)])  # [ng, gs, gs]
+    hb = torch.stack([h[i * gs:(i + 1) * gs, i * gs:(i + 1) * gs] for i in range(ng)]).float()  # [ng, gs, gs]
+    g = w.reshape(out_f, ng, gs)
+    lo = g.amin(-1, keepdim=True).clamp(max=0)
+    hi = g.amax(-1, keepdim=True).clamp(min=0)
+    levels = float(2**scheme.bits - 1)
     best_err = torch.full((out_f, ng), float("inf"), device=w.device)
     best_ratio = torch.ones(out_f, ng, device=w.device)
     for k in range(grid):
         ratio = 1.0 - (1.0 - min_ratio) * k / grid
-        d = (fake_quant(w, scheme, clip_ratio=ratio) - w).reshape(out_f, ng, gs)
-        err = torch.einsum("ogi,gij,ogj->og", d, hb, d)
+        if scheme.symmetric:
+            scale = (torch.maximum(-lo, hi) * (ratio / (levels / 2))).clamp(min=1e-8)
+            q = torch.round(g / scale).clamp_(scheme.qmin, scheme.qmax)
+            d = q.mul_(scale).sub_(g)
+        else:
+            scale = ((hi - lo) * (ratio / levels)).clamp(min=1e-8)
+            zp = torch.round(scheme.qmin - lo * ratio / scale).clamp_(scheme.qmin, scheme.qmax)
+            q = torch.round(g / scale).add_(zp).clamp_(scheme.qmin, scheme.qmax)
+            d = q.sub_(zp).mul_(scale).sub_(g)
+        d = d.transpose(0, 1)  # [ng, out, gs]
+        err = (torch.bmm(d, hb) * d).sum(-1).T  # d_g^T H_gg d_g per (row, group)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
