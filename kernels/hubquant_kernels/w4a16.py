@@ -315,6 +315,8 @@ def _dequant_cublas(x, qweight, scales, zeros, bias, y, gs):
 
 def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     """Implementations worth timing for an [m, k] x [k, n] W4A16 product; the first is the default."""
+    from hubquant_kernels import w4a16_gemv
+
     out = []
     n_blocks = lambda bk: -(-k // bk)
     if m <= 4:
@@ -341,6 +343,7 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
                 name=f"mm_{bm}x{bn}x{bk}_s{split}_w{warps}",
                 fn=lambda *a, bm=bm, bn=bn, bk=bk, s=split, w=warps, st=stages:
                     _mm(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
+    out += w4a16_gemv.candidates(m, n, k, gs)  # after the defaults: HUBQUANT_TUNE=0 keeps the first GEMV
     if m > 16:
         out.append(Candidate(name="dequant+cublas", fn=_dequant_cublas))
     return out

@@ -94,3 +94,42 @@ def test_wrapper_errors():
         w4a16.w4a16_matmul(x, qw, torch.ones(32, 40, dtype=torch.bfloat16), None, 8)
     with pytest.raises(UsageError, match="no W4A16 implementation"):
         w4a16.w4a16_matmul(x, qw, s, z, 64, impl="nope")
+
+
+@pytest.mark.parametrize("m,n,k,gs,asym,dtype", [
+    (1, 300, 1024, 128, False, torch.bfloat16),  # one group per K block (scale after the block)
+    (2, 136, 512, 32, True, torch.float16),  # several groups per block (per-row scales)
+    (1, 72, 768, -1, True, torch.bfloat16),  # one group over K; K not a multiple of the block
+])
+def test_gemv2_every_config_matches_float64(m, n, k, gs, asym, dtype):
+    """The mantissa-code GEMV (1 + u/16 codes, zero point folded into a per-row sum of x) in every block shape."""
+    from hubquant_kernels import w4a16_gemv
+
+    x, qw, s, z, b = _case(m, n, k, gs, asym, dtype, seed=n + k)
+    exact = x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
+    gsz = k if gs == -1 else gs
+    cands = w4a16_gemv.candidates(m, n, k, gsz)
+    names = {c.name for c in cands}
+    assert {f"gemv2_bn{bn}_bk{bk}_s1_w{w}" for bn, bk, w in w4a16_gemv.CONFIGS} <= names
+    for c in cands:
+        if "_s1_" not in c.name and "_s2_" not in c.name and "_s16_" not in c.name:
+            continue  # the interpreter is slow: no split, a small and the largest split
+        y = torch.full((m, n), float("nan"), dtype=dtype)
+        y = c.fn(x, qw, s, z, b, y, gsz)
+        y2 = c.fn(x, qw, s, z, b, torch.full_like(y, float("nan")), gsz)
+        err = float((y.double() - exact).norm() / exact.norm())
+        assert not torch.isnan(y).any() and err < 4e-3, (c.name, err)
+        assert torch.equal(y, y2), c.name  # split-K left its workspace zeroed
+
+
+def test_gemv2_codes_are_exact():
+    """Every nibble position of every code decodes to exactly 1 + u/16 (including the sign nibble 7)."""
+    from hubquant_kernels import w4a16_gemv
+
+    u = torch.arange(16).repeat_interleave(8).reshape(16, 8)  # [words, nibbles]: every value at every position
+    u = torch.cat([u, torch.randint(0, 16, (16, 8), generator=torch.Generator().manual_seed(0))])
+    words = (u.to(torch.int64) << (4 * torch.arange(8))).sum(1)
+    pw = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    out = torch.empty(8, 32, dtype=torch.float32)
+    w4a16_gemv._decode_codes_kernel[(1,)](pw, out, 32)
+    assert torch.equal(out, (1 + u.t().float() / 16))

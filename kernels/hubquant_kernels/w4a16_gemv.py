@@ -1,0 +1,143 @@
+"""A leaner W4A16 GEMV (small M): 3 instructions per weight instead of ~5.
+
+The first GEMV (hubquant_kernels.w4a16) turns every nibble into ``fp32(2^23 + u) - (2^23 + z)`` and multiplies
+it by x: shift, mask, or, subtract, FMA. Here the nibble is moved to the top of an fp32 mantissa, so that one
+shift and one mask|or give ``f = 1 + u/16`` exactly, and the zero point leaves the inner loop:
+
+    sum_k x_k (u_k - z) = 16 * sum_k x_k f_k - (16 + z) * sum_k x_k
+
+(per row of 8 K values, which always lie in one group). The inner loop is then shift, mask|or, FMA; the
+correction costs one FMA per packed word. Same kernel layout and split-K reduction as the first GEMV.
+"""
+from __future__ import annotations
+
+import os
+
+from hubquant_kernels._common import Candidate, workspace
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    from hubquant_kernels.w4a16 import _store_or_reduce
+
+    @triton.jit
+    def _mantissa_code(pw, j: tl.constexpr):
+        """Nibble j of every word as fp32 1 + u/16 (exact): the nibble lands on mantissa bits 19..22."""
+        if j <= 4:
+            t = pw << (19 - 4 * j)
+        else:
+            t = pw >> (4 * j - 19)
+        return ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _decode_codes_kernel(pw_ptr, out_ptr, n: tl.constexpr):
+        """out[j, i] = _mantissa_code(pw[i], j) (for tests)."""
+        offs = tl.arange(0, n)
+        pw = tl.load(pw_ptr + offs)
+        for j in tl.static_range(8):
+            tl.store(out_ptr + j * n + offs, _mantissa_code(pw, j))
+
+    @triton.jit
+    def _row_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N,
+                    GS: tl.constexpr, HAS_ZP: tl.constexpr, SCALE_AFTER: tl.constexpr):
+        """Scale and 16 + zero point, [1, BN] if one group covers the K block, else per packed row [R, BN]."""
+        if SCALE_AFTER:
+            g = k0 // GS
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if HAS_ZP:
+                c = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :] + 16.0
+            else:
+                c = tl.full((1, offs_n.shape[0]), 24.0, tl.float32)
+        else:
+            g = (offs_r * 8) // GS
+            m2 = rmask[:, None] & mask_n[None, :]
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+            if HAS_ZP:
+                c = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0).to(tl.float32) + 16.0
+            else:
+                c = tl.full(s.shape, 24.0, tl.float32)
+        return s, c
+
+    @triton.jit
+    def _w4a16_gemv2_kernel(
+        x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+        M, N, K, k_split, stride_xm, stride_ym,
+        GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_AFTER: tl.constexpr,
+    ):
+        R: tl.constexpr = BK // 8
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < N
+        k_lo = pid_k * k_split
+        k_hi = tl.minimum(k_lo + k_split, K)
+        acc = tl.zeros((R, BN), dtype=tl.float32)
+        x_row = x_ptr + pid_m * stride_xm
+        offs_r = k_lo // 8 + tl.arange(0, R)
+        rmask = offs_r < k_hi // 8
+        pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :], other=0)
+        for k0 in range(k_lo, k_hi, BK):
+            nxt_r = offs_r + R  # prefetch the next block while this one is computed
+            nmask = nxt_r < k_hi // 8
+            pw_next = tl.load(qw_ptr + nxt_r[:, None] * N + offs_n[None, :], mask=nmask[:, None] & mask_n[None, :],
+                              other=0)
+            s, c = _row_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N, GS, HAS_ZP, SCALE_AFTER)
+            part = tl.zeros((R, BN), dtype=tl.float32)
+            xs = tl.zeros((R,), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_row + offs_r * 8 + j, mask=rmask, other=0.0).to(tl.float32)
+                xs += xj
+                part += xj[:, None] * _mantissa_code(pw, j)
+            acc += (part * 16.0 - c * xs[:, None]) * s
+            pw, offs_r, rmask = pw_next, nxt_r, nmask
+        out = tl.sum(acc, axis=0)
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        _store_or_reduce(out, y_ptr + pid_m * stride_ym + offs_n, ws_ptr + pid_m * N + offs_n, mask_n,
+                         cnt_ptr, pid_m * tl.num_programs(1) + pid_n, bias, SPLIT_K, HAS_BIAS)
+
+
+def gemv2(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4):
+    """y = x @ W (+ bias) with the mantissa-code GEMV; x [M, K] contiguous rows, y [M, N] preallocated."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    n_tiles = triton.cdiv(n, bn)
+    k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
+    ws, cnt = workspace(x.device, m * n, m * n_tiles) if split_k > 1 else (y, y)
+    _w4a16_gemv2_kernel[(m, n_tiles, split_k)](
+        x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
+        ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0),
+        GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+        BN=bn, BK=bk, SPLIT_K=split_k, SCALE_AFTER=gs % bk == 0 or gs == k, num_warps=warps,
+    )
+    return y
+
+
+# (BN, BK, warps): wide N tiles amortize the activation loads over more columns per thread
+CONFIGS = ((128, 128, 4), (256, 128, 8), (128, 256, 8), (64, 256, 4), (256, 64, 4))
+SPLITS = (1, 2, 4, 8, 16)
+
+
+def enabled() -> bool:
+    """HUBQUANT_GEMV2=0 leaves these candidates out (benchmarks compare with and without)."""
+    return os.environ.get("HUBQUANT_GEMV2", "1") != "0"
+
+
+def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
+    """gemv2 configurations worth timing for an [m, k] x [k, n] product (m <= 8)."""
+    if m > 8 or not enabled():
+        return []
+    out = []
+    for bn, bk, warps in CONFIGS:
+        n_blocks = -(-k // bk)
+        for split in SPLITS:
+            if split == 1 or (n_blocks >= 2 * split and -(-n // bn) * split <= 4096):
+                out.append(Candidate(name=f"gemv2_bn{bn}_bk{bk}_s{split}_w{warps}",
+                                     fn=lambda *a, bn=bn, bk=bk, s=split, w=warps:
+                                     gemv2(*a, bn=bn, bk=bk, split_k=s, warps=w)))
+    return out
