@@ -159,6 +159,9 @@ class LayerWork:
             del y
         seen.clear()
         self.outputs = outs if keep_outputs else None
+        for st in stats.values():
+            if st.xtx is not None and not st.shared_with:
+                _finish_xtx(st.xtx)
         # shared entries point at the owner's final tensors
         for n, st in stats.items():
             if st.shared_with:
@@ -177,7 +180,30 @@ def _accumulate_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
         except (RuntimeError, TypeError):  # torch without mm(out_dtype=)
             pass
     xf = x.to(acc.dtype)
-    acc.addmm_(xf.T, xf)
+    n = xf.shape[1]
+    if not _blocked(acc):
+        acc.addmm_(xf.T, xf)
+        return
+    b = -(-n // _SYM_BLOCKS)  # symmetric: only the upper block rows (10/16 of the work); mirrored once at the end
+    for i in range(0, n, b):
+        acc[i: i + b, i:].addmm_(xf[:, i: i + b].T, xf[:, i:])
+
+
+_SYM_BLOCKS, _SYM_MIN = 4, 1024
+
+
+def _blocked(acc: torch.Tensor) -> bool:
+    return not acc.is_cuda and acc.shape[0] >= _SYM_MIN
+
+
+def _finish_xtx(acc: torch.Tensor) -> None:
+    """Mirror the upper block rows of a blocked accumulation into the lower triangle."""
+    if not _blocked(acc):
+        return
+    n = acc.shape[0]
+    b = -(-n // _SYM_BLOCKS)
+    for i in range(0, n - b, b):
+        acc[i + b:, i: i + b] = acc[i: i + b, i + b:].T
 
 
 def _move_non_layers(model: nn.Module, layers: nn.ModuleList, device) -> nn.Module:

@@ -33,7 +33,7 @@ def test_layer_outputs_match_the_model_and_stay_causal():
 
 
 def test_collect_statistics_are_exact():
-    model = tiny_model("qwen2", vocab=1000, layers=1)
+    model = tiny_model("qwen2", vocab=1000, layers=1, intermediate=1152)  # down_proj: the blocked symmetric path
     ids = _ids()
     captured = {}
     names = {}
