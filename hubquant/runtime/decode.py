@@ -27,6 +27,51 @@ def supports(model: nn.Module) -> bool:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FusedLayer:
+    """One decoder layer's fused pieces: q/k/v and gate/up Linears, norm (weight, eps) pairs, the MLP activation."""
+
+    qkv: nn.Module
+    gate_up: nn.Module
+    inter: int
+    silu: bool
+    act: nn.Module
+    norm_in: tuple[torch.Tensor, float]
+    norm_post: tuple[torch.Tensor, float]
+
+
+class _Cat(nn.Module):
+    """Fallback when Linears cannot be fused: the parts' outputs side by side."""
+
+    def __init__(self, mods: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.parts], -1)
+
+
+def _norm(mod: nn.Module) -> tuple[torch.Tensor, float]:
+    eps = getattr(mod, "variance_epsilon", None) or getattr(mod, "eps", None) or 1e-6
+    return mod.weight, float(eps)
+
+
+def fused_layers(model: nn.Module) -> list[FusedLayer]:
+    """Fused q/k/v and gate/up modules per layer (new weights: concatenated copies of the originals)."""
+    from hubquant.runtime.fuse import fuse_linears
+
+    out = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        qkv = fuse_linears([a.q_proj, a.k_proj, a.v_proj]) or _Cat([a.q_proj, a.k_proj, a.v_proj])
+        gate_up = fuse_linears([m.gate_proj, m.up_proj]) or _Cat([m.gate_proj, m.up_proj])
+        act = getattr(m, "act_fn", nn.SiLU())
+        out.append(FusedLayer(qkv=qkv, gate_up=gate_up, inter=m.gate_proj.out_features,
+                              silu=type(act).__name__ in ("SiLU", "SiLUActivation"), act=act,
+                              norm_in=_norm(layer.input_layernorm), norm_post=_norm(layer.post_attention_layernorm)))
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
 class DecodeResult:
     tokens: list[int]
     prefill_seconds: float
@@ -41,7 +86,7 @@ class DecodeResult:
 class GraphDecoder:
     """Greedy batch-1 generation with a static cache (CUDA graph replay on GPU, eager on CPU)."""
 
-    def __init__(self, model: nn.Module, max_len: int = 1024):
+    def __init__(self, model: nn.Module, max_len: int = 1024, *, fuse: bool = False):
         if not supports(model):
             arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
             raise UnsupportedError(f"the fast decoder does not know {arch}",
@@ -64,6 +109,14 @@ class GraphDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.out = torch.zeros(max_len, dtype=torch.long, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.fused = fused_layers(model) if fuse else None
+        self.final_norm = _norm(model.model.norm)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Last-position logits [1, V] for ids [1, T] at cache positions [T] (fills the cache)."""
+        if self.fused is not None:
+            return self._forward_fused(ids, positions)
+        return self._forward(ids, positions)
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -89,9 +142,35 @@ class GraphDecoder:
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.lm_head(inner.norm(h[:, -1:]))[:, -1]
 
+    @torch.no_grad()
+    def _forward_fused(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """_forward with q/k/v and gate/up fused, residual add + RMSNorm, SiLU * up, rotary + cache in one launch each."""
+        from hubquant_kernels import fused as kf
+
+        inner = self.model.model
+        t = ids.shape[1]
+        h = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(h, positions[None])
+        mask = (self.slots[None, :] <= positions[:, None])[None, None]
+        layers = self.fused
+        x, h = kf.add_rmsnorm(h, *layers[0].norm_in)
+        for i, (layer, f) in enumerate(zip(inner.layers, layers)):
+            attn = layer.self_attn
+            q = kf.rope_to_cache(f.qkv(x).view(t, -1), cos[0], sin[0], positions, self.k[i], self.v[i],
+                                 self.n_heads, self.n_kv)
+            o = nn.functional.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask,
+                                                           enable_gqa=self.n_kv != self.n_heads)
+            o = attn.o_proj(o.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim))
+            x, h = kf.add_rmsnorm(o, *f.norm_post, residual=h)
+            gu = f.gate_up(x)
+            a = kf.silu_mul(gu) if f.silu else f.act(gu[..., :f.inter]) * gu[..., f.inter:]
+            nxt = layers[i + 1].norm_in if i + 1 < len(layers) else self.final_norm
+            x, h = kf.add_rmsnorm(layer.mlp.down_proj(a), *nxt, residual=h)
+        return self.model.lm_head(x[:, -1:])[:, -1]
+
     def _step(self) -> None:
         """One decode step on the static tensors: logits -> argmax -> next token, position + 1."""
-        nxt = self._forward(self.tok, self.pos).argmax(-1)
+        nxt = self.forward(self.tok, self.pos).argmax(-1)
         self.out.index_copy_(0, self.pos, nxt)
         self.tok.copy_(nxt.view(1, 1))
         self.pos.add_(1)
@@ -125,7 +204,7 @@ class GraphDecoder:
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         t0 = time.perf_counter()
         positions = torch.arange(t, device=self.device)
-        first = self._forward(ids, positions).argmax(-1)
+        first = self.forward(ids, positions).argmax(-1)
         self.tok.copy_(first.view(1, 1))
         self.pos.fill_(t)
         self.out[t - 1] = first[0]

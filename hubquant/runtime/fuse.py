@@ -1,0 +1,73 @@
+"""Concatenate Linears that read the same input (q/k/v, gate/up) into one, for fewer, larger GEMVs.
+
+Works for float nn.Linear, W4A16Linear (same group size, zero points on all or none, no act-order permutation)
+and W8A8Linear (same int8/FP8 kind, dynamic activation scales). The fused module's output is the parts'
+outputs side by side; anything else returns None and the caller keeps the separate modules.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hubquant.runtime.modules import W4A16Linear, W8A8Linear
+
+
+def _cat_optional(parts: list[torch.Tensor | None], dim: int) -> torch.Tensor | None | bool:
+    """torch.cat of all-present tensors, None if all are None, False if mixed."""
+    if all(p is None for p in parts):
+        return None
+    if any(p is None for p in parts):
+        return False
+    return torch.cat(parts, dim)
+
+
+def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
+    """One module computing torch.cat([m(x) for m in mods], -1), or None if they cannot be fused."""
+    if not mods or len({getattr(m, "in_features", None) for m in mods}) != 1:
+        return None
+    kinds = {type(m) for m in mods}
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    if kind is W4A16Linear:
+        return _fuse_w4(mods)
+    if kind is W8A8Linear:
+        return _fuse_w8(mods)
+    if kind is nn.Linear:
+        bias = _cat_optional([m.bias for m in mods], 0)
+        if bias is False or len({m.weight.dtype for m in mods}) != 1:
+            return None
+        w = torch.cat([m.weight.detach() for m in mods], 0)
+        out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w)
+            if bias is not None:
+                out.bias.copy_(bias)
+        return out.requires_grad_(False)
+    return None
+
+
+def _fuse_w4(mods: list[W4A16Linear]) -> W4A16Linear | None:
+    if len({m.group_size for m in mods}) != 1 or any(m.perm is not None for m in mods):
+        return None
+    if len({m.scales.dtype for m in mods}) != 1:
+        return None
+    zeros = _cat_optional([m.zeros for m in mods], 1)
+    bias = _cat_optional([m.bias for m in mods], 0)
+    if zeros is False or bias is False:
+        return None
+    m0 = mods[0]
+    return W4A16Linear(m0.in_features, sum(m.out_features for m in mods), m0.group_size,
+                       qweight=torch.cat([m.qweight for m in mods], 1), scales=torch.cat([m.scales for m in mods], 1),
+                       zeros=zeros, bias=bias)
+
+
+def _fuse_w8(mods: list[W8A8Linear]) -> W8A8Linear | None:
+    if len({m.fp8 for m in mods}) != 1 or any(m.input_scale is not None for m in mods):
+        return None
+    bias = _cat_optional([m.bias for m in mods], 0)
+    if bias is False:
+        return None
+    return W8A8Linear(mods[0].in_features, sum(m.out_features for m in mods),
+                      qweight=torch.cat([m.qweight for m in mods], 0), w_scale=torch.cat([m.w_scale for m in mods], 0),
+                      bias=bias)

@@ -1,0 +1,184 @@
+"""Small fused kernels for batch-1 decoding: one launch where the transformers modules issue 5-12.
+
+- `add_rmsnorm`: (optional residual add) + RMSNorm, Llama/Qwen2 rounding (normalize in fp32, round to the
+  activation dtype, multiply by the weight);
+- `silu_mul`: SiLU(gate) * up on the fused [.., 2I] gate/up output;
+- `rope_to_cache`: rotary embedding of q and k from a fused [T, (H + 2 KV) D] q/k/v output, q written as
+  [1, H, T, D] and k, v written straight into the static KV cache at their positions.
+
+Each rounds where the torch code it replaces rounds (every bf16 op result), so outputs match it closely (bit for
+bit on the CPU interpreter in the tests). Each has a torch reference beside it, used on CPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from hubquant_kernels._common import use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+# ---------------------------------------------------------------- torch references
+def add_rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                          residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * rmsnorm(h), h) with h = x + residual (or x), as LlamaRMSNorm computes it."""
+    h = x if residual is None else x + residual
+    h32 = h.to(torch.float32)
+    n = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * n.to(h.dtype), h
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    g, u = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+def _rotate(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def rope_to_cache_reference(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int, n_kv: int) -> torch.Tensor:
+    """q [1, H, T, D] rotated; k (rotated) and v written into the caches [1, KV, L, D] at `positions`."""
+    t = qkv.shape[0]
+    d = k_cache.shape[-1]
+    q, k, v = qkv.view(t, n_heads + 2 * n_kv, d).split((n_heads, n_kv, n_kv), dim=1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    q = _rotate(q, c, s).transpose(0, 1)[None]
+    k_cache.index_copy_(2, positions, _rotate(k, c, s).transpose(0, 1)[None])
+    v_cache.index_copy_(2, positions, v.transpose(0, 1)[None])
+    return q
+
+
+# ---------------------------------------------------------------- Triton kernels
+if triton is not None:
+
+    @triton.jit
+    def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, H, eps,
+                            HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < H
+        x = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0)
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(r_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + row * H + offs, x, mask=mask)
+        h = x.to(tl.float32)
+        var = tl.sum(h * h, axis=0) / H
+        n = (h * (1.0 / tl.sqrt_rn(var + eps))).to(y_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        tl.store(y_ptr + row * H + offs, (w.to(tl.float32) * n.to(tl.float32)).to(y_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, y_ptr, inter, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < inter
+        g = tl.load(gu_ptr + row * 2 * inter + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * 2 * inter + inter + offs, mask=mask, other=0.0).to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(y_ptr + row * inter + offs, (a * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, T, L,
+                           NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr):
+        t = tl.program_id(0)
+        hd = tl.program_id(1)
+        half: tl.constexpr = D // 2
+        offs = tl.arange(0, half)
+        src = qkv_ptr + (t * (NH + 2 * NKV) + hd) * D
+        x1 = tl.load(src + offs)
+        x2 = tl.load(src + half + offs)
+        dt = x1.dtype
+        pos = tl.load(pos_ptr + t)
+        if hd < NH + NKV:
+            c1 = tl.load(cos_ptr + t * D + offs).to(tl.float32)
+            c2 = tl.load(cos_ptr + t * D + half + offs).to(tl.float32)
+            s1 = tl.load(sin_ptr + t * D + offs).to(tl.float32)
+            s2 = tl.load(sin_ptr + t * D + half + offs).to(tl.float32)
+            a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+            # (x * cos) + (rotate_half(x) * sin), each product rounded like the torch ops
+            o1 = ((a1 * c1).to(dt).to(tl.float32) + (-(a2 * s1)).to(dt).to(tl.float32)).to(dt)
+            o2 = ((a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)).to(dt)
+            if hd < NH:
+                dst = q_ptr + (hd * T + t) * D
+            else:
+                dst = kc_ptr + ((hd - NH) * L + pos) * D
+            tl.store(dst + offs, o1)
+            tl.store(dst + half + offs, o2)
+        else:
+            dst = vc_ptr + ((hd - NH - NKV) * L + pos) * D
+            tl.store(dst + offs, x1)
+            tl.store(dst + half + offs, x2)
+
+
+# ---------------------------------------------------------------- wrappers
+def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * rmsnorm(x + residual), x + residual) in one launch; the second is x itself without residual.
+
+    Args:
+        x: [..., H] activations (contiguous).
+        weight: [H] norm weight in x's dtype.
+        eps: the norm's epsilon.
+        residual: optional [..., H] added to x first.
+
+    Returns:
+        The normalized activations and the (new) residual stream.
+    """
+    if not use_triton(x) or weight.dtype != x.dtype:
+        return add_rmsnorm_reference(x, weight, eps, residual)
+    hsz = x.shape[-1]
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    h = torch.empty_like(x) if residual is not None else x
+    _add_rmsnorm_kernel[(x.numel() // hsz,)](x, residual.contiguous() if residual is not None else x, weight, y, h,
+                                            hsz, eps, HAS_RES=residual is not None,
+                                            BLOCK=triton.next_power_of_2(hsz), num_warps=4)
+    return y, h
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for gate_up = [..., 2I] (gate first), in one launch."""
+    if not use_triton(gate_up):
+        return silu_mul_reference(gate_up)
+    two_i = gate_up.shape[-1]
+    gate_up = gate_up.contiguous()
+    rows = gate_up.numel() // two_i
+    y = torch.empty(*gate_up.shape[:-1], two_i // 2, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(two_i // 2, block))](gate_up, y, two_i // 2, BLOCK=block, num_warps=4)
+    return y
+
+
+def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
+    """Rotary embedding of the fused q/k/v output; k and v go into the caches, q is returned.
+
+    Args:
+        qkv: [T, (H + 2 KV) * D] (q heads, then k heads, then v heads).
+        cos, sin: [T, D] from the model's rotary embedding.
+        positions: [T] cache slots (int64).
+        k_cache, v_cache: [1, KV, L, D], written in place.
+        n_heads, n_kv: H and KV.
+
+    Returns:
+        q [1, H, T, D].
+    """
+    d = k_cache.shape[-1]
+    ok = (use_triton(qkv) and d % 2 == 0 and (d // 2) & (d // 2 - 1) == 0 and k_cache.is_contiguous()
+          and v_cache.is_contiguous() and cos.dtype == qkv.dtype)
+    if not ok:
+        return rope_to_cache_reference(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv)
+    t = qkv.shape[0]
+    q = torch.empty(1, n_heads, t, d, dtype=qkv.dtype, device=qkv.device)
+    _rope_cache_kernel[(t, n_heads + 2 * n_kv)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), positions,
+                                               q, k_cache, v_cache, t, k_cache.shape[2],
+                                               NH=n_heads, NKV=n_kv, D=d, num_warps=1)
+    return q

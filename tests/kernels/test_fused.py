@@ -1,0 +1,79 @@
+"""Fused decode kernels (add + RMSNorm, SiLU * up, rotary + KV-cache write) against the torch code they replace.
+
+Triton's CPU interpreter converts fp32 to bf16 by truncation (the GPU rounds to nearest even, as torch does), so
+bf16 results are compared within two bf16 steps per element here, float32 and pure copies exactly.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hubquant_kernels import fused
+
+
+def _close_bf16(y, ref, atol=1e-6):
+    """Within two bf16 steps of the reference, element by element (and close overall)."""
+    diff = (y.float() - ref.float()).abs()
+    assert bool((diff <= ref.float().abs() * 2 ** -6 + atol).all()), float(diff.max())
+    assert float(diff.norm() / ref.float().norm()) < 1e-2
+
+
+def _rnd(*shape, dtype=torch.bfloat16, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_add_rmsnorm_matches_llama_rmsnorm(dtype, with_res):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x, r = _rnd(1, 3, 200, dtype=dtype, seed=1), _rnd(1, 3, 200, dtype=dtype, seed=2)
+    norm = LlamaRMSNorm(200, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(_rnd(200, dtype=dtype, seed=3))
+        h_ref = x + r if with_res else x
+        y_ref = norm(h_ref)
+    y, h = fused.add_rmsnorm(x, norm.weight.detach(), 1e-5, r if with_res else None)
+    if dtype == torch.float32 or not with_res:
+        assert torch.equal(h, h_ref)
+    else:
+        _close_bf16(h, h_ref)
+        with torch.no_grad():
+            y_ref = norm(h)  # the norm of the kernel's own sum (the interpreter truncated it)
+    if dtype == torch.float32:
+        assert float((y - y_ref).norm() / y_ref.norm()) < 1e-6
+    else:
+        _close_bf16(y, y_ref)
+
+
+def test_silu_mul():
+    gu = _rnd(2, 2 * 700, seed=4)
+    y = fused.silu_mul(gu)
+    ref = fused.silu_mul_reference(gu)
+    assert y.shape == (2, 700)
+    _close_bf16(y, ref)
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_rope_to_cache_matches_transformers(t):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    nh, nkv, d, length = 4, 2, 32, 16
+    qkv = _rnd(t, (nh + 2 * nkv) * d, seed=5)
+    ang = torch.rand(t, d // 2, generator=torch.Generator().manual_seed(6)) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(torch.bfloat16)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(torch.bfloat16)
+    pos = torch.arange(3, 3 + t)
+    kc, vc = _rnd(1, nkv, length, d, seed=7), _rnd(1, nkv, length, d, seed=8)
+    kc2, vc2 = kc.clone(), vc.clone()
+    q = fused.rope_to_cache(qkv, cos, sin, pos, kc, vc, nh, nkv)
+    # transformers' path: split heads, apply_rotary_pos_emb, index_copy into the cache
+    qh, kh, vh = (p.view(1, t, -1, d).transpose(1, 2) for p in qkv.split((nh * d, nkv * d, nkv * d), -1))
+    qr, kr = apply_rotary_pos_emb(qh, kh, cos[None], sin[None])
+    kc2.index_copy_(2, pos, kr)
+    vc2.index_copy_(2, pos, vh)
+    _close_bf16(q, qr, atol=2 ** -5)  # a sum of two rounded products: absolute steps of the inputs' size
+    _close_bf16(kc, kc2, atol=2 ** -5)
+    assert torch.equal(vc, vc2)  # v is copied, not rounded
+    untouched = torch.ones(length, dtype=torch.bool)
+    untouched[pos] = False
+    assert torch.equal(kc[:, :, untouched], kc2[:, :, untouched])
