@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -61,6 +62,15 @@ def float_tensors(cfg, layers: int, seed: int = 0):
     yield "lm_head.weight", rnd(v, h)
 
 
+def modes(args, kind: str) -> list[str]:
+    """Decoder setups to time for a variant: 'default', or with --compare the earlier code beside the new."""
+    if not args.compare:
+        return ["default"]
+    if kind == "ct-w4a16":
+        return ["gemv1-unfused", "gemv2-unfused", "gemv2-fused"]
+    return ["unfused", "fused"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="decode_results.json")
@@ -69,6 +79,9 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--compare", action="store_true",
+                    help="time the earlier decoder (unfused, first GEMV only) beside gemv2 and fuse=True")
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager (no graph) timing")
     ap.add_argument("--smoke", action="store_true", help="tiny dims on CPU: checks the script, times nothing useful")
     args = ap.parse_args()
     global DEVICE
@@ -107,26 +120,36 @@ def main() -> int:
             row["load_s"] = round(time.time() - t0, 1)
             row["gpu_weight_bytes"] = sum(b.numel() * b.element_size() for b in
                                           list(model.parameters()) + list(model.buffers()))
-            dec = GraphDecoder(model, max_len=args.prompt + args.tokens + 8)
             with torch.no_grad():
                 ref = model(ids.to(DEVICE)).logits[0, -1].float()
-                mine = dec._forward(ids.to(DEVICE), torch.arange(args.prompt, device=DEVICE))[0].float()
-            row["decoder_vs_transformers_rel_err"] = float((mine - ref).norm() / ref.norm())
-            runs = []
-            for _ in range(args.repeats + 1):  # the first run captures the graph and tunes the kernels
-                r = dec.generate(ids, args.tokens)
-                runs.append(r.tokens_per_second)
-            row["tokens_per_s_runs"] = runs[1:]
-            row["tokens_per_s"] = sorted(runs[1:])[len(runs[1:]) // 2]
-            row["prefill_s"] = r.prefill_seconds
-            row["first_tokens"] = r.tokens[:8]
-            eager = dec.generate(ids, min(16, args.tokens), use_graph=False)
-            row["eager_tokens_per_s"] = eager.tokens_per_second
-            print(f"{kind:14s} {row['tokens_per_s']:8.1f} tok/s (graph)  {row['eager_tokens_per_s']:7.1f} tok/s "
-                  f"(eager)  decoder-vs-HF rel err {row['decoder_vs_transformers_rel_err']:.2e}  "
-                  f"ckpt {row['checkpoint_bytes'] / 1e9:.2f} GB  write {row['write_s']} s  load {row['load_s']} s",
-                  flush=True)
-            del model, dec
+            for mode in modes(args, kind):
+                # the W4A16 chooser is re-run per mode: "gemv1" offers only the first GEMV (the earlier code)
+                os.environ["HUBQUANT_GEMV2"] = "0" if mode.startswith("gemv1") else "1"
+                _common._CHOICES.clear()
+                dec = GraphDecoder(model, max_len=args.prompt + args.tokens + 8, fuse=mode.endswith("fused"))
+                r_ = row if mode == "default" else row.setdefault("modes", {}).setdefault(mode, {})
+                with torch.no_grad():
+                    mine = dec.forward(ids.to(DEVICE), torch.arange(args.prompt, device=DEVICE))[0].float()
+                r_["decoder_vs_transformers_rel_err"] = float((mine - ref).norm() / ref.norm())
+                runs = []
+                for _ in range(args.repeats + 1):  # the first run captures the graph and tunes the kernels
+                    r = dec.generate(ids, args.tokens)
+                    runs.append(r.tokens_per_second)
+                r_["tokens_per_s_runs"] = runs[1:]
+                r_["tokens_per_s"] = sorted(runs[1:])[len(runs[1:]) // 2]
+                r_["prefill_s"] = r.prefill_seconds
+                r_["first_tokens"] = r.tokens[:8]
+                if not args.no_eager:
+                    eager = dec.generate(ids, min(16, args.tokens), use_graph=False)
+                    r_["eager_tokens_per_s"] = eager.tokens_per_second
+                r_["chosen_kernels"] = {repr(k): v for k, v in _common.chosen().items()}
+                print(f"{kind:10s} {mode:14s} {r_['tokens_per_s']:8.1f} tok/s (graph)  "
+                      f"{r_.get('eager_tokens_per_s', float('nan')):7.1f} tok/s (eager)  decoder-vs-HF rel err "
+                      f"{r_['decoder_vs_transformers_rel_err']:.2e}  ckpt {row['checkpoint_bytes'] / 1e9:.2f} GB  "
+                      f"write {row['write_s']} s  load {row['load_s']} s", flush=True)
+                del dec
+                out.write_text(json.dumps(res, indent=1, default=str))
+            del model
         except Exception as e:  # noqa: BLE001  (keep the other variants' numbers)
             import traceback
 
@@ -138,6 +161,14 @@ def main() -> int:
                 torch.cuda.empty_cache()
             res["chosen_kernels"] = {repr(k): v for k, v in _common.chosen().items()}
             out.write_text(json.dumps(res, indent=1, default=str))
+    if args.compare:
+        bf = res["variants"].get("bf16", {}).get("modes", {}).get("unfused", {}).get("tokens_per_s")
+        for kind, row in res["variants"].items():
+            for mode, r_ in row.get("modes", {}).items():
+                if bf and r_.get("tokens_per_s"):
+                    print(f"{kind:10s} {mode:14s} {r_['tokens_per_s']:8.1f} tok/s  {r_['tokens_per_s'] / bf:.2f}x "
+                          "bf16 (unfused)")
+        return 0
     bf = res["variants"].get("bf16", {}).get("tokens_per_s")
     if bf:
         for kind, row in res["variants"].items():
