@@ -3,13 +3,15 @@ LLM.int8 vs NF4 (hubquant), side by side with llm-compressor's SmoothQuant + W8A
 
     python bench/accuracy/w8.py                # writes docs/accuracy-8bit.md
     python bench/accuracy/w8.py --extended     # also alpha search, norms-only smoothing, static W8A8 and FP8
+    python bench/accuracy/w8.py --ablation     # where the W8A8 loss comes from (adds a section to the doc)
 
 Same calibration windows (fortunes, 32 x 512) and evaluation windows (lee-news) for everyone. Activation
 quantization is simulated on CPU: hubquant's methods leave forward pre-hooks that quantize each Linear's input
 (per token, or with the static input_scale), and llm-compressor's checkpoint is loaded by transformers +
 compressed-tensors, which quantizes activations the same way (tests/formats/test_w8a8_loaders.py shows both give
 identical logits on hubquant checkpoints). llm-compressor runs in its own venv (LLMC_PYTHON, default
-/work/venvs/llmc/bin/python) in a subprocess, in parallel with the hubquant variants (llm-compressor 1 thread, hubquant BENCH_THREADS, default 2).
+/work/venvs/llmc/bin/python) in a subprocess, in parallel with the hubquant variants (llm-compressor 1 thread,
+hubquant BENCH_THREADS, default 2).
 """
 from __future__ import annotations
 
@@ -88,7 +90,8 @@ def variants(extended: bool) -> list[tuple[str, str, dict, str]]:
          ("bnb LLM.int8 (threshold 6)", "bnb-int8", {}, "dynamic"),
          ("bnb NF4 + double quant (bf16 compute)", "bnb-nf4", {}, "-")]
     if extended:
-        v += [("SmoothQuant W8A8, alpha 0.8, GPTQ weights", "smoothquant", {"alpha": 0.8, "weights": "gptq"}, "dynamic"),
+        v += [("SmoothQuant W8A8, alpha 0.8, GPTQ weights", "smoothquant", {"alpha": 0.8, "weights": "gptq"},
+               "dynamic"),
               ("SmoothQuant W8A8, alpha search", "smoothquant", {"alpha": "search"}, "dynamic"),
               ("SmoothQuant W8A8, alpha 0.5, norms only", "smoothquant", {"alpha": 0.5, "smooth": "norms"}, "dynamic"),
               ("naive W8A8, static activations", "w8a8", {}, "static"),
@@ -120,7 +123,8 @@ def run_hubquant(base, label, method, options, act_mode, calib_ids, eval_ids, pp
            "quant_s": t_quant, "eval_s": time.time() - t1}
     if extra:
         vals = sorted(extra.values())
-        row["alphas"] = f"{len(vals)} groups, alpha median {vals[len(vals) // 2]:.1f}, range {vals[0]:.1f}-{vals[-1]:.1f}"
+        row["alphas"] = (f"{len(vals)} groups, alpha median {vals[len(vals) // 2]:.1f}, "
+                         f"range {vals[0]:.1f}-{vals[-1]:.1f}")
     return row
 
 
@@ -131,8 +135,8 @@ def write_report(rows: list[dict], meta: dict, out_md: Path) -> None:
         "",
         f"Measured {meta['date']} on {meta['machine']} by `python bench/accuracy/w8.py{meta['args']}`.",
         "",
-        "- Model: SmolLM2-135M-Instruct from `hubquant.assets.smollm2_dir()` (bf16 safetensors rebuilt from a GGUF; its "
-        "weights carry Q4_1 rounding), run in float32 so that only quantization error shows.",
+        "- Model: SmolLM2-135M-Instruct from `hubquant.assets.smollm2_dir()` (bf16 safetensors rebuilt from a GGUF; "
+        "its weights carry Q4_1 rounding), run in float32 so that only quantization error shows.",
         f"- Calibration (same token windows for every calibrated method): {meta['calib']}.",
         f"- Evaluation (checked disjoint from the calibration text): {meta['eval']}; perplexity, each window scored "
         "on its own.",
@@ -162,7 +166,7 @@ def write_report(rows: list[dict], meta: dict, out_md: Path) -> None:
         delta = "" if r["method"] == "float" or not base else f"{100 * (r['ppl'] / base - 1):+.2f}%"
         q = f"{r['quant_s']:.0f}" if r.get("quant_s") is not None else ""
         lines.append(f"| {r['label']} | {r['tool']} | {r.get('scheme', '')} | {r['ppl']:.3f} | {delta} | {q} | "
-                     f"{r.get('alphas', r.get('note', ''))} |")
+                     f"{'; '.join(x for x in (r.get('alphas'), r.get('note')) if x)} |")
     out_md.write_text("\n".join(lines) + "\n" + meta.get("summary", ""))
 
 
@@ -189,11 +193,57 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+ABLATION_WINDOWS = 4
+ABLATION_GROUPS = (("q/k/v inputs", ("q_proj", "k_proj", "v_proj")), ("o_proj inputs", ("o_proj",)),
+                   ("gate/up inputs", ("gate_proj", "up_proj")), ("down_proj inputs", ("down_proj",)))
+
+
+def ablation(base, calib_ids, eval_ids, ppl_fn) -> list[str]:
+    """Naive vs SmoothQuant (alpha 0.8, and the per-group alpha search) W8A8: int8 weights alone, then activation
+    quantization on one group of Linears at a time, on the first ABLATION_WINDOWS evaluation windows."""
+    import torch
+
+    from hubquant.methods import METHODS, QuantJob
+    from hubquant.methods.actquant import attach_activation_quant, attach_input_hooks, detach_activation_quant
+
+    ev = eval_ids[:ABLATION_WINDOWS]
+    with torch.no_grad():
+        f = ppl_fn(base, ev)
+    scheme = METHODS["smoothquant"].default_scheme
+    cols = ["all activations", "weights only"] + [g for g, _ in ABLATION_GROUPS]
+    lines = ["| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for label, method, opts in (("naive W8A8", "w8a8", {}), ("SmoothQuant alpha 0.8", "smoothquant", {"alpha": 0.8}),
+                                ("SmoothQuant alpha search", "smoothquant", {"alpha": "search"})):
+        model = copy.deepcopy(base)
+        q = METHODS[method].load()(model, QuantJob(scheme=scheme, calib=calib_ids, options=opts, progress=False))
+        cells = []
+        for col in cols:
+            detach_activation_quant(model)
+            if col == "all activations":
+                attach_activation_quant(model, q, scheme.activations)
+            elif col != "weights only":
+                suffixes = dict(ABLATION_GROUPS)[col]
+                attach_input_hooks(model, {n: v for n, v in q.items() if n.rsplit(".", 1)[-1] in suffixes},
+                                   scheme.activations)
+            with torch.no_grad():
+                cells.append(f"{100 * (ppl_fn(model, ev) / f - 1):+.2f}%")
+            print(label, col, cells[-1], flush=True)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return ["", "## Where the W8A8 loss comes from (`--ablation`)", "",
+            f"Perplexity change vs float ({f:.3f}) on the first {ABLATION_WINDOWS} evaluation windows: int8 weights "
+            "everywhere, activations quantized everywhere, nowhere, or only at the inputs of one kind of Linear.", "",
+            *lines, ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/hubquant-bench-w8")
     ap.add_argument("--extended", action="store_true")
     ap.add_argument("--skip-llmc", action="store_true")
+    ap.add_argument("--ablation", action="store_true", help="only the ablation; appends a section to the doc")
+    ap.add_argument("--only", nargs="+", metavar="LABEL_PART",
+                    help="run only the (extended) variants whose label contains one of these; their rows are added "
+                         "to the previous run's rows (same --work) and marked with the date")
     ap.add_argument("--llmc-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -219,17 +269,36 @@ def main() -> None:
                 machine=f"{platform.processor() or platform.machine()} ({_cpu_name()}), {os.cpu_count()} CPU cores, "
                         f"no GPU, torch {torch.__version__}",
                 args=" --extended" if args.extended else "", threads=torch.get_num_threads())
+    out_md = ROOT / "docs" / "accuracy-8bit.md"
+    if args.ablation:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        section = ablation(base, calib_ids, eval_ids, perplexity)
+        text = out_md.read_text() if out_md.exists() else ""
+        text = text.split("\n## Where the W8A8 loss comes from")[0].rstrip("\n") + "\n"
+        out_md.write_text(text + "\n".join(section) + f"\nAblation measured {meta['date']} on {meta['machine']}.\n")
+        return
     llmc_proc = None
-    if not args.skip_llmc:
+    if not args.skip_llmc and not args.only:
         py = os.environ.get("LLMC_PYTHON", "/work/venvs/llmc/bin/python")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         log = open(work / "llmc.log", "w")
         llmc_proc = subprocess.Popen([py, str(Path(__file__).resolve()), "--llmc-worker", "--model", str(model_dir),
                                       "--work", str(work)], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    out_md = ROOT / "docs" / "accuracy-8bit.md"
     rows: list[dict] = []
+    if args.only:  # keep the previous run's rows (and its date in the header), add the selected variants
+        previous = work / "results.jsonl"
+        by_label = {}
+        for line in previous.read_text().splitlines() if previous.exists() else []:
+            row = json.loads(line)
+            by_label[row["label"]] = row
+        rows = [r for r in by_label.values() if not any(p in r["label"] for p in args.only)]
+        meta["date"] = next((r["date"] for r in rows if "date" in r), meta["date"])
 
     def record(row):
+        row.setdefault("date", meta["date"] if not args.only else
+                       datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        if args.only:
+            row["note"] = (row.get("note", "") + f" (added by --only, {row['date']})").strip()
         rows.append(row)
         print(json.dumps(row), flush=True)
         with (work / "results.jsonl").open("a") as f:
@@ -238,11 +307,14 @@ def main() -> None:
         write_report(rows, meta, out_md)
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    t1 = time.time()
-    with torch.no_grad():
-        record({"tool": "-", "label": "float", "method": "float", "scheme": "fp32", "ppl": perplexity(base, eval_ids),
-                "quant_s": None, "eval_s": time.time() - t1})
-    for label, method, options, act in variants(args.extended):
+    if not args.only:
+        t1 = time.time()
+        with torch.no_grad():
+            record({"tool": "-", "label": "float", "method": "float", "scheme": "fp32",
+                    "ppl": perplexity(base, eval_ids), "quant_s": None, "eval_s": time.time() - t1})
+    for label, method, options, act in variants(args.extended or bool(args.only)):
+        if args.only and not any(p in label for p in args.only):
+            continue
         try:
             record(run_hubquant(base, label, method, options, act, calib_ids, eval_ids, perplexity))
         except Exception as e:  # one failed variant must not hide the others

@@ -351,6 +351,9 @@ def _quantize_linear(name: str, lin: nn.Linear, scheme: QuantScheme, dtype, absm
                                    hint=f"add --ignore {name}, or use dynamic activations")
         qw.input_scale = static_input_scale(absmax, act, dtype)
     lin.weight.data = qw.dequantize(lin.weight.dtype).to(lin.weight.device)
+    qw.qweight, qw.scale = qw.qweight.cpu(), qw.scale.cpu()  # formats write from host memory
+    if qw.input_scale is not None:
+        qw.input_scale = qw.input_scale.cpu()
     return qw
 
 
