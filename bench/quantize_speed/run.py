@@ -165,6 +165,9 @@ def report(paths: list[str]) -> None:
     if any("H100" not in r["device"] for r in rows):
         lines.append("- The issue asks for an H100; the device service handed out the card named above. An H100 has "
                      "the same compute units and less, slower memory: expect somewhat longer times, the same memory.")
+    notes = Path(__file__).parent / "NOTES.md"
+    if notes.exists():
+        lines += ["", notes.read_text()]
     out = ROOT / "docs" / "quantize_speed.md"
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
