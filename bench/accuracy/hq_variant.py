@@ -20,7 +20,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--work", required=True)
-    ap.add_argument("--method", choices=["float", "rtn", "gptq", "awq"], required=True)
+    ap.add_argument("--method", choices=["float", "rtn", "rtn-asym", "gptq", "awq"], required=True)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     args = ap.parse_args()
@@ -35,10 +35,10 @@ def main() -> None:
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
     if args.method != "float":
-        sym = args.method != "awq"
+        sym = args.method not in ("awq", "rtn-asym")
         scheme = QuantScheme(weights=WeightScheme(bits=args.bits, group_size=args.group_size, symmetric=sym))
         calib = torch.load(work / "calib_ids.pt")
-        if args.method == "rtn":
+        if args.method.startswith("rtn"):
             quantized = {}
             for name, lin in quantizable_linears(model).items():
                 qw = rtn_quantize(lin.weight.data, scheme.weights)
@@ -49,8 +49,9 @@ def main() -> None:
 
             quantized = get_method(args.method).load()(model, QuantJob(scheme=scheme, calib=calib, progress=False))
         fmt = args.method if (args.method in ("gptq", "awq") and args.bits == 4) else "compressed-tensors"
+        method_name = "rtn" if args.method.startswith("rtn") else args.method
         out = work / f"hq-{args.method}-w{args.bits}"
-        get_format(fmt)(model, quantized, scheme=scheme, out_dir=out, method=args.method, options={})
+        get_format(fmt)(model, quantized, scheme=scheme, out_dir=out, method=method_name, options={})
     t_quant = time.time() - t0
     eval_ids = torch.load(work / "eval_ids.pt")
     t1 = time.time()

@@ -78,8 +78,9 @@ def write_report(rows: list[dict], meta: dict, out_md: Path, out_png: Path) -> N
         "GPTQModifier (actorder static, block 128, dampening 0.01, symmetric) and AWQModifier (duo scaling, grid 20) + "
         "QuantizationModifier (asymmetric). On this CPU-only machine its AWQ calls `Tensor.pin_memory()`, which fails "
         "without CUDA; the harness replaces `torch.Tensor.pin_memory` with the identity.",
-        "- hubquant: GPTQ (actorder static groups, block 128, damp 0.01, symmetric), AWQ (duo scaling, grid 20, clip "
-        "search, asymmetric), RTN min-max (GPTQ/RTN symmetric, AWQ asymmetric).",
+        "- hubquant: GPTQ (actorder static groups, block 128, damp 0.01, symmetric, clip search of the static group "
+        "ranges), AWQ (duo scaling, grid 20, clip search, asymmetric), RTN min-max symmetric (`rtn`) and asymmetric "
+        "(`rtn-asym`, AWQ's baseline).",
         "- `quantize s`: load + calibrate + quantize + save; `process s`: the whole process including imports and "
         "the perplexity run; `peak RSS`: the process's maximum resident memory.",
         "",
@@ -87,10 +88,12 @@ def write_report(rows: list[dict], meta: dict, out_md: Path, out_png: Path) -> N
         "|---|---|---|---|---|---|---|---|",
     ]
     base = next((r["ppl"] for r in rows if r.get("method") == "float" and "ppl" in r), None)
-    order = {"float": 0, "rtn": 1, "gptq": 2, "awq": 3}
+    order = {"float": 0, "rtn": 1, "gptq": 2, "rtn-asym": 3, "awq": 4}
     rows = sorted(rows, key=lambda r: (-r["bits"], order.get(r["method"], 9), r["tool"] != "hubquant"))
     for r in rows:
         scheme = "bf16" if r["method"] == "float" else f"W{r['bits']}A16 g64"
+        if r["method"] in ("awq", "rtn-asym"):
+            scheme += " asym"
         if "error" in r:
             lines.append(f"| {scheme} | {r['tool']} | {r['method']} | failed: {r['error']} | | | {r['process_s']:.0f} | |")
             continue
@@ -131,6 +134,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--work", default="/tmp/hubquant-bench-accuracy")
     ap.add_argument("--skip-llmc", action="store_true")
+    ap.add_argument("--llmc-methods", nargs="+", default=["gptq", "awq"], help="llm-compressor runs per bit width")
     ap.add_argument("--resume", action="store_true", help="keep results.jsonl and skip runs already in it")
     args = ap.parse_args()
     from hubquant.assets import smollm2_dir
@@ -148,9 +152,9 @@ def main() -> None:
     llmc = os.environ.get("LLMC_PYTHON", "/work/venvs/llmc/bin/python")
     jobs = [("float", 16, None)]
     for bits in args.bits:
-        jobs += [("rtn", bits, None), ("gptq", bits, None), ("awq", bits, None)]
+        jobs += [("rtn", bits, None), ("rtn-asym", bits, None), ("gptq", bits, None), ("awq", bits, None)]
         if not args.skip_llmc:
-            jobs += [("gptq", bits, llmc), ("awq", bits, llmc)]
+            jobs += [(m, bits, llmc) for m in args.llmc_methods]
     results = work / "results.jsonl"
     rows = []
     if args.resume and results.exists():
@@ -174,6 +178,7 @@ def main() -> None:
             f.write(json.dumps(res) + "\n")
         print(json.dumps(res), flush=True)
         write_report(rows, meta, ROOT / "docs" / "accuracy.md", ROOT / "docs" / "img" / "accuracy.png")
+    write_report(rows, meta, ROOT / "docs" / "accuracy.md", ROOT / "docs" / "img" / "accuracy.png")
 
 
 if __name__ == "__main__":
