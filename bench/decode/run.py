@@ -126,7 +126,7 @@ def main() -> int:
                 # the W4A16 chooser is re-run per mode: "gemv1" offers only the first GEMV (the earlier code)
                 os.environ["HUBQUANT_GEMV2"] = "0" if mode.startswith("gemv1") else "1"
                 _common._CHOICES.clear()
-                dec = GraphDecoder(model, max_len=args.prompt + args.tokens + 8, fuse=mode.endswith("fused"))
+                dec = GraphDecoder(model, max_len=args.prompt + args.tokens + 8, fuse=mode in ("fused", "gemv2-fused"))
                 r_ = row if mode == "default" else row.setdefault("modes", {}).setdefault(mode, {})
                 with torch.no_grad():
                     mine = dec.forward(ids.to(DEVICE), torch.arange(args.prompt, device=DEVICE))[0].float()
@@ -142,6 +142,7 @@ def main() -> int:
                 if not args.no_eager:
                     eager = dec.generate(ids, min(16, args.tokens), use_graph=False)
                     r_["eager_tokens_per_s"] = eager.tokens_per_second
+                r_["fused_decoder"] = dec.fused is not None
                 r_["chosen_kernels"] = {repr(k): v for k, v in _common.chosen().items()}
                 print(f"{kind:10s} {mode:14s} {r_['tokens_per_s']:8.1f} tok/s (graph)  "
                       f"{r_.get('eager_tokens_per_s', float('nan')):7.1f} tok/s (eager)  decoder-vs-HF rel err "

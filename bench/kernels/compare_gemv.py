@@ -24,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
-import importlib.util  # noqa: E402
+import importlib.util
 
-from hubquant_kernels import _common, fused, pack, w4a16, w4a16_gemv  # noqa: E402
+from hubquant_kernels import _common, fused, pack, w4a16, w4a16_gemv
 
 _spec = importlib.util.spec_from_file_location("bench_kernels_run", Path(__file__).with_name("run.py"))
 _run = importlib.util.module_from_spec(_spec)
@@ -138,11 +138,11 @@ def bench_shape(k, n, ms, log) -> list[dict]:
                 "old_rel_err": e_old, "new_rel_err": e_new, "tune_old": t_old, "tune_new": t_new}
         cell["bf16"] = graph_time([lambda ww=ww, x=x: torch.nn.functional.linear(x, ww) for ww in bf_w])
         ys = [torch.empty_like(y) for _ in w4_w]
-        cell["old"] = graph_time([lambda d=d, yy=yy, x=x: c_old.fn(x, d[0], d[1], None, None, yy, 128)
+        cell["old"] = graph_time([lambda d=d, yy=yy, x=x, c=c_old: c.fn(x, d[0], d[1], None, None, yy, 128)
                                   for d, yy in zip(w4_w, ys)])
-        cell["new"] = graph_time([lambda d=d, yy=yy, x=x: c_new.fn(x, d[0], d[1], None, None, yy, 128)
+        cell["new"] = graph_time([lambda d=d, yy=yy, x=x, c=c_new: c.fn(x, d[0], d[1], None, None, yy, 128)
                                   for d, yy in zip(w4_w, ys)])
-        cell["old_again"] = graph_time([lambda d=d, yy=yy, x=x: c_old.fn(x, d[0], d[1], None, None, yy, 128)
+        cell["old_again"] = graph_time([lambda d=d, yy=yy, x=x, c=c_old: c.fn(x, d[0], d[1], None, None, yy, 128)
                                         for d, yy in zip(w4_w, ys)])
         cell["w4_bytes"] = n * k // 2 + 2 * n * k // 128 + 2 * m * k + 2 * m * n
         rows.append(cell)
@@ -164,13 +164,13 @@ def main() -> int:
     if args.smoke:
         DEV, ROTATE_BYTES = "cpu", 1
 
-        def graph_time(fns, reps=1):  # noqa: F811  (host clock, one pass: code path only)
+        def graph_time(fns, reps=1):
             t = time.perf_counter()
             for f in fns:
                 f()
             return (time.perf_counter() - t) / len(fns)
 
-        copy_bandwidth = lambda: 1.0  # noqa: E731
+        copy_bandwidth = lambda: 1.0
     import triton
 
     t0 = time.time()
