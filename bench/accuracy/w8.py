@@ -167,7 +167,10 @@ def write_report(rows: list[dict], meta: dict, out_md: Path) -> None:
         q = f"{r['quant_s']:.0f}" if r.get("quant_s") is not None else ""
         lines.append(f"| {r['label']} | {r['tool']} | {r.get('scheme', '')} | {r['ppl']:.3f} | {delta} | {q} | "
                      f"{'; '.join(x for x in (r.get('alphas'), r.get('note')) if x)} |")
-    out_md.write_text("\n".join(lines) + "\n" + meta.get("summary", ""))
+    keep, marker = "", "\n## Where the W8A8 loss comes from"  # an earlier `--ablation` section survives
+    if out_md.exists() and marker in out_md.read_text():
+        keep = marker + out_md.read_text().split(marker)[1]
+    out_md.write_text("\n".join(lines) + "\n" + meta.get("summary", "") + keep)
 
 
 def summarize(rows: list[dict]) -> str:
