@@ -17,6 +17,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--revision", default=None, help="Hub revision for repo ids")
     p.add_argument("--no-graph", action="store_true", help="decode eagerly (no static cache / CUDA graph)")
+    p.add_argument("--fuse", action="store_true",
+                   help="experimental: fused q/k/v and gate/up GEMVs, norm, SiLU and rotary kernels (docs/decode.md)")
     p.set_defaults(func=run)
 
 
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     info = model.hubquant_format
     device = next(model.parameters()).device
     if supports(model) and not args.no_graph:
-        dec = GraphDecoder(model, max_len=ids.shape[1] + args.max_new_tokens + 1)
+        dec = GraphDecoder(model, max_len=ids.shape[1] + args.max_new_tokens + 1, fuse=args.fuse)
         res = dec.generate(ids, args.max_new_tokens)
         new, secs, n = res.tokens, res.decode_seconds, res.new_tokens
     else:

@@ -2,7 +2,9 @@
 
 Works for float nn.Linear, W4A16Linear (same group size, zero points on all or none, no act-order permutation)
 and W8A8Linear (same int8/FP8 kind, dynamic activation scales). The fused module's output is the parts'
-outputs side by side; anything else returns None and the caller keeps the separate modules.
+outputs side by side; anything else returns None and the caller keeps the separate modules. For float and W8A8
+parts (weights [N, K]) the parts' own tensors become row views of the fused ones, so fusing costs no memory;
+W4A16 weights ([K/8, N], fused along columns) are copied.
 """
 from __future__ import annotations
 
@@ -43,8 +45,26 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
             out.weight.copy_(w)
             if bias is not None:
                 out.bias.copy_(bias)
-        return out.requires_grad_(False)
+        out.requires_grad_(False)
+        _share_rows(mods, out.weight, out.bias, "weight", "bias", nn.Parameter)
+        return out
     return None
+
+
+def _share_rows(mods: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None, w_name: str, b_name: str,
+                wrap, extra: tuple[str, torch.Tensor] | None = None) -> None:
+    """Point each part's [N_i, ...] tensors at its rows of the fused ones (contiguous views: no second copy)."""
+    lo = 0
+    for m in mods:
+        hi = lo + m.out_features
+        for name, full in ((w_name, weight), (b_name, bias), extra or (None, None)):
+            if name is not None and full is not None:
+                view = full[lo:hi]
+                if wrap is nn.Parameter and name in m._parameters:
+                    m._parameters[name] = nn.Parameter(view, requires_grad=False)
+                else:
+                    m._buffers[name] = view
+        lo = hi
 
 
 def _fuse_w4(mods: list[W4A16Linear]) -> W4A16Linear | None:
@@ -68,6 +88,8 @@ def _fuse_w8(mods: list[W8A8Linear]) -> W8A8Linear | None:
     bias = _cat_optional([m.bias for m in mods], 0)
     if bias is False:
         return None
-    return W8A8Linear(mods[0].in_features, sum(m.out_features for m in mods),
-                      qweight=torch.cat([m.qweight for m in mods], 0), w_scale=torch.cat([m.w_scale for m in mods], 0),
-                      bias=bias)
+    out = W8A8Linear(mods[0].in_features, sum(m.out_features for m in mods),
+                     qweight=torch.cat([m.qweight for m in mods], 0), w_scale=torch.cat([m.w_scale for m in mods], 0),
+                     bias=bias)
+    _share_rows(mods, out.qweight, out.bias, "qweight", "bias", None, extra=("w_scale", out.w_scale))
+    return out

@@ -23,6 +23,9 @@ def test_generate_prints_text_and_speed(tmp_path, tokenizer, capsys):
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     want = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
     assert out.splitlines()[0] == tok.decode(want, skip_special_tokens=True).splitlines()[0]
+    assert run(["generate", str(tmp_path), "--prompt", "The capital of France is", "--max-new-tokens", "6",
+                "--device", "cpu", "--dtype", "float32", "--fuse"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == out.splitlines()[0]  # the fused decoder: same text
 
 
 def test_generate_usage_errors(tmp_path, capsys):

@@ -54,6 +54,11 @@ def test_fused_decoder_matches_unfused(tmp_path, arch, kind):
     plain = GraphDecoder(model, max_len=32)
     fused = GraphDecoder(model, max_len=32, fuse=True)
     assert not any(isinstance(f.qkv, _Cat) or isinstance(f.gate_up, _Cat) for f in fused.fused)
+    if kind in ("float", "ct-w8a8"):  # row views of the fused weights, no second copy
+        a0, f0 = model.model.layers[0].self_attn, fused.fused[0]
+        w_name = "weight" if kind == "float" else "qweight"
+        fw = getattr(f0.qkv, w_name)
+        assert getattr(a0.k_proj, w_name).data_ptr() == fw[a0.q_proj.out_features:].data_ptr()
     assert fused.generate(ids, 10).tokens == plain.generate(ids, 10).tokens
     with torch.no_grad():
         a = plain.forward(ids, torch.arange(7))
