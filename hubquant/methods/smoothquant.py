@@ -8,8 +8,9 @@ function. Which producer feeds which Linears is architecture knowledge, kept as 
 ``ARCHITECTURES``. Then W8A8: per-channel symmetric int8 weights (RTN) and int8 activations,
 per token at run time (dynamic) or with a static per-tensor ``input_scale`` from calibration.
 
-Options (``job.options``): ``alpha`` (float, default 0.5, or ``"search"``: a grid over alpha per
-smoothing group, scored by that group's W8A8 output error on calibration tokens), ``alpha_grid``
+Options (``job.options``): ``alpha`` (float, default 0.5; ``"search"``: a grid over alpha per
+smoothing group, scored by that group's W8A8 output error on calibration tokens; or a dict by producer,
+e.g. ``{"mlp.up_proj": 0.9, "default": 0.8}``), ``alpha_grid``
 (default 0.0..1.0 by 0.1), ``smooth`` (``"all"``: both norms plus v_proj->o_proj and
 up_proj->down_proj, the default; ``"norms"``: only the two norms, as llm-compressor does),
 ``search_tokens`` (tokens kept per group for the search, default 512), ``weights`` (``"rtn"``, the
@@ -162,7 +163,7 @@ def group_output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Te
 class SmoothConfig:
     """SmoothQuant settings, read from ``job.options`` (see the module docstring)."""
 
-    alpha: float | str = 0.5
+    alpha: float | str | tuple[tuple[str, float], ...] = 0.5
     smooth: str = "all"
     alpha_grid: tuple[float, ...] = tuple(i / 10 for i in range(11))
     search_tokens: int = 512
@@ -171,17 +172,24 @@ class SmoothConfig:
     @classmethod
     def from_options(cls, opts: dict) -> "SmoothConfig":
         alpha = opts.get("alpha", 0.5)
-        if alpha != "search":
-            try:
-                alpha = float(alpha)
-            except (TypeError, ValueError):
-                alpha = -1.0
-            if not 0 <= alpha <= 1:
-                raise UsageError(f"alpha={opts.get('alpha')!r} is invalid",
-                                 hint="use a number in [0, 1] or alpha=search")
+        if isinstance(alpha, dict):  # per group: {"mlp.up_proj": 0.9, "default": 0.8}
+            alpha = tuple(sorted((str(k), _check_alpha(v)) for k, v in alpha.items()))
+        elif alpha != "search":
+            alpha = _check_alpha(alpha)
         grid = tuple(float(a) for a in opts.get("alpha_grid", cls.alpha_grid))
         return cls(alpha=alpha, smooth=str(opts.get("smooth", "all")), alpha_grid=grid,
                    search_tokens=int(opts.get("search_tokens", 512)))
+
+
+def _check_alpha(alpha) -> float:
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise UsageError(f"alpha={alpha!r} is invalid",
+                         hint='use a number in [0, 1], alpha=search, or {"mlp.up_proj": 0.9, "default": 0.8}')
+    return value
 
 
 def _head_dims(model: nn.Module) -> tuple[int, int]:
@@ -245,7 +253,7 @@ def smooth_layer(layer: nn.Module, layer_name: str, absmax: dict[str, torch.Tens
         n_rep = consumers[0].in_features // producer.out_features if isinstance(producer, nn.Linear) else 1
         act_k, w_k = (_kv_view(t, n_kv, head_dim).amax(dim=1).reshape(-1) for t in (act, wmax)) if n_rep > 1 \
             else (act, wmax)
-        a = alpha
+        a = dict(alpha).get(g.producer, dict(alpha).get("default", 0.5)) if isinstance(alpha, tuple) else alpha
         if alpha == "search":
             x = samples[cnames[0]].to(dev)
             ws = [c.weight.detach().float() for c in consumers]

@@ -174,3 +174,17 @@ def test_smoothquant_with_gptq_weights():
         assert q["model.layers.1.mlp.down_proj"].qweight.dtype == torch.int8
         out[weights] = sqnr_db(ref, _logits(m, ids))
     assert out["gptq"] > 25 and out["gptq"] > out["rtn"] - 0.5, out  # measured 29.2 vs 28.8 dB
+
+
+def test_alpha_per_group():
+    cfg = SmoothConfig.from_options({"alpha": {"mlp.up_proj": 0.9, "default": 0.7}})
+    m = _with_outliers()
+    ids = _ids()
+    ref = _logits(m, ids)
+    used = smooth_model(m, _ids(seed=2), config=cfg, progress=False)
+    assert {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] if "mlp" in k else k.rsplit(".", 1)[-1]: v
+            for k, v in used.items()} == {"input_layernorm": 0.7, "post_attention_layernorm": 0.7, "v_proj": 0.7,
+                                          "mlp.up_proj": 0.9}
+    assert sqnr_db(ref, _logits(m, ids)) > 100
+    with pytest.raises(UsageError, match="alpha"):
+        SmoothConfig.from_options({"alpha": {"mlp.up_proj": 2}})
