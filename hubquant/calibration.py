@@ -157,7 +157,7 @@ def check_disjoint(calib: CalibrationSet, eval_texts, *, ngram: int = NGRAM_WORD
         UsageError: naming how many evaluation documents overlap, with an example.
     """
     texts = list(getattr(eval_texts, "texts", eval_texts))
-    norm = lambda t: " ".join(_words(t))  # noqa: E731
+    norm = lambda t: " ".join(_words(t))
     calib_docs = {norm(t) for t in calib.texts}
     calib_grams: set[bytes] = set()
     for t in calib.texts:

@@ -20,8 +20,8 @@ leave the layer's float function unchanged, e.g. statistics only or exact foldin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

@@ -1,5 +1,4 @@
 """Calibration windows: shapes, seeding, caps with warnings, chat template, documents used; disjointness check."""
-import warnings
 
 import pytest
 import torch
@@ -63,6 +62,6 @@ def test_disjoint_sources_pass_and_overlap_is_caught(tokenizer):
 
 def test_calibration_set_is_frozen():
     c = CalibrationSet(ids=torch.zeros(1, 2, dtype=torch.long), spec="x", description="d", texts=("a",))
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
         c.spec = "y"
     assert c.num_samples == 1 and c.seq_len == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ppl import peak_rss_mib, perplexity  # noqa: E402
+from ppl import peak_rss_mib, perplexity
 
 
 def main() -> None:

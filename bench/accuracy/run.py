@@ -67,7 +67,7 @@ def write_report(rows: list[dict], meta: dict, out_md: Path, out_png: Path) -> N
         "",
         f"Measured {meta['date']} on {meta['machine']} by `python bench/accuracy/run.py`.",
         "",
-        f"- Model: SmolLM2-135M-Instruct from `hubquant.assets.smollm2_dir()` (bf16; its weights carry Q4_1 rounding "
+        "- Model: SmolLM2-135M-Instruct from `hubquant.assets.smollm2_dir()` (bf16; its weights carry Q4_1 rounding "
         "from the GGUF they were rebuilt from), loaded in bf16 by every run.",
         f"- Calibration (same token windows for every method): {meta['calib']}.",
         f"- Evaluation (checked disjoint from the calibration text): {meta['eval']}; perplexity of the in-memory "
@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--llmc-methods", nargs="+", default=["gptq", "awq"], help="llm-compressor runs per bit width")
     ap.add_argument("--resume", action="store_true", help="keep results.jsonl and skip runs already in it")
+    ap.add_argument("--merge", nargs="*", default=[], help="results.jsonl files of other runs to take rows from "
+                    "(later files win); implies --resume")
     args = ap.parse_args()
     from hubquant.assets import smollm2_dir
 
@@ -157,10 +159,18 @@ def main() -> None:
             jobs += [(m, bits, llmc) for m in args.llmc_methods]
     results = work / "results.jsonl"
     rows = []
-    if args.resume and results.exists():
+    if (args.resume or args.merge) and results.exists():
         rows = [json.loads(ln) for ln in results.read_text().splitlines() if ln.strip()]
     elif results.exists():
         results.unlink()
+    for path in args.merge:
+        for ln in Path(path).read_text().splitlines():
+            r = json.loads(ln)
+            if "error" in r or not r.get("ppl"):
+                continue
+            rows = [x for x in rows if (x["tool"], x["method"], x["bits"]) != (r["tool"], r["method"], r["bits"])] + [r]
+    if args.merge:
+        results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     done = {(r["tool"], r["method"], r["bits"]) for r in rows if "error" not in r}
     for method, bits, py in jobs:
         tool = "llm-compressor" if py else "hubquant"

@@ -33,7 +33,7 @@ def pack_awq(u: torch.Tensor) -> torch.Tensor:
 
 def pack_linear(qw: QuantizedWeight, *, name: str = "") -> dict[str, torch.Tensor]:
     """The AWQ GEMM tensors (qweight, qzeros, scales) of one QuantizedWeight."""
-    out_f, in_f = qw.qweight.shape
+    out_f = qw.qweight.shape[0]
     if out_f % 8:
         raise UnsupportedError(f"{name} has {out_f} outputs, not a multiple of 8 (AWQ packs 8 per word)",
                                hint="use --format compressed-tensors or add the layer to --ignore")

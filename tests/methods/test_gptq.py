@@ -78,7 +78,7 @@ def test_dead_columns_are_zeroed_without_nans():
     h = 2 * x.T @ x / x.shape[0]
     qw, loss = gptq_quantize(w, h, WeightScheme(bits=4, group_size=64), actorder=True)
     deq = qw.dequantize()
-    assert torch.isfinite(deq).all() and loss == loss
+    assert torch.isfinite(deq).all() and torch.isfinite(torch.tensor(loss))
     assert torch.all(deq[:, [10, 77]] == 0)
 
 
