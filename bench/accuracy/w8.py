@@ -92,6 +92,10 @@ def variants(extended: bool) -> list[tuple[str, str, dict, str]]:
     if extended:
         v += [("SmoothQuant W8A8, alpha 0.8, GPTQ weights", "smoothquant", {"alpha": 0.8, "weights": "gptq"},
                "dynamic"),
+              ("SmoothQuant W8A8, alpha 0.8 (v_proj->o_proj 0.5, up_proj->down_proj 0.9)", "smoothquant",
+               {"alpha": {"default": 0.8, "self_attn.v_proj": 0.5, "mlp.up_proj": 0.9}}, "dynamic"),
+              ("SmoothQuant W8A8, alpha 0.8 (v_proj->o_proj 0.5, up_proj->down_proj 0.9), GPTQ weights", "smoothquant",
+               {"alpha": {"default": 0.8, "self_attn.v_proj": 0.5, "mlp.up_proj": 0.9}, "weights": "gptq"}, "dynamic"),
               ("SmoothQuant W8A8, alpha search", "smoothquant", {"alpha": "search"}, "dynamic"),
               ("SmoothQuant W8A8, alpha 0.5, norms only", "smoothquant", {"alpha": 0.5, "smooth": "norms"}, "dynamic"),
               ("naive W8A8, static activations", "w8a8", {}, "static"),
@@ -119,7 +123,8 @@ def run_hubquant(base, label, method, options, act_mode, calib_ids, eval_ids, pp
     with torch.no_grad():
         ppl = ppl_fn(model, eval_ids)
     extra = getattr(model, "_hubquant_smoothquant", {}).get("alphas_used")
-    row = {"tool": "hubquant", "label": label, "method": method, "scheme": scheme.name, "ppl": ppl,
+    name = "LLM.int8" if method == "bnb-int8" else scheme.name
+    row = {"tool": "hubquant", "label": label, "method": method, "scheme": name, "ppl": ppl,
            "quant_s": t_quant, "eval_s": time.time() - t1}
     if extra:
         vals = sorted(extra.values())
