@@ -88,18 +88,21 @@ def write_report(rows: list[dict], meta: dict, out_md: Path, out_png: Path) -> N
         "|---|---|---|---|---|---|---|---|",
     ]
     base = next((r["ppl"] for r in rows if r.get("method") == "float" and "ppl" in r), None)
-    order = {"float": 0, "rtn": 1, "gptq": 2, "rtn-asym": 3, "awq": 4}
+    order = {"float": 0, "rtn": 1, "gptq-noclip": 2, "gptq-loaded": 2, "gptq": 3, "rtn-asym": 4, "awq": 5}
     rows = sorted(rows, key=lambda r: (-r["bits"], order.get(r["method"], 9), r["tool"] != "hubquant"))
     for r in rows:
         scheme = "bf16" if r["method"] == "float" else f"W{r['bits']}A16 g64"
         if r["method"] in ("awq", "rtn-asym"):
             scheme += " asym"
+        if "error" not in r and "quant_s" not in r:
+            continue  # a placeholder row (used to skip runs with --resume)
         if "error" in r:
             lines.append(f"| {scheme} | {r['tool']} | {r['method']} | failed: {r['error']} | | | {r['process_s']:.0f} | |")
             continue
         delta = f"{100 * (r['ppl'] / base - 1):+.1f}%" if base else ""
+        proc = f"{r['process_s']:.0f}" if "process_s" in r else "n/a"
         lines.append(f"| {scheme} | {r['tool']} | {r['method']} | {r['ppl']:.3f} | {delta} | {r['quant_s']:.0f} | "
-                     f"{r['process_s']:.0f} | {r['peak_rss_mib']:.0f} |")
+                     f"{proc} | {r['peak_rss_mib']:.0f} |")
     lines += ["", "![perplexity and time](img/accuracy.png)", ""]
     notes = HERE / "NOTES.md"
     if notes.exists():
@@ -111,7 +114,7 @@ def write_report(rows: list[dict], meta: dict, out_md: Path, out_png: Path) -> N
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        ok = [r for r in rows if "ppl" in r and r["method"] != "float"]
+        ok = [r for r in rows if "quant_s" in r and r["method"] != "float"]
         labels = [f"{r['tool'][:4]} {r['method']} W{r['bits']}" for r in ok]
         fig, ax = plt.subplots(1, 2, figsize=(11, 4))
         colors = ["tab:blue" if r["tool"] == "hubquant" else "tab:orange" for r in ok]
