@@ -27,25 +27,10 @@ EVAL_WINDOWS, EVAL_LEN = 16, 512
 
 
 def prepare(work: Path, model_dir: Path) -> dict:
-    from transformers import AutoTokenizer
+    from ppl import prepare_data
 
-    from hubquant.calibration import build_calibration, check_disjoint
-    from hubquant.textdata import load_texts
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    calib = build_calibration(tok, spec=CALIB[0], num_samples=CALIB[1], seq_len=CALIB[2], seed=0)
-    ev = load_texts("lee-news")
-    check_disjoint(calib, ev)
-    flat = []
-    for ids in tok(list(ev.texts), add_special_tokens=False)["input_ids"]:
-        flat += ids + [tok.eos_token_id]
-    n_win = len(flat) // EVAL_LEN
-    step = max(1, n_win // EVAL_WINDOWS)  # windows spread over the whole corpus
-    data = torch.tensor(flat)
-    eval_ids = torch.stack([data[i * EVAL_LEN:(i + 1) * EVAL_LEN] for i in range(0, n_win, step)][:EVAL_WINDOWS])
-    torch.save(calib.ids, work / "calib_ids.pt")
-    torch.save(eval_ids, work / "eval_ids.pt")
-    return {"calib": calib.description, "eval": f"{ev.description}: {eval_ids.shape[0]} x {EVAL_LEN} tokens"}
+    meta = prepare_data(work, model_dir, calib=CALIB, eval_windows=EVAL_WINDOWS, eval_len=EVAL_LEN)
+    return {"calib": meta["calib"], "eval": meta["eval"]}
 
 
 def run_one(cmd: list[str], env: dict) -> dict:
