@@ -62,9 +62,7 @@ def test_missing_ray_names_the_extra(monkeypatch):
 @pytest.mark.slow
 def test_serve_dispatches_to_a_ray_cluster_by_address(publish_tiny, hub_env, tmp_path):
     """`hubquant serve --backend ray --ray-address` against a Ray head this test starts (2 CPUs, no GPU)."""
-    import os
     import secrets
-    import shutil
     import signal
     import socket
     import subprocess
