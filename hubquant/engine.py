@@ -47,6 +47,17 @@ class _Catcher(nn.Module):
         raise _Captured
 
 
+class _Passthrough(nn.Module):
+    """Stands in for a decoder layer while a later layer's arguments are captured: returns its input."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.attention_type = getattr(layer, "attention_type", None)
+
+    def forward(self, *args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+
 @dataclass
 class LinearStats:
     """Statistics of one Linear's input over the calibration batch.
@@ -227,14 +238,14 @@ def _to(obj, device):
     return obj
 
 
-@torch.no_grad()
-def capture_inputs(model: nn.Module, calib: torch.Tensor, *, device, batch_size: int) -> tuple[list, list]:
-    """Run the embeddings on `calib` in batches and return layer 0's (hidden states, kwargs) per batch."""
-    layers = decoder_layers(model)
-    parent = _move_non_layers(model, layers, device)
-    first = layers[0]
+def _run_to_catcher(parent, layers, index: int, calib, *, device, batch_size: int) -> list:
+    """Forward the calibration batches until decoder layer `index` is called; its (args, kwargs) per batch.
+    The layers before it pass their input through (only layer `index`'s arguments are wanted)."""
+    saved = [layers[i] for i in range(index + 1)]
     store: list = []
-    layers[0] = _Catcher(first, store)
+    for i in range(index):
+        layers[i] = _Passthrough(saved[i])
+    layers[index] = _Catcher(saved[index], store)
     try:
         for i in range(0, calib.shape[0], batch_size):
             ids = calib[i: i + batch_size].to(device)
@@ -243,15 +254,60 @@ def capture_inputs(model: nn.Module, calib: torch.Tensor, *, device, batch_size:
             except _Captured:
                 pass
     finally:
-        layers[0] = first
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+    return store
+
+
+def _clean_kwargs(kw: dict) -> dict:
+    kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache", "hidden_states")}
+    kw["use_cache"] = False
+    return kw
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, calib: torch.Tensor, *, device, batch_size: int) -> tuple[list, list]:
+    """Run the embeddings on `calib` in batches and return layer 0's (hidden states, kwargs) per batch.
+
+    Models whose layers use different attention (Gemma 2/3, Qwen with sliding windows: `layer.attention_type`)
+    get different masks per layer: `layer_kwargs(model, ...)` captures those."""
+    layers = decoder_layers(model)
+    parent = _move_non_layers(model, layers, device)
+    store = _run_to_catcher(parent, layers, 0, calib, device=device, batch_size=batch_size)
     inputs, kwargs = [], []
     for args, kw in store:
-        x = args[0] if args else kw.pop("hidden_states")
-        kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-        kw["use_cache"] = False
-        inputs.append(x)
-        kwargs.append(kw)
+        inputs.append(args[0] if args else kw["hidden_states"])
+        kwargs.append(_clean_kwargs(kw))
     return inputs, kwargs
+
+
+def layer_attention_types(model: nn.Module) -> list:
+    """Each decoder layer's attention kind: `config.layer_types` (transformers 5) or `layer.attention_type`."""
+    layers = decoder_layers(model)
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) >= len(layers):
+        return list(types[: len(layers)])
+    return [getattr(layer, "attention_type", None) for layer in layers]
+
+
+@torch.no_grad()
+def kwargs_by_attention_type(model: nn.Module, calib: torch.Tensor, first_kwargs: list, *, device,
+                             batch_size: int) -> dict:
+    """{attention_type: kwargs per batch} for every attention type the decoder layers use (layer 0's type maps
+    to `first_kwargs`). Empty when all layers attend alike."""
+    layers = decoder_layers(model)
+    types = layer_attention_types(model)
+    if len(set(types)) < 2:
+        return {}
+    out = {types[0]: first_kwargs}
+    parent = _move_non_layers(model, layers, device)
+    for t in dict.fromkeys(types):
+        if t not in out:
+            store = _run_to_catcher(parent, layers, types.index(t), calib, device=device, batch_size=batch_size)
+            out[t] = [_clean_kwargs(kw) for _, kw in store]
+    return out
 
 
 def run_layers(
@@ -291,19 +347,23 @@ def run_layers(
             p = p if p is not None else next(iter(child.buffers()), None)
             home[name] = p.device if p is not None else torch.device("cpu")
     inputs, kwargs = capture_inputs(model, calib, device=device, batch_size=batch_size)
+    by_type = kwargs_by_attention_type(model, calib, kwargs, device=device, batch_size=batch_size)
     for name, child in parent.named_children():
         if name in home:
             child.to(home[name])
     kwargs = [_to(kw, device) for kw in kwargs]
+    by_type = {t: [_to(kw, device) for kw in kws] for t, kws in by_type.items()}
 
+    types = layer_attention_types(model)
     bar = tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer")
     for i in bar:
         layer = layers[i]
         layer_home = next(layer.parameters()).device
         layer.to(device)
         name = f"{prefix}.{i}"
+        layer_kwargs = by_type.get(types[i], kwargs)
         work = LayerWork(index=i, name=name, layer=layer, linears=quantizable_linears(layer, ignore, name),
-                         device=device, inputs=inputs, kwargs=kwargs)
+                         device=device, inputs=inputs, kwargs=layer_kwargs)
         on_layer(work)
         if rerun or work.outputs is None:
             work.forward()

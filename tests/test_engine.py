@@ -82,3 +82,23 @@ def test_linears_respect_ignore_patterns():
                progress=False)
     assert len(got) == 6 and not any(n.endswith("down_proj") for n in got)
     assert all(n.startswith("model.layers.0.") for n in got)
+
+
+def test_layers_with_sliding_and_full_attention_get_their_own_masks():
+    """Gemma 2-style models alternate sliding-window and full attention: each layer must see its own mask."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, vocab_size=1000, sliding_window=8,
+                                    max_position_embeddings=128)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    assert len(set(cfg.layer_types)) == 2
+    ids = _ids(L=40)
+    outs = {}
+    run_layers(model, ids, on_layer=lambda w: (w.forward(), outs.__setitem__(w.index, torch.cat(w.outputs))),
+               rerun=False, progress=False)
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    for i in range(3):
+        torch.testing.assert_close(outs[i], hs[i + 1], rtol=1e-4, atol=1e-4)
