@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import hubquant
 from hubquant.errors import ConflictError, QualityGateError, UnsupportedError, UsageError
-from hubquant.methods import METHODS, QuantJob, get_method
+from hubquant.methods import QuantJob, get_method
 from hubquant.quant import QuantScheme, WeightScheme, valid_group_sizes
 
 Log = Callable[[str], None]
@@ -216,11 +216,11 @@ def check_group_size(model, scheme: QuantScheme, ignore) -> None:
     gs = scheme.weights.group_size
     if gs == -1 or scheme.weights.type == "float":
         return
-    bad = {n: m.in_features for n, m in quantizable_linears(model, ignore).items() if m.in_features % gs}
+    in_features = {n: m.in_features for n, m in quantizable_linears(model, ignore).items()}
+    bad = {n: k for n, k in in_features.items() if k % gs}
     if bad:
         sizes = sorted(set(bad.values()))
-        ok = sorted(set.intersection(*(set(valid_group_sizes(s)) for s in
-                                       {m.in_features for m in quantizable_linears(model, ignore).values()})))
+        ok = sorted(set.intersection(*(set(valid_group_sizes(k)) for k in set(in_features.values()))))
         names = ", ".join(list(bad)[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise UsageError(
             f"group size {gs} does not divide the input size {sizes} of {names}",
@@ -492,7 +492,3 @@ def _leak_documents(calib, eval_src) -> tuple[list[str], list[str]]:
         rest = []
     heldout = rest if len(rest) >= 8 else list(eval_src.texts)
     return list(calib.texts), heldout
-
-
-def known_methods() -> list[str]:
-    return list(METHODS)
