@@ -4,7 +4,10 @@
   activation dtype, multiply by the weight);
 - `silu_mul`: SiLU(gate) * up on the fused [.., 2I] gate/up output;
 - `rope_to_cache`: rotary embedding of q and k from a fused [T, (H + 2 KV) D] q/k/v output, q written as
-  [1, H, T, D] and k, v written straight into the static KV cache at their positions.
+  [1, H, T, D] and k, v written straight into the static KV cache at their positions;
+- `add_rmsnorm_quant` / `silu_mul_quant`: the same norm / activation followed by W8A8 per-token quantization
+  (int8 or FP8 codes + fp32 scales), so a W8A8/FP8 layer runs no separate quantization pass before q/k/v,
+  gate/up and down_proj.
 
 Each rounds where the torch code it replaces rounds (every bf16 op result), so outputs match it closely (bit for
 bit on the CPU interpreter in the tests). Each has a torch reference beside it, used on CPU.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from hubquant_kernels._common import use_triton
+from hubquant_kernels.w8a8 import quantize_act, quantize_act_reference
 
 try:
     import triton
@@ -35,6 +39,22 @@ def add_rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     g, u = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(g) * u
+
+
+def add_rmsnorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                                residual: torch.Tensor | None = None, *, fp8: bool = False
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, per-token scales, h): `add_rmsnorm_reference`'s output quantized by `quantize_act_reference`."""
+    y, h = add_rmsnorm_reference(x, weight, eps, residual)
+    q, s = quantize_act_reference(y.reshape(-1, y.shape[-1]), fp8=fp8)
+    return q.reshape(y.shape), s.reshape(y.shape[:-1]), h
+
+
+def silu_mul_quant_reference(gate_up: torch.Tensor, *, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, per-token scales) of SiLU(gate) * up, rounded to gate_up's dtype first."""
+    a = silu_mul_reference(gate_up)
+    q, s = quantize_act_reference(a.reshape(-1, a.shape[-1]), fp8=fp8)
+    return q.reshape(a.shape), s.reshape(a.shape[:-1])
 
 
 def _rotate(x, cos, sin):
@@ -118,6 +138,77 @@ if triton is not None:
             tl.store(dst + half + offs, x2)
 
 
+if triton is not None:
+    from hubquant_kernels.pack import _round_to_bf16
+    from hubquant_kernels.w8a8 import _quant_tile, _row_scale
+
+    @triton.jit
+    def _round_to(v, ROUND: tl.constexpr):
+        # fp32 -> the activation dtype's nearest value, kept in fp32 (0: fp32, 1: bf16, 2: fp16); exact in the
+        # CPU interpreter too, so the quantized codes see the values the unfused torch code rounds to
+        if ROUND == 1:
+            r = _round_to_bf16(v)
+        elif ROUND == 2:
+            r = v.to(tl.float16).to(tl.float32)
+        else:
+            r = v
+        return r
+
+    @triton.jit
+    def _add_rmsnorm_quant_kernel(x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, h_ptr, M, H, eps,
+                                  HAS_RES: tl.constexpr, ROUND: tl.constexpr, FP8: tl.constexpr,
+                                  BM: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.arange(0, BLOCK)
+        rmask = rows < M
+        cmask = cols < H
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
+        h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            h = _round_to(h + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32), ROUND)
+            tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+        var = tl.sum(h * h, axis=1) / H
+        n = _round_to(h * (1.0 / tl.sqrt_rn(var + eps))[:, None], ROUND)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = _round_to(w[None, :] * n, ROUND)
+        s = _row_scale(tl.max(tl.abs(y), axis=1), FP8)
+        tl.store(q_ptr + offs, _quant_tile(y, s, FP8, 1), mask=mask)
+        tl.store(s_ptr + rows, s, mask=rmask)
+
+    @triton.jit
+    def _silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, M, inter, ROUND: tl.constexpr, FP8: tl.constexpr,
+                               BM: tl.constexpr, BK: tl.constexpr):
+        # two passes over the row in BK chunks: the row maximum of SiLU(g) * u, then the codes (the second pass
+        # recomputes the product from gate/up, which the first pass left in L2)
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        cols = tl.arange(0, BK)
+        g_rows = gu_ptr + rows.to(tl.int64)[:, None] * (2 * inter)
+        q_rows = q_ptr + rows.to(tl.int64)[:, None] * inter
+        amax = tl.zeros([BM], dtype=tl.float32)
+        for k0 in range(0, inter, BK):
+            mask = rmask[:, None] & (k0 + cols < inter)[None, :]
+            g = tl.load(g_rows + k0 + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_last")
+            u = tl.load(g_rows + inter + k0 + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_last")
+            g = g.to(tl.float32)
+            a = _round_to(_round_to(g / (1.0 + tl.exp(-g)), ROUND) * u.to(tl.float32), ROUND)
+            amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
+        s = _row_scale(amax, FP8)
+        for k0 in range(0, inter, BK):
+            mask = rmask[:, None] & (k0 + cols < inter)[None, :]
+            g = tl.load(g_rows + k0 + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            u = tl.load(g_rows + inter + k0 + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            g = g.to(tl.float32)
+            a = _round_to(_round_to(g / (1.0 + tl.exp(-g)), ROUND) * u.to(tl.float32), ROUND)
+            tl.store(q_rows + k0 + cols[None, :], _quant_tile(a, s, FP8, 1), mask=mask)
+        tl.store(s_ptr + rows, s, mask=rmask)
+
+
+def _round_code(dtype: torch.dtype) -> int:
+    return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+
+
 # ---------------------------------------------------------------- wrappers
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,3 +273,68 @@ def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
                                                q, k_cache, v_cache, t, k_cache.shape[2],
                                                NH=n_heads, NKV=n_kv, D=d, num_warps=1)
     return q
+
+
+def add_rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                      *, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Residual add +) RMSNorm + per-token W8A8 quantization in one pass over the activations.
+
+    The codes are those `quantize_act` gives for `add_rmsnorm`'s output (the norm is rounded to x's dtype first,
+    as the unfused layer rounds it), without writing that output.
+
+    Args:
+        x: [..., H] bf16/fp16/fp32 activations.
+        weight: [H] norm weight in x's dtype.
+        eps: the norm's epsilon.
+        residual: optional [..., H] added to x first.
+        fp8: float8_e4m3fn codes (scale amax/448) instead of int8 (amax/127.5).
+
+    Returns:
+        (codes [M, H] int8 or float8_e4m3fn, scales fp32 [M], h [..., H] = x + residual, or x), M = x.numel() // H.
+    """
+    hsz = x.shape[-1]
+    if not use_triton(x) or weight.dtype != x.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        q, s, h = add_rmsnorm_quant_reference(x, weight, eps, residual, fp8=fp8)
+        return q.reshape(-1, hsz), s.reshape(-1), h
+    block = triton.next_power_of_2(hsz)
+    if block > 16384:  # rows too long to keep in registers: norm, then the tiled quantization kernel
+        y, h = add_rmsnorm(x, weight, eps, residual)
+        q, s = quantize_act(y.reshape(-1, hsz), fp8=fp8)
+        return q, s, h
+    x = x.contiguous()
+    m = x.numel() // hsz
+    q = torch.empty(m, hsz, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    h = torch.empty_like(x) if residual is not None else x
+    bm = max(1, min(16, 4096 // block))
+    if m:
+        _add_rmsnorm_quant_kernel[(triton.cdiv(m, bm),)](
+            x, residual.contiguous() if residual is not None else x, weight, q, s, h, m, hsz, eps,
+            HAS_RES=residual is not None, ROUND=_round_code(x.dtype), FP8=fp8, BM=bm, BLOCK=block,
+            num_warps=max(4, min(16, bm * block // 512)))  # ~16 values of each operand per thread
+    return q, s, h
+
+
+def silu_mul_quant(gate_up: torch.Tensor, *, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU(gate) * up (gate_up = [..., 2I], gate first) + per-token W8A8 quantization, without writing the product.
+
+    Returns:
+        (codes [M, I] int8 or float8_e4m3fn, scales fp32 [M]); the codes are `quantize_act` of `silu_mul`'s output.
+    """
+    two_i = gate_up.shape[-1]
+    if not use_triton(gate_up) or gate_up.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        q, s = silu_mul_quant_reference(gate_up, fp8=fp8)
+        return q.reshape(-1, two_i // 2), s.reshape(-1)
+    inter = two_i // 2
+    gate_up = gate_up.contiguous()
+    m = gate_up.numel() // two_i
+    q = torch.empty(m, inter, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=gate_up.device)
+    s = torch.empty(m, dtype=torch.float32, device=gate_up.device)
+    # tiles of 4096 values, 16 warps: at most 4 programs per SM, so the rows between a program's two passes
+    # (4 x 132 x 2I bf16, ~30 MB at I = 14336) stay within L2
+    bk = min(4096, triton.next_power_of_2(inter))
+    bm = max(1, min(8, 4096 // bk))
+    if m:
+        _silu_mul_quant_kernel[(triton.cdiv(m, bm),)](gate_up, q, s, m, inter, ROUND=_round_code(gate_up.dtype),
+                                                      FP8=fp8, BM=bm, BK=bk, num_warps=16)
+    return q, s

@@ -5,8 +5,11 @@ Weights stay in the checkpoint's [N, K] int8 layout (K-major, what the int8 tens
 Activations: per token ``sa = amax(|x|) / 127.5`` (hubquant's and compressed-tensors' symmetric min-max),
 ``qa = clamp(round_half_even(x / sa), -128, 127)``; or a static per-tensor scale.
 
+The quantization kernel takes BM rows per program (whole rows in registers, or two passes over K in chunks for long
+rows) and divides without IEEE division's per-element branch (reciprocal + two exact corrections, same codes).
 The GEMM kernel is shared with FP8 (hubquant_kernels.fp8): the operand type decides the accumulator.
-Per shape the chooser picks a Triton config or cuBLAS (`torch._int_mm` / `torch._scaled_mm` + epilogue).
+Per shape the chooser picks a Triton config or cuBLAS (`torch._int_mm` + a one-pass Triton epilogue, or
+`torch._scaled_mm` with row-wise scales). hubquant_kernels.fused quantizes straight out of RMSNorm and SiLU * up.
 """
 from __future__ import annotations
 
@@ -97,6 +100,89 @@ if triton is not None:
         tl.store(s_ptr + row, s)
 
     @triton.jit
+    def _quant_tile(v, s, FP8: tl.constexpr, DIV: tl.constexpr):
+        """Codes of an fp32 tile v [BM, BK] with per-row scales s [BM].
+
+        DIV 0: IEEE division (div_rn: per element a range check and a slow-path branch).
+        DIV 1: the same quotient without the branch: q = v * RN(1/s), then two Markstein corrections
+        q += fma(-q, s, v) * RN(1/s) (the remainder is exact, and the second correction rounds correctly), for
+        rows whose scale is a normal float (otherwise div_rn); codes identical to x / s for |x / s| <= 448 and
+        normal x.
+        DIV 2: v * RN(1/s) only (may differ by one step where v / s is within an ulp of a rounding tie).
+        """
+        if DIV == 0:
+            t = tl.math.div_rn(v, s[:, None])
+        else:
+            r = tl.math.div_rn(1.0, s)[:, None]
+            t = v * r
+            if DIV == 1:
+                if tl.min(s, axis=0) < 4.7e-38:  # 2^-124: 1/s would not be a normal float
+                    t = tl.math.div_rn(v, s[:, None])
+                else:
+                    t = tl.fma(tl.fma(-t, s[:, None], v), r, t)
+                    t = tl.fma(tl.fma(-t, s[:, None], v), r, t)
+        if FP8:
+            q = tl.minimum(tl.maximum(t, -448.0), 448.0).to(tl.float8e4nv)
+        else:
+            q = tl.minimum(tl.maximum(_round_even(t), -128.0), 127.0).to(tl.int8)
+        return q
+
+    @triton.jit
+    def _row_scale(amax, FP8: tl.constexpr):
+        s = tl.math.div_rn(amax, 448.0 if FP8 else 127.5)
+        return tl.where(s > 0, s, 1e-8)
+
+    @triton.jit
+    def _act_quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, M, K, stride_xm, stride_qm,
+                               FP8: tl.constexpr, STATIC: tl.constexpr, DIV: tl.constexpr,
+                               BM: tl.constexpr, BK: tl.constexpr, ONE_PASS: tl.constexpr):
+        # BM rows per program. ONE_PASS: the rows (BK >= K) stay in registers; otherwise one pass over K for the
+        # row maxima (kept in L2 for the second pass) and one that quantizes.
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        cols = tl.arange(0, BK)
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+        q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm
+        if STATIC:
+            s = tl.zeros([BM], dtype=tl.float32) + tl.load(static_ptr).to(tl.float32)
+        if ONE_PASS:
+            mask = rmask[:, None] & (cols < K)[None, :]
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if not STATIC:
+                s = _row_scale(tl.max(tl.abs(x), axis=1), FP8)
+            tl.store(q_rows + cols[None, :], _quant_tile(x, s, FP8, DIV), mask=mask)
+        else:
+            if not STATIC:
+                amax = tl.zeros([BM], dtype=tl.float32)
+                for k0 in range(0, K, BK):
+                    mask = rmask[:, None] & (k0 + cols < K)[None, :]
+                    x = tl.load(x_rows + k0 + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_last")
+                    amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+                s = _row_scale(amax, FP8)
+            for k0 in range(0, K, BK):
+                mask = rmask[:, None] & (k0 + cols < K)[None, :]
+                x = tl.load(x_rows + k0 + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+                tl.store(q_rows + k0 + cols[None, :], _quant_tile(x.to(tl.float32), s, FP8, DIV), mask=mask)
+        tl.store(s_ptr + rows, s, mask=rmask)
+
+    @triton.jit
+    def _int8_epilogue_kernel(acc_ptr, sa_ptr, sw_ptr, b_ptr, y_ptr, M, N, stride_am, stride_ym,
+                              HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        # y = acc * sa[:, None] * sw[None, :] (+ bias), fp32 math in that order, one pass over the int32 product
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        rmask, cmask = rows < M, cols < N
+        mask = rmask[:, None] & cmask[None, :]
+        acc = tl.load(acc_ptr + rows.to(tl.int64)[:, None] * stride_am + cols[None, :], mask=mask, other=0)
+        sa = tl.load(sa_ptr + rows, mask=rmask, other=0.0)
+        sw = tl.load(sw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+        if HAS_BIAS:
+            out = out + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], out.to(y_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
     def _scaled_mm_kernel(
         a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, k_split, stride_am, stride_wn, stride_ym,
@@ -137,14 +223,71 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------- wrappers
-def quantize_act(x: torch.Tensor, *, fp8: bool = False, static_scale: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _act_quant_v1(x, q, s, static, *, fp8):
+    """The first kernel: one program per row, the whole row in registers (kept for comparison)."""
+    block = triton.next_power_of_2(x.shape[1])
+    _act_quant_kernel[(x.shape[0],)](x, q, s, static if static is not None else s, x.shape[1], x.stride(0),
+                                     q.stride(0), FP8=fp8, STATIC=static is not None, BLOCK=block,
+                                     num_warps=min(16, max(4, block // 1024)))
+
+
+def _act_quant_rows(x, q, s, static, *, fp8, bm, bk, warps, div=1):
+    m, k = x.shape
+    _act_quant_rows_kernel[(triton.cdiv(m, bm),)](
+        x, q, s, static if static is not None else s, m, k, x.stride(0), q.stride(0),
+        FP8=fp8, STATIC=static is not None, DIV=0 if static is not None and div == 1 else div, BM=bm, BK=bk,
+        ONE_PASS=bk >= k, num_warps=warps)
+
+
+def _tile_warps(elems: int) -> int:
+    # ~32 values per thread: 4 16-byte loads of bf16 each
+    return max(4, min(16, elems // 1024))
+
+
+def _act_quant_cfgs(k: int) -> list[tuple[str, int, int, int]]:
+    """(name, BM, BK, warps) of the row-tile kernel for rows of k values; the first is the default."""
+    block = 1 << max(0, k - 1).bit_length()
+    cfgs = []
+    if block <= 16384:  # whole rows in registers: tiles of 8K and 16K values (4K with BM=1 is `row_v1`)
+        for tile in (8192, 16384):
+            bm = max(1, tile // block)
+            cfgs.append((f"rows{bm}_full_w{_tile_warps(bm * block)}", bm, block, _tile_warps(bm * block)))
+    for bm, bk in ((4, 1024), (2, 4096)):  # two passes over K in chunks
+        if bk < k:
+            cfgs.append((f"rows{bm}_bk{bk}_w{_tile_warps(bm * bk)}", bm, bk, _tile_warps(bm * bk)))
+    return list(dict((c[0], c) for c in cfgs).values())
+
+
+DIV_SUFFIX = {1: "", 0: "_div", 2: "_rcp"}
+
+
+def act_quant_candidates(m: int, k: int, fp8: bool, *, div: int = 1) -> list[Candidate]:
+    """Per-token quantization kernels worth timing for [m, k]; the first is the default (and the choice at small m).
+
+    Names: ``rows{BM}_full_w{W}`` keeps BM whole rows in registers; ``rows{BM}_bk{BK}_w{W}`` reads each row twice
+    in BK chunks (row maxima, then codes); ``row_v1`` is the first kernel (one program per row, div_rn).
+    ``div`` picks the arithmetic (see `_quant_tile`): 1 (default) reciprocal + corrections, codes identical to the
+    reference; 0 (``_div`` names) IEEE division, identical too; 2 (``_rcp`` names) a bare reciprocal multiply,
+    never chosen automatically (codes may differ by one step next to ties). Static scales always divide.
+    """
+    out = [Candidate(name=name + DIV_SUFFIX[div],
+                     fn=lambda x, q, s, st, bm=bm, bk=bk, w=w: _act_quant_rows(x, q, s, st, fp8=fp8, bm=bm, bk=bk,
+                                                                               warps=w, div=div))
+           for name, bm, bk, w in _act_quant_cfgs(k)]
+    if div == 1:
+        out.append(Candidate(name="row_v1", fn=lambda x, q, s, st: _act_quant_v1(x, q, s, st, fp8=fp8)))
+    return out
+
+
+def quantize_act(x: torch.Tensor, *, fp8: bool = False, static_scale: torch.Tensor | None = None,
+                 impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused per-token activation quantization (Triton on GPU; the torch reference elsewhere).
 
     Args:
         x: [M, K] bf16/fp16/fp32 activations.
         fp8: float8_e4m3fn codes (scale amax/448) instead of int8 (scale amax/127.5).
         static_scale: a one-element per-tensor scale (static schemes) instead of per-token scales.
+        impl: force a kernel configuration by name (see `act_quant_candidates`; ``_div`` / ``_rcp`` names too).
 
     Returns:
         (codes [M, K] int8 or float8_e4m3fn, scales fp32 [M]).
@@ -162,11 +305,19 @@ def quantize_act(x: torch.Tensor, *, fp8: bool = False, static_scale: torch.Tens
         x = x.contiguous()
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(k)
-    if m:
-        _act_quant_kernel[(m,)](x, q, s, static_scale if static_scale is not None else s, k, x.stride(0), q.stride(0),
-                                FP8=fp8, STATIC=static_scale is not None, BLOCK=block,
-                                num_warps=min(16, max(4, block // 1024)))
+    if m == 0:
+        return q, s
+    cands = act_quant_candidates(m, k, fp8)
+    if impl is not None:
+        every = cands + act_quant_candidates(m, k, fp8, div=0) + act_quant_candidates(m, k, fp8, div=2)
+        cands = [c for c in every if c.name == impl]
+        check(bool(cands), f"no activation-quantization kernel named {impl!r} for K={k}",
+              hint="see hubquant_kernels.w8a8.act_quant_candidates(...)")
+    elif m < 64:
+        cands = cands[:1]
+    key = ("act_quant", "fp8" if fp8 else "int8", static_scale is not None, m_bucket(m), k, x.dtype)
+    args = (x, q, s, static_scale)
+    choose(key, cands, args, on_gpu=x.is_cuda).fn(*args)
     return q, s
 
 
@@ -185,16 +336,18 @@ def _triton_mm(qa, sa, qw, sw, bias, y, *, bm, bn, bk, split_k, warps, stages):
 
 
 def _cublas_int8(qa, sa, qw, sw, bias, y):
+    # cuBLAS int8 GEMM (torch._scaled_mm takes no int8), then one Triton pass: int32 -> scales (+ bias) -> y
     acc = torch._int_mm(qa, qw.t())
-    out = acc.float().mul_(sa[:, None]).mul_(sw.float()[None, :])
-    if bias is not None:
-        out += bias.float()
-    y.copy_(out)
+    m, n = acc.shape
+    _int8_epilogue_kernel[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
+        acc, sa, sw, bias if bias is not None else sw, y, m, n, acc.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BM=32, BN=128, num_warps=4)
     return y
 
 
 def _cublas_fp8(qa, sa, qw, sw, bias, y):
-    return torch._scaled_mm(qa, qw.t(), scale_a=sa[:, None], scale_b=sw.float()[None, :], bias=bias,
+    # row-wise scales as cuBLASLt wants them: fp32 [M, 1] and [1, N], contiguous views (no copy when sw is fp32)
+    return torch._scaled_mm(qa, qw.t(), scale_a=sa.reshape(-1, 1), scale_b=sw.float().reshape(1, -1), bias=bias,
                             out_dtype=y.dtype)
 
 

@@ -86,3 +86,94 @@ def test_end_to_end_matmul_and_errors():
         w8a8.w8a8_matmul(x, qw, sw[:10])
     with pytest.raises(UsageError, match="one value"):
         w8a8.w8a8_matmul(x, qw, sw, static_scale=torch.ones(3))
+
+
+# ---------------------------------------------------------------- the row-tile quantization kernel, every config
+@pytest.mark.parametrize("m,k", [(5, 256), (3, 1000), (6, 2100), (2, 5000)])
+def test_act_quant_every_config_bit_exact(m, k):
+    """One-pass tiles and two-pass chunked kernels (row and column tails) give the reference's codes and scales."""
+    x = _x(m, k, seed=k)
+    qr, sr = w8a8.quantize_act_reference(x)
+    names = [c.name for c in w8a8.act_quant_candidates(m, k, False)]
+    assert names[-1] == "row_v1" and (k <= 1024 or any("_bk" in nm for nm in names))
+    names += [c.name for c in w8a8.act_quant_candidates(m, k, False, div=0)]  # IEEE division in the same tiles
+    for name in names:
+        q, s = w8a8.quantize_act(x, impl=name)
+        assert torch.equal(q, qr) and torch.equal(s, sr), name
+    st = torch.tensor([0.015])
+    qs, _ = w8a8.quantize_act_reference(x, static_scale=st)
+    for name in names:
+        q, s = w8a8.quantize_act(x, static_scale=st, impl=name)
+        assert torch.equal(q, qs) and bool((s == st).all()), name
+    for name in names[:-1]:  # fp8: scales exact, codes checked by reconstruction (see above)
+        q, s = w8a8.quantize_act(x, fp8=True, impl=name)
+        _, sr8 = w8a8.quantize_act_reference(x, fp8=True)
+        assert torch.equal(s, sr8), name
+        assert float((q.float() * s[:, None] - x.float()).norm() / x.float().norm()) < 0.08, name
+
+
+def _near_tie(v: torch.Tensor) -> torch.Tensor:
+    """Where v (fp32) lies within one ulp of a half-integer (a reciprocal multiply may round the other way)."""
+    ulp = torch.nextafter(v.abs(), torch.tensor(float("inf"))) - v.abs()
+    return ((v - torch.floor(v) - 0.5).abs() <= 2 * ulp)
+
+
+def _tie_input(m, k, seed):
+    """fp32 activations with every 7th value placed on a rounding tie (q + 0.5) * s of its row's scale."""
+    x = _x(m, k, seed=seed, dtype=torch.float32)
+    qr, sr = w8a8.quantize_act_reference(x)
+    x[:, 1::7] = (qr[:, 1::7].float().clamp(-126, 126) + 0.5) * sr[:, None]
+    return x
+
+
+@pytest.mark.parametrize("m,k", [(4, 512), (3, 2100)])
+def test_act_quant_division_free_codes_exact_at_ties(m, k):
+    """The default arithmetic (reciprocal + two corrections) gives x / s's codes even on ties, where a bare
+    reciprocal multiply (``_rcp``) does differ; rows with a subnormal scale take the division branch."""
+    ties = _tie_input(m, k, seed=3 * k)
+    x = torch.cat([ties, ties[:1] * 1e-38])  # + a row whose scale is subnormal (1/s would overflow)
+    qr, sr = w8a8.quantize_act_reference(x)
+    assert 0 < float(sr[-1]) < 1e-38
+    for c in w8a8.act_quant_candidates(m + 1, k, False)[:-1]:
+        q, s = w8a8.quantize_act(x, impl=c.name)
+        assert torch.equal(q, qr) and torch.equal(s, sr), c.name
+    rcp_differs = []
+    for c in w8a8.act_quant_candidates(m, k, False, div=2):
+        q, s = w8a8.quantize_act(ties, impl=c.name)
+        assert c.name.endswith("_rcp") and torch.equal(s, sr[:-1])
+        rcp_differs.append(bool((q != qr[:-1]).any()))
+    assert all(rcp_differs)  # so the exactness above is not vacuous
+
+
+@pytest.mark.parametrize("m,k", [(4, 512), (3, 2100)])
+def test_act_quant_reciprocal_variant(m, k):
+    """x * (1/s): scales exact; codes differ from x / s by at most one step, and only next to a tie."""
+    x = _tie_input(m, k, seed=3 * k)
+    qr, sr = w8a8.quantize_act_reference(x)
+    v = x / sr[:, None]
+    for c in w8a8.act_quant_candidates(m, k, False, div=2):
+        q, s = w8a8.quantize_act(x, impl=c.name)
+        assert c.name.endswith("_rcp") and torch.equal(s, sr)
+        d = (q.int() - qr.int()).abs()
+        assert int(d.max()) == 1, c.name  # some codes differ (the test bites), by one step at most
+        assert bool(_near_tie(v)[d > 0].all()), c.name
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cublas_int8_single_epilogue(with_bias):
+    """torch._int_mm + the one-pass epilogue equals the four torch passes it replaces, bit for bit in fp32."""
+    g = torch.Generator().manual_seed(11)
+    m, n, k = 40, 72, 256
+    qa, sa = w8a8.quantize_act_reference(_x(m, k, seed=9))
+    qw = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    sw = torch.rand(n, generator=g) * 0.01
+    b = torch.randn(n, generator=g) if with_bias else None
+    y = w8a8._cublas_int8(qa, sa, qw, sw, b, torch.full((m, n), float("nan")))
+    acc = torch._int_mm(qa, qw.t())
+    ref = acc.float() * sa[:, None] * sw[None, :]
+    if b is not None:
+        ref = ref + b
+    assert torch.equal(y, ref)
+    exact = w8a8.scaled_mm_reference(qa, sa, qw, sw, b, torch.float64)
+    assert float((y.double() - exact).norm() / exact.norm()) < 1e-6
+    assert "cublas_int_mm" in [c.name for c in w8a8.mm_candidates(m, n, k, False, torch.bfloat16)]
