@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
-from hubquant_kernels import _common, pack, w4a16, w4a16_tc  # noqa: E402
+from hubquant_kernels import _common, pack, w4a16, w4a16_gemv, w4a16_tc  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_kernels_run", Path(__file__).with_name("run.py"))
 _run = importlib.util.module_from_spec(_spec)
@@ -94,6 +94,11 @@ def _parse(name: str) -> dict:
     return {"bm": bm, "bn": bn, "bk": bk, "split_k": int(split[1:]), "warps": int(warps[1:]), "swap": head == "tcT"}
 
 
+def _parse_gemv2(name: str) -> dict:
+    _, bn, bk, split, warps = name.split("_")
+    return {"bn": int(bn[2:]), "bk": int(bk[2:]), "split_k": int(split[1:]), "warps": int(warps[1:])}
+
+
 def pick(cands, args):
     key = ("sweep", id(cands), time.time())
     if DEV != "cuda":
@@ -119,6 +124,10 @@ def bench_shape(k, n, ms, log) -> list[dict]:
         new = w4a16_tc.candidates(m, n, k, 128)
         c_old, t_old = pick(old, a)
         c_new, t_new = pick(new, a)
+        if m == 1:  # the FMA GEMV with its dequantization in plain Triton (no PTX), as before this change
+            plain = [_common.Candidate(name=c.name + "_plain", fn=lambda *a, c=c: w4a16_gemv.gemv2(*a, asm=False,
+                     **_parse_gemv2(c.name))) for c in w4a16_gemv.candidates(m, n, k, 128)]
+            c_plain, _ = pick(plain, a)
         ref = x.double() @ w4a16.dequantize_reference(qw, sc, None, 128).double()
         e_old, e_new = rel_err(c_old.fn(*a).clone(), ref), rel_err(c_new.fn(*a).clone(), ref)
         top = sorted(t_new.items(), key=lambda t: t[1])[:6]
@@ -130,11 +139,17 @@ def bench_shape(k, n, ms, log) -> list[dict]:
                                   for d, yy in zip(w4_w, ys)])
         cell["tc"] = graph_time([lambda d=d, yy=yy, x=x, c=c_new: c.fn(x, d[0], d[1], None, None, yy, 128)
                                  for d, yy in zip(w4_w, ys)])
+        if m == 1:
+            cell["gemv2_plain_impl"] = c_plain.name
+            cell["gemv2_plain"] = graph_time([lambda d=d, yy=yy, x=x, c=c_plain: c.fn(x, d[0], d[1], None, None, yy,
+                                                                                      128) for d, yy in zip(w4_w, ys)])
         cell["tc_again"] = graph_time([lambda d=d, yy=yy, x=x, c=c_new: c.fn(x, d[0], d[1], None, None, yy, 128)
                                        for d, yy in zip(w4_w, ys)])
         cell["w4_bytes"] = n * k // 2 + 2 * n * k // 128 + 2 * m * k + 2 * m * n
         rows.append(cell)
-        log(f"K={k:5d} N={n:5d} M={m:3d} bf16 {cell['bf16'] * 1e6:7.1f} us | old {cell['old'] * 1e6:7.1f} "
+        plain_txt = (f" | gemv2 plain {cell['gemv2_plain'] * 1e6:6.1f} {cell['bf16'] / cell['gemv2_plain']:.2f}x"
+                     if m == 1 else "")
+        log(f"K={k:5d} N={n:5d} M={m:3d} bf16 {cell['bf16'] * 1e6:7.1f} us{plain_txt} | old {cell['old'] * 1e6:7.1f} "
             f"{cell['bf16'] / cell['old']:.2f}x {c_old.name} | tc {cell['tc'] * 1e6:7.1f} ({cell['tc_again'] * 1e6:.1f}) "
             f"{cell['bf16'] / cell['tc']:.2f}x {c_new.name} {cell['w4_bytes'] / cell['tc'] / 1e12:.2f} TB/s "
             f"| err {e_old:.1e}/{e_new:.1e}")
@@ -144,7 +159,7 @@ def bench_shape(k, n, ms, log) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="sweep_w4.json")
-    ap.add_argument("--ms", default="1,16,64")
+    ap.add_argument("--ms", default="1,16")
     ap.add_argument("--shapes", default="all")
     ap.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes: checks the script")
     args = ap.parse_args()
@@ -174,7 +189,11 @@ def main() -> int:
         res["seconds"] = round(time.time() - t0, 1)
         out.write_text(json.dumps(res, indent=1, default=str))
 
-    res["checks"] = check_tc(log)
+    _cg_spec = importlib.util.spec_from_file_location("bench_compare_gemv", Path(__file__).with_name("compare_gemv.py"))
+    _cg = importlib.util.module_from_spec(_cg_spec)
+    _cg_spec.loader.exec_module(_cg)
+    _cg.DEV = DEV
+    res["checks"] = check_tc(log) + _cg.check_gemv2(log)
     save()
     res["copy_bytes_per_s"] = copy_bandwidth()
     log(f"{res['gpu']}: copy {res['copy_bytes_per_s'] / 1e12:.2f} TB/s")

@@ -315,7 +315,7 @@ def _dequant_cublas(x, qweight, scales, zeros, bias, y, gs):
 
 def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     """Implementations worth timing for an [m, k] x [k, n] W4A16 product; the first is the default."""
-    from hubquant_kernels import w4a16_gemv
+    from hubquant_kernels import w4a16_gemv, w4a16_tc
 
     out = []
     n_blocks = lambda bk: -(-k // bk)
@@ -344,6 +344,8 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
                 fn=lambda *a, bm=bm, bn=bn, bk=bk, s=split, w=warps, st=stages:
                     _mm(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
     out += w4a16_gemv.candidates(m, n, k, gs)  # after the defaults: HUBQUANT_TUNE=0 keeps the first GEMV
+    if 2 <= m <= 16:  # tensor cores: won some M=16 shapes on an H100 (docs/kernels.md); few configs, tuning is slow
+        out += w4a16_tc.candidates(m, n, k, gs, configs=w4a16_tc.SMALL_M_CONFIGS)
     if m > 16:
         out.append(Candidate(name="dequant+cublas", fn=_dequant_cublas))
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from hubquant_kernels._common import Candidate, workspace
+from hubquant_kernels._common import Candidate, interpreting, workspace
 
 try:
     import triton
@@ -32,6 +32,44 @@ if triton is not None:
         else:
             t = pw >> (4 * j - 19)
         return ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    # the same codes in PTX: one shift and one 3-input lop3 per nibble (Triton's and|or becomes two LOP3s, since
+    # a LOP3 takes one immediate; here ptxas keeps 0x3F800000 in a register): 2 instructions a weight, not 3
+    _MANTISSA_ASM = tl.constexpr("""
+    {
+    .reg .b32 t;
+    shl.b32 t, $8, 19;
+    lop3.b32 $0, t, 0x780000, 0x3F800000, 0xEA;
+    shl.b32 t, $8, 15;
+    lop3.b32 $1, t, 0x780000, 0x3F800000, 0xEA;
+    shl.b32 t, $8, 11;
+    lop3.b32 $2, t, 0x780000, 0x3F800000, 0xEA;
+    shl.b32 t, $8, 7;
+    lop3.b32 $3, t, 0x780000, 0x3F800000, 0xEA;
+    shl.b32 t, $8, 3;
+    lop3.b32 $4, t, 0x780000, 0x3F800000, 0xEA;
+    shr.u32 t, $8, 1;
+    lop3.b32 $5, t, 0x780000, 0x3F800000, 0xEA;
+    shr.u32 t, $8, 5;
+    lop3.b32 $6, t, 0x780000, 0x3F800000, 0xEA;
+    shr.u32 t, $8, 9;
+    lop3.b32 $7, t, 0x780000, 0x3F800000, 0xEA;
+    }
+    """)
+
+    @triton.jit
+    def _mantissa_codes_asm(pw):
+        """All 8 nibbles of every word as fp32 1 + u/16 (what _mantissa_code gives), on NVIDIA GPUs."""
+        return tl.inline_asm_elementwise(_MANTISSA_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [pw],
+                                         dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+
+    @triton.jit
+    def _fma_codes(part, xs, x_row, offs_r, rmask, j: tl.constexpr, f, EVEN: tl.constexpr):
+        if EVEN:
+            xj = tl.load(x_row + offs_r * 8 + j).to(tl.float32)
+        else:
+            xj = tl.load(x_row + offs_r * 8 + j, mask=rmask, other=0.0).to(tl.float32)
+        return part + xj[:, None] * f, xs + xj
 
     @triton.jit
     def _decode_codes_kernel(pw_ptr, out_ptr, n: tl.constexpr):
@@ -68,7 +106,9 @@ if triton is not None:
         M, N, K, k_split, stride_xm, stride_ym,
         GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_AFTER: tl.constexpr,
+        USE_ASM: tl.constexpr, EVEN: tl.constexpr,
     ):
+        # EVEN: N % BN == 0 and every program's K range is whole blocks: no masks (and no masked-load zeroing)
         R: tl.constexpr = BK // 8
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -81,19 +121,37 @@ if triton is not None:
         x_row = x_ptr + pid_m * stride_xm
         offs_r = k_lo // 8 + tl.arange(0, R)
         rmask = offs_r < k_hi // 8
-        pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :], other=0)
+        if EVEN:
+            pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :])
+        else:
+            pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
+                         other=0)
         for k0 in range(k_lo, k_hi, BK):
-            nxt_r = offs_r + R  # prefetch the next block while this one is computed
-            nmask = nxt_r < k_hi // 8
-            pw_next = tl.load(qw_ptr + nxt_r[:, None] * N + offs_n[None, :], mask=nmask[:, None] & mask_n[None, :],
-                              other=0)
+            if EVEN:  # prefetch the next block (the last block re-reads itself: in bounds, from cache)
+                nxt_r = offs_r + tl.where(k0 + BK < k_hi, R, 0)
+                nmask = rmask
+                pw_next = tl.load(qw_ptr + nxt_r[:, None] * N + offs_n[None, :])
+            else:
+                nxt_r = offs_r + R  # prefetch the next block while this one is computed
+                nmask = nxt_r < k_hi // 8
+                pw_next = tl.load(qw_ptr + nxt_r[:, None] * N + offs_n[None, :],
+                                  mask=nmask[:, None] & mask_n[None, :], other=0)
             s, c = _row_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N, GS, HAS_ZP, SCALE_AFTER)
             part = tl.zeros((R, BN), dtype=tl.float32)
             xs = tl.zeros((R,), dtype=tl.float32)
-            for j in tl.static_range(8):
-                xj = tl.load(x_row + offs_r * 8 + j, mask=rmask, other=0.0).to(tl.float32)
-                xs += xj
-                part += xj[:, None] * _mantissa_code(pw, j)
+            if USE_ASM:
+                f0, f1, f2, f3, f4, f5, f6, f7 = _mantissa_codes_asm(pw)
+                part, xs = _fma_codes(part, xs, x_row, offs_r, rmask, 0, f0, EVEN)
+                part, xs = _fma_codes(part, xs, x_row, offs_r, rmask, 1, f1, EVEN)
+                part, xs = _fma_codes(part, xs, x_row, offs_r, rmask, 2, f2, EVEN)
+                part, xs = _fma_codes(part, xs, x_row, offs_r, rmask, 3, f3, EVEN)
+                part, xs = _fma_codes(part, xs, x_row, offs_r, rmask, 4, f4, EVEN)
+                part, xs = _fma_codes(part, xs, x_row, offs_r, rmask, 5, f5, EVEN)
+                part, xs = _fma_codes(part, xs, x_row, offs_r, rmask, 6, f6, EVEN)
+                part, xs = _fma_codes(part, xs, x_row, offs_r, rmask, 7, f7, EVEN)
+            else:
+                for j in tl.static_range(8):
+                    part, xs = _fma_codes(part, xs, x_row, offs_r, rmask, j, _mantissa_code(pw, j), EVEN)
             acc += (part * 16.0 - c * xs[:, None]) * s
             pw, offs_r, rmask = pw_next, nxt_r, nmask
         out = tl.sum(acc, axis=0)
@@ -102,7 +160,7 @@ if triton is not None:
                          cnt_ptr, pid_m * tl.num_programs(1) + pid_n, bias, SPLIT_K, HAS_BIAS)
 
 
-def gemv2(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4):
+def gemv2(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4, asm=None):
     """y = x @ W (+ bias) with the mantissa-code GEMV; x [M, K] contiguous rows, y [M, N] preallocated."""
     m, k = x.shape
     n = qweight.shape[1]
@@ -113,7 +171,9 @@ def gemv2(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4):
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
-        BN=bn, BK=bk, SPLIT_K=split_k, SCALE_AFTER=gs % bk == 0 or gs == k, num_warps=warps,
+        BN=bn, BK=bk, SPLIT_K=split_k, SCALE_AFTER=gs % bk == 0 or gs == k,
+        USE_ASM=not interpreting() if asm is None else asm, EVEN=n % bn == 0 and k % k_split == 0 and k % bk == 0,
+        num_warps=warps,
     )
     return y
 
