@@ -100,7 +100,9 @@ def check_all(log) -> list[dict]:
     for m, k in act_shapes:
         x = rnd(m, k)
         for is_fp8 in (False, True):
-            qr, sr = w8a8.quantize_act_reference(x, fp8=is_fp8)
+            # the reference runs on the CPU: torch on CUDA divides by 127.5 as a multiply by its reciprocal (scales
+            # then differ in the last bit), the CPU divides exactly, as the kernels do
+            qr, sr = (t.to(dev) for t in w8a8.quantize_act_reference(x.cpu(), fp8=is_fp8))
             cands = (w8a8.act_quant_candidates(m, k, is_fp8) + w8a8.act_quant_candidates(m, k, is_fp8, div=0)[:1]
                      + w8a8.act_quant_candidates(m, k, is_fp8, div=2)[:1])
             for c in cands:
@@ -137,7 +139,8 @@ def check_all(log) -> list[dict]:
                 x, r, w = rnd(m, hsz, scale=3.0), rnd(m, hsz), rnd(hsz)
                 poison(m * hsz * 4)
                 q, s, h = fused.add_rmsnorm_quant(x, w, 1e-5, r if with_res else None, fp8=is_fp8)
-                qr, sr, hr = fused.add_rmsnorm_quant_reference(x, w, 1e-5, r if with_res else None, fp8=is_fp8)
+                qr, sr, hr = (t.to(dev) for t in fused.add_rmsnorm_quant_reference(
+                    x.cpu(), w.cpu(), 1e-5, r.cpu() if with_res else None, fp8=is_fp8))
                 dmax, frac = code_diff(q, qr, is_fp8)
                 s_err = float(((s - sr) / sr).abs().max())
                 tol = FP8_TOL if is_fp8 else (1.0, 1e-3)
@@ -151,7 +154,7 @@ def check_all(log) -> list[dict]:
             gu = rnd(m, 2 * inter, scale=2.0)
             poison(m * inter * 4)
             q, s = fused.silu_mul_quant(gu, fp8=is_fp8)
-            qr, sr = fused.silu_mul_quant_reference(gu, fp8=is_fp8)
+            qr, sr = (t.to(dev) for t in fused.silu_mul_quant_reference(gu.cpu(), fp8=is_fp8))
             dmax, frac = code_diff(q, qr, is_fp8)
             s_err = float(((s - sr) / sr).abs().max())
             out.append({"op": "silu_mul_quant_" + ("fp8" if is_fp8 else "int8"), "shape": [m, inter],
