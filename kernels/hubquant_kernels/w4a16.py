@@ -319,14 +319,19 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
 
     out = []
     n_blocks = lambda bk: -(-k // bk)
-    if m <= 4:
-        for bn, bk, warps in ((64, 256, 4), (128, 128, 4), (32, 512, 4), (128, 256, 8), (64, 512, 8)):
+    if m <= 4:  # at M=1 gemv2 won every H100 shape but 4096x28672, where bn32_bk512 was first
+        gemv_cfgs = ((64, 256, 4), (128, 128, 4), (32, 512, 4), (128, 256, 8), (64, 512, 8))
+        if m == 1 and w4a16_gemv.enabled():
+            gemv_cfgs = ((32, 512, 4),)
+        for bn, bk, warps in gemv_cfgs:
             for split in (1, 2, 4, 8, 16):
                 if split == 1 or (n_blocks(bk) >= 2 * split and -(-n // bn) * split <= 4096):
                     out.append(Candidate(name=f"gemv_bn{bn}_bk{bk}_s{split}_w{warps}",
                                          fn=lambda *a, bn=bn, bk=bk, s=split, w=warps:
                                          _gemv(*a, bn=bn, bk=bk, split_k=s, warps=w)))
-    if m <= 16:
+    if m == 1 and w4a16_gemv.enabled():
+        mm_cfgs = []
+    elif m <= 16:
         mm_cfgs = [(16, 64, 128, s, 4, 3) for s in (1, 2, 4, 8)] + [(16, 128, 128, s, 4, 3) for s in (1, 2, 4)] + \
                   [(16, 64, 256, s, 4, 3) for s in (1, 2, 4)]
     elif m <= 64:
@@ -343,7 +348,7 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
                 name=f"mm_{bm}x{bn}x{bk}_s{split}_w{warps}",
                 fn=lambda *a, bm=bm, bn=bn, bk=bk, s=split, w=warps, st=stages:
                     _mm(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
-    out += w4a16_gemv.candidates(m, n, k, gs)  # after the defaults: HUBQUANT_TUNE=0 keeps the first GEMV
+    out += w4a16_gemv.candidates(m, n, k, gs)  # M=1: the only candidates
     if 2 <= m <= 16:  # tensor cores: won some M=16 shapes on an H100 (docs/kernels.md); few configs, tuning is slow
         out += w4a16_tc.candidates(m, n, k, gs, configs=w4a16_tc.SMALL_M_CONFIGS)
     if m > 16:

@@ -106,7 +106,7 @@ if triton is not None:
         M, N, K, k_split, stride_xm, stride_ym,
         GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_AFTER: tl.constexpr,
-        USE_ASM: tl.constexpr, EVEN: tl.constexpr,
+        USE_ASM: tl.constexpr, EVEN: tl.constexpr, DEPTH: tl.constexpr,
     ):
         # EVEN: N % BN == 0 and every program's K range is whole blocks: no masks (and no masked-load zeroing)
         R: tl.constexpr = BK // 8
@@ -122,20 +122,28 @@ if triton is not None:
         offs_r = k_lo // 8 + tl.arange(0, R)
         rmask = offs_r < k_hi // 8
         if EVEN:
-            pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :])
+            pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+            if DEPTH == 2:  # two blocks in flight: the next one is loaded before the loop
+                r1 = offs_r + tl.where(k_lo + BK < k_hi, R, 0)
+                pw1 = tl.load(qw_ptr + r1[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
         else:
             pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
-                         other=0)
+                         other=0, eviction_policy="evict_first")
         for k0 in range(k_lo, k_hi, BK):
-            if EVEN:  # prefetch the next block (the last block re-reads itself: in bounds, from cache)
-                nxt_r = offs_r + tl.where(k0 + BK < k_hi, R, 0)
+            if EVEN:  # prefetch DEPTH blocks ahead (past the end, re-read the current block: in bounds, cached)
                 nmask = rmask
-                pw_next = tl.load(qw_ptr + nxt_r[:, None] * N + offs_n[None, :])
+                if DEPTH == 2:
+                    r2 = offs_r + tl.where(k0 + 2 * BK < k_hi, 2 * R, 0)
+                    pw2 = tl.load(qw_ptr + r2[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+                    nxt_r = offs_r + R
+                else:
+                    nxt_r = offs_r + tl.where(k0 + BK < k_hi, R, 0)
+                    pw_next = tl.load(qw_ptr + nxt_r[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
             else:
                 nxt_r = offs_r + R  # prefetch the next block while this one is computed
                 nmask = nxt_r < k_hi // 8
                 pw_next = tl.load(qw_ptr + nxt_r[:, None] * N + offs_n[None, :],
-                                  mask=nmask[:, None] & mask_n[None, :], other=0)
+                                  mask=nmask[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
             s, c = _row_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N, GS, HAS_ZP, SCALE_AFTER)
             part = tl.zeros((R, BN), dtype=tl.float32)
             xs = tl.zeros((R,), dtype=tl.float32)
@@ -153,33 +161,37 @@ if triton is not None:
                 for j in tl.static_range(8):
                     part, xs = _fma_codes(part, xs, x_row, offs_r, rmask, j, _mantissa_code(pw, j), EVEN)
             acc += (part * 16.0 - c * xs[:, None]) * s
-            pw, offs_r, rmask = pw_next, nxt_r, nmask
+            if EVEN and DEPTH == 2:
+                pw, pw1 = pw1, pw2
+                offs_r = nxt_r
+            else:
+                pw, offs_r, rmask = pw_next, nxt_r, nmask
         out = tl.sum(acc, axis=0)
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
         _store_or_reduce(out, y_ptr + pid_m * stride_ym + offs_n, ws_ptr + pid_m * N + offs_n, mask_n,
                          cnt_ptr, pid_m * tl.num_programs(1) + pid_n, bias, SPLIT_K, HAS_BIAS)
 
 
-def gemv2(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4, asm=None):
+def gemv2(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4, asm=None, depth=1):
     """y = x @ W (+ bias) with the mantissa-code GEMV; x [M, K] contiguous rows, y [M, N] preallocated."""
     m, k = x.shape
     n = qweight.shape[1]
     n_tiles = triton.cdiv(n, bn)
     k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
     ws, cnt = workspace(x.device, m * n, m * n_tiles) if split_k > 1 else (y, y)
+    even = n % bn == 0 and k % k_split == 0 and k % bk == 0
     _w4a16_gemv2_kernel[(m, n_tiles, split_k)](
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
         BN=bn, BK=bk, SPLIT_K=split_k, SCALE_AFTER=gs % bk == 0 or gs == k,
-        USE_ASM=not interpreting() if asm is None else asm, EVEN=n % bn == 0 and k % k_split == 0 and k % bk == 0,
-        num_warps=warps,
+        USE_ASM=not interpreting() if asm is None else asm, EVEN=even, DEPTH=depth if even else 1, num_warps=warps,
     )
     return y
 
 
 # (BN, BK, warps). Run C (H200) tried BN=256 too (BK 64/128): always slower; BN=64, BK=256 won on every shape
-CONFIGS = ((64, 256, 4), (128, 128, 4), (128, 256, 8))
+CONFIGS = ((64, 256, 4), (128, 128, 4), (128, 256, 8), (64, 128, 4))
 SPLITS = (1, 2, 4, 8, 16)
 
 
@@ -191,17 +203,18 @@ def enabled() -> bool:
 def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     """gemv2 configurations worth timing for an [m, k] x [k, n] product.
 
-    Offered at M=1 only: on an H200 it beat the first GEMV at M=1 on every Llama shape measured and lost at
-    M=2..8 (it re-reads the weights once per row), see docs/kernels.md.
+    Offered at M=1 only: it beat the first GEMV at M=1 on every Llama shape measured on an H200 and (with the
+    PTX dequantization) on an H100, and lost at M=2..8 (it re-reads the weights once per row); docs/kernels.md.
     """
     if m > 1 or not enabled():
         return []
     out = []
     for bn, bk, warps in CONFIGS:
-        n_blocks = -(-k // bk)
-        for split in SPLITS:
-            if split == 1 or (n_blocks >= 2 * split and -(-n // bn) * split <= 4096):
-                out.append(Candidate(name=f"gemv2_bn{bn}_bk{bk}_s{split}_w{warps}",
-                                     fn=lambda *a, bn=bn, bk=bk, s=split, w=warps:
-                                     gemv2(*a, bn=bn, bk=bk, split_k=s, warps=w)))
+        n_blocks, tiles = -(-k // bk), -(-n // bn)
+        for split in SPLITS:  # enough programs for 132 SMs, and not so many that the reduction dominates
+            if split == 1 or (n_blocks >= 2 * split and 132 <= tiles * split <= 2112):
+                for depth in (1, 2) if n_blocks >= 3 * split else (1,):  # depth 2: two blocks in flight
+                    out.append(Candidate(name=f"gemv2_bn{bn}_bk{bk}_s{split}_w{warps}" + ("_d2" if depth == 2 else ""),
+                                         fn=lambda *a, bn=bn, bk=bk, s=split, w=warps, d=depth:
+                                         gemv2(*a, bn=bn, bk=bk, split_k=s, warps=w, depth=d)))
     return out

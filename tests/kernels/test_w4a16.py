@@ -139,3 +139,26 @@ def test_gemv2_codes_are_exact():
     out = torch.empty(8, 32, dtype=torch.float32)
     w4a16_gemv._decode_codes_kernel[(1,)](pw, out, 32)
     assert torch.equal(out, (1 + u.t().float() / 16))
+
+
+@pytest.mark.parametrize("gs,asym,dtype", [(128, False, torch.bfloat16), (64, True, torch.float16)])
+def test_gemv2_mask_free_paths_and_prefetch_depth(gs, asym, dtype):
+    """Shapes that divide (no masks): one or two blocks in flight, every split, including splits of 1-2 blocks."""
+    from hubquant_kernels import w4a16_gemv
+
+    m, n, k = 1, 128, 2048
+    x, qw, s, z, b = _case(m, n, k, gs, asym, dtype, seed=gs)
+    exact = x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
+    for split, depth, bk in [(1, 1, 256), (1, 2, 256), (2, 2, 256), (4, 2, 256), (8, 2, 256), (4, 1, 128), (3, 2, 128)]:
+        y = w4a16_gemv.gemv2(x, qw, s, z, b, torch.full((m, n), float("nan"), dtype=dtype), gs, bn=64, bk=bk,
+                             split_k=split, depth=depth)
+        err = float((y.double() - exact).norm() / exact.norm())
+        assert not torch.isnan(y).any() and err < 4e-3, (split, depth, bk, err)
+
+
+def test_gemv2_offers_two_blocks_in_flight_where_blocks_allow():
+    from hubquant_kernels import w4a16_gemv
+
+    names = [c.name for c in w4a16_gemv.candidates(1, 8192, 8192, 128)]
+    assert any(nm.endswith("_d2") for nm in names) and any(not nm.endswith("_d2") for nm in names)
+    assert all(nm.startswith("gemv2_") for nm in names)

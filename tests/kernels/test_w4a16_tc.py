@@ -1,0 +1,50 @@
+"""The tensor-core W4A16 kernel (B + u codes, zero point and scale after each block) against float64.
+
+Under TRITON_INTERPRET=1 the plain-Triton code construction runs (the PTX one is checked on the GPU by
+bench/kernels/sweep_w4.py); both produce the same 16-bit codes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hubquant_kernels import pack, w4a16, w4a16_tc
+
+
+def _case(m, n, k, gs, asym, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    gsz = k if gs == -1 else gs
+    qw = pack.pack_kn(torch.randint(0, 16, (k, n), generator=g))
+    s = (torch.rand(k // gsz, n, generator=g) * 0.02 + 1e-3).to(dtype)
+    z = torch.randint(0, 16, (k // gsz, n), generator=g).to(torch.uint8) if asym else None
+    return torch.randn(m, k, generator=g).to(dtype), qw, s, z, torch.randn(n, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("m,n,k,gs,asym,dtype", [
+    (1, 72, 512, 128, False, torch.bfloat16),   # one group per block: the dot runs on exact codes
+    (3, 40, 1024, -1, True, torch.float16),     # one group over K, asymmetric, fp16 codes (1024 + u)
+    (5, 136, 512, 32, True, torch.bfloat16),    # groups smaller than the block: per-weight dequantization
+    (17, 64, 256, 64, False, torch.float16),    # M past one 16-row tile
+])
+@pytest.mark.parametrize("swap", [False, True])
+def test_tc_matches_float64(m, n, k, gs, asym, dtype, swap):
+    x, qw, s, z, b = _case(m, n, k, gs, asym, dtype, seed=m + n + k)
+    gsz = k if gs == -1 else gs
+    exact = x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
+    bm = 16 if m <= 16 else 32
+    for split in (1, 2):
+        y = w4a16_tc.tc(x, qw, s, z, b, torch.full((m, n), float("nan"), dtype=dtype), gsz, bm=bm,
+                        bn=32 if n < 64 else 64, bk=128, split_k=split, swap=swap)
+        y2 = w4a16_tc.tc(x, qw, s, z, b, torch.full((m, n), float("nan"), dtype=dtype), gsz, bm=bm,
+                         bn=32 if n < 64 else 64, bk=128, split_k=split, swap=swap)
+        err = float((y.double() - exact).norm() / exact.norm())
+        assert not torch.isnan(y).any() and err < 6e-3, (split, err)
+        assert torch.equal(y, y2)  # split-K left its workspace zeroed
+
+
+def test_tc_candidates_fill_the_chip_and_respect_groups():
+    names = [c.name for c in w4a16_tc.candidates(16, 8192, 8192, 128)]
+    assert names and all(nm.startswith(("tc_16x", "tcT_16x")) for nm in names)
+    assert w4a16_tc.candidates(65, 8192, 8192, 128) == []
+    # offered beside the other kernels for M = 2..16 only
+    assert any(c.name.startswith("tc") for c in w4a16.candidates(8, 4096, 4096, 128))
+    assert not any(c.name.startswith("tc") for c in w4a16.candidates(1, 4096, 4096, 128))
