@@ -319,10 +319,10 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
 
     out = []
     n_blocks = lambda bk: -(-k // bk)
-    if m <= 4:  # at M=1 gemv2 won every H100 shape but 4096x28672, where bn32_bk512 was first
+    if m <= 4:  # at M=1 gemv2 won the H100 shapes but 4096x28672 and 4096x1024 (first GEMV bn32/bn64 there)
         gemv_cfgs = ((64, 256, 4), (128, 128, 4), (32, 512, 4), (128, 256, 8), (64, 512, 8))
         if m == 1 and w4a16_gemv.enabled():
-            gemv_cfgs = ((32, 512, 4),)
+            gemv_cfgs = ((32, 512, 4), (64, 256, 4))
         for bn, bk, warps in gemv_cfgs:
             for split in (1, 2, 4, 8, 16):
                 if split == 1 or (n_blocks(bk) >= 2 * split and -(-n // bn) * split <= 4096):

@@ -211,8 +211,8 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     out = []
     for bn, bk, warps in CONFIGS:
         n_blocks, tiles = -(-k // bk), -(-n // bn)
-        for split in SPLITS:  # enough programs for 132 SMs, and not so many that the reduction dominates
-            if split == 1 or (n_blocks >= 2 * split and 132 <= tiles * split <= 2112):
+        for split in SPLITS:  # not so many programs that the reduction dominates (narrow N needs big splits)
+            if split == 1 or (n_blocks >= 2 * split and tiles * split <= 2112):
                 for depth in (1, 2) if n_blocks >= 3 * split else (1,):  # depth 2: two blocks in flight
                     out.append(Candidate(name=f"gemv2_bn{bn}_bk{bk}_s{split}_w{warps}" + ("_d2" if depth == 2 else ""),
                                          fn=lambda *a, bn=bn, bk=bk, s=split, w=warps, d=depth:

@@ -231,8 +231,8 @@ def candidates(m: int, n: int, k: int, gs: int, configs=CONFIGS, splits=SPLITS) 
         if bk > k or (gs != k and gs % bk and bk % gs):
             continue
         n_blocks, tiles = -(-k // bk), -(-n // bn)
-        for split in splits:  # enough programs to fill 132 SMs, not so many that the reduction dominates
-            if split == 1 or (n_blocks >= 2 * split and 132 <= tiles * split <= 2112):
+        for split in splits:  # not so many programs that the reduction dominates (narrow N needs big splits)
+            if split == 1 or (n_blocks >= 2 * split and tiles * split <= 2112):
                 out.append(Candidate(
                     name=f"tc{'T' if swap else ''}_{bm}x{bn}x{bk}_s{split}_w{warps}",
                     fn=lambda *a, bn=bn, bk=bk, s=split, w=warps, sw=swap:
