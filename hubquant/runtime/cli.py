@@ -17,8 +17,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--revision", default=None, help="Hub revision for repo ids")
     p.add_argument("--no-graph", action="store_true", help="decode eagerly (no static cache / CUDA graph)")
-    p.add_argument("--fuse", action="store_true",
-                   help="experimental: fused q/k/v and gate/up GEMVs, norm, SiLU and rotary kernels (docs/decode.md)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="fused q/k/v and gate/up GEMVs, norm, SiLU and rotary kernels (default; 1.4-1.9x faster "
+                        "on an H100, docs/decode.md); --no-fuse runs the model's own modules")
     p.set_defaults(func=run)
 
 

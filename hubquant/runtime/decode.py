@@ -86,7 +86,7 @@ class DecodeResult:
 class GraphDecoder:
     """Greedy batch-1 generation with a static cache (CUDA graph replay on GPU, eager on CPU)."""
 
-    def __init__(self, model: nn.Module, max_len: int = 1024, *, fuse: bool = False):
+    def __init__(self, model: nn.Module, max_len: int = 1024, *, fuse: bool = True):
         if not supports(model):
             arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
             raise UnsupportedError(f"the fast decoder does not know {arch}",

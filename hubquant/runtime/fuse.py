@@ -2,9 +2,9 @@
 
 Works for float nn.Linear, W4A16Linear (same group size, zero points on all or none, no act-order permutation)
 and W8A8Linear (same int8/FP8 kind, dynamic activation scales). The fused module's output is the parts'
-outputs side by side; anything else returns None and the caller keeps the separate modules. For float and W8A8
-parts (weights [N, K]) the parts' own tensors become row views of the fused ones, so fusing costs no memory;
-W4A16 weights ([K/8, N], fused along columns) are copied.
+outputs side by side; anything else returns None and the caller keeps the separate modules. The parts' own tensors
+become views of the fused ones, so fusing costs no memory: row views for float and W8A8 weights ([N, K]),
+column views for W4A16 ([K/8, N]; the W4A16 kernels take row strides longer than N).
 """
 from __future__ import annotations
 
@@ -77,9 +77,27 @@ def _fuse_w4(mods: list[W4A16Linear]) -> W4A16Linear | None:
     if zeros is False or bias is False:
         return None
     m0 = mods[0]
-    return W4A16Linear(m0.in_features, sum(m.out_features for m in mods), m0.group_size,
-                       qweight=torch.cat([m.qweight for m in mods], 1), scales=torch.cat([m.scales for m in mods], 1),
-                       zeros=zeros, bias=bias)
+    out = W4A16Linear(m0.in_features, sum(m.out_features for m in mods), m0.group_size,
+                      qweight=torch.cat([m.qweight for m in mods], 1), scales=torch.cat([m.scales for m in mods], 1),
+                      zeros=zeros, bias=bias)
+    _share_cols(mods, out)
+    return out
+
+
+def _share_cols(mods: list[W4A16Linear], fused: W4A16Linear) -> None:
+    """Point each part's [.., N_i] tensors at its columns of the fused ones (strided views: no second copy; the
+    W4A16 kernels take rows longer than N)."""
+    lo = 0
+    for m in mods:
+        hi = lo + m.out_features
+        for name in ("qweight", "scales", "zeros"):
+            full = getattr(fused, name)
+            if full is not None:
+                m._buffers[name] = full[:, lo:hi]
+        if fused.bias is not None:
+            m._buffers["bias"] = fused.bias[lo:hi]
+        m._dense = None
+        lo = hi
 
 
 def _fuse_w8(mods: list[W8A8Linear]) -> W8A8Linear | None:

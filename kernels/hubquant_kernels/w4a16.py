@@ -69,22 +69,22 @@ if triton is not None:
         return (((pw >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N,
+    def _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, stride_s,
                       GS: tl.constexpr, HAS_ZP: tl.constexpr, SCALE_AFTER: tl.constexpr):
         """Scale and (2^23 + zero point) for the rows of a K block: [1, BN] if one group covers it, else [R, BN]."""
         if SCALE_AFTER:
             g = k0 // GS
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             if HAS_ZP:
-                z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+                z = tl.load(z_ptr + g * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
             else:
                 z = tl.full((1, offs_n.shape[0]), 8.0, tl.float32)
         else:
             g = (offs_r * 8) // GS
             m2 = rmask[:, None] & mask_n[None, :]
-            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
             if HAS_ZP:
-                z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0).to(tl.float32)
+                z = tl.load(z_ptr + g[:, None] * stride_s + offs_n[None, :], mask=m2, other=0).to(tl.float32)
             else:
                 z = tl.full(s.shape, 8.0, tl.float32)
         return s, z + 8388608.0
@@ -112,7 +112,7 @@ if triton is not None:
     @triton.jit
     def _w4a16_gemv_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-        M, N, K, G, k_split, stride_xm, stride_ym,
+        M, N, K, G, k_split, stride_xm, stride_ym, stride_w, stride_s,
         GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_AFTER: tl.constexpr,
     ):
@@ -130,13 +130,13 @@ if triton is not None:
         # software prefetch: the next block's packed words are in flight while this block is computed
         offs_r = k_lo // 8 + tl.arange(0, R)
         rmask = (offs_r < K // 8) & (offs_r < k_hi // 8)
-        pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :], other=0)
+        pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :], other=0)
         for k0 in range(k_lo, k_hi, BK):
             nxt_r = offs_r + R
             nmask = (nxt_r < K // 8) & (nxt_r < k_hi // 8)
-            pw_next = tl.load(qw_ptr + nxt_r[:, None] * N + offs_n[None, :], mask=nmask[:, None] & mask_n[None, :],
+            pw_next = tl.load(qw_ptr + nxt_r[:, None] * stride_w + offs_n[None, :], mask=nmask[:, None] & mask_n[None, :],
                               other=0)
-            s, zc = _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N, GS, HAS_ZP, SCALE_AFTER)
+            s, zc = _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, stride_s, GS, HAS_ZP, SCALE_AFTER)
             part = tl.zeros((R, BN), dtype=tl.float32)
             for j in tl.static_range(8):
                 xj = tl.load(x_row + offs_r * 8 + j, mask=rmask, other=0.0).to(tl.float32)
@@ -151,7 +151,7 @@ if triton is not None:
     @triton.jit
     def _w4a16_mm_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-        M, N, K, G, k_split, stride_xm, stride_ym,
+        M, N, K, G, k_split, stride_xm, stride_ym, stride_w, stride_s,
         GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
         SCALE_AFTER: tl.constexpr, DOT_F32: tl.constexpr,
@@ -179,9 +179,9 @@ if triton is not None:
         for k0 in range(k_lo, k_hi, BK):
             offs_r = k0 // 8 + tl.arange(0, R)
             rmask = offs_r < K // 8
-            pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
+            pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
                          other=0)
-            s, zc = _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N, GS, HAS_ZP, SCALE_AFTER)
+            s, zc = _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, stride_s, GS, HAS_ZP, SCALE_AFTER)
             blk = tl.zeros((BM, BN), dtype=tl.float32)
             for j in tl.static_range(8):
                 a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_r * 8 + j)[None, :],
@@ -204,7 +204,7 @@ if triton is not None:
                          SPLIT_K, HAS_BIAS)
 
     @triton.jit
-    def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G,
+    def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, stride_w, stride_s,
                            GS: tl.constexpr, HAS_ZP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
                            SCALE_AFTER: tl.constexpr):
         R: tl.constexpr = BK // 8
@@ -214,8 +214,8 @@ if triton is not None:
         offs_r = k0 // 8 + tl.arange(0, R)
         rmask = offs_r < K // 8
         m2 = rmask[:, None] & mask_n[None, :]
-        pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=m2, other=0)
-        s, zc = _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N, GS, HAS_ZP, SCALE_AFTER)
+        pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=m2, other=0)
+        s, zc = _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, stride_s, GS, HAS_ZP, SCALE_AFTER)
         for j in tl.static_range(8):
             w = (_codes(pw, j) - zc) * s
             tl.store(w_ptr + (offs_r * 8 + j)[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=m2)
@@ -239,8 +239,12 @@ def _check(x, qweight, scales, zeros, group_size, bias):
               hint="zero points are unsigned [G, N]")
     if bias is not None:
         check(bias.shape == (n,), f"bias has shape {tuple(bias.shape)}, expected ({n},)", hint="bias is [N]")
-    check(qweight.is_contiguous() and scales.is_contiguous() and (zeros is None or zeros.is_contiguous()),
-          "qweight, scales and zeros must be contiguous", hint="call .contiguous() once at load time")
+    # rows may be longer than N (column slices of a fused q/k/v or gate/up weight share its memory)
+    check(qweight.stride(1) == 1 and scales.stride(1) == 1 and (zeros is None or zeros.stride(1) == 1)
+          and qweight.stride(0) >= n and scales.stride(0) >= n,
+          "qweight, scales and zeros need unit stride along N", hint="call .contiguous() once at load time")
+    check(zeros is None or zeros.stride(0) == scales.stride(0), "zeros and scales must have the same row stride",
+          hint="slice both from tensors of the same width, or call .contiguous() on both")
     if gs != k and (gs & (gs - 1) or gs < 16):
         raise UnsupportedError(f"group size {gs} is not supported by the W4A16 kernels",
                                hint="use a power-of-two group size >= 16, or -1")
@@ -265,7 +269,7 @@ def _gemv(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4):
     ws, cnt = workspace(x.device, m * n, m * n_tiles) if split_k > 1 else (y, y)
     _w4a16_gemv_kernel[(m, n_tiles, split_k)](
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
-        ws, cnt, m, n, k, g, k_split, x.stride(0), y.stride(0),
+        ws, cnt, m, n, k, g, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
         BN=bn, BK=bk, SPLIT_K=split_k, SCALE_AFTER=_scale_after(gs, k, bk), num_warps=warps,
     )
@@ -281,7 +285,7 @@ def _mm(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k, warps, s
     ws, cnt = workspace(x.device, m * n, tiles) if split_k > 1 else (y, y)
     _w4a16_mm_kernel[(tiles, split_k)](
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
-        ws, cnt, m, n, k, g, k_split, x.stride(0), y.stride(0),
+        ws, cnt, m, n, k, g, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
         BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, GROUP_M=8, SCALE_AFTER=_scale_after(gs, k, bk), DOT_F32=interpreting() and x.dtype == torch.bfloat16,
         num_warps=warps, num_stages=stages,
@@ -299,7 +303,8 @@ def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     bk = 64
     w = torch.empty(k, n, dtype=dtype, device=qweight.device)
     _w4_dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, 128))](
-        qweight, scales, zeros if zeros is not None else scales, w, n, k, scales.shape[0],
+        qweight, scales, zeros if zeros is not None else scales, w, n, k, scales.shape[0], qweight.stride(0),
+        scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, BK=bk, BN=128, SCALE_AFTER=_scale_after(gs, k, bk),
     )
     return w

@@ -80,22 +80,22 @@ if triton is not None:
             tl.store(out_ptr + j * n + offs, _mantissa_code(pw, j))
 
     @triton.jit
-    def _row_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N,
+    def _row_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, stride_s,
                     GS: tl.constexpr, HAS_ZP: tl.constexpr, SCALE_AFTER: tl.constexpr):
         """Scale and 16 + zero point, [1, BN] if one group covers the K block, else per packed row [R, BN]."""
         if SCALE_AFTER:
             g = k0 // GS
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             if HAS_ZP:
-                c = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :] + 16.0
+                c = tl.load(z_ptr + g * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :] + 16.0
             else:
                 c = tl.full((1, offs_n.shape[0]), 24.0, tl.float32)
         else:
             g = (offs_r * 8) // GS
             m2 = rmask[:, None] & mask_n[None, :]
-            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
             if HAS_ZP:
-                c = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m2, other=0).to(tl.float32) + 16.0
+                c = tl.load(z_ptr + g[:, None] * stride_s + offs_n[None, :], mask=m2, other=0).to(tl.float32) + 16.0
             else:
                 c = tl.full(s.shape, 24.0, tl.float32)
         return s, c
@@ -103,7 +103,7 @@ if triton is not None:
     @triton.jit
     def _w4a16_gemv2_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-        M, N, K, k_split, stride_xm, stride_ym,
+        M, N, K, k_split, stride_xm, stride_ym, stride_w, stride_s,
         GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_AFTER: tl.constexpr,
         USE_ASM: tl.constexpr, EVEN: tl.constexpr, DEPTH: tl.constexpr,
@@ -122,29 +122,29 @@ if triton is not None:
         offs_r = k_lo // 8 + tl.arange(0, R)
         rmask = offs_r < k_hi // 8
         if EVEN:
-            pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+            pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :], eviction_policy="evict_first")
             if DEPTH == 2:  # two blocks in flight: the next one is loaded before the loop
                 r1 = offs_r + tl.where(k_lo + BK < k_hi, R, 0)
-                pw1 = tl.load(qw_ptr + r1[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+                pw1 = tl.load(qw_ptr + r1[:, None] * stride_w + offs_n[None, :], eviction_policy="evict_first")
         else:
-            pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
+            pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
                          other=0, eviction_policy="evict_first")
         for k0 in range(k_lo, k_hi, BK):
             if EVEN:  # prefetch DEPTH blocks ahead (past the end, re-read the current block: in bounds, cached)
                 nmask = rmask
                 if DEPTH == 2:
                     r2 = offs_r + tl.where(k0 + 2 * BK < k_hi, 2 * R, 0)
-                    pw2 = tl.load(qw_ptr + r2[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+                    pw2 = tl.load(qw_ptr + r2[:, None] * stride_w + offs_n[None, :], eviction_policy="evict_first")
                     nxt_r = offs_r + R
                 else:
                     nxt_r = offs_r + tl.where(k0 + BK < k_hi, R, 0)
-                    pw_next = tl.load(qw_ptr + nxt_r[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+                    pw_next = tl.load(qw_ptr + nxt_r[:, None] * stride_w + offs_n[None, :], eviction_policy="evict_first")
             else:
                 nxt_r = offs_r + R  # prefetch the next block while this one is computed
                 nmask = nxt_r < k_hi // 8
-                pw_next = tl.load(qw_ptr + nxt_r[:, None] * N + offs_n[None, :],
+                pw_next = tl.load(qw_ptr + nxt_r[:, None] * stride_w + offs_n[None, :],
                                   mask=nmask[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
-            s, c = _row_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, N, GS, HAS_ZP, SCALE_AFTER)
+            s, c = _row_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, stride_s, GS, HAS_ZP, SCALE_AFTER)
             part = tl.zeros((R, BN), dtype=tl.float32)
             xs = tl.zeros((R,), dtype=tl.float32)
             if USE_ASM:
@@ -182,7 +182,7 @@ def gemv2(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4, a
     even = n % bn == 0 and k % k_split == 0 and k % bk == 0
     _w4a16_gemv2_kernel[(m, n_tiles, split_k)](
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
-        ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0),
+        ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
         BN=bn, BK=bk, SPLIT_K=split_k, SCALE_AFTER=gs % bk == 0 or gs == k,
         USE_ASM=not interpreting() if asm is None else asm, EVEN=even, DEPTH=depth if even else 1, num_warps=warps,

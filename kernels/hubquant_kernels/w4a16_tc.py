@@ -100,7 +100,7 @@ if triton is not None:
     @triton.jit
     def _w4a16_tc_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-        M, N, K, k_split, stride_xm, stride_ym,
+        M, N, K, k_split, stride_xm, stride_ym, stride_w, stride_s,
         GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
         SCALE_AFTER: tl.constexpr, SWAP: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr,
@@ -124,17 +124,17 @@ if triton is not None:
         offs_r = k_lo // 8 + tl.arange(0, R)
         for k0 in range(k_lo, k_hi, BK):
             rmask = offs_r < k_hi // 8
-            pw = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
+            pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
                          other=0, eviction_policy="evict_first")
             if SCALE_AFTER:  # one group covers the block: [BN] scale and B + zero point
                 g = k0 // GS
-                s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 if HAS_ZP:
-                    zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32) + BIAS16
+                    zc = tl.load(z_ptr + g * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32) + BIAS16
                 else:
                     zc = tl.full((BN,), 8.0 + BIAS16, tl.float32)
             else:  # per packed row [R, BN]
-                g2 = ((offs_r * 8) // GS)[:, None] * N + offs_n[None, :]
+                g2 = ((offs_r * 8) // GS)[:, None] * stride_s + offs_n[None, :]
                 m2 = rmask[:, None] & mask_n[None, :]
                 s = tl.load(s_ptr + g2, mask=m2, other=0.0).to(tl.float32)
                 if HAS_ZP:
@@ -203,7 +203,7 @@ def tc(x, qweight, scales, zeros, bias, y, gs, *, bm=16, bn=64, bk=128, split_k=
     ws, cnt = workspace(x.device, m * n, m_tiles * n_tiles) if split_k > 1 else (y, y)
     _w4a16_tc_kernel[(n_tiles, m_tiles, split_k)](
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
-        ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0),
+        ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
         BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, SCALE_AFTER=gs % bk == 0 or gs == k, SWAP=swap, USE_ASM=asm,
         FP16=x.dtype == torch.float16, DOT_F32=interpreting(), num_warps=warps, num_stages=stages,

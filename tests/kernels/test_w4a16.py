@@ -162,3 +162,25 @@ def test_gemv2_offers_two_blocks_in_flight_where_blocks_allow():
     names = [c.name for c in w4a16_gemv.candidates(1, 8192, 8192, 128)]
     assert any(nm.endswith("_d2") for nm in names) and any(not nm.endswith("_d2") for nm in names)
     assert all(nm.startswith("gemv2_") for nm in names)
+
+
+def test_column_views_of_a_fused_weight():
+    """Parts of a fused q/k/v weight are column views (rows longer than N): every kernel family reads them right."""
+    m, k, gs = 3, 512, 64
+    g = torch.Generator().manual_seed(11)
+    widths = (64, 32, 32)
+    qw = pack.pack_kn(torch.randint(0, 16, (k, sum(widths)), generator=g))
+    s = (torch.rand(k // gs, sum(widths), generator=g) * 0.02 + 1e-3).to(torch.bfloat16)
+    z = torch.randint(0, 16, (k // gs, sum(widths)), generator=g).to(torch.uint8)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    lo = widths[0]
+    view = (qw[:, lo:lo + 32], s[:, lo:lo + 32], z[:, lo:lo + 32])
+    assert not view[0].is_contiguous()
+    exact = x.double() @ w4a16.dequantize_reference(*(t.contiguous() for t in view), gs).double()
+    for c in _pick(w4a16.candidates(m, 32, k, gs)):
+        y = w4a16.w4a16_matmul(x, *view, gs, impl=c.name)
+        assert float((y.double() - exact).norm() / exact.norm()) < 1e-2, c.name
+    y1 = w4a16.w4a16_matmul(x[:1], *view, gs)  # M=1: gemv2
+    assert float((y1.double() - exact[:1]).norm() / exact[:1].norm()) < 1e-2
+    with pytest.raises(UsageError, match="same row stride"):
+        w4a16.w4a16_matmul(x, view[0], view[1], view[2].contiguous(), gs)

@@ -51,14 +51,18 @@ def test_fused_decoder_matches_unfused(tmp_path, arch, kind):
         synth.write_model_variant(base, tmp_path, kind, group_size=32)
         model, _ = load(tmp_path, device="cpu", dtype=torch.float32, progress=False)
     ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(4))
-    plain = GraphDecoder(model, max_len=32)
-    fused = GraphDecoder(model, max_len=32, fuse=True)
+    plain = GraphDecoder(model, max_len=32, fuse=False)
+    fused = GraphDecoder(model, max_len=32)  # fused is the default
     assert not any(isinstance(f.qkv, _Cat) or isinstance(f.gate_up, _Cat) for f in fused.fused)
+    a0, f0 = model.model.layers[0].self_attn, fused.fused[0]
     if kind in ("float", "ct-w8a8"):  # row views of the fused weights, no second copy
-        a0, f0 = model.model.layers[0].self_attn, fused.fused[0]
         w_name = "weight" if kind == "float" else "qweight"
         fw = getattr(f0.qkv, w_name)
         assert getattr(a0.k_proj, w_name).data_ptr() == fw[a0.q_proj.out_features:].data_ptr()
+    else:  # W4A16 [K/8, N]: column views
+        q_out = a0.q_proj.out_features
+        assert a0.k_proj.qweight.data_ptr() == f0.qkv.qweight[:, q_out:].data_ptr()
+        assert a0.k_proj.scales.data_ptr() == f0.qkv.scales[:, q_out:].data_ptr()
     assert fused.generate(ids, 10).tokens == plain.generate(ids, 10).tokens
     with torch.no_grad():
         a = plain.forward(ids, torch.arange(7))
