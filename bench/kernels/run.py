@@ -109,6 +109,23 @@ def check_all(log, ops: str = "all") -> list[dict]:
                 e, ok = repr(ex)[:300], False
             out.append({"op": "w4a16", "shape": [m, n, k], "group": gs, "asym": asym, "dtype": str(dt),
                         "impl": c.name, "rel_err": e, "ok": ok})
+    # W4A16 on column views of a fused q/k/v weight (rows longer than N, as the fused decoder's parts are)
+    for m in [] if ops == "none" else (1, 16):
+        k, gs, n_all = 4096, 128, 6144
+        qw = pack.pack_kn(torch.randint(0, 16, (k, n_all), device=dev, generator=g))
+        s = (torch.rand(k // gs, n_all, device=dev, generator=g) * 0.02 + 1e-3).to(torch.bfloat16)
+        view = (qw[:, 4096:5120], s[:, 4096:5120])
+        x = rnd(m, k)
+        ref = x.double() @ w4a16.dequantize_reference(view[0].contiguous(), view[1].contiguous(), None, gs).double()
+        for c in _subset(w4a16.candidates(m, 1024, k, gs), m):
+            try:
+                y = c.fn(x, *view, None, None, torch.full((m, 1024), float("nan"), dtype=torch.bfloat16, device=dev),
+                         gs)
+                e = rel_err(y, ref)
+                ok = e < 1e-2 and not torch.isnan(y).any().item()
+            except Exception as ex:  # noqa: BLE001
+                e, ok = repr(ex)[:300], False
+            out.append({"op": "w4a16_column_view", "shape": [m, 1024, k], "impl": c.name, "rel_err": e, "ok": ok})
     # W8A8 int8 / FP8: activation quantization bit-exact, GEMMs vs float64 reference
     for (m, n, k) in [] if ops == "w4a16" else [(1, 72, 512), (5, 200, 1024), (33, 136, 768), (300, 4096, 4096), (16, 1024, 14336)]:
         x, b = rnd(m, k), rnd(n)
