@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,7 +22,8 @@ def load_runs(paths):
     runs, cells = [], {}
     for i, p in enumerate(paths):
         r = json.loads(Path(p).read_text())
-        r["label"] = chr(ord("A") + i)
+        m = re.search(r"_run([A-Za-z0-9]+)$", Path(p).stem)  # h100_runD1.json -> D1
+        r["label"] = m.group(1) if m else chr(ord("A") + i)
         r["file"] = Path(p).name
         runs.append(r)
         for c in r["cells"]:
