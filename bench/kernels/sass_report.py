@@ -92,8 +92,7 @@ def main() -> None:
                 report(f"tc swap={swap} asm={asm} bn{bn} bk{bk} w{warps}", k)
 
 
-if __name__ == "__main__":
-    main()
+
 
 
 def loop_body(kernel) -> list[str]:
@@ -114,3 +113,26 @@ def loop_body(kernel) -> list[str]:
             if tgt < addr[i] and i - addr.index(tgt) > best[1] - best[0] if tgt in addr else False:
                 best = (addr.index(tgt), i)
     return lines[best[0]:best[1] + 1]
+
+
+def gemv2_budget() -> dict:
+    """K-loop SASS instructions of gemv2 (bn64, bk256, 4 warps, g128) with plain-Triton and PTX dequantization."""
+    from hubquant_kernels import w4a16_gemv
+
+    types = {p: "*i32" if p in ("qw_ptr", "cnt_ptr") else ("*fp32" if p == "ws_ptr" else "*bf16") for p in PTRS}
+    out = {"weights_per_thread": 64 * 256 / (32 * 4)}
+    for asm in (False, True):
+        k = compile_kernel(w4a16_gemv._w4a16_gemv2_kernel, types,
+                           dict(GS=128, HAS_ZP=False, HAS_BIAS=False, BN=64, BK=256, SPLIT_K=8, SCALE_AFTER=False,
+                                USE_ASM=asm, EVEN=True, DEPTH=1), 4, 3)
+        out["ptx" if asm else "plain"] = len(loop_body(k))
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--gemv2-budget"]:
+        import json
+
+        print(json.dumps(gemv2_budget()))
+    else:
+        main()

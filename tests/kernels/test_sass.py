@@ -1,0 +1,30 @@
+"""The GEMV's instruction budget, read off the SASS that Triton's bundled ptxas emits for sm_90 (no GPU needed).
+
+Pins the mechanism behind the H100 speedup in docs/kernels.md: the PTX dequantization (one shift and one 3-input
+LOP3 a nibble) takes instructions out of the K loop that plain Triton code leaves in. Runs in a subprocess: the
+test session imports the kernels under TRITON_INTERPRET=1, which cannot compile.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gemv2_ptx_dequantization_cuts_instructions_per_weight():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels" / "sass_report.py"), "--gemv2-budget"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    if r.returncode != 0 and ("ptxas" in r.stderr or "cuobjdump" in r.stderr):
+        pytest.skip(f"cannot compile for sm_90 here: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert counts["ptx"] / counts["weights_per_thread"] < 5.0, counts
+    assert counts["ptx"] < 0.92 * counts["plain"], counts
