@@ -24,13 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
-import importlib.util
+from harness import header, sibling, smoke_time  # noqa: E402
+from hubquant_kernels import _common, fused, pack, w4a16, w4a16_gemv  # noqa: E402
 
-from hubquant_kernels import _common, fused, pack, w4a16, w4a16_gemv
-
-_spec = importlib.util.spec_from_file_location("bench_kernels_run", Path(__file__).with_name("run.py"))
-_run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_run)
+_run = sibling("run")
 copy_bandwidth, graph_time, rel_err = _run.copy_bandwidth, _run.graph_time, _run.rel_err
 DEV = "cuda"
 
@@ -129,6 +126,8 @@ def bench_shape(k, n, ms, log) -> list[dict]:
         allc = w4a16.candidates(m, n, k, 128)
         old = [c for c in allc if not c.name.startswith("gemv2")]
         new = [c for c in allc if c.name.startswith("gemv2")]
+        if not new:  # gemv2 is offered at M=1 only
+            continue
         a = (x, qw, sc, None, None, y, 128)
         c_old, t_old = pick(old, a)
         c_new, t_new = pick(new, a)
@@ -162,20 +161,9 @@ def main() -> int:
     args = ap.parse_args()
     global DEV, graph_time, copy_bandwidth, ROTATE_BYTES
     if args.smoke:
-        DEV, ROTATE_BYTES = "cpu", 1
-
-        def graph_time(fns, reps=1):
-            t = time.perf_counter()
-            for f in fns:
-                f()
-            return (time.perf_counter() - t) / len(fns)
-
-        copy_bandwidth = lambda: 1.0
-    import triton
-
+        DEV, ROTATE_BYTES, graph_time, copy_bandwidth = "cpu", 1, smoke_time, (lambda: 1.0)
     t0 = time.time()
-    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
-           "torch": torch.__version__, "triton": triton.__version__, "cells": []}
+    res = {**header(DEV), "cells": []}
     out = Path(args.out)
 
     def log(s):

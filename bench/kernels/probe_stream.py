@@ -11,11 +11,9 @@ F.linear and the W4A16 GEMV the chooser picks, timed as CUDA graphs over rotatin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,12 +24,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from hubquant_kernels import _common, pack, w4a16  # noqa: E402
+from harness import header, sibling, smoke_time  # noqa: E402
+from hubquant_kernels import _common, w4a16  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("bench_kernels_run", Path(__file__).with_name("run.py"))
-_run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_run)
-graph_time = _run.graph_time
+graph_time = sibling("run").graph_time
 
 
 @triton.jit
@@ -73,10 +69,8 @@ def main() -> int:
     args = ap.parse_args()
     dev = "cpu" if args.smoke else "cuda"
     shapes = [(256, 128)] if args.smoke else [(8192, 8192), (4096, 28672), (14336, 4096)]
-    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "rows": []}
-    gt = graph_time if dev == "cuda" else (lambda fns, reps=1: (lambda t0: ([f() for f in fns],
-                                                                          time.perf_counter() - t0)[1])(time.perf_counter()))
+    res = {**header(dev), "rows": []}
+    gt = graph_time if dev == "cuda" else smoke_time
     for k, n in shapes:
         g = torch.Generator(device=dev).manual_seed(1)
         qw = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 8, n), device=dev, generator=g, dtype=torch.int32)

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -26,11 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
+from harness import header, sibling, smoke_time  # noqa: E402
 from hubquant_kernels import _common, pack, w4a16, w4a16_gemv, w4a16_tc  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("bench_kernels_run", Path(__file__).with_name("run.py"))
-_run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_run)
+_run = sibling("run")
 rel_err = _run.rel_err
 graph_time, copy_bandwidth = _run.graph_time, _run.copy_bandwidth
 DEV = "cuda"
@@ -165,21 +163,9 @@ def main() -> int:
     args = ap.parse_args()
     global DEV, graph_time, copy_bandwidth, ROTATE_BYTES
     if args.smoke:
-        DEV, ROTATE_BYTES = "cpu", 1
-
-        def graph_time(fns, reps=1):
-            t = time.perf_counter()
-            for f in fns:
-                f()
-            return (time.perf_counter() - t) / len(fns)
-
-        copy_bandwidth = lambda: 1.0
-    import triton
-
+        DEV, ROTATE_BYTES, graph_time, copy_bandwidth = "cpu", 1, smoke_time, (lambda: 1.0)
     t0 = time.time()
-    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
-           "torch": torch.__version__, "triton": triton.__version__, "cells": []}
+    res = {**header(DEV), "cells": []}
     out = Path(args.out)
 
     def log(s):
@@ -189,9 +175,7 @@ def main() -> int:
         res["seconds"] = round(time.time() - t0, 1)
         out.write_text(json.dumps(res, indent=1, default=str))
 
-    _cg_spec = importlib.util.spec_from_file_location("bench_compare_gemv", Path(__file__).with_name("compare_gemv.py"))
-    _cg = importlib.util.module_from_spec(_cg_spec)
-    _cg_spec.loader.exec_module(_cg)
+    _cg = sibling("compare_gemv")
     _cg.DEV = DEV
     res["checks"] = check_tc(log) + _cg.check_gemv2(log)
     save()

@@ -7,16 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hubquant_kernels import pack, w4a16, w4a16_tc
+from hubquant_kernels import w4a16, w4a16_tc
 
-
-def _case(m, n, k, gs, asym, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    gsz = k if gs == -1 else gs
-    qw = pack.pack_kn(torch.randint(0, 16, (k, n), generator=g))
-    s = (torch.rand(k // gsz, n, generator=g) * 0.02 + 1e-3).to(dtype)
-    z = torch.randint(0, 16, (k // gsz, n), generator=g).to(torch.uint8) if asym else None
-    return torch.randn(m, k, generator=g).to(dtype), qw, s, z, torch.randn(n, generator=g).to(dtype)
+from .test_w4a16 import _case
 
 
 @pytest.mark.parametrize("m,n,k,gs,asym,dtype", [
