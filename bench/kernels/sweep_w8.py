@@ -22,7 +22,6 @@ the cuBLAS epilogues and the end-to-end layers, against bf16, in one run (issue 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -40,11 +39,10 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
+from harness import header, sibling, smoke_time  # noqa: E402
 from hubquant_kernels import _common, fp8, fused, w8a8  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("bench_kernels_run", Path(__file__).with_name("run.py"))
-_run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_run)
+_run = sibling("run")
 graph_time, rel_err, copy_bandwidth = _run.graph_time, _run.rel_err, _run.copy_bandwidth
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (8192, 8192)]  # (K, N)
@@ -313,24 +311,13 @@ def main() -> int:
     args = ap.parse_args()
     global graph_time, ROTATE_BYTES, SILU_KS
     if SMOKE:
-        ROTATE_BYTES = 1
-
-        def graph_time(fns, reps=1):
-            t0 = time.perf_counter()
-            for f in fns:
-                f()
-            return (time.perf_counter() - t0) / len(fns)
+        ROTATE_BYTES, graph_time = 1, smoke_time
     elif not torch.cuda.is_available():
         print("sweep_w8 needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
         return 2
-    import triton
-
     out = Path(args.out) if args.out else Path(os.environ.get("OUT") or ".") / "sweep_w8.json"
     t0 = time.time()
-    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter smoke)",
-           "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda, "cells": [],
-           "checks": []}
+    res = {**header(DEV), "cuda": torch.version.cuda, "cells": [], "checks": []}
 
     def log(s):
         print(s, flush=True)
