@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from hubquant.errors import HubquantError
-from hubquant.hub.server import read_api, write_api
+from hubquant.hub.server import read_api, refs_api, write_api
 from hubquant.hub.server.protocol import INVALID_TOKEN, PLURAL, Ctx, HubHTTPError, from_store_error
 from hubquant.hub.server.store import Principal, Store
 
@@ -88,10 +88,14 @@ class HubApp:
                 routes = {
                     ("GET", ""): read_api.info, ("GET", "revision"): read_api.info, ("GET", "tree"): read_api.tree,
                     ("POST", "paths-info"): read_api.paths_info, ("GET", "commits"): read_api.commits,
-                    ("GET", "refs"): read_api.refs, ("POST", "preupload"): write_api.preupload,
+                    ("GET", "refs"): refs_api.refs, ("POST", "preupload"): write_api.preupload,
                     ("POST", "commit"): write_api.commit, ("PUT", "settings"): write_api.settings,
-                    ("POST", "branch"): write_api.create_branch,
+                    ("POST", "branch"): refs_api.create_branch, ("DELETE", "branch"): refs_api.delete_branch,
+                    ("POST", "tag"): refs_api.create_tag, ("DELETE", "tag"): refs_api.delete_tag,
+                    ("GET", "discussions"): refs_api.discussions,
                 }
+                if (m, sub) == ("POST", ["discussions"]):
+                    return refs_api.create_discussion, (rtype, repo_id, [])
                 key = (m if m != "HEAD" else "GET", sub[0] if sub else "")
                 if key in routes:
                     return routes[key], (rtype, repo_id, sub[1:])

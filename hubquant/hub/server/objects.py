@@ -12,6 +12,8 @@ from hubquant.errors import ConflictError, NotFoundError, UsageError
 REPO_TYPES = ("model", "dataset", "space")
 GATED_MODES = ("auto", "manual")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+PR_REF_RE = re.compile(r"^refs/pr/([1-9][0-9]*)$")
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 
 # Files the real Hub stores with LFS whatever their size (its default .gitattributes, abridged).
 LFS_SUFFIXES = (
@@ -133,6 +135,26 @@ class Commit:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Discussion:
+    """A discussion or pull request. A pull request's commits live on `refs/pr/{num}`, which started at
+    `start` (a commit of `base`, the branch it targets)."""
+
+    num: int
+    title: str
+    description: str
+    author: str
+    is_pull_request: bool
+    status: str  # "draft" | "open" | "closed" | "merged"
+    created_at: str
+    base: str | None
+    start: str | None
+
+    @property
+    def git_ref(self) -> str | None:
+        return f"refs/pr/{self.num}" if self.is_pull_request else None
+
+
+@dataclass(frozen=True, kw_only=True)
 class AddFile:
     """Put the blob `sha256` at `path` (the blob must already be stored)."""
 
@@ -149,6 +171,20 @@ class DeletePath:
 
     path: str
     folder: bool = False
+
+
+def check_ref_name(name: str, kind: str) -> str:
+    """A branch or tag name git would accept, outside the `refs/` namespace the Hub keeps for itself.
+
+    Raises:
+        UsageError: the name is not a valid git ref name, or starts with `refs/` (e.g. `refs/pr/5`).
+    """
+    parts = name.split("/")
+    if (not name or len(name) > 200 or name == "@" or _BAD_REF.search(name) or name.endswith((".lock", "."))
+            or any(not p or p.startswith(".") for p in parts) or name.startswith("-") or parts[0] == "refs"):
+        raise UsageError(f"invalid {kind} name {name!r}",
+                         hint="use letters, digits, '.', '_', '-' or '/' (not starting with 'refs/')")
+    return name
 
 
 def check_path(path: str) -> str:

@@ -1,5 +1,5 @@
-"""Read handlers of the local Hub: whoami, validate-yaml, repo info, tree, paths-info, commits, refs,
-list, and file downloads (HEAD/GET resolve with Range). Each takes the request context first."""
+"""Read handlers of the local Hub: whoami, validate-yaml, repo info, tree, paths-info, commits, list, and
+file downloads (HEAD/GET resolve with Range). Each takes the request context first. Refs: refs_api.py."""
 from __future__ import annotations
 
 import json
@@ -126,12 +126,6 @@ def commits(ctx: Ctx, rtype: str, repo_id: str, rest: list) -> Response:
         for c in items:
             c["formatted"] = {"title": c["title"], "message": c["message"]}
     return paged(ctx, items)
-
-
-def refs(ctx: Ctx, rtype: str, repo_id: str, rest: list) -> Response:
-    repo = ctx.repo(rtype, repo_id)
-    branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": o} for n, o in ctx.store.refs(repo).items()]
-    return JSONResponse({"branches": branches, "converts": [], "tags": []})
 
 
 def list_repos(ctx: Ctx, rtype: str) -> Response:

@@ -4,12 +4,16 @@ Layout under ROOT:
     blobs/ab/abcdef...   file contents, named by their sha256 (written to tmp/ then renamed)
     tmp/                 partial uploads; anything left here after a crash is garbage
     hub.sqlite           repos, commits (with parent), refs, files per commit, tokens (sha256 hashes only),
-                         gated-access grants
+                         gated-access grants, discussions and pull requests
+
+Refs are keyed as git names them, except branches, which keep their short name: `main`, `refs/tags/v1`,
+`refs/pr/3`. Branch and tag names may not start with `refs/`, so the keys never collide.
 
 A commit is one SQLite transaction that inserts the commit row and its full file list and moves the ref
 last, so a commit appears whole or not at all, also when the process is killed mid-commit (SQLite rolls
-the unfinished transaction back on the next open). Blobs are written before that transaction; an orphan
-blob is harmless.
+the unfinished transaction back on the next open). Opening a pull request with a commit numbers the pull
+request, writes the commit and creates `refs/pr/N` in one such transaction. Blobs are written before that
+transaction; an orphan blob is harmless.
 """
 from __future__ import annotations
 
@@ -27,16 +31,18 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hubquant.errors import ConflictError, UsageError
+from hubquant.errors import ConflictError, NotFoundError, UsageError
 from hubquant.hub.server.objects import (
     DEFAULT_GITATTRIBUTES,
     GATED_MODES,
     NAME_RE,
+    PR_REF_RE,
     REPO_TYPES,
     AddFile,
     Commit,
     CommitConflict,
     DeletePath,
+    Discussion,
     EntryNotFound,
     FileEntry,
     Principal,
@@ -45,6 +51,7 @@ from hubquant.hub.server.objects import (
     RevisionNotFound,
     check_no_file_dir_clash,
     check_path,
+    check_ref_name,
     git_blob_oid,
     hash_token,
     lfs_pointer,
@@ -55,6 +62,7 @@ from hubquant.hub.server.objects import (
 
 FAILPOINT_ENV = "HUBQUANT_HUB_FAILPOINT_COMMIT_SLEEP"  # seconds to sleep inside a commit, before the ref moves
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
+_SHORT_SHA = re.compile(r"^[0-9a-f]{7,39}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
 
@@ -109,6 +117,19 @@ CREATE TABLE IF NOT EXISTS grants (
     repo INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
     user TEXT NOT NULL,
     PRIMARY KEY (repo, user)
+);
+CREATE TABLE IF NOT EXISTS discussions (
+    repo INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+    num INTEGER NOT NULL,
+    title TEXT NOT NULL,
+    description TEXT NOT NULL,
+    author TEXT NOT NULL,
+    is_pr INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    base TEXT,
+    start TEXT,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (repo, num)
 );
 """
 
@@ -303,25 +324,50 @@ class Store:
 
     # --- revisions, commits, files -------------------------------------------------------------------------
     def refs(self, repo: Repo) -> dict[str, str]:
+        """Every ref of the repo by its full git name (`refs/heads/main`, `refs/tags/v1`, `refs/pr/2`) -> sha."""
         with self._db() as db:
-            rows = db.execute("SELECT name, oid FROM refs WHERE repo=? ORDER BY name", (repo.id,)).fetchall()
-        return {r["name"]: r["oid"] for r in rows}
+            rows = db.execute("SELECT name, oid FROM refs WHERE repo=?", (repo.id,)).fetchall()
+        out = {(r["name"] if r["name"].startswith("refs/") else f"refs/heads/{r['name']}"): r["oid"] for r in rows}
+        return dict(sorted(out.items()))
+
+    @staticmethod
+    def _ref_keys(revision: str) -> list[str]:
+        """The refs-table keys a revision may name, in the order they are tried (branch before tag)."""
+        if revision.startswith("refs/heads/"):
+            return [revision[len("refs/heads/"):]]
+        if revision.startswith("refs/tags/") or PR_REF_RE.match(revision):
+            return [revision]
+        if revision.startswith("refs/"):
+            return []
+        return [revision, f"refs/tags/{revision}"]
 
     def resolve(self, repo: Repo, revision: str) -> str:
-        """A branch name, `refs/heads/<branch>` or a full commit sha of this repo -> the commit sha."""
-        branch = revision[len("refs/heads/"):] if revision.startswith("refs/heads/") else revision
+        """A branch, tag or `refs/pr/N` (short or full git name), or a commit sha of this repo (full or at
+        least 7 hex digits) -> the commit sha."""
         with self._db() as db:
-            row = db.execute("SELECT oid FROM refs WHERE repo=? AND name=?", (repo.id, branch)).fetchone()
-            if row is not None:
-                return row["oid"]
-            if _SHA1.match(revision):
-                row = db.execute("SELECT oid FROM commits WHERE repo=? AND oid=?", (repo.id, revision)).fetchone()
+            for key in self._ref_keys(revision):
+                row = db.execute("SELECT oid FROM refs WHERE repo=? AND name=?", (repo.id, key)).fetchone()
                 if row is not None:
                     return row["oid"]
+            oid = self._commit_by_sha(db, repo, revision)
+            if oid is not None:
+                return oid
         raise RevisionNotFound(
             f"revision {revision!r} not found in {repo.repo_id}",
-            hint="use a branch name such as 'main' or a commit sha",
+            hint="use a branch or tag name such as 'main', refs/pr/N, or a commit sha",
         )
+
+    @staticmethod
+    def _commit_by_sha(db: sqlite3.Connection, repo: Repo, sha: str) -> str | None:
+        if _SHA1.match(sha):
+            row = db.execute("SELECT oid FROM commits WHERE repo=? AND oid=?", (repo.id, sha)).fetchone()
+            return None if row is None else row["oid"]
+        if _SHORT_SHA.match(sha):
+            rows = db.execute(
+                "SELECT oid FROM commits WHERE repo=? AND oid >= ? AND oid < ? LIMIT 2", (repo.id, sha, sha + "g")
+            ).fetchall()
+            return rows[0]["oid"] if len(rows) == 1 else None
+        return None
 
     def commit_info(self, oid: str) -> Commit:
         with self._db() as db:
@@ -403,6 +449,54 @@ class Store:
         seed = f"{repo_id}\0{parent}\0{title}\0{time.time_ns()}\0{secrets.token_hex(8)}"
         return hashlib.sha1(seed.encode()).hexdigest()
 
+    def _check_ops(self, ops: Iterable[AddFile | DeletePath]) -> list[AddFile | DeletePath]:
+        ops = list(ops)
+        for op in ops:
+            check_path(op.path.rstrip("/") if isinstance(op, DeletePath) else op.path)
+            if isinstance(op, AddFile) and not self.has_blob(op.sha256, op.size):
+                raise UsageError(
+                    f"{op.path}: no uploaded object {op.sha256} of size {op.size}",
+                    hint="upload the LFS object (batch + PUT) before committing",
+                )
+        return ops
+
+    def _write_commit(
+        self, db: sqlite3.Connection, repo: Repo, head: str, ops: list[AddFile | DeletePath], *,
+        title: str, message: str, author: str, where: str,
+    ) -> str:
+        """Insert the commit `ops` make on top of `head` (row + full file list); no ref moves here."""
+        current = {
+            r["path"]: tuple(r)[1:]
+            for r in db.execute(
+                "SELECT path, sha256, size, lfs, git_oid FROM files WHERE commit_oid=?", (head,)
+            ).fetchall()
+        }
+        for op in ops:
+            if isinstance(op, DeletePath):
+                p = op.path.rstrip("/")
+                doomed = [k for k in current if k == p or k.startswith(p + "/")] if op.folder else (
+                    [p] if p in current else [])
+                if not doomed:
+                    raise EntryNotFound(f"cannot delete {p}: not in {repo.repo_id}@{where}", hint="check the path")
+                for k in doomed:
+                    del current[k]
+            else:
+                current[op.path] = (op.sha256, op.size, int(op.lfs), op.git_oid)
+        check_no_file_dir_clash(current)
+        oid = self._new_commit_oid(repo.id, head, title)
+        db.execute(
+            "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?)", (oid, repo.id, head, title, message, author, now_iso())
+        )
+        db.executemany(
+            "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)",
+            [(oid, p, *v) for p, v in sorted(current.items())],
+        )
+        delay = float(os.environ.get(FAILPOINT_ENV, "0") or 0)
+        if delay > 0:  # test failpoint: the process can be killed here, before the ref moves
+            print(f"failpoint: commit {oid} sleeps {delay:g} s before moving {where}", file=sys.stderr, flush=True)
+            time.sleep(delay)
+        return oid
+
     def commit(
         self,
         repo: Repo,
@@ -414,84 +508,174 @@ class Store:
         branch: str = "main",
         parent: str | None = None,
     ) -> str:
-        """Apply `ops` on top of `branch` as one new commit, atomically.
+        """Apply `ops` on top of `branch` (a branch, or a pull request's `refs/pr/N`) as one new commit, atomically.
 
         Args:
-            parent: if given, the commit is refused unless `branch` still points at it.
+            parent: if given (full sha or at least 7 hex digits), the commit is refused unless `branch` still
+                points at it.
 
         Returns:
             The new commit's sha (40 hex).
 
         Raises:
-            RevisionNotFound: `branch` does not exist.
+            RevisionNotFound: `branch` is not a branch or pull request of the repo (tags and shas are not).
             CommitConflict: `parent` is not the branch head any more.
             EntryNotFound: a deleted path does not exist.
             UsageError: an invalid path, or a blob that was never uploaded.
         """
-        ops = list(ops)
-        for op in ops:
-            check_path(op.path.rstrip("/") if isinstance(op, DeletePath) else op.path)
-            if isinstance(op, AddFile) and not self.has_blob(op.sha256, op.size):
-                raise UsageError(
-                    f"{op.path}: no uploaded object {op.sha256} of size {op.size}",
-                    hint="upload the LFS object (batch + PUT) before committing",
-                )
-        branch = branch[len("refs/heads/"):] if branch.startswith("refs/heads/") else branch
+        ops = self._check_ops(ops)
+        key = branch.removeprefix("refs/heads/")
+        pr = PR_REF_RE.match(key)
         with self._db(immediate=True) as db:
-            row = db.execute("SELECT oid FROM refs WHERE repo=? AND name=?", (repo.id, branch)).fetchone()
+            row = None if key.startswith("refs/") and not pr else db.execute(
+                "SELECT oid FROM refs WHERE repo=? AND name=?", (repo.id, key)).fetchone()
             if row is None:
                 raise RevisionNotFound(
-                    f"branch {branch!r} not found in {repo.repo_id}", hint="commit to 'main' or create the branch first"
+                    f"branch {branch!r} not found in {repo.repo_id}",
+                    hint="commit to a branch ('main' or one made with create_branch) or to refs/pr/N",
                 )
             head = row["oid"]
-            if parent is not None and parent != head:
+            if parent is not None and not (parent == head or (_SHORT_SHA.match(parent) and head.startswith(parent))):
                 raise CommitConflict(
                     f"parent commit {parent} is not the head of {branch} ({head}): the branch moved",
                     hint="fetch the new head and retry the commit",
                 )
-            current = {
-                r["path"]: tuple(r)[1:]
-                for r in db.execute(
-                    "SELECT path, sha256, size, lfs, git_oid FROM files WHERE commit_oid=?", (head,)
-                ).fetchall()
-            }
-            for op in ops:
-                if isinstance(op, DeletePath):
-                    p = op.path.rstrip("/")
-                    doomed = [k for k in current if k == p or k.startswith(p + "/")] if op.folder else (
-                        [p] if p in current else [])
-                    if not doomed:
-                        raise EntryNotFound(f"cannot delete {p}: not in {repo.repo_id}@{branch}", hint="check the path")
-                    for k in doomed:
-                        del current[k]
-                else:
-                    current[op.path] = (op.sha256, op.size, int(op.lfs), op.git_oid)
-            check_no_file_dir_clash(current)
-            ts = now_iso()
-            oid = self._new_commit_oid(repo.id, head, title)
-            db.execute(
-                "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?)", (oid, repo.id, head, title, message, author, ts)
-            )
-            db.executemany(
-                "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)",
-                [(oid, p, *v) for p, v in sorted(current.items())],
-            )
-            delay = float(os.environ.get(FAILPOINT_ENV, "0") or 0)
-            if delay > 0:  # test failpoint: the process can be killed here, before the ref moves
-                print(f"failpoint: commit {oid} sleeps {delay:g} s before moving {branch}", file=sys.stderr, flush=True)
-                time.sleep(delay)
-            db.execute("UPDATE refs SET oid=? WHERE repo=? AND name=?", (oid, repo.id, branch))
-            db.execute("UPDATE repos SET last_modified=? WHERE id=?", (ts, repo.id))
+            oid = self._write_commit(db, repo, head, ops, title=title, message=message, author=author, where=branch)
+            db.execute("UPDATE refs SET oid=? WHERE repo=? AND name=?", (oid, repo.id, key))
+            if pr:
+                db.execute("UPDATE discussions SET status='open' WHERE repo=? AND num=? AND status='draft'",
+                           (repo.id, int(pr.group(1))))
+            else:
+                db.execute("UPDATE repos SET last_modified=? WHERE id=?", (now_iso(), repo.id))
         return oid
 
+    # --- branches and tags -----------------------------------------------------------------------------------
     def create_branch(self, repo: Repo, branch: str, revision: str | None = None) -> str:
-        """Point a new branch at `revision` (default: main's head)."""
+        """Point a new branch at `revision` (default: main's head).
+
+        Raises:
+            UsageError: an invalid branch name (e.g. `refs/pr/5`).
+            RevisionNotFound: `revision` does not exist.
+            ConflictError: the branch exists.
+        """
+        check_ref_name(branch, "branch")
         oid = self.resolve(repo, revision or "main")
         with self._db(immediate=True) as db:
             if db.execute("SELECT 1 FROM refs WHERE repo=? AND name=?", (repo.id, branch)).fetchone():
                 raise ConflictError(f"branch {branch!r} already exists", hint="pick another name")
             db.execute("INSERT INTO refs VALUES (?, ?, ?)", (repo.id, branch, oid))
         return oid
+
+    def delete_branch(self, repo: Repo, branch: str) -> None:
+        """Remove a branch (its commits stay reachable by sha). `main` cannot be deleted (UsageError)."""
+        branch = branch.removeprefix("refs/heads/")
+        if branch.startswith("refs/"):  # tags and pull requests are not branches
+            raise RevisionNotFound(f"branch {branch!r} not found in {repo.repo_id}", hint="list the repo's refs")
+        if branch == "main":
+            raise UsageError("the main branch cannot be deleted", hint="delete another branch")
+        self._delete_ref(repo, branch, f"branch {branch!r}")
+
+    def create_tag(self, repo: Repo, tag: str, revision: str | None = None) -> str:
+        """Tag the commit `revision` names (default: main's head); returns its sha.
+
+        Raises:
+            UsageError: an invalid tag name.
+            RevisionNotFound: `revision` does not exist.
+            ConflictError: the tag exists.
+        """
+        check_ref_name(tag, "tag")
+        oid = self.resolve(repo, revision or "main")
+        with self._db(immediate=True) as db:
+            if db.execute("SELECT 1 FROM refs WHERE repo=? AND name=?", (repo.id, f"refs/tags/{tag}")).fetchone():
+                raise ConflictError(f"tag {tag!r} already exists in {repo.repo_id}",
+                                    hint="delete it first or pick another name")
+            db.execute("INSERT INTO refs VALUES (?, ?, ?)", (repo.id, f"refs/tags/{tag}", oid))
+        return oid
+
+    def delete_tag(self, repo: Repo, tag: str) -> None:
+        tag = tag.removeprefix("refs/tags/")
+        self._delete_ref(repo, f"refs/tags/{tag}", f"tag {tag!r}")
+
+    def _delete_ref(self, repo: Repo, key: str, what: str) -> None:
+        with self._db(immediate=True) as db:
+            if db.execute("DELETE FROM refs WHERE repo=? AND name=?", (repo.id, key)).rowcount == 0:
+                raise RevisionNotFound(f"{what} not found in {repo.repo_id}", hint="list the repo's refs")
+
+    # --- discussions and pull requests ------------------------------------------------------------------------
+    def open_discussion(
+        self,
+        repo: Repo,
+        *,
+        title: str,
+        description: str = "",
+        author: str,
+        pull_request: bool = False,
+        base: str = "main",
+        ops: Iterable[AddFile | DeletePath] | None = None,
+        parent: str | None = None,
+    ) -> tuple[Discussion, str | None]:
+        """Open a discussion, or a pull request against the branch `base` with its ref `refs/pr/N`.
+
+        With `ops`, the pull request's first commit (titled `title`) is made in the same transaction, on top of
+        `parent` (a commit of this repo) or else `base`'s head: the number, the ref and the commit appear
+        together or not at all. Numbers count up per repo, shared by discussions and pull requests.
+
+        Returns:
+            (discussion, sha of the new commit or None).
+
+        Raises:
+            RevisionNotFound: `base` is not a branch, or `parent` is not a commit of this repo.
+            EntryNotFound, UsageError: as `commit`.
+        """
+        ops = self._check_ops(ops or [])
+        if ops and not pull_request:
+            raise UsageError("only a pull request can carry commits", hint="pass pull_request=True")
+        base_key = base.removeprefix("refs/heads/")
+        with self._db(immediate=True) as db:
+            start = None
+            if pull_request:
+                row = None if base_key.startswith("refs/") else db.execute(
+                    "SELECT oid FROM refs WHERE repo=? AND name=?", (repo.id, base_key)).fetchone()
+                if row is None:
+                    raise RevisionNotFound(f"branch {base!r} not found in {repo.repo_id}",
+                                           hint="open pull requests against a branch, e.g. 'main'")
+                start = row["oid"] if parent is None else self._commit_by_sha(db, repo, parent)
+                if start is None:
+                    raise RevisionNotFound(f"parent commit {parent} not found in {repo.repo_id}",
+                                           hint="use a commit sha of this repo")
+            num = db.execute("SELECT COALESCE(MAX(num), 0) + 1 FROM discussions WHERE repo=?", (repo.id,)).fetchone()[0]
+            d = Discussion(num=num, title=title, description=description, author=author,
+                           is_pull_request=pull_request, status="open" if ops or not pull_request else "draft",
+                           created_at=now_iso(), base=f"refs/heads/{base_key}" if pull_request else None, start=start)
+            db.execute("INSERT INTO discussions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (repo.id, d.num, d.title, d.description, d.author, int(d.is_pull_request), d.status, d.base,
+                        d.start, d.created_at))
+            oid = None
+            if ops:
+                oid = self._write_commit(db, repo, start, ops, title=title, message=description, author=author,
+                                         where=f"refs/pr/{num}")
+            if pull_request:
+                db.execute("INSERT INTO refs VALUES (?, ?, ?)", (repo.id, f"refs/pr/{num}", oid or start))
+        return d, oid
+
+    @staticmethod
+    def _discussion(row: sqlite3.Row) -> Discussion:
+        return Discussion(num=row["num"], title=row["title"], description=row["description"], author=row["author"],
+                          is_pull_request=bool(row["is_pr"]), status=row["status"], created_at=row["created_at"],
+                          base=row["base"], start=row["start"])
+
+    def discussions(self, repo: Repo) -> list[Discussion]:
+        """The repo's discussions and pull requests, newest first."""
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM discussions WHERE repo=? ORDER BY num DESC", (repo.id,)).fetchall()
+        return [self._discussion(r) for r in rows]
+
+    def discussion(self, repo: Repo, num: int) -> Discussion:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM discussions WHERE repo=? AND num=?", (repo.id, num)).fetchone()
+        if row is None:
+            raise NotFoundError(f"discussion {num} not found in {repo.repo_id}", hint="list the repo's discussions")
+        return self._discussion(row)
 
 
 class BlobWriter:
@@ -535,6 +719,7 @@ class BlobWriter:
 
 __all__ = [  # the records, errors and helpers of objects.py are re-exported for callers of the store
     "DEFAULT_GITATTRIBUTES", "FAILPOINT_ENV", "GATED_MODES", "REPO_TYPES",
-    "AddFile", "BlobWriter", "Commit", "CommitConflict", "DeletePath", "EntryNotFound", "FileEntry", "Principal",
+    "AddFile", "BlobWriter", "Commit", "CommitConflict", "DeletePath", "Discussion", "EntryNotFound", "FileEntry",
+    "Principal",
     "Repo", "RepoNotFound", "RevisionNotFound", "Store", "git_blob_oid", "lfs_pointer", "split_repo_id", "wants_lfs",
 ]

@@ -1,5 +1,5 @@
-"""Write handlers of the local Hub: create/delete repos, settings, branches, preupload, the LFS batch
-API with its signed upload links, and NDJSON commits (streamed line by line)."""
+"""Write handlers of the local Hub: create/delete repos, settings, preupload, the LFS batch API with its
+signed upload links, and NDJSON commits (streamed line by line; `?create_pr=1` opens a pull request)."""
 from __future__ import annotations
 
 import base64
@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from hubquant.hub.server.protocol import LFS_LINK_TTL, Ctx, HubHTTPError, flag
+from hubquant.hub.server.refs_api import discussion_url
 from hubquant.hub.server.store import (
     REPO_TYPES,
     AddFile,
@@ -62,19 +63,8 @@ def settings(ctx: Ctx, rtype: str, repo_id: str, rest: list) -> Response:
     return JSONResponse({})
 
 
-def create_branch(ctx: Ctx, rtype: str, repo_id: str, rest: list) -> Response:
-    repo = ctx.writable(rtype, repo_id)
-    if len(rest) != 1:
-        raise HubHTTPError(404, "expected /branch/{name}")
-    p = json.loads(ctx.body or b"{}")
-    ctx.store.create_branch(repo, rest[0], p.get("startingPoint"))
-    return JSONResponse({})
-
-
 def preupload(ctx: Ctx, rtype: str, repo_id: str, rest: list) -> Response:
     repo = ctx.writable(rtype, repo_id)
-    if flag(ctx.request.query_params.get("create_pr")):
-        raise HubHTTPError(400, "the local Hub does not support pull requests (create_pr)")
     oid = ctx.resolve(repo, rest[0] if rest else "main")
     current = ctx.store.files(oid)
     p = json.loads(ctx.body or b"{}")
@@ -151,8 +141,7 @@ def lfs_verify(ctx: Ctx, rtype: str, repo_id: str) -> Response:
 
 async def commit(ctx: Ctx, rtype: str, repo_id: str, rest: list) -> Response:
     repo = await run_in_threadpool(ctx.writable, rtype, repo_id)
-    if flag(ctx.request.query_params.get("create_pr")):
-        raise HubHTTPError(400, "the local Hub does not support pull requests (create_pr)")
+    create_pr = flag(ctx.request.query_params.get("create_pr"))
     revision = rest[0] if rest else "main"
     header: dict | None = None
     ops: list[AddFile | DeletePath] = []
@@ -200,11 +189,21 @@ async def commit(ctx: Ctx, rtype: str, repo_id: str, rest: list) -> Response:
     await run_in_threadpool(handle, buf)
     if header is None:
         raise HubHTTPError(400, "commit payload: the first line must be the header")
-    who = ctx.who
-    oid = await run_in_threadpool(
-        lambda: ctx.store.commit(
-            repo, ops, title=str(header.get("summary") or "update"), message=str(header.get("description") or ""),
-            author=who.user, branch=revision, parent=header.get("parentCommit"),
+    title, message = str(header.get("summary") or "update"), str(header.get("description") or "")
+    who, parent = ctx.who, header.get("parentCommit")
+    if create_pr:  # a new refs/pr/N from `parent` or the branch head, numbered and committed in one transaction
+        pr, oid = await run_in_threadpool(
+            lambda: ctx.store.open_discussion(repo, title=title, description=message, author=who.user,
+                                              pull_request=True, base=revision, ops=ops, parent=parent)
         )
-    )
-    return JSONResponse({"success": True, "commitOid": oid, "commitUrl": f"{ctx.repo_url(repo)}/commit/{oid}"})
+        if oid is None:
+            oid = pr.start
+    else:
+        oid = await run_in_threadpool(
+            lambda: ctx.store.commit(repo, ops, title=title, message=message, author=who.user, branch=revision,
+                                     parent=parent)
+        )
+    out = {"success": True, "commitOid": oid, "commitUrl": f"{ctx.repo_url(repo)}/commit/{oid}"}
+    if create_pr:
+        out["pullRequestUrl"] = discussion_url(ctx, repo, pr.num)
+    return JSONResponse(out)
