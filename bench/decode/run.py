@@ -25,11 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
-from hubquant_kernels import _common
+os.environ.setdefault("HUBQUANT_TUNE_CACHE", "0")  # each mode re-tunes (gemv1 vs gemv2): never from disk
+from hubquant_kernels import _common  # noqa: E402
 
-from hubquant.runtime import load
-from hubquant.runtime.decode import GraphDecoder
-from hubquant.runtime.synth import write_variant
+from hubquant.runtime import load  # noqa: E402
+from hubquant.runtime.decode import GraphDecoder  # noqa: E402
+from hubquant.runtime.synth import write_variant  # noqa: E402
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,

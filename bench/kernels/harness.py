@@ -3,12 +3,14 @@ header of every results file, and loading a sibling script as a module."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
+os.environ.setdefault("HUBQUANT_TUNE_CACHE", "0")  # benchmarks time the chooser afresh, never from disk
 
 
 def sibling(name: str):

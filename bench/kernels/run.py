@@ -275,4 +275,5 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("HUBQUANT_TUNE", "1")
+    os.environ.setdefault("HUBQUANT_TUNE_CACHE", "0")  # time the chooser afresh, never from disk
     sys.exit(main())

@@ -1,14 +1,20 @@
 """What the kernels share: argument checks, the split-K workspace, and a per-shape chooser.
 
 The chooser times a few candidate implementations (Triton configs, cuBLAS-backed torch ops) the
-first time a shape bucket is seen on a GPU and keeps the fastest; on CPU (TRITON_INTERPRET=1 or
-the torch references) it takes the first candidate. Set HUBQUANT_TUNE=0 to skip timing on GPU.
+first time a shape bucket is seen on a GPU and keeps the fastest, also on disk (per GPU model, torch/Triton
+version and kernel source; HUBQUANT_TUNE_CACHE names the file or turns it off with 0), so later processes
+skip the timing; on CPU (TRITON_INTERPRET=1 or the torch references) it takes the first candidate. Set
+HUBQUANT_TUNE=0 to skip timing on GPU.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -104,12 +110,82 @@ def m_bucket(m: int) -> int:
     return 1 if m <= 1 else 1 << (m - 1).bit_length()
 
 
+# ---- choices remembered across processes: one JSON file per user, keyed by GPU, software and kernel source ----
+_DISK: dict[str, str] | None = None
+
+
+def tune_cache_path() -> Path | None:
+    """$HUBQUANT_TUNE_CACHE (a file; "0" turns the cache off), else ~/.cache/hubquant/kernel-choices.json."""
+    env = os.environ.get("HUBQUANT_TUNE_CACHE")
+    if env in ("0", "off", ""):
+        return None
+    return Path(env) if env else Path.home() / ".cache" / "hubquant" / "kernel-choices.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _software_tag() -> str:
+    """torch / Triton versions and a hash of this package's source: new kernels invalidate old choices."""
+    import triton
+
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    return f"torch {torch.__version__}|triton {triton.__version__}|src {h.hexdigest()[:12]}"
+
+
+def _disk_key(device_name: str, key: tuple) -> str:
+    return f"{device_name}|{_software_tag()}|{key!r}"
+
+
+def _load_disk() -> dict[str, str]:
+    global _DISK
+    if _DISK is None:
+        _DISK = {}
+        path = tune_cache_path()
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                _DISK = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+            except (OSError, ValueError):  # unreadable or corrupt: tune again and rewrite it
+                _DISK = {}
+    return _DISK
+
+
+def cached_choice(device_name: str, key: tuple, candidates: Sequence[Candidate]) -> Candidate | None:
+    """The candidate an earlier process chose for this GPU, software and key, if it is still offered."""
+    name = _load_disk().get(_disk_key(device_name, key))
+    return next((c for c in candidates if c.name == name), None)
+
+
+def remember_choice(device_name: str, key: tuple, name: str) -> None:
+    """Record a choice on disk (atomically: a temporary file renamed over the old one)."""
+    disk = _load_disk()
+    disk[_disk_key(device_name, key)] = name
+    path = tune_cache_path()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(disk, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: the choice still holds for this process
+        pass
+
+
 def choose(key: tuple, candidates: Sequence[Candidate], args: tuple, on_gpu: bool) -> Candidate:
-    """The fastest candidate for `key` (timed once on GPU); the first one elsewhere."""
+    """The fastest candidate for `key` (timed once per GPU model and kernel source, remembered on disk); the
+    first one off the GPU."""
     if not on_gpu or os.environ.get("HUBQUANT_TUNE", "1") == "0" or len(candidates) == 1:
         return candidates[0]
     hit = _CHOICES.get(key)
     if hit is not None:
+        return hit
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    device_name = torch.cuda.get_device_name(device)
+    hit = cached_choice(device_name, key, candidates)
+    if hit is not None:
+        _CHOICES[key] = hit
         return hit
     if torch.cuda.is_current_stream_capturing():
         return candidates[0]
@@ -130,6 +206,7 @@ def choose(key: tuple, candidates: Sequence[Candidate], args: tuple, on_gpu: boo
     best = min(candidates, key=lambda c: times[c.name])
     _CHOICES[key] = best
     TUNE_LOG[key] = times
+    remember_choice(device_name, key, best.name)
     return best
 
 
