@@ -14,6 +14,9 @@ layer), independent of depth. A method plugs in through one callback::
     run_layers(model, calib_ids, on_layer=on_layer, device="cuda")
 
 ``LayerWork.forward(hooks=...)`` runs arbitrary input hooks instead (SmoothQuant: per-channel max).
+``LayerWork.sequential(on_group)`` changes the Linears in the order the layer runs them, each from
+statistics taken after the earlier ones changed (GPTQ's true-sequential mode); with one calibration batch
+that is a single forward whose outputs are already the changed layer's, so the engine skips the rerun.
 With ``rerun=False`` the engine reuses the outputs of the callback's last pass (for callbacks that
 leave the layer's float function unchanged, e.g. statistics only or exact folding).
 """
@@ -29,6 +32,10 @@ from torch import nn
 from hubquant.modeling import DEFAULT_IGNORE, decoder_layers, layers_prefix, quantizable_linears
 
 InputHook = Callable[[torch.Tensor], None]
+
+
+class _StopForward(Exception):
+    """Raised by a statistics hook once every wanted input of the batch is seen: the rest of the layer is skipped."""
 
 
 class _Captured(Exception):
@@ -93,6 +100,8 @@ class LayerWork:
     inputs: list[torch.Tensor]
     kwargs: list[dict]
     outputs: list[torch.Tensor] | None = field(default=None, repr=False)
+    outputs_final: bool = False  # self.outputs already come from the changed layer (no rerun needed)
+    forward_calls: int = 0  # decoder-layer calls made for this layer (whole or stopped early)
 
     def relative(self, full_name: str) -> str:
         return full_name[len(self.name) + 1:]
@@ -109,12 +118,14 @@ class LayerWork:
         try:
             outs = []
             for x, kw in zip(self.inputs, self.kwargs):
+                self.forward_calls += 1
                 y = self.layer(x, **kw)
                 outs.append(y[0] if isinstance(y, (tuple, list)) else y)
         finally:
             for h in handles:
                 h.remove()
         self.outputs = outs
+        self.outputs_final = False
         return outs
 
     @torch.no_grad()
@@ -123,62 +134,163 @@ class LayerWork:
         """One pass that gathers input statistics for the Linears `names` (batched matmuls, fp32).
 
         With keep_outputs the layer's outputs of this pass are kept in `self.outputs` (for rerun=False);
-        otherwise they are dropped batch by batch (less device memory while the method works).
+        otherwise they are dropped batch by batch (less device memory while the method works), and each
+        batch's forward stops as soon as every Linear in `names` has seen its input (what the layer computes
+        after that, e.g. the down projection when only earlier inputs are wanted, is skipped).
         """
-        stats = {n: LinearStats() for n in names}
-        seen: list[tuple[torch.Tensor, str]] = []  # inputs already accumulated in this batch (refs keep ids valid)
+        acc = _StatsAccumulator(names, hessian=hessian, absmean=absmean, absmax=absmax, dtype=dtype)
 
-        def hook_for(name):
-            def hook(x):
-                st = stats[name]
-                x2 = x.reshape(-1, x.shape[-1])
-                owner = next((n for t, n in seen if t is x), None)
-                if owner is not None:  # same tensor as an earlier Linear (q/k/v, gate/up): share
-                    src = stats[owner]
-                    st.shared_with, st.count, st.xtx = owner, src.count, src.xtx
-                    st.abssum, st.absmax = src.abssum, src.absmax
-                    return
-                seen.append((x, name))
-                if hessian:
-                    if st.xtx is None:
-                        st.xtx = torch.zeros(x2.shape[1], x2.shape[1], dtype=dtype, device=x2.device)
-                    _accumulate_xtx(st.xtx, x2)
-                if absmean or absmax:
-                    a = x2.abs()
-                    if absmean:
-                        s = a.sum(0, dtype=torch.float32)
-                        st.abssum = s if st.abssum is None else st.abssum.add_(s)
-                    if absmax:
-                        m = a.amax(0).float()
-                        st.absmax = m if st.absmax is None else torch.maximum(st.absmax, m)
-                st.count += x2.shape[0]
-            return hook
+        def hook(name, x):
+            acc.add(name, x)
+            if not keep_outputs and len(acc.fired) == len(acc.stats):
+                raise _StopForward
 
-        hooks = {n: hook_for(n) for n in names}
         outs = []
         for x, kw in zip(self.inputs, self.kwargs):
-            seen.clear()
-            handles = [self.linears[n].register_forward_pre_hook(lambda m, a, fn=fn: fn(a[0]))
-                       for n, fn in hooks.items()]
-            try:
-                y = self.layer(x, **kw)
-            finally:
-                for h in handles:
-                    h.remove()
+            acc.new_batch()
+            y = self._run_hooked(x, kw, {n: hook for n in names})
             if keep_outputs:
-                outs.append(y[0] if isinstance(y, (tuple, list)) else y)
+                outs.append(y)
             del y
-        seen.clear()
         self.outputs = outs if keep_outputs else None
-        for st in stats.values():
+        self.outputs_final = False
+        return acc.finish()
+
+    @torch.no_grad()
+    def sequential(self, on_group: Callable[[list[str], LinearStats], None], names=None, *,
+                   dtype: torch.dtype = torch.float32) -> None:
+        """True-sequential statistics: hand the Linears `names` (default: all) to `on_group(members, stats)`
+        in the order the layer runs them, where `members` read one input tensor and `stats` (Hessian
+        statistics of that input) come from a forward in which every earlier group was already changed by
+        `on_group` (e.g. quantized). `on_group` changes its members' weights in place.
+
+        One calibration batch: a single forward; `on_group` runs in the forward pre-hook of each Linear, before
+        it runs (Linears reading the same tensor get the same `stats` object, one call each); the forward's
+        outputs are the changed layer's outputs, so they are kept (`outputs_final`) and the engine does not
+        rerun the layer. Several batches: one pass over the batches per group, each batch stopped where the
+        next group's first Linear would run; the engine then reruns the layer. Both give the same statistics.
+        """
+        todo = [n for n in (names if names is not None else self.linears)]
+        if len(self.inputs) == 1:
+            inputs: list[tuple[torch.Tensor, LinearStats]] = []  # (tensor, its stats), refs keep ids valid
+
+            def hook(name, x):
+                st = next((s for t, s in inputs if t is x), None)
+                if st is None:
+                    acc = _StatsAccumulator([name], hessian=True, dtype=dtype)
+                    acc.add(name, x)
+                    st = acc.finish()[name]
+                    inputs.append((x, st))
+                on_group([name], st)
+
+            self.outputs = [self._run_hooked(self.inputs[0], self.kwargs[0], {n: hook for n in todo})]
+            self.outputs_final = True
+            return
+        while todo:
+            group, st = self._next_group(todo, dtype)
+            if not group:  # none of the remaining Linears runs in this layer
+                break
+            on_group(group, st)
+            todo = [n for n in todo if n not in group]
+        self.outputs = None
+        self.outputs_final = False
+
+    def _next_group(self, todo: list[str], dtype: torch.dtype) -> tuple[list[str], LinearStats | None]:
+        """One pass over the batches: the first Linear of `todo` to run, the others that read the same tensor,
+        and their input statistics; each batch stops where a Linear reading another tensor would run."""
+        group: list[str] = []  # members, in the order of the first batch
+        acc = _StatsAccumulator(todo, hessian=True, dtype=dtype)
+        batch_input: list[torch.Tensor] = []
+
+        def hook(name, t):
+            if not batch_input:
+                batch_input.append(t)
+            elif t is not batch_input[0]:
+                raise _StopForward  # the next group's input: this group's statistics are complete
+            if first[0]:
+                group.append(name)
+            elif name not in group:
+                raise _StopForward
+            acc.add(name, t)
+            if not first[0] and len(acc.fired) == len(group):
+                raise _StopForward
+
+        first = [True]
+        for x, kw in zip(self.inputs, self.kwargs):
+            acc.new_batch()
+            batch_input.clear()
+            self._run_hooked(x, kw, {n: hook for n in todo})
+            first[0] = False
+        if not group:
+            return [], None
+        return group, acc.finish()[group[0]]
+
+    def _run_hooked(self, x, kw, hooks: dict[str, Callable]) -> torch.Tensor | None:
+        """One layer call on one batch with `hooks[name](name, input)` as forward pre-hooks; None if a hook
+        stopped it (_StopForward)."""
+        handles = [self.linears[n].register_forward_pre_hook(lambda m, a, n=n, fn=fn: fn(n, a[0]))
+                   for n, fn in hooks.items()]
+        self.forward_calls += 1
+        try:
+            y = self.layer(x, **kw)
+        except _StopForward:
+            return None
+        finally:
+            for h in handles:
+                h.remove()
+        return y[0] if isinstance(y, (tuple, list)) else y
+
+
+class _StatsAccumulator:
+    """Per-Linear input statistics over batches; Linears that read the very same tensor in a batch share
+    the first one's accumulators (`add` is called from forward pre-hooks)."""
+
+    def __init__(self, names, *, hessian: bool = True, absmean: bool = False, absmax: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        self.stats = {n: LinearStats() for n in names}
+        self.hessian, self.absmean, self.absmax, self.dtype = hessian, absmean, absmax, dtype
+        self.seen: list[tuple[torch.Tensor, str]] = []  # inputs of the current batch (refs keep ids valid)
+        self.fired: set[str] = set()  # Linears that saw their input in the current batch
+
+    def new_batch(self) -> None:
+        self.seen.clear()
+        self.fired.clear()
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        self.fired.add(name)
+        st = self.stats[name]
+        owner = next((n for t, n in self.seen if t is x), None)
+        if owner is not None:  # same tensor as an earlier Linear (q/k/v, gate/up): share
+            src = self.stats[owner]
+            st.shared_with, st.count, st.xtx = owner, src.count, src.xtx
+            st.abssum, st.absmax = src.abssum, src.absmax
+            return
+        self.seen.append((x, name))
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.hessian:
+            if st.xtx is None:
+                st.xtx = torch.zeros(x2.shape[1], x2.shape[1], dtype=self.dtype, device=x2.device)
+            _accumulate_xtx(st.xtx, x2)
+        if self.absmean or self.absmax:
+            a = x2.abs()
+            if self.absmean:
+                s = a.sum(0, dtype=torch.float32)
+                st.abssum = s if st.abssum is None else st.abssum.add_(s)
+            if self.absmax:
+                m = a.amax(0).float()
+                st.absmax = m if st.absmax is None else torch.maximum(st.absmax, m)
+        st.count += x2.shape[0]
+
+    def finish(self) -> dict[str, LinearStats]:
+        self.new_batch()
+        for st in self.stats.values():
             if st.xtx is not None and not st.shared_with:
                 _finish_xtx(st.xtx)
-        # shared entries point at the owner's final tensors
-        for n, st in stats.items():
+        for st in self.stats.values():  # shared entries point at the owner's final tensors
             if st.shared_with:
-                src = stats[st.shared_with]
+                src = self.stats[st.shared_with]
                 st.count, st.xtx, st.abssum, st.absmax = src.count, src.xtx, src.abssum, src.absmax
-        return stats
+        return self.stats
 
 
 def _accumulate_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -200,7 +312,7 @@ def _accumulate_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
         acc[i: i + b, i:].addmm_(xf[:, i: i + b].T, xf[:, i:])
 
 
-_SYM_BLOCKS, _SYM_MIN = 4, 1024
+_SYM_BLOCKS, _SYM_MIN = 4, 512
 
 
 def _blocked(acc: torch.Tensor) -> bool:
@@ -365,7 +477,7 @@ def run_layers(
         work = LayerWork(index=i, name=name, layer=layer, linears=quantizable_linears(layer, ignore, name),
                          device=device, inputs=inputs, kwargs=layer_kwargs)
         on_layer(work)
-        if rerun or work.outputs is None:
+        if work.outputs is None or (rerun and not work.outputs_final):
             work.forward()
         inputs = work.outputs
         work.outputs = None

@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--method", choices=["float", "rtn", "rtn-asym", "gptq", "awq"], required=True)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--options", default="{}", help="method options, JSON (e.g. '{\"true_sequential\": false}')")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -47,7 +48,8 @@ def main() -> None:
         else:
             from hubquant.methods import get_method
 
-            quantized = get_method(args.method).load()(model, QuantJob(scheme=scheme, calib=calib, progress=False))
+            quantized = get_method(args.method).load()(model, QuantJob(scheme=scheme, calib=calib, progress=False,
+                                                                       options=json.loads(args.options)))
         fmt = args.method if (args.method in ("gptq", "awq") and args.bits == 4) else "compressed-tensors"
         method_name = "rtn" if args.method.startswith("rtn") else args.method
         out = work / f"hq-{args.method}-w{args.bits}"

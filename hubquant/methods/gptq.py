@@ -4,23 +4,28 @@ quantized, weighted by the inverse Hessian of the layer's inputs (Frantar et al.
 Pure math first (`gptq_quantize`), then the model walk (`run`) over hubquant.engine.
 Options (job.options): block_size 128, damp 0.01 (times mean diag H), actorder True (static groups:
 group parameters come from the original weights, so no g_idx permutation is needed at inference),
-true_sequential False (True: quantize attention, then o_proj, then the MLP with statistics
-re-collected after each step; slower, usually a little more accurate), clip True (hubquant's addition:
+true_sequential True (each Linear's statistics come from a forward in which the Linears the layer
+runs before it are already quantized; with one calibration batch that is a single forward per layer,
+done by hubquant.engine's LayerWork.sequential. False: every Linear's statistics from the float layer,
+then a second forward with the quantized layer), clip True (hubquant's addition:
 static group ranges shrunk to minimise each group's Hessian-weighted rounding error before the column
 loop; llm-compressor uses plain min-max).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from hubquant.engine import LayerWork, run_layers
+from hubquant.engine import LayerWork, LinearStats, run_layers
 from hubquant.errors import UsageError
 from hubquant.methods import QuantJob
 from hubquant.modeling import model_dtype
 from hubquant.quant import QuantizedWeight, WeightScheme, minmax_qparams
 
-DEFAULTS = {"block_size": 128, "damp": 0.01, "actorder": True, "true_sequential": False, "clip": True}
+DEFAULTS = {"block_size": 128, "damp": 0.01, "actorder": True, "true_sequential": True, "clip": True}
 DAMP_RETRIES = (1.0, 10.0, 100.0)  # multipliers of `damp` tried before giving up
+CLIP_GRID, CLIP_MIN_RATIO = 20, 0.5  # the clip search's candidates: ratios 1, 0.975, ..., 0.525
 
 
 class CholeskyFailed(RuntimeError):
@@ -103,11 +108,113 @@ def _run_block(args: dict, kw: dict, use_graph: bool) -> dict:
     return bufs
 
 
+@dataclass
+class HessianPrep:
+    """What GPTQ needs from a Hessian, computed once for every Linear that reads the same input.
+
+    dead: input columns never active (zeroed in the weight); blocks: the diagonal group blocks of H for the
+    clip search ([n_groups, gs, gs], None without clip); perm: act-order permutation (None without);
+    hinv: upper Cholesky factor of the damped inverse Hessian, in `perm` order.
+    """
+
+    dead: torch.Tensor
+    blocks: torch.Tensor | None
+    perm: torch.Tensor | None
+    hinv: torch.Tensor
+
+
+@torch.no_grad()
+def prepare_hessian(hessian: torch.Tensor, scheme: WeightScheme, *, damp: float = 0.01, actorder: bool = True,
+                    clip: bool = False, inplace: bool = False) -> HessianPrep:
+    """Dead columns, clip-search blocks, act-order permutation and inverse Cholesky factor of one Hessian.
+
+    Raises:
+        CholeskyFailed: the Hessian stays singular with the largest damping.
+    """
+    h = hessian.detach().float()
+    h = h if (inplace and h is hessian) else h.clone()
+    in_f = h.shape[0]
+    gs = in_f if scheme.group_size == -1 else scheme.group_size
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    blocks = None
+    if clip and (scheme.group_size == -1 or actorder) and in_f % gs == 0:
+        blocks = torch.stack([h[i: i + gs, i: i + gs] for i in range(0, in_f, gs)])
+    perm = torch.argsort(torch.diag(h), descending=True) if actorder else None
+    if perm is not None:
+        tmp = h.index_select(0, perm)
+        torch.index_select(tmp, 1, perm, out=h)  # permute in place: one extra in x in buffer at a time
+        del tmp
+    hinv, _ = inverse_hessian_cholesky(h, damp)
+    return HessianPrep(dead=dead, blocks=blocks, perm=perm, hinv=hinv)
+
+
+def clip_ratios(w: torch.Tensor, blocks: torch.Tensor, scheme: WeightScheme, *, grid: int = CLIP_GRID,
+                min_ratio: float = CLIP_MIN_RATIO) -> torch.Tensor:
+    """Per (row, group) range-shrink ratio minimising that group's rounding error d^T H_gg d.
+
+    The search of `hubquant.methods.awq.search_clip` (same candidates, same float32 arithmetic, same
+    result), laid out group-major so each candidate is one batched GEMM over contiguous memory.
+    w: [out, in] float32; blocks: [n_groups, gs, gs]. Returns ratios [out, n_groups].
+    """
+    out_f = w.shape[0]
+    ng, gs = blocks.shape[0], blocks.shape[1]
+    g = w.reshape(out_f, ng, gs).transpose(0, 1).contiguous()  # [ng, out, gs]
+    lo = g.amin(-1, keepdim=True).clamp(max=0)
+    hi = g.amax(-1, keepdim=True).clamp(min=0)
+    levels = float(2**scheme.bits - 1)
+    amax = torch.maximum(-lo, hi) if scheme.symmetric else None
+    best_err = torch.full((ng, out_f), float("inf"), device=w.device)
+    best_ratio = torch.ones(ng, out_f, device=w.device)
+    q = torch.empty_like(g)
+    hd = torch.empty_like(g)
+    for k in range(grid):
+        ratio = 1.0 - (1.0 - min_ratio) * k / grid
+        if scheme.symmetric:
+            scale = (amax * (ratio / (levels / 2))).clamp_(min=1e-8)
+            torch.div(g, scale, out=q).round_().clamp_(scheme.qmin, scheme.qmax)
+            d = q.mul_(scale).sub_(g)
+        else:
+            scale = ((hi - lo) * (ratio / levels)).clamp_(min=1e-8)
+            zp = torch.round(scheme.qmin - lo * ratio / scale).clamp_(scheme.qmin, scheme.qmax)
+            torch.div(g, scale, out=q).round_().add_(zp).clamp_(scheme.qmin, scheme.qmax)
+            d = q.sub_(zp).mul_(scale).sub_(g)
+        torch.bmm(d, blocks, out=hd)
+        err = hd.mul_(d).sum(-1)  # d_g^T H_gg d_g per (group, row)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio.masked_fill_(better, ratio)
+    return best_ratio.T
+
+
+def _block_static(wt, hinv1, cst, czt, qt, errt, *, qmin: int, qmax: int) -> None:
+    """The column loop of one block with static group parameters, on transposed [B, R] buffers (each column a
+    contiguous row; fewer, cheaper ops per column than `_block_step`, same float32 arithmetic).
+
+    wt: weights (updated), hinv1 [B, B], cst/czt per-column scale / zero point (czt None: symmetric),
+    qt/errt outputs: codes and errors scaled by 1/hinv[i, i].
+    """
+    n = wt.shape[0]
+    neg_d = (-hinv1.diagonal()).tolist()
+    for i in range(n):
+        w, c, q, e = wt[i], cst[i], qt[i], errt[i]
+        torch.div(w, c, out=q).round_()
+        if czt is None:
+            q.clamp_(qmin, qmax)
+            torch.mul(q, c, out=e)
+        else:
+            q.add_(czt[i]).clamp_(qmin, qmax)
+            torch.sub(q, czt[i], out=e).mul_(c)
+        e.sub_(w).div_(neg_d[i])  # (w - deq) / d as (deq - w) / -d: the same float32 value
+        if i + 1 < n:
+            wt[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1.0)  # push the error onto the columns not yet quantized
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, *, block_size: int = 128,
     damp: float = 0.01, actorder: bool = True, scale_dtype: torch.dtype = torch.float32,
-    cuda_graphs: bool = True, inplace: bool = False, clip: bool = False,
+    cuda_graphs: bool = True, inplace: bool = False, clip: bool = False, prep: HessianPrep | None = None,
 ) -> tuple[QuantizedWeight, float]:
     """GPTQ-quantize one weight matrix.
 
@@ -124,6 +231,8 @@ def gptq_quantize(
         inplace: let the function overwrite `hessian` (saves memory on large layers).
         clip: shrink each static group's range to minimise its Hessian-weighted rounding error
             (the search AWQ uses for clipping) before the column loop.
+        prep: `prepare_hessian(hessian, ...)` done already (Linears that share an input share it);
+            `hessian`, `damp`, `actorder` and `inplace` are then not used.
 
     Returns:
         (QuantizedWeight with codes in the original column order, half the sum of squared scaled errors).
@@ -132,17 +241,14 @@ def gptq_quantize(
         CholeskyFailed: the Hessian stays singular with the largest damping.
     """
     w = weight.detach().float().clone()
-    h = hessian.detach().float()
-    h = h if (inplace and h is hessian) else h.clone()
     out_f, in_f = w.shape
     dev = w.device
     gs = in_f if scheme.group_size == -1 else scheme.group_size
     if in_f % gs:
         minmax_qparams(w, scheme)  # raises the UsageError that names valid group sizes
-
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    if prep is None:
+        prep = prepare_hessian(hessian, scheme, damp=damp, actorder=actorder, clip=clip, inplace=inplace)
+    w[:, prep.dead] = 0.0
 
     # static parameters: per channel, or per group with act-order (from the original weight)
     static = scheme.group_size == -1 or actorder
@@ -150,51 +256,54 @@ def gptq_quantize(
     scale = torch.zeros(out_f, n_groups, dtype=scale_dtype, device=dev)
     zp = None if scheme.symmetric else torch.zeros(out_f, n_groups, dtype=torch.int8, device=dev)
     if static:
-        ratio = 1.0
-        if clip:
-            from hubquant.methods.awq import search_clip
-
-            ratio = search_clip(w, h, scheme)
+        ratio = clip_ratios(w, prep.blocks, scheme) if (clip and prep.blocks is not None) else 1.0
         s, z = minmax_qparams(w, scheme, scale_dtype=scale_dtype, clip_ratio=ratio)
         scale.copy_(s)
         if zp is not None:
             zp.copy_(z)
 
-    perm = torch.argsort(torch.diag(h), descending=True) if actorder else None
+    perm, hinv = prep.perm, prep.hinv
     if perm is not None:
         w = w[:, perm]
-        tmp = h.index_select(0, perm)
-        torch.index_select(tmp, 1, perm, out=h)  # permute in place: one extra in x in buffer at a time
-        del tmp
     group_of = (perm if perm is not None else torch.arange(in_f, device=dev)) // gs
 
-    hinv, _ = inverse_hessian_cholesky(h, damp)
-    del h
     block = block_size if static else max(gs, (block_size // gs) * gs)  # dynamic groups never straddle blocks
     codes = torch.empty(out_f, in_f, dtype=torch.float32, device=dev)
     kw = dict(gs_dyn=0 if static else gs, bits=scheme.bits, symmetric=scheme.symmetric, qmin=scheme.qmin,
               qmax=scheme.qmax, scale_dtype=scale_dtype)
     use_graph = cuda_graphs and dev.type == "cuda"
+    fast = static and not use_graph
+    scale_f = scale.float()
+    zp_f = None if zp is None else zp.float()
     loss = torch.zeros((), device=dev)
 
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         g1, g2 = i1 // gs, (i2 + gs - 1) // gs
-        # per-column scale / zero point of this block (float); static ones gathered from the groups
         cols = group_of[i1:i2]
-        cs = scale.float()[:, cols] if static else torch.ones(out_f, i2 - i1, device=dev)
-        cz = zp.float()[:, cols] if (static and zp is not None) else torch.zeros(out_f, i2 - i1, device=dev)
-        args = dict(w1=w[:, i1:i2].contiguous(), hinv1=hinv[i1:i2, i1:i2].contiguous(), cs=cs, cz=cz,
-                    q1=codes[:, i1:i2].contiguous(), err1=torch.empty(out_f, i2 - i1, device=dev),
-                    scale1=None if static else scale[:, g1:g2].contiguous(),
-                    zp1=None if (static or zp is None) else zp[:, g1:g2].contiguous())
-        out = _run_block(args, kw, use_graph)
-        codes[:, i1:i2] = out["q1"]
-        if not static:
-            scale[:, g1:g2] = out["scale1"]
-            if zp is not None:
-                zp[:, g1:g2] = out["zp1"]
-        err1 = out["err1"]
+        if fast:
+            qt = torch.empty(i2 - i1, out_f, device=dev)
+            errt = torch.empty(i2 - i1, out_f, device=dev)
+            _block_static(w[:, i1:i2].T.contiguous(), hinv[i1:i2, i1:i2], scale_f[:, cols].T.contiguous(),
+                          None if zp_f is None else zp_f[:, cols].T.contiguous(), qt, errt,
+                          qmin=scheme.qmin, qmax=scheme.qmax)
+            codes[:, i1:i2] = qt.T
+            err1 = errt.T.contiguous()
+        else:
+            # per-column scale / zero point of this block (float); static ones gathered from the groups
+            cs = scale_f[:, cols] if static else torch.ones(out_f, i2 - i1, device=dev)
+            cz = zp_f[:, cols] if (static and zp is not None) else torch.zeros(out_f, i2 - i1, device=dev)
+            args = dict(w1=w[:, i1:i2].contiguous(), hinv1=hinv[i1:i2, i1:i2].contiguous(), cs=cs, cz=cz,
+                        q1=codes[:, i1:i2].contiguous(), err1=torch.empty(out_f, i2 - i1, device=dev),
+                        scale1=None if static else scale[:, g1:g2].contiguous(),
+                        zp1=None if (static or zp is None) else zp[:, g1:g2].contiguous())
+            out = _run_block(args, kw, use_graph)
+            codes[:, i1:i2] = out["q1"]
+            if not static:
+                scale[:, g1:g2] = out["scale1"]
+                if zp is not None:
+                    zp[:, g1:g2] = out["zp1"]
+            err1 = out["err1"]
         loss += err1.pow(2).sum() / 2
         if i2 < in_f:
             w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
@@ -203,24 +312,6 @@ def gptq_quantize(
         codes = codes[:, torch.argsort(perm)]
     qw = QuantizedWeight(qweight=codes.to(torch.int8), scale=scale, zero_point=zp, scheme=scheme)
     return qw, float(loss)
-
-
-def _groups(work: LayerWork, true_sequential: bool) -> list[list[str]]:
-    """Linears of a layer in the order they are quantized (one group when not true-sequential)."""
-    names = list(work.linears)
-    if not true_sequential:
-        return [names]
-    order = [("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value"), ("o_proj", "dense", "out_proj"),
-             ("gate_proj", "up_proj", "gate_up_proj", "fc1", "w1", "w3"), ("down_proj", "fc2", "w2")]
-    groups, left = [], list(names)
-    for suffixes in order:
-        g = [n for n in left if n.rsplit(".", 1)[-1] in suffixes]
-        if g:
-            groups.append(g)
-            left = [n for n in left if n not in g]
-    if left:
-        groups.append(left)
-    return groups
 
 
 def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
@@ -239,39 +330,56 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
     dtype = model_dtype(model)
     result: dict[str, QuantizedWeight] = {}
 
-    @torch.no_grad()
-    def on_layer(work: LayerWork) -> None:
-        for group in _groups(work, opts["true_sequential"]):
-            stats = work.collect(group, hessian=True)
-            shared: dict[int, list[str]] = {}  # q/k/v and gate/up share one Hessian: quantize them as one matrix
-            for name in group:
-                shared.setdefault(id(stats[name].xtx), []).append(name)
-            for names in shared.values():
-                st = stats[names[0]]
-                h = st.xtx.mul_(2.0 / max(st.count, 1))  # the Hessian, in place: these stats are not reused
-                for n in names:
-                    stats[n].xtx = None
-                lins = [work.linears[n] for n in names]
-                w = torch.cat([lin.weight for lin in lins], 0)
-                try:
-                    qw, _ = gptq_quantize(w, h, scheme, block_size=opts["block_size"], damp=opts["damp"],
-                                          actorder=opts["actorder"], scale_dtype=dtype, inplace=True,
-                                          clip=opts["clip"])
-                except CholeskyFailed as e:
-                    raise UsageError(f"GPTQ failed on {', '.join(names)}: {e}",
-                                     hint=f"raise --damp (e.g. 0.1), add '{names[0]}' to --ignore, or use --method rtn") from e
-                deq = qw.dequantize(dtype)
-                row = 0
-                for name, lin in zip(names, lins):
-                    rows = slice(row, row + lin.out_features)
-                    row += lin.out_features
-                    part = QuantizedWeight(qweight=qw.qweight[rows].cpu(), scale=qw.scale[rows].cpu(),
+    def quantize(work: LayerWork, names: list[str], h: torch.Tensor | None, prep: HessianPrep | None) -> HessianPrep:
+        """GPTQ on the Linears `names` (one input, so one Hessian) as one matrix; returns the Hessian prep."""
+        lins = [work.linears[n] for n in names]
+        w = torch.cat([lin.weight for lin in lins], 0) if len(lins) > 1 else lins[0].weight
+        try:
+            if prep is None:
+                prep = prepare_hessian(h, scheme, damp=opts["damp"], actorder=opts["actorder"], clip=opts["clip"],
+                                       inplace=True)
+            qw, _ = gptq_quantize(w, None, scheme, block_size=opts["block_size"], scale_dtype=dtype,
+                                  actorder=opts["actorder"], clip=opts["clip"], prep=prep)
+        except CholeskyFailed as e:
+            raise UsageError(f"GPTQ failed on {', '.join(names)}: {e}",
+                             hint=f"raise --damp (e.g. 0.1), add '{names[0]}' to --ignore, or use --method rtn") from e
+        deq = qw.dequantize(dtype)
+        row = 0
+        for name, lin in zip(names, lins):
+            rows = slice(row, row + lin.out_features)
+            row += lin.out_features
+            result[name] = QuantizedWeight(qweight=qw.qweight[rows].cpu(), scale=qw.scale[rows].cpu(),
                                            zero_point=None if qw.zero_point is None else qw.zero_point[rows].cpu(),
                                            scheme=scheme)
-                    lin.weight.data.copy_(deq[rows])
-                    result[name] = part
-                del h
-            del stats
+            lin.weight.data.copy_(deq[rows])
+        return prep
+
+    @torch.no_grad()
+    def on_layer(work: LayerWork) -> None:
+        if opts["true_sequential"]:
+            preps: dict[int, tuple[LinearStats, HessianPrep]] = {}  # Linears reading one input share its prep
+
+            def on_group(names: list[str], st: LinearStats) -> None:
+                known = preps.get(id(st))
+                h = None if known else st.xtx.mul_(2.0 / max(st.count, 1))  # the Hessian, in place
+                prep = quantize(work, names, h, known[1] if known else None)
+                st.xtx = None
+                preps[id(st)] = (st, prep)
+
+            work.sequential(on_group)
+            return
+        stats = work.collect(list(work.linears), hessian=True)
+        shared: dict[int, list[str]] = {}  # q/k/v and gate/up share one Hessian: quantize them as one matrix
+        for name in work.linears:
+            shared.setdefault(id(stats[name].xtx), []).append(name)
+        for names in shared.values():
+            st = stats[names[0]]
+            h = st.xtx.mul_(2.0 / max(st.count, 1))  # the Hessian, in place: these stats are not reused
+            for n in names:
+                stats[n].xtx = None
+            quantize(work, names, h, None)
+            del h
+        del stats
 
     run_layers(model, job.calib, on_layer=on_layer, device=job.device, ignore=job.ignore,
                progress=job.progress, desc="gptq")
