@@ -7,6 +7,11 @@ compressed-tensors' FP8 static scheme says). Activations are quantized at run
 time per token (dynamic) or with one static ``input_scale`` per Linear measured on calibration text
 (``job.scheme.activations.dynamic = False``).
 
+Options (``job.options``, all need calibration): ``alpha`` / ``smooth`` / ``alpha_grid`` turn on SmoothQuant
+smoothing before the FP8 rounding (the same migrations and option values as ``--method smoothquant``; the
+scales are folded into norms and weights, so the checkpoint is a plain FP8 dynamic one); ``weights="gptq"``
+rounds the weights to e4m3 with GPTQ error compensation (:func:`fp8_gptq_quantize`).
+
 The returned model behaves like the quantized one: every Linear's weight holds its dequantized
 value and a forward pre-hook fake-quantizes its input (see
 :func:`hubquant.methods.actquant.attach_activation_quant`).
@@ -52,6 +57,53 @@ def fp8_quantize_weight(w: torch.Tensor, scheme: WeightScheme, *, scale_dtype: t
     return QuantizedWeight(qweight=_to_fp8(w, scale), scale=scale, zero_point=None, scheme=scheme)
 
 
+@torch.no_grad()
+def fp8_gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, *, block_size: int = 128,
+                      damp: float = 0.01, scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
+    """GPTQ on the e4m3 grid: per-channel scales amax/448 of the original weight, columns in decreasing diag(H)
+    order, each column's rounding error pushed onto the columns not yet rounded (as int GPTQ does).
+
+    Args:
+        weight: [out, in] float weight. hessian: [in, in] 2 X^T X / n of the Linear's inputs (not changed).
+        scheme: the FP8 weight scheme. block_size: columns updated lazily together. damp: fraction of mean diag H.
+        scale_dtype: dtype of the stored scales (rounding uses the stored value).
+
+    Returns:
+        QuantizedWeight with float8_e4m3fn codes in the original column order and scale [out, 1].
+
+    Raises:
+        UsageError: not an FP8 per-channel scheme. CholeskyFailed: the Hessian stays singular.
+    """
+    from hubquant.methods.gptq import inverse_hessian_cholesky
+
+    qw = fp8_quantize_weight(weight, scheme, scale_dtype=scale_dtype)  # checks the scheme, gives the scales
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    sc = qw.scale.float().to(w.device)  # [out, 1]
+    perm = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv, _ = inverse_hessian_cholesky(h, damp)
+    codes = torch.empty_like(w)
+    n = w.shape[1]
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.empty_like(w1)
+        for i in range(i2 - i1):
+            c = _to_fp8(w1[:, i: i + 1], sc).float()
+            codes[:, i1 + i] = c[:, 0]
+            e = (w1[:, i] - c[:, 0] * sc[:, 0]) / hinv1[i, i]
+            err1[:, i] = e
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
+        if i2 < n:
+            w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
+    qw.qweight = codes[:, torch.argsort(perm)].to(FP8_DTYPE).to(qw.qweight.device)
+    return qw
+
+
 def fp8_fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
     """Dynamic per-token e4m3 quantize -> dequantize along the last dim, in x's dtype."""
     scale = fp8_scale(x.float().abs().amax(dim=-1, keepdim=True), torch.float32)
@@ -76,8 +128,10 @@ def run(model: nn.Module, job) -> dict[str, QuantizedWeight]:
         Quantized weights keyed by Linear module name (`input_scale` set for static activations).
 
     Raises:
-        UsageError: wrong scheme, or static activations without calibration data.
+        UsageError: wrong scheme, or static activations / smoothing / GPTQ without calibration data.
+        UnsupportedError: smoothing on an architecture without a smoothing map.
     """
     from hubquant.methods.smoothquant import quantize_w8a8
 
-    return quantize_w8a8(model, job, smooth=False)
+    smooth = any(k in (job.options or {}) for k in ("alpha", "smooth"))
+    return quantize_w8a8(model, job, smooth=smooth)

@@ -9,12 +9,15 @@ function. Which producer feeds which Linears is architecture knowledge, kept as 
 per token at run time (dynamic) or with a static per-tensor ``input_scale`` from calibration.
 
 Options (``job.options``): ``alpha`` (float, default 0.5; ``"search"``: a grid over alpha per
-smoothing group, scored by that group's W8A8 output error on calibration tokens; or a dict by producer,
-e.g. ``{"mlp.up_proj": 0.9, "default": 0.8}``), ``alpha_grid``
+smoothing group, scored by that group's W8A8 output error on calibration tokens; ``"layer-search"``: per
+layer, coordinate descent over the groups' alphas scored by the quantized decoder layer's output error
+(:mod:`hubquant.methods.smooth_search`, starting from ``alpha_start``, default 0.5 everywhere, on
+``layer_search_tokens``, default 4096); or a dict by producer, e.g. ``{"mlp.up_proj": 0.9, "default": 0.8}``),
+``alpha_grid``
 (default 0.0..1.0 by 0.1), ``smooth`` (``"all"``: both norms plus v_proj->o_proj and
 up_proj->down_proj, the default; ``"norms"``: only the two norms, as llm-compressor does),
 ``search_tokens`` (tokens kept per group for the search, default 512), ``weights`` (``"rtn"``, the
-default, or ``"gptq"``: int8 weights by GPTQ on the smoothed layer's inputs, through the same engine),
+default, or ``"gptq"``: int8 or e4m3 weights by GPTQ on the smoothed layer's inputs, through the same engine),
 ``sequential`` (calibrate each layer on the quantized outputs of the previous ones; default True for
 static activations and GPTQ weights, False otherwise: one pass over the float model).
 
@@ -167,18 +170,24 @@ class SmoothConfig:
     smooth: str = "all"
     alpha_grid: tuple[float, ...] = tuple(i / 10 for i in range(11))
     search_tokens: int = 512
-    version: int = 1
+    alpha_start: tuple[tuple[str, float], ...] = (("default", 0.5),)
+    layer_search_tokens: int = 4096
+    version: int = 2
 
     @classmethod
     def from_options(cls, opts: dict) -> "SmoothConfig":
         alpha = opts.get("alpha", 0.5)
         if isinstance(alpha, dict):  # per group: {"mlp.up_proj": 0.9, "default": 0.8}
             alpha = tuple(sorted((str(k), _check_alpha(v)) for k, v in alpha.items()))
-        elif alpha != "search":
+        elif alpha not in ("search", "layer-search"):
             alpha = _check_alpha(alpha)
-        grid = tuple(float(a) for a in opts.get("alpha_grid", cls.alpha_grid))
+        grid = tuple(_check_alpha(a) for a in opts.get("alpha_grid", cls.alpha_grid))
+        start = opts.get("alpha_start", 0.5)
+        start = {str(k): v for k, v in start.items()} if isinstance(start, dict) else {"default": start}
         return cls(alpha=alpha, smooth=str(opts.get("smooth", "all")), alpha_grid=grid,
-                   search_tokens=int(opts.get("search_tokens", 512)))
+                   search_tokens=int(opts.get("search_tokens", 512)),
+                   alpha_start=tuple(sorted((k, _check_alpha(v)) for k, v in start.items())),
+                   layer_search_tokens=int(opts.get("layer_search_tokens", 4096)))
 
 
 def _check_alpha(alpha) -> float:
@@ -188,7 +197,8 @@ def _check_alpha(alpha) -> float:
         value = -1.0
     if not 0 <= value <= 1:
         raise UsageError(f"alpha={alpha!r} is invalid",
-                         hint='use a number in [0, 1], alpha=search, or {"mlp.up_proj": 0.9, "default": 0.8}')
+                         hint='use a number in [0, 1], alpha=search, alpha=layer-search, '
+                              'or {"mlp.up_proj": 0.9, "default": 0.8}')
     return value
 
 
@@ -294,6 +304,9 @@ def smooth_model(model: nn.Module, calib: torch.Tensor, *, config: SmoothConfig 
     """
     from hubquant.engine import run_layers
 
+    if config.alpha == "layer-search":
+        raise UsageError("alpha=layer-search scores quantized layers; smooth_model does not quantize",
+                         hint="use quantize_w8a8 (--method smoothquant or fp8), or alpha=search")
     groups, style = architecture_groups(model, smooth=config.smooth)
     head_dim, n_kv = _head_dims(model)
     used: dict[str, float] = {}
@@ -325,7 +338,8 @@ def _check_scheme(scheme: QuantScheme) -> None:
 
 
 def _gptq_layer(work, names: list[str], scheme: WeightScheme, dtype) -> dict[str, QuantizedWeight]:
-    """GPTQ int8 per-channel weights for one layer's Linears (Hessians of the smoothed float inputs)."""
+    """GPTQ int8 / e4m3 per-channel weights for one layer's Linears (Hessians of the smoothed float inputs)."""
+    from hubquant.methods.fp8 import fp8_gptq_quantize
     from hubquant.methods.gptq import gptq_quantize
 
     stats = work.collect(names, hessian=True)
@@ -336,7 +350,11 @@ def _gptq_layer(work, names: list[str], scheme: WeightScheme, dtype) -> dict[str
     for group in shared.values():
         h = stats[group[0]].hessian()
         lins = [work.linears[n] for n in group]
-        qw, _ = gptq_quantize(torch.cat([lin.weight for lin in lins], 0), h, scheme, scale_dtype=dtype, inplace=True)
+        w = torch.cat([lin.weight for lin in lins], 0)
+        if scheme.type == "float":
+            qw = fp8_gptq_quantize(w, h, scheme, scale_dtype=dtype)
+        else:
+            qw, _ = gptq_quantize(w, h, scheme, scale_dtype=dtype, inplace=True)
         row = 0
         for n, lin in zip(group, lins, strict=True):
             rows = slice(row, row + lin.out_features)
@@ -383,10 +401,11 @@ def quantize_w8a8(model: nn.Module, job, *, smooth: bool) -> dict[str, Quantized
     cfg = SmoothConfig.from_options(opts) if smooth else None
     quantized: dict[str, QuantizedWeight] = {}
     used: dict[str, float] = {}
+    search_info: dict[str, dict] = {}
     use_gptq = opts.get("weights", "rtn") == "gptq"
-    if opts.get("weights", "rtn") not in ("rtn", "gptq") or (use_gptq and scheme.weights.type != "int"):
+    if opts.get("weights", "rtn") not in ("rtn", "gptq"):
         raise UsageError(f"weights={opts.get('weights')!r} is not supported here",
-                         hint="use weights=rtn or weights=gptq (int8 only)")
+                         hint="use weights=rtn or weights=gptq")
     if smooth or not act.dynamic or use_gptq:
         if job.calib is None:
             raise UsageError("this method needs calibration data (smoothing or static activation scales)",
@@ -400,11 +419,22 @@ def quantize_w8a8(model: nn.Module, job, *, smooth: bool) -> dict[str, Quantized
             if smooth and cfg.alpha == "search":
                 first = {f"{work.name}.{g.consumers[0]}" for g in groups} & set(names)
             absmax, samples = _layer_stats(work, names, first, cfg.search_tokens if cfg else 0)
+            float_out = work.outputs  # the float layer's outputs (smoothing keeps its function)
+            alpha = cfg.alpha if smooth else None
+            if smooth and cfg.alpha == "layer-search":
+                from hubquant.methods.smooth_search import search_layer_alphas
+
+                found, info = search_layer_alphas(work, absmax, groups=groups, style=style, head_dim=head_dim,
+                                                  n_kv=n_kv, scheme=scheme, grid=cfg.alpha_grid,
+                                                  start=dict(cfg.alpha_start), tokens=cfg.layer_search_tokens)
+                alpha = tuple(sorted(found.items()))
+                search_info[work.name] = info
             if smooth:
                 used.update(smooth_layer(work.layer, work.name, absmax, groups=groups, style=style, head_dim=head_dim,
-                                         n_kv=n_kv, alpha=cfg.alpha, scheme=scheme, samples=samples,
+                                         n_kv=n_kv, alpha=alpha, scheme=scheme, samples=samples,
                                          alpha_grid=cfg.alpha_grid))
             pre = _gptq_layer(work, names, scheme.weights, dtype) if use_gptq else {}
+            work.outputs = float_out  # (collect() drops them; only used when not sequential)
             layer_q = {n: _quantize_linear(n, linears[n], scheme, dtype, absmax.get(n), pre.get(n)) for n in names}
             attach_input_hooks(model, layer_q, act)  # the rerun feeds quantized outputs to the next layer
             quantized.update(layer_q)
@@ -423,7 +453,8 @@ def quantize_w8a8(model: nn.Module, job, *, smooth: bool) -> dict[str, Quantized
     if smooth:
         for qw in quantized.values():
             qw.extra["smoothquant"] = {"alpha": cfg.alpha, "smooth": cfg.smooth}
-        model._hubquant_smoothquant = {"alpha": cfg.alpha, "smooth": cfg.smooth, "alphas_used": used}
+        model._hubquant_smoothquant = {"alpha": cfg.alpha, "smooth": cfg.smooth, "alphas_used": used,
+                                       "layer_search": search_info}
     return quantized
 
 
