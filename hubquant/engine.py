@@ -102,6 +102,7 @@ class LayerWork:
     outputs: list[torch.Tensor] | None = field(default=None, repr=False)
     outputs_final: bool = False  # self.outputs already come from the changed layer (no rerun needed)
     forward_calls: int = 0  # decoder-layer calls made for this layer (whole or stopped early)
+    scratch: dict = field(default_factory=dict, repr=False)  # buffers and hints shared by all layers of a run
 
     def relative(self, full_name: str) -> str:
         return full_name[len(self.name) + 1:]
@@ -138,7 +139,8 @@ class LayerWork:
         batch's forward stops as soon as every Linear in `names` has seen its input (what the layer computes
         after that, e.g. the down projection when only earlier inputs are wanted, is skipped).
         """
-        acc = _StatsAccumulator(names, hessian=hessian, absmean=absmean, absmax=absmax, dtype=dtype)
+        acc = _StatsAccumulator(names, hessian=hessian, absmean=absmean, absmax=absmax, dtype=dtype,
+                                scratch=self.scratch)
 
         def hook(name, x):
             acc.add(name, x)
@@ -177,7 +179,7 @@ class LayerWork:
             def hook(name, x):
                 st = next((s for t, s in inputs if t is x), None)
                 if st is None:
-                    acc = _StatsAccumulator([name], hessian=True, dtype=dtype)
+                    acc = _StatsAccumulator([name], hessian=True, dtype=dtype, scratch=self.scratch)
                     acc.add(name, x)
                     st = acc.finish()[name]
                     inputs.append((x, st))
@@ -199,7 +201,7 @@ class LayerWork:
         """One pass over the batches: the first Linear of `todo` to run, the others that read the same tensor,
         and their input statistics; each batch stops where a Linear reading another tensor would run."""
         group: list[str] = []  # members, in the order of the first batch
-        acc = _StatsAccumulator(todo, hessian=True, dtype=dtype)
+        acc = _StatsAccumulator(todo, hessian=True, dtype=dtype, scratch=self.scratch)
         batch_input: list[torch.Tensor] = []
 
         def hook(name, t):
@@ -246,8 +248,9 @@ class _StatsAccumulator:
     the first one's accumulators (`add` is called from forward pre-hooks)."""
 
     def __init__(self, names, *, hessian: bool = True, absmean: bool = False, absmax: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, scratch: dict | None = None):
         self.stats = {n: LinearStats() for n in names}
+        self.scratch = scratch
         self.hessian, self.absmean, self.absmax, self.dtype = hessian, absmean, absmax, dtype
         self.seen: list[tuple[torch.Tensor, str]] = []  # inputs of the current batch (refs keep ids valid)
         self.fired: set[str] = set()  # Linears that saw their input in the current batch
@@ -270,7 +273,7 @@ class _StatsAccumulator:
         if self.hessian:
             if st.xtx is None:
                 st.xtx = torch.zeros(x2.shape[1], x2.shape[1], dtype=self.dtype, device=x2.device)
-            _accumulate_xtx(st.xtx, x2)
+            _accumulate_xtx(st.xtx, x2, self.scratch)
         if self.absmean or self.absmax:
             a = x2.abs()
             if self.absmean:
@@ -293,16 +296,24 @@ class _StatsAccumulator:
         return self.stats
 
 
-def _accumulate_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
+def _accumulate_xtx(acc: torch.Tensor, x: torch.Tensor, scratch: dict | None = None) -> None:
     """acc += x^T x in fp32. On CUDA, 16-bit inputs go through a 16-bit GEMM with fp32 output: products of
-    bf16/fp16 values are exact in fp32, so this equals the fp32 GEMM of the upcast values, at tensor-core speed."""
+    bf16/fp16 values are exact in fp32, so this equals the fp32 GEMM of the upcast values, at tensor-core speed.
+    On CPU the upcast goes into `scratch["xtx"]`, one buffer reused from layer to layer (a fresh 100 MB tensor
+    per call costs page faults: the allocator hands large blocks back to the OS when they are freed)."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
         try:
             acc += torch.mm(x.T, x, out_dtype=torch.float32)
             return
         except (RuntimeError, TypeError):  # torch without mm(out_dtype=)
             pass
-    xf = x.to(acc.dtype)
+    if scratch is not None and not x.is_cuda and x.dtype != acc.dtype:
+        buf = scratch.get("xtx")
+        if buf is None or buf.numel() < x.numel() or buf.dtype != acc.dtype:
+            buf = scratch["xtx"] = torch.empty(x.numel(), dtype=acc.dtype, device=x.device)
+        xf = buf[: x.numel()].view(x.shape).copy_(x)
+    else:
+        xf = x.to(acc.dtype)
     n = xf.shape[1]
     if not _blocked(acc):
         acc.addmm_(xf.T, xf)
@@ -467,6 +478,7 @@ def run_layers(
     by_type = {t: [_to(kw, device) for kw in kws] for t, kws in by_type.items()}
 
     types = layer_attention_types(model)
+    scratch: dict = {}
     bar = tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer")
     for i in bar:
         layer = layers[i]
@@ -475,7 +487,7 @@ def run_layers(
         name = f"{prefix}.{i}"
         layer_kwargs = by_type.get(types[i], kwargs)
         work = LayerWork(index=i, name=name, layer=layer, linears=quantizable_linears(layer, ignore, name),
-                         device=device, inputs=inputs, kwargs=layer_kwargs)
+                         device=device, inputs=inputs, kwargs=layer_kwargs, scratch=scratch)
         on_layer(work)
         if work.outputs is None or (rerun and not work.outputs_final):
             work.forward()

@@ -196,18 +196,19 @@ def _block_static(wt, hinv1, cst, czt, qt, errt, *, qmin: int, qmax: int) -> Non
     """
     n = wt.shape[0]
     neg_d = (-hinv1.diagonal()).tolist()
-    for i in range(n):
-        w, c, q, e = wt[i], cst[i], qt[i], errt[i]
+    zs = czt.unbind(0) if czt is not None else None
+    for i, (w, c, q, e, h) in enumerate(zip(wt.unbind(0), cst.unbind(0), qt.unbind(0), errt.unbind(0),
+                                            hinv1.unbind(0))):
         torch.div(w, c, out=q).round_()
-        if czt is None:
+        if zs is None:
             q.clamp_(qmin, qmax)
             torch.mul(q, c, out=e)
         else:
-            q.add_(czt[i]).clamp_(qmin, qmax)
-            torch.sub(q, czt[i], out=e).mul_(c)
+            q.add_(zs[i]).clamp_(qmin, qmax)
+            torch.sub(q, zs[i], out=e).mul_(c)
         e.sub_(w).div_(neg_d[i])  # (w - deq) / d as (deq - w) / -d: the same float32 value
         if i + 1 < n:
-            wt[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1.0)  # push the error onto the columns not yet quantized
+            wt[i + 1:].addr_(h[i + 1:], e, alpha=-1.0)  # push the error onto the columns not yet quantized
 
 
 @torch.no_grad()
