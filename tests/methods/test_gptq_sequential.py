@@ -9,7 +9,13 @@ import torch
 from hubquant.engine import run_layers
 from hubquant.methods import QuantJob
 from hubquant.methods.awq import search_clip
-from hubquant.methods.gptq import _block_static, _block_step, clip_ratios, gptq_quantize, run
+from hubquant.methods.gptq import (
+    _block_static,
+    _block_step,
+    clip_ratios,
+    gptq_quantize,
+    run,
+)
 from hubquant.modeling import decoder_layers
 from hubquant.quant import QuantScheme, WeightScheme, rtn_quantize
 from tests.conftest import tiny_model
