@@ -128,14 +128,32 @@ def resolve_format(opts: ConvertOptions, scheme: QuantScheme) -> str:
     return fmt
 
 
+# bumped when a method's default algorithm changes its output, so that a rerun re-quantizes instead of
+# reporting the variant as up to date (GPTQ 2: true-sequential by default; SmoothQuant 2: the session-2 options)
+ALGORITHM_VERSION = {"gptq": 2, "smoothquant": 2}
+
+
+def needs_calibration(opts: ConvertOptions, scheme: QuantScheme | None = None) -> bool:
+    """Calibrated methods, static activation scales, and FP8 with smoothing or GPTQ weights read calibration text."""
+    if get_method(opts.method).needs_calibration:
+        return True
+    if scheme is not None and scheme.activations is not None and not scheme.activations.dynamic:
+        return True
+    if opts.activations == "static":
+        return True
+    o = opts.method_options
+    return opts.method == "fp8" and ("alpha" in o or "smooth" in o or o.get("weights") == "gptq")
+
+
 def settings_of(opts: ConvertOptions, scheme: QuantScheme, fmt: str) -> dict:
     """What determines the variant's bytes (the idempotency key hashes this plus the base sha)."""
-    calibrated = get_method(opts.method).needs_calibration or (
-        scheme.activations is not None and not scheme.activations.dynamic)
+    calibrated = needs_calibration(opts, scheme)
     s = {
         "method": opts.method, "format": fmt, "scheme": dataclasses.asdict(scheme), "ignore": sorted(opts.ignore),
         "method_options": dict(sorted(opts.method_options.items())),
     }
+    if opts.method in ALGORITHM_VERSION:
+        s["algorithm_version"] = ALGORITHM_VERSION[opts.method]
     if calibrated:
         s.update(calib_dataset=opts.calib_dataset, num_samples=opts.num_samples, seq_len=opts.seq_len,
                  seed=opts.seed, chat_template=opts.chat_template)
@@ -169,7 +187,9 @@ def command_line(opts: ConvertOptions) -> str:
         parts.append("--sym" if opts.symmetric else "--asym")
     if tuple(opts.ignore) != ("lm_head",):
         parts += ["--ignore", *opts.ignore]
-    if get_method(opts.method).needs_calibration:
+    for k, v in sorted(opts.method_options.items()):
+        parts += ["--method-option", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    if needs_calibration(opts):
         parts += ["--num-samples", str(opts.num_samples), "--seq-len", str(opts.seq_len)]
     return shlex.join(parts)
 
@@ -326,7 +346,7 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
 
     calib_default, eval_default = default_specs()
     eval_spec = opts.eval_dataset or eval_default
-    needs_calib = spec.needs_calibration or (scheme.activations is not None and not scheme.activations.dynamic)
+    needs_calib = needs_calibration(opts, scheme)
     calib = None
     eval_set = None
     eval_src = None

@@ -23,6 +23,8 @@ CASES = [
     ("w8a8", dict(method="w8a8"), "transformers", 10.0),
     ("fp8", dict(method="fp8"), "transformers", 10.0),
     ("fp8-static", dict(method="fp8", activations="static"), "transformers", 10.0),
+    # FP8 with SmoothQuant smoothing and GPTQ weights: reads calibration text although the method alone does not
+    ("fp8-smooth-gptq", dict(method="fp8", method_options={"alpha": 0.8, "weights": "gptq"}), "transformers", 10.0),
     ("bnb-int8", dict(method="bnb-int8"), "transformers-bnb", 10.0),
     ("bnb-nf4", dict(method="bnb-nf4"), "transformers-bnb", 60.0),
 ]
@@ -71,3 +73,16 @@ def test_method_end_to_end(hub_env, tiny_llama, case_id, opts, loader, max_incre
     with torch.no_grad():
         logits = model(ids).logits.float()
     assert torch.isfinite(logits).all() and logits.abs().sum() > 0
+
+
+def test_fp8_options_that_read_calibration_text():
+    from hubquant.convert import command_line, needs_calibration
+
+    plain = ConvertOptions(repo_id="a/b", method="fp8")
+    assert not needs_calibration(plain)
+    for o in ({"alpha": 0.8}, {"smooth": "norms"}, {"weights": "gptq"}):
+        opts = ConvertOptions(repo_id="a/b", method="fp8", method_options=o)
+        assert needs_calibration(opts)
+        assert "--num-samples" in command_line(opts) and "--method-option" in command_line(opts)
+    assert needs_calibration(ConvertOptions(repo_id="a/b", method="fp8", activations="static"))
+    assert needs_calibration(ConvertOptions(repo_id="a/b", method="gptq"))
