@@ -13,10 +13,7 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,8 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
-from harness import header, sibling, smoke_time  # noqa: E402
-from hubquant_kernels import _common, fused, pack, w4a16, w4a16_gemv  # noqa: E402
+from harness import parse_shapes, run_sweep, sibling, smoke_time, w4_weights  # noqa: E402
+from harness import pick as harness_pick  # noqa: E402
+from hubquant_kernels import fused, pack, w4a16, w4a16_gemv  # noqa: E402
 
 _run = sibling("run")
 copy_bandwidth, graph_time, rel_err = _run.copy_bandwidth, _run.graph_time, _run.rel_err
@@ -102,24 +100,13 @@ def check_fused(log) -> list[dict]:
     return out
 
 
-def pick(cands, args) -> tuple[str, dict]:
-    """The fastest candidate by hubquant's chooser (cold L2), under a private key."""
-    key = ("compare", id(cands), time.time())
-    if DEV != "cuda":  # --smoke: the first candidate
-        return cands[0], {}
-    c = _common.choose(key, cands, args, on_gpu=True)
-    return c, _common.TUNE_LOG.get(key, {})
+def pick(cands, args):
+    return harness_pick(DEV, cands, args)
 
 
 def bench_shape(k, n, ms, log) -> list[dict]:
     dev, rows = DEV, []
-    g = torch.Generator(device=dev).manual_seed(k * 31 + n)
-    w = torch.randn(n, k, device=dev, generator=g, dtype=torch.bfloat16) * 0.02
-    packed, scale, _ = pack.rtn_pack(w, 128, True)
-    qw, sc = pack.ct_to_kernel_layout(packed, k), scale.t().contiguous()
-    reps = lambda nbytes: max(1, min(64, math.ceil(ROTATE_BYTES / nbytes)))
-    bf_w = [w.clone() for _ in range(reps(2 * n * k))]
-    w4_w = [(qw.clone(), sc.clone()) for _ in range(reps(n * k // 2 + 2 * n * k // 128))]
+    g, qw, sc, bf_w, w4_w = w4_weights(k, n, dev, ROTATE_BYTES)
     for m in ms:
         x = torch.randn(m, k, device=dev, generator=g, dtype=torch.bfloat16)
         y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
@@ -162,29 +149,11 @@ def main() -> int:
     global DEV, graph_time, copy_bandwidth, ROTATE_BYTES
     if args.smoke:
         DEV, ROTATE_BYTES, graph_time, copy_bandwidth = "cpu", 1, smoke_time, (lambda: 1.0)
-    t0 = time.time()
-    res = {**header(DEV), "cells": []}
-    out = Path(args.out)
-
-    def log(s):
-        print(s, flush=True)
-
-    def save():
-        res["seconds"] = round(time.time() - t0, 1)
-        out.write_text(json.dumps(res, indent=1, default=str))
-
-    res["checks"] = check_gemv2(log) + check_fused(log)
-    save()
-    res["copy_bytes_per_s"] = copy_bandwidth()
-    log(f"copy {res['copy_bytes_per_s'] / 1e12:.2f} TB/s")
-    shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    shapes, ms = parse_shapes(args.shapes, SHAPES), [int(v) for v in args.ms.split(",")]
     if args.smoke:
         shapes = [(256, 96)]
-    for k, n in shapes:
-        res["cells"] += bench_shape(k, n, [int(v) for v in args.ms.split(",")], log)
-        save()
-        torch.cuda.empty_cache()
-    log(f"done in {time.time() - t0:.0f} s")
+    run_sweep(Path(args.out), DEV, lambda log: check_gemv2(log) + check_fused(log), bench_shape, shapes, ms,
+              copy_bandwidth)
     return 0
 
 
