@@ -32,6 +32,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -175,3 +176,25 @@ def point_hf_at(monkeypatch, endpoint: str, token: str | None, hf_home: Path) ->
 def hub_env(local_hub, monkeypatch, tmp_path):
     point_hf_at(monkeypatch, local_hub.endpoint, local_hub.token("alice"), tmp_path / "hf_home")
     return local_hub
+
+
+def commit_into_failpoint(root: Path, push) -> tuple[list[BaseException], str, threading.Thread]:
+    """Run push() (a commit against a server started with the commit failpoint) in a thread and wait until the
+    server stops inside the commit; returns (errors push raised, server log so far, the thread). The caller
+    kills the server, then joins the thread and checks that push failed."""
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            push()
+        except BaseException as e:  # noqa: BLE001 - the connection dies with the server
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    log = root / "server.log"
+    t0 = time.monotonic()
+    while "failpoint: commit" not in log.read_text():
+        assert time.monotonic() - t0 < 60, log.read_text()
+        time.sleep(0.05)
+    return errors, log.read_text(), t

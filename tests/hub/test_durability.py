@@ -4,8 +4,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
 from hubquant.hub.server import LocalHub
 from hubquant.hub.server.store import FAILPOINT_ENV
-from tests.fixtures_hub import HubProcess, point_hf_at
+from tests.fixtures_hub import HubProcess, commit_into_failpoint, point_hf_at
 
 
 @pytest.fixture
@@ -78,22 +76,9 @@ def test_sigkill_mid_commit_leaves_the_old_commit(own_hub, monkeypatch, tmp_path
     big = os.urandom(2_000_000)
     ops = [CommitOperationAdd("a.txt", b"new"), CommitOperationAdd("b.txt", b"b"),
            CommitOperationAdd("big.safetensors", big)]
-    errors: list[BaseException] = []
-
-    def push():
-        try:
-            HfApi().create_commit("alice/atomic", ops, commit_message="doomed")
-        except BaseException as e:  # the connection dies with the server
-            errors.append(e)
-
-    t = threading.Thread(target=push, daemon=True)
-    t.start()
-    log = root / "server.log"
-    t0 = time.monotonic()
-    while "failpoint: commit" not in log.read_text():
-        assert time.monotonic() - t0 < 60, log.read_text()
-        time.sleep(0.05)
-    doomed = log.read_text().split("failpoint: commit ", 1)[1].split()[0]
+    errors, log, t = commit_into_failpoint(root, lambda: HfApi().create_commit("alice/atomic", ops,
+                                                                             commit_message="doomed"))
+    doomed = log.split("failpoint: commit ", 1)[1].split()[0]
     p.kill()
     t.join(timeout=60)
     assert errors, "the commit must fail when the server dies"

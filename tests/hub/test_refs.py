@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from hubquant.hub.server.store import (
     RevisionNotFound,
     git_blob_oid,
 )
-from tests.fixtures_hub import HubProcess, point_hf_at
+from tests.fixtures_hub import HubProcess, commit_into_failpoint, point_hf_at
 
 SCRIPT = Path(__file__).with_name("test_refs_script.py")
 OTHER = [p for p in os.environ.get("HUBQUANT_HF_CLIENT_PYTHONS", "").split(":") if p]
@@ -196,23 +195,9 @@ def test_sigkill_while_opening_a_pull_request_leaves_no_trace(tmp_path, monkeypa
         main = api.create_commit("alice/prkill", [CommitOperationAdd("a.txt", b"a")], commit_message="a").oid
         p.kill()
         p = start(**{FAILPOINT_ENV: "60"})
-        errors: list[BaseException] = []
-
-        def push() -> None:
-            try:
-                HfApi().create_commit("alice/prkill", [CommitOperationAdd("a.txt", b"doomed")],
-                                      commit_message="doomed", create_pr=True)
-            except BaseException as e:  # noqa: BLE001 - the connection dies with the server
-                errors.append(e)
-
-        t = threading.Thread(target=push, daemon=True)
-        t.start()
-        log = root / "server.log"
-        t0 = time.monotonic()
-        while "failpoint: commit" not in log.read_text():
-            assert time.monotonic() - t0 < 60, log.read_text()
-            time.sleep(0.05)
-        assert "before moving refs/pr/1" in log.read_text()
+        errors, log, t = commit_into_failpoint(root, lambda: HfApi().create_commit(
+            "alice/prkill", [CommitOperationAdd("a.txt", b"doomed")], commit_message="doomed", create_pr=True))
+        assert "before moving refs/pr/1" in log
         p.kill()
         t.join(timeout=60)
         assert errors
