@@ -198,3 +198,23 @@ def commit_into_failpoint(root: Path, push) -> tuple[list[BaseException], str, t
         assert time.monotonic() - t0 < 60, log.read_text()
         time.sleep(0.05)
     return errors, log.read_text(), t
+
+
+@pytest.fixture
+def own_hub(tmp_path):
+    """A Hub of this test's own (fresh root, own server processes, all killed at the end) and alice's token."""
+    from hubquant.hub.server import LocalHub
+
+    root = tmp_path / "hub"
+    token = LocalHub(root).add_token("alice")
+    procs: list[HubProcess] = []
+
+    def start(**env) -> HubProcess:
+        p = HubProcess(root, env=env)
+        p.start()
+        procs.append(p)
+        return p
+
+    yield root, token, start
+    for p in procs:
+        p.kill()

@@ -6,30 +6,10 @@ import os
 import sqlite3
 from pathlib import Path
 
-import pytest
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
-from hubquant.hub.server import LocalHub
 from hubquant.hub.server.store import FAILPOINT_ENV
-from tests.fixtures_hub import HubProcess, commit_into_failpoint, point_hf_at
-
-
-@pytest.fixture
-def own_hub(tmp_path):
-    """A Hub of this test's own (fresh root, own server process) and alice's token."""
-    root = tmp_path / "hub"
-    token = LocalHub(root).add_token("alice")
-    procs: list[HubProcess] = []
-
-    def start(**env) -> HubProcess:
-        p = HubProcess(root, env=env)
-        p.start()
-        procs.append(p)
-        return p
-
-    yield root, token, start
-    for p in procs:
-        p.kill()
+from tests.fixtures_hub import commit_into_failpoint, point_hf_at
 
 
 def _peak_rss_kb(pid: int) -> int:

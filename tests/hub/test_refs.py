@@ -19,7 +19,7 @@ import pytest
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
 from hubquant.errors import UsageError
-from hubquant.hub.server import LocalHub, Store
+from hubquant.hub.server import Store
 from hubquant.hub.server.objects import check_ref_name
 from hubquant.hub.server.store import (
     FAILPOINT_ENV,
@@ -176,47 +176,41 @@ def test_pull_request_numbers_are_unique_under_concurrency(hub_env):
     assert api.model_info(repo).sha == main
 
 
-def test_sigkill_while_opening_a_pull_request_leaves_no_trace(tmp_path, monkeypatch):
-    root = tmp_path / "hub"
-    token = LocalHub(root).add_token("alice")
-    procs: list[HubProcess] = []
+def test_sigkill_while_opening_a_pull_request_leaves_no_trace(own_hub, tmp_path, monkeypatch):
+    root, token, start_server = own_hub
+    started = []
 
     def start(**env) -> HubProcess:
-        p = HubProcess(root, env=env)
-        p.start()
-        procs.append(p)
-        point_hf_at(monkeypatch, p.endpoint, token, tmp_path / f"hf{len(procs)}")
+        p = start_server(**env)
+        started.append(p)
+        point_hf_at(monkeypatch, p.endpoint, token, tmp_path / f"hf{len(started)}")
         return p
 
-    try:
-        p = start()
-        api = HfApi()
-        api.create_repo("alice/prkill")
-        main = api.create_commit("alice/prkill", [CommitOperationAdd("a.txt", b"a")], commit_message="a").oid
-        p.kill()
-        p = start(**{FAILPOINT_ENV: "60"})
-        errors, log, t = commit_into_failpoint(root, lambda: HfApi().create_commit(
-            "alice/prkill", [CommitOperationAdd("a.txt", b"doomed")], commit_message="doomed", create_pr=True))
-        assert "before moving refs/pr/1" in log
-        p.kill()
-        t.join(timeout=60)
-        assert errors
-        db = sqlite3.connect(root / "hub.sqlite")
-        counts = [db.execute(q).fetchone()[0] for q in (
-            "SELECT COUNT(*) FROM discussions", "SELECT COUNT(*) FROM refs WHERE name LIKE 'refs/%'",
-            "SELECT COUNT(*) FROM commits WHERE title='doomed'")]
-        db.close()
-        assert counts == [0, 0, 0]
-        start()
-        api = HfApi()
-        assert api.list_repo_refs("alice/prkill", include_pull_requests=True).pull_requests == []
-        again = api.create_commit("alice/prkill", [CommitOperationAdd("a.txt", b"retry")], commit_message="retry",
-                                  create_pr=True)
-        assert again.pr_num == 1 and api.model_info("alice/prkill").sha == main
-        assert Path(hf_hub_download("alice/prkill", "a.txt", revision="refs/pr/1")).read_bytes() == b"retry"
-    finally:
-        for p in procs:
-            p.kill()
+    p = start()
+    api = HfApi()
+    api.create_repo("alice/prkill")
+    main = api.create_commit("alice/prkill", [CommitOperationAdd("a.txt", b"a")], commit_message="a").oid
+    p.kill()
+    p = start(**{FAILPOINT_ENV: "60"})
+    errors, log, t = commit_into_failpoint(root, lambda: HfApi().create_commit(
+        "alice/prkill", [CommitOperationAdd("a.txt", b"doomed")], commit_message="doomed", create_pr=True))
+    assert "before moving refs/pr/1" in log
+    p.kill()
+    t.join(timeout=60)
+    assert errors
+    db = sqlite3.connect(root / "hub.sqlite")
+    counts = [db.execute(q).fetchone()[0] for q in (
+        "SELECT COUNT(*) FROM discussions", "SELECT COUNT(*) FROM refs WHERE name LIKE 'refs/%'",
+        "SELECT COUNT(*) FROM commits WHERE title='doomed'")]
+    db.close()
+    assert counts == [0, 0, 0]
+    start()
+    api = HfApi()
+    assert api.list_repo_refs("alice/prkill", include_pull_requests=True).pull_requests == []
+    again = api.create_commit("alice/prkill", [CommitOperationAdd("a.txt", b"retry")], commit_message="retry",
+                              create_pr=True)
+    assert again.pr_num == 1 and api.model_info("alice/prkill").sha == main
+    assert Path(hf_hub_download("alice/prkill", "a.txt", revision="refs/pr/1")).read_bytes() == b"retry"
 
 
 def test_store_refs_and_names(tmp_path):
