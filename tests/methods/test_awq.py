@@ -12,12 +12,7 @@ from hubquant.quant import QuantScheme, WeightScheme, rtn_quantize
 from tests.conftest import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _salient_case(seed=0, n=4096, d_in=128, d_out=96, hot=17, boost=30.0):

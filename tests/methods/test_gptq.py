@@ -13,12 +13,7 @@ from hubquant.quant import QuantScheme, WeightScheme, minmax_qparams, rtn_quanti
 from tests.conftest import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: one thread is faster on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer_case(seed=0, n=2048, d_in=256, d_out=192):
