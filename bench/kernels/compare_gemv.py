@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 from harness import parse_shapes, run_sweep, sibling, smoke_time, w4_weights  # noqa: E402
+from harness import time_w4 as _time_w4  # noqa: E402
 from harness import pick as harness_pick  # noqa: E402
 from hubquant_kernels import fused, pack, w4a16, w4a16_gemv  # noqa: E402
 
@@ -104,6 +105,10 @@ def pick(cands, args):
     return harness_pick(DEV, cands, args)
 
 
+def time_w4(c, x, w4_w, ys):
+    return _time_w4(graph_time, c, x, w4_w, ys)
+
+
 def bench_shape(k, n, ms, log) -> list[dict]:
     dev, rows = DEV, []
     g, qw, sc, bf_w, w4_w = w4_weights(k, n, dev, ROTATE_BYTES)
@@ -124,12 +129,9 @@ def bench_shape(k, n, ms, log) -> list[dict]:
                 "old_rel_err": e_old, "new_rel_err": e_new, "tune_old": t_old, "tune_new": t_new}
         cell["bf16"] = graph_time([lambda ww=ww, x=x: torch.nn.functional.linear(x, ww) for ww in bf_w])
         ys = [torch.empty_like(y) for _ in w4_w]
-        cell["old"] = graph_time([lambda d=d, yy=yy, x=x, c=c_old: c.fn(x, d[0], d[1], None, None, yy, 128)
-                                  for d, yy in zip(w4_w, ys)])
-        cell["new"] = graph_time([lambda d=d, yy=yy, x=x, c=c_new: c.fn(x, d[0], d[1], None, None, yy, 128)
-                                  for d, yy in zip(w4_w, ys)])
-        cell["old_again"] = graph_time([lambda d=d, yy=yy, x=x, c=c_old: c.fn(x, d[0], d[1], None, None, yy, 128)
-                                        for d, yy in zip(w4_w, ys)])
+        cell["old"] = time_w4(c_old, x, w4_w, ys)
+        cell["new"] = time_w4(c_new, x, w4_w, ys)
+        cell["old_again"] = time_w4(c_old, x, w4_w, ys)
         cell["w4_bytes"] = n * k // 2 + 2 * n * k // 128 + 2 * m * k + 2 * m * n
         rows.append(cell)
         log(f"K={k:5d} N={n:5d} M={m:2d} bf16 {cell['bf16'] * 1e6:7.1f} us | old {cell['old'] * 1e6:7.1f} "

@@ -98,3 +98,8 @@ def w4_weights(k: int, n: int, dev: str, rotate_bytes: int):
     bf_w = [w.clone() for _ in range(reps(2 * n * k))]
     w4_w = [(qw.clone(), sc.clone()) for _ in range(reps(n * k // 2 + 2 * n * k // 128))]
     return g, qw, sc, bf_w, w4_w
+
+
+def time_w4(graph_time, c, x, w4_w, ys) -> float:
+    """Seconds per call of W4A16 candidate `c` on x, one call per rotated weight copy (outputs into ys)."""
+    return graph_time([lambda d=d, yy=yy: c.fn(x, d[0], d[1], None, None, yy, 128) for d, yy in zip(w4_w, ys)])

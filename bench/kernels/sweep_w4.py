@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 from harness import parse_shapes, run_sweep, sibling, smoke_time, w4_weights  # noqa: E402
+from harness import time_w4 as _time_w4  # noqa: E402
 from harness import pick as harness_pick  # noqa: E402
 from hubquant_kernels import _common, pack, w4a16, w4a16_gemv, w4a16_tc  # noqa: E402
 
@@ -99,6 +100,10 @@ def pick(cands, args):
     return harness_pick(DEV, cands, args)
 
 
+def time_w4(c, x, w4_w, ys):
+    return _time_w4(graph_time, c, x, w4_w, ys)
+
+
 def bench_shape(k, n, ms, log) -> list[dict]:
     dev, rows = DEV, []
     g, qw, sc, bf_w, w4_w = w4_weights(k, n, dev, ROTATE_BYTES)
@@ -121,16 +126,12 @@ def bench_shape(k, n, ms, log) -> list[dict]:
                 "tc_rel_err": e_new, "tune_tc_top": top, "tune_old_best": min(t_old.values()) if t_old else None}
         ys = [torch.empty_like(y) for _ in w4_w]
         cell["bf16"] = graph_time([lambda ww=ww, x=x: torch.nn.functional.linear(x, ww) for ww in bf_w])
-        cell["old"] = graph_time([lambda d=d, yy=yy, x=x, c=c_old: c.fn(x, d[0], d[1], None, None, yy, 128)
-                                  for d, yy in zip(w4_w, ys)])
-        cell["tc"] = graph_time([lambda d=d, yy=yy, x=x, c=c_new: c.fn(x, d[0], d[1], None, None, yy, 128)
-                                 for d, yy in zip(w4_w, ys)])
+        cell["old"] = time_w4(c_old, x, w4_w, ys)
+        cell["tc"] = time_w4(c_new, x, w4_w, ys)
         if m == 1:
             cell["gemv2_plain_impl"] = c_plain.name
-            cell["gemv2_plain"] = graph_time([lambda d=d, yy=yy, x=x, c=c_plain: c.fn(x, d[0], d[1], None, None, yy,
-                                                                                      128) for d, yy in zip(w4_w, ys)])
-        cell["tc_again"] = graph_time([lambda d=d, yy=yy, x=x, c=c_new: c.fn(x, d[0], d[1], None, None, yy, 128)
-                                       for d, yy in zip(w4_w, ys)])
+            cell["gemv2_plain"] = time_w4(c_plain, x, w4_w, ys)
+        cell["tc_again"] = time_w4(c_new, x, w4_w, ys)
         cell["w4_bytes"] = n * k // 2 + 2 * n * k // 128 + 2 * m * k + 2 * m * n
         rows.append(cell)
         plain_txt = (f" | gemv2 plain {cell['gemv2_plain'] * 1e6:6.1f} {cell['bf16'] / cell['gemv2_plain']:.2f}x"
