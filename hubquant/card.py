@@ -11,9 +11,6 @@ TEMPLATE_NAME = "variant.md.j2"
 # a checkout (editable install) first, then where a wheel installs cards/
 TEMPLATE_DIRS = (Path(__file__).resolve().parent.parent / "cards", Path(sys.prefix) / "share" / "hubquant" / "cards")
 
-METHOD_TITLES = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant", "w8a8": "W8A8",
-                 "fp8": "FP8", "bnb-int8": "LLM.int8 (bitsandbytes)", "bnb-nf4": "NF4 (bitsandbytes)"}
-
 HARDWARE = {
     "w4a16": "Weight-only 4-bit: any GPU (vLLM Marlin/Machete kernels on Ampere and newer); CPU through "
              "transformers + compressed-tensors (dequantizes on load). hubquant's Triton W4A16 kernels on CUDA GPUs.",
@@ -119,8 +116,11 @@ def render(inp: CardInputs):
             ("mean KL(base || variant), nats/token", "0", _fmt(m["mean_kl"], 5), ""),
         ]
     size_mb, base_mb = inp.size_bytes / 1e6, inp.base_size_bytes / 1e6
-    extra_pip = {"compressed-tensors": "compressed-tensors", "gptq": "optimum gptqmodel", "awq": "gptqmodel",
-                 "bitsandbytes": "bitsandbytes"}.get(inp.format, "")
+    from hubquant.formats import FORMATS
+    from hubquant.methods import METHODS
+
+    fmt_spec, method_spec = FORMATS.get(inp.format), METHODS.get(inp.method)
+    extra_pip = " ".join(fmt_spec.extras) if fmt_spec else ""
     base_note = ""
     if inp.base_model.endswith("SmolLM2-135M-Instruct"):
         base_note = ("Note: offline, hubquant's local Hub serves SmolLM2-135M-Instruct rebuilt from the Q4_1 GGUF "
@@ -128,7 +128,7 @@ def render(inp: CardInputs):
     return ModelCard.from_template(
         data, template_path=str(template_path()),
         target_repo=inp.target_repo, base_model=inp.base_model, base_url=f"{inp.endpoint.rstrip('/')}/{inp.base_model}",
-        scheme_name=inp.scheme_name, method_title=METHOD_TITLES.get(inp.method, inp.method),
+        scheme_name=inp.scheme_name, method_title=method_spec.title if method_spec else inp.method,
         method_summary=inp.method_summary, weights_desc=inp.weights_desc, acts_desc=inp.acts_desc,
         format=inp.format, quant_method=inp.quant_method,
         ignored=", ".join(f"`{n}`" for n in inp.ignored) or "nothing", calib_desc=inp.calib_desc,

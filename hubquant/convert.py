@@ -19,7 +19,7 @@ from typing import Any, Callable
 import hubquant
 from hubquant.errors import ConflictError, QualityGateError, UnsupportedError, UsageError
 from hubquant.methods import QuantJob, get_method
-from hubquant.quant import QuantScheme, WeightScheme, valid_group_sizes
+from hubquant.quant import QuantScheme, valid_group_sizes
 
 Log = Callable[[str], None]
 
@@ -84,65 +84,21 @@ class ConvertResult:
 
 def resolve_scheme(opts: ConvertOptions) -> QuantScheme:
     """The method's default scheme with the user's overrides applied (and checked)."""
-    spec = get_method(opts.method)
-    base = spec.default_scheme
-    w = base.weights
-    if w.type == "float" or opts.method.startswith("bnb-"):
-        if opts.bits not in (None, w.bits) or opts.group_size is not None or opts.symmetric is not None:
-            raise UsageError(f"--bits/--group-size/--sym/--asym do not apply to --method {opts.method}",
-                             hint="drop them; this method has a fixed scheme")
-        weights = w
-    else:
-        bits = opts.bits or w.bits
-        gs = opts.group_size if opts.group_size is not None else w.group_size
-        if bits == 8 and opts.group_size is None:
-            gs = -1  # 8-bit defaults to per-channel
-        sym = w.symmetric if opts.symmetric is None else opts.symmetric
-        if base.activations is not None and bits != 8:
-            raise UsageError(f"--method {opts.method} quantizes weights and activations to 8 bits",
-                             hint="use --bits 8, or a weight-only method (rtn, gptq, awq) for 4 bits")
-        weights = WeightScheme(bits=bits, group_size=gs, symmetric=sym)
-    acts = base.activations
-    if opts.activations is not None:
-        if acts is None:
-            raise UsageError(f"--activations does not apply to weight-only --method {opts.method}",
-                             hint="use --method smoothquant, w8a8 or fp8 for activation quantization")
-        if opts.activations not in ("dynamic", "static"):
-            raise UsageError(f"--activations {opts.activations}", hint="use dynamic or static")
-        dyn = opts.activations == "dynamic"
-        acts = dataclasses.replace(acts, dynamic=dyn, strategy="token" if dyn else "tensor")
-    return QuantScheme(weights=weights, activations=acts)
+    return get_method(opts.method).resolve_scheme(bits=opts.bits, group_size=opts.group_size,
+                                                  symmetric=opts.symmetric, activations=opts.activations)
 
 
 def resolve_format(opts: ConvertOptions, scheme: QuantScheme) -> str:
-    spec = get_method(opts.method)
-    fmt = opts.format or spec.formats[0]
-    if fmt not in spec.formats:
-        raise UsageError(f"--method {opts.method} cannot be written as --format {fmt}",
-                         hint=f"choose one of: {', '.join(spec.formats)}")
-    w = scheme.weights
-    if fmt == "gptq" and (not w.symmetric or w.bits not in (2, 3, 4, 8)):
-        raise UsageError("--format gptq is written symmetric (v1 checkpoints)", hint="drop --asym")
-    if fmt == "awq" and (w.bits != 4 or w.symmetric or w.group_size == -1):
-        raise UsageError("--format awq stores asymmetric 4-bit groups", hint="use --bits 4 --asym --group-size 128")
-    return fmt
+    from hubquant.formats import resolve_format as resolve
 
-
-# bumped when a method's default algorithm changes its output, so that a rerun re-quantizes instead of
-# reporting the variant as up to date (GPTQ 2: true-sequential by default; SmoothQuant 2: the session-2 options)
-ALGORITHM_VERSION = {"gptq": 2, "smoothquant": 2}
+    return resolve(get_method(opts.method), opts.format, scheme).name
 
 
 def needs_calibration(opts: ConvertOptions, scheme: QuantScheme | None = None) -> bool:
-    """Calibrated methods, static activation scales, and FP8 with smoothing or GPTQ weights read calibration text."""
-    if get_method(opts.method).needs_calibration:
-        return True
-    if scheme is not None and scheme.activations is not None and not scheme.activations.dynamic:
-        return True
+    """Calibrated methods, static activation scales, and options that need data (e.g. FP8 smoothing)."""
     if opts.activations == "static":
         return True
-    o = opts.method_options
-    return opts.method == "fp8" and ("alpha" in o or "smooth" in o or o.get("weights") == "gptq")
+    return get_method(opts.method).needs_calibration(scheme, opts.method_options)
 
 
 def settings_of(opts: ConvertOptions, scheme: QuantScheme, fmt: str) -> dict:
@@ -152,8 +108,9 @@ def settings_of(opts: ConvertOptions, scheme: QuantScheme, fmt: str) -> dict:
         "method": opts.method, "format": fmt, "scheme": dataclasses.asdict(scheme), "ignore": sorted(opts.ignore),
         "method_options": dict(sorted(opts.method_options.items())),
     }
-    if opts.method in ALGORITHM_VERSION:
-        s["algorithm_version"] = ALGORITHM_VERSION[opts.method]
+    version = get_method(opts.method).algorithm_version
+    if version is not None:
+        s["algorithm_version"] = version
     if calibrated:
         s.update(calib_dataset=opts.calib_dataset, num_samples=opts.num_samples, seq_len=opts.seq_len,
                  seed=opts.seed, chat_template=opts.chat_template)
@@ -166,13 +123,7 @@ def settings_hash(base_repo: str, settings: dict) -> str:
 
 
 def default_target(repo_id: str, namespace: str, scheme: QuantScheme, method: str, fmt: str) -> str:
-    name = repo_id.split("/")[-1]
-    if method.startswith("bnb-"):
-        return f"{namespace}/{name}-{method.upper()}"
-    suffix = f"{scheme.name}-{method.upper()}"
-    if fmt not in ("compressed-tensors",):
-        suffix += f"-{fmt}"
-    return f"{namespace}/{name}-{suffix}"
+    return f"{namespace}/{repo_id.split('/')[-1]}-{get_method(method).variant_name(scheme, fmt)}"
 
 
 def command_line(opts: ConvertOptions) -> str:
@@ -386,8 +337,9 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
     # 5. quantize (layer by layer)
     t = time.time()
     device = _pick_device(opts.device)
+    method_options = spec.parse_options(opts.method_options)
     job = QuantJob(scheme=scheme, ignore=tuple(opts.ignore), calib=None if calib is None else calib.ids,
-                   options=dict(opts.method_options), device=device, progress=opts.progress)
+                   options=method_options, device=device, progress=opts.progress)
     quantized = spec.load()(model, job)
     timings["quantize"] = time.time() - t
     log(f"quantized {len(quantized)} Linear layers with {opts.method} in {timings['quantize']:.1f} s")
@@ -406,7 +358,7 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
         out_dir = tmp_root / "variant"
     out_dir.mkdir(parents=True, exist_ok=True)
     qc = get_format(fmt)(model, quantized, scheme=scheme, out_dir=out_dir, method=opts.method,
-                         options=dict(opts.method_options))
+                         options=method_options)
     for name in COPY_FILES:
         src = dl.path / name
         if src.is_file():

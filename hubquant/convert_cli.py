@@ -6,6 +6,7 @@ import json
 
 
 def add_parsers(sub) -> None:
+    from hubquant.formats import FORMATS
     from hubquant.methods import METHODS
 
     p = sub.add_parser(
@@ -22,7 +23,7 @@ def add_parsers(sub) -> None:
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric weights")
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric weights (zero points)")
     p.add_argument("--activations", choices=["dynamic", "static"], help="W8A8/FP8 activation scales")
-    p.add_argument("--format", choices=["compressed-tensors", "gptq", "awq", "bitsandbytes"],
+    p.add_argument("--format", choices=list(FORMATS),
                    help="checkpoint format (default: compressed-tensors; bitsandbytes for bnb-*)")
     p.add_argument("--revision", help="branch, tag or commit of the base (default main)")
     p.add_argument("--ignore", nargs="+", default=["lm_head"], metavar="PATTERN",

@@ -123,6 +123,63 @@ def rtn_quantize(w: torch.Tensor, scheme: WeightScheme, *, scale_dtype: torch.dt
     return QuantizedWeight(qweight=quantize(w, scale, zp, scheme), scale=scale, zero_point=zp, scheme=scheme)
 
 
+# ---------------------------------------------------------------- FP8 (e4m3)
+# compressed-tensors' float observer: scale = amax / 448 (448 = largest finite e4m3fn),
+# q = (x / scale).clamp(-448, 448).to(float8_e4m3fn), dequant = q.float() * scale.
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+
+
+def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes of x / scale (clamped to the finite range)."""
+    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def fp8_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """amax / 448 in `dtype`, with zero ranges mapped to the smallest safe scale."""
+    scale = amax.float() / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, 1e-8))
+    return scale.to(dtype)
+
+
+def fp8_quantize_weight(w: torch.Tensor, scheme: WeightScheme, *, scale_dtype: torch.dtype | None = None,
+                        per_tensor: bool = False) -> QuantizedWeight:
+    """e4m3 codes of `w` [out, in]: qweight float8_e4m3fn, scale [out, 1] (per channel) or [1, 1] (per tensor).
+
+    compressed-tensors' FP8 static scheme uses per-tensor weight scales; the dynamic one per channel.
+    """
+    if scheme.type != "float" or scheme.bits != 8 or scheme.group_size != -1:
+        raise UsageError(
+            f"FP8 needs 8-bit float per-channel weights, got {scheme}",
+            hint="use the fp8 method's default scheme (--bits 8, no --group-size)",
+        )
+    amax = w.float().abs().amax(dim=1, keepdim=True)
+    if per_tensor:
+        amax = amax.amax().reshape(1, 1)
+    scale = fp8_scale(amax, scale_dtype or w.dtype)
+    return QuantizedWeight(qweight=to_fp8(w, scale), scale=scale, zero_point=None, scheme=scheme)
+
+
+def fp8_fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token e4m3 quantize -> dequantize along the last dim, in x's dtype."""
+    scale = fp8_scale(x.float().abs().amax(dim=-1, keepdim=True), torch.float32)
+    return (to_fp8(x, scale).float() * scale).to(x.dtype)
+
+
+def fp8_fake_quant_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor e4m3 quantize -> dequantize with a calibrated `input_scale`."""
+    s = input_scale.float().reshape(())
+    return (to_fp8(x, s).float() * s).to(x.dtype)
+
+
+def per_channel_quantize(w: torch.Tensor, scheme: WeightScheme, dtype: torch.dtype, *,
+                         per_tensor: bool = False) -> QuantizedWeight:
+    """Per-channel RTN weights: int codes, or e4m3 for float schemes (optionally one per-tensor scale)."""
+    if scheme.type == "float":
+        return fp8_quantize_weight(w, scheme, scale_dtype=dtype, per_tensor=per_tensor)
+    return rtn_quantize(w, scheme, scale_dtype=dtype)
+
+
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (higher is better)."""
     ref = reference.double()

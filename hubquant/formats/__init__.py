@@ -1,36 +1,125 @@
-"""Output formats: each writer decides bytes and names for the tensors a method produced.
+"""Output formats: a small explicit registry keyed by the --format string.
 
-A writer has the signature of `FormatFn`:
+A `FormatSpec` holds what the rest of hubquant knows about a format: the schemes it accepts, the pip packages
+a user needs to load it, which engines load it, its writer, and its reader for `hubquant.load`. Each format
+module provides the same functions, named by the spec (imported on use, so the CLI starts fast):
 
-    write(model, quantized: dict[str, QuantizedWeight], *, scheme: QuantScheme, out_dir: Path,
-          method: str, options: dict) -> dict   # the quantization_config written to config.json
+    check_scheme(scheme) -> None                         # UsageError naming the fix for schemes it cannot hold
+    linear_tensors(name, qw, scheme, *, options) -> {tensor name: tensor}   # one quantized Linear's tensors
+    quantization_config(scheme, *, options, ignored) -> dict                # config.json's quantization_config
+    write(model, quantized, *, scheme, out_dir, method, options) -> dict    # the whole model at once
 
-It writes the weights (every non-quantized parameter of `model` as is, each quantized Linear in
-the format's tensors) as safetensors into `out_dir`, plus config.json with `quantization_config`
-(and any side file the format's loaders expect, e.g. quantize_config.json). Tokenizer and
-generation files are copied by the pipeline, not by writers.
+`write` is `linear_tensors` over every quantized Linear plus the float tensors, through
+`hubquant.formats.common.write_model` (a `ShardWriter` that also accepts tensors one layer at a time), then
+config.json (and side files, e.g. GPTQ's quantize_config.json). Tokenizer and generation files are copied by
+the pipeline, not by writers. Calling a spec writes: ``get_format("gptq")(model, quantized, scheme=..., ...)``.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from hubquant.errors import UsageError
 
-FORMATS: dict[str, str] = {
-    "compressed-tensors": "hubquant.formats.compressed_tensors:write",
-    "gptq": "hubquant.formats.gptq:write",
-    "awq": "hubquant.formats.awq:write",
-    "bitsandbytes": "hubquant.formats.bnb:write",
-}
-
-FormatFn = Callable[..., dict]
+if TYPE_CHECKING:
+    from hubquant.schemes import QuantScheme
 
 
-def get_format(name: str) -> FormatFn:
+def _resolve(target: str):
+    mod, attr = target.split(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FormatSpec:
+    """One format's registry entry. `module` holds the functions listed in this package's docstring."""
+
+    name: str
+    title: str
+    quant_method: str  # config.json's quantization_config.quant_method
+    module: str  # "hubquant.formats.gptq"
+    extras: tuple[str, ...] = ()  # pip packages a transformers user needs beside transformers (for the card)
+    engines: tuple[tuple[str, str], ...] = ()  # (engine, how it loads the checkpoint), for the card's table
+    reader: str | None = None  # "module:function" building a runtime module per Linear for hubquant.load
+
+    def function(self, name: str):
+        return _resolve(f"{self.module}:{name}")
+
+    def check_scheme(self, scheme: QuantScheme) -> None:
+        """Raise UsageError (with a fix) unless this format can hold `scheme`."""
+        self.function("check_scheme")(scheme)
+
+    def writer(self):
+        return self.function("write")
+
+    def linear_tensors(self, name: str, qw, scheme: QuantScheme, *, options: Any = None) -> dict:
+        return self.function("linear_tensors")(name, qw, scheme, options=options)
+
+    def quantization_config(self, scheme: QuantScheme, *, options: Any = None, ignored=()) -> dict:
+        return self.function("quantization_config")(scheme, options=options, ignored=ignored)
+
+    def load_reader(self):
+        if self.reader is None:
+            raise UsageError(f"hubquant.load cannot run --format {self.name}",
+                             hint=f"load it with transformers (pip install {' '.join(self.extras)})")
+        return _resolve(self.reader)
+
+    def __call__(self, model, quantized, *, scheme: QuantScheme, out_dir, method: str, options: Any = None) -> dict:
+        """Write the whole model (see the package docstring). Returns the quantization_config."""
+        return self.writer()(model, quantized, scheme=scheme, out_dir=out_dir, method=method, options=options)
+
+
+FORMATS: dict[str, FormatSpec] = {f.name: f for f in (
+    FormatSpec(
+        name="compressed-tensors", title="compressed-tensors", quant_method="compressed-tensors",
+        module="hubquant.formats.compressed_tensors", extras=("compressed-tensors",),
+        engines=(("transformers", "with compressed-tensors installed"), ("vLLM", "natively"),
+                 ("SGLang", "natively"), ("hubquant.load", "W4A16, W8A8 and FP8 kernels")),
+        reader="hubquant.runtime.loader:build_compressed_tensors"),
+    FormatSpec(
+        name="gptq", title="GPTQ", quant_method="gptq", module="hubquant.formats.gptq",
+        extras=("optimum", "gptqmodel"),
+        engines=(("transformers", "with optimum and gptqmodel installed"), ("vLLM", "natively"),
+                 ("SGLang", "natively"), ("TGI", "natively"), ("hubquant.load", "4-bit kernels")),
+        reader="hubquant.runtime.loader:build_gptq"),
+    FormatSpec(
+        name="awq", title="AWQ (GEMM)", quant_method="awq", module="hubquant.formats.awq", extras=("gptqmodel",),
+        engines=(("transformers", "with gptqmodel installed"), ("vLLM", "natively"), ("SGLang", "natively"),
+                 ("hubquant.load", "4-bit kernels")),
+        reader="hubquant.runtime.loader:build_awq"),
+    FormatSpec(
+        name="bitsandbytes", title="bitsandbytes", quant_method="bitsandbytes", module="hubquant.formats.bnb",
+        extras=("bitsandbytes",), engines=(("transformers", "with bitsandbytes installed"),
+                                           ("vLLM", "bitsandbytes loader"))),
+)}
+
+
+def get_format(name: str) -> FormatSpec:
+    """The registry entry of `name` (callable: writes the whole model).
+
+    Raises:
+        UsageError: an unknown format, listing the known ones.
+    """
     try:
-        target = FORMATS[name]
+        return FORMATS[name]
     except KeyError:
         raise UsageError(f"unknown format '{name}'", hint=f"choose one of: {', '.join(FORMATS)}") from None
-    mod, fn = target.split(":")
-    return getattr(importlib.import_module(mod), fn)
+
+
+def by_quant_method(quant_method: str | None) -> FormatSpec | None:
+    """The format whose config.json says `quant_method`, or None."""
+    return next((f for f in FORMATS.values() if f.quant_method == quant_method), None)
+
+
+def resolve_format(method, name: str | None, scheme: QuantScheme) -> FormatSpec:
+    """The format to write `method` (a MethodSpec) in: `name`, or the method's first format; checked.
+
+    Raises:
+        UsageError: the method cannot be written in that format, or the format cannot hold `scheme`.
+    """
+    fmt = name or method.formats[0]
+    method.check_format(fmt)
+    spec = get_format(fmt)
+    spec.check_scheme(scheme)
+    return spec

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from hubquant.errors import UnsupportedError
-from hubquant.formats.common import dense_tensors, save_tensors, write_config
+from hubquant.errors import UnsupportedError, UsageError
+from hubquant.formats.common import write_model
 from hubquant.formats.gptq import to_fp16_scales
 from hubquant.quant import QuantizedWeight, QuantScheme
 
@@ -46,14 +46,27 @@ def pack_linear(qw: QuantizedWeight, *, name: str = "") -> dict[str, torch.Tenso
     }
 
 
-def quantization_config(scheme: QuantScheme) -> dict:
+def check_scheme(scheme: QuantScheme) -> None:
+    """Raise UsageError unless `scheme` is one this format writes (asymmetric 4-bit groups)."""
+    w = scheme.weights
+    if w.type != "int" or scheme.activations is not None or w.bits != 4 or w.symmetric or w.group_size == -1:
+        raise UsageError("--format awq stores asymmetric 4-bit groups", hint="use --bits 4 --asym --group-size 128")
+
+
+def quantization_config(scheme: QuantScheme, *, options=None, ignored=()) -> dict:
     w = scheme.weights
     return {"quant_method": "awq", "zero_point": True, "group_size": w.group_size, "bits": 4,
             "version": "gemm", "modules_to_not_convert": None}
 
 
+def linear_tensors(name: str, qw: QuantizedWeight, scheme: QuantScheme | None = None, *,
+                   options=None) -> dict[str, torch.Tensor]:
+    """The tensors one quantized Linear contributes, keyed by full name."""
+    return {f"{name}.{k}": t for k, t in pack_linear(qw, name=name).items()}
+
+
 def write(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], *, scheme: QuantScheme, out_dir: Path,
-          method: str, options: dict) -> dict:
+          method: str, options=None) -> dict:
     """Write an AWQ GEMM checkpoint (safetensors + config.json).
 
     Returns:
@@ -66,13 +79,7 @@ def write(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], *, sche
     if w.type != "int" or w.bits != 4 or scheme.activations is not None or w.group_size == -1:
         raise UnsupportedError(f"the awq format holds 4-bit grouped weight-only schemes, not {scheme.name}",
                                hint="use --bits 4 --group-size 128 (or 64), or --format compressed-tensors")
-    out_dir = Path(out_dir)
     qcfg = quantization_config(scheme)
-    tensors = dense_tensors(model, quantized)
-    for name, qw in quantized.items():
-        for key, t in pack_linear(qw, name=name).items():
-            tensors[f"{name}.{key}"] = t
-    save_tensors(tensors, out_dir)
     dtype = next(iter(quantized.values())).scale.dtype if quantized else torch.float16
-    write_config(model, out_dir, qcfg, dtype=dtype)
+    write_model(model, quantized, Path(out_dir), qcfg, dtype=dtype, linear_tensors=linear_tensors)
     return qcfg

@@ -15,13 +15,28 @@ from pathlib import Path
 import torch
 
 from hubquant.errors import UsageError
-from hubquant.formats.common import dense_tensors, save_tensors, write_config
+from hubquant.formats.common import ignored_linears, method_options, write_model
 from hubquant.modeling import model_dtype
 from hubquant.quant import QuantizedWeight, QuantScheme
 
 
-def quantization_config(*, four_bit: bool, compute_dtype: str = "bfloat16", double_quant: bool = True,
-                        threshold: float = 6.0, skip_modules: list[str] | None = None) -> dict:
+def check_scheme(scheme: QuantScheme) -> None:
+    """bitsandbytes checkpoints come from the bnb-* methods, whose schemes are fixed (checked by the method)."""
+
+
+def quantization_config(scheme: QuantScheme, *, options=None, ignored=()) -> dict:
+    """The BitsAndBytesConfig dict for `scheme` (4-bit: NF4) and the method's options; `ignored`: float Linears."""
+    ignored = sorted(ignored)
+    return bnb_config(four_bit=scheme.weights.bits == 4,
+                      compute_dtype=str(getattr(options, "compute_dtype", "bfloat16")),
+                      double_quant=bool(getattr(options, "double_quant", True)),
+                      threshold=float(getattr(options, "threshold", 6.0)),
+                      # None lets transformers skip its defaults (the output embedding); else name every float Linear
+                      skip_modules=None if ignored == ["lm_head"] else ignored)
+
+
+def bnb_config(*, four_bit: bool, compute_dtype: str = "bfloat16", double_quant: bool = True,
+               threshold: float = 6.0, skip_modules: list[str] | None = None) -> dict:
     """The ``quantization_config`` dict, key for key as transformers' BitsAndBytesConfig.to_dict() gives it."""
     return {
         "_load_in_4bit": four_bit, "_load_in_8bit": not four_bit,
@@ -34,7 +49,8 @@ def quantization_config(*, four_bit: bool, compute_dtype: str = "bfloat16", doub
     }
 
 
-def linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+def linear_tensors(name: str, qw: QuantizedWeight, scheme: QuantScheme | None = None, *,
+                   options=None) -> dict[str, torch.Tensor]:
     """The tensors one quantized Linear contributes, keyed by full name."""
     state = qw.extra.get("quant_state")
     if state is not None:  # NF4
@@ -51,7 +67,7 @@ def linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 
 def write(model, quantized: dict[str, QuantizedWeight], *, scheme: QuantScheme, out_dir: Path, method: str,
-          options: dict | None = None) -> dict:
+          options=None) -> dict:
     """Write a pre-quantized bitsandbytes checkpoint of `model` into `out_dir`.
 
     Args:
@@ -70,20 +86,6 @@ def write(model, quantized: dict[str, QuantizedWeight], *, scheme: QuantScheme, 
     """
     if not quantized:
         raise UsageError("nothing was quantized", hint="check --ignore: it matched every Linear")
-    first = next(iter(quantized.values()))
-    four_bit = "quant_state" in first.extra
-    opts = dict(options or {})
-    ignored = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized)
-    # None lets transformers skip its defaults (the output embedding); otherwise name every float Linear
-    skip = None if ignored == ["lm_head"] else ignored
-    qc = quantization_config(
-        four_bit=four_bit, compute_dtype=str(first.extra.get("compute_dtype", opts.get("compute_dtype", "bfloat16"))),
-        double_quant=bool(first.extra.get("double_quant", True)), threshold=float(first.extra.get("threshold", 6.0)),
-        skip_modules=skip)
-    tensors = dense_tensors(model, quantized)
-    for name, qw in quantized.items():
-        tensors.update(linear_tensors(name, qw))
-    out_dir = Path(out_dir)
-    save_tensors(tensors, out_dir)
-    write_config(model, out_dir, qc, dtype=model_dtype(model))
+    qc = quantization_config(scheme, options=method_options(method, options), ignored=ignored_linears(model, quantized))
+    write_model(model, quantized, Path(out_dir), qc, dtype=model_dtype(model), linear_tensors=linear_tensors)
     return qc

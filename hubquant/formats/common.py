@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,33 +33,64 @@ def dense_tensors(model: torch.nn.Module, quantized: dict[str, QuantizedWeight])
     return out
 
 
+class ShardWriter:
+    """Safetensors shards written as tensors arrive (one decoder layer at a time, or the whole model at once).
+
+    Tensors are buffered until the next one would push the shard past `max_shard_bytes`; then the shard is
+    written. :meth:`close` names the files: one shard is `model.safetensors`; more are
+    `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`. Within one :meth:`add` call
+    tensors are taken in name order, so one call with every tensor shards exactly as :func:`save_tensors`.
+    """
+
+    def __init__(self, out_dir: Path, *, max_shard_bytes: int = MAX_SHARD_BYTES):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self._cur: dict[str, torch.Tensor] = {}
+        self._cur_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []  # temporary file, its tensor names
+        self.total_bytes = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key in sorted(tensors):
+            t = tensors[key]
+            size = t.numel() * t.element_size()
+            if self._cur and self._cur_bytes + size > self.max_shard_bytes:
+                self._flush()
+            self._cur[key] = t
+            self._cur_bytes += size
+            self.total_bytes += size
+
+    def _flush(self) -> None:
+        tmp = self.out_dir / f".shard-{len(self._written):05d}.safetensors.partial"
+        save_file(self._cur, tmp, metadata={"format": "pt"})
+        self._written.append((tmp, list(self._cur)))
+        self._cur, self._cur_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write what is buffered, name the shards, write the index (more than one shard). Returns file names."""
+        if self._cur or not self._written:
+            self._flush()
+        n = len(self._written)
+        if n == 1:
+            self._written[0][0].replace(self.out_dir / "model.safetensors")
+            return ["model.safetensors"]
+        names, weight_map = [], {}
+        for i, (tmp, keys) in enumerate(self._written, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            tmp.replace(self.out_dir / name)
+            names.append(name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], out_dir: Path, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """Write `model.safetensors`, or shards plus `model.safetensors.index.json` above `max_shard_bytes`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt"}
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    if total <= max_shard_bytes:
-        save_file(tensors, out_dir / "model.safetensors", metadata=meta)
-        return ["model.safetensors"]
-    shards, cur, cur_bytes = [], {}, 0
-    for key in sorted(tensors):
-        t = tensors[key]
-        size = t.numel() * t.element_size()
-        if cur and cur_bytes + size > max_shard_bytes:
-            shards.append(cur)
-            cur, cur_bytes = {}, 0
-        cur[key] = t
-        cur_bytes += size
-    shards.append(cur)
-    names, weight_map = [], {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out_dir / name, metadata=meta)
-        names.append(name)
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return names
+    writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes)
+    writer.add(tensors)
+    return writer.close()
 
 
 def write_config(model: torch.nn.Module, out_dir: Path, quantization_config: dict, *, dtype: torch.dtype) -> None:
@@ -72,7 +104,27 @@ def write_config(model: torch.nn.Module, out_dir: Path, quantization_config: dic
     (out_dir / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def torch_dtype_of(quantized: dict[str, QuantizedWeight], model: torch.nn.Module) -> torch.dtype:
-    for qw in quantized.values():
-        return qw.scale.dtype
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+def ignored_linears(model: torch.nn.Module, quantized: dict[str, QuantizedWeight]) -> list[str]:
+    """Linears of `model` left in float (not in `quantized`), in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+
+
+def method_options(method: str, options):
+    """`options` as the method's options object (a dict or None is parsed; unknown methods keep the dict)."""
+    from hubquant.methods import METHODS
+
+    spec = METHODS.get(method)
+    return spec.parse_options(options) if spec is not None else (options or {})
+
+
+def write_model(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], out_dir: Path, qc: dict, *,
+                dtype: torch.dtype, linear_tensors: Callable[[str, QuantizedWeight], dict[str, torch.Tensor]],
+                max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """The whole-model write every format shares: float tensors + each quantized Linear's tensors (as the
+    format names them), sharded safetensors, config.json with `qc`. Returns the safetensors file names."""
+    tensors = dense_tensors(model, quantized)
+    for name, qw in quantized.items():
+        tensors.update(linear_tensors(name, qw))
+    names = save_tensors(tensors, out_dir, max_shard_bytes=max_shard_bytes)
+    write_config(model, out_dir, qc, dtype=dtype)
+    return names

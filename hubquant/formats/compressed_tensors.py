@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from hubquant.errors import UsageError
-from hubquant.formats.common import dense_tensors, save_tensors, torch_dtype_of, write_config
+from hubquant.formats.common import ignored_linears, method_options, write_model
 from hubquant.quant import QuantizedWeight, QuantScheme
 
 CT_VERSION = "0.19.0"
@@ -79,8 +79,15 @@ def format_name(scheme: QuantScheme) -> str:
     return "int-quantized" if w.bits == 8 else "pack-quantized"
 
 
-def quantization_config(scheme: QuantScheme, *, ignore: list[str], method: str) -> dict:
-    """The `quantization_config` dict (as llm-compressor writes it for the same scheme)."""
+def check_scheme(scheme: QuantScheme) -> None:
+    """compressed-tensors holds every scheme hubquant produces (2/3/4/8-bit ints, FP8, W8A8)."""
+
+
+def quantization_config(scheme: QuantScheme, *, options=None, ignored=()) -> dict:
+    """The `quantization_config` dict (as llm-compressor writes it for the same scheme).
+
+    Grouped weights of a method that ran with act-order (GPTQ's static groups) say ``actorder: static``.
+    """
     w = scheme.weights
     if w.type == "float":
         strategy = "channel" if scheme.activations is None or scheme.activations.dynamic else "tensor"
@@ -90,7 +97,7 @@ def quantization_config(scheme: QuantScheme, *, ignore: list[str], method: str) 
         weights = _args(
             w.bits, "int", "group" if grouped else "channel", w.symmetric,
             group_size=w.group_size if grouped else None,
-            actorder="static" if (method == "gptq" and grouped) else None,
+            actorder="static" if (getattr(options, "actorder", False) and grouped) else None,
             zp_dtype=None if w.symmetric else "torch.int8",
         )
     acts = None
@@ -102,13 +109,13 @@ def quantization_config(scheme: QuantScheme, *, ignore: list[str], method: str) 
     return {
         "config_groups": {"group_0": {"format": fmt, "targets": ["Linear"], "weights": weights,
                                       "input_activations": acts, "output_activations": None}},
-        "format": fmt, "global_compression_ratio": None, "ignore": sorted(ignore), "kv_cache_scheme": None,
+        "format": fmt, "global_compression_ratio": None, "ignore": sorted(ignored), "kv_cache_scheme": None,
         "quant_method": "compressed-tensors", "quantization_status": "compressed", "sparsity_config": {},
         "transform_config": {}, "version": CT_VERSION,
     }
 
 
-def linear_tensors(name: str, qw: QuantizedWeight, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+def linear_tensors(name: str, qw: QuantizedWeight, scheme: QuantScheme, *, options=None) -> dict[str, torch.Tensor]:
     """The tensors one quantized Linear contributes, keyed by full name."""
     w = scheme.weights
     t: dict[str, torch.Tensor] = {}
@@ -133,12 +140,8 @@ def linear_tensors(name: str, qw: QuantizedWeight, scheme: QuantScheme) -> dict[
     return {k: v.contiguous() for k, v in t.items()}
 
 
-def ignored_linears(model: torch.nn.Module, quantized: dict[str, QuantizedWeight]) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
-
-
 def write(model, quantized: dict[str, QuantizedWeight], *, scheme: QuantScheme, out_dir: Path, method: str,
-          options: dict | None = None) -> dict:
+          options=None) -> dict:
     """Write `quantized` + the rest of `model` as a compressed-tensors checkpoint into `out_dir`."""
     if not quantized:
         raise UsageError("nothing was quantized", hint="check --ignore: it matched every Linear")
@@ -147,10 +150,9 @@ def write(model, quantized: dict[str, QuantizedWeight], *, scheme: QuantScheme, 
         if missing:
             raise UsageError(f"static activation scheme but no input_scale for {missing[0]}",
                              hint="static activations need calibration; use a calibrated method")
-    tensors = dense_tensors(model, quantized)
-    for name, qw in quantized.items():
-        tensors.update(linear_tensors(name, qw, scheme))
-    qc = quantization_config(scheme, ignore=ignored_linears(model, quantized), method=method)
-    save_tensors(tensors, Path(out_dir))
-    write_config(model, Path(out_dir), qc, dtype=torch_dtype_of(quantized, model))
+    options = method_options(method, options)
+    qc = quantization_config(scheme, options=options, ignored=ignored_linears(model, quantized))
+    dtype = next(iter(quantized.values())).scale.dtype
+    write_model(model, quantized, Path(out_dir), qc, dtype=dtype,
+                linear_tensors=lambda n, qw: linear_tensors(n, qw, scheme, options=options))
     return qc

@@ -18,10 +18,20 @@ from pathlib import Path
 import torch
 
 import hubquant
-from hubquant.errors import UnsupportedError
-from hubquant.formats.common import dense_tensors, save_tensors, write_config
+from hubquant.errors import UnsupportedError, UsageError
+from hubquant.formats.common import method_options, write_model
 from hubquant.formats.compressed_tensors import pack_int32
 from hubquant.quant import QuantizedWeight, QuantScheme
+
+
+def check_scheme(scheme: QuantScheme) -> None:
+    """Raise UsageError unless `scheme` is one this format writes (symmetric ints: v1 checkpoints)."""
+    w = scheme.weights
+    if w.type != "int" or scheme.activations is not None:
+        raise UsageError(f"--format gptq holds integer weight-only schemes, not {scheme.name}",
+                         hint="use --format compressed-tensors")
+    if not w.symmetric or w.bits not in (2, 3, 4, 8):
+        raise UsageError("--format gptq is written symmetric (v1 checkpoints)", hint="drop --asym")
 
 
 def _check(scheme: QuantScheme) -> None:
@@ -59,31 +69,46 @@ def pack_linear(qw: QuantizedWeight, *, version: str = "gptq", name: str = "") -
     }
 
 
-def quantization_config(scheme: QuantScheme, options: dict, method: str = "gptq") -> dict:
-    w = scheme.weights
-    if method == "gptq":
-        from hubquant.methods.gptq import DEFAULTS
+def _opt(options, key: str, default):
+    return options.get(key, default) if isinstance(options, dict) else getattr(options, key, default)
 
-        options = {**DEFAULTS, **options}
+
+def quantization_config(scheme: QuantScheme, *, options=None, ignored=()) -> dict:
+    """The GPTQ `quantization_config` (act-order, damping and true-sequential from the method's options)."""
+    w = scheme.weights
     version = "gptq" if w.symmetric else "gptq_v2"
+    actorder = bool(_opt(options, "actorder", False))
     return {
         "bits": w.bits,
         "group_size": w.group_size,
         "desc_act": False,  # act-order ran with static groups: g_idx is the identity grouping
-        "static_groups": bool(options.get("actorder", False)),
+        "static_groups": actorder,
         "sym": w.symmetric,
-        "damp_percent": float(options.get("damp", 0.01)),
-        "true_sequential": bool(options.get("true_sequential", False)),
+        "damp_percent": float(_opt(options, "damp", 0.01)),
+        "true_sequential": bool(_opt(options, "true_sequential", False)),
         "checkpoint_format": version,
         "format": version,
         "lm_head": False,
         "quant_method": "gptq",
-        "meta": {"quantizer": [f"hubquant:{hubquant.__version__}"], "act_order": bool(options.get("actorder", False))},
+        "meta": {"quantizer": [f"hubquant:{hubquant.__version__}"], "act_order": actorder},
     }
 
 
+def linear_tensors(name: str, qw: QuantizedWeight, scheme: QuantScheme, *, options=None) -> dict[str, torch.Tensor]:
+    """The tensors one quantized Linear contributes, keyed by full name."""
+    version = "gptq" if scheme.weights.symmetric else "gptq_v2"
+    return {f"{name}.{k}": t for k, t in pack_linear(qw, version=version, name=name).items()}
+
+
+def write_side_files(out_dir: Path, qc: dict) -> None:
+    """quantize_config.json, which AutoGPTQ-era loaders read beside config.json."""
+    side = {k: v for k, v in qc.items() if k not in ("format", "meta")}
+    side["model_file_base_name"] = "model"
+    (Path(out_dir) / "quantize_config.json").write_text(json.dumps(side, indent=2) + "\n")
+
+
 def write(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], *, scheme: QuantScheme, out_dir: Path,
-          method: str, options: dict) -> dict:
+          method: str, options=None) -> dict:
     """Write a GPTQ-format checkpoint (safetensors, config.json, quantize_config.json).
 
     Returns:
@@ -94,15 +119,10 @@ def write(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], *, sche
     """
     _check(scheme)
     out_dir = Path(out_dir)
-    qcfg = quantization_config(scheme, options, method)
-    tensors = dense_tensors(model, quantized)
-    for name, qw in quantized.items():
-        for key, t in pack_linear(qw, version=qcfg["checkpoint_format"], name=name).items():
-            tensors[f"{name}.{key}"] = t
-    save_tensors(tensors, out_dir)
+    options = method_options(method, options)
+    qcfg = quantization_config(scheme, options=options)
     dtype = next(iter(quantized.values())).scale.dtype if quantized else torch.float16
-    write_config(model, out_dir, qcfg, dtype=dtype)
-    side = {k: v for k, v in qcfg.items() if k not in ("format", "meta")}
-    side["model_file_base_name"] = "model"
-    (out_dir / "quantize_config.json").write_text(json.dumps(side, indent=2) + "\n")
+    write_model(model, quantized, out_dir, qcfg, dtype=dtype,
+                linear_tensors=lambda n, qw: linear_tensors(n, qw, scheme))
+    write_side_files(out_dir, qcfg)
     return qcfg

@@ -8,89 +8,179 @@ It quantizes `model` in place (transforms such as AWQ/SmoothQuant scales are fol
 float weights; every quantized Linear's weight is replaced by its dequantized value so the model
 can be evaluated as is) and returns the quantized tensors keyed by Linear module name
 (e.g. "model.layers.0.self_attn.q_proj"). Formats turn that dict into files.
+
+A `MethodSpec` holds what the rest of hubquant knows about a method: its title and summary, its default (or
+fixed) scheme and how user overrides change it, its options class, its algorithm version, when it reads
+calibration text, the formats it can be written in and which architectures it supports. Method modules are
+imported only when a method runs or its options are parsed (`hubquant --help` stays fast).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 from hubquant.errors import UsageError
+from hubquant.methods.base import MethodFn, QuantJob  # noqa: F401  (the methods' contract, re-exported)
+from hubquant.methods.options import MethodOptions, parse_options
 from hubquant.schemes import ActivationScheme, QuantScheme, WeightScheme
 
-if TYPE_CHECKING:
-    import torch
 
-
-@dataclass(frozen=True, kw_only=True)
-class QuantJob:
-    """Everything a method needs. `calib` is a LongTensor [n_samples, seq_len] of token ids or None."""
-
-    scheme: QuantScheme
-    ignore: tuple[str, ...] = ("lm_head",)
-    calib: torch.Tensor | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    device: str = "cpu"
-    progress: bool = True
-
-
-MethodFn = Callable[["torch.nn.Module", QuantJob], dict]
+def _resolve(target: str):
+    mod, attr = target.split(":")
+    return getattr(importlib.import_module(mod), attr)
 
 
 @dataclass(frozen=True, kw_only=True)
 class MethodSpec:
-    name: str
-    module: str  # "hubquant.methods.rtn:run"
-    needs_calibration: bool
-    default_scheme: QuantScheme
-    formats: tuple[str, ...] = ("compressed-tensors",)
-    summary: str = ""
+    """One method's registry entry. `run` and `options` are "module:attribute" targets, imported on use."""
 
+    name: str
+    title: str  # for the card: "GPTQ", "LLM.int8 (bitsandbytes)"
+    summary: str
+    run: str  # "hubquant.methods.rtn:run"
+    options: str = "hubquant.methods.options:MethodOptions"
+    default_scheme: QuantScheme
+    fixed_scheme: bool = False  # --bits/--group-size/--sym/--asym do not apply (bitsandbytes, FP8)
+    calibrated: bool = False  # always reads calibration text
+    algorithm_version: int | None = None  # bumped when the default algorithm changes the method's output
+    formats: tuple[str, ...] = ("compressed-tensors",)
+    scaling: bool = False  # moves scale along the architecture's mappings (hubquant.methods.scaling)
+    unsupported_hint: str = "use --method gptq or --method rtn for this model"
+    scheme_in_name: bool = True  # False: the method's name says the scheme (BNB-NF4)
+
+    # ------------------------------------------------------------------ what the pipeline calls
     def load(self) -> MethodFn:
-        mod, fn = self.module.split(":")
-        return getattr(importlib.import_module(mod), fn)
+        """The method's run function."""
+        return _resolve(self.run)
+
+    def options_class(self) -> type[MethodOptions]:
+        return _resolve(self.options)
+
+    def parse_options(self, raw: MethodOptions | dict[str, Any] | list[str] | None = None) -> MethodOptions:
+        """The method's options object from a dict, ``key=value`` strings or an options object.
+
+        Raises:
+            UsageError: an unknown key (the hint lists the known ones) or a bad value.
+        """
+        return parse_options(self.options_class(), raw, method=self.name)
+
+    def needs_calibration(self, scheme: QuantScheme | None = None, options: Any = None) -> bool:
+        """Calibrated methods, static activation scales, and options that need data (e.g. FP8 smoothing)."""
+        if self.calibrated:
+            return True
+        if scheme is not None and scheme.activations is not None and not scheme.activations.dynamic:
+            return True
+        return self.parse_options(options).needs_calibration()
+
+    def resolve_scheme(self, *, bits: int | None = None, group_size: int | None = None,
+                       symmetric: bool | None = None, activations: str | None = None) -> QuantScheme:
+        """The default scheme with the user's overrides applied.
+
+        Raises:
+            UsageError: an override the method does not take (fixed schemes; W8A8 with other than 8 bits;
+                activations for a weight-only method), naming the fix.
+        """
+        base = self.default_scheme
+        w = base.weights
+        if self.fixed_scheme:
+            if bits not in (None, w.bits) or group_size is not None or symmetric is not None:
+                raise UsageError(f"--bits/--group-size/--sym/--asym do not apply to --method {self.name}",
+                                 hint="drop them; this method has a fixed scheme")
+            weights = w
+        else:
+            bits_ = bits or w.bits
+            gs = group_size if group_size is not None else w.group_size
+            if bits_ == 8 and group_size is None:
+                gs = -1  # 8-bit defaults to per-channel
+            sym = w.symmetric if symmetric is None else symmetric
+            if base.activations is not None and bits_ != 8:
+                raise UsageError(f"--method {self.name} quantizes weights and activations to 8 bits",
+                                 hint="use --bits 8, or a weight-only method (rtn, gptq, awq) for 4 bits")
+            weights = WeightScheme(bits=bits_, group_size=gs, symmetric=sym)
+        acts = base.activations
+        if activations is not None:
+            if acts is None:
+                raise UsageError(f"--activations does not apply to weight-only --method {self.name}",
+                                 hint="use --method smoothquant, w8a8 or fp8 for activation quantization")
+            if activations not in ("dynamic", "static"):
+                raise UsageError(f"--activations {activations}", hint="use dynamic or static")
+            dyn = activations == "dynamic"
+            acts = dataclasses.replace(acts, dynamic=dyn, strategy="token" if dyn else "tensor")
+        return QuantScheme(weights=weights, activations=acts)
+
+    def takes_scheme_overrides(self, bits: int | None) -> bool:
+        """Whether `--bits bits` (with its group size) applies to this method, as resolve_scheme would accept."""
+        if bits is None or self.fixed_scheme:
+            return False
+        return self.default_scheme.activations is None or bits == 8
+
+    def check_architecture(self, config: Any, options: Any = None) -> None:
+        """Raise UnsupportedError before any download when the method cannot handle `config`'s architecture."""
+        if self.scaling and self.parse_options(options).uses_scaling():
+            from hubquant.methods.scaling import mappings_for
+
+            mappings_for(getattr(config, "model_type", None), method=self.title, hint=self.unsupported_hint)
+
+    def variant_name(self, scheme: QuantScheme, fmt: str) -> str:
+        """The default target repo's suffix: W4A16-G128-GPTQ, W4A16-G128-RTN-gptq (not the first format), BNB-NF4."""
+        if not self.scheme_in_name:
+            return self.name.upper()
+        suffix = f"{scheme.name}-{self.name.upper()}"
+        return suffix if fmt == self.formats[0] else f"{suffix}-{fmt}"
+
+    def check_format(self, fmt: str) -> None:
+        if fmt not in self.formats:
+            raise UsageError(f"--method {self.name} cannot be written as --format {fmt}",
+                             hint=f"choose one of: {', '.join(self.formats)}")
 
 
 _W4 = WeightScheme(bits=4, group_size=128, symmetric=True)
+_W8 = WeightScheme(bits=8, group_size=-1)
 _INT8_DYN = ActivationScheme(bits=8, type="int", dynamic=True, strategy="token")
 _FP8_DYN = ActivationScheme(bits=8, type="float", dynamic=True, strategy="token")
+_W8A8_HINT = "use --method w8a8 (no smoothing) or --method fp8 for this model"
 
-METHODS: dict[str, MethodSpec] = {
-    "rtn": MethodSpec(
-        name="rtn", module="hubquant.methods.rtn:run", needs_calibration=False,
-        default_scheme=QuantScheme(weights=_W4), formats=("compressed-tensors", "gptq", "awq"),
-        summary="round-to-nearest, min-max ranges (baseline)"),
-    "gptq": MethodSpec(
-        name="gptq", module="hubquant.methods.gptq:run", needs_calibration=True,
-        default_scheme=QuantScheme(weights=_W4), formats=("compressed-tensors", "gptq"),
-        summary="Hessian-based error compensation (W4A16)"),
-    "awq": MethodSpec(
-        name="awq", module="hubquant.methods.awq:run", needs_calibration=True,
+METHODS: dict[str, MethodSpec] = {m.name: m for m in (
+    MethodSpec(
+        name="rtn", title="RTN", summary="round-to-nearest, min-max ranges (baseline)",
+        run="hubquant.methods.rtn:run", default_scheme=QuantScheme(weights=_W4),
+        formats=("compressed-tensors", "gptq", "awq")),
+    MethodSpec(
+        name="gptq", title="GPTQ", summary="Hessian-based error compensation (W4A16)",
+        run="hubquant.methods.gptq:run", options="hubquant.methods.gptq:GptqOptions", calibrated=True,
+        algorithm_version=2, default_scheme=QuantScheme(weights=_W4), formats=("compressed-tensors", "gptq")),
+    MethodSpec(
+        name="awq", title="AWQ", summary="activation-aware per-channel scaling (W4A16 asym)",
+        run="hubquant.methods.awq:run", options="hubquant.methods.awq:AwqOptions", calibrated=True, scaling=True,
         default_scheme=QuantScheme(weights=WeightScheme(bits=4, group_size=128, symmetric=False)),
-        formats=("compressed-tensors", "awq"), summary="activation-aware per-channel scaling (W4A16 asym)"),
-    "smoothquant": MethodSpec(
-        name="smoothquant", module="hubquant.methods.smoothquant:run", needs_calibration=True,
-        default_scheme=QuantScheme(weights=WeightScheme(bits=8, group_size=-1), activations=_INT8_DYN),
-        summary="outlier migration into weights, then W8A8 int8"),
-    "w8a8": MethodSpec(
-        name="w8a8", module="hubquant.methods.smoothquant:run_naive", needs_calibration=False,
-        default_scheme=QuantScheme(weights=WeightScheme(bits=8, group_size=-1), activations=_INT8_DYN),
-        summary="naive W8A8 int8 (no smoothing), the SmoothQuant baseline"),
-    "fp8": MethodSpec(
-        name="fp8", module="hubquant.methods.fp8:run", needs_calibration=False,
-        default_scheme=QuantScheme(weights=WeightScheme(bits=8, group_size=-1, type="float"), activations=_FP8_DYN),
-        summary="FP8 e4m3 weights and activations"),
-    "bnb-int8": MethodSpec(
-        name="bnb-int8", module="hubquant.methods.bnb:run_int8", needs_calibration=False,
-        default_scheme=QuantScheme(weights=WeightScheme(bits=8, group_size=-1)), formats=("bitsandbytes",),
-        summary="LLM.int8 (bitsandbytes), outliers kept in fp16"),
-    "bnb-nf4": MethodSpec(
-        name="bnb-nf4", module="hubquant.methods.bnb:run_nf4", needs_calibration=False,
-        default_scheme=QuantScheme(weights=WeightScheme(bits=4, group_size=64)), formats=("bitsandbytes",),
-        summary="NF4 with double quantization (bitsandbytes)"),
-}
+        formats=("compressed-tensors", "awq")),
+    MethodSpec(
+        name="smoothquant", title="SmoothQuant", summary="outlier migration into weights, then W8A8 int8",
+        run="hubquant.methods.smoothquant:run", options="hubquant.methods.smoothing:SmoothConfig",
+        calibrated=True, algorithm_version=2, scaling=True, unsupported_hint=_W8A8_HINT,
+        default_scheme=QuantScheme(weights=_W8, activations=_INT8_DYN)),
+    MethodSpec(
+        name="w8a8", title="W8A8", summary="naive W8A8 int8 (no smoothing), the SmoothQuant baseline",
+        run="hubquant.methods.smoothquant:run_naive", options="hubquant.methods.smoothing:W8A8Options",
+        default_scheme=QuantScheme(weights=_W8, activations=_INT8_DYN)),
+    MethodSpec(
+        name="fp8", title="FP8", summary="FP8 e4m3 weights and activations",
+        run="hubquant.methods.fp8:run", options="hubquant.methods.smoothing:Fp8Options", fixed_scheme=True,
+        scaling=True, unsupported_hint="drop the smoothing options (alpha, smooth) for this model",
+        default_scheme=QuantScheme(weights=WeightScheme(bits=8, group_size=-1, type="float"),
+                                   activations=_FP8_DYN)),
+    MethodSpec(
+        name="bnb-int8", title="LLM.int8 (bitsandbytes)", summary="LLM.int8 (bitsandbytes), outliers kept in fp16",
+        run="hubquant.methods.bnb:run_int8", options="hubquant.methods.bnb:BnbConfig", fixed_scheme=True,
+        scheme_in_name=False, default_scheme=QuantScheme(weights=_W8), formats=("bitsandbytes",)),
+    MethodSpec(
+        name="bnb-nf4", title="NF4 (bitsandbytes)", summary="NF4 with double quantization (bitsandbytes)",
+        run="hubquant.methods.bnb:run_nf4", options="hubquant.methods.bnb:BnbConfig", fixed_scheme=True,
+        scheme_in_name=False, default_scheme=QuantScheme(weights=WeightScheme(bits=4, group_size=64)),
+        formats=("bitsandbytes",)),
+)}
 
 
 def get_method(name: str) -> MethodSpec:

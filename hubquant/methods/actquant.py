@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from hubquant.errors import UsageError
-from hubquant.methods.fp8 import FP8_MAX, fp8_fake_quant_per_token, fp8_fake_quant_static
-from hubquant.quant import ActivationScheme, QuantizedWeight
+from hubquant.quant import FP8_MAX, ActivationScheme, QuantizedWeight, fp8_fake_quant_per_token, fp8_fake_quant_static
 
 INT8_HALF_RANGE = 127.5  # compressed-tensors' symmetric scale: amax / ((2^8 - 1) / 2)
 

@@ -1,6 +1,6 @@
 """AWQ: activation-aware per-channel scaling, then (clipped) round-to-nearest (Lin et al., 2023).
 
-For each mapping (hubquant.methods.awq_mappings) the input channels of the `balance` Linears are
+For each mapping (hubquant.methods.scaling, shared with SmoothQuant) the input channels of the `balance` Linears are
 multiplied by s and the `smooth` module's output divided by s, exactly in float. s is searched on a
 grid (duo scaling: s = x_mean^r / (w_mean^(1-r) + 1e-4)); a candidate's loss is the output error of
 the balance Linears on *all* calibration tokens, computed from the input second moment H = X^T X
@@ -11,16 +11,30 @@ Options (job.options): grid 20, clip True, duo_scaling True.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
+
 import torch
 
 from hubquant.engine import LayerWork, LinearStats, run_layers
 from hubquant.errors import UsageError
-from hubquant.methods import QuantJob
-from hubquant.methods.awq_mappings import AWQMapping, mappings_for
+from hubquant.methods.base import QuantJob
+from hubquant.methods.options import MethodOptions, at_least
+from hubquant.methods.scaling import ScaleMapping, fold, mappings_for
 from hubquant.modeling import model_dtype
 from hubquant.quant import QuantizedWeight, WeightScheme, dequantize, minmax_qparams, quantize
 
-DEFAULTS = {"grid": 20, "clip": True, "duo_scaling": True}
+
+@dataclass(frozen=True, kw_only=True)
+class AwqOptions(MethodOptions):
+    """AWQ settings: scale-search grid size, clip search, duo scaling (activation and weight magnitudes)."""
+
+    grid: int = field(default=20, metadata={"parse": at_least(1)})
+    clip: bool = True
+    duo_scaling: bool = True
+
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(AwqOptions) if f.name != "version"}
 CLIP_GRID = 20
 CLIP_MIN_RATIO = 0.5
 NO_CLIP = ("q_proj", "k_proj", "qkv_proj")  # AutoAWQ leaves q/k unclipped (attention scores are sensitive)
@@ -128,26 +142,13 @@ def _get(module: torch.nn.Module, path: str) -> torch.nn.Module:
     return module
 
 
-@torch.no_grad()
-def apply_scale(layer: torch.nn.Module, mapping: AWQMapping, s: torch.Tensor) -> None:
-    """Fold s into the layer: smooth output / s, balance input columns * s (exact in float)."""
-    smooth = _get(layer, mapping.smooth)
-    s = s.to(smooth.weight.device)
-    if isinstance(smooth, torch.nn.Linear):
-        smooth.weight.div_(s.view(-1, 1).to(smooth.weight.dtype))
-        if smooth.bias is not None:
-            smooth.bias.div_(s.to(smooth.bias.dtype))
-    else:  # a norm: y = x_hat * (offset + weight) (+ bias)
-        w = smooth.weight.float()
-        smooth.weight.copy_(((w + mapping.norm_offset) / s - mapping.norm_offset).to(smooth.weight.dtype))
-        if getattr(smooth, "bias", None) is not None:
-            smooth.bias.div_(s.to(smooth.bias.dtype))
-    for name in mapping.balance:
-        lin = _get(layer, name)
-        lin.weight.mul_(s.view(1, -1).to(lin.weight.dtype))
+def apply_scale(layer: torch.nn.Module, mapping: ScaleMapping, s: torch.Tensor) -> None:
+    """Fold s into the layer: smooth output / s, balance input columns * s (exact in float; AWQ's rounding:
+    Linears in their own dtype, norms in float32)."""
+    fold(layer, mapping, s, dtype=None)
 
 
-def _active_mappings(work: LayerWork, mappings) -> list[AWQMapping]:
+def _active_mappings(work: LayerWork, mappings) -> list[ScaleMapping]:
     out = []
     for m in mappings:
         try:
@@ -172,10 +173,7 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
     """
     if job.calib is None:
         raise UsageError("AWQ needs calibration data", hint="pass --calib-dataset (or use --method rtn)")
-    unknown = set(job.options) - set(DEFAULTS)
-    if unknown:
-        raise UsageError(f"unknown AWQ option(s): {', '.join(sorted(unknown))}", hint=f"use {', '.join(DEFAULTS)}")
-    opts = {**DEFAULTS, **job.options}
+    opts = dataclasses.asdict(job.options_as(AwqOptions, "awq"))
     mappings = mappings_for(getattr(model.config, "model_type", type(model).__name__))
     scheme = job.scheme.weights
     dtype = model_dtype(model)

@@ -17,7 +17,8 @@ are removed by :func:`hubquant.methods.actquant.detach_activation_quant`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from hubquant.errors import UsageError, missing_dependency
 from hubquant.methods.actquant import attach_hook
+from hubquant.methods.options import MethodOptions, parse_float, parse_options
 from hubquant.modeling import quantizable_linears
 from hubquant.quant import QuantizedWeight, WeightScheme
 
@@ -42,24 +44,32 @@ def _bnb():
     return F
 
 
-@dataclass(frozen=True, kw_only=True)
-class BnbConfig:
-    """bitsandbytes settings from ``job.options``: threshold (int8), compute_dtype and double_quant (NF4)."""
+def _compute_dtype(v: Any) -> str:
+    cd = str(v).removeprefix("torch.")
+    if cd not in _DTYPES:
+        raise ValueError(f"compute_dtype {cd} is not supported: use one of {', '.join(_DTYPES)}")
+    return cd
 
-    threshold: float = 6.0
-    compute_dtype: str = "bfloat16"
+
+def _threshold(v: Any) -> float:
+    x = parse_float(v)
+    if x < 0:
+        raise ValueError("use a number >= 0 (0 turns the outlier columns off)")
+    return x
+
+
+@dataclass(frozen=True, kw_only=True)
+class BnbConfig(MethodOptions):
+    """bitsandbytes settings: threshold (int8 outlier columns), compute_dtype and double_quant (NF4)."""
+
+    threshold: float = field(default=6.0, metadata={"parse": _threshold})
+    compute_dtype: str = field(default="bfloat16", metadata={"parse": _compute_dtype})
     double_quant: bool = True
-    blocksize: int = 64
-    version: int = 1
+    blocksize: ClassVar[int] = 64
 
     @classmethod
-    def from_options(cls, opts: dict) -> "BnbConfig":
-        cd = str(opts.get("compute_dtype", "bfloat16")).removeprefix("torch.")
-        if cd not in _DTYPES:
-            raise UsageError(f"compute_dtype {cd} is not supported", hint=f"use one of {', '.join(_DTYPES)}")
-        dq = opts.get("double_quant", True)
-        dq = dq if isinstance(dq, bool) else str(dq).lower() not in ("0", "false", "no")
-        return cls(threshold=float(opts.get("threshold", 6.0)), compute_dtype=cd, double_quant=dq)
+    def from_options(cls, opts: dict) -> BnbConfig:
+        return parse_options(cls, opts, method="bnb")
 
 
 class Nf4Weight(QuantizedWeight):
@@ -124,7 +134,7 @@ def run_int8(model: nn.Module, job) -> dict[str, QuantizedWeight]:
     Raises:
         UnsupportedError: bitsandbytes is not installed. UsageError: bad options.
     """
-    cfg = BnbConfig.from_options(dict(job.options or {}))
+    cfg = job.options_as(BnbConfig, "bnb-int8")
     out = {}
     for name, lin in tqdm(quantizable_linears(model, job.ignore).items(), desc="bnb int8", disable=not job.progress):
         qw = int8_quantize(lin.weight.data)
@@ -150,7 +160,7 @@ def run_nf4(model: nn.Module, job) -> dict[str, QuantizedWeight]:
     Raises:
         UnsupportedError: bitsandbytes is not installed. UsageError: bad options or shapes.
     """
-    cfg = BnbConfig.from_options(dict(job.options or {}))
+    cfg = job.options_as(BnbConfig, "bnb-nf4")
     compute = _DTYPES[cfg.compute_dtype]
     out = {}
     for name, lin in tqdm(quantizable_linears(model, job.ignore).items(), desc="bnb nf4", disable=not job.progress):

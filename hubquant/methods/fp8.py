@@ -18,102 +18,14 @@ value and a forward pre-hook fake-quantizes its input (see
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from hubquant.errors import UsageError
-from hubquant.quant import QuantizedWeight, WeightScheme
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
-
-
-def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-
-
-def fp8_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """amax / 448 in `dtype`, with zero ranges mapped to the smallest safe scale."""
-    scale = amax.float() / FP8_MAX
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, 1e-8))
-    return scale.to(dtype)
-
-
-def fp8_quantize_weight(w: torch.Tensor, scheme: WeightScheme, *, scale_dtype: torch.dtype | None = None,
-                        per_tensor: bool = False) -> QuantizedWeight:
-    """e4m3 codes of `w` [out, in]: qweight float8_e4m3fn, scale [out, 1] (per channel) or [1, 1] (per tensor).
-
-    compressed-tensors' FP8 static scheme uses per-tensor weight scales; the dynamic one per channel.
-    """
-    if scheme.type != "float" or scheme.bits != 8 or scheme.group_size != -1:
-        raise UsageError(
-            f"FP8 needs 8-bit float per-channel weights, got {scheme}",
-            hint="use the fp8 method's default scheme (--bits 8, no --group-size)",
-        )
-    amax = w.float().abs().amax(dim=1, keepdim=True)
-    if per_tensor:
-        amax = amax.amax().reshape(1, 1)
-    scale = fp8_scale(amax, scale_dtype or w.dtype)
-    return QuantizedWeight(qweight=_to_fp8(w, scale), scale=scale, zero_point=None, scheme=scheme)
-
-
-@torch.no_grad()
-def fp8_gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, *, block_size: int = 128,
-                      damp: float = 0.01, scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
-    """GPTQ on the e4m3 grid: per-channel scales amax/448 of the original weight, columns in decreasing diag(H)
-    order, each column's rounding error pushed onto the columns not yet rounded (as int GPTQ does).
-
-    Args:
-        weight: [out, in] float weight. hessian: [in, in] 2 X^T X / n of the Linear's inputs (not changed).
-        scheme: the FP8 weight scheme. block_size: columns updated lazily together. damp: fraction of mean diag H.
-        scale_dtype: dtype of the stored scales (rounding uses the stored value).
-
-    Returns:
-        QuantizedWeight with float8_e4m3fn codes in the original column order and scale [out, 1].
-
-    Raises:
-        UsageError: not an FP8 per-channel scheme. CholeskyFailed: the Hessian stays singular.
-    """
-    from hubquant.methods.gptq import inverse_hessian_cholesky
-
-    qw = fp8_quantize_weight(weight, scheme, scale_dtype=scale_dtype)  # checks the scheme, gives the scales
-    w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    sc = qw.scale.float().to(w.device)  # [out, 1]
-    perm = torch.argsort(torch.diag(h), descending=True)
-    w, h = w[:, perm], h[perm][:, perm]
-    hinv, _ = inverse_hessian_cholesky(h, damp)
-    codes = torch.empty_like(w)
-    n = w.shape[1]
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        err1 = torch.empty_like(w1)
-        for i in range(i2 - i1):
-            c = _to_fp8(w1[:, i: i + 1], sc).float()
-            codes[:, i1 + i] = c[:, 0]
-            e = (w1[:, i] - c[:, 0] * sc[:, 0]) / hinv1[i, i]
-            err1[:, i] = e
-            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
-        if i2 < n:
-            w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
-    qw.qweight = codes[:, torch.argsort(perm)].to(FP8_DTYPE).to(qw.qweight.device)
-    return qw
-
-
-def fp8_fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic per-token e4m3 quantize -> dequantize along the last dim, in x's dtype."""
-    scale = fp8_scale(x.float().abs().amax(dim=-1, keepdim=True), torch.float32)
-    return (_to_fp8(x, scale).float() * scale).to(x.dtype)
-
-
-def fp8_fake_quant_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-    """Static per-tensor e4m3 quantize -> dequantize with a calibrated `input_scale`."""
-    s = input_scale.float().reshape(())
-    return (_to_fp8(x, s).float() * s).to(x.dtype)
+from hubquant.methods.gptq import fp8_gptq_quantize  # noqa: F401  (FP8 GPTQ rounding, re-exported)
+from hubquant.methods.smoothing import Fp8Options
+from hubquant.methods.smoothquant import quantize_w8a8
+from hubquant.quant import (  # noqa: F401  (the FP8 numerics live in hubquant.quant; re-exported)
+    FP8_DTYPE, FP8_MAX, QuantizedWeight, fp8_fake_quant_per_token, fp8_fake_quant_static, fp8_quantize_weight, fp8_scale,
+)
 
 
 def run(model: nn.Module, job) -> dict[str, QuantizedWeight]:
@@ -131,7 +43,5 @@ def run(model: nn.Module, job) -> dict[str, QuantizedWeight]:
         UsageError: wrong scheme, or static activations / smoothing / GPTQ without calibration data.
         UnsupportedError: smoothing on an architecture without a smoothing map.
     """
-    from hubquant.methods.smoothquant import quantize_w8a8
-
-    smooth = any(k in (job.options or {}) for k in ("alpha", "smooth"))
-    return quantize_w8a8(model, job, smooth=smooth)
+    options = job.options_as(Fp8Options, "fp8")
+    return quantize_w8a8(model, job, options=options, smooth=options.smoothing)

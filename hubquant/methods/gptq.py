@@ -13,17 +13,31 @@ loop; llm-compressor uses plain min-max).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
 from hubquant.engine import LayerWork, LinearStats, run_layers
 from hubquant.errors import UsageError
-from hubquant.methods import QuantJob
+from hubquant.methods.base import QuantJob
+from hubquant.methods.options import MethodOptions, at_least, positive_float
 from hubquant.modeling import model_dtype
-from hubquant.quant import QuantizedWeight, WeightScheme, minmax_qparams
+from hubquant.quant import FP8_DTYPE, QuantizedWeight, WeightScheme, fp8_quantize_weight, minmax_qparams, to_fp8
 
-DEFAULTS = {"block_size": 128, "damp": 0.01, "actorder": True, "true_sequential": True, "clip": True}
+
+@dataclass(frozen=True, kw_only=True)
+class GptqOptions(MethodOptions):
+    """GPTQ settings (see the module docstring)."""
+
+    block_size: int = field(default=128, metadata={"parse": at_least(1)})
+    damp: float = field(default=0.01, metadata={"parse": positive_float, "help": "times the mean of diag H"})
+    actorder: bool = True
+    true_sequential: bool = True
+    clip: bool = True
+
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(GptqOptions) if f.name != "version"}
 DAMP_RETRIES = (1.0, 10.0, 100.0)  # multipliers of `damp` tried before giving up
 CLIP_GRID, CLIP_MIN_RATIO = 20, 0.5  # the clip search's candidates: ratios 1, 0.975, ..., 0.525
 
@@ -315,6 +329,51 @@ def gptq_quantize(
     return qw, float(loss)
 
 
+@torch.no_grad()
+def fp8_gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, *, block_size: int = 128,
+                      damp: float = 0.01, scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
+    """GPTQ on the e4m3 grid: per-channel scales amax/448 of the original weight, columns in decreasing diag(H)
+    order, each column's rounding error pushed onto the columns not yet rounded (as int GPTQ does).
+
+    Args:
+        weight: [out, in] float weight. hessian: [in, in] 2 X^T X / n of the Linear's inputs (not changed).
+        scheme: the FP8 weight scheme. block_size: columns updated lazily together. damp: fraction of mean diag H.
+        scale_dtype: dtype of the stored scales (rounding uses the stored value).
+
+    Returns:
+        QuantizedWeight with float8_e4m3fn codes in the original column order and scale [out, 1].
+
+    Raises:
+        UsageError: not an FP8 per-channel scheme. CholeskyFailed: the Hessian stays singular.
+    """
+    qw = fp8_quantize_weight(weight, scheme, scale_dtype=scale_dtype)  # checks the scheme, gives the scales
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    sc = qw.scale.float().to(w.device)  # [out, 1]
+    perm = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv, _ = inverse_hessian_cholesky(h, damp)
+    codes = torch.empty_like(w)
+    n = w.shape[1]
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.empty_like(w1)
+        for i in range(i2 - i1):
+            c = to_fp8(w1[:, i: i + 1], sc).float()
+            codes[:, i1 + i] = c[:, 0]
+            e = (w1[:, i] - c[:, 0] * sc[:, 0]) / hinv1[i, i]
+            err1[:, i] = e
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
+        if i2 < n:
+            w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
+    qw.qweight = codes[:, torch.argsort(perm)].to(FP8_DTYPE).to(qw.qweight.device)
+    return qw
+
+
 def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
     """Quantize every Linear of every decoder layer with GPTQ (see the method contract in docs/DESIGN.md).
 
@@ -323,10 +382,7 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
     """
     if job.calib is None:
         raise UsageError("GPTQ needs calibration data", hint="pass --calib-dataset (or use --method rtn)")
-    unknown = set(job.options) - set(DEFAULTS)
-    if unknown:
-        raise UsageError(f"unknown GPTQ option(s): {', '.join(sorted(unknown))}", hint=f"use {', '.join(DEFAULTS)}")
-    opts = {**DEFAULTS, **job.options}
+    opts = dataclasses.asdict(job.options_as(GptqOptions, "gptq"))
     scheme = job.scheme.weights
     dtype = model_dtype(model)
     result: dict[str, QuantizedWeight] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from hubquant.methods import QuantJob
+from hubquant.methods.base import QuantJob
 from hubquant.modeling import decoder_layers, layers_prefix, quantizable_linears
 from hubquant.quant import QuantizedWeight, rtn_quantize
 

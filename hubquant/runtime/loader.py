@@ -21,10 +21,12 @@ import torch
 from torch import nn
 
 from hubquant.errors import CorruptFileError, NotFoundError, UnsupportedError
+from hubquant.formats import FORMATS, by_quant_method
 from hubquant.runtime import repack
 from hubquant.runtime.modules import W4A16Linear, W8A8Linear
 
-SUPPORTED = ("compressed-tensors", "gptq", "awq")
+# the formats whose registry entry names a reader here (quant_method strings)
+SUPPORTED = tuple(f.quant_method for f in FORMATS.values() if f.reader)
 
 
 class TensorFiles:
@@ -84,9 +86,10 @@ def detect_format(qcfg: dict | None) -> str:
     """'none' for float checkpoints, else the quant_method hubquant can run."""
     if not qcfg:
         return "none"
+    spec = by_quant_method(qcfg.get("quant_method"))
+    if spec is not None and spec.reader is not None:
+        return spec.name
     method = qcfg.get("quant_method")
-    if method in SUPPORTED:
-        return method
     raise UnsupportedError(f"quant_method {method!r} is not supported by hubquant.load",
                            hint=f"hubquant.load runs {', '.join(SUPPORTED)}; load other formats with transformers")
 
@@ -191,7 +194,8 @@ def _to(kw: dict, device, dtype) -> dict:
     return out
 
 
-BUILDERS: dict[str, Callable] = {"compressed-tensors": _build_ct, "gptq": _build_gptq, "awq": _build_awq}
+# the registry's readers (hubquant.formats.FORMATS[...].reader) by name
+build_compressed_tensors, build_gptq, build_awq = _build_ct, _build_gptq, _build_awq
 
 
 # ---------------------------------------------------------------- the loader
@@ -256,7 +260,7 @@ def load(repo_or_path: str | Path, device: str | torch.device | None = None, dty
     notes: set[str] = set()
     n_quant = 0
     if fmt != "none":
-        build = BUILDERS[fmt]
+        build = FORMATS[fmt].load_reader()
         linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         for name, lin in tqdm(linears, desc="repacking", disable=not progress, leave=False):
             t = files.with_prefix(name)

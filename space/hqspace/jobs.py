@@ -130,10 +130,7 @@ def scheme_overrides(method: str, bits: int | None, group_size: int | None) -> d
     """
     from hubquant.methods import get_method
 
-    scheme = get_method(method).default_scheme
-    if bits is None or scheme.weights.type == "float" or method.startswith("bnb-"):
-        return {}
-    if scheme.activations is not None and bits != 8:
+    if not get_method(method).takes_scheme_overrides(bits):
         return {}
     out = {"bits": bits}
     if group_size is not None:

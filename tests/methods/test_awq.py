@@ -7,7 +7,8 @@ import torch
 from hubquant.errors import UnsupportedError, UsageError
 from hubquant.methods import QuantJob
 from hubquant.methods.awq import apply_scale, fake_quant, output_error, run, search_clip, search_scale, weight_mean
-from hubquant.methods.awq_mappings import AWQ_MAPPINGS, mappings_for
+from hubquant.methods.scaling import ARCHITECTURES as AWQ_MAPPINGS
+from hubquant.methods.scaling import mappings_for
 from hubquant.quant import QuantScheme, WeightScheme, rtn_quantize
 from tests.conftest import tiny_model
 
