@@ -91,7 +91,8 @@ def render(inp: CardInputs):
         common = dict(task_type="text-generation", task_name="Text Generation", dataset_type=inp.eval_spec,
                       dataset_name=inp.eval_desc)
         eval_results = [
-            EvalResult(metric_type="perplexity", metric_name="Perplexity", metric_value=round(m["perplexity"], 4), **common),
+            EvalResult(metric_type="perplexity", metric_name="Perplexity", metric_value=round(m["perplexity"], 4),
+                       **common),
             EvalResult(metric_type="top1_agreement", metric_name="Top-1 agreement with base",
                        metric_value=round(m["top1_agreement"], 4), **common),
             EvalResult(metric_type="kl_divergence", metric_name="Mean KL(base || variant)",

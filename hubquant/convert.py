@@ -12,9 +12,10 @@ import shlex
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hubquant
 from hubquant.errors import ConflictError, QualityGateError, UnsupportedError, UsageError
@@ -238,9 +239,11 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
     if opts.max_ppl_increase is not None and opts.skip_eval:
         raise UsageError("--max-ppl-increase needs the evaluation", hint="drop --skip-eval")
     if opts.num_samples < 1 or opts.seq_len < 16:
-        raise UsageError("--num-samples must be >= 1 and --seq-len >= 16", hint="use e.g. --num-samples 128 --seq-len 2048")
+        raise UsageError("--num-samples must be >= 1 and --seq-len >= 16",
+                         hint="use e.g. --num-samples 128 --seq-len 2048")
     settings = settings_of(opts, scheme, fmt)
-    log(f"hubquant {hubquant.__version__}: {opts.repo_id} -> {scheme.name} {opts.method} ({fmt}); {client.env_summary(opts.token)}")
+    log(f"hubquant {hubquant.__version__}: {opts.repo_id} -> {scheme.name} {opts.method} ({fmt}); "
+        f"{client.env_summary(opts.token)}")
 
     # 1. resolve the base and the target; stop early when the target is already up to date
     t = time.time()
@@ -402,14 +405,16 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
     }
     (out_dir / client.PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     from hubquant.card import CardInputs, render
+    from hubquant.formats.common import ignored_linears
 
     card = render(CardInputs(
         target_repo=target or default_target(opts.repo_id, "local", scheme, opts.method, fmt),
         base_model=opts.repo_id, base_sha=base_sha, base_card_path=dl.path / "README.md", method=opts.method,
         method_summary=spec.summary, scheme_name=scheme.name, weights_desc=wd, acts_desc=ad, format=fmt,
         quant_method=qc.get("quant_method", fmt),
-        ignored=sorted(n for n, m in model.named_modules() if isinstance(m, __import__("torch").nn.Linear) and n not in quantized),
-        calib_desc=calib.description + f" ({calib.num_samples} x {calib.seq_len} tokens)" if calib else "none (no calibration needed)",
+        ignored=sorted(ignored_linears(model, quantized)),
+        calib_desc=calib.description + f" ({calib.num_samples} x {calib.seq_len} tokens)" if calib
+        else "none (no calibration needed)",
         calib_spec=calib.spec if calib else None,
         eval_desc=eval_set.description if eval_set else "not evaluated", eval_spec=eval_spec,
         metrics=metrics if ref is not None else {}, size_bytes=size, base_size_bytes=base_size, settings=settings,
@@ -425,7 +430,8 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
             if tmp_root is not None:
                 shutil.rmtree(tmp_root, ignore_errors=True)
             raise QualityGateError(
-                f"perplexity rose {metrics['ppl_increase_pct']:.2f}% (gate: {opts.max_ppl_increase}%); nothing was pushed",
+                f"perplexity rose {metrics['ppl_increase_pct']:.2f}% (gate: {opts.max_ppl_increase}%); "
+                "nothing was pushed",
                 hint="try a better method (gptq, awq), more bits or a smaller group size, or raise --max-ppl-increase")
     commit_url = None
     if opts.push:

@@ -21,7 +21,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--group-size", type=int, help="input columns per scale; -1 = per output channel (default 128)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric weights")
-    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric weights (zero points)")
+    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False,
+                     help="asymmetric weights (zero points)")
     p.add_argument("--activations", choices=["dynamic", "static"], help="W8A8/FP8 activation scales")
     p.add_argument("--format", choices=list(FORMATS),
                    help="checkpoint format (default: compressed-tensors; bitsandbytes for bnb-*)")
@@ -36,7 +37,8 @@ def add_parsers(sub) -> None:
                    help="refuse to push when perplexity rises more than PCT percent")
     g = p.add_argument_group("calibration and evaluation")
     g.add_argument("--calib-dataset", help="built-in (fortunes, lee-news), a local file, or a Hub dataset "
-                                           "ID[:CONFIG[:SPLIT[:COLUMN]]] (default: wikitext on the Hub, fortunes offline)")
+                                           "ID[:CONFIG[:SPLIT[:COLUMN]]] "
+                                           "(default: wikitext on the Hub, fortunes offline)")
     g.add_argument("--eval-dataset", help="held-out text, same syntax (default: wikitext test, lee-news offline)")
     g.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
     g.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sample (default 2048)")

@@ -84,10 +84,12 @@ def _lee_news() -> TextSource:
     for name in ("lee_background.cor", "lee.cor"):
         f = root / name
         if f.is_file():
-            texts += [line.strip() for line in f.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+            lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
+            texts += [line.strip() for line in lines if line.strip()]
     if not texts:
         raise NotFoundError(f"the Lee corpus files are missing under {root}", hint="reinstall gensim")
-    return TextSource("lee-news", "Lee news corpus (Australian news articles, shipped in the gensim package)", tuple(texts))
+    return TextSource("lee-news", "Lee news corpus (Australian news articles, shipped in the gensim package)",
+                      tuple(texts))
 
 
 BUILTIN = {"fortunes": _fortunes, "lee-news": _lee_news}
@@ -102,13 +104,15 @@ def _local(path: Path, column: str) -> TextSource:
         try:
             import datasets
         except ImportError as e:
-            raise UnsupportedError("reading JSON/parquet text needs `datasets`", hint="run: pip install datasets") from e
+            raise UnsupportedError("reading JSON/parquet text needs `datasets`",
+                                   hint="run: pip install datasets") from e
         kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
         if kind is None:
             raise UsageError(f"cannot read text from {path.name}", hint="use .txt, .json, .jsonl, .csv or .parquet")
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         if column not in ds.column_names:
-            raise UsageError(f"{path.name} has no column '{column}'", hint=f"use {path}:COLUMN with one of {ds.column_names}")
+            raise UsageError(f"{path.name} has no column '{column}'",
+                             hint=f"use {path}:COLUMN with one of {ds.column_names}")
         texts = [t for t in ds[column] if isinstance(t, str) and t.strip()]
     return TextSource(str(path), f"local file {path.name}", tuple(texts))
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything the tests need (venv, hubquant with all test extras, Chromium for the browser tests)
-# and run the whole suite. Extra arguments go to pytest.
+# lint the tree (ruff) and run the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh "data,test,space,service,bnb,kernels"
@@ -16,6 +16,8 @@ if [ ! -x "$HF1/bin/python" ]; then
 fi
 [ -x "$HF1/bin/python" ] && export HUBQUANT_HF_CLIENT_PYTHONS="$PWD/$HF1/bin/python"
 . .venv/bin/activate
+echo "==> lint (ruff check .)"
+ruff check .
 set +e
 python -m pytest -q -p no:cacheprovider "$@"
 rc=$?

@@ -14,15 +14,13 @@ from typing import Optional
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import hubquant  # noqa: E402,F401  (Hub environment before huggingface_hub is imported)
-
 import gradio as gr  # noqa: E402
-
 from hqspace.compare import METRICS, PanelResult, metrics_markdown, run_comparison, tradeoff_plot  # noqa: E402
 from hqspace.discover import describe, find_bases, find_variants  # noqa: E402
 from hqspace.jobs import ConvertRequest, JobRunner, error_kind, preflight  # noqa: E402
 from hqspace.runner import ModelCache, download, load_model  # noqa: E402
 
+import hubquant  # noqa: E402,F401  (Hub environment before huggingface_hub is imported)
 from hubquant.errors import HubquantError  # noqa: E402
 
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"

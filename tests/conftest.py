@@ -26,7 +26,8 @@ TINY_ARCHS = {
 }
 
 
-def tiny_config(arch: str = "llama", *, hidden: int = 128, intermediate: int = 256, layers: int = 2, vocab: int = 49152):
+def tiny_config(arch: str = "llama", *, hidden: int = 128, intermediate: int = 256, layers: int = 2,
+                vocab: int = 49152):
     import transformers
 
     cls_name, extra = TINY_ARCHS[arch]

@@ -61,8 +61,9 @@ def test_architectures_convert_and_load_exactly(hub_env, tiny_repos, tmp_path, a
     prov = json.loads((out / "hubquant.json").read_text())
     assert prov["base_model"] == tiny_repos[arch] and prov["settings"]["method"] == "rtn"
     # weights equal our own dequantization of the same base
-    from hubquant.quant import WeightScheme, fake_quantize
     from huggingface_hub import snapshot_download
+
+    from hubquant.quant import WeightScheme, fake_quantize
 
     base = AutoModelForCausalLM.from_pretrained(snapshot_download(tiny_repos[arch]), dtype=torch.bfloat16)
     name = "model.layers.0.mlp.down_proj.weight"
@@ -76,7 +77,8 @@ def test_push_is_one_commit_and_rerun_makes_none(hub_env, tiny_repos):
     from huggingface_hub import HfApi, ModelCard
 
     target = f"alice/tiny-llama-w8-{_uid()}"
-    opts = ConvertOptions(repo_id=tiny_repos["llama"], method="rtn", bits=8, push=True, target_repo=target, **SMALL_EVAL)
+    opts = ConvertOptions(repo_id=tiny_repos["llama"], method="rtn", bits=8, push=True, target_repo=target,
+                          **SMALL_EVAL)
     res = convert(opts, log=lambda m: None)
     assert res.commit_url and not res.skipped
     commits = _commits(target)
@@ -126,7 +128,8 @@ def test_quality_gate_refuses_to_push(hub_env, tiny_repos):
 
 def test_group_size_error_names_layers_and_sizes(hub_env, tiny_repos):
     with pytest.raises(UsageError) as e:
-        convert(ConvertOptions(repo_id=tiny_repos["llama"], method="rtn", group_size=96, **SMALL_EVAL), log=lambda m: None)
+        convert(ConvertOptions(repo_id=tiny_repos["llama"], method="rtn", group_size=96, **SMALL_EVAL),
+                log=lambda m: None)
     msg = str(e.value)
     assert "group size 96" in msg and "128" in msg and "--group-size 32 or 64 or 128" in msg
 

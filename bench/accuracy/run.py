@@ -57,7 +57,8 @@ def write_report(rows: list[dict], meta: dict, out_md: Path, out_png: Path) -> N
         f"- Calibration (same token windows for every method): {meta['calib']}.",
         f"- Evaluation (checked disjoint from the calibration text): {meta['eval']}; perplexity of the in-memory "
         "quantized model (dequantized weights, bf16 compute).",
-        f"- Every run is a fresh process with {meta['threads']} CPU thread(s) (OMP_NUM_THREADS); the 2 cores were shared "
+        f"- Every run is a fresh process with {meta['threads']} CPU thread(s) (OMP_NUM_THREADS); "
+        "the 2 cores were shared "
         "with other jobs, so wall times carry noise.",
         "- llm-compressor 0.14.0.1 (its own venv: torch 2.13.0 CPU, transformers 5.17, compressed-tensors 0.19): "
         "GPTQModifier (actorder static, block 128, dampening 0.01, symmetric) and AWQModifier (duo scaling, grid 20) + "
@@ -82,7 +83,8 @@ def write_report(rows: list[dict], meta: dict, out_md: Path, out_png: Path) -> N
         if "error" not in r and "quant_s" not in r:
             continue  # a placeholder row (used to skip runs with --resume)
         if "error" in r:
-            lines.append(f"| {scheme} | {r['tool']} | {r['method']} | failed: {r['error']} | | | {r['process_s']:.0f} | |")
+            lines.append(f"| {scheme} | {r['tool']} | {r['method']} | failed: {r['error']} | | | "
+                         f"{r['process_s']:.0f} | |")
             continue
         delta = f"{100 * (r['ppl'] / base - 1):+.1f}%" if base else ""
         proc = f"{r['process_s']:.0f}" if "process_s" in r else "n/a"

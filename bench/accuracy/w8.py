@@ -96,7 +96,8 @@ def variants(extended: bool) -> list[tuple[str, str, dict, str]]:
                "dynamic"),
               ("SmoothQuant W8A8, alpha 0.8 (v_proj->o_proj 0.5, up_proj->down_proj 0.9), GPTQ weights, one pass",
                "smoothquant", {"alpha": _DICT_ALPHA, "weights": "gptq", "sequential": False}, "dynamic"),
-              ("FP8 e4m3 dynamic, smoothed alpha 0.8 (v_proj->o_proj 0.5, up_proj->down_proj 0.9), GPTQ weights, one pass",
+              ("FP8 e4m3 dynamic, smoothed alpha 0.8 (v_proj->o_proj 0.5, up_proj->down_proj 0.9), "
+               "GPTQ weights, one pass",
                "fp8", {"alpha": _DICT_ALPHA, "weights": "gptq", "sequential": False}, "dynamic"),
               ("FP8 e4m3 dynamic, smoothed layer-search alpha", "fp8", {"alpha": "layer-search", "alpha_grid": _GRID},
                "dynamic")]

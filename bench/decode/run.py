@@ -26,11 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 os.environ.setdefault("HUBQUANT_TUNE_CACHE", "0")  # each mode re-tunes (gemv1 vs gemv2): never from disk
-from hubquant_kernels import _common  # noqa: E402
-
 from hubquant.runtime import load  # noqa: E402
 from hubquant.runtime.decode import GraphDecoder  # noqa: E402
 from hubquant.runtime.synth import write_variant  # noqa: E402
+from hubquant_kernels import _common  # noqa: E402
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
@@ -101,7 +100,8 @@ def main() -> int:
         "mlp.up_proj", "mlp.down_proj")} | {"lm_head"}
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and shutil.disk_usage(shm).free > 40e9 else Path(tempfile.gettempdir())
-    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
            "torch": torch.__version__, "layers": args.layers, "new_tokens": args.tokens,
            "prompt_tokens": args.prompt, "config": {k: cfg.get(k) for k in dims}, "variants": {}}
     out = Path(args.out)

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 from harness import parse_shapes, run_sweep, sibling, smoke_time, w4_weights  # noqa: E402
-from harness import time_w4 as _time_w4  # noqa: E402
 from harness import pick as harness_pick  # noqa: E402
+from harness import time_w4 as _time_w4  # noqa: E402
+
 from hubquant_kernels import fused, pack, w4a16, w4a16_gemv  # noqa: E402
 
 _run = sibling("run")
@@ -38,7 +39,8 @@ def check_gemv2(log) -> list[dict]:
     dev, out = DEV, []
     g = torch.Generator(device=dev).manual_seed(0)
     for (m, n, k, gs, asym, dt) in [(1, 72, 512, 32, False, torch.bfloat16), (3, 200, 1024, 128, True, torch.float16),
-                                    (1, 4096, 4096, 128, False, torch.bfloat16), (7, 136, 768, -1, True, torch.bfloat16),
+                                    (1, 4096, 4096, 128, False, torch.bfloat16),
+                                    (7, 136, 768, -1, True, torch.bfloat16),
                                     (8, 1000, 14336, 128, True, torch.bfloat16)][:2 if DEV == "cpu" else None]:
         gsz = k if gs == -1 else gs
         qw = pack.pack_kn(torch.randint(0, 16, (k, n), device=dev, generator=g))

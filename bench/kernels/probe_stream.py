@@ -23,8 +23,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-
 from harness import header, sibling, smoke_time  # noqa: E402
+
 from hubquant_kernels import _common, w4a16  # noqa: E402
 
 graph_time = sibling("run").graph_time
@@ -84,7 +84,8 @@ def main() -> int:
             for r in (32, 64):
                 for warps in (4, 8):
                     for split in (1, 2, 4, 8, 16):
-                        if (k // 8) % (split * r) or (n // bn) * split < 132 and split != 16 or (n // bn) * split > 4096:
+                        tiles = (n // bn) * split
+                        if (k // 8) % (split * r) or tiles < 132 and split != 16 or tiles > 4096:
                             continue
                         for tiled, evict in ((False, False), (False, True), (True, False)):
                             src = tiled_copies if tiled else copies

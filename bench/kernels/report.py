@@ -60,7 +60,8 @@ def goals(cells, copy_bw):
         c = cells[(k, n, 1)]
         pct = c["bytes"]["w4a16"] / c["w4a16"] / copy_bw
         out.append(f"| W4A16 M=1 >= 3.0x bf16, {k}x{n} | {s:.2f}x | {'yes' if s >= 3 else 'no'} |")
-        out.append(f"| W4A16 M=1 >= 75% of copy bandwidth, {k}x{n} | {100 * pct:.0f}% | {'yes' if pct >= .75 else 'no'} |")
+        out.append(f"| W4A16 M=1 >= 75% of copy bandwidth, {k}x{n} | {100 * pct:.0f}% "
+                   f"| {'yes' if pct >= .75 else 'no'} |")
     m16 = [sp("w4a16", k, n, 16) for k, n in sorted({(k, n) for k, n, _ in cells})]
     out.append(f"| W4A16 M=16 >= 2.0x (all shapes) | {min(m16):.2f}x .. {max(m16):.2f}x | "
                f"{'yes' if min(m16) >= 2 else 'no'} |")

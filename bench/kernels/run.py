@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
-from hubquant_kernels import _common, fp8, pack, w4a16, w8a8
+from hubquant_kernels import _common, fp8, pack, w4a16, w8a8  # noqa: E402  (after the sys.path line above)
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (8192, 8192)]  # (K, N)
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -85,8 +85,10 @@ def check_all(log, ops: str = "all") -> list[dict]:
     # bf16/fp16, bias
     case_no = 0
     for (m, n, k, gs, asym, dt) in [(1, 72, 512, 32, False, torch.bfloat16), (3, 200, 1024, 64, True, torch.float16),
-                                    (1, 4096, 4096, 128, False, torch.bfloat16), (7, 136, 768, -1, True, torch.bfloat16),
-                                    (33, 264, 2048, 128, True, torch.bfloat16), (300, 520, 1024, 64, False, torch.float16),
+                                    (1, 4096, 4096, 128, False, torch.bfloat16),
+                                    (7, 136, 768, -1, True, torch.bfloat16),
+                                    (33, 264, 2048, 128, True, torch.bfloat16),
+                                    (300, 520, 1024, 64, False, torch.float16),
                                     (16, 1024, 14336, 128, False, torch.bfloat16)]:
         if ops == "w4a16" and m > 16:
             continue
@@ -127,7 +129,8 @@ def check_all(log, ops: str = "all") -> list[dict]:
                 e, ok = repr(ex)[:300], False
             out.append({"op": "w4a16_column_view", "shape": [m, 1024, k], "impl": c.name, "rel_err": e, "ok": ok})
     # W8A8 int8 / FP8: activation quantization bit-exact, GEMMs vs float64 reference
-    for (m, n, k) in [] if ops == "w4a16" else [(1, 72, 512), (5, 200, 1024), (33, 136, 768), (300, 4096, 4096), (16, 1024, 14336)]:
+    w8_shapes = [(1, 72, 512), (5, 200, 1024), (33, 136, 768), (300, 4096, 4096), (16, 1024, 14336)]
+    for (m, n, k) in [] if ops == "w4a16" else w8_shapes:
         x, b = rnd(m, k), rnd(n)
         for is_fp8 in (False, True):
             qa, sa = w8a8.quantize_act(x, fp8=is_fp8)
@@ -159,7 +162,8 @@ def check_all(log, ops: str = "all") -> list[dict]:
                 out.append({"op": "fp8" if is_fp8 else "int8", "shape": [m, n, k], "impl": c.name, "rel_err": e,
                             "ok": ok})
     # RTN quantize + pack: bit-exact against hubquant.quant + compressed-tensors packing
-    for (n, k, gs, sym) in [] if ops == "w4a16" else [(200, 1024, 32, True), (136, 768, 64, False), (4096, 4096, 128, True), (72, 512, -1, False)]:
+    pack_shapes = [(200, 1024, 32, True), (136, 768, 64, False), (4096, 4096, 128, True), (72, 512, -1, False)]
+    for (n, k, gs, sym) in [] if ops == "w4a16" else pack_shapes:
         w = rnd(n, k)
         a, r = pack.rtn_pack(w, gs, sym), pack.rtn_pack_reference(w, gs, sym)
         exact = all((p is None and q is None) or torch.equal(p, q) for p, q in zip(a, r))

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 from harness import parse_shapes, run_sweep, sibling, smoke_time, w4_weights  # noqa: E402
-from harness import time_w4 as _time_w4  # noqa: E402
 from harness import pick as harness_pick  # noqa: E402
+from harness import time_w4 as _time_w4  # noqa: E402
+
 from hubquant_kernels import _common, pack, w4a16, w4a16_gemv, w4a16_tc  # noqa: E402
 
 _run = sibling("run")
@@ -137,7 +138,8 @@ def bench_shape(k, n, ms, log) -> list[dict]:
         plain_txt = (f" | gemv2 plain {cell['gemv2_plain'] * 1e6:6.1f} {cell['bf16'] / cell['gemv2_plain']:.2f}x"
                      if m == 1 else "")
         log(f"K={k:5d} N={n:5d} M={m:3d} bf16 {cell['bf16'] * 1e6:7.1f} us{plain_txt} | old {cell['old'] * 1e6:7.1f} "
-            f"{cell['bf16'] / cell['old']:.2f}x {c_old.name} | tc {cell['tc'] * 1e6:7.1f} ({cell['tc_again'] * 1e6:.1f}) "
+            f"{cell['bf16'] / cell['old']:.2f}x {c_old.name} | "
+            f"tc {cell['tc'] * 1e6:7.1f} ({cell['tc_again'] * 1e6:.1f}) "
             f"{cell['bf16'] / cell['tc']:.2f}x {c_new.name} {cell['w4_bytes'] / cell['tc'] / 1e12:.2f} TB/s "
             f"| err {e_old:.1e}/{e_new:.1e}")
     return rows
@@ -158,7 +160,8 @@ def main() -> int:
     shapes, ms = parse_shapes(args.shapes, SHAPES), [int(v) for v in args.ms.split(",")]
     if args.smoke:
         shapes, ms = [(256, 96)], [1, 3]
-    res = run_sweep(Path(args.out), DEV, lambda log: check_tc(log) + _cg.check_gemv2(log), bench_shape, shapes, ms, copy_bandwidth)
+    res = run_sweep(Path(args.out), DEV, lambda log: check_tc(log) + _cg.check_gemv2(log), bench_shape, shapes, ms,
+                    copy_bandwidth)
     return 0 if all(c["ok"] for c in res["checks"]) else 1
 
 if __name__ == "__main__":

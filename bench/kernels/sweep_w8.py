@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 from harness import header, sibling, smoke_time  # noqa: E402
+
 from hubquant_kernels import _common, fp8, fused, w8a8  # noqa: E402
 
 _run = sibling("run")

@@ -145,7 +145,8 @@ def report(paths: list[str]) -> None:
                   "The decoder layers are identical, so a full run costs the embedding/capture step, plus the full "
                   "number of layers times the measured time of a later (warm) layer; the peak GPU memory does not "
                   "grow with depth (one layer + the activations are on the GPU at a time). Saving is not included.", "",
-                  "| model | method | capture + first layer s | later layer s | layers | extrapolated quantize s | peak GPU GiB |",
+                  "| model | method | capture + first layer s | later layer s | layers | extrapolated quantize s "
+                  "| peak GPU GiB |",
                   "|---|---|---|---|---|---|---|"]
         for r in partial:
             est = r["first_layer_s"] + (r["full_layers"] - 1) * r["later_layer_s"]
@@ -156,7 +157,8 @@ def report(paths: list[str]) -> None:
     for r in rows:
         if r["layers"] == r["full_layers"]:
             total = r["quant_s"] + r.get("save_s", 0.0)
-            lines.append(f"- {r['config'].upper()} {r['method']}: quantize + save {total:.0f} s against the 3 min goal: "
+            lines.append(f"- {r['config'].upper()} {r['method']}: quantize + save {total:.0f} s "
+                         "against the 3 min goal: "
                          f"{'met' if total <= 180 else 'missed'} (plus {r['build_s']:.0f} s building the random model, "
                          "which stands in for loading the checkpoint).")
     for r in partial:

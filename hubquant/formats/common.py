@@ -86,7 +86,8 @@ class ShardWriter:
         return names
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], out_dir: Path, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+def save_tensors(tensors: dict[str, torch.Tensor], out_dir: Path, *,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """Write `model.safetensors`, or shards plus `model.safetensors.index.json` above `max_shard_bytes`."""
     writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes)
     writer.add(tensors)

@@ -24,7 +24,13 @@ from hubquant.methods.gptq import fp8_gptq_quantize  # noqa: F401  (FP8 GPTQ rou
 from hubquant.methods.smoothing import Fp8Options
 from hubquant.methods.smoothquant import quantize_w8a8
 from hubquant.quant import (  # noqa: F401  (the FP8 numerics live in hubquant.quant; re-exported)
-    FP8_DTYPE, FP8_MAX, QuantizedWeight, fp8_fake_quant_per_token, fp8_fake_quant_static, fp8_quantize_weight, fp8_scale,
+    FP8_DTYPE,
+    FP8_MAX,
+    QuantizedWeight,
+    fp8_fake_quant_per_token,
+    fp8_fake_quant_static,
+    fp8_quantize_weight,
+    fp8_scale,
 )
 
 

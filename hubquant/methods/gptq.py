@@ -323,10 +323,8 @@ def gptq_quantize(
         if i2 < in_f:
             w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
 
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    qw = QuantizedWeight(qweight=codes.to(torch.int8), scale=scale, zero_point=zp, scheme=scheme)
-    return qw, float(loss)
+    codes = codes[:, torch.argsort(perm)] if perm is not None else codes
+    return QuantizedWeight(qweight=codes.to(torch.int8), scale=scale, zero_point=zp, scheme=scheme), float(loss)
 
 
 @torch.no_grad()

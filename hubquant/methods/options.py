@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from hubquant.errors import UsageError
 
-O = TypeVar("O", bound="MethodOptions")
+OptionsT = TypeVar("OptionsT", bound="MethodOptions")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -136,7 +136,8 @@ def option_strings(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def parse_options(cls: type[O], raw: O | Mapping[str, Any] | Iterable[str] | None, *, method: str) -> O:
+def parse_options(cls: type[OptionsT], raw: OptionsT | Mapping[str, Any] | Iterable[str] | None, *,
+                  method: str) -> OptionsT:
     """Options of `cls` from a dict, ``key=value`` strings, None (all defaults) or an options object.
 
     Raises:

@@ -37,12 +37,22 @@ from tqdm.auto import tqdm
 
 from hubquant.errors import UnsupportedError, UsageError
 from hubquant.methods.actquant import (  # noqa: F401  (attach/detach are part of this module's documented API)
-    activation_fake_quant, attach_activation_quant, attach_input_hooks, detach_activation_quant, static_input_scale,
+    activation_fake_quant,
+    attach_activation_quant,
+    attach_input_hooks,
+    detach_activation_quant,
+    static_input_scale,
 )
 from hubquant.methods.gptq import fp8_gptq_quantize, gptq_quantize
 from hubquant.methods.smooth_search import search_layer_alphas
 from hubquant.methods.smoothing import (  # noqa: F401  (the smoothing math and options, re-exported)
-    SmoothConfig, W8A8Options, architecture_groups, group_output_error, head_dims, smooth_layer, smoothing_scales,
+    SmoothConfig,
+    W8A8Options,
+    architecture_groups,
+    group_output_error,
+    head_dims,
+    smooth_layer,
+    smoothing_scales,
 )
 from hubquant.modeling import model_dtype, quantizable_linears
 from hubquant.quant import QuantizedWeight, QuantScheme, WeightScheme

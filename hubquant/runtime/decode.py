@@ -144,7 +144,8 @@ class GraphDecoder:
 
     @torch.no_grad()
     def _forward_fused(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """_forward with q/k/v and gate/up fused, residual add + RMSNorm, SiLU * up, rotary + cache in one launch each."""
+        """_forward with q/k/v and gate/up fused, residual add + RMSNorm, SiLU * up, rotary + cache in one launch
+        each."""
         from hubquant_kernels import fused as kf
 
         inner = self.model.model

@@ -154,7 +154,8 @@ def _build_ct(qcfg, name, t, in_f, out_f, dtype, device, notes):
               f"dequantized to {dtype}")
     wf = w.float().reshape(out_f, in_f)
     s = scale.float().reshape(out_f, -1) if scale.numel() > 1 else scale.float().reshape(1, 1).expand(out_f, 1)
-    deq = dequantize(wf, s, None if zp is None else zp.reshape(out_f, -1), -1 if s.shape[1] == 1 else in_f // s.shape[1])
+    deq = dequantize(wf, s, None if zp is None else zp.reshape(out_f, -1),
+                     -1 if s.shape[1] == 1 else in_f // s.shape[1])
     return _dense(deq, bias, dtype, device)
 
 

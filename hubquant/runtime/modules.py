@@ -7,10 +7,11 @@ runs at float speed with exactly the quantized values.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from hubquant_kernels import fp8 as k_fp8
 from hubquant_kernels import w4a16 as k_w4
 from hubquant_kernels import w8a8 as k_w8
-from torch import nn
 
 
 class W4A16Linear(nn.Module):

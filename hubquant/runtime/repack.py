@@ -6,9 +6,9 @@ UnsupportedError for a variant the kernels do not run (the loader then dequantiz
 from __future__ import annotations
 
 import torch
-from hubquant_kernels.pack import pack_kn, unpack_rows
 
 from hubquant.errors import CorruptFileError, UnsupportedError
+from hubquant_kernels.pack import pack_kn, unpack_rows
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column 8c + AWQ_ORDER[i]
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)

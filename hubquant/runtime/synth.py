@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from hubquant_kernels.pack import pack_rows, rtn_pack
 
 from hubquant.errors import UsageError
 from hubquant.quant import WeightScheme, dequantize, quantize, rtn_quantize
+from hubquant_kernels.pack import pack_rows, rtn_pack
 
 KINDS = ("bf16", "ct-w4a16", "ct-w4a16-asym", "ct-w8a8", "ct-fp8", "ct-fp8-static", "gptq", "gptq-actorder", "awq")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)

@@ -181,7 +181,8 @@ def _serve(args) -> int:
         get_method(m)
     for sch in config.schemes:
         parse_scheme(sch)
-    db = pick("db") or str(Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hubquant" / "service.db")
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    db = pick("db") or str(hf_home / "hubquant" / "service.db")
     retry = RetryPolicy(max_attempts=pick("max_attempts", 3), backoff_s=pick("backoff", 30.0))
     queue = JobQueue(db, retry=retry)
     lease = float(pick("lease", 120.0))

@@ -44,7 +44,8 @@ def parse_since(text: str | None) -> datetime | None:
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise UsageError(f"--since {text} is not an ISO date", hint="use e.g. 2026-11-01 or 2026-11-01T12:00:00Z") from None
+        raise UsageError(f"--since {text} is not an ISO date",
+                         hint="use e.g. 2026-11-01 or 2026-11-01T12:00:00Z") from None
     return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
@@ -246,7 +247,8 @@ def watch(opts: WatchOptions, log: Log = print, runner: Callable[..., dict] = ru
             if p.action != "convert" or opts.dry_run:
                 action = {"skip": "up-to-date"}.get(p.action, p.action)
                 log(f"{spec.label()} -> {p.target_repo}: {action} ({p.reason})")
-                rows.append(WatchRow(**base, action=action, reason=p.reason, exit_code=7 if p.action == "conflict" else 0))
+                rows.append(WatchRow(**base, action=action, reason=p.reason,
+                                     exit_code=7 if p.action == "conflict" else 0))
                 continue
             log(f"{spec.label()} -> {p.target_repo}: converting ({p.reason})")
             try:

@@ -122,7 +122,7 @@ def tune_cache_path() -> Path | None:
     return Path(env) if env else Path.home() / ".cache" / "hubquant" / "kernel-choices.json"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _software_tag() -> str:
     """torch / Triton versions and a hash of this package's source: new kernels invalidate old choices."""
     import triton

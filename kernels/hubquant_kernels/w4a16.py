@@ -62,6 +62,7 @@ except ImportError:
     triton = None
 
 if triton is not None:
+    from hubquant_kernels.splitk import store_or_reduce as _store_or_reduce
 
     @triton.jit
     def _codes(pw, j: tl.constexpr):
@@ -90,26 +91,6 @@ if triton is not None:
         return s, z + 8388608.0
 
     @triton.jit
-    def _store_or_reduce(acc, y_ptrs, ws_ptrs, mask, cnt_ptr, tile, bias,
-                         SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """Write acc (+bias) to y, or add it into the workspace and let the tile's last program write y."""
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc = acc + bias
-            tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
-        else:
-            tl.atomic_add(ws_ptrs, acc, mask=mask)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + tile, 1)
-            if arrived == SPLIT_K - 1:
-                total = tl.atomic_add(ws_ptrs, tl.zeros_like(acc), mask=mask)  # read through L2
-                tl.store(ws_ptrs, tl.zeros_like(acc), mask=mask)
-                if HAS_BIAS:
-                    total = total + bias
-                tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
-                tl.store(cnt_ptr + tile, 0)
-
-    @triton.jit
     def _w4a16_gemv_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, G, k_split, stride_xm, stride_ym, stride_w, stride_s,
@@ -130,12 +111,13 @@ if triton is not None:
         # software prefetch: the next block's packed words are in flight while this block is computed
         offs_r = k_lo // 8 + tl.arange(0, R)
         rmask = (offs_r < K // 8) & (offs_r < k_hi // 8)
-        pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :], other=0)
+        pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
+                     other=0)
         for k0 in range(k_lo, k_hi, BK):
             nxt_r = offs_r + R
             nmask = (nxt_r < K // 8) & (nxt_r < k_hi // 8)
-            pw_next = tl.load(qw_ptr + nxt_r[:, None] * stride_w + offs_n[None, :], mask=nmask[:, None] & mask_n[None, :],
-                              other=0)
+            pw_next = tl.load(qw_ptr + nxt_r[:, None] * stride_w + offs_n[None, :],
+                              mask=nmask[:, None] & mask_n[None, :], other=0)
             s, zc = _block_params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, stride_s, GS, HAS_ZP, SCALE_AFTER)
             part = tl.zeros((R, BN), dtype=tl.float32)
             for j in tl.static_range(8):
@@ -287,7 +269,8 @@ def _mm(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k, warps, s
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, g, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
-        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, GROUP_M=8, SCALE_AFTER=_scale_after(gs, k, bk), DOT_F32=interpreting() and x.dtype == torch.bfloat16,
+        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, GROUP_M=8, SCALE_AFTER=_scale_after(gs, k, bk),
+        DOT_F32=interpreting() and x.dtype == torch.bfloat16,
         num_warps=warps, num_stages=stages,
     )
     return y

@@ -22,7 +22,7 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from hubquant_kernels.w4a16 import _store_or_reduce
+    from hubquant_kernels.splitk import store_or_reduce as _store_or_reduce
 
     @triton.jit
     def _mantissa_code(pw, j: tl.constexpr):
@@ -138,7 +138,8 @@ if triton is not None:
                     nxt_r = offs_r + R
                 else:
                     nxt_r = offs_r + tl.where(k0 + BK < k_hi, R, 0)
-                    pw_next = tl.load(qw_ptr + nxt_r[:, None] * stride_w + offs_n[None, :], eviction_policy="evict_first")
+                    pw_next = tl.load(qw_ptr + nxt_r[:, None] * stride_w + offs_n[None, :],
+                                      eviction_policy="evict_first")
             else:
                 nxt_r = offs_r + R  # prefetch the next block while this one is computed
                 nmask = nxt_r < k_hi // 8

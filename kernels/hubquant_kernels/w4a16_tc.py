@@ -31,7 +31,7 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from hubquant_kernels.w4a16 import _store_or_reduce
+    from hubquant_kernels.splitk import store_or_reduce as _store_or_reduce
 
     # prmt selectors: byte i of the first word -> byte 0, byte i of the second word -> byte 2
     _ASM_BODY = """

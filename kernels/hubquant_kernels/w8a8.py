@@ -76,7 +76,7 @@ except ImportError:
 
 if triton is not None:
     from hubquant_kernels.pack import _round_even
-    from hubquant_kernels.w4a16 import _store_or_reduce
+    from hubquant_kernels.splitk import store_or_reduce as _store_or_reduce
 
     @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, stride_qm,

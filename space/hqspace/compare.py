@@ -1,8 +1,8 @@
 """One comparison: the base and its variants on one prompt, with the numbers per model."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 from hqspace.discover import ModelEntry
 from hqspace.metrics import mean_kl, token_agreement

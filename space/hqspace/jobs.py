@@ -9,8 +9,8 @@ import queue
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from hubquant.errors import AuthError, HubquantError, NotFoundError, UnsupportedError
 

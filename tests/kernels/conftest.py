@@ -17,8 +17,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 @pytest.fixture(scope="session", autouse=True)
 def interpreted_kernels():
     pytest.importorskip("triton")
-    import hubquant_kernels.w4a16 as w4
     from triton.runtime.interpreter import InterpretedFunction
+
+    import hubquant_kernels.w4a16 as w4
 
     if not isinstance(w4._w4a16_gemv_kernel, InterpretedFunction):
         for name in ("hubquant_kernels.pack", "hubquant_kernels.w4a16", "hubquant_kernels.w4a16_gemv",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from hubquant_kernels import fused
 
 

@@ -1,8 +1,10 @@
-"""Packing layouts and the RTN quantize+pack kernel (Triton interpreter) against compressed-tensors and hubquant.quant."""
+"""Packing layouts and the RTN quantize+pack kernel (Triton interpreter) against compressed-tensors and
+hubquant.quant."""
 from __future__ import annotations
 
 import pytest
 import torch
+
 from hubquant_kernels import pack
 
 

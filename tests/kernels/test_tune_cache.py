@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from hubquant_kernels import _common
 from hubquant_kernels._common import Candidate
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hubquant_kernels import pack, w4a16
 
 from hubquant.errors import UnsupportedError, UsageError
+from hubquant_kernels import pack, w4a16
 
 
 def _case(m, n, k, gs, asym, dtype, seed):

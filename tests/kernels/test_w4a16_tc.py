@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from hubquant_kernels import w4a16, w4a16_tc
 
 from .test_w4a16 import _case

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hubquant_kernels import fp8, w8a8
 
 from hubquant.errors import UnsupportedError, UsageError
+from hubquant_kernels import fp8, w8a8
 
 
 def _x(m, k, seed, dtype=torch.bfloat16):

@@ -12,7 +12,6 @@ from hubquant.methods.scaling import mappings_for
 from hubquant.quant import QuantScheme, WeightScheme, rtn_quantize
 from tests.conftest import tiny_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -12,7 +12,6 @@ from hubquant.methods.gptq import CholeskyFailed, gptq_quantize, inverse_hessian
 from hubquant.quant import QuantScheme, WeightScheme, minmax_qparams, rtn_quantize
 from tests.conftest import tiny_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

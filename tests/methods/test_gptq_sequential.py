@@ -20,7 +20,6 @@ from hubquant.modeling import decoder_layers
 from hubquant.quant import QuantScheme, WeightScheme, rtn_quantize
 from tests.conftest import tiny_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

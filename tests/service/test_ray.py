@@ -79,7 +79,8 @@ def test_serve_dispatches_to_a_ray_cluster_by_address(publish_tiny, hub_env, tmp
     ray_env = {**LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     temp = tempfile.mkdtemp(prefix="rq", dir="/tmp")  # Ray's socket paths must stay short
     head = subprocess.Popen(
-        [shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray") or "ray", "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+        [shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray") or "ray", "start", "--head",
+         "--block", "--port", str(port), "--num-cpus", "2",
          "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats", "--node-ip-address",
          "127.0.0.1", "--object-store-memory", str(80 * 1024 * 1024), "--temp-dir", temp],
         stdout=open(tmp_path / "ray.log", "wb"), stderr=subprocess.STDOUT, env={**os.environ, **ray_env})
@@ -90,7 +91,8 @@ def test_serve_dispatches_to_a_ray_cluster_by_address(publish_tiny, hub_env, tmp
                 return s.connect_ex(("127.0.0.1", port)) == 0
         wait_for(gcs_up, 90, "the Ray head to listen")
         time.sleep(2)
-        svc = ServiceProcess(["--db", str(tmp_path / "svc.db"), "--backend", "ray", "--ray-address", f"127.0.0.1:{port}",
+        svc = ServiceProcess(["--db", str(tmp_path / "svc.db"), "--backend", "ray",
+                              "--ray-address", f"127.0.0.1:{port}",
                               "--ray-node-ip", "127.0.0.1",
                               "--namespace", "alice", "--option", "skip_eval=true"],
                              env={"HUBQUANT_SERVICE_TOKEN": "tok", **ray_env}, log_path=tmp_path / "svc.log")

@@ -53,8 +53,11 @@ def test_webhook_delivered_twice_gives_one_variant(publish_tiny, hub_env, tmp_pa
         bad = httpx.post(svc.url + "/webhook", content=body, headers={**headers, "X-Webhook-Secret": "no"})
         assert bad.status_code == 403
 
-        job = wait_for(lambda: (j := httpx.get(f"{svc.url}/jobs/{job_id}").json())["status"] in ("done", "failed") and j,
-                       240, "the webhook's job to finish")
+        def finished():
+            j = httpx.get(f"{svc.url}/jobs/{job_id}").json()
+            return j if j["status"] in ("done", "failed") else None
+
+        job = wait_for(finished, 240, "the webhook's job to finish")
         assert job["status"] == "done", (job, svc.log_path.read_text()[-3000:])
         target = job["result"]["target_repo"]
         assert target == f"alice/{repo.split('/')[1]}-W8A16-RTN"

@@ -55,9 +55,8 @@ def _publish(local_hub, tmp_path, repo_id: str, *, base: str, tags=("hubquant",)
 def test_find_variants_on_the_local_hub(local_hub, tmp_path):
     import uuid
 
-    from huggingface_hub import HfApi
-
     from hqspace.discover import describe, find_bases, find_variants
+    from huggingface_hub import HfApi
 
     tag = uuid.uuid4().hex[:6]
     base, other = f"hubquant-org/base-{tag}", f"hubquant-org/other-{tag}"

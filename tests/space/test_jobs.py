@@ -2,6 +2,7 @@ import os
 import time
 
 from hqspace.jobs import ConvertRequest, JobRunner, default_convert
+
 from hubquant.errors import UnsupportedError
 
 

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 from hqspace.metrics import mean_kl, token_agreement, tokens_per_second
 
 

@@ -3,8 +3,8 @@ unauthorized, gated and missing cases, and the error-kind headings the page show
 import uuid
 
 import pytest
-
 from hqspace.jobs import error_kind, preflight
+
 from hubquant.errors import AuthError, NotFoundError, UnsupportedError
 
 

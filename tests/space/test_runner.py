@@ -1,10 +1,10 @@
 import pytest
 import torch
-
 from hqspace.compare import metrics_markdown, run_comparison, tradeoff_plot
 from hqspace.discover import ModelEntry
 from hqspace.metrics import mean_kl, token_agreement
 from hqspace.runner import LoadedModel, ModelCache, Stream, load_model, module_bytes, prompt_ids
+
 from tests.conftest import save_tiny_repo
 
 
