@@ -10,6 +10,9 @@ Run it before and after a change that must not change numbers and diff the two o
     OMP_NUM_THREADS=1 python scripts/golden_bytes.py > before.txt
     ...change...
     OMP_NUM_THREADS=1 python scripts/golden_bytes.py > after.txt && diff before.txt after.txt
+
+or compare with a recorded run (scripts/golden_bytes.txt: torch 2.13 CPU, transformers 5.24; other versions may
+round differently): ``python scripts/golden_bytes.py --check scripts/golden_bytes.txt``.
 """
 from __future__ import annotations
 
@@ -89,8 +92,10 @@ def run_case(model, method: str, fmt: str, scheme: QuantScheme, options: dict, c
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="run only cases whose label contains this text")
+    ap.add_argument("--check", type=Path, help="compare with this recorded output; exit 1 on any difference")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    lines = []
     for arch, dtype in MODELS:
         model = tiny_model(arch, vocab=1000).to(dtype)
         calib = torch.randint(0, 1000, (4, 64), generator=torch.Generator().manual_seed(0))
@@ -103,7 +108,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             with tempfile.TemporaryDirectory() as d:
                 for line in run_case(model, method, fmt, scheme, options, calib, Path(d)):
-                    print(f"{label} {line}", flush=True)
+                    lines.append(f"{label} {line}")
+                    print(lines[-1], flush=True)
+    if args.check:
+        expected = [x for x in args.check.read_text().splitlines() if not args.only or args.only in x]
+        bad = sorted(set(expected) ^ set(lines))
+        print(f"{len(lines)} files, {len(bad)} differences from {args.check}", file=sys.stderr)
+        for x in bad[:20]:
+            print(("missing: " if x in expected else "new: ") + x, file=sys.stderr)
+        return 1 if bad else 0
     return 0
 
 

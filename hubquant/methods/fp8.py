@@ -7,10 +7,11 @@ compressed-tensors' FP8 static scheme says). Activations are quantized at run
 time per token (dynamic) or with one static ``input_scale`` per Linear measured on calibration text
 (``job.scheme.activations.dynamic = False``).
 
-Options (``job.options``, all need calibration): ``alpha`` / ``smooth`` / ``alpha_grid`` turn on SmoothQuant
-smoothing before the FP8 rounding (the same migrations and option values as ``--method smoothquant``; the
-scales are folded into norms and weights, so the checkpoint is a plain FP8 dynamic one); ``weights="gptq"``
-rounds the weights to e4m3 with GPTQ error compensation (:func:`fp8_gptq_quantize`).
+Options (:class:`hubquant.methods.smoothing.Fp8Options`; those below need calibration): ``alpha`` or ``smooth``
+turn on SmoothQuant smoothing before the FP8 rounding (the same migrations and option values as
+``--method smoothquant``, tuned by ``alpha_grid`` and the other SmoothQuant options; the scales are folded into
+norms and weights, so the checkpoint is a plain FP8 dynamic one); ``weights="gptq"`` rounds the weights to e4m3
+with GPTQ error compensation (:func:`hubquant.methods.gptq.fp8_gptq_quantize`).
 
 The returned model behaves like the quantized one: every Linear's weight holds its dequantized
 value and a forward pre-hook fake-quantizes its input (see
