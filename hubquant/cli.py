@@ -13,7 +13,7 @@ from hubquant.errors import HubquantError
 # module -> it defines `add_parsers(subparsers)`; each parser sets `func(args) -> int`.
 SUBCOMMAND_MODULES = (
     "hubquant.convert_cli",   # convert
-    "hubquant.hub.cli",       # hub serve | add-token | seed
+    "hubquant.localhub.cli",  # hub serve | add-token | seed
     "hubquant.runtime.cli",   # generate
     "hubquant.space_cli",     # space
     "hubquant.service.cli",   # watch, serve

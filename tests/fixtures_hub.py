@@ -1,6 +1,6 @@
 """Pytest fixtures for the local Hub (registered in tests/conftest.py via `pytest_plugins`).
 
-`local_hub` (session): `hubquant hub serve` (as `python -m hubquant.hub.cli hub serve`, which skips the torch
+`local_hub` (session): `hubquant hub serve` (as `python -m hubquant.localhub.cli hub serve`, which skips the torch
 imports of the full CLI) in a subprocess on a free 127.0.0.1 port over a fresh temp
 root, with tokens for two users:
     alice  writes to `alice` and to the org `hubquant-org`
@@ -9,7 +9,7 @@ Attributes and methods:
     .endpoint              the URL (http://127.0.0.1:PORT), for HF_ENDPOINT or HfApi(endpoint=...)
     .root                  the Hub's data folder (Path)
     .token(user)           the token of "alice" or "bob"; .add_token(user, orgs=(), write=True) makes more
-    .hub                   a `hubquant.hub.server.LocalHub` on the same root: publish_folder(repo_id, folder),
+    .hub                   a `hubquant.localhub.LocalHub` on the same root: publish_folder(repo_id, folder),
                            set_gated(repo_id, "manual"), grant_access(repo_id, user), set_private(repo_id)
     .seed_smollm2()        publishes HuggingFaceTB/SmolLM2-135M-Instruct (idempotent; returns the commit sha)
 The server writes its log to ROOT/server.log. Each test should create its own repos (unique names): the
@@ -56,7 +56,7 @@ class HubProcess:
         log = self.root / "server.log"
         out = open(log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hubquant.hub.cli", "hub", "serve", "--root", str(self.root), "--port", "0"],
+            [sys.executable, "-m", "hubquant.localhub.cli", "hub", "serve", "--root", str(self.root), "--port", "0"],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
             cwd=Path(__file__).resolve().parents[1],
         )
@@ -94,7 +94,7 @@ class HubProcess:
 
 class LocalHubFixture:
     def __init__(self, process: HubProcess, tokens: dict[str, str]):
-        from hubquant.hub.server import LocalHub
+        from hubquant.localhub import LocalHub
 
         self.process = process
         self.endpoint = process.endpoint
@@ -114,7 +114,7 @@ class LocalHubFixture:
 
 @pytest.fixture(scope="session")
 def local_hub(tmp_path_factory):
-    from hubquant.hub.server import LocalHub
+    from hubquant.localhub import LocalHub
 
     root = tmp_path_factory.mktemp("local-hub")
     admin = LocalHub(root)
@@ -203,7 +203,7 @@ def commit_into_failpoint(root: Path, push) -> tuple[list[BaseException], str, t
 @pytest.fixture
 def own_hub(tmp_path):
     """A Hub of this test's own (fresh root, own server processes, all killed at the end) and alice's token."""
-    from hubquant.hub.server import LocalHub
+    from hubquant.localhub import LocalHub
 
     root = tmp_path / "hub"
     token = LocalHub(root).add_token("alice")

@@ -24,7 +24,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from hubquant.hub.server.store import git_blob_oid
+from hubquant.localhub.store import git_blob_oid
 
 
 def _name(prefix: str) -> str:

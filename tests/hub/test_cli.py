@@ -11,8 +11,8 @@ import httpx
 import pytest
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
-from hubquant.hub.cli import main as hub_main
-from hubquant.hub.server import LocalHub
+from hubquant.localhub.cli import main as hub_main
+from hubquant.localhub import LocalHub
 
 
 def test_add_token_prints_only_the_token(tmp_path, capsys):
@@ -45,7 +45,7 @@ def test_gate_cli(tmp_path, capsys):
 
 def test_serve_prints_its_url(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hubquant.hub.cli", "hub", "serve", "--root", str(tmp_path / "hub"), "--port", "0"],
+        [sys.executable, "-m", "hubquant.localhub.cli", "hub", "serve", "--root", str(tmp_path / "hub"), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
-from hubquant.hub.server.store import FAILPOINT_ENV
+from hubquant.localhub.store import FAILPOINT_ENV
 from tests.fixtures_hub import commit_into_failpoint, point_hf_at
 
 

@@ -19,9 +19,9 @@ import pytest
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
 from hubquant.errors import UsageError
-from hubquant.hub.server import Store
-from hubquant.hub.server.objects import check_ref_name
-from hubquant.hub.server.store import (
+from hubquant.localhub import Store
+from hubquant.localhub.objects import check_ref_name
+from hubquant.localhub.store import (
     FAILPOINT_ENV,
     AddFile,
     RevisionNotFound,

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from hubquant.errors import UsageError
-from hubquant.hub.server.store import (
+from hubquant.localhub.store import (
     AddFile,
     CommitConflict,
     DeletePath,
@@ -52,16 +52,20 @@ def test_blobs_are_content_addressed(tmp_path):
     sha, size = store.write_blob([data[:1000], data[1000:]])
     assert sha == hashlib.sha256(data).hexdigest() and size == len(data)
     assert store.blob_path(sha).read_bytes() == data
-    assert list(store.tmp.iterdir()) == []  # temp file was renamed
+    def in_flight():
+        return [f for d in store.tmp.iterdir() for f in d.iterdir() if f.name != ".lock"]
+
+    assert in_flight() == []  # temp file was renamed
     with pytest.raises(UsageError):
         store.write_blob([b"abc"], sha256="0" * 64)
-    assert list(store.tmp.iterdir()) == []
-    # partial uploads left by a crash are removed once old
-    old, fresh = store.tmp / "upload-old", store.tmp / "upload-fresh"
-    old.write_bytes(b"x")
-    fresh.write_bytes(b"y")
-    os.utime(old, (time.time() - 7200, time.time() - 7200))
-    assert store.clean_tmp(max_age_s=3600) == 1 and list(store.tmp.iterdir()) == [fresh]
+    assert in_flight() == []
+    # this process's own upload folder is never cleaned while it lives; a dead process's folder is
+    w = store.open_upload()
+    w.write(b"partial")
+    assert store.clean_tmp() == 0 and len(in_flight()) == 1
+    w.abort()
+    assert (store.blob_path(sha).stat().st_mode & 0o777) == 0o600
+    assert (store.blobs.stat().st_mode & 0o777) == 0o700 and (tmp_path.stat().st_mode & 0o777) == 0o700
 
 
 def test_commits_revisions_and_conflicts(tmp_path):

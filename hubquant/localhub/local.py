@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hubquant.errors import UsageError
-from hubquant.hub.server.store import AddFile, DeletePath, Store, git_blob_oid, lfs_pointer, wants_lfs
+from hubquant.localhub.store import AddFile, DeletePath, Store, git_blob_oid, lfs_pointer, wants_lfs
 
 
 class LocalHub:
@@ -96,7 +96,7 @@ class LocalHub:
 
     def seed_smollm2(self) -> str:
         """Publish SmolLM2-135M-Instruct (hubquant.assets) as HuggingFaceTB/SmolLM2-135M-Instruct."""
-        from hubquant.hub.seed import seed_smollm2
+        from hubquant.localhub.seed import seed_smollm2
 
         return seed_smollm2(self)
 
@@ -105,7 +105,7 @@ class LocalHub:
         """Run the HTTP server in a background thread; yields its URL (port 0 picks a free one)."""
         import uvicorn
 
-        from hubquant.hub.server.app import create_app
+        from hubquant.localhub.app import create_app
 
         sock = bind_socket(host, port)
         server = uvicorn.Server(uvicorn.Config(create_app(self.root), log_level="warning", lifespan="off"))

@@ -11,9 +11,9 @@ from urllib.parse import quote, urlencode
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from hubquant.hub.server.protocol import LFS_LINK_TTL, Ctx, HubHTTPError, flag
-from hubquant.hub.server.refs_api import discussion_url
-from hubquant.hub.server.store import (
+from hubquant.localhub.protocol import LFS_LINK_TTL, Ctx, HubHTTPError, flag
+from hubquant.localhub.refs_api import discussion_url
+from hubquant.localhub.store import (
     REPO_TYPES,
     AddFile,
     DeletePath,

@@ -11,9 +11,9 @@ from urllib.parse import parse_qs
 import yaml
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from hubquant.hub.server import repoinfo
-from hubquant.hub.server.protocol import CHUNK, DROP_ENV, Ctx, HubHTTPError, flag, from_store_error, paged
-from hubquant.hub.server.store import EntryNotFound, git_blob_oid
+from hubquant.localhub import repoinfo
+from hubquant.localhub.protocol import CHUNK, DROP_ENV, Ctx, HubHTTPError, flag, from_store_error, paged
+from hubquant.localhub.store import EntryNotFound, git_blob_oid
 
 
 def root(ctx: Ctx) -> Response:

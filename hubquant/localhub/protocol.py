@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from hubquant.errors import ConflictError, HubquantError, NotFoundError, UsageError
-from hubquant.hub.server.store import (
+from hubquant.localhub.store import (
     CommitConflict,
     EntryNotFound,
     Principal,

@@ -20,9 +20,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from hubquant.errors import HubquantError
-from hubquant.hub.server import read_api, refs_api, write_api
-from hubquant.hub.server.protocol import INVALID_TOKEN, PLURAL, Ctx, HubHTTPError, from_store_error
-from hubquant.hub.server.store import Principal, Store
+from hubquant.localhub import read_api, refs_api, write_api
+from hubquant.localhub.protocol import INVALID_TOKEN, PLURAL, Ctx, HubHTTPError, from_store_error
+from hubquant.localhub.store import Principal, Store
 
 
 class HubApp:

@@ -7,7 +7,7 @@ import re
 
 import yaml
 
-from hubquant.hub.server.store import Commit, FileEntry, Repo, Store
+from hubquant.localhub.store import Commit, FileEntry, Repo, Store
 
 _FRONT_MATTER = re.compile(r"\A\s*---\r?\n(.*?)\r?\n---\s*(\r?\n|\Z)", re.S)
 

@@ -51,8 +51,8 @@ def add_parsers(subparsers) -> None:
 def _serve(args) -> int:
     import uvicorn
 
-    from hubquant.hub.server.app import create_app
-    from hubquant.hub.server.local import bind_socket, url_of
+    from hubquant.localhub.app import create_app
+    from hubquant.localhub.local import bind_socket, url_of
 
     app = create_app(args.root)
     try:
@@ -69,7 +69,7 @@ def _serve(args) -> int:
 
 
 def _add_token(args) -> int:
-    from hubquant.hub.server.local import LocalHub
+    from hubquant.localhub.local import LocalHub
 
     orgs = [o.strip() for o in args.orgs.split(",") if o.strip()]
     print(LocalHub(args.root).add_token(args.user, orgs=orgs, write=not args.read_only))
@@ -78,7 +78,7 @@ def _add_token(args) -> int:
 
 def _seed(args) -> int:
     from hubquant.assets import SMOLLM2_REPO
-    from hubquant.hub.server.local import LocalHub
+    from hubquant.localhub.local import LocalHub
 
     oid = LocalHub(args.root).seed_smollm2()
     print(f"{SMOLLM2_REPO} at {oid}")
@@ -86,7 +86,7 @@ def _seed(args) -> int:
 
 
 def _gate(args) -> int:
-    from hubquant.hub.server.local import LocalHub
+    from hubquant.localhub.local import LocalHub
 
     hub = LocalHub(args.root)
     mode = args.mode or (None if (args.grant or args.private or args.public) else "manual")
@@ -102,7 +102,7 @@ def _gate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m hubquant.hub.cli hub ...`: the same commands without importing the rest of hubquant's CLI
+    """`python -m hubquant.localhub.cli hub ...`: the same commands without importing the rest of hubquant's CLI
     (which loads torch); the test fixtures start the server this way in a fraction of a second."""
     import sys
 

@@ -8,9 +8,9 @@ import json
 
 from starlette.responses import JSONResponse, Response
 
-from hubquant.hub.server.objects import PR_REF_RE, Discussion
-from hubquant.hub.server.protocol import Ctx, HubHTTPError, flag
-from hubquant.hub.server.store import Repo
+from hubquant.localhub.objects import PR_REF_RE, Discussion
+from hubquant.localhub.protocol import Ctx, HubHTTPError, flag
+from hubquant.localhub.store import Repo
 
 DISCUSSIONS_PAGE = 50  # the Hub's page size for GET /discussions
 

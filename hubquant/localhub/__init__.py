@@ -5,13 +5,13 @@
 """
 from __future__ import annotations
 
-from hubquant.hub.server.local import LocalHub
-from hubquant.hub.server.store import Store
+from hubquant.localhub.local import LocalHub
+from hubquant.localhub.store import Store
 
 
 def create_app(root):
     """The ASGI app serving the Hub stored at `root` (imports Starlette lazily)."""
-    from hubquant.hub.server.app import create_app as _create_app
+    from hubquant.localhub.app import create_app as _create_app
 
     return _create_app(root)
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from hubquant.assets import SMOLLM2_REPO, smollm2_dir
 
 if TYPE_CHECKING:
-    from hubquant.hub.server.local import LocalHub
+    from hubquant.localhub.local import LocalHub
 
 
 def seed_smollm2(hub: LocalHub, *, verbose: bool = False) -> str:
