@@ -32,7 +32,9 @@ def api(token: str | None = None):
 
     if "huggingface.co" not in constants.ENDPOINT:
         constants.HF_HUB_DISABLE_XET = True
-    return HfApi(endpoint=constants.ENDPOINT, token=token)
+    # the local Hub answers preupload with "lfs" only to clients that say they upload through the LFS batch API
+    return HfApi(endpoint=constants.ENDPOINT, token=token, library_name="hubquant",
+                 headers={"X-Hubquant-Transfer": "lfs"} if constants.HF_HUB_DISABLE_XET else None)
 
 
 def endpoint() -> str:

@@ -9,7 +9,9 @@ Handlers live in read_api.py and write_api.py; sync ones run in a worker thread.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
+import re
 from collections.abc import Callable
 from urllib.parse import unquote
 
@@ -21,8 +23,19 @@ from starlette.routing import Route
 
 from hubquant.errors import HubquantError
 from hubquant.localhub import read_api, refs_api, write_api
-from hubquant.localhub.protocol import INVALID_TOKEN, PLURAL, Ctx, HubHTTPError, from_store_error
+from hubquant.localhub.protocol import (
+    INVALID_TOKEN,
+    PLURAL,
+    Ctx,
+    HubHTTPError,
+    body_limit,
+    from_store_error,
+)
+from hubquant.localhub.serving import BodyGuard, BodyIdle, BodyTooLarge
 from hubquant.localhub.store import Principal, Store
+
+log = logging.getLogger("hubquant.localhub")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class HubApp:
@@ -50,6 +63,11 @@ class HubApp:
             return e.response()
         except HubquantError as e:
             return from_store_error(e, who).response()
+        except (BodyTooLarge, BodyIdle):
+            raise  # BodyGuard answers 413/408
+        except Exception as e:  # a bug: an answer, not a dropped connection; the log keeps the traceback
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            return HubHTTPError(500, f"internal error ({type(e).__name__})").response()
 
     def _who(self, request: Request) -> Principal | None:
         auth = request.headers.get("authorization")
@@ -66,6 +84,8 @@ class HubApp:
     def _route(self, method: str, raw_path: str) -> tuple[Callable, tuple]:
         raw_path = raw_path.split("?", 1)[0]
         segs = [unquote(s) for s in raw_path.split("/")[1:]]
+        if any(_CONTROL.search(s) for s in segs):
+            raise HubHTTPError(400, "the URL path holds a control character (NUL, newline...)")
         if segs and segs[-1] == "" and len(segs) > 1:
             segs = segs[:-1]
         m = method
@@ -93,6 +113,7 @@ class HubApp:
                     ("POST", "branch"): refs_api.create_branch, ("DELETE", "branch"): refs_api.delete_branch,
                     ("POST", "tag"): refs_api.create_tag, ("DELETE", "tag"): refs_api.delete_tag,
                     ("GET", "discussions"): refs_api.discussions,
+                    ("GET", "xet-write-token"): write_api.xet_token, ("GET", "xet-read-token"): write_api.xet_token,
                 }
                 if (m, sub) == ("POST", ["discussions"]):
                     return refs_api.create_discussion, (rtype, repo_id, [])
@@ -111,10 +132,14 @@ class HubApp:
             return write_api.lfs_batch, (rtype, f"{segs[0]}/{segs[1][:-4]}")
         if len(segs) >= 5 and segs[2] == "resolve" and m in ("GET", "HEAD"):
             return read_api.resolve_file, (rtype, f"{segs[0]}/{segs[1]}", segs[3], "/".join(segs[4:]))
-        raise HubHTTPError(404, f"no route for {method} {raw_path}")
+        raise HubHTTPError(404, f"no route for {method} {raw_path[:200]}")
 
-def create_app(root: str | os.PathLike) -> Starlette:
-    """The local Hub as an ASGI app serving the store at `root`."""
+
+def create_app(root: str | os.PathLike):
+    """The local Hub as an ASGI app serving the store at `root`, with body limits and a body-idle deadline.
+    Uploads left in tmp/ by processes that died (crashes, SIGKILL) are removed first."""
     store = Store(root)
-    store.clean_tmp()
-    return HubApp(store).app
+    removed = store.clean_tmp()
+    if removed:
+        log.warning("removed %d partial upload(s) left by a crashed process", removed)
+    return BodyGuard(HubApp(store).app, limit=body_limit)

@@ -53,6 +53,7 @@ def _serve(args) -> int:
 
     from hubquant.localhub.app import create_app
     from hubquant.localhub.local import bind_socket, url_of
+    from hubquant.localhub.serving import uvicorn_config
 
     app = create_app(args.root)
     try:
@@ -64,7 +65,7 @@ def _serve(args) -> int:
             f"cannot listen on {args.host}:{args.port}: {e.strerror}", hint="pick another --port (0 = any free port)"
         ) from e
     print(url_of(sock), flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, lifespan="off")).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, log_level=args.log_level, lifespan="off")).run(sockets=[sock])
     return 0
 
 

@@ -18,7 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hubquant.errors import UsageError
-from hubquant.localhub.store import AddFile, DeletePath, Store, git_blob_oid, lfs_pointer, wants_lfs
+from hubquant.localhub.store import (
+    AddFile,
+    DeletePath,
+    Store,
+    git_blob_oid,
+    lfs_pointer,
+    wants_lfs,
+)
 
 
 class LocalHub:
@@ -106,9 +113,10 @@ class LocalHub:
         import uvicorn
 
         from hubquant.localhub.app import create_app
+        from hubquant.localhub.serving import uvicorn_config
 
         sock = bind_socket(host, port)
-        server = uvicorn.Server(uvicorn.Config(create_app(self.root), log_level="warning", lifespan="off"))
+        server = uvicorn.Server(uvicorn_config(create_app(self.root), lifespan="off"))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="local-hub")
         thread.start()
         t0 = time.monotonic()

@@ -11,9 +11,11 @@ from hubquant.errors import ConflictError, NotFoundError, UsageError
 
 REPO_TYPES = ("model", "dataset", "space")
 GATED_MODES = ("auto", "manual")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-PR_REF_RE = re.compile(r"^refs/pr/([1-9][0-9]*)$")
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")  # \Z: "$" would accept a trailing newline
+PR_REF_RE = re.compile(r"\Arefs/pr/([1-9][0-9]*)\Z")
 _BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+_BAD_PATH_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")  # control characters and backslashes
+MAX_PATH_BYTES = 4096
 
 # Files the real Hub stores with LFS whatever their size (its default .gitattributes, abridged).
 LFS_SUFFIXES = (
@@ -71,7 +73,7 @@ def hash_token(token: str) -> str:
 
 def split_repo_id(repo_id: str) -> tuple[str, str]:
     """`ns/name` -> (ns, name); raises UsageError for anything else."""
-    parts = repo_id.split("/")
+    parts = repo_id.split("/") if isinstance(repo_id, str) else []
     if len(parts) != 2 or not all(NAME_RE.match(p) for p in parts) or parts[1].endswith((".git", "..")):
         raise UsageError(f"invalid repo id {repo_id!r}", hint="use NAMESPACE/NAME (letters, digits, . _ -)")
     return parts[0], parts[1]
@@ -188,9 +190,23 @@ def check_ref_name(name: str, kind: str) -> str:
 
 
 def check_path(path: str) -> str:
+    """A file path inside a repo that git and the Hub accept.
+
+    Raises:
+        UsageError: empty, absolute, `.`/`..`/empty parts, under `.git/`, a control character (NUL, newline...)
+            or a backslash, or longer than 4096 bytes in UTF-8.
+    """
+    if not isinstance(path, str):
+        raise UsageError(f"invalid path in repo {path!r}", hint="paths are strings")
     parts = path.split("/")
-    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in path:
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise UsageError(f"invalid path in repo {path!r}", hint="use a relative path without '..' or empty parts")
+    if _BAD_PATH_CHAR.search(path):
+        raise UsageError(f"invalid path in repo {path[:200]!r}",
+                         hint="paths may not hold control characters (NUL, newline, tab...) or backslashes")
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise UsageError(f"path in repo is longer than {MAX_PATH_BYTES} bytes ({path[:60]!r}...)",
+                         hint="use a shorter path")
     if parts[0] == ".git":
         raise UsageError(f"invalid path in repo {path!r}", hint="paths under .git/ are reserved")
     return path

@@ -2,6 +2,7 @@
 context with its access checks, and Link-header paging."""
 from __future__ import annotations
 
+import json
 import os
 from urllib.parse import urlencode
 
@@ -25,6 +26,34 @@ CHUNK = 1 << 20
 PLURAL = {"models": "model", "datasets": "dataset", "spaces": "space"}
 PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 INVALID_TOKEN = "Invalid credentials in Authorization header"
+LFS_CLIENT_HEADER = "x-hubquant-transfer"  # "lfs": the client uploads LFS files through the LFS batch API
+MAX_COMMIT_ENV = "HUBQUANT_HUB_MAX_COMMIT_BYTES"  # body limit of an NDJSON commit (default 4 GiB)
+MAX_JSON_ENV = "HUBQUANT_HUB_MAX_JSON_BYTES"  # body limit of every other request but LFS uploads (default 16 MiB)
+
+
+def body_limit(scope: dict) -> int | None:
+    """The request-body limit of a route: commits, LFS uploads (bounded by their signed size), the rest."""
+    path = scope.get("path", "")
+    if scope.get("method") == "PUT" and path.startswith("/_hubquant/lfs/"):
+        return None
+    if "/commit/" in path or path.endswith("/commit"):
+        return int(os.environ.get(MAX_COMMIT_ENV) or 4 << 30)
+    return int(os.environ.get(MAX_JSON_ENV) or 16 << 20)
+
+
+def json_body(ctx, *, default: dict | None = None) -> dict:
+    """The request body as a JSON object; 400 for anything else (bad JSON, too deep, not an object)."""
+    if not ctx.body.strip():
+        if default is not None:
+            return dict(default)
+        raise HubHTTPError(400, "expected a JSON object body")
+    try:
+        p = json.loads(ctx.body)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise HubHTTPError(400, "the body is not valid JSON (or is nested too deeply)") from None
+    if not isinstance(p, dict):
+        raise HubHTTPError(400, "expected a JSON object body")
+    return p
 
 
 class HubHTTPError(Exception):

@@ -2,7 +2,6 @@
 file downloads (HEAD/GET resolve with Range). Each takes the request context first. Refs: refs_api.py."""
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,16 @@ import yaml
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from hubquant.localhub import repoinfo
-from hubquant.localhub.protocol import CHUNK, DROP_ENV, Ctx, HubHTTPError, flag, from_store_error, paged
+from hubquant.localhub.protocol import (
+    CHUNK,
+    DROP_ENV,
+    Ctx,
+    HubHTTPError,
+    flag,
+    from_store_error,
+    json_body,
+    paged,
+)
 from hubquant.localhub.store import EntryNotFound, git_blob_oid
 
 
@@ -34,12 +42,10 @@ def whoami(ctx: Ctx) -> Response:
 
 
 def validate_yaml(ctx: Ctx) -> Response:
+    payload = json_body(ctx, default={})
     try:
-        payload = json.loads(ctx.body or b"{}")
         card = repoinfo.parse_card(str(payload.get("content", "")))
-    except (json.JSONDecodeError, AttributeError):
-        raise HubHTTPError(400, "expected a JSON body {content, repoType}") from None
-    except (yaml.YAMLError, ValueError) as e:
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
         raise HubHTTPError(400, f"Invalid metadata in README.md: {e}") from None
     errors = []
     for key in ("tags", "datasets", "language", "base_model", "license"):
@@ -104,9 +110,12 @@ def tree(ctx: Ctx, rtype: str, repo_id: str, rest: list) -> Response:
 def paths_info(ctx: Ctx, rtype: str, repo_id: str, rest: list) -> Response:
     repo = ctx.repo(rtype, repo_id)
     oid = ctx.resolve(repo, rest[0] if rest else "main")
-    form = parse_qs(ctx.body.decode(), keep_blank_values=True)
-    if not form and ctx.body.strip().startswith(b"{"):
-        form = {"paths": json.loads(ctx.body).get("paths", [])}
+    if ctx.body.strip().startswith(b"{"):
+        form = {"paths": json_body(ctx).get("paths", [])}
+    else:
+        form = parse_qs(ctx.body.decode("utf-8", "replace"), keep_blank_values=True)
+    if not isinstance(form.get("paths", []), list) or not all(isinstance(p, str) for p in form.get("paths", [])):
+        raise HubHTTPError(400, "paths must be a list of strings")
     files = ctx.store.files(oid)
     out = []
     for p in form.get("paths", []):

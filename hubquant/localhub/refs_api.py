@@ -4,25 +4,17 @@ huggingface_hub needs it for pull requests (create, list, details). A pull reque
 repo's namespace, also for pull requests (the real Hub also takes pull requests from other users)."""
 from __future__ import annotations
 
-import json
-
 from starlette.responses import JSONResponse, Response
 
 from hubquant.localhub.objects import PR_REF_RE, Discussion
-from hubquant.localhub.protocol import Ctx, HubHTTPError, flag
+from hubquant.localhub.protocol import Ctx, HubHTTPError, flag, json_body
 from hubquant.localhub.store import Repo
 
 DISCUSSIONS_PAGE = 50  # the Hub's page size for GET /discussions
 
 
 def _body(ctx: Ctx) -> dict:
-    try:
-        p = json.loads(ctx.body or b"{}")
-    except json.JSONDecodeError:
-        raise HubHTTPError(400, "expected a JSON body") from None
-    if not isinstance(p, dict):
-        raise HubHTTPError(400, "expected a JSON object")
-    return p
+    return json_body(ctx, default={})
 
 
 def _one_name(rest: list, what: str) -> str:
@@ -49,7 +41,10 @@ def refs(ctx: Ctx, rtype: str, repo_id: str, rest: list) -> Response:
 
 def create_branch(ctx: Ctx, rtype: str, repo_id: str, rest: list) -> Response:
     repo = ctx.writable(rtype, repo_id)
-    ctx.store.create_branch(repo, _one_name(rest, "branch"), _body(ctx).get("startingPoint"))
+    start = _body(ctx).get("startingPoint")
+    if start is not None and not isinstance(start, str):
+        raise HubHTTPError(400, "startingPoint must be a revision (string)")
+    ctx.store.create_branch(repo, _one_name(rest, "branch"), start)
     return JSONResponse({})
 
 
