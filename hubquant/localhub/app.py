@@ -63,8 +63,10 @@ class HubApp:
             return e.response()
         except HubquantError as e:
             return from_store_error(e, who).response()
-        except (BodyTooLarge, BodyIdle):
-            raise  # BodyGuard answers 413/408
+        except BodyTooLarge as e:
+            return HubHTTPError(413, str(e)).response()
+        except BodyIdle as e:
+            return HubHTTPError(408, str(e)).response()
         except Exception as e:  # a bug: an answer, not a dropped connection; the log keeps the traceback
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             return HubHTTPError(500, f"internal error ({type(e).__name__})").response()

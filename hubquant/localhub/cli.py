@@ -55,7 +55,6 @@ def _serve(args) -> int:
     from hubquant.localhub.local import bind_socket, url_of
     from hubquant.localhub.serving import uvicorn_config
 
-    app = create_app(args.root)
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as e:
@@ -64,7 +63,8 @@ def _serve(args) -> int:
         raise UsageError(
             f"cannot listen on {args.host}:{args.port}: {e.strerror}", hint="pick another --port (0 = any free port)"
         ) from e
-    print(url_of(sock), flush=True)
+    print(url_of(sock), flush=True)  # the first line of output is the URL (scripts and tests read it)
+    app = create_app(args.root)
     uvicorn.Server(uvicorn_config(app, log_level=args.log_level, lifespan="off")).run(sockets=[sock])
     return 0
 

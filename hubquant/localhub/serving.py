@@ -66,12 +66,12 @@ class BodyGuard:
             try:
                 msg = await asyncio.wait_for(receive(), self.idle_s)
             except asyncio.TimeoutError:
-                raise BodyIdle from None
+                raise BodyIdle(f"no request body bytes for {self.idle_s:g} s") from None
             if msg["type"] == "http.request":
                 state["got"] += len(msg.get("body", b""))
                 state["done"] = not msg.get("more_body", False)
                 if limit is not None and state["got"] > limit:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(f"request body over the {limit}-byte limit of this route")
             return msg
 
         async def tracking_send(msg):
