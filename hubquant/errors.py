@@ -38,6 +38,12 @@ class NotFoundError(HubquantError, LookupError):
     exit_code = 4
 
 
+class HubUnreachableError(HubquantError, ConnectionError):
+    """The Hub cannot be reached, or accepted the connection and did not answer in time (transient)."""
+
+    exit_code = 4
+
+
 class UnsupportedError(HubquantError, NotImplementedError):
     """Architecture, format or file type hubquant cannot handle, or a missing optional dependency."""
 

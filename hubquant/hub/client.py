@@ -1,7 +1,13 @@
 """Talking to a Hub (the real one, a mirror, or `hubquant hub serve`) through huggingface_hub.
 
 Every huggingface_hub error is translated into a hubquant error that names the fix; nothing here
-prints or logs a token.
+prints or logs a token. Every HTTP call huggingface_hub makes for hubquant has connect and read timeouts
+(`configure_http`): a Hub that does not answer ends in HubUnreachableError (exit 4), never a hang.
+
+Timeouts (seconds): connect = $HUBQUANT_HUB_CONNECT_TIMEOUT, else huggingface_hub's HF_HUB_ETAG_TIMEOUT
+(default 10); read = $HUBQUANT_HUB_READ_TIMEOUT, else HF_HUB_DOWNLOAD_TIMEOUT when set, else 60 (a large
+commit can keep the Hub busy longer than huggingface_hub's 10 s download default). Calls where
+huggingface_hub passes its own timeout (metadata HEAD, file downloads) keep it.
 """
 from __future__ import annotations
 
@@ -13,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hubquant  # noqa: F401  (Hub environment before huggingface_hub is imported)
-from hubquant.errors import AuthError, ConflictError, CorruptFileError, NotFoundError, UnsupportedError
+from hubquant.errors import (
+    AuthError,
+    ConflictError,
+    CorruptFileError,
+    HubUnreachableError,
+    NotFoundError,
+    UnsupportedError,
+)
 
 # What a quantized variant needs from the base repo; nothing else is downloaded.
 ALLOW_PATTERNS = (
@@ -24,12 +37,84 @@ ALLOW_PATTERNS = (
 )
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 PROVENANCE_FILE = "hubquant.json"
+CONNECT_TIMEOUT_ENV = "HUBQUANT_HUB_CONNECT_TIMEOUT"
+READ_TIMEOUT_ENV = "HUBQUANT_HUB_READ_TIMEOUT"
+_http_configured = False
+
+
+def timeouts() -> tuple[float, float]:
+    """(connect, read) timeouts in seconds for Hub calls (see the module docstring)."""
+    from huggingface_hub import constants
+
+    def env(name: str) -> float | None:
+        try:
+            v = float(os.environ.get(name) or 0)
+        except ValueError:
+            return None
+        return v if v > 0 else None
+
+    connect = env(CONNECT_TIMEOUT_ENV) or env("HF_HUB_ETAG_TIMEOUT") or float(constants.HF_HUB_ETAG_TIMEOUT)
+    read = env(READ_TIMEOUT_ENV) or env("HF_HUB_DOWNLOAD_TIMEOUT") or 60.0
+    return connect, read
+
+
+def configure_http() -> None:
+    """Give every request of huggingface_hub's shared HTTP client connect/read timeouts. Idempotent.
+
+    huggingface_hub passes `timeout=None` (no limit) explicitly on most API calls, which overrides a client
+    default; a request hook fills every missing timeout on the request itself instead.
+    """
+    global _http_configured
+    if _http_configured:
+        return
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    def fill_timeouts(request) -> None:
+        connect, read = timeouts()
+        t = dict(request.extensions.get("timeout") or {})
+        for k, v in (("connect", connect), ("read", read), ("write", read), ("pool", read)):
+            if t.get(k) is None:
+                t[k] = v
+        request.extensions["timeout"] = t
+
+    def factory():
+        client = default_client_factory()
+        client.event_hooks = {**client.event_hooks,
+                              "request": [*client.event_hooks.get("request", []), fill_timeouts]}
+        return client
+
+    set_client_factory(factory)
+    _http_configured = True
+
+
+def _transport_error(e: BaseException) -> BaseException | None:
+    """The network failure (refused, reset, timed out, DNS) behind `e`, if any, following the cause chain."""
+    import httpx2
+
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, httpx2.TransportError | TimeoutError | ConnectionError) and not isinstance(
+                e, HubUnreachableError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def unreachable(cause: BaseException) -> HubUnreachableError:
+    connect, read = timeouts()
+    kind = "did not answer in time" if "timeout" in type(cause).__name__.lower() else "cannot be reached"
+    return HubUnreachableError(
+        f"the Hub at {endpoint()} {kind} ({type(cause).__name__})",
+        hint=f"check HF_ENDPOINT and your network; timeouts are {connect:g} s to connect and {read:g} s to read "
+             f"(set {CONNECT_TIMEOUT_ENV} / {READ_TIMEOUT_ENV} to change them)")
 
 
 def api(token: str | None = None):
     """An HfApi for the configured endpoint (HF_ENDPOINT) and `token` (default: HF_TOKEN / login)."""
     from huggingface_hub import HfApi, constants
 
+    configure_http()
     if "huggingface.co" not in constants.ENDPOINT:
         constants.HF_HUB_DISABLE_XET = True
     # the local Hub answers preupload with "lfs" only to clients that say they upload through the LFS batch API
@@ -40,17 +125,40 @@ def api(token: str | None = None):
 def endpoint() -> str:
     from huggingface_hub import constants
 
+    configure_http()
     return constants.ENDPOINT
+
+
+def token_rejected(token: str | None = None) -> bool:
+    """Whether a token is set and the Hub refuses it (whoami answers 401)."""
+    from huggingface_hub import errors as hf
+
+    if not (token or _token()):
+        return False
+    try:
+        api(token).whoami()
+    except hf.HfHubHTTPError as e:
+        return getattr(e.response, "status_code", None) == 401
+    except Exception:  # noqa: BLE001 - a second failure (network...) says nothing about the token
+        return False
+    return False
+
+
+def _rejected(token: str | None) -> AuthError:
+    return AuthError(f"token rejected: the Hub at {endpoint()} does not accept your token (invalid or expired)",
+                     hint="set HF_TOKEN to a valid token (or `hf auth login`), or unset it to read public repos")
 
 
 @contextlib.contextmanager
 def hub_errors(repo_id: str, *, revision: str | None = None, action: str = "read", token: str | None = None):
-    """Translate huggingface_hub's typed errors into hubquant's, with the fix."""
+    """Translate huggingface_hub's typed errors (and network failures) into hubquant's, with the fix."""
     from huggingface_hub import errors as hf
 
     try:
         yield
     except hf.GatedRepoError as e:
+        if token_rejected(token):
+            raise _rejected(token) from e
         raise AuthError(f"{repo_id} is gated and your token has no access",
                         hint=f"request access on the model page, then set HF_TOKEN ({endpoint()}/{repo_id})") from e
     except hf.RevisionNotFoundError as e:
@@ -59,6 +167,8 @@ def hub_errors(repo_id: str, *, revision: str | None = None, action: str = "read
     except hf.EntryNotFoundError as e:
         raise NotFoundError(f"a file is missing in {repo_id}: {e}", hint="check the repo's files") from e
     except hf.RepositoryNotFoundError as e:
+        if token_rejected(token):
+            raise _rejected(token) from e
         has_token = bool(token or _token())
         raise NotFoundError(
             f"repository {repo_id} not found" + ("" if has_token else " (or it is private and no token is set)"),
@@ -67,6 +177,8 @@ def hub_errors(repo_id: str, *, revision: str | None = None, action: str = "read
     except hf.HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
         if status in (401, 403):
+            if token_rejected(token):
+                raise _rejected(token) from e
             verb = "write to" if action == "write" else "read"
             raise AuthError(f"not allowed to {verb} {repo_id} (HTTP {status})",
                             hint="set HF_TOKEN to a token with write access to that namespace, or pass "
@@ -75,6 +187,14 @@ def hub_errors(repo_id: str, *, revision: str | None = None, action: str = "read
         if status in (409, 412):
             raise ConflictError(f"{repo_id} changed while hubquant was writing (HTTP {status})",
                                 hint="run the command again") from e
+        cause = _transport_error(e)
+        if cause is not None:
+            raise unreachable(cause) from e
+        raise
+    except Exception as e:
+        cause = _transport_error(e)
+        if cause is not None:
+            raise unreachable(cause) from e
         raise
 
 
@@ -168,7 +288,15 @@ def whoami_name(token: str | None = None) -> str:
     try:
         return hf.whoami()["name"]
     except hf_errors.HfHubHTTPError as e:
-        raise AuthError("the Hub rejected your token", hint="set HF_TOKEN to a valid token") from e
+        if getattr(e.response, "status_code", None) == 401:
+            raise _rejected(token) from e
+        raise AuthError(f"the Hub refused whoami (HTTP {getattr(e.response, 'status_code', '?')})",
+                        hint="set HF_TOKEN to a valid token") from e
+    except Exception as e:
+        cause = _transport_error(e)
+        if cause is not None:
+            raise unreachable(cause) from e
+        raise
 
 
 def read_provenance(repo_id: str, token: str | None = None) -> dict | None:
@@ -177,13 +305,17 @@ def read_provenance(repo_id: str, token: str | None = None) -> dict | None:
     from huggingface_hub import hf_hub_download
 
     try:
-        p = hf_hub_download(repo_id, PROVENANCE_FILE, endpoint=endpoint(), token=token)
-    except (hf.RepositoryNotFoundError, hf.EntryNotFoundError, hf.RevisionNotFoundError):
+        with hub_errors(repo_id, token=token):
+            try:
+                p = hf_hub_download(repo_id, PROVENANCE_FILE, endpoint=endpoint(), token=token)
+            except (hf.RepositoryNotFoundError, hf.EntryNotFoundError, hf.RevisionNotFoundError):
+                return None
+            except hf.HfHubHTTPError as e:
+                if getattr(e.response, "status_code", None) in (401, 403, 404):
+                    return None
+                raise
+    except NotFoundError:
         return None
-    except hf.HfHubHTTPError as e:
-        if getattr(e.response, "status_code", None) in (401, 403, 404):
-            return None
-        raise
     return json.loads(Path(p).read_text())
 
 
@@ -191,8 +323,12 @@ def repo_head(repo_id: str, token: str | None = None) -> str | None:
     from huggingface_hub import errors as hf
 
     try:
-        return api(token).model_info(repo_id).sha
-    except (hf.RepositoryNotFoundError, hf.RevisionNotFoundError):
+        with hub_errors(repo_id, token=token):
+            try:
+                return api(token).model_info(repo_id).sha
+            except (hf.RepositoryNotFoundError, hf.RevisionNotFoundError):
+                return None
+    except NotFoundError:
         return None
 
 
