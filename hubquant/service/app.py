@@ -3,14 +3,18 @@
 Routes:
     POST /webhook      a Hub webhook (X-Webhook-Secret checked in constant time); new releases -> jobs
     POST /jobs         submit one job by hand (Authorization: Bearer <HUBQUANT_SERVICE_TOKEN>)
-    GET  /jobs         jobs as JSON (?status=queued|running|done|failed&limit=N)
+    GET  /jobs         jobs as JSON, newest first (?status=queued|running|done|failed&limit=N&cursor=C);
+                       at most 500 per page, `next` is the cursor of the following page
     GET  /jobs/{id}    one job with its logs
     GET  /metrics      Prometheus text: queue depth, job counts, durations, retries, failures, deliveries
-    GET  /healthz      liveness
+    GET  /healthz      liveness (no data)
 
-Status codes of /webhook: 401 no secret sent, 403 wrong secret, 400 malformed payload, 503 no secret
-configured on the server, 200 a duplicate delivery (the earlier jobs are returned), 202 accepted (jobs
-queued, or the event ignored with a reason).
+Reads need `Authorization: Bearer <token>` with HUBQUANT_SERVICE_TOKEN or the read-only
+HUBQUANT_SERVICE_READ_TOKEN (for Prometheus: see docs/security.md). Status codes of /webhook: 401 no
+secret sent, 403 wrong secret, 400 malformed payload (nothing recorded), 413 body over 1 MiB, 503 no secret
+configured on the server, 200 a duplicate delivery (the earlier jobs are returned), 202 accepted (the
+delivery and its jobs recorded in one transaction, or the event ignored with a reason). Every SQLite call
+runs in a worker thread, never on the event loop.
 """
 from __future__ import annotations
 
@@ -29,11 +33,15 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from hubquant.errors import HubquantError, NotFoundError, UsageError
-from hubquant.service.jobs import JobSpec
-from hubquant.service.queue import STATUSES, JobQueue
+from hubquant.localhub.serving import BodyGuard
+from hubquant.service.jobs import JobSpec, check_options
+from hubquant.service.queue import MAX_PAGE, STATUSES, JobQueue
 
 SECRET_ENV = "HUBQUANT_WEBHOOK_SECRET"
 TOKEN_ENV = "HUBQUANT_SERVICE_TOKEN"
+READ_TOKEN_ENV = "HUBQUANT_SERVICE_READ_TOKEN"
+WEBHOOK_MAX_BYTES = 1 << 20
+JOBS_MAX_BYTES = 64 << 10
 DELIVERY_HEADERS = ("x-webhook-delivery", "x-request-id", "x-amzn-trace-id")
 
 
@@ -49,7 +57,9 @@ class ServiceConfig:
         authors, models: fnmatch patterns a webhook's repo must match (both empty: any model).
         options: extra ConvertOptions fields for every job.
         webhook_secret: the shared secret (default: $HUBQUANT_WEBHOOK_SECRET).
-        api_token: the bearer token for POST /jobs (default: $HUBQUANT_SERVICE_TOKEN).
+        api_token: the bearer token for POST /jobs and reads (default: $HUBQUANT_SERVICE_TOKEN).
+        read_token: a bearer token for reads only: GET /jobs, /jobs/{id}, /metrics
+            (default: $HUBQUANT_SERVICE_READ_TOKEN).
         workers: how many workers run jobs (reported by /metrics).
     """
 
@@ -63,6 +73,7 @@ class ServiceConfig:
     options: dict | None = None
     webhook_secret: str | None = None
     api_token: str | None = None
+    read_token: str | None = None
     workers: int = 1
     version: int = 1
 
@@ -70,6 +81,7 @@ class ServiceConfig:
     def from_env(cls, **kw) -> ServiceConfig:
         kw.setdefault("webhook_secret", os.environ.get(SECRET_ENV) or None)
         kw.setdefault("api_token", os.environ.get(TOKEN_ENV) or None)
+        kw.setdefault("read_token", os.environ.get(READ_TOKEN_ENV) or None)
         return cls(**kw)
 
     def watches(self, repo_id: str) -> bool:
@@ -80,6 +92,7 @@ class ServiceConfig:
                 or any(fnmatch.fnmatchcase(repo_id, m) for m in self.models))
 
     def specs_for(self, repo_id: str, sha: str | None) -> list[JobSpec]:
+        """One job per (method, scheme). Raises UsageError for a repo id or sha JobSpec refuses."""
         return [JobSpec(repo_id=repo_id, revision=sha, method=m, scheme=s, namespace=self.namespace,
                         private=self.private, max_ppl_increase=self.max_ppl_increase,
                         options=dict(self.options or {}))
@@ -88,6 +101,25 @@ class ServiceConfig:
 
 def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _bearer(request: Request, *tokens: str | None) -> JSONResponse | None:
+    """None when the request carries one of `tokens` as its bearer token, else the error answer."""
+    tokens = tuple(t for t in tokens if t)
+    if not tokens:
+        return _error(403, "this route is disabled: no token is configured",
+                      hint=f"set {TOKEN_ENV} (or {READ_TOKEN_ENV} for reads) and restart the service")
+    auth = request.headers.get("authorization", "")
+    if not auth.lower().startswith("bearer "):
+        return _error(401, "missing bearer token", hint=f"send Authorization: Bearer ${TOKEN_ENV}")
+    given = auth[7:].strip()
+    if not any([_same(given, t) for t in tokens]):  # every comparison runs: no early exit to time
+        return _error(403, "wrong token", hint=f"use the value of {TOKEN_ENV} or {READ_TOKEN_ENV}")
+    return None
+
+
+def _body_limit(scope: dict) -> int:
+    return WEBHOOK_MAX_BYTES if scope.get("path") == "/webhook" else JOBS_MAX_BYTES
 
 
 def _error(status: int, message: str, hint: str | None = None) -> JSONResponse:
@@ -120,39 +152,54 @@ def _resolve_sha(repo_id: str) -> str:
         return api().model_info(repo_id).sha
 
 
+def _parse_webhook(body: bytes):
+    """(raw dict, WebhookPayload) of a Hub webhook body. Raises ValueError for anything else."""
+    from huggingface_hub import WebhookPayload
+    from pydantic import ValidationError
+
+    try:
+        raw = json.loads(body)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise ValueError("the payload is not a JSON object")
+    try:
+        payload = WebhookPayload.model_validate(raw)
+    except ValidationError as e:
+        raise ValueError(f"not a Hub webhook payload: {e.error_count()} field error(s), first: "
+                         f"{'.'.join(map(str, e.errors()[0]['loc']))}: {e.errors()[0]['msg']}") from e
+    except RecursionError:
+        raise ValueError("the payload is nested too deeply") from None
+    return raw, payload
+
+
 def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_sha,
-               on_shutdown: tuple = ()) -> Starlette:
-    """The service's ASGI app over `queue`; `on_shutdown` callables run when the server stops gracefully
-    (uvicorn re-raises SIGTERM/SIGINT after its shutdown, so cleanup after `uvicorn.run` would never run)."""
+               on_shutdown: tuple = ()):
+    """The service's ASGI app over `queue` (with body limits and a body-idle deadline); `on_shutdown`
+    callables run when the server stops gracefully (uvicorn re-raises SIGTERM/SIGINT after its shutdown, so
+    cleanup after `uvicorn.run` would never run)."""
+
+    def db(fn, *args, **kw):  # SQLite work runs in a worker thread, never on the event loop
+        return run_in_threadpool(fn, *args, **kw)
 
     async def webhook(request: Request):
         if not config.webhook_secret:
             return _error(503, "the webhook is not configured", hint=f"set {SECRET_ENV} and restart the service")
         given = request.headers.get("x-webhook-secret")
         if given is None:
-            queue.bump("webhook_unauthorized_total")
+            await db(queue.bump, "webhook_unauthorized_total")
             return _error(401, "missing X-Webhook-Secret header", hint="set the webhook's secret on the Hub")
         if not _same(given, config.webhook_secret):
-            queue.bump("webhook_forbidden_total")
+            await db(queue.bump, "webhook_forbidden_total")
             return _error(403, "wrong webhook secret", hint=f"use the value of {SECRET_ENV} as the webhook secret")
         body = await request.body()
         try:
-            raw = json.loads(body)
-            if not isinstance(raw, dict):
-                raise ValueError("the payload is not a JSON object")
-            from huggingface_hub import WebhookPayload
-            from pydantic import ValidationError
-
-            try:
-                payload = WebhookPayload.model_validate(raw)
-            except ValidationError as e:
-                raise ValueError(f"not a Hub webhook payload: {e.error_count()} field error(s), first: "
-                                 f"{'.'.join(map(str, e.errors()[0]['loc']))}: {e.errors()[0]['msg']}") from e
+            raw, payload = _parse_webhook(body)
         except ValueError as e:  # json.JSONDecodeError is a ValueError
-            queue.bump("webhook_malformed_total")
+            await db(queue.bump, "webhook_malformed_total")
             return _error(400, f"malformed payload: {e}", hint="send the Hub's webhook payload (version 3)")
         delivery = next((request.headers[h] for h in DELIVERY_HEADERS if h in request.headers), None)
-        delivery = delivery or "sha256:" + hashlib.sha256(body).hexdigest()
+        delivery = (delivery or "sha256:" + hashlib.sha256(body).hexdigest())[:200]
         repo_id = payload.repo.name
         is_release, sha, reason = release_sha(raw, payload)
         if is_release and "hubquant" in (payload.repo.tags or []):
@@ -160,75 +207,99 @@ def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_s
         if is_release and not config.watches(repo_id):
             is_release, reason = False, f"{repo_id} is outside the watched authors/models"
         if not is_release:
-            queue.bump("webhook_ignored_total")
+            await db(queue.bump, "webhook_ignored_total")
             return JSONResponse({"accepted": False, "reason": reason, "repo": repo_id, "jobs": []}, status_code=202)
+        try:
+            config.specs_for(repo_id, sha or "0" * 40)  # a bad repo id or sha: 400 before anything is recorded
+        except UsageError as e:
+            await db(queue.bump, "webhook_malformed_total")
+            return _error(400, f"malformed payload: {e.message}", hint=e.hint)
         if sha is None:
             try:
                 sha = await run_in_threadpool(resolve_sha, repo_id)
             except HubquantError as e:  # nothing recorded: the Hub's retry of this delivery gets another chance
                 return _error(502, f"cannot read {repo_id} on the Hub: {e.message}", hint=e.hint)
-        earlier = queue.record_delivery(delivery, [])
-        if earlier is not None:
-            queue.bump("webhook_duplicate_total")
-            return JSONResponse({"accepted": True, "duplicate": True, "repo": repo_id, "jobs": earlier})
-        jobs = []
-        for spec in config.specs_for(repo_id, sha):  # schemes and methods were checked at startup
-            job, created = queue.enqueue(spec.to_dict(), key=spec.key(), source="webhook")
-            jobs.append({"id": job.id, "status": job.status, "created": created, "label": spec.label()})
-        queue.record_delivery_jobs(delivery, [j["id"] for j in jobs])
-        queue.bump("webhook_accepted_total")
+        try:
+            specs = config.specs_for(repo_id, sha)
+        except UsageError as e:
+            return _error(400, f"malformed payload: {e.message}", hint=e.hint)
+        duplicate, jobs = await db(queue.accept_delivery, delivery, [(sp.to_dict(), sp.key()) for sp in specs])
+        if duplicate:
+            await db(queue.bump, "webhook_duplicate_total")
+            return JSONResponse({"accepted": True, "duplicate": True, "repo": repo_id, "jobs": jobs})
+        await db(queue.bump, "webhook_accepted_total")
+        out = [{"id": job.id, "status": job.status, "created": created, "label": sp.label()}
+               for (job, created), sp in zip(jobs, specs, strict=True)]
         return JSONResponse({"accepted": True, "duplicate": False, "repo": repo_id, "sha": sha, "reason": reason,
-                             "jobs": jobs}, status_code=202)
+                             "jobs": out}, status_code=202)
 
     async def submit(request: Request):
-        auth = request.headers.get("authorization", "")
         if not config.api_token:
             return _error(403, "job submission is disabled", hint=f"set {TOKEN_ENV} and restart the service")
-        if not auth.lower().startswith("bearer "):
-            return _error(401, "missing bearer token", hint=f"send Authorization: Bearer ${TOKEN_ENV}")
-        if not _same(auth[7:].strip(), config.api_token):
-            return _error(403, "wrong token", hint=f"use the value of {TOKEN_ENV}")
+        denied = _bearer(request, config.api_token)
+        if denied is not None:
+            return denied
         try:
             body = json.loads(await request.body())
             if not isinstance(body, dict):
                 raise UsageError("the body is not a JSON object", hint='send {"repo_id": "owner/name", ...}')
-            retry_failed = bool(body.pop("retry_failed", False))
-            defaults = config.specs_for(body.get("repo_id", "x/x"), None)[0].to_dict()
-            defaults.pop("repo_id")
-            defaults.update(body)
-            if not defaults.get("revision"):
-                defaults["revision"] = await run_in_threadpool(resolve_sha, defaults["repo_id"])
-            spec = JobSpec.from_dict(defaults)
-        except json.JSONDecodeError as e:
-            return _error(400, f"malformed JSON: {e}")
+            retry_failed = body.pop("retry_failed", False)
+            if not isinstance(retry_failed, bool):
+                raise UsageError("retry_failed must be true or false", hint='e.g. "retry_failed": true')
+            # the service's settings are the defaults; the caller's options go on top of the service's
+            fields = {"method": config.methods[0], "scheme": config.schemes[0], "namespace": config.namespace,
+                      "private": config.private, "max_ppl_increase": config.max_ppl_increase, **body,
+                      "options": {**(config.options or {}), **check_options(body.get("options", {}))}}
+            spec = JobSpec.from_dict(fields)  # validates everything before any Hub call
+            from hubquant.methods import get_method
+
+            get_method(spec.method)
+            if not spec.revision:
+                spec = JobSpec.from_dict({**spec.to_dict(), "revision": await run_in_threadpool(
+                    resolve_sha, spec.repo_id)})
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            return _error(400, f"malformed JSON: {str(e)[:200]}")
         except HubquantError as e:
             return _error(404 if isinstance(e, NotFoundError) else 400, e.message, hint=e.hint)
         except TypeError as e:
-            return _error(400, str(e), hint="required field: repo_id")
-        job, created = queue.enqueue(spec.to_dict(), key=spec.key(), source="api", retry_failed=retry_failed)
+            return _error(400, str(e)[:200], hint="required field: repo_id")
+        job, created = await db(queue.enqueue, spec.to_dict(), key=spec.key(), source="api",
+                                retry_failed=retry_failed)
         return JSONResponse({"created": created, "job": job.to_dict()}, status_code=201 if created else 200)
 
     async def list_jobs(request: Request):
-        status = request.query_params.get("status")
+        denied = _bearer(request, config.api_token, config.read_token)
+        if denied is not None:
+            return denied
+        q = request.query_params
         try:
-            limit = int(request.query_params.get("limit", "200"))
-            jobs = queue.list(status or None, limit=limit)
+            limit = int(q.get("limit", "100"))
+            jobs, nxt = await db(queue.page, q.get("status") or None, limit=limit, cursor=q.get("cursor"))
         except (ValueError, UsageError) as e:
-            return _error(400, str(e), hint=f"status is one of {', '.join(STATUSES)}; limit an integer")
-        return JSONResponse({"counts": queue.counts(), "jobs": [j.to_dict() for j in jobs]})
+            return _error(400, str(e), hint=f"status is one of {', '.join(STATUSES)}; limit 1 to {MAX_PAGE}; "
+                                            "cursor from 'next'")
+        counts = await db(queue.counts)
+        return JSONResponse({"counts": counts, "jobs": [j.to_dict() for j in jobs], "next": nxt})
 
     async def get_job(request: Request):
+        denied = _bearer(request, config.api_token, config.read_token)
+        if denied is not None:
+            return denied
         try:
-            job = queue.get(request.path_params["job_id"])
+            job = await db(queue.get, request.path_params["job_id"])
         except NotFoundError as e:
             return _error(404, e.message, hint=e.hint)
         return JSONResponse(job.to_dict(with_logs=True))
 
     async def metrics(request: Request):
-        return PlainTextResponse(prometheus_text(queue, config), media_type="text/plain; version=0.0.4")
+        denied = _bearer(request, config.api_token, config.read_token)
+        if denied is not None:
+            return denied
+        text = await db(prometheus_text, queue, config)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def healthz(request: Request):
-        return JSONResponse({"ok": True, "counts": queue.counts()})
+        return JSONResponse({"ok": True})
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -236,7 +307,7 @@ def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_s
         for fn in on_shutdown:
             await run_in_threadpool(fn)
 
-    return Starlette(lifespan=lifespan, routes=[
+    app = Starlette(lifespan=lifespan, routes=[
         Route("/webhook", webhook, methods=["POST"]),
         Route("/jobs", submit, methods=["POST"]),
         Route("/jobs", list_jobs, methods=["GET"]),
@@ -244,6 +315,7 @@ def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_s
         Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ])
+    return BodyGuard(app, limit=_body_limit)
 
 
 def prometheus_text(queue: JobQueue, config: ServiceConfig) -> str:

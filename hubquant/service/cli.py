@@ -85,6 +85,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--max-attempts", type=int, default=None, help="attempts before a job is failed (default 3)")
     r.add_argument("--backoff", type=float, default=None, help="first retry delay in seconds, doubling (default 30)")
     r.add_argument("--lease", type=float, default=None, help="seconds a worker may go silent before its job moves on")
+    r.add_argument("--job-timeout", type=float, default=None,
+                   help="wall-clock limit of one attempt in seconds (default 21600); a hung attempt is failed and "
+                        "retried like any transient error")
     s.set_defaults(func=_serve)
 
 
@@ -175,8 +178,9 @@ def _serve(args) -> int:
         private=bool(pick("private", False)), max_ppl_increase=pick("max_ppl_increase"),
         authors=listed("author", ()), models=listed("model", ()), options=options, workers=n_workers)
     from hubquant.methods import get_method
-    from hubquant.service.jobs import parse_scheme
+    from hubquant.service.jobs import check_options, parse_scheme
 
+    check_options(config.options or {})
     for m in config.methods:
         get_method(m)
     for sch in config.schemes:
@@ -186,6 +190,7 @@ def _serve(args) -> int:
     retry = RetryPolicy(max_attempts=pick("max_attempts", 3), backoff_s=pick("backoff", 30.0))
     queue = JobQueue(db, retry=retry)
     lease = float(pick("lease", 120.0))
+    job_timeout = float(pick("job_timeout", 6 * 3600.0))
     if not config.webhook_secret:
         print("warning: HUBQUANT_WEBHOOK_SECRET is not set: POST /webhook answers 503", file=sys.stderr)
     if not config.api_token:
@@ -197,16 +202,18 @@ def _serve(args) -> int:
         from hubquant.service.ray_backend import RayBackend, RayOptions
 
         backend = RayBackend(queue, RayOptions(address=pick("ray_address"), node_ip_address=pick("ray_node_ip"),
-                                                  lease_s=lease))
+                                                  lease_s=lease, job_timeout_s=job_timeout))
         threading.Thread(target=backend.run, args=(stop,), name="ray-dispatcher", daemon=True).start()
     else:
-        pool = WorkerPool(db, n_workers, WorkerOptions(lease_s=lease)).start()
+        pool = WorkerPool(db, n_workers, WorkerOptions(lease_s=lease, job_timeout_s=job_timeout)).start()
         cleanup.append(pool.stop)
         print(f"{pool.n} local worker(s)" + (f", one per GPU ({pool.gpus})" if pool.gpus else ""), file=sys.stderr)
     print(f"hubquant service on http://{args.host}:{args.port} (queue {db})", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(create_app(queue, config, on_shutdown=tuple(cleanup)), host=args.host, port=args.port,
-                    log_level="warning")
+        from hubquant.localhub.serving import uvicorn_config
+
+        uvicorn.Server(uvicorn_config(create_app(queue, config, on_shutdown=tuple(cleanup)), host=args.host,
+                                      port=args.port)).run()
     finally:  # reached on errors; a signal ends the process after the app's shutdown hooks ran
         for fn in cleanup:
             fn()

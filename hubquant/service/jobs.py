@@ -16,19 +16,102 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from hubquant.errors import (
-    AuthError,
     ConflictError,
+    CorruptFileError,
     HubquantError,
-    NotFoundError,
-    QualityGateError,
-    UnsupportedError,
+    HubUnreachableError,
     UsageError,
 )
 
 JOB_SPEC_VERSION = 1
 
-# Errors that another attempt cannot fix: the job goes straight to the failed list.
-PERMANENT_ERRORS = (UsageError, AuthError, NotFoundError, UnsupportedError, QualityGateError)
+# Errors another attempt can fix: the Hub was unreachable or slow, the branch moved under a push, a download
+# came out damaged, the job ran past its wall-clock limit. Everything else (bad options, auth, missing repos,
+# unsupported models, the quality gate, bugs) goes straight to the failed list.
+TRANSIENT_ERRORS = (HubUnreachableError, ConflictError, CorruptFileError, TimeoutError, ConnectionError)
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+REPO_ID_RE = re.compile(rf"\A{_NAME}/{_NAME}\Z")
+NAMESPACE_RE = re.compile(rf"\A{_NAME}\Z")
+REVISION_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._/-]{0,199}\Z")
+_DATASET_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+DATASET_RE = re.compile(rf"\A{_DATASET_PART}(/{_DATASET_PART})?(:[A-Za-z0-9._-]{{0,100}}){{0,3}}\Z")
+_FILE_SUFFIXES = (".txt", ".md", ".text", ".json", ".jsonl", ".parquet", ".csv")
+
+
+def _dataset(v: Any) -> str:
+    """A built-in corpus or a Hub dataset id (`ID[:CONFIG[:SPLIT[:COLUMN]]]`), never a path on the service's disk."""
+    if not isinstance(v, str) or not DATASET_RE.match(v) or ".." in v or v.split(":")[0].lower().endswith(
+            _FILE_SUFFIXES):
+        raise ValueError("a built-in corpus (fortunes, lee-news) or a Hub dataset id, not a file path")
+    return v
+
+
+def _int_in(lo: int, hi: int):
+    def check(v: Any) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise ValueError(f"an integer from {lo} to {hi}")
+        return v
+    return check
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("true or false")
+    return v
+
+
+def _short_str(v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
+        raise ValueError("a short name (letters, digits, . _ -)")
+    return v
+
+
+def _ignore(v: Any) -> list[str]:
+    if not isinstance(v, list | tuple) or len(v) > 64 or not all(isinstance(x, str) and 0 < len(x) <= 200 for x in v):
+        raise ValueError("a list of at most 64 module-name patterns")
+    return list(v)
+
+
+def _method_options(v: Any) -> dict:
+    ok = isinstance(v, dict) and len(v) <= 32 and all(
+        isinstance(k, str) and len(k) <= 64 and (v[k] is None or isinstance(v[k], bool | int | float | str))
+        for k in v)
+    if not ok:
+        raise ValueError("an object of at most 32 scalar settings")
+    return dict(v)
+
+
+# The convert options a job may set (POST /jobs "options", the service's --option and config file), each
+# with its check. Everything else is refused: the caller never sets token, trust_remote_code, allow_pickle,
+# output_dir, device or push; the job's own fields (repo, revision, method, scheme, namespace, private,
+# quality gate) are set through JobSpec.
+JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "format": _short_str, "activations": _short_str, "calib_dataset": _dataset, "eval_dataset": _dataset,
+    "num_samples": _int_in(1, 4096), "seq_len": _int_in(16, 32768), "seed": _int_in(0, 2**31 - 1),
+    "chat_template": _bool, "eval_windows": _int_in(1, 1024), "eval_seq_len": _int_in(16, 32768),
+    "skip_eval": _bool, "leak_check": _bool, "ignore": _ignore, "method_options": _method_options,
+}
+
+
+def check_options(options: Any) -> dict[str, Any]:
+    """Validate job options against JOB_OPTIONS.
+
+    Raises:
+        UsageError: not an object, an option outside the allow-list, or a bad value (the message says which).
+    """
+    if not isinstance(options, dict):
+        raise UsageError("options must be a JSON object", hint=f"allowed options: {', '.join(sorted(JOB_OPTIONS))}")
+    out = {}
+    for k, v in options.items():
+        if k not in JOB_OPTIONS:
+            raise UsageError(f"option {str(k)[:64]!r} is not accepted by the service",
+                             hint=f"allowed options: {', '.join(sorted(JOB_OPTIONS))}")
+        try:
+            out[k] = JOB_OPTIONS[k](v)
+        except ValueError as e:
+            raise UsageError(f"option {k!r}: expected {e}", hint=f"fix the value of {k}") from None
+    return out
 
 _SCHEME_RE = re.compile(r"^W(?P<w>\d+)A(?P<a>\d+)(?P<asym>-ASYM)?(?:-G(?P<g>\d+))?$")
 
@@ -84,8 +167,23 @@ class JobSpec:
     version: int = JOB_SPEC_VERSION
 
     def __post_init__(self):
-        if "/" not in self.repo_id:
-            raise UsageError(f"'{self.repo_id}' is not a repo id", hint="use the form owner/name")
+        if not isinstance(self.repo_id, str) or not REPO_ID_RE.match(self.repo_id) or self.repo_id.endswith(".git"):
+            raise UsageError(f"{str(self.repo_id)[:200]!r} is not a repo id", hint="use the form owner/name")
+        if self.revision is not None and (not isinstance(self.revision, str) or not REVISION_RE.match(self.revision)):
+            raise UsageError("revision must be a commit sha, branch or tag name", hint="e.g. main or a 40-hex sha")
+        if not isinstance(self.method, str) or not NAMESPACE_RE.match(self.method):
+            raise UsageError("method must be a method name", hint="e.g. rtn, gptq, awq")
+        if not isinstance(self.scheme, str) or len(self.scheme) > 64:
+            raise UsageError("scheme must be a scheme name", hint="e.g. default, W4A16-G128, W8A8")
+        if self.namespace is not None and (not isinstance(self.namespace, str) or not NAMESPACE_RE.match(
+                self.namespace)):
+            raise UsageError("namespace must be a user or org name", hint="letters, digits, . _ -")
+        if not isinstance(self.private, bool):
+            raise UsageError("private must be true or false", hint='e.g. "private": true')
+        if self.max_ppl_increase is not None and (not isinstance(self.max_ppl_increase, int | float)
+                                                  or isinstance(self.max_ppl_increase, bool)):
+            raise UsageError("max_ppl_increase must be a number (percent)", hint='e.g. "max_ppl_increase": 5')
+        object.__setattr__(self, "options", check_options(self.options))
         parse_scheme(self.scheme)  # validates
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +191,15 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobSpec:
-        """Build from JSON (unknown keys are a UsageError, so typos do not pass silently)."""
+        """Build from JSON (unknown keys are a UsageError, so typos do not pass silently).
+
+        Raises:
+            UsageError: not an object, unknown fields, no repo_id, or a field that fails JobSpec's checks.
+        """
+        if not isinstance(d, dict):
+            raise UsageError("a job is a JSON object", hint='send {"repo_id": "owner/name", ...}')
+        if "repo_id" not in d:
+            raise UsageError("a job needs repo_id", hint='send {"repo_id": "owner/name", ...}')
         known = set(cls.__dataclass_fields__)
         extra = set(d) - known
         if extra:
@@ -224,10 +330,10 @@ def run_job(spec: JobSpec | dict, log: Callable[[str], None] = print) -> dict[st
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """False for errors another attempt cannot fix (bad options, auth, missing repo, unsupported, gate)."""
-    if isinstance(exc, ConflictError):
-        return True
-    return not isinstance(exc, PERMANENT_ERRORS)
+    """True only for transient errors (TRANSIENT_ERRORS, or the Hub answering 429/5xx): another attempt may
+    succeed."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return isinstance(exc, TRANSIENT_ERRORS) or status in (429, 500, 502, 503, 504)
 
 
 def describe_error(exc: BaseException) -> str:

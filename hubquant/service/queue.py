@@ -17,11 +17,16 @@ Life of a job::
 
 Every write is one short transaction (`BEGIN IMMEDIATE`), so several processes (HTTP app, worker
 processes, the Ray dispatcher) can share one database file; WAL mode lets readers run alongside.
+A webhook delivery is recorded in the same transaction that queues its jobs (`accept_delivery`), so a crash
+leaves either both or neither; deliveries older than `delivery_retention_s` are pruned as new ones arrive.
+The database is created 0600 (a folder the queue creates, 0700).
 """
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -35,6 +40,19 @@ from hubquant.errors import NotFoundError, UsageError
 
 STATUSES = ("queued", "running", "done", "failed")
 QUEUE_SCHEMA_VERSION = 1
+MAX_PAGE = 500  # jobs per listing page at most
+DELIVERY_RETENTION_S = 7 * 24 * 3600
+# fault-injection hooks for tests: seconds to sleep inside a delivery's transaction (after its first job is
+# queued) and inside a listing
+FAILPOINT_DELIVERY_ENV = "HUBQUANT_QUEUE_FAILPOINT_DELIVERY_SLEEP"
+FAILPOINT_LIST_ENV = "HUBQUANT_QUEUE_FAILPOINT_LIST_SLEEP"
+
+
+def _failpoint(env: str, what: str) -> None:
+    delay = float(os.environ.get(env, "0") or 0)
+    if delay > 0:
+        print(f"failpoint: {what} sleeps {delay:g} s", file=sys.stderr, flush=True)
+        time.sleep(delay)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -146,10 +164,15 @@ class JobQueue:
         clock: a time source (tests pass a fake one).
     """
 
-    def __init__(self, path: str | Path, *, retry: RetryPolicy | None = None, clock=time.time):
+    def __init__(self, path: str | Path, *, retry: RetryPolicy | None = None, clock=time.time,
+                 delivery_retention_s: float = DELIVERY_RETENTION_S):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, mode=0o700)
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # private before SQLite writes to it
+        os.chmod(self.path, 0o600)
         self.clock = clock
+        self.delivery_retention_s = delivery_retention_s
         self._local = threading.local()
         db = self._conn()
         db.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS); executescript commits on its own
@@ -207,22 +230,26 @@ class JobQueue:
         Returns:
             (job, created): created is False when an existing job was returned or re-queued.
         """
-        now = self.clock()
         with self._tx() as db:
-            row = db.execute("SELECT * FROM jobs WHERE key = ? ORDER BY created DESC LIMIT 1", (key,)).fetchone()
-            if row is not None and (row["status"] != "failed" or not retry_failed):
-                return _row_to_job(row), False
-            if row is not None:  # failed, and asked to retry: same job id, fresh attempts
-                db.execute("UPDATE jobs SET status='queued', attempts=0, not_before=?, error=NULL, "
-                           "lease_owner=NULL, lease_expires=NULL, finished=NULL WHERE id=?", (now, row["id"]))
-                job_id, created = row["id"], False
-            else:
-                job_id, created = uuid.uuid4().hex[:16], True
-                db.execute(
-                    "INSERT INTO jobs(id, key, spec, status, max_attempts, not_before, created, source) "
-                    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
-                    (job_id, key, json.dumps(spec, sort_keys=True), self.retry.max_attempts, now, now, source))
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return self._enqueue(db, spec, key=key, source=source, retry_failed=retry_failed)
+
+    def _enqueue(self, db: sqlite3.Connection, spec: dict[str, Any], *, key: str, source: str,
+                 retry_failed: bool = False) -> tuple[Job, bool]:
+        now = self.clock()
+        row = db.execute("SELECT * FROM jobs WHERE key = ? ORDER BY created DESC LIMIT 1", (key,)).fetchone()
+        if row is not None and (row["status"] != "failed" or not retry_failed):
+            return _row_to_job(row), False
+        if row is not None:  # failed, and asked to retry: same job id, fresh attempts
+            db.execute("UPDATE jobs SET status='queued', attempts=0, not_before=?, error=NULL, "
+                       "lease_owner=NULL, lease_expires=NULL, finished=NULL WHERE id=?", (now, row["id"]))
+            job_id, created = row["id"], False
+        else:
+            job_id, created = uuid.uuid4().hex[:16], True
+            db.execute(
+                "INSERT INTO jobs(id, key, spec, status, max_attempts, not_before, created, source) "
+                "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (job_id, key, json.dumps(spec, sort_keys=True), self.retry.max_attempts, now, now, source))
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row_to_job(row), created
 
     def claim(self, worker: str, *, lease_s: float = 300.0) -> Job | None:
@@ -307,20 +334,31 @@ class JobQueue:
         with self._tx() as db:
             self._log(db, job_id, attempt, line)
 
-    def record_delivery(self, delivery_id: str, job_ids: list[str]) -> list[str] | None:
-        """Remember a webhook delivery. Returns the job ids of an earlier identical delivery, else None."""
+    def accept_delivery(self, delivery_id: str, jobs: list[tuple[dict[str, Any], str]], *,
+                        source: str = "webhook") -> tuple[bool, list[tuple[Job, bool]] | list[str]]:
+        """Record a webhook delivery and queue its jobs ((spec, key) pairs) in ONE transaction.
+
+        Returns:
+            (True, job ids of the earlier delivery) for a duplicate, else (False, [(job, created), ...]).
+        """
         with self._tx() as db:
             row = db.execute("SELECT job_ids FROM deliveries WHERE id=?", (delivery_id,)).fetchone()
             if row is not None:
-                return json.loads(row["job_ids"])
+                return True, json.loads(row["job_ids"])
+            out = []
+            for spec, key in jobs:
+                out.append(self._enqueue(db, spec, key=key, source=source))
+                if len(out) == 1:
+                    _failpoint(FAILPOINT_DELIVERY_ENV, f"delivery {delivery_id}")
+            now = self.clock()
             db.execute("INSERT INTO deliveries(id, received, job_ids) VALUES (?, ?, ?)",
-                       (delivery_id, self.clock(), json.dumps(job_ids)))
-            return None
+                       (delivery_id, now, json.dumps([j.id for j, _ in out])))
+            db.execute("DELETE FROM deliveries WHERE received < ?", (now - self.delivery_retention_s,))
+            return False, out
 
-    def record_delivery_jobs(self, delivery_id: str, job_ids: list[str]) -> None:
-        """Attach the jobs a delivery produced (after `record_delivery` claimed the delivery id)."""
-        with self._tx() as db:
-            db.execute("UPDATE deliveries SET job_ids=? WHERE id=?", (json.dumps(job_ids), delivery_id))
+    def deliveries(self) -> int:
+        """How many webhook deliveries are remembered."""
+        return self._conn().execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
 
     def bump(self, name: str, by: float = 1.0) -> None:
         """Add to a named counter (exported by /metrics)."""
@@ -349,16 +387,40 @@ class JobQueue:
                     db.execute("SELECT ts, attempt, line FROM logs WHERE job_id=? ORDER BY rowid", (job_id,))]
         return _row_to_job(row, logs)
 
-    def list(self, status: str | None = None, *, limit: int = 200) -> list[Job]:
-        """Jobs, newest first, optionally only one status."""
+    def list(self, status: str | None = None, *, limit: int = 100, cursor: str | None = None) -> list[Job]:
+        """Jobs, newest first, optionally only one status; at most MAX_PAGE (see `page`)."""
+        return self.page(status, limit=limit, cursor=cursor)[0]
+
+    def page(self, status: str | None = None, *, limit: int = 100,
+             cursor: str | None = None) -> tuple[list[Job], str | None]:
+        """One page of jobs, newest first: (jobs, cursor of the next page or None).
+
+        Raises:
+            UsageError: an unknown status, a limit below 1, or a malformed cursor.
+        """
         if status is not None and status not in STATUSES:
             raise UsageError(f"unknown status '{status}'", hint=f"use one of: {', '.join(STATUSES)}")
-        db = self._conn()
+        if limit < 1:
+            raise UsageError("limit must be at least 1", hint=f"use 1 to {MAX_PAGE}")
+        limit = min(limit, MAX_PAGE)
+        where, args = [], []
         if status:
-            rows = db.execute("SELECT * FROM jobs WHERE status=? ORDER BY created DESC LIMIT ?", (status, limit))
-        else:
-            rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,))
-        return [_row_to_job(r) for r in rows]
+            where.append("status=?")
+            args.append(status)
+        if cursor:
+            try:
+                created, job_id = cursor.split("~", 1)
+                created_f = float(created)
+            except ValueError:
+                raise UsageError("malformed cursor", hint="pass the 'next' value of the previous page") from None
+            where.append("(created < ? OR (created = ? AND id < ?))")
+            args += [created_f, created_f, job_id]
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self._conn().execute(sql + " ORDER BY created DESC, id DESC LIMIT ?", (*args, limit + 1)).fetchall()
+        _failpoint(FAILPOINT_LIST_ENV, "job listing")
+        jobs = [_row_to_job(r) for r in rows[:limit]]
+        nxt = f"{jobs[-1].created!r}~{jobs[-1].id}" if len(rows) > limit else None
+        return jobs, nxt
 
     def counts(self) -> dict[str, int]:
         """Number of jobs per status (every status present, 0 when none)."""

@@ -65,7 +65,8 @@ class RayOptions:
     cpus_per_task: float = 1.0
     lease_s: float = 120.0
     poll_s: float = 1.0
-    version: int = 1
+    job_timeout_s: float = 6 * 3600.0
+    version: int = 2
 
 
 class RayBackend:
@@ -92,6 +93,7 @@ class RayBackend:
             num_gpus=1 if self.gpus else 0, num_cpus=opts.cpus_per_task, max_retries=0,
             runtime_env={"env_vars": env} if env else None)
         self.in_flight: dict[Any, tuple[str, int]] = {}  # ObjectRef -> (job id, attempt)
+        self._started: dict[Any, float] = {}  # ObjectRef -> monotonic start
         self._last_beat = 0.0
 
     def describe(self) -> str:
@@ -106,9 +108,14 @@ class RayBackend:
             if job is None:
                 break
             self.queue.log(job.id, f"submitted as a Ray task ({'1 GPU' if self.gpus else 'CPU'})", attempt=job.attempts)
-            self.in_flight[self._task.remote(job.spec)] = (job.id, job.attempts)
+            ref = self._task.remote(job.spec)
+            self.in_flight[ref] = (job.id, job.attempts)
+            self._started[ref] = time.monotonic()
         if not self.in_flight:
             time.sleep(wait_s)
+            return 0
+        self._expire()
+        if not self.in_flight:
             return 0
         now = time.time()
         if now - self._last_beat > self.opts.lease_s / 3:
@@ -118,6 +125,7 @@ class RayBackend:
         ready, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=wait_s)
         for ref in ready:
             job_id, attempt = self.in_flight.pop(ref)
+            self._started.pop(ref, None)
             try:
                 out = self.ray.get(ref)
             except Exception as e:  # the task's worker died (OOM, node lost): retry like a lost lease
@@ -129,6 +137,21 @@ class RayBackend:
             else:
                 self.queue.fail(job_id, self.name, out["error"], retryable=out["retryable"])
         return len(ready)
+
+    def _expire(self) -> None:
+        """Cancel tasks past the job's wall-clock limit and fail them as transient (retried with backoff)."""
+        now = time.monotonic()
+        for ref, t0 in list(self._started.items()):
+            if now - t0 < self.opts.job_timeout_s:
+                continue
+            job_id, _ = self.in_flight.pop(ref)
+            del self._started[ref]
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - the task may have ended meanwhile
+                pass
+            self.queue.fail(job_id, self.name, f"JobTimeout: no result after {self.opts.job_timeout_s:g} s "
+                                               "(the job's wall-clock limit)", retryable=True)
 
     def run(self, stop: threading.Event) -> None:
         """Dispatch until `stop` is set."""

@@ -30,7 +30,15 @@ class WorkerOptions:
     lease_s: float = 120.0
     poll_s: float = 1.0
     claim_delay_s: float = 0.0  # pause after a claim before working (chaos tests kill a worker here)
-    version: int = 1
+    job_timeout_s: float = 6 * 3600.0  # wall-clock limit of one attempt; then it is failed and retried
+    version: int = 2
+
+
+JOB_SLEEP_ENV = "HUBQUANT_SERVICE_FAILPOINT_JOB_SLEEP"  # test hook: a job hangs this many seconds first
+
+
+class JobTimeout(TimeoutError):
+    """An attempt ran past the job's wall-clock limit (transient: the job is retried)."""
 
 
 def visible_gpus() -> list[str]:
@@ -66,15 +74,29 @@ def default_workers() -> int:
 
 
 def work_one(queue: JobQueue, worker: str, opts: WorkerOptions = WorkerOptions(),
-             runner: Callable[..., dict] = run_job) -> str | None:
-    """Claim and run at most one job. Returns the job id, or None when nothing was due."""
+             runner: Callable[..., dict] = run_job, on_timeout: Callable[[str], None] | None = None) -> str | None:
+    """Claim and run at most one job. Returns the job id, or None when nothing was due.
+
+    The heartbeat renews the job's lease until the attempt's wall-clock limit (`opts.job_timeout_s`); past
+    it, the attempt is failed as JobTimeout (retried with backoff like any transient error) and the lease is
+    no longer renewed, so a hung attempt cannot hold its job. `on_timeout(job_id)` then runs (a worker process
+    exits, so the pool replaces it and the hung work stops with it).
+    """
     job = queue.claim(worker, lease_s=opts.lease_s)
     if job is None:
         return None
     stop = threading.Event()
+    deadline = time.monotonic() + opts.job_timeout_s
 
     def beat():
-        while not stop.wait(max(0.5, opts.lease_s / 3)):
+        while not stop.wait(max(0.05, min(opts.lease_s / 3, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                err = JobTimeout(f"no result after {opts.job_timeout_s:g} s (the job's wall-clock limit)")
+                status = queue.fail(job.id, worker, describe_error(err), retryable=is_retryable(err))
+                print(f"[{worker}] job {job.id} timed out ({status})", file=sys.stderr, flush=True)
+                if on_timeout is not None:
+                    on_timeout(job.id)
+                return
             if not queue.heartbeat(job.id, worker, lease_s=opts.lease_s):
                 return
 
@@ -84,6 +106,10 @@ def work_one(queue: JobQueue, worker: str, opts: WorkerOptions = WorkerOptions()
         if opts.claim_delay_s:
             queue.log(job.id, f"{worker}: waiting {opts.claim_delay_s:.0f} s before starting", attempt=job.attempts)
             time.sleep(opts.claim_delay_s)
+        hang = float(os.environ.get(JOB_SLEEP_ENV, "0") or 0)
+        if hang > 0:
+            queue.log(job.id, f"failpoint: sleeping {hang:g} s", attempt=job.attempts)
+            time.sleep(hang)
 
         def log(line: str) -> None:
             queue.log(job.id, str(line), attempt=job.attempts)
@@ -104,13 +130,13 @@ def work_one(queue: JobQueue, worker: str, opts: WorkerOptions = WorkerOptions()
 
 def worker_loop(db: str | Path, worker: str, opts: WorkerOptions = WorkerOptions(), *,
                 stop: threading.Event | None = None, max_jobs: int | None = None,
-                exit_when_idle: bool = False) -> int:
+                exit_when_idle: bool = False, on_timeout: Callable[[str], None] | None = None) -> int:
     """Run jobs until `stop` is set (or `max_jobs` ran, or the queue is idle with exit_when_idle)."""
     queue = JobQueue(db)
     stop = stop or threading.Event()
     done = 0
     while not stop.is_set():
-        job_id = work_one(queue, worker, opts)
+        job_id = work_one(queue, worker, opts, on_timeout=on_timeout)
         if job_id is None:
             if exit_when_idle and queue.pending() == 0:
                 break
@@ -154,7 +180,8 @@ class WorkerPool:
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu_ids[idx % self.gpus]
         cmd = [sys.executable, "-m", "hubquant.service.workers", "--db", self.db, "--id", name,
-               "--lease", str(self.opts.lease_s), "--poll", str(self.opts.poll_s), "--die-with-parent"]
+               "--lease", str(self.opts.lease_s), "--poll", str(self.opts.poll_s),
+               "--job-timeout", str(self.opts.job_timeout_s), "--die-with-parent"]
         return cmd, env
 
     def _spawn(self, idx: int) -> subprocess.Popen:
@@ -218,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lease", type=float, default=WorkerOptions.lease_s)
     p.add_argument("--poll", type=float, default=WorkerOptions.poll_s)
     p.add_argument("--claim-delay", type=float, default=0.0)
+    p.add_argument("--job-timeout", type=float, default=WorkerOptions.job_timeout_s,
+                   help="wall-clock limit of one attempt in seconds; then it is failed, retried, and this worker "
+                        "exits (its pool starts a fresh one)")
     p.add_argument("--max-jobs", type=int, default=None)
     p.add_argument("--exit-when-idle", action="store_true")
     p.add_argument("--die-with-parent", action="store_true", help="SIGTERM this worker when its parent dies")
@@ -226,8 +256,14 @@ def main(argv: list[str] | None = None) -> int:
         _die_with_parent()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    opts = WorkerOptions(lease_s=a.lease, poll_s=a.poll, claim_delay_s=a.claim_delay)
-    worker_loop(a.db, a.id, opts, stop=stop, max_jobs=a.max_jobs, exit_when_idle=a.exit_when_idle)
+    opts = WorkerOptions(lease_s=a.lease, poll_s=a.poll, claim_delay_s=a.claim_delay, job_timeout_s=a.job_timeout)
+
+    def exit_hung(job_id: str) -> None:  # the hung attempt cannot be interrupted from here: end the process
+        print(f"[{a.id}] exiting: job {job_id} ran past its limit", file=sys.stderr, flush=True)
+        os._exit(75)
+
+    worker_loop(a.db, a.id, opts, stop=stop, max_jobs=a.max_jobs, exit_when_idle=a.exit_when_idle,
+                on_timeout=exit_hung)
     return 0
 
 

@@ -155,9 +155,10 @@ def test_concurrent_claims_never_hand_out_a_job_twice(tmp_path):
 
 
 def test_deliveries_and_errors(q):
-    assert q.record_delivery("d1", []) is None
-    q.record_delivery_jobs("d1", ["a", "b"])
-    assert q.record_delivery("d1", []) == ["a", "b"]
+    dup, jobs = q.accept_delivery("d1", [({"n": 1}, "k1"), ({"n": 2}, "k2")])
+    assert dup is False and [created for _, created in jobs] == [True, True]
+    assert q.accept_delivery("d1", [({"n": 3}, "k3")]) == (True, [j.id for j, _ in jobs])
+    assert q.counts()["queued"] == 2
     with pytest.raises(NotFoundError):
         q.get("nope")
     with pytest.raises(UsageError):

@@ -53,8 +53,10 @@ def test_webhook_delivered_twice_gives_one_variant(publish_tiny, hub_env, tmp_pa
         bad = httpx.post(svc.url + "/webhook", content=body, headers={**headers, "X-Webhook-Secret": "no"})
         assert bad.status_code == 403
 
+        auth = {"Authorization": "Bearer tok"}
+
         def finished():
-            j = httpx.get(f"{svc.url}/jobs/{job_id}").json()
+            j = httpx.get(f"{svc.url}/jobs/{job_id}", headers=auth).json()
             return j if j["status"] in ("done", "failed") else None
 
         job = wait_for(finished, 240, "the webhook's job to finish")
@@ -65,9 +67,9 @@ def test_webhook_delivered_twice_gives_one_variant(publish_tiny, hub_env, tmp_pa
         prov = _provenance(target)
         assert prov["base_model"] == repo and prov["base_sha"] == sha
         assert prov["settings"]["scheme"]["weights"]["bits"] == 8
-        listed = httpx.get(svc.url + "/jobs").json()
+        listed = httpx.get(svc.url + "/jobs", headers=auth).json()
         assert listed["counts"] == {"queued": 0, "running": 0, "done": 1, "failed": 0}
-        metrics = httpx.get(svc.url + "/metrics").text
+        metrics = httpx.get(svc.url + "/metrics", headers=auth).text
         assert "hubquant_jobs_completed_total 1\n" in metrics
         assert 'hubquant_webhook_deliveries_total{result="duplicate"} 1\n' in metrics
         workers = _children(svc.proc.pid)

@@ -7,7 +7,13 @@ import stat
 
 import pytest
 
-from hubquant.errors import AuthError, ConflictError, QualityGateError, UsageError
+from hubquant.errors import (
+    AuthError,
+    ConflictError,
+    HubUnreachableError,
+    QualityGateError,
+    UsageError,
+)
 from hubquant.service.queue import JobQueue, RetryPolicy
 from hubquant.service.workers import (
     WorkerOptions,
@@ -43,7 +49,10 @@ def test_work_one_records_result_and_logs(q):
     (AuthError("no write", hint="h"), "failed", False),
     (QualityGateError("ppl +30%", hint="h"), "failed", False),
     (ConflictError("branch moved", hint="run again"), "queued", True),
-    (RuntimeError("network hiccup"), "queued", True),
+    (HubUnreachableError("the Hub did not answer", hint="h"), "queued", True),
+    (ConnectionResetError("reset by peer"), "queued", True),
+    (RuntimeError("a bug, not a hiccup"), "failed", False),
+    (KeyError("model.layers.0"), "failed", False),
 ])
 def test_errors_are_retried_only_when_another_attempt_can_help(q, exc, status, attempts_left):
     job, _ = q.enqueue({}, key="k")
@@ -55,7 +64,7 @@ def test_errors_are_retried_only_when_another_attempt_can_help(q, exc, status, a
     j = q.get(job.id)
     assert j.status == status and j.attempts == 1
     assert j.error.startswith(type(exc).__name__)
-    if status == "failed":
+    if status == "failed" and hasattr(exc, "hint"):
         assert "(fix: h)" in j.error
 
 
