@@ -173,30 +173,30 @@ def _parse_webhook(body: bytes):
     return raw, payload
 
 
-def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_sha,
-               on_shutdown: tuple = ()):
-    """The service's ASGI app over `queue` (with body limits and a body-idle deadline); `on_shutdown`
-    callables run when the server stops gracefully (uvicorn re-raises SIGTERM/SIGINT after its shutdown, so
-    cleanup after `uvicorn.run` would never run)."""
+class _Routes:
+    """The service's handlers over one queue and config."""
 
-    def db(fn, *args, **kw):  # SQLite work runs in a worker thread, never on the event loop
+    def __init__(self, queue: JobQueue, config: ServiceConfig, resolve_sha):
+        self.queue, self.config, self.resolve_sha = queue, config, resolve_sha
+
+    def db(self, fn, *args, **kw):  # SQLite work runs in a worker thread, never on the event loop
         return run_in_threadpool(fn, *args, **kw)
 
-    async def webhook(request: Request):
-        if not config.webhook_secret:
+    async def webhook(self, request: Request):
+        if not self.config.webhook_secret:
             return _error(503, "the webhook is not configured", hint=f"set {SECRET_ENV} and restart the service")
         given = request.headers.get("x-webhook-secret")
         if given is None:
-            await db(queue.bump, "webhook_unauthorized_total")
+            await self.db(self.queue.bump, "webhook_unauthorized_total")
             return _error(401, "missing X-Webhook-Secret header", hint="set the webhook's secret on the Hub")
-        if not _same(given, config.webhook_secret):
-            await db(queue.bump, "webhook_forbidden_total")
+        if not _same(given, self.config.webhook_secret):
+            await self.db(self.queue.bump, "webhook_forbidden_total")
             return _error(403, "wrong webhook secret", hint=f"use the value of {SECRET_ENV} as the webhook secret")
         body = await request.body()
         try:
             raw, payload = _parse_webhook(body)
         except ValueError as e:  # json.JSONDecodeError is a ValueError
-            await db(queue.bump, "webhook_malformed_total")
+            await self.db(self.queue.bump, "webhook_malformed_total")
             return _error(400, f"malformed payload: {e}", hint="send the Hub's webhook payload (version 3)")
         delivery = next((request.headers[h] for h in DELIVERY_HEADERS if h in request.headers), None)
         delivery = (delivery or "sha256:" + hashlib.sha256(body).hexdigest())[:200]
@@ -204,39 +204,40 @@ def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_s
         is_release, sha, reason = release_sha(raw, payload)
         if is_release and "hubquant" in (payload.repo.tags or []):
             is_release, reason = False, "a hubquant variant (tag hubquant)"
-        if is_release and not config.watches(repo_id):
+        if is_release and not self.config.watches(repo_id):
             is_release, reason = False, f"{repo_id} is outside the watched authors/models"
         if not is_release:
-            await db(queue.bump, "webhook_ignored_total")
+            await self.db(self.queue.bump, "webhook_ignored_total")
             return JSONResponse({"accepted": False, "reason": reason, "repo": repo_id, "jobs": []}, status_code=202)
         try:
-            config.specs_for(repo_id, sha or "0" * 40)  # a bad repo id or sha: 400 before anything is recorded
+            self.config.specs_for(repo_id, sha or "0" * 40)  # a bad repo id or sha: 400 before anything is recorded
         except UsageError as e:
-            await db(queue.bump, "webhook_malformed_total")
+            await self.db(self.queue.bump, "webhook_malformed_total")
             return _error(400, f"malformed payload: {e.message}", hint=e.hint)
         if sha is None:
             try:
-                sha = await run_in_threadpool(resolve_sha, repo_id)
+                sha = await run_in_threadpool(self.resolve_sha, repo_id)
             except HubquantError as e:  # nothing recorded: the Hub's retry of this delivery gets another chance
                 return _error(502, f"cannot read {repo_id} on the Hub: {e.message}", hint=e.hint)
         try:
-            specs = config.specs_for(repo_id, sha)
+            specs = self.config.specs_for(repo_id, sha)
         except UsageError as e:
             return _error(400, f"malformed payload: {e.message}", hint=e.hint)
-        duplicate, jobs = await db(queue.accept_delivery, delivery, [(sp.to_dict(), sp.key()) for sp in specs])
+        pairs = [(sp.to_dict(), sp.key()) for sp in specs]
+        duplicate, jobs = await self.db(self.queue.accept_delivery, delivery, pairs)
         if duplicate:
-            await db(queue.bump, "webhook_duplicate_total")
+            await self.db(self.queue.bump, "webhook_duplicate_total")
             return JSONResponse({"accepted": True, "duplicate": True, "repo": repo_id, "jobs": jobs})
-        await db(queue.bump, "webhook_accepted_total")
+        await self.db(self.queue.bump, "webhook_accepted_total")
         out = [{"id": job.id, "status": job.status, "created": created, "label": sp.label()}
                for (job, created), sp in zip(jobs, specs, strict=True)]
         return JSONResponse({"accepted": True, "duplicate": False, "repo": repo_id, "sha": sha, "reason": reason,
                              "jobs": out}, status_code=202)
 
-    async def submit(request: Request):
-        if not config.api_token:
+    async def submit(self, request: Request):
+        if not self.config.api_token:
             return _error(403, "job submission is disabled", hint=f"set {TOKEN_ENV} and restart the service")
-        denied = _bearer(request, config.api_token)
+        denied = _bearer(request, self.config.api_token)
         if denied is not None:
             return denied
         try:
@@ -247,59 +248,68 @@ def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_s
             if not isinstance(retry_failed, bool):
                 raise UsageError("retry_failed must be true or false", hint='e.g. "retry_failed": true')
             # the service's settings are the defaults; the caller's options go on top of the service's
-            fields = {"method": config.methods[0], "scheme": config.schemes[0], "namespace": config.namespace,
-                      "private": config.private, "max_ppl_increase": config.max_ppl_increase, **body,
-                      "options": {**(config.options or {}), **check_options(body.get("options", {}))}}
+            c = self.config
+            fields = {"method": c.methods[0], "scheme": c.schemes[0], "namespace": c.namespace, "private": c.private,
+                      "max_ppl_increase": c.max_ppl_increase, **body,
+                      "options": {**(c.options or {}), **check_options(body.get("options", {}))}}
             spec = JobSpec.from_dict(fields)  # validates everything before any Hub call
             from hubquant.methods import get_method
 
             get_method(spec.method)
             if not spec.revision:
                 spec = JobSpec.from_dict({**spec.to_dict(), "revision": await run_in_threadpool(
-                    resolve_sha, spec.repo_id)})
+                    self.resolve_sha, spec.repo_id)})
         except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
             return _error(400, f"malformed JSON: {str(e)[:200]}")
         except HubquantError as e:
             return _error(404 if isinstance(e, NotFoundError) else 400, e.message, hint=e.hint)
         except TypeError as e:
             return _error(400, str(e)[:200], hint="required field: repo_id")
-        job, created = await db(queue.enqueue, spec.to_dict(), key=spec.key(), source="api",
+        job, created = await self.db(self.queue.enqueue, spec.to_dict(), key=spec.key(), source="api",
                                 retry_failed=retry_failed)
         return JSONResponse({"created": created, "job": job.to_dict()}, status_code=201 if created else 200)
 
-    async def list_jobs(request: Request):
-        denied = _bearer(request, config.api_token, config.read_token)
+    async def list_jobs(self, request: Request):
+        denied = _bearer(request, self.config.api_token, self.config.read_token)
         if denied is not None:
             return denied
         q = request.query_params
         try:
             limit = int(q.get("limit", "100"))
-            jobs, nxt = await db(queue.page, q.get("status") or None, limit=limit, cursor=q.get("cursor"))
+            jobs, nxt = await self.db(self.queue.page, q.get("status") or None, limit=limit, cursor=q.get("cursor"))
         except (ValueError, UsageError) as e:
             return _error(400, str(e), hint=f"status is one of {', '.join(STATUSES)}; limit 1 to {MAX_PAGE}; "
                                             "cursor from 'next'")
-        counts = await db(queue.counts)
+        counts = await self.db(self.queue.counts)
         return JSONResponse({"counts": counts, "jobs": [j.to_dict() for j in jobs], "next": nxt})
 
-    async def get_job(request: Request):
-        denied = _bearer(request, config.api_token, config.read_token)
+    async def get_job(self, request: Request):
+        denied = _bearer(request, self.config.api_token, self.config.read_token)
         if denied is not None:
             return denied
         try:
-            job = await db(queue.get, request.path_params["job_id"])
+            job = await self.db(self.queue.get, request.path_params["job_id"])
         except NotFoundError as e:
             return _error(404, e.message, hint=e.hint)
         return JSONResponse(job.to_dict(with_logs=True))
 
-    async def metrics(request: Request):
-        denied = _bearer(request, config.api_token, config.read_token)
+    async def metrics(self, request: Request):
+        denied = _bearer(request, self.config.api_token, self.config.read_token)
         if denied is not None:
             return denied
-        text = await db(prometheus_text, queue, config)
+        text = await self.db(prometheus_text, self.queue, self.config)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    async def healthz(request: Request):
+    async def healthz(self, request: Request):
         return JSONResponse({"ok": True})
+
+
+def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_sha,
+               on_shutdown: tuple = ()):
+    """The service's ASGI app over `queue` (with body limits and a body-idle deadline); `on_shutdown`
+    callables run when the server stops gracefully (uvicorn re-raises SIGTERM/SIGINT after its shutdown, so
+    cleanup after `uvicorn.run` would never run)."""
+    r = _Routes(queue, config, resolve_sha)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -308,12 +318,12 @@ def create_app(queue: JobQueue, config: ServiceConfig, *, resolve_sha=_resolve_s
             await run_in_threadpool(fn)
 
     app = Starlette(lifespan=lifespan, routes=[
-        Route("/webhook", webhook, methods=["POST"]),
-        Route("/jobs", submit, methods=["POST"]),
-        Route("/jobs", list_jobs, methods=["GET"]),
-        Route("/jobs/{job_id}", get_job, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
+        Route("/webhook", r.webhook, methods=["POST"]),
+        Route("/jobs", r.submit, methods=["POST"]),
+        Route("/jobs", r.list_jobs, methods=["GET"]),
+        Route("/jobs/{job_id}", r.get_job, methods=["GET"]),
+        Route("/metrics", r.metrics, methods=["GET"]),
+        Route("/healthz", r.healthz, methods=["GET"]),
     ])
     return BodyGuard(app, limit=_body_limit)
 

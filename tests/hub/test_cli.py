@@ -11,8 +11,8 @@ import httpx
 import pytest
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
-from hubquant.localhub.cli import main as hub_main
 from hubquant.localhub import LocalHub
+from hubquant.localhub.cli import main as hub_main
 
 
 def test_add_token_prints_only_the_token(tmp_path, capsys):

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
-import time
 
 import pytest
 
