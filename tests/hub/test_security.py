@@ -149,7 +149,7 @@ def _closed_within(s: socket.socket, seconds: float) -> tuple[bool, bytes]:
     while time.monotonic() - t0 < seconds:
         try:
             block = s.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except ConnectionResetError:
             return True, got

@@ -101,8 +101,11 @@ def test_serve_dispatches_to_a_ray_cluster_by_address(publish_tiny, hub_env, tmp
                        headers=auth, timeout=30)
         assert r.status_code == 201, r.text
         job_id = r.json()["job"]["id"]
-        good = wait_for(lambda: (j := httpx.get(f"{svc.url}/jobs/{job_id}", headers=auth).json())["status"] in ("done", "failed")
-                        and j, 300, "the Ray job")
+        def finished():
+            j = httpx.get(f"{svc.url}/jobs/{job_id}", headers=auth).json()
+            return j if j["status"] in ("done", "failed") else None
+
+        good = wait_for(finished, 300, "the Ray job")
         assert good["status"] == "done", (good, svc.log_path.read_text()[-3000:])
         assert good["spec"]["revision"] == sha  # POST /jobs pins the head sha
         assert any(e["line"] == "submitted as a Ray task (CPU)" for e in good["logs"])
