@@ -233,6 +233,8 @@ def convert_options(spec: JobSpec):
                           "max_ppl_increase": spec.max_ppl_increase}
     kw.update(parse_scheme(spec.scheme))
     kw.update(spec.options)
+    if "ignore" in kw:
+        kw["ignore"] = tuple(kw["ignore"])
     unknown = set(kw) - fields
     if unknown:
         raise UsageError(f"convert does not take option(s) {', '.join(sorted(unknown))}",
