@@ -40,6 +40,41 @@ def test_ray_task_asks_for_a_gpu_when_the_cluster_has_them(tmp_path, monkeypatch
     assert b.describe() == "Ray cluster: 2 GPU(s), one per task; up to 2 task(s) at once; nodes 10.0.0.7"
 
 
+def test_a_ray_task_past_the_job_timeout_is_cancelled_and_retried(tmp_path, monkeypatch):
+    """A task that never finishes (a fake cluster whose tasks hang): past `job_timeout_s` the dispatcher cancels
+    it, stops renewing the lease and fails the attempt as transient (queued again)."""
+    import time
+    import types
+
+    from hubquant.service import ray_backend
+    from hubquant.service.queue import RetryPolicy
+
+    cancelled = []
+
+    class Remote:
+        def options(self, **kw):
+            return self
+
+        def remote(self, spec):
+            return object()  # a task that never completes
+
+    fake = types.SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 1.0},
+                                 remote=lambda fn: Remote(), nodes=lambda: [],
+                                 wait=lambda refs, num_returns, timeout: ([], refs),
+                                 cancel=lambda ref, force: cancelled.append(ref))
+    monkeypatch.setattr(ray_backend, "_import_ray", lambda: fake)
+    q = JobQueue(tmp_path / "q.db", retry=RetryPolicy(backoff_s=300))
+    job, _ = q.enqueue({"repo_id": "o/m"}, key="k")
+    b = ray_backend.RayBackend(q, ray_backend.RayOptions(job_timeout_s=0.3, lease_s=60))
+    b.step(wait_s=0)
+    assert q.get(job.id).status == "running" and len(b.in_flight) == 1
+    time.sleep(0.4)
+    b.step(wait_s=0)
+    j = q.get(job.id)
+    assert j.status == "queued" and "JobTimeout" in j.error and j.lease_owner is None
+    assert len(cancelled) == 1 and not b.in_flight
+
+
 def test_missing_ray_names_the_extra(monkeypatch):
     import builtins
 
