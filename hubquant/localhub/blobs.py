@@ -29,6 +29,8 @@ from hubquant.localhub.db import private_dir
 SHA256_RE = re.compile(r"\A[0-9a-f]{64}\Z")
 CHUNK = 1 << 20
 _SETUP_GRACE_S = 3600  # a `.new-` folder older than this was left by a crash during setup
+_SESSIONS: dict[tuple[str, int], Path] = {}  # (tmp folder, pid) -> this process's locked upload folder
+_SESSIONS_GUARD = threading.Lock()
 
 
 class BlobStore:
@@ -37,22 +39,21 @@ class BlobStore:
     def __init__(self, root: Path):
         self.blobs = private_dir(Path(root) / "blobs")
         self.tmp = private_dir(Path(root) / "tmp")
-        self._guard = threading.Lock()
         self._session: Path | None = None
-        self._session_pid = 0
-        self._lock_fd: int | None = None
 
     def session_dir(self) -> Path:
-        """This process's tmp folder (created, and locked, on first use)."""
-        with self._guard:
-            if self._session is None or self._session_pid != os.getpid():
+        """This process's tmp folder (created, and locked, on first use; shared by every store of the root)."""
+        key = (str(self.tmp.resolve()), os.getpid())
+        with _SESSIONS_GUARD:
+            if key not in _SESSIONS:
                 tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 new = private_dir(self.tmp / f".new-{tag}")
                 fd = os.open(new / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX)  # held until the process ends (the fd is never closed)
                 final = self.tmp / f"s-{tag}"
                 os.rename(new, final)  # only now can a cleaner see it, already locked
-                self._session, self._session_pid, self._lock_fd = final, os.getpid(), fd
+                _SESSIONS[key] = final
+            self._session = _SESSIONS[key]
             return self._session
 
     def clean_tmp(self) -> int:
@@ -60,7 +61,7 @@ class BlobStore:
         n = 0
         for p in self.tmp.iterdir():
             if p.is_dir() and p.name.startswith("s-"):
-                if p == self._session:
+                if p in _SESSIONS.values():
                     continue
                 try:
                     fd = os.open(p / ".lock", os.O_RDWR)
