@@ -22,7 +22,7 @@ from hubquant_kernels._common import (
     check,
     check_dtype,
     check_same_device,
-    choose,
+    choose_lazy,
     interpreting,
     m_bucket,
     require_triton,
@@ -374,11 +374,12 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, n)
-    cands = candidates(m, n, k, gs)
+    args = (x2, qweight, scales, zeros, bias, y, gs)
     if impl is not None:
-        cands = [c for c in cands if c.name == impl]
+        cands = [c for c in candidates(m, n, k, gs) if c.name == impl]
         check(bool(cands), f"no W4A16 implementation named {impl!r} for this shape",
               hint="see hubquant_kernels.w4a16.candidates(m, n, k, group_size)")
+        return cands[0].fn(*args).reshape(*lead, n)
     key = ("w4a16", m_bucket(m), n, k, gs, zeros is not None, x.dtype, bias is not None)
-    c = choose(key, cands, (x2, qweight, scales, zeros, bias, y, gs), on_gpu=x2.is_cuda)
-    return c.fn(x2, qweight, scales, zeros, bias, y, gs).reshape(*lead, n)
+    c = choose_lazy(key, lambda: candidates(m, n, k, gs), args, on_gpu=x2.is_cuda)
+    return c.fn(*args).reshape(*lead, n)

@@ -21,7 +21,7 @@ from hubquant_kernels._common import (
     check,
     check_dtype,
     check_same_device,
-    choose,
+    choose_lazy,
     interpreting,
     m_bucket,
     require_triton,
@@ -307,17 +307,17 @@ def quantize_act(x: torch.Tensor, *, fp8: bool = False, static_scale: torch.Tens
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s
-    cands = act_quant_candidates(m, k, fp8)
+    args = (x, q, s, static_scale)
     if impl is not None:
-        every = cands + act_quant_candidates(m, k, fp8, div=0) + act_quant_candidates(m, k, fp8, div=2)
+        every = [c for d in (1, 0, 2) for c in act_quant_candidates(m, k, fp8, div=d)]
         cands = [c for c in every if c.name == impl]
         check(bool(cands), f"no activation-quantization kernel named {impl!r} for K={k}",
               hint="see hubquant_kernels.w8a8.act_quant_candidates(...)")
-    elif m < 64:
-        cands = cands[:1]
+        cands[0].fn(*args)
+        return q, s
     key = ("act_quant", "fp8" if fp8 else "int8", static_scale is not None, m_bucket(m), k, x.dtype)
-    args = (x, q, s, static_scale)
-    choose(key, cands, args, on_gpu=x.is_cuda).fn(*args)
+    make = lambda: act_quant_candidates(m, k, fp8)[:1 if m < 64 else None]  # noqa: E731
+    choose_lazy(key, make, args, on_gpu=x.is_cuda).fn(*args)
     return q, s
 
 
@@ -416,14 +416,14 @@ def scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_scale
     y = torch.empty(m, n, dtype=out_dtype, device=qa.device)
     if m == 0:
         return y
-    cands = mm_candidates(m, n, k, fp8, out_dtype)
+    args = (qa, sa, qweight, w_scale, bias, y)
     if impl is not None:
-        cands = [c for c in cands if c.name == impl]
+        cands = [c for c in mm_candidates(m, n, k, fp8, out_dtype) if c.name == impl]
         check(bool(cands), f"no scaled-mm implementation named {impl!r} for this shape",
               hint="see hubquant_kernels.w8a8.mm_candidates(...)")
+        return cands[0].fn(*args)
     key = ("fp8" if fp8 else "int8", m_bucket(m), n, k, out_dtype, bias is not None)
-    args = (qa, sa, qweight, w_scale, bias, y)
-    return choose(key, cands, args, on_gpu=qa.is_cuda).fn(*args)
+    return choose_lazy(key, lambda: mm_candidates(m, n, k, fp8, out_dtype), args, on_gpu=qa.is_cuda).fn(*args)
 
 
 def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
