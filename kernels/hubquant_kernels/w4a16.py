@@ -303,7 +303,7 @@ def _dequant_cublas(x, qweight, scales, zeros, bias, y, gs):
 
 def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     """Implementations worth timing for an [m, k] x [k, n] W4A16 product; the first is the default."""
-    from hubquant_kernels import w4a16_gemv, w4a16_tc
+    from hubquant_kernels import w4a16_gemv, w4a16_mma, w4a16_tc
 
     out = []
     n_blocks = lambda bk: -(-k // bk)
@@ -324,12 +324,8 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
                   [(16, 64, 256, s, 4, 3) for s in (1, 2, 4)]
     elif m <= 64:
         mm_cfgs = [(bm, 64, 128, s, 4, 3) for bm in (32, 64) for s in (1, 2, 4)] + [(64, 128, 128, 1, 4, 3)]
-    elif m <= 256:
-        mm_cfgs = [(64, 128, 128, s, 4, 3) for s in (1, 2)] + [(128, 128, 128, 1, 8, 3), (128, 64, 128, 1, 4, 3),
-                                                                (64, 64, 128, 1, 4, 3)]
-    else:
-        mm_cfgs = [(128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3), (64, 128, 128, 1, 4, 3),
-                   (128, 128, 256, 1, 8, 2)]
+    else:  # larger M: whole-tile tensor-core dots (w4a16_mma) instead of eight narrow ones
+        mm_cfgs = []
     for bm, bn, bk, split, warps, stages in mm_cfgs:
         if split == 1 or n_blocks(bk) >= 2 * split:
             out.append(Candidate(
@@ -339,6 +335,7 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     out += w4a16_gemv.candidates(m, n, k, gs)  # M=1: the only candidates
     if 2 <= m <= 16:  # tensor cores: won some M=16 shapes on an H100 (docs/kernels.md); few configs, tuning is slow
         out += w4a16_tc.candidates(m, n, k, gs, configs=w4a16_tc.SMALL_M_CONFIGS)
+    out += w4a16_mma.candidates(m, n, k, gs)
     if m > 16:
         out.append(Candidate(name="dequant+cublas", fn=_dequant_cublas))
     return out

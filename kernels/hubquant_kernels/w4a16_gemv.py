@@ -180,7 +180,9 @@ def gemv2(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4, a
     n_tiles = triton.cdiv(n, bn)
     k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
     ws, cnt = workspace(x.device, m * n, m * n_tiles) if split_k > 1 else (y, y)
-    even = n % bn == 0 and k % k_split == 0 and k % bk == 0
+    # mask-free when N and K divide into whole tiles and blocks (a shorter last K range is still whole blocks;
+    # candidates() never offers a split that leaves a program without a block)
+    even = n % bn == 0 and k % bk == 0 and k_split * (split_k - 1) < k
     _w4a16_gemv2_kernel[(m, n_tiles, split_k)](
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
@@ -193,7 +195,9 @@ def gemv2(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4, a
 
 # (BN, BK, warps). Run C (H200) tried BN=256 too (BK 64/128): always slower; BN=64, BK=256 won on every shape
 CONFIGS = ((64, 256, 4), (128, 128, 4), (128, 256, 8), (64, 128, 4))
-SPLITS = (1, 2, 4, 8, 16)
+# 3, 6 and 12 besides the powers of two: the grid (N tiles x split) can then fill the 132 SMs' resident slots in
+# whole waves more often (e.g. 4096x4096 at BN=64: 64 tiles x 6 = 384 programs instead of 256 or 512)
+SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
 def enabled() -> bool:
@@ -213,7 +217,8 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     for bn, bk, warps in CONFIGS:
         n_blocks, tiles = -(-k // bk), -(-n // bn)
         for split in SPLITS:  # not so many programs that the reduction dominates (narrow N needs big splits)
-            if split == 1 or (n_blocks >= 2 * split and tiles * split <= 2112):
+            per = -(-n_blocks // split)  # blocks per program; every program must get at least one
+            if split == 1 or (n_blocks >= 2 * split and tiles * split <= 2112 and per * (split - 1) < n_blocks):
                 for depth in (1, 2) if n_blocks >= 3 * split else (1,):  # depth 2: two blocks in flight
                     out.append(Candidate(name=f"gemv2_bn{bn}_bk{bk}_s{split}_w{warps}" + ("_d2" if depth == 2 else ""),
                                          fn=lambda *a, bn=bn, bk=bk, s=split, w=warps, d=depth:

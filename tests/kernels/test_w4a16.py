@@ -149,7 +149,8 @@ def test_gemv2_mask_free_paths_and_prefetch_depth(gs, asym, dtype):
     m, n, k = 1, 128, 2048
     x, qw, s, z, b = _case(m, n, k, gs, asym, dtype, seed=gs)
     exact = x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
-    for split, depth, bk in [(1, 1, 256), (1, 2, 256), (2, 2, 256), (4, 2, 256), (8, 2, 256), (4, 1, 128), (3, 2, 128)]:
+    for split, depth, bk in [(1, 1, 256), (1, 2, 256), (2, 2, 256), (4, 2, 256), (8, 2, 256), (4, 1, 128), (3, 2, 128),
+                              (6, 2, 128), (6, 1, 256), (12, 1, 128)]:
         y = w4a16_gemv.gemv2(x, qw, s, z, b, torch.full((m, n), float("nan"), dtype=dtype), gs, bn=64, bk=bk,
                              split_k=split, depth=depth)
         err = float((y.double() - exact).norm() / exact.norm())

@@ -1,0 +1,126 @@
+"""W4A16 for larger M: whole [BK, BN] weight tiles dequantized in registers and fed to one tensor-core dot.
+
+The other tensor-core path (hubquant_kernels.w4a16_tc) issues eight narrow dots per K block (one per nibble) so
+that no register shuffle is needed; that suits M <= 16 but starves Hopper's wgmma, which wants K = 64+ per
+instruction group and a [BK, BN] operand in shared memory. Here each packed word is loaded once per input it
+holds (``qweight[k // 8, n]``: eight loads of the same line, served by L1, the HBM traffic is unchanged), shifted
+by its nibble, turned into ``(2^23 + u) - (2^23 + z)`` by an integer or (exact) and one subtraction, scaled, and
+rounded to the activations' dtype; ``tl.dot`` then runs one [BM, BK] x [BK, BN] product per block (wgmma on
+Hopper, with Triton's software pipelining of the loads). The dequantization costs ~5 instructions a weight per
+program, amortized over BM rows: small next to the MMA work for BM >= 64.
+
+This replaces dequantize-to-bf16 + cuBLAS, which writes and re-reads a bf16 copy of the weight every call.
+Tiles are walked in groups of GROUP_M rows of tiles so that a weight tile is reused from L2 by neighbouring M
+tiles. Optional split-K (small M) reduces through the shared workspace in the same launch.
+"""
+from __future__ import annotations
+
+import torch
+
+from hubquant_kernels._common import Candidate, interpreting, workspace
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    from hubquant_kernels.w4a16 import _store_or_reduce
+
+    @triton.jit
+    def _w4a16_mma_kernel(
+        x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+        M, N, K, k_split, stride_xm, stride_ym, stride_w, stride_s,
+        GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+        ONE_GROUP: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n_m = tl.cdiv(M, BM)
+        n_n = tl.cdiv(N, BN)
+        width = GROUP_M * n_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        k_lo = pid_k * k_split
+        k_hi = tl.minimum(k_lo + k_split, K)
+        shift = (tl.arange(0, BK) % 8) * 4
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            kmask = offs_k < k_hi
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & kmask[None, :],
+                        other=0.0)
+            m2 = kmask[:, None] & mask_n[None, :]
+            pw = tl.load(qw_ptr + (offs_k // 8)[:, None] * stride_w + offs_n[None, :], mask=m2, other=0)
+            f = (((pw >> shift[:, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + u, exact
+            if ONE_GROUP:  # one group covers the block: [1, BN] scale and zero point
+                g = k0 // GS
+                s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                if HAS_ZP:
+                    z = tl.load(z_ptr + g * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+                else:
+                    z = tl.full((1, BN), 8.0, tl.float32)
+            else:
+                g2 = (offs_k // GS)[:, None] * stride_s + offs_n[None, :]
+                s = tl.load(s_ptr + g2, mask=m2, other=0.0).to(tl.float32)
+                if HAS_ZP:
+                    z = tl.load(z_ptr + g2, mask=m2, other=0).to(tl.float32)
+                else:
+                    z = tl.full((BK, BN), 8.0, tl.float32)
+            w = ((f - (z + 8388608.0)) * s).to(a.dtype)
+            if DOT_F32:  # the CPU interpreter mis-multiplies 16-bit dots: same rounded values, fp32 operands
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
+            else:
+                acc = tl.dot(a, w, acc)
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
+        _store_or_reduce(acc, y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+                         ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :],
+                         cnt_ptr, pid, bias, SPLIT_K, HAS_BIAS)
+
+
+def mma(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k=1, warps=8, stages=3):
+    """y = x @ W (+ bias); x [M, K] contiguous rows, y [M, N] preallocated."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
+    ws, cnt = workspace(x.device, m * n, tiles) if split_k > 1 else (y, y)
+    _w4a16_mma_kernel[(tiles, split_k)](
+        x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
+        ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
+        GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split_k,
+        GROUP_M=8, ONE_GROUP=gs % bk == 0 or gs == k, DOT_F32=interpreting(), num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+# (BM, BN, BK, split, warps, stages) per M range: few per range, since each compiles on first use
+CONFIGS = {
+    16: ((16, 64, 256, 1, 4, 3), (16, 64, 256, 2, 4, 3), (16, 128, 128, 2, 4, 3), (16, 64, 128, 4, 4, 4)),
+    64: ((64, 64, 128, 1, 4, 3), (64, 128, 128, 1, 4, 3), (64, 64, 128, 2, 4, 3), (32, 64, 128, 2, 4, 3)),
+    256: ((128, 128, 64, 1, 8, 4), (64, 128, 128, 1, 4, 3), (128, 64, 128, 1, 4, 3), (64, 256, 64, 1, 8, 3)),
+    None: ((128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 2), (128, 128, 128, 1, 8, 3), (256, 128, 64, 1, 8, 3)),
+}
+
+
+def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
+    """Configurations worth timing for an [m, k] x [k, n] product with m >= 2."""
+    if m < 2:
+        return []
+    cfgs = next(v for lim, v in CONFIGS.items() if lim is None or m <= lim)
+    out = []
+    for bm, bn, bk, split, warps, stages in cfgs:
+        if bk > k or (gs != k and gs % bk and bk % gs) or (split > 1 and -(-k // bk) < 2 * split):
+            continue
+        out.append(Candidate(name=f"mma_{bm}x{bn}x{bk}_s{split}_w{warps}_st{stages}",
+                             fn=lambda *a, bm=bm, bn=bn, bk=bk, s=split, w=warps, st=stages:
+                             mma(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
+    return out
