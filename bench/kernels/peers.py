@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from hubquant_kernels import fp4, pack
 
 
@@ -34,12 +33,11 @@ def read_bandwidth(graph_time, nbytes: int = 2 << 30) -> dict:
         per = -(-per // (block * unroll)) * block * unroll
         progs = n // per
         out = torch.empty(progs * block, dtype=torch.int32, device="cuda")
-        t = graph_time([lambda: _read_kernel[(progs,)](src, out, per, BLOCK=block, UNROLL=unroll,
-                                                         num_warps=warps)])
+        t = graph_time([lambda progs=progs, out=out, per=per, block=block, unroll=unroll, warps=warps:
+                        _read_kernel[(progs,)](src, out, per, BLOCK=block, UNROLL=unroll, num_warps=warps)])
         bw = progs * per * 4 / t
         if bw > best.get("bytes_per_s", 0):
             best = {"bytes_per_s": bw, "config": f"{progs_per_sm}/SM block{block} unroll{unroll} w{warps}"}
-    del src
     return best
 
 

@@ -34,6 +34,7 @@ from hubquant_kernels._common import (
     check_same_device,
     choose_lazy,
     interpreting,
+    launch,
     m_bucket,
     require_triton,
     use_triton,
@@ -187,7 +188,7 @@ def _gemv(x, w32, s8, g, bias, y, gs, mx, *, bn, bw, split_k, warps):
     n_tiles = triton.cdiv(n, bn)
     k_split = triton.cdiv(triton.cdiv(kw, bw), split_k) * bw
     ws, cnt = workspace(x.device, m * n, m * n_tiles) if split_k > 1 else (y, y)
-    _fp4_gemv_kernel[(m, n_tiles, split_k)](
+    launch(_fp4_gemv_kernel, (m, n_tiles, split_k),
         x, w32, s8, g if g is not None else s8, bias if bias is not None else s8, y, ws, cnt,
         n, kw, k_split, x.stride(0), y.stride(0), w32.stride(0), s8.stride(0),
         GS=gs, MX=mx, HAS_G=g is not None, HAS_BIAS=bias is not None, BN=bn, BW=bw, SPLIT_K=split_k,
@@ -201,7 +202,7 @@ def _mm(x, w32, s8, g, bias, y, gs, mx, *, bm, bn, bk, split_k, warps, stages):
     n_tiles, m_tiles = triton.cdiv(n, bn), triton.cdiv(m, bm)
     k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
     ws, cnt = workspace(x.device, m * n, m_tiles * n_tiles) if split_k > 1 else (y, y)
-    _fp4_mm_kernel[(n_tiles, m_tiles, split_k)](
+    launch(_fp4_mm_kernel, (n_tiles, m_tiles, split_k),
         x, w32, s8, g if g is not None else s8, bias if bias is not None else s8, y, ws, cnt,
         m, n, k, k_split, x.stride(0), y.stride(0), w32.stride(0), s8.stride(0),
         GS=gs, MX=mx, HAS_G=g is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split_k,

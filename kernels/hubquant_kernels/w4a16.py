@@ -24,6 +24,7 @@ from hubquant_kernels._common import (
     check_same_device,
     choose_lazy,
     interpreting,
+    launch,
     m_bucket,
     require_triton,
     use_triton,
@@ -249,7 +250,7 @@ def _gemv(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4):
     n_tiles = triton.cdiv(n, bn)
     k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
     ws, cnt = workspace(x.device, m * n, m * n_tiles) if split_k > 1 else (y, y)
-    _w4a16_gemv_kernel[(m, n_tiles, split_k)](
+    launch(_w4a16_gemv_kernel, (m, n_tiles, split_k),
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, g, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
@@ -265,7 +266,7 @@ def _mm(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k, warps, s
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
     ws, cnt = workspace(x.device, m * n, tiles) if split_k > 1 else (y, y)
-    _w4a16_mm_kernel[(tiles, split_k)](
+    launch(_w4a16_mm_kernel, (tiles, split_k),
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, g, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
@@ -285,7 +286,7 @@ def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     gs = k if group_size == -1 else group_size
     bk = 64
     w = torch.empty(k, n, dtype=dtype, device=qweight.device)
-    _w4_dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, 128))](
+    launch(_w4_dequant_kernel, (triton.cdiv(k, bk), triton.cdiv(n, 128)),
         qweight, scales, zeros if zeros is not None else scales, w, n, k, scales.shape[0], qweight.stride(0),
         scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, BK=bk, BN=128, SCALE_AFTER=_scale_after(gs, k, bk),

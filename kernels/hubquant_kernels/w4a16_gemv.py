@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from hubquant_kernels._common import Candidate, interpreting, workspace
+from hubquant_kernels._common import Candidate, interpreting, launch, workspace
 
 try:
     import triton
@@ -183,7 +183,7 @@ def gemv2(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4, a
     # mask-free when N and K divide into whole tiles and blocks (a shorter last K range is still whole blocks;
     # candidates() never offers a split that leaves a program without a block)
     even = n % bn == 0 and k % bk == 0 and k_split * (split_k - 1) < k
-    _w4a16_gemv2_kernel[(m, n_tiles, split_k)](
+    launch(_w4a16_gemv2_kernel, (m, n_tiles, split_k),
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,

@@ -15,9 +15,7 @@ tiles. Optional split-K (small M) reduces through the shared workspace in the sa
 """
 from __future__ import annotations
 
-import torch
-
-from hubquant_kernels._common import Candidate, interpreting, workspace
+from hubquant_kernels._common import Candidate, interpreting, launch, workspace
 
 try:
     import triton
@@ -93,7 +91,7 @@ def mma(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k=1, warps=
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
     ws, cnt = workspace(x.device, m * n, tiles) if split_k > 1 else (y, y)
-    _w4a16_mma_kernel[(tiles, split_k)](
+    launch(_w4a16_mma_kernel, (tiles, split_k),
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split_k,

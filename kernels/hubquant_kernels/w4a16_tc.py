@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from hubquant_kernels._common import Candidate, interpreting, workspace
+from hubquant_kernels._common import Candidate, interpreting, launch, workspace
 
 try:
     import triton
@@ -201,7 +201,7 @@ def tc(x, qweight, scales, zeros, bias, y, gs, *, bm=16, bn=64, bk=128, split_k=
     n_tiles, m_tiles = triton.cdiv(n, bn), triton.cdiv(m, bm)
     k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
     ws, cnt = workspace(x.device, m * n, m_tiles * n_tiles) if split_k > 1 else (y, y)
-    _w4a16_tc_kernel[(n_tiles, m_tiles, split_k)](
+    launch(_w4a16_tc_kernel, (n_tiles, m_tiles, split_k),
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,

@@ -23,6 +23,7 @@ from hubquant_kernels._common import (
     check_same_device,
     choose_lazy,
     interpreting,
+    launch,
     m_bucket,
     require_triton,
     use_triton,
@@ -226,14 +227,14 @@ if triton is not None:
 def _act_quant_v1(x, q, s, static, *, fp8):
     """The first kernel: one program per row, the whole row in registers (kept for comparison)."""
     block = triton.next_power_of_2(x.shape[1])
-    _act_quant_kernel[(x.shape[0],)](x, q, s, static if static is not None else s, x.shape[1], x.stride(0),
+    launch(_act_quant_kernel, (x.shape[0],), x, q, s, static if static is not None else s, x.shape[1], x.stride(0),
                                      q.stride(0), FP8=fp8, STATIC=static is not None, BLOCK=block,
                                      num_warps=min(16, max(4, block // 1024)))
 
 
 def _act_quant_rows(x, q, s, static, *, fp8, bm, bk, warps, div=1):
     m, k = x.shape
-    _act_quant_rows_kernel[(triton.cdiv(m, bm),)](
+    launch(_act_quant_rows_kernel, (triton.cdiv(m, bm),),
         x, q, s, static if static is not None else s, m, k, x.stride(0), q.stride(0),
         FP8=fp8, STATIC=static is not None, DIV=0 if static is not None and div == 1 else div, BM=bm, BK=bk,
         ONE_PASS=bk >= k, num_warps=warps)
@@ -255,7 +256,7 @@ def _act_quant_cfgs(k: int) -> list[tuple[str, int, int, int]]:
     for bm, bk in ((4, 1024), (2, 4096)):  # two passes over K in chunks
         if bk < k:
             cfgs.append((f"rows{bm}_bk{bk}_w{_tile_warps(bm * bk)}", bm, bk, _tile_warps(bm * bk)))
-    return list(dict((c[0], c) for c in cfgs).values())
+    return list({c[0]: c for c in cfgs}.values())
 
 
 DIV_SUFFIX = {1: "", 0: "_div", 2: "_rcp"}
@@ -316,7 +317,7 @@ def quantize_act(x: torch.Tensor, *, fp8: bool = False, static_scale: torch.Tens
         cands[0].fn(*args)
         return q, s
     key = ("act_quant", "fp8" if fp8 else "int8", static_scale is not None, m_bucket(m), k, x.dtype)
-    make = lambda: act_quant_candidates(m, k, fp8)[:1 if m < 64 else None]  # noqa: E731
+    make = lambda: act_quant_candidates(m, k, fp8)[:1 if m < 64 else None]
     choose_lazy(key, make, args, on_gpu=x.is_cuda).fn(*args)
     return q, s
 
@@ -327,7 +328,7 @@ def _triton_mm(qa, sa, qw, sw, bias, y, *, bm, bn, bk, split_k, warps, stages):
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
     ws, cnt = workspace(qa.device, m * n, tiles) if split_k > 1 else (y, y)
-    _scaled_mm_kernel[(tiles, split_k)](
+    launch(_scaled_mm_kernel, (tiles, split_k),
         qa, qw, sa, sw, bias if bias is not None else sw, y, ws, cnt, m, n, k, k_split,
         qa.stride(0), qw.stride(0), y.stride(0), FP8=qa.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
         BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, GROUP_M=8, num_warps=warps, num_stages=stages,
@@ -339,7 +340,7 @@ def _cublas_int8(qa, sa, qw, sw, bias, y):
     # cuBLAS int8 GEMM (torch._scaled_mm takes no int8), then one Triton pass: int32 -> scales (+ bias) -> y
     acc = torch._int_mm(qa, qw.t())
     m, n = acc.shape
-    _int8_epilogue_kernel[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
+    launch(_int8_epilogue_kernel, (triton.cdiv(m, 32), triton.cdiv(n, 128)),
         acc, sa, sw, bias if bias is not None else sw, y, m, n, acc.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BM=32, BN=128, num_warps=4)
     return y

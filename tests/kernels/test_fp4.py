@@ -51,7 +51,7 @@ def test_dequantize_matches_compressed_tensors_decompressor(kind):
     mod = pytest.importorskip(f"compressed_tensors.compressors.{kind}.base")
     from compressed_tensors.quantization import preset_name_to_scheme
 
-    x, packed, scale, gscale, _ = _case(1, 8, 64, kind, 1)
+    _x, packed, scale, gscale, _ = _case(1, 8, 64, kind, 1)
     comp = mod.NVFP4PackedCompressor if kind == "nvfp4" else mod.MXFP4PackedCompressor
     scheme = preset_name_to_scheme("NVFP4A16" if kind == "nvfp4" else "MXFP4A16", ["Linear"])
     sd = {"weight_packed": packed, "weight_scale": scale}

@@ -10,10 +10,10 @@ from tests.kernels.test_w4a16 import _case
 
 
 @pytest.mark.parametrize("m,n,k,gs,asym,dtype,cfg", [
-    (20, 48, 512, 128, False, torch.bfloat16, dict(bm=16, bn=32, bk=64)),
-    (33, 40, 256, 32, True, torch.float16, dict(bm=32, bn=32, bk=64)),  # 2 groups per block
-    (70, 33, 512, 128, True, torch.bfloat16, dict(bm=32, bn=32, bk=64, split_k=2)),
-    (5, 64, 256, -1, False, torch.bfloat16, dict(bm=16, bn=64, bk=64, split_k=2)),
+    (20, 48, 512, 128, False, torch.bfloat16, {"bm": 16, "bn": 32, "bk": 64}),
+    (33, 40, 256, 32, True, torch.float16, {"bm": 32, "bn": 32, "bk": 64}),  # 2 groups per block
+    (70, 33, 512, 128, True, torch.bfloat16, {"bm": 32, "bn": 32, "bk": 64, "split_k": 2}),
+    (5, 64, 256, -1, False, torch.bfloat16, {"bm": 16, "bn": 64, "bk": 64, "split_k": 2}),
 ])
 def test_mma_matches_float64(m, n, k, gs, asym, dtype, cfg):
     x, qw, s, z, b = _case(m, n, k, gs, asym, dtype, seed=m + n)
