@@ -27,12 +27,44 @@ if triton is not None:
     from hubquant_kernels.w4a16 import _store_or_reduce
 
     @triton.jit
+    def _params(s_ptr, z_ptr, k0, rows_k, m2, offs_n, mask_n, stride_s, GS: tl.constexpr, HAS_ZP: tl.constexpr,
+                ONE_GROUP: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr):
+        """Scale and 2^23 + zero point: [1, BN] when one group covers the block, else per row (input rows_k)."""
+        if ONE_GROUP:
+            g = k0 // GS
+            s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if HAS_ZP:
+                z = tl.load(z_ptr + g * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+            else:
+                z = tl.full((1, BN), 8.0, tl.float32)
+        else:
+            g2 = (rows_k // GS)[:, None] * stride_s + offs_n[None, :]
+            s = tl.load(s_ptr + g2, mask=m2, other=0.0).to(tl.float32)
+            if HAS_ZP:
+                z = tl.load(z_ptr + g2, mask=m2, other=0).to(tl.float32)
+            else:
+                z = tl.full((ROWS, BN), 8.0, tl.float32)
+        return s, z + 8388608.0
+
+    @triton.jit
+    def _dq(pw, j: tl.constexpr, zc, s, dtype: tl.constexpr):
+        """Nibble j of every word, dequantized: ((2^23 + u) - (2^23 + z)) * s, rounded to dtype."""
+        f = (((pw >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+        return ((f - zc) * s).to(dtype)
+
+    @triton.jit
+    def _interleave8(w0, w1, w2, w3, w4, w5, w6, w7, BK: tl.constexpr, BN: tl.constexpr):
+        """[R, BN] tiles of nibbles 0..7 -> [8R, BN] with row 8r + j = w_j[r] (joins, one permute, one reshape)."""
+        c = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
+        return tl.reshape(tl.permute(c, (0, 4, 3, 2, 1)), (BK, BN))
+
+    @triton.jit
     def _w4a16_mma_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, k_split, stride_xm, stride_ym, stride_w, stride_s,
         GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-        ONE_GROUP: tl.constexpr, DOT_F32: tl.constexpr,
+        ONE_GROUP: tl.constexpr, DOT_F32: tl.constexpr, JOIN: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -49,6 +81,7 @@ if triton is not None:
         mask_n = offs_n < N
         k_lo = pid_k * k_split
         k_hi = tl.minimum(k_lo + k_split, K)
+        R: tl.constexpr = BK // 8
         shift = (tl.arange(0, BK) % 8) * 4
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
@@ -56,24 +89,20 @@ if triton is not None:
             kmask = offs_k < k_hi
             a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & kmask[None, :],
                         other=0.0)
-            m2 = kmask[:, None] & mask_n[None, :]
-            pw = tl.load(qw_ptr + (offs_k // 8)[:, None] * stride_w + offs_n[None, :], mask=m2, other=0)
-            f = (((pw >> shift[:, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + u, exact
-            if ONE_GROUP:  # one group covers the block: [1, BN] scale and zero point
-                g = k0 // GS
-                s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-                if HAS_ZP:
-                    z = tl.load(z_ptr + g * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
-                else:
-                    z = tl.full((1, BN), 8.0, tl.float32)
-            else:
-                g2 = (offs_k // GS)[:, None] * stride_s + offs_n[None, :]
-                s = tl.load(s_ptr + g2, mask=m2, other=0.0).to(tl.float32)
-                if HAS_ZP:
-                    z = tl.load(z_ptr + g2, mask=m2, other=0).to(tl.float32)
-                else:
-                    z = tl.full((BK, BN), 8.0, tl.float32)
-            w = ((f - (z + 8388608.0)) * s).to(a.dtype)
+            if JOIN:  # each word loaded once; its 8 nibbles interleaved into K order in registers
+                offs_r = k0 // 8 + tl.arange(0, R)
+                m2 = (offs_r < k_hi // 8)[:, None] & mask_n[None, :]
+                pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=m2, other=0)
+                s, zc = _params(s_ptr, z_ptr, k0, offs_r * 8, m2, offs_n, mask_n, stride_s, GS, HAS_ZP, ONE_GROUP, R, BN)
+                w = _interleave8(_dq(pw, 0, zc, s, a.dtype), _dq(pw, 1, zc, s, a.dtype), _dq(pw, 2, zc, s, a.dtype),
+                                 _dq(pw, 3, zc, s, a.dtype), _dq(pw, 4, zc, s, a.dtype), _dq(pw, 5, zc, s, a.dtype),
+                                 _dq(pw, 6, zc, s, a.dtype), _dq(pw, 7, zc, s, a.dtype), BK, BN)
+            else:  # each word loaded once per input it holds (8x, from L1), shifted by its nibble
+                m2 = kmask[:, None] & mask_n[None, :]
+                pw = tl.load(qw_ptr + (offs_k // 8)[:, None] * stride_w + offs_n[None, :], mask=m2, other=0)
+                f = (((pw >> shift[:, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + u, exact
+                s, zc = _params(s_ptr, z_ptr, k0, offs_k, m2, offs_n, mask_n, stride_s, GS, HAS_ZP, ONE_GROUP, BK, BN)
+                w = ((f - zc) * s).to(a.dtype)
             if DOT_F32:  # the CPU interpreter mis-multiplies 16-bit dots: same rounded values, fp32 operands
                 acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
             else:
@@ -84,7 +113,7 @@ if triton is not None:
                          cnt_ptr, pid, bias, SPLIT_K, HAS_BIAS)
 
 
-def mma(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k=1, warps=8, stages=3):
+def mma(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k=1, warps=8, stages=3, join=True):
     """y = x @ W (+ bias); x [M, K] contiguous rows, y [M, N] preallocated."""
     m, k = x.shape
     n = qweight.shape[1]
@@ -95,7 +124,8 @@ def mma(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k=1, warps=
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split_k,
-        GROUP_M=8, ONE_GROUP=gs % bk == 0 or gs == k, DOT_F32=interpreting(), num_warps=warps, num_stages=stages,
+        GROUP_M=8, ONE_GROUP=gs % bk == 0 or gs == k, DOT_F32=interpreting(), JOIN=join, num_warps=warps,
+        num_stages=stages,
     )
     return y
 
@@ -115,10 +145,12 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
         return []
     cfgs = next(v for lim, v in CONFIGS.items() if lim is None or m <= lim)
     out = []
-    for bm, bn, bk, split, warps, stages in cfgs:
+    for i, (bm, bn, bk, split, warps, stages) in enumerate(cfgs):
         if bk > k or (gs != k and gs % bk and bk % gs) or (split > 1 and -(-k // bk) < 2 * split):
             continue
-        out.append(Candidate(name=f"mma_{bm}x{bn}x{bk}_s{split}_w{warps}_st{stages}",
-                             fn=lambda *a, bm=bm, bn=bn, bk=bk, s=split, w=warps, st=stages:
-                             mma(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
+        # joined nibbles everywhere; the 8x-load variant ("mmadup") of the first configuration, for comparison
+        for join in (True, False) if i == 0 else (True,):
+            out.append(Candidate(name=f"mma{'' if join else 'dup'}_{bm}x{bn}x{bk}_s{split}_w{warps}_st{stages}",
+                                 fn=lambda *a, bm=bm, bn=bn, bk=bk, s=split, w=warps, st=stages, j=join:
+                                 mma(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st, join=j)))
     return out
