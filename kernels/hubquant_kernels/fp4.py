@@ -11,18 +11,23 @@ Layout: compressed-tensors' `nvfp4-pack-quantized` and `mxfp4-pack-quantized` ch
 - MXFP4: ``weight_scale`` uint8 [N, K/32] holding E8M0 exponents, ``W[n, k] = e2m1(code) * 2^(e - 127)``; no global
   scale.
 
-``y = x @ W.T (+ bias)``. The kernels read the packed bytes as int32 words (8 codes, k = 8c + j in nibble j, the
-same nibble order as hubquant_kernels.pack's layout) and never materialize W:
+``y = x @ W.T (+ bias)``. The kernels read the packed bytes as int32 words (8 codes, input 8c + j in nibble j)
+transposed once to [K/8, N] (`repack`; the scales to [K/block, N]), the layout of hubquant_kernels.pack's W4A16
+weights, and never materialize W. `fp4_linear` takes the checkpoint layout and repacks each weight tensor once
+(remembered while the tensor lives); a loader calls `repack` itself and `fp4_linear_kn`, keeping one copy.
 
-- M = 1: an FMA GEMV over [BN, BK] tiles of the [N, K] weight, split-K across programs, fp32 accumulation; each
-  code becomes an fp16 by moving its three magnitude bits under the fp16 exponent/mantissa boundary and its sign
-  to bit 15 (exact, subnormals included), so E2M1 decoding costs a few integer ops and one conversion; the
+- M <= 2: an FMA GEMV over [BK/8, BN] tiles (coalesced along N), split-K across programs, fp32 accumulation;
+  each code becomes an fp16 by moving its three magnitude bits under the fp16 exponent/mantissa boundary and its
+  sign to bit 15 (exact, subnormals included), so E2M1 decoding costs a few integer ops and one conversion; the
   constant factors of that trick (2^14, and 2^8 for the E4M3 scales decoded the same way) fold into the scale.
-- M > 1: the same decoding into a bf16/fp16 [BN, BK] tile, multiplied on the tensor cores (tl.dot).
+- M > 2 (and M = 2 where faster): the same decoding into 16-bit tiles, the 8 nibbles interleaved into K order in
+  registers (join/permute/reshape), one tensor-core dot per [BM, BK] x [BK, BN] block.
 
 `fp4_reference` (plain torch) is the test oracle and the CPU fallback.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -93,6 +98,7 @@ except ImportError:
 
 if triton is not None:
     from hubquant_kernels.w4a16 import _store_or_reduce
+    from hubquant_kernels.w4a16_mma import _interleave8
 
     @triton.jit
     def _e2m1_f32(t):
@@ -111,32 +117,33 @@ if triton is not None:
 
     @triton.jit
     def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-                         N, KW, k_split, stride_xm, stride_ym, stride_w, stride_s,
+                         N, K, k_split, stride_xm, stride_ym, stride_w, stride_s,
                          GS: tl.constexpr, MX: tl.constexpr, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr):
-        # tile [BN rows, BW words]; word c holds inputs 8c..8c+7; words per scale: GS // 8 (2 or 4)
+                         BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+        # [R, BN] tiles of the [K/8, N] words (coalesced along N); one activation load serves a thread's columns
+        R: tl.constexpr = BK // 8
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask_n = offs_n < N
-        w_lo = pid_k * k_split
-        w_hi = tl.minimum(w_lo + k_split, KW)
+        k_lo = pid_k * k_split
+        k_hi = tl.minimum(k_lo + k_split, K)
         x_row = x_ptr + pid_m * stride_xm
-        acc = tl.zeros((BN, BW), dtype=tl.float32)
-        for c0 in range(w_lo, w_hi, BW):
-            offs_c = c0 + tl.arange(0, BW)
-            cmask = offs_c < w_hi
-            m2 = mask_n[:, None] & cmask[None, :]
-            pw = tl.load(w_ptr + offs_n[:, None] * stride_w + offs_c[None, :], mask=m2, other=0,
+        acc = tl.zeros((R, BN), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BK):
+            offs_r = k0 // 8 + tl.arange(0, R)
+            rmask = offs_r < k_hi // 8
+            m2 = rmask[:, None] & mask_n[None, :]
+            pw = tl.load(w_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=m2, other=0,
                          eviction_policy="evict_first")
-            sb = tl.load(s_ptr + offs_n[:, None] * stride_s + (offs_c * 8 // GS)[None, :], mask=m2, other=0)
-            part = tl.zeros((BN, BW), dtype=tl.float32)
+            sb = tl.load(s_ptr + (offs_r * 8 // GS)[:, None] * stride_s + offs_n[None, :], mask=m2, other=0)
+            part = tl.zeros((R, BN), dtype=tl.float32)
             for j in tl.static_range(8):
-                xj = tl.load(x_row + offs_c * 8 + j, mask=cmask, other=0.0).to(tl.float32)
-                part += _e2m1_f32(pw >> (4 * j)) * xj[None, :]
+                xj = tl.load(x_row + offs_r * 8 + j, mask=rmask, other=0.0).to(tl.float32)
+                part += _e2m1_f32(pw >> (4 * j)) * xj[:, None]
             acc += part * _scale_f32(sb, MX)
-        out = tl.sum(acc, axis=1)
+        out = tl.sum(acc, axis=0)
         if HAS_G:
             out = out / tl.load(g_ptr).to(tl.float32)
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
@@ -144,12 +151,17 @@ if triton is not None:
                          cnt_ptr, pid_m * tl.num_programs(1) + pid_n, bias, SPLIT_K, HAS_BIAS)
 
     @triton.jit
+    def _dq4(pw, j: tl.constexpr, s, dtype: tl.constexpr):
+        return (_e2m1_f32(pw >> (4 * j)) * s).to(dtype)
+
+    @triton.jit
     def _fp4_mm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                        M, N, K, k_split, stride_xm, stride_ym, stride_w, stride_s,
                        GS: tl.constexpr, MX: tl.constexpr, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                        DOT_F32: tl.constexpr):
-        # each packed word is loaded once per input it holds (8x, from L1) and shifted by its nibble: [BN, BK]
+        # each word loaded once, its 8 codes decoded and scaled, interleaved into K order, one dot per block
+        R: tl.constexpr = BK // 8
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -162,17 +174,20 @@ if triton is not None:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
             offs_k = k0 + tl.arange(0, BK)
-            kmask = offs_k < k_hi
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & kmask[None, :],
-                        other=0.0)
-            m2 = mask_n[:, None] & kmask[None, :]
-            pw = tl.load(w_ptr + offs_n[:, None] * stride_w + (offs_k // 8)[None, :], mask=m2, other=0)
-            sb = tl.load(s_ptr + offs_n[:, None] * stride_s + (offs_k // GS)[None, :], mask=m2, other=0)
-            w = _e2m1_f32(pw >> ((offs_k % 8) * 4)[None, :]) * _scale_f32(sb, MX)
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & (offs_k < k_hi)[None, :], other=0.0)
+            offs_r = k0 // 8 + tl.arange(0, R)
+            m2 = (offs_r < k_hi // 8)[:, None] & mask_n[None, :]
+            pw = tl.load(w_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=m2, other=0)
+            s = _scale_f32(tl.load(s_ptr + (offs_r * 8 // GS)[:, None] * stride_s + offs_n[None, :], mask=m2,
+                                   other=0), MX)
+            w = _interleave8(_dq4(pw, 0, s, a.dtype), _dq4(pw, 1, s, a.dtype), _dq4(pw, 2, s, a.dtype),
+                             _dq4(pw, 3, s, a.dtype), _dq4(pw, 4, s, a.dtype), _dq4(pw, 5, s, a.dtype),
+                             _dq4(pw, 6, s, a.dtype), _dq4(pw, 7, s, a.dtype), BK, BN)
             if DOT_F32:  # the CPU interpreter mis-multiplies 16-bit dots: same rounded values, fp32 operands
-                acc = tl.dot(a.to(tl.float32), tl.trans(w.to(a.dtype).to(tl.float32)), acc)
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
             else:
-                acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+                acc = tl.dot(a, w, acc)
         if HAS_G:
             acc = acc / tl.load(g_ptr).to(tl.float32)
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
@@ -182,48 +197,72 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------- wrappers
-def _gemv(x, w32, s8, g, bias, y, gs, mx, *, bn, bw, split_k, warps):
-    m = x.shape[0]
-    n, kw = w32.shape
+def repack(packed: torch.Tensor, block_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checkpoint layout -> kernel layout, once at load time: (int32 [K/8, N] words, uint8 [K/block, N] scales).
+
+    Word c of row n holds codes 8c..8c+7 (nibble j = input 8c + j, compressed-tensors' byte order read as a
+    little-endian int32); transposing the words puts N along the contiguous axis, as in hubquant_kernels.pack's
+    W4A16 layout, so a GEMV thread's activation loads serve several output columns.
+    """
+    return packed.contiguous().view(torch.int32).t().contiguous(), block_scale.view(torch.uint8).t().contiguous()
+
+
+_REPACKED: dict[int, tuple] = {}  # id(packed) -> (weakref to packed, block_scale pointer, qweight, scales)
+
+
+def _repacked(packed, block_scale):
+    """`repack`, remembered per weight tensor while it lives (for callers passing the checkpoint layout)."""
+    hit = _REPACKED.get(id(packed))
+    if hit is None or hit[0]() is not packed or hit[1] != block_scale.data_ptr():
+        hit = (weakref.ref(packed), block_scale.data_ptr(), *repack(packed, block_scale))
+        _REPACKED[id(packed)] = hit
+        weakref.finalize(packed, _REPACKED.pop, id(packed), None)
+    return hit[2], hit[3]
+
+
+def _gemv(x, qw, s8, g, bias, y, gs, mx, *, bn, bk, split_k, warps):
+    m, k = x.shape
+    n = qw.shape[1]
     n_tiles = triton.cdiv(n, bn)
-    k_split = triton.cdiv(triton.cdiv(kw, bw), split_k) * bw
+    k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
     ws, cnt = workspace(x.device, m * n, m * n_tiles) if split_k > 1 else (y, y)
     launch(_fp4_gemv_kernel, (m, n_tiles, split_k),
-        x, w32, s8, g if g is not None else s8, bias if bias is not None else s8, y, ws, cnt,
-        n, kw, k_split, x.stride(0), y.stride(0), w32.stride(0), s8.stride(0),
-        GS=gs, MX=mx, HAS_G=g is not None, HAS_BIAS=bias is not None, BN=bn, BW=bw, SPLIT_K=split_k,
-        num_warps=warps)
+           x, qw, s8, g if g is not None else s8, bias if bias is not None else s8, y, ws, cnt,
+           n, k, k_split, x.stride(0), y.stride(0), qw.stride(0), s8.stride(0),
+           GS=gs, MX=mx, HAS_G=g is not None, HAS_BIAS=bias is not None, BN=bn, BK=bk, SPLIT_K=split_k,
+           num_warps=warps)
     return y
 
 
-def _mm(x, w32, s8, g, bias, y, gs, mx, *, bm, bn, bk, split_k, warps, stages):
+def _mm(x, qw, s8, g, bias, y, gs, mx, *, bm, bn, bk, split_k, warps, stages):
     m, k = x.shape
-    n = w32.shape[0]
+    n = qw.shape[1]
     n_tiles, m_tiles = triton.cdiv(n, bn), triton.cdiv(m, bm)
     k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
     ws, cnt = workspace(x.device, m * n, m_tiles * n_tiles) if split_k > 1 else (y, y)
     launch(_fp4_mm_kernel, (n_tiles, m_tiles, split_k),
-        x, w32, s8, g if g is not None else s8, bias if bias is not None else s8, y, ws, cnt,
-        m, n, k, k_split, x.stride(0), y.stride(0), w32.stride(0), s8.stride(0),
-        GS=gs, MX=mx, HAS_G=g is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split_k,
-        DOT_F32=interpreting(), num_warps=warps, num_stages=stages)
+           x, qw, s8, g if g is not None else s8, bias if bias is not None else s8, y, ws, cnt,
+           m, n, k, k_split, x.stride(0), y.stride(0), qw.stride(0), s8.stride(0),
+           GS=gs, MX=mx, HAS_G=g is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split_k,
+           DOT_F32=interpreting(), num_warps=warps, num_stages=stages)
     return y
 
 
 def candidates(m: int, n: int, k: int) -> list[Candidate]:
     """FP4 implementations worth timing for an [m, k] x [n, k]^T product; the first is the default."""
     out = []
-    kw = k // 8
-    if m <= 2:
-        for bn, bw, warps in ((64, 32, 4), (32, 64, 4), (128, 16, 4), (64, 64, 8)):
-            for split in (1, 2, 4, 8, 16):
-                if split == 1 or (-(-kw // bw) >= 2 * split and -(-n // bn) * split <= 4096):
-                    out.append(Candidate(name=f"fp4gemv_bn{bn}_bw{bw}_s{split}_w{warps}",
-                                         fn=lambda *a, bn=bn, bw=bw, s=split, w=warps:
-                                         _gemv(*a, bn=bn, bw=bw, split_k=s, warps=w)))
+    if m <= 2:  # the W4A16 GEMV's block shapes (gemv2: BN=64, BK=256 won on the H200)
+        for bn, bk, warps in ((64, 256, 4), (128, 128, 4), (128, 256, 8), (32, 512, 4)):
+            for split in (1, 2, 4, 6, 8, 16):
+                per = -(-(-(-k // bk)) // split)
+                if split == 1 or (-(-k // bk) >= 2 * split and per * (split - 1) < -(-k // bk)
+                                  and -(-n // bn) * split <= 2112):
+                    out.append(Candidate(name=f"fp4gemv_bn{bn}_bk{bk}_s{split}_w{warps}",
+                                         fn=lambda *a, bn=bn, bk=bk, s=split, w=warps:
+                                         _gemv(*a, bn=bn, bk=bk, split_k=s, warps=w)))
     bm = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
-    cfgs = [(64, 128, s, 4, 3) for s in (1, 2, 4, 8)] + [(128, 64, s, 4, 3) for s in (1, 2, 4)] if m <= 64 else \
-        [(128, 64, 1, 8, 3), (128, 128, 1, 8, 3), (64, 128, 1, 4, 3)]
+    cfgs = [(64, 128, s, 4, 3) for s in (1, 2, 4, 8)] + [(128, 128, s, 4, 3) for s in (1, 2, 4)] if m <= 64 else \
+        [(128, 64, 1, 8, 4), (128, 128, 1, 8, 3), (256, 64, 1, 8, 3)]
     for bn, bk, split, warps, stages in cfgs:
         if split == 1 or -(-k // bk) >= 2 * split:
             out.append(Candidate(name=f"fp4mm_{bm}x{bn}x{bk}_s{split}_w{warps}",
@@ -259,6 +298,44 @@ def _check(x, packed, block_scale, global_scale, kind, bias):
     return n, k, gs
 
 
+def fp4_linear_kn(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor | None,
+                  kind: str = "nvfp4", bias: torch.Tensor | None = None, *, impl: str | None = None) -> torch.Tensor:
+    """`fp4_linear` on weights already in the kernel layout (`repack`): qweight int32 [K/8, N], scales uint8
+    [K/block, N] (E4M3 bytes for nvfp4, E8M0 for mxfp4)."""
+    check(kind in KINDS, f"unknown FP4 kind {kind!r}", hint="kind is 'nvfp4' or 'mxfp4'")
+    check_dtype("qweight", qweight, (torch.int32,))
+    check_dtype("scales", scales, (torch.uint8,))
+    k, n, gs = qweight.shape[0] * 8, qweight.shape[1], KINDS[kind]
+    check(scales.shape == (k // gs, n), f"scales have shape {tuple(scales.shape)}, expected {(k // gs, n)}",
+          hint="use hubquant_kernels.fp4.repack on the checkpoint tensors")
+    lead = x.shape[:-1]
+    x2 = as_2d(x, k)
+    if not use_triton(x2):
+        raw = qweight.t().contiguous().view(torch.uint8)
+        bs = scales.t().contiguous()
+        bs = bs.view(torch.float8_e4m3fn) if kind == "nvfp4" else bs
+        return fp4_reference(x2, raw, bs, global_scale, kind, bias).reshape(*lead, n)
+    return _run(x2, qweight, scales, global_scale, kind, bias, impl).reshape(*lead, n)
+
+
+def _run(x2, qw, s8, global_scale, kind, bias, impl):
+    require_triton()
+    m, n = x2.shape[0], qw.shape[1]
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return y
+    k, gs = x2.shape[1], KINDS[kind]
+    g = None if global_scale is None else global_scale.float().reshape(1)
+    args = (x2, qw, s8, g, bias, y, gs, kind == "mxfp4")
+    if impl is not None:
+        cands = [c for c in candidates(m, n, k) if c.name == impl]
+        check(bool(cands), f"no FP4 implementation named {impl!r} for this shape",
+              hint="see hubquant_kernels.fp4.candidates(m, n, k)")
+        return cands[0].fn(*args)
+    key = ("fp4", kind, m_bucket(m), n, k, x2.dtype, bias is not None, g is not None)
+    return choose_lazy(key, lambda: candidates(m, n, k), args, on_gpu=x2.is_cuda).fn(*args)
+
+
 def fp4_linear(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor,
                global_scale: torch.Tensor | None, kind: str = "nvfp4", bias: torch.Tensor | None = None, *,
                impl: str | None = None) -> torch.Tensor:
@@ -282,19 +359,5 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor,
     x2 = as_2d(x, k)
     if not use_triton(x2):
         return fp4_reference(x2, packed, block_scale, global_scale, kind, bias).reshape(*lead, n)
-    require_triton()
-    m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y.reshape(*lead, n)
-    w32 = packed.view(torch.int32)  # [N, K/8]: byte order is little-endian on every GPU triton targets
-    s8 = block_scale.view(torch.uint8)
-    g = None if global_scale is None else global_scale.float().reshape(1)
-    args = (x2, w32, s8, g, bias, y, gs, kind == "mxfp4")
-    if impl is not None:
-        cands = [c for c in candidates(m, n, k) if c.name == impl]
-        check(bool(cands), f"no FP4 implementation named {impl!r} for this shape",
-              hint="see hubquant_kernels.fp4.candidates(m, n, k)")
-        return cands[0].fn(*args).reshape(*lead, n)
-    key = ("fp4", kind, m_bucket(m), n, k, x.dtype, bias is not None, g is not None)
-    return choose_lazy(key, lambda: candidates(m, n, k), args, on_gpu=x2.is_cuda).fn(*args).reshape(*lead, n)
+    qw, s8 = _repacked(packed, block_scale)
+    return _run(x2, qw, s8, global_scale, kind, bias, impl).reshape(*lead, n)

@@ -61,8 +61,8 @@ def test_dequantize_matches_compressed_tensors_decompressor(kind):
     assert torch.allclose(w, fp4.fp4_dequantize_reference(packed, scale, gscale, kind), rtol=1e-2, atol=0)
 
 
-CASES = [(1, 72, 512, "nvfp4"), (1, 40, 1024, "mxfp4"), (3, 24, 256, "nvfp4"), (5, 48, 512, "mxfp4"),
-         (20, 33, 256, "nvfp4")]
+CASES = [(1, 72, 512, "nvfp4"), (1, 40, 1024, "mxfp4"), (3, 24, 512, "nvfp4"), (5, 48, 512, "mxfp4"),
+         (20, 33, 512, "nvfp4")]
 
 
 @pytest.mark.parametrize("m,n,k,kind", CASES)
@@ -121,3 +121,15 @@ def test_bad_arguments():
         fp4.fp4_linear(x, packed, scale.view(torch.uint8), gscale, "nvfp4")
     with pytest.raises(UsageError):
         fp4.fp4_linear(x[:, :32], packed, scale, gscale, "nvfp4")
+
+
+def test_kernel_layout_entry_point_and_repack():
+    """repack once + fp4_linear_kn gives what fp4_linear gives on the checkpoint tensors (Triton and CPU paths)."""
+    x, packed, scale, gscale, b = _case(3, 40, 256, "nvfp4", 11)
+    qw, s8 = fp4.repack(packed, scale)
+    assert qw.shape == (32, 40) and qw.dtype == torch.int32 and s8.shape == (16, 40)
+    y1 = fp4.fp4_linear(x, packed, scale, gscale, "nvfp4", b)
+    y2 = fp4.fp4_linear_kn(x, qw, s8, gscale, "nvfp4", b)
+    assert torch.equal(y1, y2)
+    ref = fp4.fp4_reference(x, packed, scale, gscale, "nvfp4", b)
+    assert _rel(y2, ref.double()) < 1e-2
