@@ -65,6 +65,9 @@ def main() -> int:
     prof.disable()
     torch.cuda.synchronize()
     pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    from hubquant_kernels import _common
+
+    print(f"direct launches cached: {len(_common._LAUNCHES)}; launcher rejected: {_common._FAST_BROKEN}")
     return 0
 
 

@@ -94,16 +94,22 @@ def workspace(device: torch.device, n_floats: int, n_counters: int) -> tuple[tor
 
 # ---- kernel launches: Triton's launcher called directly once a specialization is compiled ----
 _LAUNCHES: dict[tuple, tuple] = {}
+_FAST_BROKEN: list[str] = []  # set when this Triton's launcher rejected a direct call: Triton's path from then on
+
+
+def _no_hook(hook) -> bool:
+    """A launch hook that does nothing: None, or an empty HookChain (newer Triton)."""
+    return hook is None or (hasattr(hook, "calls") and not hook.calls)
 
 
 def _fast_launch_enabled() -> bool:
-    if os.environ.get("HUBQUANT_FAST_LAUNCH", "1") == "0" or interpreting():
+    if _FAST_BROKEN or os.environ.get("HUBQUANT_FAST_LAUNCH", "1") == "0" or interpreting():
         return False
     try:
         from triton import knobs
     except ImportError:  # older Triton: no knobs module, launcher signature unknown
         return False
-    return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
+    return _no_hook(knobs.runtime.launch_enter_hook) and _no_hook(knobs.runtime.launch_exit_hook)
 
 
 def launch(kernel, grid: tuple, *args, **kwargs):
@@ -140,8 +146,12 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     compiled, tail = hit
     g = tuple(grid) + (1,) * (3 - len(grid))
     stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
-    compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *args,
-                 *tail)
+    try:
+        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *tail)
+    except TypeError as e:  # the launcher's arguments differ in this Triton version (checked before launching)
+        _FAST_BROKEN.append(repr(e))
+        return kernel[grid](*args, **kwargs)
     return compiled
 
 
