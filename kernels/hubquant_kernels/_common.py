@@ -102,14 +102,20 @@ def _no_hook(hook) -> bool:
     return hook is None or (hasattr(hook, "calls") and not hook.calls)
 
 
-def _fast_launch_enabled() -> bool:
-    if _FAST_BROKEN or os.environ.get("HUBQUANT_FAST_LAUNCH", "1") == "0" or interpreting():
-        return False
+@functools.lru_cache(maxsize=1)
+def _knobs():
     try:
         from triton import knobs
     except ImportError:  # older Triton: no knobs module, launcher signature unknown
+        return None
+    return knobs
+
+
+def _fast_launch_enabled() -> bool:
+    if _FAST_BROKEN or os.environ.get("HUBQUANT_FAST_LAUNCH", "1") == "0" or interpreting():
         return False
-    return _no_hook(knobs.runtime.launch_enter_hook) and _no_hook(knobs.runtime.launch_exit_hook)
+    knobs = _knobs()
+    return knobs is not None and _no_hook(knobs.runtime.launch_enter_hook) and _no_hook(knobs.runtime.launch_exit_hook)
 
 
 def launch(kernel, grid: tuple, *args, **kwargs):
