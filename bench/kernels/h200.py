@@ -29,6 +29,7 @@ os.environ.setdefault("HUBQUANT_TUNE_CACHE", "0")
 
 import peers  # noqa: E402
 from harness import header, sibling, smoke_time  # noqa: E402
+
 from hubquant_kernels import _common, fp4, fp8, pack, w4a16, w8a8  # noqa: E402
 
 _run = sibling("run")

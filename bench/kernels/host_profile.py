@@ -22,6 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "kernels"), str(Path(__file__).resolve().p
 os.environ["HUBQUANT_TUNE"] = "0"
 
 import peers  # noqa: E402
+
 from hubquant_kernels import fp4, pack, w4a16, w8a8  # noqa: E402
 
 

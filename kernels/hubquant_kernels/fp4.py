@@ -97,7 +97,7 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from hubquant_kernels.w4a16 import _store_or_reduce
+    from hubquant_kernels.splitk import store_or_reduce as _store_or_reduce
     from hubquant_kernels.w4a16_mma import _interleave8
 
     @triton.jit

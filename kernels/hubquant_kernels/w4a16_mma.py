@@ -24,7 +24,7 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from hubquant_kernels.w4a16 import _store_or_reduce
+    from hubquant_kernels.splitk import store_or_reduce as _store_or_reduce
 
     @triton.jit
     def _params(s_ptr, z_ptr, k0, rows_k, m2, offs_n, mask_n, stride_s, GS: tl.constexpr, HAS_ZP: tl.constexpr,
@@ -93,7 +93,8 @@ if triton is not None:
                 offs_r = k0 // 8 + tl.arange(0, R)
                 m2 = (offs_r < k_hi // 8)[:, None] & mask_n[None, :]
                 pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=m2, other=0)
-                s, zc = _params(s_ptr, z_ptr, k0, offs_r * 8, m2, offs_n, mask_n, stride_s, GS, HAS_ZP, ONE_GROUP, R, BN)
+                s, zc = _params(s_ptr, z_ptr, k0, offs_r * 8, m2, offs_n, mask_n, stride_s, GS, HAS_ZP, ONE_GROUP,
+                                R, BN)
                 w = _interleave8(_dq(pw, 0, zc, s, a.dtype), _dq(pw, 1, zc, s, a.dtype), _dq(pw, 2, zc, s, a.dtype),
                                  _dq(pw, 3, zc, s, a.dtype), _dq(pw, 4, zc, s, a.dtype), _dq(pw, 5, zc, s, a.dtype),
                                  _dq(pw, 6, zc, s, a.dtype), _dq(pw, 7, zc, s, a.dtype), BK, BN)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hubquant_kernels import fp4
 
 from hubquant.errors import UnsupportedError, UsageError
+from hubquant_kernels import fp4
 
 
 def _case(m, n, k, kind, seed, dtype=torch.bfloat16):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from hubquant_kernels import _common
 from hubquant_kernels._common import Candidate
 

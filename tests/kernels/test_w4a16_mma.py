@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hubquant_kernels import w4a16, w4a16_mma
 
+from hubquant_kernels import w4a16, w4a16_mma
 from tests.kernels.test_w4a16 import _case
 
 
