@@ -5,10 +5,15 @@
 - 8-bit ints (W8A16 and W8A8)  -> ``int-quantized``: weight int8 [out, in], weight_scale [out, 1];
 - FP8                          -> ``float-quantized``: weight float8_e4m3fn, weight_scale (+ input_scale).
 Values are written exactly as `hubquant.quant` computed them, so loaders dequantize to the same floats.
+
+The bytes and the config go through compressed-tensors' own API: `pack_to_int32` packs, and the
+`quantization_config` is compressed-tensors' `QuantizationConfig` model dumped as llm-compressor saves it.
+Asymmetric pack-quantized checkpoints also carry `"dequantize": true` (docs/formats.md says why): vLLM reads the
+packed zero points as they are, and transformers (>= 5.16) dequantizes them on load instead of allocating
+unpacked zero points that the packed tensor cannot fill.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -17,59 +22,31 @@ from hubquant.errors import UsageError
 from hubquant.formats.common import ignored_linears, method_options, write_model
 from hubquant.quant import QuantizedWeight, QuantScheme
 
-CT_VERSION = "0.19.0"
-
 
 def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
-    """Dense bit-packing of signed b-bit codes into int32 along `dim`: element i at bit i*b, low bits first,
-    stored as q + 2^(b-1); codes may straddle two words (3-bit)."""
-    if dim == 0:
-        return pack_int32(q.t(), bits, 1).t().contiguous()
-    rows, cols = q.shape
-    v = q.to(torch.int64) + (1 << (bits - 1))
-    pad = (-cols) % 32
-    if pad:
-        v = torch.nn.functional.pad(v, (0, pad))
-    groups = v.reshape(rows, -1, 32)  # 32 codes fill exactly `bits` words
-    words = torch.zeros(rows, groups.shape[1], bits, dtype=torch.int64)
-    for j in range(32):
-        start = j * bits
-        w, off = divmod(start, 32)
-        words[:, :, w] |= (groups[:, :, j] << off) & 0xFFFFFFFF
-        if off + bits > 32:
-            words[:, :, w + 1] |= groups[:, :, j] >> (32 - off)
-    words = words.reshape(rows, -1)[:, : math.ceil(cols * bits / 32)]
-    return (words - ((words >> 31) << 32)).to(torch.int32)  # reinterpret uint32 as int32
+    """Dense bit-packing of signed b-bit codes into int32 along `dim` (compressed-tensors' `pack_to_int32`):
+    element i at bit i*b, low bits first, stored as q + 2^(b-1); codes may straddle two words (3-bit)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32(q.to(torch.int8), bits, packed_dim=dim)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, cols: int, dim: int = 1) -> torch.Tensor:
     """Inverse of pack_int32: signed int8 codes [rows, cols] (or [cols, n] when dim=0)."""
-    if dim == 0:
-        return unpack_int32(packed.t(), bits, cols, 1).t().contiguous()
-    rows = packed.shape[0]
-    u = packed.to(torch.int64) & 0xFFFFFFFF
-    n_words = math.ceil(cols / 32) * bits
-    if u.shape[1] < n_words:
-        u = torch.nn.functional.pad(u, (0, n_words - u.shape[1]))
-    u = u.reshape(rows, -1, bits)
-    mask = (1 << bits) - 1
-    out = torch.empty(rows, u.shape[1], 32, dtype=torch.int64)
-    for j in range(32):
-        w, off = divmod(j * bits, 32)
-        val = u[:, :, w] >> off
-        if off + bits > 32:
-            val = val | (u[:, :, w + 1] << (32 - off))
-        out[:, :, j] = val & mask
-    return (out.reshape(rows, -1)[:, :cols] - (1 << (bits - 1))).to(torch.int8)
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    other = packed.shape[1 - dim]
+    shape = torch.Size((other, cols) if dim == 1 else (cols, other))
+    return unpack_from_int32(packed, bits, shape, packed_dim=dim)
 
 
 def _args(num_bits, type_, strategy, symmetric, *, group_size=None, dynamic=False, actorder=None,
-          observer="minmax", zp_dtype=None) -> dict:
-    return {
-        "actorder": actorder, "block_structure": None, "dynamic": dynamic, "group_size": group_size,
-        "num_bits": num_bits, "observer": observer, "observer_kwargs": {}, "scale_dtype": None,
-        "strategy": strategy, "symmetric": symmetric, "type": type_, "zp_dtype": zp_dtype,
-    }
+          observer="minmax"):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    kw = {"zp_dtype": torch.int8} if not symmetric and type_ == "int" else {}
+    return QuantizationArgs(num_bits=num_bits, type=type_, strategy=strategy, symmetric=symmetric,
+                            group_size=group_size, dynamic=dynamic, actorder=actorder, observer=observer, **kw)
 
 
 def format_name(scheme: QuantScheme) -> str:
@@ -83,36 +60,46 @@ def check_scheme(scheme: QuantScheme) -> None:
     """compressed-tensors holds every scheme hubquant produces (2/3/4/8-bit ints, FP8, W8A8)."""
 
 
-def quantization_config(scheme: QuantScheme, *, options=None, ignored=()) -> dict:
-    """The `quantization_config` dict (as llm-compressor writes it for the same scheme).
-
-    Grouped weights of a method that ran with act-order (GPTQ's static groups) say ``actorder: static``.
-    """
+def _weight_args(scheme: QuantScheme, options):
     w = scheme.weights
     if w.type == "float":
         strategy = "channel" if scheme.activations is None or scheme.activations.dynamic else "tensor"
-        weights = _args(8, "float", strategy, True)
-    else:
-        grouped = w.group_size != -1
-        weights = _args(
-            w.bits, "int", "group" if grouped else "channel", w.symmetric,
-            group_size=w.group_size if grouped else None,
-            actorder="static" if (getattr(options, "actorder", False) and grouped) else None,
-            zp_dtype=None if w.symmetric else "torch.int8",
-        )
+        return _args(8, "float", strategy, True)
+    grouped = w.group_size != -1
+    return _args(w.bits, "int", "group" if grouped else "channel", w.symmetric,
+                 group_size=w.group_size if grouped else None,
+                 actorder="static" if (getattr(options, "actorder", False) and grouped) else None)
+
+
+def needs_dequantize_on_load(scheme: QuantScheme) -> bool:
+    """Asymmetric sub-8-bit ints: transformers' compressed modules cannot take the packed zero points."""
+    w = scheme.weights
+    return w.type == "int" and w.bits < 8 and not w.symmetric
+
+
+def quantization_config(scheme: QuantScheme, *, options=None, ignored=()) -> dict:
+    """The `quantization_config` dict: compressed-tensors' QuantizationConfig, dumped as llm-compressor saves it.
+
+    Grouped weights of a method that ran with act-order (GPTQ's static groups) say ``actorder: static``.
+    """
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
     acts = None
     if scheme.activations is not None:
         a = scheme.activations
         acts = _args(a.bits, a.type, "token" if a.dynamic else "tensor", a.symmetric, dynamic=a.dynamic,
                      observer=None if a.dynamic else "minmax")
     fmt = format_name(scheme)
-    return {
-        "config_groups": {"group_0": {"format": fmt, "targets": ["Linear"], "weights": weights,
-                                      "input_activations": acts, "output_activations": None}},
-        "format": fmt, "global_compression_ratio": None, "ignore": sorted(ignored), "kv_cache_scheme": None,
-        "quant_method": "compressed-tensors", "quantization_status": "compressed", "sparsity_config": {},
-        "transform_config": {}, "version": CT_VERSION,
-    }
+    group = QuantizationScheme(targets=["Linear"], weights=_weight_args(scheme, options), input_activations=acts,
+                               format=fmt)
+    config = QuantizationConfig(config_groups={"group_0": group}, format=fmt, quantization_status="compressed",
+                                ignore=sorted(ignored))
+    out = config.model_dump()
+    out.update(sparsity_config={}, transform_config={}, version=compressed_tensors.__version__)
+    if needs_dequantize_on_load(scheme):
+        out["dequantize"] = True
+    return out
 
 
 def linear_tensors(name: str, qw: QuantizedWeight, scheme: QuantScheme, *, options=None) -> dict[str, torch.Tensor]:
