@@ -3,13 +3,12 @@ and a readable body rendered from cards/variant.md.j2."""
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 TEMPLATE_NAME = "variant.md.j2"
-# a checkout (editable install) first, then where a wheel installs cards/
-TEMPLATE_DIRS = (Path(__file__).resolve().parent.parent / "cards", Path(sys.prefix) / "share" / "hubquant" / "cards")
+# a checkout (editable install) first, then the package data a wheel carries (setup.py copies cards/ there)
+TEMPLATE_DIRS = (Path(__file__).resolve().parent.parent / "cards", Path(__file__).resolve().parent / "cards")
 
 HARDWARE = {
     "w4a16": "Weight-only 4-bit: any GPU (vLLM Marlin/Machete kernels on Ampere and newer); CPU through "

@@ -1,14 +1,14 @@
 """`optimum-cli hubquant ...`: hubquant's commands in optimum's command registry.
 
 optimum-cli loads every module in the `optimum.commands.register` namespace and registers the classes in its
-`REGISTER_COMMANDS`. `python -m hubquant.optimum_cli --install` writes that module (register_hubquant.py)
-into the installed optimum (scripts/setup.sh does it); the commands then run the same code as `hubquant ...`.
+`REGISTER_COMMANDS`. hubquant's wheel ships that module (hubquant/optimum_register.py, installed as
+optimum/commands/register/register_hubquant.py by setup.py's build step); the commands run the same code as
+`hubquant ...`.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
@@ -58,26 +58,3 @@ class HubquantCommand(BaseOptimumCLICommand):
 
     def run(self):
         self.parser.print_help()
-
-
-def register_dir() -> Path:
-    import optimum
-
-    return Path(list(optimum.__path__)[0]) / "commands" / "register"
-
-
-def install_register() -> Path:
-    """Write optimum/commands/register/register_hubquant.py (a PEP 420 namespace: no __init__.py)."""
-    d = register_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    target = d / REGISTER_MODULE
-    target.write_text(REGISTER_SOURCE)
-    return target
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--install"]:
-        print(f"registered optimum-cli hubquant: {install_register()}")
-    else:
-        print("usage: python -m hubquant.optimum_cli --install")
-        sys.exit(2)

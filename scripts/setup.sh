@@ -26,5 +26,3 @@ if [ ! -d /usr/share/games/fortunes ] && command -v apt-get >/dev/null 2>&1 && [
   (apt-get install -y -qq fortunes >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq fortunes)) >/dev/null 2>&1 \
     || echo "   (could not install fortunes; calibrated methods then need --calib-dataset)"
 fi
-# `optimum-cli hubquant ...` (writes optimum/commands/register/register_hubquant.py)
-.venv/bin/python -m hubquant.optimum_cli --install >/dev/null
