@@ -21,7 +21,7 @@ fi
 OLDEST=.cache/venv-oldest
 PINS="$(.venv/bin/python scripts/oldest_pins.py)"
 if [ ! -x "$OLDEST/bin/python" ] || [ "$(cat "$OLDEST/pins" 2>/dev/null)" != "$PINS" ]; then
-  echo "==> building $OLDEST: $(echo $PINS)"
+  echo "==> building $OLDEST:" $PINS
   rm -rf "$OLDEST" && .venv/bin/python -m venv "$OLDEST"
   .venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
     > "$("$OLDEST/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_main_venv.pth"
