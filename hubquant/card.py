@@ -22,6 +22,41 @@ HARDWARE = {
 }
 
 
+def engine_rows(fmt: str, repo: str) -> list[tuple[str, str]]:
+    """The card's "How to use" table: (engine, exact command) from the format's registry entry."""
+    from hubquant.formats import FORMATS
+
+    spec = FORMATS.get(fmt)
+    return [(engine, cmd.format(repo=repo)) for engine, cmd in (spec.engines if spec else ())]
+
+
+def eval_results_yaml(inp: CardInputs) -> str | None:
+    """`.eval_results/perplexity.yaml` in the Hub's format, or None when the evaluation text is not a Hub dataset.
+
+    The Hub lists an entry on the model page (and a leaderboard) once its dataset is registered as a benchmark;
+    model-index in the card's YAML carries the same numbers for tools that read the older format.
+    """
+    m = inp.metrics
+    dataset = inp.eval_spec.split(":")[0] if inp.eval_spec else ""
+    if not m or dataset.count("/") != 1 or Path(dataset).exists():
+        return None
+    import yaml
+
+    entry = {"dataset": {"id": dataset, "task_id": "perplexity"}, "value": round(m["perplexity"], 4),
+             "source": {"url": f"{inp.endpoint.rstrip('/')}/{inp.target_repo}", "name": "hubquant evaluation"},
+             "notes": f"perplexity on {m.get('eval_tokens', 0)} held-out tokens (base {m['base_perplexity']:.4f})"}
+    return yaml.safe_dump([entry], sort_keys=False)
+
+
+def save(card, inp: CardInputs, out_dir: Path) -> None:
+    """README.md, and the `.eval_results/` file when there is one."""
+    card.save(Path(out_dir) / "README.md")
+    text = eval_results_yaml(inp)
+    if text:
+        (Path(out_dir) / ".eval_results").mkdir(exist_ok=True)
+        (Path(out_dir) / ".eval_results" / "perplexity.yaml").write_text(text)
+
+
 def template_path() -> Path:
     for d in TEMPLATE_DIRS:
         if (d / TEMPLATE_NAME).is_file():
@@ -57,6 +92,7 @@ class CardInputs:
     hardware_key: str
     leak: dict | None = None
     endpoint: str = "https://huggingface.co"
+    dequantize_note: str = ""
 
 
 def _base_card_data(path: Path | None) -> dict:
@@ -137,4 +173,6 @@ def render(inp: CardInputs):
         quality_rows=rows, leak=inp.leak, hardware=HARDWARE.get(inp.hardware_key, ""), extra_pip=extra_pip,
         base_sha=inp.base_sha, hubquant_version=inp.hubquant_version, settings_hash=inp.settings_hash,
         settings_json=json.dumps(inp.settings, sort_keys=True), command=inp.command, base_note=base_note,
+        engines=engine_rows(inp.format, inp.target_repo), loader_note=fmt_spec.loader_note if fmt_spec else "",
+        dequantize_note=inp.dequantize_note,
     )

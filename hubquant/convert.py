@@ -404,24 +404,25 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
         "leak_check": leak, "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
     (out_dir / client.PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-    from hubquant.card import CardInputs, render
+    from hubquant.card import CardInputs, render, save
     from hubquant.formats.common import ignored_linears
 
-    card = render(CardInputs(
+    card_inputs = CardInputs(
         target_repo=target or default_target(opts.repo_id, "local", scheme, opts.method, fmt),
         base_model=opts.repo_id, base_sha=base_sha, base_card_path=dl.path / "README.md", method=opts.method,
         method_summary=spec.summary, scheme_name=scheme.name, weights_desc=wd, acts_desc=ad, format=fmt,
         quant_method=qc.get("quant_method", fmt),
         ignored=sorted(ignored_linears(model, quantized)),
-        calib_desc=calib.description + f" ({calib.num_samples} x {calib.seq_len} tokens)" if calib
-        else "none (no calibration needed)",
+        calib_desc=calib.description if calib else "none (no calibration needed)",
         calib_spec=calib.spec if calib else None,
         eval_desc=eval_set.description if eval_set else "not evaluated", eval_spec=eval_spec,
         metrics=metrics if ref is not None else {}, size_bytes=size, base_size_bytes=base_size, settings=settings,
         settings_hash=shash, command=command_line(opts), hubquant_version=hubquant.__version__, hardware_key=hw,
         leak=leak, endpoint=client.endpoint(),
-    ))
-    card.save(out_dir / "README.md")
+        dequantize_note="transformers dequantizes these asymmetric weights while loading (`dequantize: true` in "
+                        "config.json, docs/formats.md); vLLM and SGLang run them packed." if qc.get("dequantize") else "",
+    )
+    save(render(card_inputs), card_inputs, out_dir)
     log(f"wrote {out_dir} ({size / 1e6:.1f} MB, base {base_size / 1e6:.1f} MB)")
 
     # 9. quality gate, then push in one commit

@@ -40,7 +40,8 @@ class FormatSpec:
     quant_method: str  # config.json's quantization_config.quant_method
     module: str  # "hubquant.formats.gptq"
     extras: tuple[str, ...] = ()  # pip packages a transformers user needs beside transformers (for the card)
-    engines: tuple[tuple[str, str], ...] = ()  # (engine, how it loads the checkpoint), for the card's table
+    engines: tuple[tuple[str, str], ...] = ()  # (engine, exact command; {repo} = the variant) for the card's table
+    loader_note: str = ""  # what the card says about the loader transformers needs for this format
     reader: str | None = None  # "module:function" building a runtime module per Linear for hubquant.load
 
     def function(self, name: str):
@@ -70,28 +71,37 @@ class FormatSpec:
         return self.writer()(model, quantized, scheme=scheme, out_dir=out_dir, method=method, options=options)
 
 
+_GENERATE = ("hubquant", 'hubquant generate {repo} --prompt "Hello"')
+_VLLM, _SGLANG = ("vLLM", "vllm serve {repo}"), ("SGLang", "python -m sglang.launch_server --model-path {repo}")
+
 FORMATS: dict[str, FormatSpec] = {f.name: f for f in (
     FormatSpec(
         name="compressed-tensors", title="compressed-tensors", quant_method="compressed-tensors",
         module="hubquant.formats.compressed_tensors", extras=("compressed-tensors",),
-        engines=(("transformers", "with compressed-tensors installed"), ("vLLM", "natively"),
-                 ("SGLang", "natively"), ("hubquant.load", "W4A16, W8A8 and FP8 kernels")),
+        engines=(("transformers", "pip install transformers compressed-tensors"), _VLLM, _SGLANG, _GENERATE),
         reader="hubquant.runtime.loader:build_compressed_tensors"),
     FormatSpec(
         name="gptq", title="GPTQ", quant_method="gptq", module="hubquant.formats.gptq",
         extras=("optimum", "gptqmodel"),
-        engines=(("transformers", "with optimum and gptqmodel installed"), ("vLLM", "natively"),
-                 ("SGLang", "natively"), ("TGI", "natively"), ("hubquant.load", "4-bit kernels")),
+        engines=(("transformers", "pip install transformers optimum gptqmodel"), _VLLM, _SGLANG,
+                 ("TGI", "text-generation-launcher --model-id {repo} --quantize gptq"), _GENERATE),
+        loader_note="transformers loads GPTQ checkpoints through `gptqmodel` (and `optimum`): without them "
+                    "`from_pretrained` stops with an ImportError.",
         reader="hubquant.runtime.loader:build_gptq"),
     FormatSpec(
         name="awq", title="AWQ (GEMM)", quant_method="awq", module="hubquant.formats.awq", extras=("gptqmodel",),
-        engines=(("transformers", "with gptqmodel installed"), ("vLLM", "natively"), ("SGLang", "natively"),
-                 ("hubquant.load", "4-bit kernels")),
+        engines=(("transformers", "pip install transformers gptqmodel"), _VLLM, _SGLANG, _GENERATE),
+        loader_note="transformers 5 loads AWQ checkpoints through `gptqmodel` (AutoAWQ is no longer used): "
+                    "without it `from_pretrained` stops with an ImportError.",
         reader="hubquant.runtime.loader:build_awq"),
     FormatSpec(
         name="bitsandbytes", title="bitsandbytes", quant_method="bitsandbytes", module="hubquant.formats.bnb",
-        extras=("bitsandbytes",), engines=(("transformers", "with bitsandbytes installed"),
-                                           ("vLLM", "bitsandbytes loader"))),
+        extras=("accelerate", "bitsandbytes"),
+        engines=(("transformers", "pip install transformers accelerate bitsandbytes"),
+                 ("vLLM", "vllm serve {repo} --quantization bitsandbytes"),
+                 ("hubquant", 'pip install "hubquant[bnb]" && hubquant generate {repo} --prompt "Hello"')),
+        loader_note="transformers runs these weights through `bitsandbytes` (CUDA GPUs, and its CPU backend); "
+                    "the quantization settings come from config.json, pass no `BitsAndBytesConfig`."),
 )}
 
 
