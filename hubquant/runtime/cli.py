@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hubquant.errors import UnsupportedError, UsageError
     from hubquant.runtime import load
+    from hubquant.runtime.chat import cut_at_stop, stop_ids
     from hubquant.runtime.decode import GraphDecoder, supports
 
     if args.max_new_tokens < 1:
@@ -51,18 +52,21 @@ def run(args: argparse.Namespace) -> int:
     ids = _prompt_ids(tok, args)
     info = model.hubquant_format
     device = next(model.parameters()).device
+    stops = stop_ids(model, tok, chat=args.chat)
     if supports(model) and not args.no_graph:
         dec = GraphDecoder(model, max_len=ids.shape[1] + args.max_new_tokens + 1, fuse=args.fuse)
         res = dec.generate(ids, args.max_new_tokens)
         new, secs, n = res.tokens, res.decode_seconds, res.new_tokens
     else:
         t0 = time.perf_counter()
-        out = model.generate(ids.to(device), max_new_tokens=args.max_new_tokens, do_sample=False)
+        out = model.generate(ids.to(device), max_new_tokens=args.max_new_tokens, do_sample=False,
+                             eos_token_id=sorted(stops) or None)
         if device.type == "cuda":
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
         new = out[0, ids.shape[1]:].tolist()
         n = len(new)
+    new = cut_at_stop(new, stops)  # the fixed-length decoder runs past the end of the reply
     print(tok.decode(new, skip_special_tokens=True))
     rate = n / secs if secs > 0 else float("inf")
     print(f"[{info['format']}, {info['quantized_linears']} quantized Linears, {device}] "

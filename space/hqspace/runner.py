@@ -148,14 +148,10 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    for src in (getattr(loaded.model, "generation_config", None), loaded.model.config, loaded.tokenizer):
-        eos = getattr(src, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(e) for e in eos)
-    return ids
+    """eos ids plus the chat template's end-of-turn tokens (prompts go through the chat template)."""
+    from hubquant.runtime.chat import stop_ids
+
+    return stop_ids(loaded.model, loaded.tokenizer, chat=bool(getattr(loaded.tokenizer, "chat_template", None)))
 
 
 def _cache_arg(model: torch.nn.Module) -> str:
