@@ -218,7 +218,7 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
             plot = gr.Plot(label="Size vs quality vs speed")
             find.click(refresh_variants, base, [variants, find_msg])
             base.change(refresh_variants, base, [variants, find_msg])
-            demo.load(base_choices, None, base)
+            demo.load(base_choices, None, base).then(refresh_variants, base, [variants, find_msg])
             compare_btn.click(compare, [base, variants, prompt, n_tokens], [status, *panel_components, table, plot],
                               concurrency_limit=1, concurrency_id="compare")
         with gr.Tab("Convert"):
