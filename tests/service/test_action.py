@@ -47,7 +47,8 @@ def test_action_metadata_is_consistent():
     a = _action()
     assert a["runs"]["using"] == "composite"
     inputs, outputs = a["inputs"], a["outputs"]
-    assert inputs["hf-token"]["required"] is True and "secret" in inputs["hf-token"]["description"]
+    assert inputs["hf-token"]["required"] is False and "secret" in inputs["hf-token"]["description"]
+    assert "id-token: write" in inputs["oidc-resource"]["description"]  # trusted publishing instead of a secret
     for name in ("authors", "models", "methods", "schemes", "namespace", "private", "max-ppl-increase"):
         assert name in inputs, name
     text = ACTION.read_text()
@@ -161,7 +162,7 @@ def test_action_converts_a_new_model_on_the_local_hub(publish_tiny, hub_env, tmp
 def test_action_reports_failures_with_hubquants_exit_code(hub_env, tmp_path):
     base = {"hf-endpoint": hub_env.endpoint, "install": "false", "models": "hubquant-org/does-not-exist-anywhere"}
     code, out, summary, log = run_action({**base, "hf-token": ""}, tmp_path / "a")
-    assert code == 3 and "::error::hf-token is empty" in log
+    assert code == 3 and "::error::no credentials: pass hf-token" in log
     code, out, summary, log = run_action({**base, "hf-token": hub_env.token("alice")}, tmp_path / "b")
     assert code == 4 and out["exit-code"] == "4" and out["results"].endswith("results.json")
     assert "hubquant stopped before any result (exit code 4)" in summary
