@@ -6,7 +6,8 @@ act-order via g_idx); AWQ GEMM (4-bit); and plain float checkpoints. The transfo
 config.json (quantization_config removed, parameters on the meta device, never remote code), Linears with
 quantized tensors become hubquant.runtime.modules (weights repacked once into the kernels' layout), and the
 remaining tensors are assigned in place. Variants the kernels cannot run (e.g. 2/3-bit, weight-only int8) are
-dequantized into plain float Linears, with a note.
+dequantized into plain float Linears, with a note. bitsandbytes variants run on bitsandbytes' own modules, loaded
+through transformers (the `bnb` extra).
 """
 from __future__ import annotations
 
@@ -90,6 +91,8 @@ def detect_format(qcfg: dict | None) -> str:
     if spec is not None and spec.reader is not None:
         return spec.name
     method = qcfg.get("quant_method")
+    if method == "bitsandbytes":  # bitsandbytes' own modules, through transformers (_load_bitsandbytes)
+        return method
     raise UnsupportedError(f"quant_method {method!r} is not supported by hubquant.load",
                            hint=f"hubquant.load runs {', '.join(SUPPORTED)}; load other formats with transformers")
 
@@ -250,6 +253,8 @@ def load(repo_or_path: str | Path, device: str | torch.device | None = None, dty
     dtype = dtype or _config_dtype(raw) or torch.bfloat16
     if device.type == "cuda" and dtype == torch.float32:
         dtype = torch.bfloat16  # the 16-bit-activation kernels take bf16/fp16
+    if fmt == "bitsandbytes":
+        return _load_bitsandbytes(path, device, dtype, t0)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -303,6 +308,24 @@ def load(repo_or_path: str | Path, device: str | torch.device | None = None, dty
                              "load_seconds": round(time.time() - t0, 2)}
     for note in sorted(notes):
         (log or (lambda s: warnings.warn(s, stacklevel=2)))(note)
+    return model, _tokenizer(path)
+
+
+def _load_bitsandbytes(path: Path, device: torch.device, dtype: torch.dtype, t0: float):
+    """bitsandbytes variants run on bitsandbytes' own modules: transformers loads them (config.json says how)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        from hubquant.errors import missing_dependency
+
+        raise missing_dependency("bitsandbytes", "bnb", why="bitsandbytes variants run on its kernels")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device), trust_remote_code=False)
+    model.eval()
+    n_quant = sum(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())
+    model.hubquant_format = {"format": "bitsandbytes", "quantized_linears": n_quant, "path": str(path),
+                             "load_seconds": round(time.time() - t0, 2)}
     return model, _tokenizer(path)
 
 

@@ -20,3 +20,44 @@ def test_no_template_no_end_of_turn(tokenizer):
         eos_token_id = 7
 
     assert end_of_turn_ids(Plain()) == set() and stop_ids(None, Plain()) == {7}
+
+
+def _scripted_model(tokenizer, path):
+    """A tiny Llama whose layers add nothing and whose next token depends only on the current one:
+    (end of the chat prompt) -> "Paris" -> <|im_end|> -> "system" -> "system" ... (SmolLM2's tokenizer)."""
+    import torch
+
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", layers=1)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Capital of France?"}],
+                                           add_generation_prompt=True, tokenize=False)
+    last = tokenizer(prompt, add_special_tokens=False)["input_ids"][-1]
+    paris = tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]
+    system = tokenizer("system", add_special_tokens=False)["input_ids"][0]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    chain = [last, paris, im_end, system]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        for i, tok in enumerate(chain):
+            model.model.embed_tokens.weight[tok, i] = 1.0
+            model.lm_head.weight[chain[min(i + 1, 3)], i] = 10.0
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return paris, im_end, system
+
+
+def test_generate_chat_stops_at_end_of_turn(tokenizer, tmp_path, capsys):
+    from hubquant.cli import run
+
+    paris, im_end, system = _scripted_model(tokenizer, tmp_path)
+    args = ["generate", str(tmp_path), "--prompt", "Capital of France?", "--chat", "--max-new-tokens", "6",
+            "--device", "cpu", "--dtype", "float32"]
+    assert run(args) == 0
+    text = capsys.readouterr().out.splitlines()[0]
+    assert text.strip() == "Paris"  # not "Paris system system system ..."
+    assert "system" in tokenizer.decode([paris, im_end, system], skip_special_tokens=True)  # what runs on
