@@ -61,7 +61,24 @@ def export(out_dir: Path) -> Path:
         shutil.copyfile(img, out_dir / "docs" / "img" / img.name)
     readme = out_dir / "README.md"
     readme.write_text(readme.read_text().replace("](../docs/img/", "](docs/img/"))
+    (out_dir / "requirements.txt").write_text(_bundled_requirements())
     return out_dir
+
+
+def _bundled_requirements() -> str:
+    """requirements.txt for an exported folder: hubquant sits in it, so its dependencies (and the Space extra's)
+    are listed instead of `hubquant[space]`."""
+    import re
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires("hubquant") or []
+    except PackageNotFoundError:
+        reqs = []
+    keep = [r.split(";")[0].strip() for r in reqs
+            if ";" not in r or re.search(r"""extra\s*==\s*["']space["']""", r)]
+    head = "# hubquant and hubquant_kernels are in this folder; these are their dependencies and the Space's.\n"
+    return head + "\n".join(keep or ["hubquant[space]"]) + "\n"
 
 
 def _run(args: argparse.Namespace) -> int:

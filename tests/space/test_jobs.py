@@ -70,6 +70,8 @@ def test_export_writes_a_self_contained_space(tmp_path):
     for rel in ("app.py", "README.md", "requirements.txt", "hqspace/runner.py", "hubquant/convert.py",
                 "hubquant_kernels/w4a16.py", "cards/variant.md.j2", "docs/img/space-compare.png"):
         assert (out / rel).is_file(), rel
+    reqs = (out / "requirements.txt").read_text()  # hubquant is bundled: its dependencies, not hubquant itself
+    assert "gradio" in reqs and "transformers" in reqs and "hubquant[space]" not in reqs
     readme = (out / "README.md").read_text()
     assert readme.startswith("---\n") and "sdk: gradio" in readme and "hf_oauth: true" in readme
     assert "](docs/img/space-compare.png)" in readme
