@@ -71,3 +71,20 @@ def test_dequantize_note_only_when_written(tmp_path):
     plain = render(_inputs("compressed-tensors", tmp_path)).text
     noted = render(_inputs("compressed-tensors", tmp_path, dequantize_note="transformers dequantizes X")).text
     assert "transformers dequantizes X" in noted and "dequantizes X" not in plain
+
+
+def test_eval_results_reach_the_hub(hub_env, tmp_path):
+    import uuid
+
+    from huggingface_hub import HfApi, hf_hub_download
+
+    from hubquant.hub.client import push_folder
+
+    inp = _inputs("compressed-tensors", tmp_path)
+    out = tmp_path / "variant"
+    save(render(inp), inp, out)
+    repo = f"alice/card-{uuid.uuid4().hex[:8]}"
+    push_folder(out, repo, message="card")
+    assert {"README.md", ".eval_results/perplexity.yaml"} <= set(HfApi().list_repo_files(repo))
+    entries = yaml.safe_load(open(hf_hub_download(repo, ".eval_results/perplexity.yaml")).read())
+    assert entries[0]["value"] == pytest.approx(12.3456)
