@@ -3,8 +3,9 @@ second venv and runs tests/loading there). torch is shared with the main venv: o
 multi-GB CUDA libraries."""
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 STACK = ("transformers", "compressed-tensors", "huggingface_hub", "accelerate", "safetensors", "bitsandbytes")
 project = tomllib.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "pyproject.toml").read_text())["project"]

@@ -29,7 +29,8 @@ def _inputs(fmt: str, tmp_path, **kw) -> CardInputs:
 @pytest.mark.parametrize("fmt,must,must_not", [
     ("compressed-tensors", ["pip install transformers compressed-tensors", "vllm serve alice/tiny-W4A16-GPTQ",
                             "sglang.launch_server --model-path alice/tiny-W4A16-GPTQ"], ["gptqmodel", "bitsandbytes"]),
-    ("gptq", ["pip install transformers optimum gptqmodel", "through `gptqmodel`", "--quantize gptq"], ["bitsandbytes"]),
+    ("gptq", ["pip install transformers optimum gptqmodel", "through `gptqmodel`", "--quantize gptq"],
+     ["bitsandbytes"]),
     ("awq", ["pip install transformers gptqmodel", "transformers 5 loads AWQ checkpoints through `gptqmodel`"],
      ["optimum", "bitsandbytes"]),
     ("bitsandbytes", ["pip install transformers accelerate bitsandbytes", "--quantization bitsandbytes",

@@ -92,7 +92,8 @@ def test_upstream_still_needs_the_dequantize_key(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     del cfg["quantization_config"]["dequantize"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    newest = Version(transformers.__version__) >= Version("5.24") and Version(compressed_tensors.__version__) >= Version("0.20")
+    newest = (Version(transformers.__version__) >= Version("5.24")
+              and Version(compressed_tensors.__version__) >= Version("0.20"))
     if newest:
         with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
             AutoModelForCausalLM.from_pretrained(tmp_path)

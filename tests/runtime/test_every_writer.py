@@ -21,7 +21,8 @@ CASES = {  # id -> (method, format, expected format in hubquant_format)
     "fp8": ("fp8", "compressed-tensors"), "gptq-format": ("rtn", "gptq"), "awq-format": ("awq", "awq"),
     "bnb-int8": ("bnb-int8", "bitsandbytes"), "bnb-nf4": ("bnb-nf4", "bitsandbytes"),
 }
-QUANT_METHOD = {"compressed-tensors": "compressed-tensors", "gptq": "gptq", "awq": "awq", "bitsandbytes": "bitsandbytes"}
+QUANT_METHOD = {"compressed-tensors": "compressed-tensors", "gptq": "gptq", "awq": "awq",
+                "bitsandbytes": "bitsandbytes"}
 
 
 def _variant(case, tokenizer, path):
