@@ -22,7 +22,7 @@ def test_no_template_no_end_of_turn(tokenizer):
     assert end_of_turn_ids(Plain()) == set() and stop_ids(None, Plain()) == {7}
 
 
-def _scripted_model(tokenizer, path):
+def scripted_chat_model(tokenizer, path):
     """A tiny Llama whose layers add nothing and whose next token depends only on the current one:
     (end of the chat prompt) -> "Paris" -> <|im_end|> -> "system" -> "system" ... (SmolLM2's tokenizer)."""
     import torch
@@ -46,18 +46,26 @@ def _scripted_model(tokenizer, path):
         for i, tok in enumerate(chain):
             model.model.embed_tokens.weight[tok, i] = 1.0
             model.lm_head.weight[chain[min(i + 1, 3)], i] = 10.0
+    # eos is <|endoftext|> everywhere: only the chat template says that <|im_end|> ends the reply
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.config.eos_token_id = model.generation_config.eos_token_id = endoftext
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    cfg = path / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text().replace('"eos_token": "<|im_end|>"', '"eos_token": "<|endoftext|>"'))
     return paris, im_end, system
 
 
 def test_generate_chat_stops_at_end_of_turn(tokenizer, tmp_path, capsys):
     from hubquant.cli import run
 
-    paris, im_end, system = _scripted_model(tokenizer, tmp_path)
+    paris, im_end, system = scripted_chat_model(tokenizer, tmp_path)
     args = ["generate", str(tmp_path), "--prompt", "Capital of France?", "--chat", "--max-new-tokens", "6",
             "--device", "cpu", "--dtype", "float32"]
     assert run(args) == 0
     text = capsys.readouterr().out.splitlines()[0]
     assert text.strip() == "Paris"  # not "Paris system system system ..."
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path).eos_token == "<|endoftext|>"
     assert "system" in tokenizer.decode([paris, im_end, system], skip_special_tokens=True)  # what runs on

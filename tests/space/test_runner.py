@@ -104,3 +104,16 @@ def test_comparison_numbers_match_an_independent_computation(tiny_pair):
     assert n.ppl_change_pct == pytest.approx(25.0) and b.ppl_change_pct == 0.0
     assert "Perplexity change (card): +25.0 %" in metrics_markdown(n)
     assert fig.axes[0].get_ylabel().startswith("perplexity change")
+
+
+def test_stream_stops_at_the_chat_templates_end_of_turn(tokenizer, tmp_path):
+    """eos is <|endoftext|> in this model; the Space's prompts go through the chat template, whose <|im_end|> ends
+    the reply (before, the stream ran on into "system ...")."""
+    from tests.runtime.test_chat_stop import scripted_chat_model
+
+    paris, im_end, system = scripted_chat_model(tokenizer, tmp_path)
+    lm = load_model(tmp_path, "t/scripted")
+    s = Stream(loaded=lm, prompt=prompt_ids(lm.tokenizer, "Capital of France?"), max_new_tokens=6)
+    while not s.done:
+        s.step()
+    assert s.tokens == [paris] and s.text.strip() == "Paris"
