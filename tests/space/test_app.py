@@ -61,3 +61,23 @@ def test_find_variants_reports_a_missing_base_in_words(hub_env):
     assert msg.startswith("0 variant(s) of hubquant-org/no-such-model")
     _, msg = _fn(demo, "refresh_variants")("")
     assert msg == "Choose a base model."
+
+
+def test_variants_are_listed_when_the_page_loads(hub_env, tmp_path):
+    """The page's load event fills the base box and then the Variants box (no click on "Find variants")."""
+    from hubquant.space_cli import load_app_module
+    from tests.space.test_discover import _publish
+
+    tag = uuid.uuid4().hex[:6]
+    base = f"alice/base-{tag}"
+    _publish(hub_env, tmp_path, base, base="none/none")
+    _publish(hub_env, tmp_path, f"alice/v-{tag}", base=base)
+    demo = load_app_module().build_app(default_base=base, on_space=False, job_runner=RecordingRunner())
+    fns = {i: f for i, f in demo.fns.items() if f.fn is not None}
+    on_load = [i for i, f in fns.items() if any(event == "load" for _, event in f.targets)]
+    chained = [f for f in fns.values() if f.fn.__name__ == "refresh_variants" and f.trigger_after in on_load]
+    assert len(on_load) == 1 and fns[on_load[0]].fn.__name__ == "base_choices" and len(chained) == 1
+    dropdown = fns[on_load[0]].fn()
+    boxes, msg = chained[0].fn(dropdown.value)
+    assert dropdown.value == base and [v for _, v in boxes.choices] == [f"alice/v-{tag}"]
+    assert msg.startswith(f"1 variant(s) of {base}")
