@@ -22,6 +22,10 @@ HARDWARE = {
 }
 
 
+DEQUANTIZE_NOTE = ("transformers dequantizes these asymmetric weights while loading (`dequantize: true` in "
+                   "config.json, docs/formats.md); vLLM and SGLang run them packed.")
+
+
 def engine_rows(fmt: str, repo: str) -> list[tuple[str, str]]:
     """The card's "How to use" table: (engine, exact command) from the format's registry entry."""
     from hubquant.formats import FORMATS

@@ -404,7 +404,7 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
         "leak_check": leak, "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
     (out_dir / client.PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-    from hubquant.card import CardInputs, render, save
+    from hubquant.card import DEQUANTIZE_NOTE, CardInputs, render, save
     from hubquant.formats.common import ignored_linears
 
     card_inputs = CardInputs(
@@ -419,8 +419,7 @@ def convert(opts: ConvertOptions, log: Log = print) -> ConvertResult:
         metrics=metrics if ref is not None else {}, size_bytes=size, base_size_bytes=base_size, settings=settings,
         settings_hash=shash, command=command_line(opts), hubquant_version=hubquant.__version__, hardware_key=hw,
         leak=leak, endpoint=client.endpoint(),
-        dequantize_note="transformers dequantizes these asymmetric weights while loading (`dequantize: true` in "
-                        "config.json, docs/formats.md); vLLM and SGLang run them packed." if qc.get("dequantize") else "",
+        dequantize_note=DEQUANTIZE_NOTE if qc.get("dequantize") else "",
     )
     save(render(card_inputs), card_inputs, out_dir)
     log(f"wrote {out_dir} ({size / 1e6:.1f} MB, base {base_size / 1e6:.1f} MB)")

@@ -20,7 +20,7 @@ def test_pack_quantized_equals_the_compressor(bits, group, symmetric):
     qw = rtn_quantize(w, scheme.weights, scale_dtype=torch.float32)
     ours = ct.linear_tensors("x", qw, scheme)
     fmt = ct.format_name(scheme)
-    qc = ct.quantization_config(scheme, ignore=[], method="rtn")
+    qc = ct.quantization_config(scheme)
     group_cfg = QuantizationScheme.model_validate(qc["config_groups"]["group_0"])
     state = {"weight": qw.dequantize(torch.float32), "weight_scale": qw.scale}
     if qw.zero_point is not None:
