@@ -12,14 +12,6 @@ import sys
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
-REGISTER_MODULE = "register_hubquant.py"
-REGISTER_SOURCE = '''"""Registers `optimum-cli hubquant` (written by `python -m hubquant.optimum_cli --install`)."""
-from hubquant.optimum_cli import HubquantCommand
-
-REGISTER_COMMANDS = [HubquantCommand]
-'''
-
-
 class _Exit:
     """What optimum-cli expects back from `args.func(args)`: an object with run()."""
 
