@@ -12,6 +12,7 @@ import sys
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
+
 class _Exit:
     """What optimum-cli expects back from `args.func(args)`: an object with run()."""
 
