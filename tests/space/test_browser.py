@@ -135,6 +135,14 @@ def _hub_file(local_hub, repo: str, name: str) -> dict:
         return json.loads(Path(hf_hub_download(repo, name, endpoint=local_hub.endpoint, cache_dir=cache)).read_text())
 
 
+def test_variants_are_listed_on_load(page, variant_repo):
+    """No click on "Find variants": the page lists the default base's variants when it loads."""
+    box = page.get_by_label(re.compile(re.escape(variant_repo)))
+    box.wait_for()
+    assert box.is_checked()  # ticked for comparison (up to three)
+    assert "variant(s) of HuggingFaceTB/SmolLM2-135M-Instruct" in page.content()
+
+
 def test_compare_smollm2_with_its_variant(page, seeded_hub, variant_repo):
     from huggingface_hub import HfApi
 
