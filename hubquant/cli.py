@@ -8,7 +8,7 @@ import os
 import sys
 
 import hubquant  # noqa: F401  (sets the Hub environment before huggingface_hub is imported)
-from hubquant.errors import HubquantError
+from hubquant.errors import AuthError, HubquantError
 
 # module -> it defines `add_parsers(subparsers)`; each parser sets `func(args) -> int`.
 SUBCOMMAND_MODULES = (
@@ -65,6 +65,22 @@ def call(handler, args) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _is_oidc_error(e) or os.environ.get("HUBQUANT_DEBUG") == "1":
+            raise
+        # huggingface_hub's trusted-publishing exchange (HF_OIDC_RESOURCE) runs wherever a token is first needed
+        print(f"error: the Hub's trusted-publishing login failed: {str(e).splitlines()[0]}", file=sys.stderr)
+        print("  fix: run in a GitHub Actions job with `permissions: id-token: write` whose workflow the Hub "
+              "trusts, or set HF_TOKEN and unset HF_OIDC_RESOURCE", file=sys.stderr)
+        return AuthError.exit_code
+
+
+def _is_oidc_error(e: BaseException) -> bool:
+    try:
+        from huggingface_hub.errors import OIDCError
+    except ImportError:  # huggingface_hub without trusted publishing
+        return False
+    return isinstance(e, OIDCError)
 
 
 def main() -> None:
