@@ -1,9 +1,15 @@
-"""hubquant: quantized variants of Hub models, in one command."""
+"""hubquant: quantized variants of Hub models, in one command.
+
+Python API (heavy modules load on first use):
+    hubquant.convert(repo_id, method="gptq", bits=4, push=True, ...)  -> ConvertResult (keywords as the CLI flags)
+    hubquant.load(repo_or_path, device=None, dtype=None, *, revision=None, progress=True, log=None)
+"""
 from __future__ import annotations
 
 import os as _os
 
 __version__ = "0.1.0"
+__all__ = ["convert", "load", "__version__"]
 
 
 def _configure_hub_env() -> None:
@@ -17,8 +23,15 @@ def _configure_hub_env() -> None:
 _configure_hub_env()
 
 
-def load(repo_or_path: str, *args, **kwargs):
-    """Load any variant hubquant writes and run it with hubquant's kernels (see hubquant.runtime.loader.load)."""
-    from hubquant.runtime.loader import load as _load
+def __getattr__(name: str):
+    # `hubquant.load` is the loader itself (its signature and docstring show in help()); `hubquant.convert` is
+    # the hubquant.convert module, which is callable: hubquant.convert("org/model", method="gptq", ...).
+    if name == "load":
+        from hubquant.runtime.loader import load
 
-    return _load(repo_or_path, *args, **kwargs)
+        return load
+    if name == "convert":
+        import importlib
+
+        return importlib.import_module("hubquant.convert")
+    raise AttributeError(f"module 'hubquant' has no attribute {name!r}")

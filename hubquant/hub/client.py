@@ -299,15 +299,16 @@ def whoami_name(token: str | None = None) -> str:
         raise
 
 
-def read_provenance(repo_id: str, token: str | None = None) -> dict | None:
-    """The target repo's hubquant.json, or None when the repo or the file does not exist."""
+def read_provenance(repo_id: str, token: str | None = None, revision: str | None = None) -> dict | None:
+    """The target repo's hubquant.json (at `revision`), or None when the repo or the file does not exist."""
     from huggingface_hub import errors as hf
     from huggingface_hub import hf_hub_download
 
     try:
         with hub_errors(repo_id, token=token):
             try:
-                p = hf_hub_download(repo_id, PROVENANCE_FILE, endpoint=endpoint(), token=token)
+                p = hf_hub_download(repo_id, PROVENANCE_FILE, endpoint=endpoint(), token=token,
+                                    revision=revision)
             except (hf.RepositoryNotFoundError, hf.EntryNotFoundError, hf.RevisionNotFoundError):
                 return None
             except hf.HfHubHTTPError as e:
@@ -333,13 +334,15 @@ def repo_head(repo_id: str, token: str | None = None) -> str | None:
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, message: str, description: str = "",
-                parent_commit: str | None = None, token: str | None = None) -> str:
-    """Create `repo_id` if needed and push every file of `folder` in ONE commit. Returns the commit URL."""
+                parent_commit: str | None = None, token: str | None = None, files: list[str] | None = None) -> str:
+    """Create `repo_id` if needed and push every file of `folder` (or only `files`, relative paths) in ONE
+    commit. Returns the commit URL."""
     from huggingface_hub import CommitOperationAdd
 
     hf = api(token)
+    paths = [folder / f for f in sorted(files)] if files is not None else sorted(folder.rglob("*"))
     ops = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p))
-           for p in sorted(folder.rglob("*")) if p.is_file()]
+           for p in paths if p.is_file()]
     with hub_errors(repo_id, action="write", token=token):
         hf.create_repo(repo_id, private=private, exist_ok=True)
         info = hf.create_commit(repo_id, ops, commit_message=message, commit_description=description,
@@ -355,3 +358,74 @@ def env_summary(token: str | None = None) -> str:
     """Where we talk to, without secrets."""
     return f"endpoint {endpoint()}, token {'set' if token or _token() else 'not set'}" + (
         ", xet off" if os.environ.get("HF_HUB_DISABLE_XET") == "1" else "")
+
+
+def download_file(repo_id: str, filename: str, *, revision: str | None = None, token: str | None = None) -> Path | None:
+    """One file of a repo (e.g. config.json before the weights), or None when the repo has no such file."""
+    from huggingface_hub import errors as hf
+    from huggingface_hub import hf_hub_download
+
+    with hub_errors(repo_id, revision=revision, token=token):
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=endpoint(), token=token))
+        except hf.LocalEntryNotFoundError as e:  # the Hub did not answer and the file is not cached
+            raise ConnectionError(f"{filename} of {repo_id}: the Hub did not answer") from e
+        except hf.EntryNotFoundError:
+            return None
+
+
+def has_files(repo_id: str, token: str | None = None) -> bool:
+    """Whether the repo holds any file besides .gitattributes."""
+    try:
+        files = api(token).list_repo_files(repo_id)
+    except Exception:  # noqa: BLE001 - an unreadable repo has no files we could overwrite
+        return False
+    return any(f not in (".gitattributes",) for f in files)
+
+
+def check_write_access(repo_id: str, token: str | None = None) -> None:
+    """Refuse early when the token cannot write to `repo_id`'s namespace (read-only token, foreign namespace).
+
+    Raises:
+        AuthError: no token, a token the Hub rejects, or no write access to the namespace.
+        HubUnreachableError: the Hub does not answer.
+    """
+    from huggingface_hub import errors as hf_errors
+
+    if not (token or _token()):
+        raise AuthError("pushing needs a Hub token", hint="set HF_TOKEN (or run `hf auth login`)")
+    try:
+        me = api(token).whoami()
+    except hf_errors.HfHubHTTPError as e:
+        if getattr(e.response, "status_code", None) == 401:
+            raise _rejected(token) from e
+        raise AuthError(f"the Hub refused whoami (HTTP {getattr(e.response, 'status_code', '?')})",
+                        hint="set HF_TOKEN to a valid token") from e
+    except Exception as e:
+        cause = _transport_error(e)
+        if cause is not None:
+            raise unreachable(cause) from e
+        raise
+    namespace = repo_id.split("/")[0]
+    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+    orgs = {o.get("name"): o.get("roleInOrg") for o in me.get("orgs") or []}
+    fix = f"set HF_TOKEN to a token with write access to {namespace}, or pass --target-repo in a namespace you own"
+    if role == "read":
+        raise AuthError(f"not allowed to write to {repo_id}: the token is read-only", hint=fix)
+    if namespace != me.get("name") and (namespace not in orgs or orgs[namespace] == "read"):
+        raise AuthError(f"not allowed to write to {repo_id} (the token's user is {me.get('name')})", hint=fix)
+
+
+def create_new_repo(repo_id: str, *, private: bool = False, token: str | None = None) -> str | None:
+    """Create `repo_id`; returns its first commit, or None when the repo exists already (created meanwhile)."""
+    from huggingface_hub import errors as hf
+
+    hf_api = api(token)
+    with hub_errors(repo_id, action="write", token=token):
+        try:
+            hf_api.create_repo(repo_id, private=private, exist_ok=False)
+        except hf.HfHubHTTPError as e:
+            if getattr(e.response, "status_code", None) == 409:
+                return None
+            raise
+    return repo_head(repo_id, token)

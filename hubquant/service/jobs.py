@@ -22,6 +22,7 @@ from hubquant.errors import (
     HubUnreachableError,
     UsageError,
 )
+from hubquant.options import service_options
 
 JOB_SPEC_VERSION = 1
 
@@ -82,16 +83,19 @@ def _method_options(v: Any) -> dict:
     return dict(v)
 
 
-# The convert options a job may set (POST /jobs "options", the service's --option and config file), each
-# with its check. Everything else is refused: the caller never sets token, trust_remote_code, allow_pickle,
-# output_dir, device or push; the job's own fields (repo, revision, method, scheme, namespace, private,
-# quality gate) are set through JobSpec.
-JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {
+# The value check of each convert option a job may set (POST /jobs "options", the service's --option and config
+# file). Which options those are is declared once, on ConvertOptions' fields (hubquant.options, `service=True`);
+# everything else is refused: the caller never sets token, trust_remote_code, allow_pickle, output_dir, device or
+# push; the job's own fields (repo, revision, method, scheme, namespace, private, quality gate) are set through
+# JobSpec. A declared option without a check here fails at import.
+_CHECKS: dict[str, Callable[[Any], Any]] = {
     "format": _short_str, "activations": _short_str, "calib_dataset": _dataset, "eval_dataset": _dataset,
     "num_samples": _int_in(1, 4096), "seq_len": _int_in(16, 32768), "seed": _int_in(0, 2**31 - 1),
     "chat_template": _bool, "eval_windows": _int_in(1, 1024), "eval_seq_len": _int_in(16, 32768),
-    "skip_eval": _bool, "leak_check": _bool, "ignore": _ignore, "method_options": _method_options,
+    "skip_eval": _bool, "leak_check": _bool, "ignore": _ignore, "default_ignore": _bool,
+    "method_options": _method_options,
 }
+JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {name: _CHECKS[name] for name in sorted(service_options())}
 
 
 def check_options(options: Any) -> dict[str, Any]:
@@ -223,22 +227,16 @@ def convert_options(spec: JobSpec):
     """The hubquant.convert.ConvertOptions for a job (pushing, no progress bars).
 
     Raises:
-        UsageError: an option that ConvertOptions does not take, or a scheme the method refuses.
+        UsageError: an option the service does not take from callers (see hubquant.options: tokens, remote code,
+        pickles and output folders never come from a job), or a scheme the method refuses.
     """
-    from hubquant.convert import ConvertOptions
+    from hubquant.options import ConvertOptions
 
-    fields = set(ConvertOptions.__dataclass_fields__)
     kw: dict[str, Any] = {"repo_id": spec.repo_id, "method": spec.method, "push": True, "progress": False,
                           "revision": spec.revision, "private": spec.private,
                           "max_ppl_increase": spec.max_ppl_increase}
     kw.update(parse_scheme(spec.scheme))
-    kw.update(spec.options)
-    if "ignore" in kw:
-        kw["ignore"] = tuple(kw["ignore"])
-    unknown = set(kw) - fields
-    if unknown:
-        raise UsageError(f"convert does not take option(s) {', '.join(sorted(unknown))}",
-                         hint=f"valid options: {', '.join(sorted(fields))}")
+    kw.update(check_options(spec.options))
     opts = ConvertOptions(**kw)
     if spec.namespace and not opts.target_repo:
         opts = replace(opts, target_repo=target_for(opts, spec.namespace))
@@ -247,10 +245,10 @@ def convert_options(spec: JobSpec):
 
 def target_for(opts, namespace: str) -> str:
     """The variant repo convert would write for `opts` in `namespace` (convert's own naming)."""
-    from hubquant.convert import default_target, resolve_format, resolve_scheme
+    from hubquant.plan import check_options, default_target
 
-    scheme = resolve_scheme(opts)
-    return default_target(opts.repo_id, namespace, scheme, opts.method, resolve_format(opts, scheme))
+    scheme, fmt = check_options(opts)
+    return default_target(opts.repo_id, namespace, scheme, opts.method, fmt)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,44 +268,22 @@ class Plan:
 
 
 def plan(spec: JobSpec) -> Plan:
-    """Decide up front whether `spec` needs a conversion: the target's hubquant.json is compared with
-    the base sha and the settings hash convert would record.
+    """Decide up front whether `spec` needs a conversion, with the pipeline's own plan (hubquant.plan).
 
     Raises:
         NotFoundError, AuthError: the base cannot be read. UsageError: bad method/scheme.
     """
-    from hubquant.convert import (
-        resolve_format,
-        resolve_scheme,
-        settings_hash,
-        settings_of,
-    )
-    from hubquant.hub import client
+    from hubquant.plan import plan as convert_plan
 
-    opts = convert_options(spec)
-    scheme = resolve_scheme(opts)
-    fmt = resolve_format(opts, scheme)
-    shash = settings_hash(opts.repo_id, settings_of(opts, scheme, fmt))
-    with client.hub_errors(opts.repo_id, revision=opts.revision):
-        sha = client.api().model_info(opts.repo_id, revision=opts.revision).sha
-    target = opts.target_repo or target_for(opts, client.whoami_name())
-    prov = client.read_provenance(target)
-    if prov is None:
-        action, reason = "convert", "no variant yet"
-    elif prov.get("base_model") != opts.repo_id:
-        action, reason = "conflict", f"{target} holds a variant of {prov.get('base_model')}"
-    elif prov.get("base_sha") == sha and prov.get("settings_hash") == shash:
-        action, reason = "skip", f"up to date (base {sha[:10]}, settings {shash})"
-    elif prov.get("base_sha") != sha:
-        action, reason = "convert", f"new base commit {sha[:10]} (variant has {str(prov.get('base_sha'))[:10]})"
-    else:
-        action, reason = "convert", f"settings changed ({prov.get('settings_hash')} -> {shash})"
-    pinned = replace(spec, revision=sha)
-    return Plan(spec=pinned, action=action, target_repo=target, base_sha=sha, settings_hash=shash, reason=reason)
+    p = convert_plan(convert_options(spec))
+    pinned = replace(spec, revision=p.base.sha)
+    return Plan(spec=pinned, action=p.action, target_repo=p.target, base_sha=p.base.sha,
+                settings_hash=p.settings_hash, reason=p.reason)
 
 
-def run_job(spec: JobSpec | dict, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run one conversion through hubquant.convert and return a JSON-able result.
+def run_job(spec: JobSpec | dict, log: Callable[[str], None] = print, on_event=None) -> dict[str, Any]:
+    """Run one conversion through hubquant.convert and return a JSON-able result; the stages' progress events
+    (hubquant.stages.ProgressEvent) go to `on_event` and their starts and ends into the result ("stages").
 
     Raises:
         HubquantError: whatever the pipeline raised (see `is_retryable`).
@@ -318,13 +294,14 @@ def run_job(spec: JobSpec | dict, log: Callable[[str], None] = print) -> dict[st
         spec = JobSpec.from_dict(spec)
     t0 = time.time()
     log(f"converting {spec.label()}")
-    res = convert(convert_options(spec), log=log)
+    res = convert(convert_options(spec), log=log, on_event=on_event)
     out = {
         "target_repo": res.target_repo,
         "commit_url": getattr(res, "commit_url", None),
         "skipped": bool(getattr(res, "skipped", False)),
         "metrics": _jsonable(getattr(res, "metrics", None) or {}),
         "seconds": round(time.time() - t0, 2),
+        "stages": _jsonable(getattr(res, "events", None) or []),
     }
     log(("up to date, no commit: " if out["skipped"] else "pushed: ")
         + (out["commit_url"] or out["target_repo"] or "?"))

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 
 from hubquant.errors import AuthError, HubquantError, NotFoundError, UnsupportedError
 
-# what hubquant.convert logs as it passes each stage, in order (the progress bar follows these)
-STAGES = ("downloading", "loaded", "calibration:", "base perplexity", "quantized", "variant perplexity", "wrote",
-          "pushing", "pushed")
+from hubquant.stages import STAGES  # the pipeline's stages, in order (the progress bar follows their events)
 
 
 def error_kind(e: HubquantError) -> str:
@@ -59,13 +57,15 @@ class Job:
     methods_done: int = 0
     stage: str = ""
     stage_index: int = -1  # of STAGES, within the method being converted
+    stage_fraction: float = 0.0
 
     def log(self, msg: str) -> None:
-        for line in str(msg).splitlines() or [""]:
-            self.lines.append(line)
-            for i, prefix in enumerate(STAGES):
-                if line.startswith(prefix) and i > self.stage_index:
-                    self.stage_index, self.stage = i, prefix.rstrip(":")
+        self.lines.extend(str(msg).splitlines() or [""])
+
+    def event(self, e) -> None:
+        """A hubquant.stages.ProgressEvent of the method being converted."""
+        if e.stage in STAGES:
+            self.stage_index, self.stage, self.stage_fraction = STAGES.index(e.stage), e.stage, e.fraction
 
     @property
     def elapsed(self) -> float:
@@ -77,7 +77,7 @@ class Job:
     def progress(self) -> float:
         """Fraction done: finished methods plus the stage the current one has reached."""
         n = max(1, len(self.request.methods))
-        current = 0.0 if self.state != "running" else (self.stage_index + 1) / len(STAGES)
+        current = 0.0 if self.state != "running" else (self.stage_index + self.stage_fraction) / len(STAGES)
         return min(1.0, (self.methods_done + current) / n)
 
 
@@ -138,8 +138,8 @@ def scheme_overrides(method: str, bits: int | None, group_size: int | None) -> d
     return out
 
 
-def default_convert(request: ConvertRequest, method: str, log: Callable[[str], None]) -> dict:
-    """Run hubquant.convert for one method and push to the user's namespace."""
+def default_convert(request: ConvertRequest, method: str, log: Callable[[str], None], on_event=None) -> dict:
+    """Run hubquant.convert for one method and push to the user's namespace (progress events to `on_event`)."""
     from hubquant.convert import ConvertOptions, convert
 
     over = scheme_overrides(method, request.bits, request.group_size)
@@ -149,7 +149,8 @@ def default_convert(request: ConvertRequest, method: str, log: Callable[[str], N
     opts = ConvertOptions(repo_id=request.repo_id, method=method, push=True, progress=False,
                           skip_eval=not request.evaluate, eval_windows=request.eval_windows, token=request.token,
                           **over)
-    res = convert(opts, log=log)  # convert() removes its temp folder once the Hub has the files
+    events = {"on_event": on_event} if on_event is not None else {}
+    res = convert(opts, log=log, **events)  # convert() removes its temp folder once the Hub has the files
     return {"method": method, "target_repo": res.target_repo, "commit_url": res.commit_url,
             "skipped": bool(res.skipped), "metrics": dict(res.metrics or {})}
 
@@ -175,6 +176,13 @@ class JobRunner:
     def get(self, job_id: int) -> Job | None:
         return self._jobs.get(job_id)
 
+    def _call(self, job: Job, method: str) -> dict:
+        import inspect
+
+        if "on_event" in inspect.signature(self._convert).parameters:
+            return self._convert(job.request, method, job.log, on_event=job.event)
+        return self._convert(job.request, method, job.log)
+
     def _work(self) -> None:
         while True:
             job = self._queue.get()
@@ -182,8 +190,8 @@ class JobRunner:
             try:
                 for method in job.request.methods:
                     job.log(f"== {method}: converting {job.request.repo_id} ==")
-                    job.stage_index, job.stage = -1, "starting"
-                    job.results.append(self._convert(job.request, method, job.log))
+                    job.stage_index, job.stage, job.stage_fraction = -1, "starting", 0.0
+                    job.results.append(self._call(job, method))
                     job.methods_done += 1
                 job.state = "done"
             except HubquantError as e:

@@ -1,0 +1,242 @@
+"""Everything that can be checked before downloading weights: method options, write access to the target,
+the base's config.json (valid, a causal LM transformers knows, an architecture the method supports, a group
+size that divides its dimensions), the calibration and evaluation text, and the output folder.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from hubquant.errors import CorruptFileError, NotFoundError, UnsupportedError, UsageError
+from hubquant.plan import Plan
+
+# a folder hubquant wrote holds this file (the provenance); its "files" lists what hubquant wrote there
+PROVENANCE_FILE = "hubquant.json"
+
+_SMOOTH_KEYS = {"alpha", "smooth", "alpha_grid", "search_tokens", "alpha_start", "layer_search_tokens"}
+_W8_KEYS = {"weights", "sequential"}
+_BNB_KEYS = {"threshold", "compute_dtype", "double_quant"}
+
+
+def check_method_options(method: str, options: dict) -> None:
+    """Unknown keys and bad values of --method-option, for every method.
+
+    Raises:
+        UsageError: naming the key or value and the accepted ones.
+    """
+    from hubquant.methods import awq, gptq
+
+    allowed = {"rtn": set(), "gptq": set(gptq.DEFAULTS), "awq": set(awq.DEFAULTS), "w8a8": _W8_KEYS,
+               "smoothquant": _SMOOTH_KEYS | _W8_KEYS, "fp8": _SMOOTH_KEYS | _W8_KEYS,
+               "bnb-int8": _BNB_KEYS, "bnb-nf4": _BNB_KEYS}.get(method)
+    if allowed is None:
+        return
+    unknown = set(options) - allowed
+    if unknown:
+        raise UsageError(f"--method {method} has no option(s) {', '.join(sorted(unknown))}",
+                         hint=f"use {', '.join(sorted(allowed))}" if allowed else "drop --method-option")
+    if method.startswith("bnb-"):
+        from hubquant.methods.bnb import BnbConfig
+
+        try:
+            BnbConfig.from_options(options)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, UsageError):
+                raise
+            raise UsageError(f"--method-option threshold={options.get('threshold')!r} is not a number",
+                             hint="e.g. --method-option threshold=6.0") from None
+    elif options.keys() & _SMOOTH_KEYS:
+        from hubquant.methods.smoothquant import SmoothConfig
+
+        smooth = SmoothConfig.from_options(options)
+        if smooth.smooth not in ("all", "norms"):
+            raise UsageError(f"smooth option '{smooth.smooth}' is unknown", hint="use smooth=all or smooth=norms")
+    if options.get("weights", "rtn") not in ("rtn", "gptq"):
+        raise UsageError(f"weights={options.get('weights')!r} is not supported here",
+                         hint="use weights=rtn or weights=gptq")
+
+
+def check_write_access(plan: Plan) -> None:
+    """With --push: the token may write to the target's namespace (checked before anything is downloaded)."""
+    from hubquant.hub import client
+
+    if plan.target:
+        client.check_write_access(plan.target, plan.opts.token)
+
+
+# ---------------------------------------------------------------------------------------------- config.json
+
+
+def read_config(plan: Plan) -> dict:
+    """The base's config.json (only that file is fetched from the Hub).
+
+    Raises:
+        NotFoundError: no config.json. CorruptFileError: not a JSON object.
+    """
+    from hubquant.hub import client
+
+    base = plan.base
+    if base.folder is not None:
+        path = base.folder / "config.json"
+        if not path.is_file():
+            raise NotFoundError(f"{plan.opts.repo_id} has no config.json",
+                                hint="point at a folder written by save_pretrained (config.json + safetensors)")
+    else:
+        path = client.download_file(base.id, "config.json", revision=base.sha, token=plan.opts.token)
+        if path is None:
+            raise NotFoundError(f"{base.id} has no config.json", hint="hubquant needs a transformers model repo")
+    try:
+        config = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise CorruptFileError(f"config.json of {plan.opts.repo_id} is not valid JSON{where}",
+                               hint="fix config.json (it is the model's transformers config)") from None
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"config.json of {plan.opts.repo_id} is not a JSON object",
+                               hint="fix config.json (it is the model's transformers config)")
+    return config
+
+
+def check_config(plan: Plan, config: dict) -> None:
+    """The architecture: known to transformers, a causal LM, not already quantized, supported by the method.
+
+    Raises:
+        UnsupportedError: with the reason and what to use instead.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    opts, name = plan.opts, plan.opts.repo_id
+    mtype = config.get("model_type")
+    arch = (config.get("architectures") or [mtype])[0]
+    if config.get("auto_map") and not opts.trust_remote_code:
+        raise UnsupportedError(f"{name} needs custom code from the repo to load (auto_map in config.json)",
+                               hint="pass --trust-remote-code if you trust this repo's code")
+    if not mtype:
+        raise UnsupportedError(f"config.json of {name} has no model_type",
+                               hint="save the model with transformers' save_pretrained")
+    if mtype not in CONFIG_MAPPING_NAMES and not opts.trust_remote_code:
+        import transformers
+
+        raise UnsupportedError(f"unknown model_type '{mtype}' (transformers {transformers.__version__} does not know it)",
+                               hint="upgrade transformers (pip install -U transformers), or fix model_type in config.json")
+    if config.get("quantization_config"):
+        qm = config["quantization_config"].get("quant_method", "?") if isinstance(config["quantization_config"], dict) else "?"
+        raise UnsupportedError(f"{arch} checkpoint is already quantized ({qm})",
+                               hint="start from the float (bf16/fp16/fp32) base model")
+    if mtype not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not opts.trust_remote_code:
+        raise UnsupportedError(f"'{arch}' (model_type {mtype}) is not a causal language model transformers knows",
+                               hint="hubquant converts decoder-only text generation models")
+    _check_method_architecture(opts.method, opts.method_options, mtype)
+    check_group_size_config(plan, config)
+
+
+def _check_method_architecture(method: str, options: dict, mtype: str) -> None:
+    if method == "awq":
+        from hubquant.methods.awq_mappings import mappings_for
+
+        mappings_for(mtype)
+    elif method == "smoothquant" or (method == "fp8" and options.keys() & {"alpha", "smooth"}):
+        from hubquant.methods.smoothquant import ARCHITECTURES
+
+        if mtype not in ARCHITECTURES:
+            raise UnsupportedError(
+                f"SmoothQuant has no smoothing map for model_type '{mtype}'",
+                hint=f"supported: {', '.join(ARCHITECTURES)}; use --method w8a8 (no smoothing) or --method fp8")
+
+
+# the Linears whose input size each config dimension is (Llama-style names)
+_DIMS = (("hidden_size", ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")),
+         ("attention width", ("o_proj",)), ("intermediate_size", ("down_proj",)))
+
+
+def check_group_size_config(plan: Plan, config: dict) -> None:
+    """Refuse a group size that does not divide the input size of a quantized Linear (from config.json)."""
+    from hubquant.quant import matches_any, valid_group_sizes
+
+    w = plan.scheme.weights
+    gs = w.group_size
+    cfg = config.get("text_config") or config
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    if gs == -1 or w.type == "float" or not isinstance(hidden, int):
+        return
+    sizes = {"hidden_size": hidden, "intermediate_size": cfg.get("intermediate_size"),
+             "attention width": (cfg.get("head_dim") or hidden // heads) * heads if heads else None}
+    ignore = plan.opts.ignored_patterns
+    used = {}
+    for dim, layers in _DIMS:
+        names = [n for n in layers if not matches_any(f"model.layers.0.mlp.{n}", ignore)
+                 and not matches_any(f"model.layers.0.self_attn.{n}", ignore)]
+        if isinstance(sizes[dim], int) and names:
+            used[dim] = (sizes[dim], names)
+    bad = {dim: v for dim, v in used.items() if v[0] % gs}
+    if not bad:
+        return
+    ks = {k for k, _ in used.values()}
+    ok = sorted(set.intersection(*(set(valid_group_sizes(k)) for k in ks)))
+    names = [n for _, layer_names in bad.values() for n in layer_names]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise UsageError(
+        f"group size {gs} does not divide the input size {sorted({k for k, _ in bad.values()})} of {shown}",
+        hint=f"use --group-size {' or '.join(map(str, ok))}" + (" or -1" if ok else "; or -1 (per channel)"))
+
+
+# ---------------------------------------------------------------------------------------------- text, output
+
+
+@dataclass(frozen=True)
+class TextSpecs:
+    calib_spec: str | None  # None: no calibration
+    eval_spec: str
+    eval_src: object | None  # the loaded eval TextSource (None with --skip-eval)
+
+
+def check_texts(plan: Plan) -> TextSpecs:
+    """Load the evaluation text and check the calibration source exists (local files, built-ins, Hub datasets).
+
+    Raises:
+        UsageError, NotFoundError, UnsupportedError: from hubquant.textdata, naming the spec.
+    """
+    from hubquant.textdata import default_specs, load_texts
+
+    opts = plan.opts
+    calib_default, eval_default = default_specs()
+    eval_spec = opts.eval_dataset or eval_default
+    calib_spec = (opts.calib_dataset or calib_default) if plan.calibrated else None
+    eval_src = None
+    if not opts.skip_eval:
+        eval_src = load_texts(eval_spec)
+        if not eval_src.texts:
+            raise UsageError(f"evaluation source '{eval_spec}' has no text", hint="pass another --eval-dataset")
+    if calib_spec is not None and calib_spec != eval_spec:
+        load_texts(calib_spec)
+    return TextSpecs(calib_spec=calib_spec, eval_spec=eval_spec, eval_src=eval_src)
+
+
+def previous_files(folder: Path) -> list[str] | None:
+    """The files a previous hubquant run wrote into `folder` (None: not a hubquant output)."""
+    prov = folder / PROVENANCE_FILE
+    if not prov.is_file():
+        return None
+    try:
+        files = json.loads(prov.read_text()).get("files")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return [f for f in files if isinstance(f, str)] + [PROVENANCE_FILE] if isinstance(files, list) else None
+
+
+def check_output_dir(output_dir: str | None) -> None:
+    """An --output-dir is new, empty, or a previous hubquant output (whose files alone get replaced).
+
+    Raises:
+        UsageError: a file, or a non-empty folder hubquant did not write.
+    """
+    if not output_dir:
+        return
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {output_dir} is a file", hint="pass a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and previous_files(out) is None:
+        raise UsageError(f"--output-dir {output_dir} is not empty and holds no hubquant output",
+                         hint="pass a new or empty folder (hubquant never deletes files it did not write)")
