@@ -185,6 +185,9 @@ def check_group_size_config(plan: Plan, config: dict) -> None:
 # ---------------------------------------------------------------------------------------------- text, output
 
 
+_TEXT_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".parquet", ".md"}
+
+
 @dataclass(frozen=True)
 class TextSpecs:
     calib_spec: str | None  # None: no calibration
@@ -201,6 +204,11 @@ def check_texts(plan: Plan) -> TextSpecs:
     from hubquant.textdata import default_specs, load_texts
 
     opts = plan.opts
+    for flag, spec in (("--calib-dataset", opts.calib_dataset), ("--eval-dataset", opts.eval_dataset)):
+        path = Path(spec.split(":")[0] if spec and not Path(spec).exists() else spec or "")
+        if spec and not path.exists() and (spec.startswith((".", "/", "~")) or path.suffix in _TEXT_SUFFIXES):
+            raise NotFoundError(f"{flag} {spec}: no such file", hint="check the path (or use fortunes, lee-news, "
+                                                                     "or a Hub dataset ID[:CONFIG[:SPLIT]])")
     calib_default, eval_default = default_specs()
     eval_spec = opts.eval_dataset or eval_default
     calib_spec = (opts.calib_dataset or calib_default) if plan.calibrated else None
