@@ -9,7 +9,7 @@ from __future__ import annotations
 import os as _os
 
 __version__ = "0.1.0"
-__all__ = ["convert", "load", "__version__"]
+__all__ = ["__version__", "convert", "load"]
 
 
 def _configure_hub_env() -> None:

@@ -28,9 +28,16 @@ from hubquant.plan import (  # noqa: F401  (the names callers import from here)
     settings_hash,
     settings_of,
 )
-from hubquant.stages import COPY_FILES, Log, OnEvent, ProgressEvent, check_group_size, load_model  # noqa: F401
+from hubquant.stages import (  # noqa: F401
+    COPY_FILES,
+    Log,
+    OnEvent,
+    ProgressEvent,
+    check_group_size,
+    load_model,
+)
 
-__all__ = ["ConvertOptions", "ConvertResult", "ProgressEvent", "convert", "plan", "command_line"]
+__all__ = ["ConvertOptions", "ConvertResult", "ProgressEvent", "command_line", "convert", "plan"]
 
 
 @dataclass

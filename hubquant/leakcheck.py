@@ -89,7 +89,7 @@ def memorization_rates(model, tokenizer, calib_texts, heldout_texts, *, n_docs: 
 def leak_report(base: Rates, variant: Rates, *, threshold: float = LEAK_WARN) -> dict:
     """The card's numbers: rates of both models, the score and whether to warn."""
     score = (variant.calib - variant.heldout) - (base.calib - base.heldout)
-    r = lambda x: round(x, 4)  # noqa: E731
+    r = lambda x: round(x, 4)
     return {
         "base_calib_rate": r(base.calib), "base_heldout_rate": r(base.heldout),
         "variant_calib_rate": r(variant.calib), "variant_heldout_rate": r(variant.heldout),

@@ -8,7 +8,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from hubquant.errors import CorruptFileError, NotFoundError, UnsupportedError, UsageError
+from hubquant.errors import (
+    CorruptFileError,
+    NotFoundError,
+    UnsupportedError,
+    UsageError,
+)
 from hubquant.plan import Plan
 
 # a folder hubquant wrote holds this file (the provenance); its "files" lists what hubquant wrote there

@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hubquant.errors import ConflictError, HubquantError, QualityGateError, UnsupportedError
+from hubquant.errors import (
+    ConflictError,
+    HubquantError,
+    QualityGateError,
+    UnsupportedError,
+)
 from hubquant.plan import Plan
 
 EVAL_RESULTS = ".eval_results/perplexity.yaml"  # the Hub's evaluation-results file (written with the card)

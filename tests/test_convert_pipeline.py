@@ -62,10 +62,15 @@ def test_convert_and_the_service_share_one_plan(hub_env, tiny):
     job = job_plan(JobSpec(repo_id=tiny, method="rtn", scheme="W8A16", namespace="alice",
                            options={"skip_eval": True}))
     assert (job.action, job.target_repo, job.settings_hash) == ("skip", res.target_repo, res.settings_hash)
-    # the same decision refuses a target that holds another base, in both callers
-    other = ConvertOptions(repo_id=tiny + "-x", method="rtn", bits=8, push=True, target_repo=res.target_repo, **FAST)
-    with pytest.raises(Exception):  # the base does not exist: plan fails before looking at the target
-        plan(other)
+    # the same decision refuses a target that holds a variant of another base, in both callers
+    other = ConvertOptions(repo_id=tiny, method="rtn", bits=8, push=True, target_repo=f"alice/other-{_uid()}", **FAST)
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo(other.target_repo)
+    HfApi().upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id=other.target_repo)
+    assert plan(other).action == "conflict"
+    assert job_plan(JobSpec(repo_id=tiny, method="rtn", scheme="W8A16", options={"skip_eval": True},
+                            namespace=None)).action == "skip"
 
 
 def test_concurrent_runs_end_in_a_conflict_or_a_no_op_never_an_overwrite(hub_env, tiny):
@@ -84,7 +89,8 @@ def test_concurrent_runs_end_in_a_conflict_or_a_no_op_never_an_overwrite(hub_env
     assert e.value.exit_code == 7
     from huggingface_hub import HfApi
 
-    prov = json.loads(open(HfApi().hf_hub_download(target, "hubquant.json")).read())
+    with open(HfApi().hf_hub_download(target, "hubquant.json")) as f:
+        prov = json.load(f)
     assert prov["settings_hash"] == fast.settings_hash  # the first run's variant stands
     # planned while the target was at commit A; another run pushes commit B: pushing on A is a conflict
     stale = plan(ConvertOptions(repo_id=tiny, method="rtn", bits=8, push=True, target_repo=target, **FAST))
