@@ -94,18 +94,21 @@ class Run:
         return self.plan.opts
 
     def emit(self, fraction: float, message: str = "") -> None:
-        """Report progress of the current stage."""
+        """Report progress inside the current stage (0 and 1 are the stage's own start and end events)."""
+        self._send(min(0.99, max(0.01, fraction)), message)
+
+    def _send(self, fraction: float, message: str = "") -> None:
         if self.on_event is not None:
-            self.on_event(ProgressEvent(self._stage, min(1.0, max(0.0, fraction)), message, time.time() - self._t0))
+            self.on_event(ProgressEvent(self._stage, fraction, message, time.time() - self._t0))
 
     @contextlib.contextmanager
     def stage(self, name: str):
         """Time a stage (added to `timings[name]`) and report its start and end."""
         self._stage, self._t0 = name, time.time()
-        self.emit(0.0)
+        self._send(0.0)
         yield
         self.timings[name] = self.timings.get(name, 0.0) + time.time() - self._t0
-        self.emit(1.0)
+        self._send(1.0)
 
 
 def pick_device(device: str) -> str:
@@ -144,7 +147,7 @@ def resolve(plan: Plan, *, log: Log = print, on_event: OnEvent | None = None) ->
         preflight.check_config(plan, preflight.read_config(plan))
         run.emit(0.5, "config.json checked")
         run.texts = preflight.check_texts(plan)
-        run.emit(1.0, "text sources checked")
+        run.emit(0.9, "text sources checked")
     return run
 
 

@@ -284,3 +284,15 @@ def test_space_jobs_follow_progress_events():
     assert job.state == "done", job.lines
     assert seen and seen[0] == pytest.approx((STAGES.index("quantize") + 0.5) / len(STAGES))
     assert job.stage == "quantize"
+
+
+def test_the_service_stores_the_stage_events_on_the_job_result(hub_env, tiny):
+    from hubquant.service.jobs import JobSpec, run_job
+
+    out = run_job(JobSpec(repo_id=tiny, method="w8a8", scheme="W8A8", namespace="alice",
+                          options={"skip_eval": True}), log=lambda m: None)
+    assert out["target_repo"] == f"alice/{tiny.split('/')[1]}-W8A8" and out["commit_url"]
+    ends = [e["stage"] for e in out["stages"] if e["fraction"] == 1.0]
+    assert ends == ["resolve", "download", "load", "calibrate", "quantize", "write", "card", "push"]
+    assert all(e["seconds"] >= 0 for e in out["stages"])
+    json.dumps(out)  # plain JSON, as the queue stores it
