@@ -227,16 +227,28 @@ def check_texts(plan: Plan) -> TextSpecs:
     return TextSpecs(calib_spec=calib_spec, eval_spec=eval_spec, eval_src=eval_src)
 
 
+# what hubquant writes into an output folder (read for outputs whose hubquant.json predates its "files" list)
+_OUTPUT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json", "quantize_config.json",
+                    "quant_config.json", "README.md", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.*", "LICENSE*", "NOTICE")
+
+
 def previous_files(folder: Path) -> list[str] | None:
     """The files a previous hubquant run wrote into `folder` (None: not a hubquant output)."""
     prov = folder / PROVENANCE_FILE
     if not prov.is_file():
         return None
     try:
-        files = json.loads(prov.read_text()).get("files")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        data = json.loads(prov.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return [f for f in files if isinstance(f, str)] + [PROVENANCE_FILE] if isinstance(files, list) else None
+    if not isinstance(data, dict) or "base_sha" not in data:
+        return None
+    files = data.get("files")
+    if not isinstance(files, list):
+        files = sorted({p.name for pat in _OUTPUT_PATTERNS for p in folder.glob(pat) if p.is_file()})
+    safe = [f for f in files if isinstance(f, str) and not Path(f).is_absolute() and ".." not in Path(f).parts]
+    return [*safe, PROVENANCE_FILE]
 
 
 def check_output_dir(output_dir: str | None) -> None:
