@@ -18,7 +18,6 @@ from hubquant import stages
 from hubquant.errors import HubquantError, NotFoundError
 from hubquant.options import ConvertOptions
 from hubquant.plan import (  # noqa: F401  (the names callers import from here)
-    ALGORITHM_VERSION,
     Plan,
     default_target,
     needs_calibration,

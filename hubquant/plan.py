@@ -13,79 +13,35 @@ from pathlib import Path
 
 from hubquant.errors import NotFoundError, UsageError
 from hubquant.options import ConvertOptions
-from hubquant.quant import QuantScheme, WeightScheme
+from hubquant.quant import QuantScheme
 
 # ---------------------------------------------------------------------------------------------- method knowledge
-# (what each method and format accepts; these read the method and format registries)
+# (what each method and format accepts lives in their registries: hubquant.methods, hubquant.formats)
 
 
 def resolve_scheme(opts: ConvertOptions) -> QuantScheme:
     """The method's default scheme with the user's overrides applied (and checked)."""
     from hubquant.methods import get_method
 
-    spec = get_method(opts.method)
-    base = spec.default_scheme
-    w = base.weights
-    if w.type == "float" or opts.method.startswith("bnb-"):
-        if opts.bits not in (None, w.bits) or opts.group_size is not None or opts.symmetric is not None:
-            raise UsageError(f"--bits/--group-size/--sym/--asym do not apply to --method {opts.method}",
-                             hint="drop them; this method has a fixed scheme")
-        weights = w
-    else:
-        bits = opts.bits or w.bits
-        gs = opts.group_size if opts.group_size is not None else w.group_size
-        if bits == 8 and opts.group_size is None:
-            gs = -1  # 8-bit defaults to per-channel
-        sym = w.symmetric if opts.symmetric is None else opts.symmetric
-        if base.activations is not None and bits != 8:
-            raise UsageError(f"--method {opts.method} quantizes weights and activations to 8 bits",
-                             hint="use --bits 8, or a weight-only method (rtn, gptq, awq) for 4 bits")
-        weights = WeightScheme(bits=bits, group_size=gs, symmetric=sym)
-    acts = base.activations
-    if opts.activations is not None:
-        if acts is None:
-            raise UsageError(f"--activations does not apply to weight-only --method {opts.method}",
-                             hint="use --method smoothquant, w8a8 or fp8 for activation quantization")
-        if opts.activations not in ("dynamic", "static"):
-            raise UsageError(f"--activations {opts.activations}", hint="use dynamic or static")
-        dyn = opts.activations == "dynamic"
-        acts = dataclasses.replace(acts, dynamic=dyn, strategy="token" if dyn else "tensor")
-    return QuantScheme(weights=weights, activations=acts)
+    return get_method(opts.method).resolve_scheme(bits=opts.bits, group_size=opts.group_size,
+                                                  symmetric=opts.symmetric, activations=opts.activations)
 
 
 def resolve_format(opts: ConvertOptions, scheme: QuantScheme) -> str:
+    """The format's name: --format, or the method's first format; checked against the method and the scheme."""
+    from hubquant.formats import resolve_format as resolve
     from hubquant.methods import get_method
 
-    spec = get_method(opts.method)
-    fmt = opts.format or spec.formats[0]
-    if fmt not in spec.formats:
-        raise UsageError(f"--method {opts.method} cannot be written as --format {fmt}",
-                         hint=f"choose one of: {', '.join(spec.formats)}")
-    w = scheme.weights
-    if fmt == "gptq" and (not w.symmetric or w.bits not in (2, 3, 4, 8)):
-        raise UsageError("--format gptq is written symmetric (v1 checkpoints)", hint="drop --asym")
-    if fmt == "awq" and (w.bits != 4 or w.symmetric or w.group_size == -1):
-        raise UsageError("--format awq stores asymmetric 4-bit groups", hint="use --bits 4 --asym --group-size 128")
-    return fmt
-
-
-# bumped when a method's default algorithm changes its output, so that a rerun re-quantizes instead of
-# reporting the variant as up to date (GPTQ 2: true-sequential by default; SmoothQuant 2: new options)
-ALGORITHM_VERSION = {"gptq": 2, "smoothquant": 2}
+    return resolve(get_method(opts.method), opts.format, scheme).name
 
 
 def needs_calibration(opts: ConvertOptions, scheme: QuantScheme | None = None) -> bool:
-    """Calibrated methods, static activation scales, and FP8 with smoothing or GPTQ weights read calibration text."""
+    """Calibrated methods, static activation scales, and options that need data (e.g. FP8 smoothing)."""
     from hubquant.methods import get_method
 
-    if get_method(opts.method).needs_calibration:
-        return True
-    if scheme is not None and scheme.activations is not None and not scheme.activations.dynamic:
-        return True
     if opts.activations == "static":
         return True
-    o = opts.method_options
-    return opts.method == "fp8" and ("alpha" in o or "smooth" in o or o.get("weights") == "gptq")
+    return get_method(opts.method).needs_calibration(scheme, opts.method_options)
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -93,12 +49,15 @@ def needs_calibration(opts: ConvertOptions, scheme: QuantScheme | None = None) -
 
 def settings_of(opts: ConvertOptions, scheme: QuantScheme, fmt: str) -> dict:
     """What determines the variant's bytes (the idempotency key hashes this plus the base sha)."""
+    from hubquant.methods import get_method
+
     s = {
         "method": opts.method, "format": fmt, "scheme": dataclasses.asdict(scheme),
         "ignore": sorted(opts.ignored_patterns), "method_options": dict(sorted(opts.method_options.items())),
     }
-    if opts.method in ALGORITHM_VERSION:
-        s["algorithm_version"] = ALGORITHM_VERSION[opts.method]
+    version = get_method(opts.method).algorithm_version
+    if version is not None:
+        s["algorithm_version"] = version
     if needs_calibration(opts, scheme):
         s.update(calib_dataset=opts.calib_dataset, num_samples=opts.num_samples, seq_len=opts.seq_len,
                  seed=opts.seed, chat_template=opts.chat_template)
@@ -113,8 +72,10 @@ def settings_hash(base_repo: str, settings: dict) -> str:
 def default_target(repo_id: str, namespace: str, scheme: QuantScheme, method: str, fmt: str) -> str:
     """{namespace}/{model}-{SCHEME}-{METHOD}[-{format}], without saying the same thing twice
     (W8A8 by w8a8 is `-W8A8`, FP8 by fp8 `-FP8`, GPTQ in the gptq format `-GPTQ`)."""
+    from hubquant.methods import get_method
+
     name = repo_id.rstrip("/").split("/")[-1]
-    if method.startswith("bnb-"):
+    if not get_method(method).scheme_in_name:
         return f"{namespace}/{name}-{method.upper()}"
     parts = [scheme.name]
     if method.upper() not in scheme.name.split("-"):
@@ -235,8 +196,11 @@ class Plan:
 
 def check_options(opts: ConvertOptions) -> tuple[QuantScheme, str]:
     """Flag combinations that are wrong whatever the model is. Returns the scheme and the format."""
+    from hubquant.methods import get_method
+
     scheme = resolve_scheme(opts)
     fmt = resolve_format(opts, scheme)
+    get_method(opts.method).parse_options(opts.method_options)  # unknown keys, bad values
     if opts.max_ppl_increase is not None and opts.skip_eval:
         raise UsageError("--max-ppl-increase needs the evaluation", hint="drop --skip-eval")
     if opts.num_samples < 1 or opts.seq_len < 16:

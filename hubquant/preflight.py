@@ -19,47 +19,15 @@ from hubquant.plan import Plan
 # a folder hubquant wrote holds this file (the provenance); its "files" lists what hubquant wrote there
 PROVENANCE_FILE = "hubquant.json"
 
-_SMOOTH_KEYS = {"alpha", "smooth", "alpha_grid", "search_tokens", "alpha_start", "layer_search_tokens"}
-_W8_KEYS = {"weights", "sequential"}
-_BNB_KEYS = {"threshold", "compute_dtype", "double_quant"}
-
-
 def check_method_options(method: str, options: dict) -> None:
-    """Unknown keys and bad values of --method-option, for every method.
+    """Unknown keys and bad values of --method-option, for every method (its registry entry parses them).
 
     Raises:
         UsageError: naming the key or value and the accepted ones.
     """
-    from hubquant.methods import awq, gptq
+    from hubquant.methods import get_method
 
-    allowed = {"rtn": set(), "gptq": set(gptq.DEFAULTS), "awq": set(awq.DEFAULTS), "w8a8": _W8_KEYS,
-               "smoothquant": _SMOOTH_KEYS | _W8_KEYS, "fp8": _SMOOTH_KEYS | _W8_KEYS,
-               "bnb-int8": _BNB_KEYS, "bnb-nf4": _BNB_KEYS}.get(method)
-    if allowed is None:
-        return
-    unknown = set(options) - allowed
-    if unknown:
-        raise UsageError(f"--method {method} has no option(s) {', '.join(sorted(unknown))}",
-                         hint=f"use {', '.join(sorted(allowed))}" if allowed else "drop --method-option")
-    if method.startswith("bnb-"):
-        from hubquant.methods.bnb import BnbConfig
-
-        try:
-            BnbConfig.from_options(options)
-        except (TypeError, ValueError) as e:
-            if isinstance(e, UsageError):
-                raise
-            raise UsageError(f"--method-option threshold={options.get('threshold')!r} is not a number",
-                             hint="e.g. --method-option threshold=6.0") from None
-    elif options.keys() & _SMOOTH_KEYS:
-        from hubquant.methods.smoothquant import SmoothConfig
-
-        smooth = SmoothConfig.from_options(options)
-        if smooth.smooth not in ("all", "norms"):
-            raise UsageError(f"smooth option '{smooth.smooth}' is unknown", hint="use smooth=all or smooth=norms")
-    if options.get("weights", "rtn") not in ("rtn", "gptq"):
-        raise UsageError(f"weights={options.get('weights')!r} is not supported here",
-                         hint="use weights=rtn or weights=gptq")
+    get_method(method).parse_options(options)
 
 
 def check_write_access(plan: Plan) -> None:
@@ -124,31 +92,27 @@ def check_config(plan: Plan, config: dict) -> None:
     if mtype not in CONFIG_MAPPING_NAMES and not opts.trust_remote_code:
         import transformers
 
-        raise UnsupportedError(f"unknown model_type '{mtype}' (transformers {transformers.__version__} does not know it)",
-                               hint="upgrade transformers (pip install -U transformers), or fix model_type in config.json")
+        raise UnsupportedError(
+            f"unknown model_type '{mtype}' (transformers {transformers.__version__} does not know it)",
+            hint="upgrade transformers (pip install -U transformers), or fix model_type in config.json")
     if config.get("quantization_config"):
-        qm = config["quantization_config"].get("quant_method", "?") if isinstance(config["quantization_config"], dict) else "?"
+        qc = config["quantization_config"]
+        qm = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
         raise UnsupportedError(f"{arch} checkpoint is already quantized ({qm})",
                                hint="start from the float (bf16/fp16/fp32) base model")
     if mtype not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not opts.trust_remote_code:
         raise UnsupportedError(f"'{arch}' (model_type {mtype}) is not a causal language model transformers knows",
                                hint="hubquant converts decoder-only text generation models")
-    _check_method_architecture(opts.method, opts.method_options, mtype)
+    _check_method_architecture(opts.method, opts.method_options, config)
     check_group_size_config(plan, config)
 
 
-def _check_method_architecture(method: str, options: dict, mtype: str) -> None:
-    if method == "awq":
-        from hubquant.methods.awq_mappings import mappings_for
+def _check_method_architecture(method: str, options: dict, config: dict) -> None:
+    from types import SimpleNamespace
 
-        mappings_for(mtype)
-    elif method == "smoothquant" or (method == "fp8" and options.keys() & {"alpha", "smooth"}):
-        from hubquant.methods.smoothquant import ARCHITECTURES
+    from hubquant.methods import get_method
 
-        if mtype not in ARCHITECTURES:
-            raise UnsupportedError(
-                f"SmoothQuant has no smoothing map for model_type '{mtype}'",
-                hint=f"supported: {', '.join(ARCHITECTURES)}; use --method w8a8 (no smoothing) or --method fp8")
+    get_method(method).check_architecture(SimpleNamespace(**config), options)
 
 
 # the Linears whose input size each config dimension is (Llama-style names)

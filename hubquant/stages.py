@@ -182,7 +182,7 @@ def _check_local_weights(folder: Path, allow_pickle: bool) -> None:
                             hint="save the model with save_pretrained(..., safe_serialization=True)")
     if not allow_pickle:
         raise UnsupportedError(f"{folder} holds only pickled weights ({pickles[0]}); loading them can execute code",
-                               hint="convert the weights to safetensors first, or pass --allow-pickle if you trust them")
+                               hint="convert the weights to safetensors, or pass --allow-pickle if you trust them")
 
 
 # ---------------------------------------------------------------------------------------------- model and data
@@ -270,9 +270,9 @@ def load(run: Run) -> None:
 
 
 def unquantized(model, quantized_names) -> list[str]:
-    import torch
+    from hubquant.formats.common import ignored_linears
 
-    return sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized_names)
+    return sorted(ignored_linears(model, quantized_names))
 
 
 def _short(names: list[str], n: int = 6) -> str:
@@ -365,10 +365,11 @@ def quantize(run: Run) -> None:
 
     opts = run.opts
     with run.stage("quantize"):
+        spec = get_method(opts.method)
         job = QuantJob(scheme=run.plan.scheme, ignore=opts.ignored_patterns,
-                       calib=None if run.calib is None else run.calib.ids, options=dict(opts.method_options),
-                       device=run.device, progress=opts.progress)
-        run.quantized = get_method(opts.method).load()(run.model, job)
+                       calib=None if run.calib is None else run.calib.ids,
+                       options=spec.parse_options(opts.method_options), device=run.device, progress=opts.progress)
+        run.quantized = spec.load()(run.model, job)
         run.log(f"quantized {len(run.quantized)} Linear layers with {opts.method} in {time.time() - run._t0:.1f} s")
 
 
@@ -402,6 +403,7 @@ def _fault(point: str) -> None:
 def write(run: Run) -> Path:
     """The format's files plus the base's tokenizer and generation files."""
     from hubquant.formats import get_format
+    from hubquant.methods import get_method
 
     plan, opts = run.plan, run.opts
     with run.stage("write"):
@@ -410,8 +412,9 @@ def write(run: Run) -> Path:
         before = {p for p in out.rglob("*")}
         with disk_errors(out):
             _fault("write")
+            options = get_method(opts.method).parse_options(opts.method_options)
             run.quant_config = get_format(plan.format)(run.model, run.quantized, scheme=plan.scheme, out_dir=out,
-                                                       method=opts.method, options=dict(opts.method_options))
+                                                       method=opts.method, options=options)
             for name in COPY_FILES:
                 src = run.path / name
                 if src.is_file():

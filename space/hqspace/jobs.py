@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hubquant.errors import AuthError, HubquantError, NotFoundError, UnsupportedError
-
 from hubquant.stages import STAGES  # the pipeline's stages, in order (the progress bar follows their events)
 
 
