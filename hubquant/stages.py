@@ -164,9 +164,13 @@ def download(run: Run) -> Path:
             run.path = base.folder
         else:
             run.log(f"downloading {base.id}@{base.sha[:10]} (safetensors, config, tokenizer, card)")
-            dl = client.download_model(base.id, revision=base.sha, allow_pickle=opts.allow_pickle,
-                                       trust_remote_code=opts.trust_remote_code, progress=opts.progress,
-                                       token=opts.token)
+            from huggingface_hub import constants
+
+            with disk_errors(Path(constants.HF_HUB_CACHE)):
+                _fault("download")
+                dl = client.download_model(base.id, revision=base.sha, allow_pickle=opts.allow_pickle,
+                                           trust_remote_code=opts.trust_remote_code, progress=opts.progress,
+                                           token=opts.token)
             run.path = dl.path
     return run.path
 
@@ -395,7 +399,8 @@ def output_folder(run: Run) -> Path:
 
 
 def _fault(point: str) -> None:
-    """Fault injection for tests: HUBQUANT_FAULT=write:enospc fails the write stage as a full disk does."""
+    """Fault injection for tests: HUBQUANT_FAULT=write:enospc (or download:enospc) fails that stage as a full
+    disk does."""
     if os.environ.get("HUBQUANT_FAULT") == f"{point}:enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

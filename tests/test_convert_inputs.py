@@ -183,6 +183,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_folder(cli_env, repos, tmp_p
     env = dict(cli_env, HUBQUANT_FAULT="write:enospc", TMPDIR=str(tmp))
     _one_line_error(_cli(["convert", repos["good"], "--skip-eval", "--quiet"], env), 1, "no space left")
     assert [p.name for p in tmp.iterdir() if p.name.startswith("hubquant-")] == []
+    env = dict(env, HUBQUANT_FAULT="download:enospc")
+    _one_line_error(_cli(["convert", repos["good"], "--skip-eval", "--quiet"], env), 1, "no space left")
     # any other failure after the temp folder exists (here: the quality gate) removes it too
     env = dict(cli_env, TMPDIR=str(tmp))
     r = _cli(["convert", repos["good"], "--bits", "2", "--group-size", "32", "--max-ppl-increase", "0.0001",
