@@ -15,7 +15,7 @@ from pathlib import Path
 
 import hubquant
 from hubquant import stages
-from hubquant.errors import HubquantError, NotFoundError
+from hubquant.errors import HubquantError
 from hubquant.options import ConvertOptions
 from hubquant.plan import (  # noqa: F401  (the names callers import from here)
     Plan,
@@ -127,33 +127,20 @@ def _env_summary(opts: ConvertOptions) -> str:
     return client.env_summary(opts.token)
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """The connection/timeout errors of the HTTP clients huggingface_hub may use (httpx, httpx2, requests)."""
-    import importlib
-
-    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for mod, names in (("httpx", ("TransportError",)), ("httpx2", ("TransportError",)),
-                       ("requests", ("ConnectionError", "Timeout"))):
-        try:
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        found += [getattr(m, n) for n in names if isinstance(getattr(m, n, None), type)]
-    return tuple(found)
-
-
 @contextlib.contextmanager
 def hub_unreachable():
-    """A Hub that does not answer (refused, DNS, timeout) becomes one line with the endpoint and a fix (exit 4)."""
+    """A network failure that escaped the Hub client's own translation is still one line and exit 4."""
     try:
         yield
     except HubquantError:
         raise
-    except _transport_errors() as e:
+    except Exception as e:
         from hubquant.hub import client
 
-        raise NotFoundError(f"cannot reach the Hub at {client.endpoint()} ({type(e).__name__})",
-                            hint="check HF_ENDPOINT and your network connection, then run the command again") from e
+        cause = client._transport_error(e)
+        if cause is None:
+            raise
+        raise client.unreachable(cause) from e
 
 def quantize(repo_id: str, /, *, log: Log = print, on_event: OnEvent | None = None, **options) -> ConvertResult:
     """Convert `repo_id` (a Hub repo id or a local folder); keyword arguments are ConvertOptions' fields, named

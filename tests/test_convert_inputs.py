@@ -171,7 +171,7 @@ def test_an_unreachable_hub_is_exit_4(cli_env):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(cli_env, HF_ENDPOINT=f"http://127.0.0.1:{port}")
-    _one_line_error(_cli(["convert", "alice/anything"], env, timeout=120), 4, "cannot reach the Hub")
+    _one_line_error(_cli(["convert", "alice/anything"], env, timeout=120), 4, "cannot be reached")
 
 
 # ------------------------------------------------------------------------------------------ files
