@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hubquant import moe
 from hubquant.modeling import DEFAULT_IGNORE, decoder_layers, layers_prefix, quantizable_linears
 
 InputHook = Callable[[torch.Tensor], None]
@@ -205,16 +206,22 @@ class LayerWork:
         batch_input: list[torch.Tensor] = []
 
         def hook(name, t):
+            if first[0]:  # the first batch that runs any of `todo` defines the group
+                if not batch_input:
+                    batch_input.append(t)
+                elif t is not batch_input[0]:
+                    raise _StopForward  # the next group's input: this group's statistics are complete
+                group.append(name)
+                acc.add(name, t)
+                return
+            if name not in group:
+                if batch_input:
+                    raise _StopForward
+                return  # routed experts: another expert of `todo` may run first in this batch
             if not batch_input:
                 batch_input.append(t)
-            elif t is not batch_input[0]:
-                raise _StopForward  # the next group's input: this group's statistics are complete
-            if first[0]:
-                group.append(name)
-            elif name not in group:
-                raise _StopForward
             acc.add(name, t)
-            if not first[0] and len(acc.fired) == len(group):
+            if len(acc.fired) == len(group):
                 raise _StopForward
 
         first = [True]
@@ -222,7 +229,7 @@ class LayerWork:
             acc.new_batch()
             batch_input.clear()
             self._run_hooked(x, kw, {n: hook for n in todo})
-            first[0] = False
+            first[0] = not group
         if not group:
             return [], None
         return group, acc.finish()[group[0]]
@@ -488,7 +495,9 @@ def run_layers(
         layer_kwargs = by_type.get(types[i], kwargs)
         work = LayerWork(index=i, name=name, layer=layer, linears=quantizable_linears(layer, ignore, name),
                          device=device, inputs=inputs, kwargs=layer_kwargs, scratch=scratch)
+        moe.prepare_layer(work)
         on_layer(work)
+        moe.finish_layer(work)
         if work.outputs is None or (rerun and not work.outputs_final):
             work.forward()
         inputs = work.outputs

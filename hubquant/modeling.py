@@ -9,6 +9,30 @@ from hubquant.quant import matches_any
 
 DEFAULT_IGNORE = ("lm_head",)
 
+# model_type values hubquant converts (tests/conftest.py builds a tiny one of each); VISION_LANGUAGE ones have
+# their language model quantized, their vision tower and projector kept float.
+TEXT_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                      "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe", "olmoe")
+VISION_LANGUAGE = ("qwen2_5_vl", "gemma3", "llava")
+
+
+def supported_hint() -> str:
+    return (f"hubquant converts decoder-only text models ({', '.join(TEXT_ARCHITECTURES)}) and the language model "
+            f"of vision-language models ({', '.join(VISION_LANGUAGE)})")
+
+
+def auto_class(config):
+    """The transformers Auto class that builds the checkpoint's own architecture (a vision-language model
+    loads, and its variant reloads, with AutoModelForImageTextToText; text models with AutoModelForCausalLM)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    if MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type) == arch or (
+            config.model_type in VISION_LANGUAGE and config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES):
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder blocks (model.model.layers for Llama-likes, transformer.h for GPT-likes)."""
@@ -24,7 +48,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     arch = getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__]
     raise UnsupportedError(
         f"cannot find the decoder layers of {arch[0]}",
-        hint="hubquant supports decoder-only causal LMs (Llama, Qwen2, Mistral, Gemma, Phi-3, ...)",
+        hint=supported_hint(),
     )
 
 
@@ -38,11 +62,15 @@ def layers_prefix(model: nn.Module) -> str:
 
 
 def quantizable_linears(module: nn.Module, ignore=DEFAULT_IGNORE, prefix: str = "") -> dict[str, nn.Linear]:
-    """Linear sub-modules of `module` not matched by `ignore`, keyed by full module name."""
+    """Linear sub-modules of `module` not matched by `ignore`, keyed by full module name.
+
+    Routers, shared-expert gates and vision towers (hubquant.moe.FLOAT_PATTERNS) always stay float."""
+    from hubquant.moe import FLOAT_PATTERNS
+
     out = {}
     for name, mod in module.named_modules():
         full = f"{prefix}.{name}" if prefix and name else (prefix or name)
-        if isinstance(mod, nn.Linear) and not matches_any(full, ignore):
+        if isinstance(mod, nn.Linear) and not matches_any(full, ignore) and not matches_any(full, FLOAT_PATTERNS):
             out[full] = mod
     return out
 

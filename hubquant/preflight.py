@@ -100,11 +100,28 @@ def check_config(plan: Plan, config: dict) -> None:
         qm = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
         raise UnsupportedError(f"{arch} checkpoint is already quantized ({qm})",
                                hint="start from the float (bf16/fp16/fp32) base model")
-    if mtype not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not opts.trust_remote_code:
+    from hubquant.modeling import VISION_LANGUAGE, supported_hint
+
+    if mtype not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mtype not in VISION_LANGUAGE and not opts.trust_remote_code:
         raise UnsupportedError(f"'{arch}' (model_type {mtype}) is not a causal language model transformers knows",
-                               hint="hubquant converts decoder-only text generation models")
+                               hint=supported_hint())
+    _check_experts(plan, mtype)
     _check_method_architecture(opts.method, opts.method_options, config)
     check_group_size_config(plan, config)
+
+
+def _check_experts(plan: Plan, mtype: str) -> None:
+    """Mixture-of-experts variants that could not be loaded back stop before the download (hubquant.moe)."""
+    from hubquant.methods import MOE_MODEL_TYPES
+
+    if mtype == "gpt_oss":
+        raise UnsupportedError("gpt-oss keeps transposed, biased, interleaved experts and transformers has no "
+                               "per-expert checkpoint mapping for them, so a quantized variant could not be loaded",
+                               hint=f"mixture-of-experts models hubquant converts: {', '.join(MOE_MODEL_TYPES)}")
+    if mtype in MOE_MODEL_TYPES and plan.format == "bitsandbytes":
+        raise UnsupportedError("transformers' bitsandbytes integration cannot load quantized experts (fused 3-D "
+                               "parameters, no per-expert dequantization)",
+                               hint="use --method rtn, gptq, awq or fp8 (compressed-tensors) for mixture-of-experts")
 
 
 def _check_method_architecture(method: str, options: dict, config: dict) -> None:
@@ -117,7 +134,8 @@ def _check_method_architecture(method: str, options: dict, config: dict) -> None
 
 # the Linears whose input size each config dimension is (Llama-style names)
 _DIMS = (("hidden_size", ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")),
-         ("attention width", ("o_proj",)), ("intermediate_size", ("down_proj",)))
+         ("attention width", ("o_proj",)), ("intermediate_size", ("down_proj",)),
+         ("moe_intermediate_size", ("down_proj",)))  # experts' down_proj (Qwen-MoE, DeepSeek)
 
 
 def check_group_size_config(plan: Plan, config: dict) -> None:
@@ -131,6 +149,7 @@ def check_group_size_config(plan: Plan, config: dict) -> None:
     if gs == -1 or w.type == "float" or not isinstance(hidden, int):
         return
     sizes = {"hidden_size": hidden, "intermediate_size": cfg.get("intermediate_size"),
+             "moe_intermediate_size": cfg.get("moe_intermediate_size"),
              "attention width": (cfg.get("head_dim") or hidden // heads) * heads if heads else None}
     ignore = plan.opts.ignored_patterns
     used = {}

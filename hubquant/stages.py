@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -37,7 +38,9 @@ STAGES = ("resolve", "download", "load", "calibrate", "baseline", "leak_check", 
 # files copied from the base next to the quantized weights
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
               "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-              "generation_config.json", "LICENSE", "LICENSE.txt", "NOTICE")
+              "generation_config.json", "LICENSE", "LICENSE.txt", "NOTICE",
+              # vision-language processors
+              "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Run:
     leak_docs: tuple | None = None
     leak_base: Any = None
     quantized: dict | None = None
+    routing: Any = None  # hubquant.moe.RoutingPolicy of a mixture-of-experts run
     out_dir: Path | None = None
     tmp_root: Path | None = None
     written: list[str] = field(default_factory=list)
@@ -200,8 +204,10 @@ def load_model(path: Path, *, trust_remote_code: bool):
         that does not load.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from hubquant.modeling import VISION_LANGUAGE, auto_class, supported_hint
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     arch = (config.architectures or [type(config).__name__])[0]
@@ -209,14 +215,15 @@ def load_model(path: Path, *, trust_remote_code: bool):
         raise UnsupportedError(f"{arch} checkpoint is already quantized "
                                f"({config.quantization_config.get('quant_method', '?')})",
                                hint="start from the float (bf16/fp16/fp32) base model")
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in VISION_LANGUAGE \
+            and not trust_remote_code:
         raise UnsupportedError(f"'{arch}' (model_type {config.model_type}) is not a causal language model "
-                               "transformers knows", hint="hubquant converts decoder-only text generation models")
+                               "transformers knows", hint=supported_hint())
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = auto_class(config).from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     model.requires_grad_(False)  # inference only: methods edit weights in place
     return model.eval(), tokenizer
 
@@ -263,6 +270,7 @@ def load(run: Run) -> None:
     with run.stage("load"):
         model, tokenizer = load_model(run.path, trust_remote_code=run.opts.trust_remote_code)
         decoder_layers(model)  # unsupported layouts fail here, before any work
+        _experts(run, model)
         check_group_size(model, run.plan.scheme, run.opts.ignored_patterns)
         run.model, run.tokenizer = model, tokenizer
         kept = unquantized(model, set(quantizable_linears(model, run.opts.ignored_patterns)))
@@ -271,6 +279,22 @@ def load(run: Run) -> None:
                 f"in {time.time() - run._t0:.1f} s")
         run.log(f"left unquantized ({len(kept)} Linear layers, --ignore {' '.join(run.opts.ignored_patterns) or '-'}"
                 f"): {_short(kept)}")
+
+
+def _experts(run: Run, model) -> None:
+    """Mixture of experts: per-expert Linears (hubquant.moe), and the scheme their checkpoint can hold."""
+    import dataclasses
+
+    from hubquant import moe
+
+    if not moe.unfuse_experts(model):
+        return
+    run.log(f"mixture of experts: {len(moe.expert_linear_names(model))} expert projections as per-expert Linears")
+    scheme = moe.checkpoint_scheme(model, run.plan.scheme, run.plan.format, asym_requested=run.opts.symmetric is False,
+                                   log=run.log)
+    if scheme != run.plan.scheme:  # the settings hash stays the requested settings' (reruns stay idempotent)
+        run.plan = dataclasses.replace(run.plan, scheme=scheme,
+                                       settings={**run.plan.settings, "scheme": dataclasses.asdict(scheme)})
 
 
 def unquantized(model, quantized_names) -> list[str]:
@@ -365,6 +389,7 @@ def _leak_documents(calib, eval_src) -> tuple[list[str], list[str]]:
 
 def quantize(run: Run) -> None:
     """Quantize layer by layer with the plan's method (the model in memory then computes the variant)."""
+    from hubquant import moe_pipeline
     from hubquant.methods import QuantJob, get_method
 
     opts = run.opts
@@ -373,7 +398,8 @@ def quantize(run: Run) -> None:
         job = QuantJob(scheme=run.plan.scheme, ignore=opts.ignored_patterns,
                        calib=None if run.calib is None else run.calib.ids,
                        options=spec.parse_options(opts.method_options), device=run.device, progress=opts.progress)
-        run.quantized = spec.load()(run.model, job)
+        run.quantized, run.routing = moe_pipeline.quantize_with_policy(run.model, job, spec.load(),
+                                                                       options=opts.method_options, log=run.log)
         run.log(f"quantized {len(run.quantized)} Linear layers with {opts.method} in {time.time() - run._t0:.1f} s")
 
 
@@ -407,6 +433,7 @@ def _fault(point: str) -> None:
 
 def write(run: Run) -> Path:
     """The format's files plus the base's tokenizer and generation files."""
+    from hubquant import moe, moe_pipeline
     from hubquant.formats import get_format
     from hubquant.methods import get_method
 
@@ -420,6 +447,9 @@ def write(run: Run) -> Path:
             options = get_method(opts.method).parse_options(opts.method_options)
             run.quant_config = get_format(plan.format)(run.model, run.quantized, scheme=plan.scheme, out_dir=out,
                                                        method=opts.method, options=options)
+            if plan.format == "compressed-tensors" and moe.expert_modules(run.model):
+                checked = moe_pipeline.verify_written(run.model, run.quantized, plan.scheme, out)
+                run.log(f"moe: {checked} expert projections on disk match the evaluated model")
             for name in COPY_FILES:
                 src = run.path / name
                 if src.is_file():
@@ -458,6 +488,9 @@ def evaluate_variant(run: Run) -> None:
 def check_gate(run: Run) -> None:
     """The quality gate (--max-ppl-increase): nothing is pushed when perplexity rose more than allowed."""
     gate, m = run.opts.max_ppl_increase, run.metrics
+    if "perplexity" in m and not all(math.isfinite(m[k]) for k in ("perplexity", "top1_agreement", "mean_kl")):
+        raise QualityGateError(f"the variant's outputs are not finite (perplexity {m['perplexity']}); "
+                               "nothing was pushed", hint="report the model and method; try --method rtn or more bits")
     if gate is not None and "ppl_increase_pct" in m and m["ppl_increase_pct"] > gate:
         raise QualityGateError(
             f"perplexity rose {m['ppl_increase_pct']:.2f}% (gate: {gate}%); nothing was pushed",
@@ -503,6 +536,7 @@ def card_command(plan: Plan) -> str:
 
 def provenance(run: Run, card_files: set[str]) -> dict:
     import hubquant
+    from hubquant import moe
 
     plan, calib, ev = run.plan, run.calib, run.eval_set
     return {
@@ -512,13 +546,15 @@ def provenance(run: Run, card_files: set[str]) -> dict:
         "calibration": None if calib is None else {"spec": calib.spec, "description": calib.description,
                                                    "num_samples": calib.num_samples, "seq_len": calib.seq_len},
         "evaluation": None if ev is None else {"spec": ev.spec, "description": ev.description, "tokens": ev.n_tokens},
-        "leak_check": run.leak, "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
+        "moe": moe.report(run.model, run.quantized, run.routing), "leak_check": run.leak,
+        "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
         "files": sorted(set(run.written) | card_files),
     }
 
 
 def card(run: Run) -> None:
     """hubquant.json (provenance), the model card and the Hub's evaluation-results file."""
+    from hubquant import moe
     from hubquant.card import eval_results_yaml, render, save
     from hubquant.cardinputs import card_inputs
     from hubquant.hub import client
@@ -529,7 +565,9 @@ def card(run: Run) -> None:
         with disk_errors(run.out_dir):
             (run.out_dir / client.PROVENANCE_FILE).write_text(
                 json.dumps(provenance(run, card_files), indent=2, sort_keys=True) + "\n")
-            save(render(inputs), inputs, run.out_dir)
+            rendered = render(inputs)
+            rendered.text += moe.card_section(run.model, run.quantized, run.routing)
+            save(rendered, inputs, run.out_dir)
         run.written = sorted(set(run.written) | card_files | {client.PROVENANCE_FILE})
         m = run.metrics
         run.log(f"wrote {run.out_dir} ({m['size_bytes'] / 1e6:.1f} MB, base {m['base_size_bytes'] / 1e6:.1f} MB)")

@@ -106,8 +106,13 @@ def write_config(model: torch.nn.Module, out_dir: Path, quantization_config: dic
 
 
 def ignored_linears(model: torch.nn.Module, quantized: dict[str, QuantizedWeight]) -> list[str]:
-    """Linears of `model` left in float (not in `quantized`), in module order."""
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+    """Linears of `model` left in float (not in `quantized`), in module order, then the float routers a loader
+    would otherwise build as quantized Linears; checkpoint names (hubquant.moe.checkpoint_name)."""
+    from hubquant import moe
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+    names += [n for n in moe.float_module_names(model) if n not in names]
+    return [moe.checkpoint_name(model, n) for n in names]
 
 
 def method_options(method: str, options):
@@ -123,9 +128,12 @@ def write_model(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], o
                 max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """The whole-model write every format shares: float tensors + each quantized Linear's tensors (as the
     format names them), sharded safetensors, config.json with `qc`. Returns the safetensors file names."""
+    from hubquant import moe
+
     tensors = dense_tensors(model, quantized)
     for name, qw in quantized.items():
         tensors.update(linear_tensors(name, qw))
+    tensors = {moe.checkpoint_name(model, k): v for k, v in tensors.items()}  # Mixtral: block_sparse_moe
     names = save_tensors(tensors, out_dir, max_shard_bytes=max_shard_bytes)
     write_config(model, out_dir, qc, dtype=dtype)
     return names

@@ -34,6 +34,7 @@ ALLOW_PATTERNS = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
     "README.md", "LICENSE", "LICENSE.txt", "NOTICE",
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",  # vision-language
 )
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 PROVENANCE_FILE = "hubquant.json"

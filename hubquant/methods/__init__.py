@@ -32,6 +32,11 @@ def _resolve(target: str):
     return getattr(importlib.import_module(mod), attr)
 
 
+# method options every method takes on mixture-of-experts models (hubquant.moe.RoutingPolicy reads them), and the
+# model types whose experts hubquant.moe knows (hubquant.moe.EXPERT_LAYOUTS; kept here without importing torch)
+MOE_OPTION_KEYS = ("calibrate_all_experts", "min_expert_tokens")
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe", "mixtral", "minimax")
+
 @dataclass(frozen=True, kw_only=True)
 class MethodSpec:
     """One method's registry entry. `run` and `options` are "module:attribute" targets, imported on use."""
@@ -63,7 +68,13 @@ class MethodSpec:
 
         Raises:
             UsageError: an unknown key (the hint lists the known ones) or a bad value.
+
+        The mixture-of-experts keys (`MOE_OPTION_KEYS`) belong to every method; hubquant.moe reads them.
         """
+        if isinstance(raw, dict):
+            raw = {k: v for k, v in raw.items() if k not in MOE_OPTION_KEYS}
+        elif isinstance(raw, (list, tuple)):
+            raw = [r for r in raw if str(r).split("=", 1)[0].strip() not in MOE_OPTION_KEYS]
         return parse_options(self.options_class(), raw, method=self.name)
 
     def needs_calibration(self, scheme: QuantScheme | None = None, options: Any = None) -> bool:
@@ -118,6 +129,8 @@ class MethodSpec:
 
     def check_architecture(self, config: Any, options: Any = None) -> None:
         """Raise UnsupportedError before any download when the method cannot handle `config`'s architecture."""
+        if getattr(config, "model_type", None) in MOE_MODEL_TYPES:
+            return  # hubquant.moe builds the scaling map from the loaded model's experts
         if self.scaling and self.parse_options(options).uses_scaling():
             from hubquant.methods.scaling import mappings_for
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hubquant import moe
 from hubquant.engine import LayerWork, LinearStats, run_layers
 from hubquant.errors import UsageError
 from hubquant.methods.base import QuantJob
@@ -174,7 +175,7 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
     if job.calib is None:
         raise UsageError("AWQ needs calibration data", hint="pass --calib-dataset (or use --method rtn)")
     opts = dataclasses.asdict(job.options_as(AwqOptions, "awq"))
-    mappings = mappings_for(getattr(model.config, "model_type", type(model).__name__))
+    mappings = moe.scale_mappings(model) or mappings_for(getattr(model.config, "model_type", type(model).__name__))
     scheme = job.scheme.weights
     dtype = model_dtype(model)
     result: dict[str, QuantizedWeight] = {}

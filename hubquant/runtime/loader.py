@@ -260,6 +260,9 @@ def load(repo_or_path: str | Path, device: str | torch.device | None = None, dty
         del config.quantization_config
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    from hubquant import moe
+
+    moe.unfuse_experts(model)  # per-expert Linears, named as the checkpoint names them
 
     files = TensorFiles(path)
     consumed: set[str] = set()
@@ -269,7 +272,8 @@ def load(repo_or_path: str | Path, device: str | torch.device | None = None, dty
         build = FORMATS[fmt].load_reader()
         linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         for name, lin in tqdm(linears, desc="repacking", disable=not progress, leave=False):
-            t = files.with_prefix(name)
+            ckpt = moe.checkpoint_name(model, name)
+            t = files.with_prefix(ckpt)
             if not t:
                 continue
             new = build(qcfg, name, t, lin.in_features, lin.out_features, dtype, device, notes)
@@ -278,7 +282,7 @@ def load(repo_or_path: str | Path, device: str | torch.device | None = None, dty
             if isinstance(new, W4A16Linear) and new.bias is not None:
                 new.bias = new.bias.to(device, dtype)
             _set_module(model, name, new)
-            consumed.update(f"{name}.{k}" for k in t)
+            consumed.update(f"{ckpt}.{k}" for k in t)
             n_quant += 1
         if n_quant == 0:
             raise CorruptFileError(f"config.json says {fmt} but no quantized tensors were found",
@@ -289,7 +293,7 @@ def load(repo_or_path: str | Path, device: str | torch.device | None = None, dty
         if key in consumed:
             continue
         v = files.get(key)
-        state[key] = v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        state[moe.model_name(model, key)] = v.to(device, dtype) if v.is_floating_point() else v.to(device)
     result = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
         out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()

@@ -1,0 +1,586 @@
+"""Mixture-of-experts: per-expert Linears, routing statistics, the low-token rule, checkpoint names.
+
+transformers 5 keeps a sparse block's experts as two fused 3-D parameters (`experts.gate_up_proj`
+[E, 2I, H], `experts.down_proj` [E, H, I]), which no method sees as Linears. `unfuse_experts(model)`
+replaces each such module by `PerExpertLinears`, a ModuleList of per-expert MLPs whose `gate_proj`,
+`up_proj` and `down_proj` (Mixtral: `w1`, `w3`, `w2`) are plain `nn.Linear` views of the fused weights,
+with the same routing arithmetic as transformers' eager experts. Then:
+
+- every method quantizes every expert's projections like any other Linear;
+- a Linear's forward pre-hook fires only with the tokens the router sends to its expert, so calibrated
+  methods collect per-expert statistics (Hessians, absmax) without further plumbing;
+- `model.state_dict()` names the experts as the Hub's checkpoints do (`mlp.experts.{i}.gate_proj.weight`),
+  which transformers' weight-conversion mappings fuse again when they load the variant.
+
+Calibrated methods run under `RoutingPolicy` (`quantize_with_policy`): before a MoE layer's method work the
+engine counts the calibration tokens routed to each expert (`prepare_layer`); experts under
+`min_expert_tokens` are quantized with round-to-nearest instead (stated in the log and the card), unless
+`calibrate_all_experts=true`, where every expert sees every calibration token for its statistics while
+the layer's output still uses only the routed ones.
+"""
+from __future__ import annotations
+
+import contextvars
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hubquant.errors import UnsupportedError, UsageError
+
+# ------------------------------------------------------------------------------------------ architectures as data
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertLayout:
+    """How one architecture names its experts in Hub checkpoints.
+
+    proj_names: the gate, up and down Linears of one expert, as checkpoints (and vLLM's loaders) name them.
+    block_rename: (module path in transformers 5, path in checkpoints) of the sparse block, when they differ.
+    """
+
+    proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    block_rename: tuple[str, str] | None = None
+
+
+_QWEN_LIKE = ExpertLayout()
+_MIXTRAL_LIKE = ExpertLayout(proj_names=("w1", "w3", "w2"), block_rename=(".mlp.", ".block_sparse_moe."))
+
+# model_type -> layout. Each entry is an architecture whose fused experts transformers 5.24 fuses again from
+# per-expert checkpoint tensors (its conversion_mapping), so the variant loads with plain from_pretrained.
+EXPERT_LAYOUTS: dict[str, ExpertLayout] = {
+    "qwen2_moe": _QWEN_LIKE,
+    "qwen3_moe": _QWEN_LIKE,
+    "deepseek_v2": _QWEN_LIKE,
+    "deepseek_v3": _QWEN_LIKE,
+    "glm4_moe": _QWEN_LIKE,
+    "olmoe": _QWEN_LIKE,
+    "mixtral": _MIXTRAL_LIKE,
+    "minimax": _MIXTRAL_LIKE,
+}
+
+# Fused experts whose layout has no per-expert form transformers 5.24 loads back (no conversion mapping).
+UNSUPPORTED_EXPERTS = {
+    "gpt_oss": "gpt-oss keeps transposed, biased, interleaved experts and transformers 5.24 has no per-expert "
+               "checkpoint mapping for them",
+}
+
+# Modules kept in float whatever the method: routers and shared-expert gates are small and decide which
+# expert runs (a rounding error there changes the routing, not just a value); vision towers and projectors
+# of vision-language models are not the language model.
+FLOAT_PATTERNS: tuple[str, ...] = (
+    r"re:.*\.mlp\.gate$", r"re:.*\.block_sparse_moe\.gate$", r"re:.*\.mlp\.router$", r"re:.*shared_expert_gate$",
+    r"re:(.*\.)?(visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|mm_projector)(\..*)?$",
+)
+FLOAT_REASONS = {
+    "router": "routers and shared-expert gates decide which expert runs; kept in float (as vLLM expects)",
+    "vision": "vision tower and projector of a vision-language model; only the language model is quantized",
+    "embedding": "embeddings and norms are not Linear layers; kept in float",
+}
+
+
+def model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", "") or ""
+
+
+def is_float_module(name: str) -> bool:
+    from hubquant.quant import matches_any
+
+    return matches_any(name, FLOAT_PATTERNS)
+
+
+# ------------------------------------------------------------------------------------------ per-expert Linears
+
+
+class ExpertMLP(nn.Module):
+    """One expert: down(act(gate(x)) * up(x)); the three Linears carry the checkpoint's names."""
+
+    def __init__(self, names: tuple[str, str, str], gate: nn.Linear, up: nn.Linear, down: nn.Linear, act):
+        super().__init__()
+        self.names = names
+        for n, lin in zip(names, (gate, up, down)):
+            self.add_module(n, lin)
+        self.act_fn = act
+
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        return tuple(getattr(self, n) for n in self.names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self.projections()
+        return down(self.act_fn(gate(x)) * up(x))
+
+
+class PerExpertLinears(nn.ModuleList):
+    """Stand-in for transformers' fused experts module: same call (hidden [T, H], top_k_index [T, k],
+    top_k_weights [T, k]) and the same arithmetic as the eager implementation, one `ExpertMLP` per expert."""
+
+    def __init__(self, experts: list[ExpertMLP]):
+        super().__init__(experts)
+        self.num_experts = len(experts)
+        self.calibrate_all = False  # statistics from every token, output from the routed ones
+        self.on_route: Callable[[torch.Tensor], None] | None = None  # sees top_k_index (routing statistics)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self.on_route is not None:
+            self.on_route(top_k_index)
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        todo = range(self.num_experts) if self.calibrate_all else [int(e[0]) for e in hit]
+        for e in todo:
+            if e == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(mask[e])
+            if self.calibrate_all:
+                out = self[e](hidden_states)[token_idx]  # every token feeds the statistics hooks
+            else:
+                out = self[e](hidden_states[token_idx])
+            if token_idx.numel() == 0:
+                continue
+            out = out * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+
+def _fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, mod in model.named_modules():
+        p = getattr(mod, "gate_up_proj", None)
+        if isinstance(p, torch.Tensor) and p.dim() == 3 and isinstance(getattr(mod, "down_proj", None), torch.Tensor):
+            out.append((name, mod))
+    return out
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    return lin
+
+
+@torch.no_grad()
+def unfuse_experts(model: nn.Module) -> int:
+    """Replace every fused experts module of `model` by `PerExpertLinears` (weights are views, no copy).
+
+    Returns the number of experts modules replaced (0 for dense models).
+
+    Raises:
+        UnsupportedError: fused experts of an architecture without a per-expert checkpoint layout.
+    """
+    fused = _fused_experts(model)
+    if not fused:
+        return 0
+    mtype = model_type(model)
+    if mtype in UNSUPPORTED_EXPERTS:
+        raise UnsupportedError(f"{UNSUPPORTED_EXPERTS[mtype]}, so a quantized variant could not be loaded",
+                               hint=f"mixture-of-experts models hubquant converts: {', '.join(EXPERT_LAYOUTS)}")
+    layout = EXPERT_LAYOUTS.get(mtype)
+    if layout is None:
+        raise UnsupportedError(f"fused experts of model_type '{mtype}' have no known per-expert checkpoint layout",
+                               hint=f"mixture-of-experts models hubquant converts: {', '.join(EXPERT_LAYOUTS)}")
+    for name, mod in fused:
+        gate_up, down = mod.gate_up_proj.data, mod.down_proj.data
+        inter = gate_up.shape[1] // 2
+        experts = [ExpertMLP(layout.proj_names, _linear(gate_up[e, :inter]), _linear(gate_up[e, inter:]),
+                             _linear(down[e]), mod.act_fn) for e in range(gate_up.shape[0])]
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, PerExpertLinears(experts))
+    return len(fused)
+
+
+def expert_modules(module: nn.Module, prefix: str = "") -> dict[str, PerExpertLinears]:
+    """The `PerExpertLinears` inside `module`, keyed by full module name."""
+    out = {}
+    for name, mod in module.named_modules():
+        if isinstance(mod, PerExpertLinears):
+            out[f"{prefix}.{name}" if prefix and name else (prefix or name)] = mod
+    return out
+
+
+def expert_linear_names(module: nn.Module, prefix: str = "") -> dict[str, tuple[str, int]]:
+    """{full Linear name: (experts module name, expert index)} for every expert projection in `module`."""
+    out = {}
+    for ename, experts in expert_modules(module, prefix).items():
+        for i, mlp in enumerate(experts):
+            for n in mlp.names:
+                out[f"{ename}.{i}.{n}"] = (ename, i)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ checkpoint names
+
+
+def checkpoint_name(model: nn.Module, key: str) -> str:
+    """The name a tensor or module of `model` gets in the checkpoint (Mixtral: `.mlp.` -> `.block_sparse_moe.`)."""
+    layout = EXPERT_LAYOUTS.get(model_type(model))
+    if layout is None or layout.block_rename is None or not expert_modules(model):
+        return key
+    src, dst = layout.block_rename
+    return key.replace(src, dst) if ".layers." in key else key
+
+
+def float_module_names(model: nn.Module) -> list[str]:
+    """Modules kept in float that a loader could otherwise take for quantized Linears (routers: vLLM builds
+    them as Linear layers and reads the `ignore` list of the quantization config)."""
+    return sorted(n for n, m in model.named_modules()
+                  if n and is_float_module(n) and not isinstance(m, (nn.ModuleList, nn.ModuleDict))
+                  and any(True for _ in m.parameters(recurse=False)))
+
+
+def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: bool, log=print):
+    """The scheme a MoE variant is written with, or why it cannot be written.
+
+    transformers 5.24 fuses per-expert tensors again only through a dequantize step: compressed-tensors has one
+    (packed int and FP8 experts, no zero points), bitsandbytes none. So MoE variants in compressed-tensors use
+    symmetric int4 groups, and bitsandbytes variants are refused (their experts could not be loaded).
+
+    Raises:
+        UsageError: --asym asked for a mixture-of-experts model written as compressed-tensors.
+        UnsupportedError: a bitsandbytes variant of a mixture-of-experts model.
+    """
+    import dataclasses
+
+    if not expert_modules(model):
+        return scheme
+    if fmt == "bitsandbytes":
+        raise UnsupportedError("transformers' bitsandbytes integration cannot load quantized experts (fused 3-D "
+                               "parameters, no per-expert dequantization)",
+                               hint="use --method rtn, gptq, awq or fp8 (compressed-tensors) for mixture-of-experts")
+    w = scheme.weights
+    if fmt != "compressed-tensors" or w.symmetric or w.type == "float" or w.bits == 8:
+        return scheme
+    if asym_requested:
+        raise UsageError("transformers cannot load asymmetric int4 experts from compressed-tensors (no zero points "
+                         "in its expert decompression)", hint="drop --asym; experts are written symmetric")
+    log("moe: experts are written with symmetric groups (transformers loads no zero points for experts)")
+    return dataclasses.replace(scheme, weights=dataclasses.replace(w, symmetric=True))
+
+
+def model_name(model: nn.Module, key: str) -> str:
+    """Inverse of `checkpoint_name`: the module path in transformers of a checkpoint name."""
+    layout = EXPERT_LAYOUTS.get(model_type(model))
+    if layout is None or layout.block_rename is None or not expert_modules(model):
+        return key
+    src, dst = layout.block_rename
+    return key.replace(dst, src) if ".layers." in key else key
+
+
+# ------------------------------------------------------------------------------------------ scaling maps (data)
+
+# (producer, consumers, extra) relative to a decoder layer: the producer's output feeds only the consumers,
+# so scaling moves exactly between them (AWQ, SmoothQuant). Entries whose modules a layer lacks are skipped
+# by the methods (dense first layers, MLA instead of q/k/v, GQA v/o). A sparse block's input also feeds the
+# router, so no entry scales the norm in front of the experts: experts get their own up -> down pairs.
+_ATTENTION_SCALING = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), False),
+    ("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), False),  # MLA, q LoRA
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"), False),  # MLA, no q LoRA
+    ("self_attn.q_a_layernorm", ("self_attn.q_b_proj",), False),
+    ("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",), False),
+    ("self_attn.v_proj", ("self_attn.o_proj",), True),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), False),  # dense layers only
+    ("mlp.up_proj", ("mlp.down_proj",), True),
+    ("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), True),
+    ("mlp.shared_experts.up_proj", ("mlp.shared_experts.down_proj",), True),
+)
+
+
+def scale_mappings(model: nn.Module, *, extra: bool = True):
+    """The scaling map (hubquant.methods.scaling.ScaleMapping) of a mixture-of-experts model, None for other
+    models (their architecture's table applies). `extra=False` keeps the norms only (SmoothQuant smooth=norms)."""
+    from hubquant.methods.scaling import ScaleMapping
+
+    mods = expert_modules(model)
+    if not mods or model_type(model) not in EXPERT_LAYOUTS:
+        return None
+    _, up, down = EXPERT_LAYOUTS[model_type(model)].proj_names
+    n = max(m.num_experts for m in mods.values())
+    groups = list(_ATTENTION_SCALING) + [(f"mlp.experts.{i}.{up}", (f"mlp.experts.{i}.{down}",), True)
+                                         for i in range(n)]
+    return tuple(ScaleMapping(smooth=p, balance=c, extra=e) for p, c, e in groups if extra or not e)
+
+
+# ------------------------------------------------------------------------------------------ routing statistics
+
+
+@dataclass
+class RoutingPolicy:
+    """What calibrated methods do with experts: the threshold, the rule below it, and the record."""
+
+    min_expert_tokens: int = 16
+    calibrate_all_experts: bool = False
+    fallback: Callable[[dict[str, nn.Linear]], None] | None = None  # quantizes low-token experts' Linears
+    counts: dict[str, list[int]] = field(default_factory=dict)  # experts module -> routed tokens per expert
+    fallback_linears: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_options(cls, options: dict) -> RoutingPolicy:
+        cal = options.get("calibrate_all_experts", False)
+        if isinstance(cal, str):
+            if cal.lower() not in ("true", "false", "1", "0"):
+                raise UsageError(f"calibrate_all_experts={cal}", hint="use calibrate_all_experts=true or false")
+            cal = cal.lower() in ("true", "1")
+        try:
+            n = int(options.get("min_expert_tokens", 16))
+        except (TypeError, ValueError):
+            raise UsageError(f"min_expert_tokens={options['min_expert_tokens']}", hint="use an integer >= 0") from None
+        if n < 0:
+            raise UsageError(f"min_expert_tokens={n}", hint="use an integer >= 0")
+        return cls(min_expert_tokens=n, calibrate_all_experts=bool(cal))
+
+    def summary(self) -> dict:
+        """min / median / max routed tokens per expert over all MoE layers, and how many fell under the threshold."""
+        flat = [c for cs in self.counts.values() for c in cs]
+        if not flat:
+            return {}
+        low = sum(c < self.min_expert_tokens for c in flat)
+        return {"experts": len(flat), "layers": len(self.counts), "min": min(flat), "median": statistics.median(flat),
+                "max": max(flat), "threshold": self.min_expert_tokens, "below_threshold": low,
+                "calibrate_all_experts": self.calibrate_all_experts,
+                "rule": ("all calibration tokens feed every expert's statistics" if self.calibrate_all_experts
+                         else "round-to-nearest for experts under the threshold"),
+                "fallback_linears": len(self.fallback_linears)}
+
+
+_POLICY: contextvars.ContextVar[RoutingPolicy | None] = contextvars.ContextVar("hubquant_moe_policy", default=None)
+
+
+class _Routed(Exception):
+    """Stops a layer once its router has chosen the experts (the routing pass needs nothing after that)."""
+
+
+@torch.no_grad()
+def routed_counts(layer: nn.Module, inputs: list, kwargs: list) -> dict[str, list[int]]:
+    """Calibration tokens the router of each experts module in `layer` sends to each expert (one cheap pass:
+    attention and router only). Keys are names relative to `layer`."""
+    mods = expert_modules(layer)
+    counts = {n: torch.zeros(m.num_experts, dtype=torch.long) for n, m in mods.items()}
+    pending: set[str] = set()
+
+    def make(name, mod):
+        def on_route(idx):
+            counts[name] += torch.bincount(idx.reshape(-1).cpu(), minlength=mod.num_experts)[: mod.num_experts]
+            pending.discard(name)
+            if not pending:
+                raise _Routed
+        return on_route
+
+    for n, m in mods.items():
+        m.on_route = make(n, m)
+    try:
+        for x, kw in zip(inputs, kwargs):
+            pending.update(mods)
+            try:
+                layer(x, **kw)
+            except _Routed:
+                pass
+    finally:
+        for m in mods.values():
+            m.on_route = None
+    return {n: c.tolist() for n, c in counts.items()}
+
+
+def prepare_layer(work) -> None:
+    """Engine hook before a layer's method work: count the routing and apply the low-token rule.
+
+    Under a `RoutingPolicy`, experts whose routed token count is under the threshold leave `work.linears`
+    (they go to `work.scratch['moe_fallback']` and are quantized by the policy's fallback after the method's
+    work); with `calibrate_all_experts` every expert sees every token instead."""
+    policy = _POLICY.get()
+    mods = expert_modules(work.layer)
+    if policy is None or not mods:
+        return
+    counts = routed_counts(work.layer, work.inputs, work.kwargs)
+    fallback = {}
+    for rel, per_expert in counts.items():
+        full = f"{work.name}.{rel}"
+        policy.counts[full] = per_expert
+        mods[rel].calibrate_all = policy.calibrate_all_experts
+        if policy.calibrate_all_experts:
+            continue
+        for i, c in enumerate(per_expert):
+            if c < policy.min_expert_tokens:
+                for n in mods[rel][i].names:
+                    lin_name = f"{full}.{i}.{n}"
+                    if lin_name in work.linears:
+                        fallback[lin_name] = work.linears.pop(lin_name)
+    work.scratch["moe_fallback"] = fallback
+
+
+def finish_layer(work) -> None:
+    """Engine hook after a layer's method work: quantize the low-token experts by the stated rule."""
+    policy = _POLICY.get()
+    for m in expert_modules(work.layer).values():
+        m.calibrate_all = False
+    fallback = work.scratch.pop("moe_fallback", None)
+    if policy is None or not fallback:
+        return
+    policy.fallback_linears.extend(fallback)
+    if policy.fallback is not None:
+        policy.fallback(fallback)
+
+
+def quantize_with_policy(model: nn.Module, job, method_fn, *, options: dict | None = None,
+                         log: Callable[[str], None] = print):
+    """Run `method_fn(model, job)` under the routing policy of the MoE options (`options`: the raw method options,
+    default `job.options` when that is a dict, whose MoE keys are then taken out); every expert Linear the method
+    did not quantize is quantized with round-to-nearest and counted (never left in float silently).
+    Returns (quantized dict, policy or None for dense models)."""
+    import dataclasses
+
+    from hubquant.methods import MOE_OPTION_KEYS
+    from hubquant.modeling import quantizable_linears
+
+    if options is None:
+        options = job.options if isinstance(job.options, dict) else {}
+    moe_opts = {k: options[k] for k in MOE_OPTION_KEYS if k in options}
+    if isinstance(job.options, dict):
+        job = dataclasses.replace(job, options={k: v for k, v in job.options.items() if k not in MOE_OPTION_KEYS})
+    experts = expert_linear_names(model)
+    if not experts:
+        if moe_opts:
+            raise UsageError(f"{', '.join(moe_opts)} applies to mixture-of-experts models only",
+                             hint="drop the --method-option")
+        return method_fn(model, job), None
+    policy = RoutingPolicy.from_options(moe_opts)
+    acts = job.scheme.activations
+    if acts is not None and not acts.dynamic and not policy.calibrate_all_experts:
+        policy.calibrate_all_experts = True  # a static input scale per expert needs that expert's inputs
+        log("moe: static activation scales: every expert sees every calibration token (calibrate_all_experts)")
+    extra: dict = {}
+    policy.fallback = lambda lins: extra.update(_rtn_linears(lins, job))
+    token = _POLICY.set(policy)
+    try:
+        result = method_fn(model, job)
+    finally:
+        _POLICY.reset(token)
+    result.update(extra)
+    missing = {n: m for n, m in quantizable_linears(model, job.ignore).items() if n in experts and n not in result}
+    if missing:
+        log(f"moe: {len(missing)} expert Linears got no statistics from the method; quantized with round-to-nearest")
+        policy.fallback_linears.extend(missing)
+        result.update(_rtn_linears(missing, job))
+    s = policy.summary()
+    if s:
+        log(f"moe: routed calibration tokens per expert over {s['layers']} layers x experts: min {s['min']}, "
+            f"median {s['median']:g}, max {s['max']}; {s['below_threshold']} of {s['experts']} experts under "
+            f"{s['threshold']} tokens ({s['rule']}; {s['fallback_linears']} Linears by that rule)")
+    return result, policy
+
+
+def _rtn_linears(lins: dict[str, nn.Linear], job) -> dict:
+    """Round-to-nearest on the method's grid (int min-max, or FP8 e4m3 per channel), weights := dequantized."""
+    from hubquant.methods.rtn import quantize_linears
+
+    if job.scheme.weights.type != "float":
+        return quantize_linears(lins, job)
+    from hubquant.quant import fp8_quantize_weight
+
+    out = {}
+    for name, lin in lins.items():
+        w = lin.weight.data
+        qw = fp8_quantize_weight(w, job.scheme.weights, scale_dtype=w.dtype)
+        lin.weight.data = qw.dequantize(w.dtype)
+        out[name] = qw
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report and card
+
+
+def _float_kinds(model: nn.Module) -> dict[str, list[str]]:
+    kinds: dict[str, list[str]] = {"router": [], "vision": []}
+    for n in float_module_names(model):
+        kinds["vision" if any(v in n for v in ("vis", "projector")) else "router"].append(checkpoint_name(model, n))
+    return {k: v for k, v in kinds.items() if v}
+
+
+def report(model: nn.Module, quantized: dict, policy: RoutingPolicy | None) -> dict | None:
+    """What provenance records about experts and float modules (None for a dense text model)."""
+    experts = expert_linear_names(model)
+    kinds = _float_kinds(model)
+    if not experts and not kinds:
+        return None
+    out: dict = {"float_modules": {k: len(v) for k, v in kinds.items()},
+                 "float_reasons": {k: FLOAT_REASONS[k] for k in kinds}}
+    if experts:
+        out.update(expert_linears=len(experts), expert_linears_quantized=sum(n in quantized for n in experts),
+                   experts_modules=len(expert_modules(model)))
+    if policy is not None and policy.counts:
+        out["routing"] = policy.summary()
+        out["routed_tokens"] = {checkpoint_name(model, k): v for k, v in policy.counts.items()}
+    return out
+
+
+def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None) -> str:
+    """Markdown for the model card: expert coverage, routing statistics, what stayed float and why."""
+    rep = report(model, quantized, policy)
+    if rep is None:
+        return ""
+    lines = ["", "## Mixture of experts and modules kept in float" if "expert_linears" in rep
+             else "## Modules kept in float", ""]
+    if "expert_linears" in rep:
+        lines.append(f"- Experts: {rep['expert_linears_quantized']} of {rep['expert_linears']} expert projections "
+                     f"quantized, in {rep['experts_modules']} sparse blocks, stored per expert "
+                     f"(`experts.{{i}}.<projection>`), the layout transformers and vLLM read.")
+    r = rep.get("routing")
+    if r:
+        lines.append(f"- Calibration tokens routed to each expert: min {r['min']}, median {r['median']:g}, "
+                     f"max {r['max']}; {r['below_threshold']} of {r['experts']} experts got fewer than "
+                     f"{r['threshold']}. Rule: {r['rule']} ({r['fallback_linears']} projections by that rule).")
+    elif "expert_linears" in rep:
+        lines.append("- No calibration: every expert is quantized from its own weights.")
+    for kind, names in _float_kinds(model).items():
+        shown = ", ".join(f"`{n}`" for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        lines.append(f"- Float: {shown}. Why: {FLOAT_REASONS[kind]}.")
+    lines.append(f"- Float: embeddings and norms. Why: {FLOAT_REASONS['embedding']}.")
+    return "\n".join(lines) + "\n"
+
+
+def verify_written(model: nn.Module, quantized: dict, scheme, out_dir, *, sample: int = 64) -> int:
+    """Check a compressed-tensors MoE variant on disk against the model that was evaluated: every quantized expert
+    projection has its tensors under its checkpoint name, and for `sample` of them (spread over layers and
+    experts) the stored tensors are exactly the quantized codes whose dequantized values the model ran.
+    Returns how many projections were compared.
+
+    Raises:
+        QualityGateError: a tensor is missing or differs (the files would not compute what was evaluated).
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from hubquant.errors import QualityGateError
+    from hubquant.formats.compressed_tensors import linear_tensors
+
+    names = sorted(n for n in expert_linear_names(model) if n in quantized)
+    if not names:
+        return 0
+    out_dir = Path(out_dir)
+    index = out_dir / "model.safetensors.index.json"
+    where = (json.loads(index.read_text())["weight_map"] if index.is_file()
+             else dict.fromkeys(safe_open(out_dir / "model.safetensors", "pt").keys(), "model.safetensors"))
+    missing = [n for n in names if f"{checkpoint_name(model, n)}.weight_scale" not in where]
+    if missing:
+        raise QualityGateError(f"{len(missing)} expert projections have no tensors in the variant "
+                               f"(e.g. {checkpoint_name(model, missing[0])}); nothing was pushed",
+                               hint="report the model and method: the writer lost experts")
+    lins = dict(model.named_modules())
+    picked = names[:: max(1, len(names) // sample)] + names[-1:]
+    for n in picked:
+        qw = quantized[n]
+        expected = linear_tensors(checkpoint_name(model, n), qw, scheme)
+        for key, value in expected.items():
+            with safe_open(out_dir / where[key], "pt") as f:
+                got = f.get_tensor(key)
+            if got.dtype != value.dtype or not torch.equal(got.view(torch.uint8), value.view(torch.uint8)):
+                raise QualityGateError(f"{key} on disk differs from the quantized values that were evaluated",
+                                       hint="report the model and method; nothing was pushed")
+        w = lins[n].weight
+        if not torch.equal(w.detach().cpu(), qw.dequantize(w.dtype)):
+            raise QualityGateError(f"{n}: the evaluated weight is not the dequantized stored one",
+                                   hint="report the model and method; nothing was pushed")
+    return len(picked)

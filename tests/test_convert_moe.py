@@ -1,0 +1,147 @@
+"""The whole pipeline on mixtures of experts and on the other architectures: convert -> card -> evaluation ->
+plain transformers loads the variant; corruption fails the conversion; encoders stop with exit 5."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import torch
+
+from hubquant.convert import ConvertOptions, convert
+from hubquant.errors import QualityGateError, UnsupportedError
+from tests.conftest import save_tiny_repo
+
+FAST = dict(num_samples=8, seq_len=64, calib_dataset="fortunes", eval_windows=2, eval_seq_len=64, progress=False)
+
+
+def publish(local_hub, tokenizer, tmp_path, arch: str) -> str:
+    repo = f"alice/tiny-{arch}-{uuid.uuid4().hex[:6]}"
+    local_hub.hub.publish_folder(repo, save_tiny_repo(tmp_path / arch, arch, tokenizer))
+    return repo
+
+
+def test_moe_gptq_end_to_end(hub_env, local_hub, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    repo = publish(local_hub, tokenizer, tmp_path, "qwen3_moe")
+    out = tmp_path / "out"
+    logs: list[str] = []
+    res = convert(ConvertOptions(repo_id=repo, method="gptq", group_size=32, output_dir=str(out), **FAST),
+                  log=logs.append)
+    prov = json.loads((out / "hubquant.json").read_text())
+    moe = prov["moe"]
+    assert moe["expert_linears"] == moe["expert_linears_quantized"] == 2 * 8 * 3
+    r = moe["routing"]
+    assert r["experts"] == 16 and r["min"] <= r["median"] <= r["max"] and sum(map(sum, moe["routed_tokens"].values())) \
+        == 2 * 8 * 64 * 2  # layers x calibration tokens x top-2
+    assert any(line.startswith("moe: routed calibration tokens per expert") for line in logs)
+    card = (out / "README.md").read_text()
+    assert "Mixture of experts" in card and "routers and shared-expert gates decide" in card
+    assert res.metrics["top1_agreement"] > 0.5 and res.metrics["ppl_increase_pct"] < 60
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 1000, (1, 16))).logits).all()
+
+
+def test_moe_awq_with_calibrate_all_experts(hub_env, local_hub, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    repo = publish(local_hub, tokenizer, tmp_path, "deepseek_v3")
+    out = tmp_path / "out"
+    logs: list[str] = []
+    res = convert(ConvertOptions(repo_id=repo, method="awq", group_size=32, output_dir=str(out),
+                                 method_options={"calibrate_all_experts": "true"}, **FAST), log=logs.append)
+    prov = json.loads((out / "hubquant.json").read_text())
+    r = prov["moe"]["routing"]
+    assert r["calibrate_all_experts"] and r["fallback_linears"] == 0 and r["layers"] == 1  # first layer is dense
+    assert prov["settings"]["method_options"] == {"calibrate_all_experts": "true"}
+    assert prov["settings"]["scheme"]["weights"]["symmetric"]  # experts symmetric: transformers needs no zero point
+    assert "moe: experts are written with symmetric groups" in "\n".join(logs)
+    assert "calibrate_all_experts=true" in (out / "README.md").read_text()
+    assert res.metrics["ppl_increase_pct"] < 60
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 1000, (1, 16))).logits).all()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "llama"])
+def test_corrupted_variant_fails_the_smoke_check(hub_env, local_hub, tokenizer, tmp_path, monkeypatch, arch):
+    from hubquant import moe
+
+    repo = publish(local_hub, tokenizer, tmp_path, arch)
+    real = moe.quantize_with_policy
+
+    def corrupting(model, job, fn, **kw):
+        result = real(model, job, fn, **kw)
+        experts = moe.expert_modules(model)
+        lin = next(iter(experts.values()))[0].w1 if experts else model.model.layers[0].mlp.down_proj
+        lin.weight.data.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(moe, "quantize_with_policy", corrupting)
+    with pytest.raises(QualityGateError) as e:
+        convert(ConvertOptions(repo_id=repo, method="rtn", group_size=32, output_dir=str(tmp_path / "o"), **FAST),
+                log=lambda m: None)
+    # MoE: the written experts are checked against the model first; any model: the evaluation is not finite
+    expected = "the evaluated weight is not the dequantized stored one" if arch == "mixtral" else "not finite"
+    assert e.value.exit_code == 6 and expected in str(e.value), e.value
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3_text", "phi3", "deepseek_v3", "olmoe"])
+def test_architectures_convert_and_load(hub_env, local_hub, tokenizer, tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    repo = publish(local_hub, tokenizer, tmp_path, arch)
+    out = tmp_path / "out"
+    res = convert(ConvertOptions(repo_id=repo, method="rtn", group_size=32, output_dir=str(out), **FAST),
+                  log=lambda m: None)
+    # random tiny models predict almost uniformly, so agreement is modest; the perplexity must barely move
+    assert res.metrics["top1_agreement"] > 0.3 and res.metrics["ppl_increase_pct"] < 60, res.metrics
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    assert "lm_head" in qc["ignore"]
+
+
+def test_encoder_stops_with_exit_5_naming_what_is_supported(hub_env, local_hub, tmp_path, tokenizer):
+    from transformers import BertConfig, BertForMaskedLM
+
+    path = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=49152)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    repo = f"alice/tiny-bert-{uuid.uuid4().hex[:6]}"
+    local_hub.hub.publish_folder(repo, path)
+    with pytest.raises(UnsupportedError) as e:
+        convert(ConvertOptions(repo_id=repo, method="rtn", output_dir=str(tmp_path / "o"), **FAST), log=lambda m: None)
+    assert e.value.exit_code == 5 and "qwen3_moe" in e.value.hint and "llava" in e.value.hint
+
+
+@pytest.mark.parametrize("arch,method", [("qwen2_5_vl", "gptq"), ("gemma3", "rtn"), ("llava", "rtn")])
+def test_vision_language_quantizes_the_language_model_only(hub_env, local_hub, tokenizer, tmp_path, arch, method):
+    from huggingface_hub import ModelCard
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    from tests.conftest import save_tiny_vl_repo
+
+    repo = f"alice/tiny-{arch}-{uuid.uuid4().hex[:6]}"
+    local_hub.hub.publish_folder(repo, save_tiny_vl_repo(tmp_path / arch, arch, tokenizer))
+    out = tmp_path / "out"
+    res = convert(ConvertOptions(repo_id=repo, method=method, group_size=32, output_dir=str(out), **FAST),
+                  log=lambda m: None)
+    assert res.metrics["ppl_increase_pct"] < 60, res.metrics
+    keys = list(safe_open(out / "model.safetensors", "pt").keys())
+    packed = [k for k in keys if k.endswith("weight_packed")]
+    assert packed and all(".language_model." in k for k in packed)  # vision tower and projector stay float
+    assert any(("visual" in k or "vision_tower" in k) and k.endswith(".weight") for k in keys)
+    assert (out / "preprocessor_config.json").is_file()
+    assert ModelCard.load(out / "README.md").data.pipeline_tag == "image-text-to-text"
+    assert "vision tower and projector" in (out / "README.md").read_text()
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(model).__name__ == json.loads((out / "config.json").read_text())["architectures"][0]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.randint(0, 1000, (1, 16))).logits).all()
