@@ -16,6 +16,17 @@ TEXT_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
 VISION_LANGUAGE = ("qwen2_5_vl", "gemma3", "llava")
 
 
+# Modules kept in float whatever the method: routers and shared-expert gates are small and decide which
+# expert runs (a rounding error there changes the routing, not just a value); vision towers and projectors
+# of vision-language models are not the language model.
+FLOAT_PATTERNS: tuple[str, ...] = (
+    r"re:.*\.mlp\.gate$", r"re:.*\.block_sparse_moe\.gate$", r"re:.*\.mlp\.router$", r"re:.*shared_expert_gate$",
+    r"re:(.*\.)?(visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|mm_projector)(\..*)?$",
+)
+def is_float_module(name: str) -> bool:
+    return matches_any(name, FLOAT_PATTERNS)
+
+
 def supported_hint() -> str:
     return (f"hubquant converts decoder-only text models ({', '.join(TEXT_ARCHITECTURES)}) and the language model "
             f"of vision-language models ({', '.join(VISION_LANGUAGE)})")
@@ -64,9 +75,7 @@ def layers_prefix(model: nn.Module) -> str:
 def quantizable_linears(module: nn.Module, ignore=DEFAULT_IGNORE, prefix: str = "") -> dict[str, nn.Linear]:
     """Linear sub-modules of `module` not matched by `ignore`, keyed by full module name.
 
-    Routers, shared-expert gates and vision towers (hubquant.moe.FLOAT_PATTERNS) always stay float."""
-    from hubquant.moe import FLOAT_PATTERNS
-
+    Routers, shared-expert gates and vision towers (FLOAT_PATTERNS) always stay float."""
     out = {}
     for name, mod in module.named_modules():
         full = f"{prefix}.{name}" if prefix and name else (prefix or name)

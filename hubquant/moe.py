@@ -20,6 +20,7 @@ the layer's output still uses only the routed ones.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import statistics
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from hubquant.errors import UnsupportedError, UsageError
+from hubquant.modeling import FLOAT_PATTERNS, is_float_module  # noqa: F401  (re-exported)
 
 # ------------------------------------------------------------------------------------------ architectures as data
 
@@ -67,13 +69,6 @@ UNSUPPORTED_EXPERTS = {
                "checkpoint mapping for them",
 }
 
-# Modules kept in float whatever the method: routers and shared-expert gates are small and decide which
-# expert runs (a rounding error there changes the routing, not just a value); vision towers and projectors
-# of vision-language models are not the language model.
-FLOAT_PATTERNS: tuple[str, ...] = (
-    r"re:.*\.mlp\.gate$", r"re:.*\.block_sparse_moe\.gate$", r"re:.*\.mlp\.router$", r"re:.*shared_expert_gate$",
-    r"re:(.*\.)?(visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|mm_projector)(\..*)?$",
-)
 FLOAT_REASONS = {
     "router": "routers and shared-expert gates decide which expert runs; kept in float (as vLLM expects)",
     "vision": "vision tower and projector of a vision-language model; only the language model is quantized",
@@ -83,12 +78,6 @@ FLOAT_REASONS = {
 
 def model_type(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", "") or ""
-
-
-def is_float_module(name: str) -> bool:
-    from hubquant.quant import matches_any
-
-    return matches_any(name, FLOAT_PATTERNS)
 
 
 # ------------------------------------------------------------------------------------------ per-expert Linears
@@ -287,11 +276,10 @@ _ATTENTION_SCALING = (
 )
 
 
-def scale_mappings(model: nn.Module, *, extra: bool = True):
-    """The scaling map (hubquant.methods.scaling.ScaleMapping) of a mixture-of-experts model, None for other
-    models (their architecture's table applies). `extra=False` keeps the norms only (SmoothQuant smooth=norms)."""
-    from hubquant.methods.scaling import ScaleMapping
-
+def scale_mappings(model: nn.Module, *, extra: bool = True) -> list[tuple[str, tuple[str, ...], bool]] | None:
+    """The scaling map of a mixture-of-experts model as (smooth, balance, extra) triples (the fields of
+    hubquant.methods.scaling.ScaleMapping), None for other models (their architecture's table applies).
+    `extra=False` keeps the norms only (SmoothQuant smooth=norms)."""
     mods = expert_modules(model)
     if not mods or model_type(model) not in EXPERT_LAYOUTS:
         return None
@@ -299,7 +287,7 @@ def scale_mappings(model: nn.Module, *, extra: bool = True):
     n = max(m.num_experts for m in mods.values())
     groups = list(_ATTENTION_SCALING) + [(f"mlp.experts.{i}.{up}", (f"mlp.experts.{i}.{down}",), True)
                                          for i in range(n)]
-    return tuple(ScaleMapping(smooth=p, balance=c, extra=e) for p, c, e in groups if extra or not e)
+    return [(p, c, e) for p, c, e in groups if extra or not e]
 
 
 # ------------------------------------------------------------------------------------------ routing statistics
@@ -345,6 +333,16 @@ class RoutingPolicy:
 
 
 _POLICY: contextvars.ContextVar[RoutingPolicy | None] = contextvars.ContextVar("hubquant_moe_policy", default=None)
+
+
+@contextlib.contextmanager
+def policy_in_force(policy: RoutingPolicy):
+    """The engine applies `policy` to every MoE layer while this context is open."""
+    token = _POLICY.set(policy)
+    try:
+        yield policy
+    finally:
+        _POLICY.reset(token)
 
 
 class _Routed(Exception):
@@ -422,71 +420,6 @@ def finish_layer(work) -> None:
         policy.fallback(fallback)
 
 
-def quantize_with_policy(model: nn.Module, job, method_fn, *, options: dict | None = None,
-                         log: Callable[[str], None] = print):
-    """Run `method_fn(model, job)` under the routing policy of the MoE options (`options`: the raw method options,
-    default `job.options` when that is a dict, whose MoE keys are then taken out); every expert Linear the method
-    did not quantize is quantized with round-to-nearest and counted (never left in float silently).
-    Returns (quantized dict, policy or None for dense models)."""
-    import dataclasses
-
-    from hubquant.methods import MOE_OPTION_KEYS
-    from hubquant.modeling import quantizable_linears
-
-    if options is None:
-        options = job.options if isinstance(job.options, dict) else {}
-    moe_opts = {k: options[k] for k in MOE_OPTION_KEYS if k in options}
-    if isinstance(job.options, dict):
-        job = dataclasses.replace(job, options={k: v for k, v in job.options.items() if k not in MOE_OPTION_KEYS})
-    experts = expert_linear_names(model)
-    if not experts:
-        if moe_opts:
-            raise UsageError(f"{', '.join(moe_opts)} applies to mixture-of-experts models only",
-                             hint="drop the --method-option")
-        return method_fn(model, job), None
-    policy = RoutingPolicy.from_options(moe_opts)
-    acts = job.scheme.activations
-    if acts is not None and not acts.dynamic and not policy.calibrate_all_experts:
-        policy.calibrate_all_experts = True  # a static input scale per expert needs that expert's inputs
-        log("moe: static activation scales: every expert sees every calibration token (calibrate_all_experts)")
-    extra: dict = {}
-    policy.fallback = lambda lins: extra.update(_rtn_linears(lins, job))
-    token = _POLICY.set(policy)
-    try:
-        result = method_fn(model, job)
-    finally:
-        _POLICY.reset(token)
-    result.update(extra)
-    missing = {n: m for n, m in quantizable_linears(model, job.ignore).items() if n in experts and n not in result}
-    if missing:
-        log(f"moe: {len(missing)} expert Linears got no statistics from the method; quantized with round-to-nearest")
-        policy.fallback_linears.extend(missing)
-        result.update(_rtn_linears(missing, job))
-    s = policy.summary()
-    if s:
-        log(f"moe: routed calibration tokens per expert over {s['layers']} layers x experts: min {s['min']}, "
-            f"median {s['median']:g}, max {s['max']}; {s['below_threshold']} of {s['experts']} experts under "
-            f"{s['threshold']} tokens ({s['rule']}; {s['fallback_linears']} Linears by that rule)")
-    return result, policy
-
-
-def _rtn_linears(lins: dict[str, nn.Linear], job) -> dict:
-    """Round-to-nearest on the method's grid (int min-max, or FP8 e4m3 per channel), weights := dequantized."""
-    from hubquant.methods.rtn import quantize_linears
-
-    if job.scheme.weights.type != "float":
-        return quantize_linears(lins, job)
-    from hubquant.quant import fp8_quantize_weight
-
-    out = {}
-    for name, lin in lins.items():
-        w = lin.weight.data
-        qw = fp8_quantize_weight(w, job.scheme.weights, scale_dtype=w.dtype)
-        lin.weight.data = qw.dequantize(w.dtype)
-        out[name] = qw
-    return out
-
-
 # ------------------------------------------------------------------------------------------ report and card
 
 
@@ -539,48 +472,3 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
     return "\n".join(lines) + "\n"
 
 
-def verify_written(model: nn.Module, quantized: dict, scheme, out_dir, *, sample: int = 64) -> int:
-    """Check a compressed-tensors MoE variant on disk against the model that was evaluated: every quantized expert
-    projection has its tensors under its checkpoint name, and for `sample` of them (spread over layers and
-    experts) the stored tensors are exactly the quantized codes whose dequantized values the model ran.
-    Returns how many projections were compared.
-
-    Raises:
-        QualityGateError: a tensor is missing or differs (the files would not compute what was evaluated).
-    """
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from hubquant.errors import QualityGateError
-    from hubquant.formats.compressed_tensors import linear_tensors
-
-    names = sorted(n for n in expert_linear_names(model) if n in quantized)
-    if not names:
-        return 0
-    out_dir = Path(out_dir)
-    index = out_dir / "model.safetensors.index.json"
-    where = (json.loads(index.read_text())["weight_map"] if index.is_file()
-             else dict.fromkeys(safe_open(out_dir / "model.safetensors", "pt").keys(), "model.safetensors"))
-    missing = [n for n in names if f"{checkpoint_name(model, n)}.weight_scale" not in where]
-    if missing:
-        raise QualityGateError(f"{len(missing)} expert projections have no tensors in the variant "
-                               f"(e.g. {checkpoint_name(model, missing[0])}); nothing was pushed",
-                               hint="report the model and method: the writer lost experts")
-    lins = dict(model.named_modules())
-    picked = names[:: max(1, len(names) // sample)] + names[-1:]
-    for n in picked:
-        qw = quantized[n]
-        expected = linear_tensors(checkpoint_name(model, n), qw, scheme)
-        for key, value in expected.items():
-            with safe_open(out_dir / where[key], "pt") as f:
-                got = f.get_tensor(key)
-            if got.dtype != value.dtype or not torch.equal(got.view(torch.uint8), value.view(torch.uint8)):
-                raise QualityGateError(f"{key} on disk differs from the quantized values that were evaluated",
-                                       hint="report the model and method; nothing was pushed")
-        w = lins[n].weight
-        if not torch.equal(w.detach().cpu(), qw.dequantize(w.dtype)):
-            raise QualityGateError(f"{n}: the evaluated weight is not the dequantized stored one",
-                                   hint="report the model and method; nothing was pushed")
-    return len(picked)

@@ -67,10 +67,10 @@ def test_moe_awq_with_calibrate_all_experts(hub_env, local_hub, tokenizer, tmp_p
 
 @pytest.mark.parametrize("arch", ["mixtral", "llama"])
 def test_corrupted_variant_fails_the_smoke_check(hub_env, local_hub, tokenizer, tmp_path, monkeypatch, arch):
-    from hubquant import moe
+    from hubquant import moe, moe_pipeline
 
     repo = publish(local_hub, tokenizer, tmp_path, arch)
-    real = moe.quantize_with_policy
+    real = moe_pipeline.quantize_with_policy
 
     def corrupting(model, job, fn, **kw):
         result = real(model, job, fn, **kw)
@@ -79,7 +79,7 @@ def test_corrupted_variant_fails_the_smoke_check(hub_env, local_hub, tokenizer, 
         lin.weight.data.fill_(float("nan"))
         return result
 
-    monkeypatch.setattr(moe, "quantize_with_policy", corrupting)
+    monkeypatch.setattr(moe_pipeline, "quantize_with_policy", corrupting)
     with pytest.raises(QualityGateError) as e:
         convert(ConvertOptions(repo_id=repo, method="rtn", group_size=32, output_dir=str(tmp_path / "o"), **FAST),
                 log=lambda m: None)

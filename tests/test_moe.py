@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hubquant import moe
+from hubquant import moe, moe_pipeline
 from hubquant.errors import UnsupportedError, UsageError
 from hubquant.methods import QuantJob, get_method
 from hubquant.modeling import quantizable_linears
@@ -46,7 +46,7 @@ def scheme_of(method: str) -> QuantScheme:
 def quantize(model, method: str, **options):
     job = QuantJob(scheme=scheme_of(method), calib=calib_ids() if get_method(method).needs_calibration() else None,
                    options=options, progress=False)
-    return moe.quantize_with_policy(model, job, get_method(method).load(), log=lambda m: None)
+    return moe_pipeline.quantize_with_policy(model, job, get_method(method).load(), log=lambda m: None)
 
 
 def write_and_load(model, quantized, method, tmp_path):
@@ -279,11 +279,11 @@ def test_written_experts_are_checked_against_the_evaluated_model(tmp_path):
     model = moe_model_unfused("mixtral")
     quantized, _ = quantize(model, "rtn")
     write(model, quantized, scheme=scheme_of("rtn"), out_dir=tmp_path, method="rtn")
-    assert moe.verify_written(model, quantized, scheme_of("rtn"), tmp_path, sample=1000) == 2 * 4 * 3 + 1
+    assert moe_pipeline.verify_written(model, quantized, scheme_of("rtn"), tmp_path, sample=1000) == 2 * 4 * 3 + 1
     tensors = load_file(tmp_path / "model.safetensors")
     a, b = (f"model.layers.1.block_sparse_moe.experts.{i}.w2.weight_packed" for i in (0, 1))
     tensors[a], tensors[b] = tensors[b], tensors[a]  # two experts swapped: loads fine, computes garbage
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(QualityGateError) as e:
-        moe.verify_written(model, quantized, scheme_of("rtn"), tmp_path, sample=1000)
+        moe_pipeline.verify_written(model, quantized, scheme_of("rtn"), tmp_path, sample=1000)
     assert e.value.exit_code == 6

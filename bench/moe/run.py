@@ -55,7 +55,7 @@ def build(p: dict, dtype: torch.dtype, seed: int = 0):
 
 
 def run_method(method: str, p: dict, args, calib, eval_ids, ref_logits) -> dict:
-    from hubquant import moe
+    from hubquant import moe, moe_pipeline
     from hubquant.formats.compressed_tensors import write
     from hubquant.methods import QuantJob, get_method
     from hubquant.quant import QuantScheme, WeightScheme, sqnr_db
@@ -72,7 +72,7 @@ def run_method(method: str, p: dict, args, calib, eval_ids, ref_logits) -> dict:
     if args.device == "cuda":
         torch.cuda.synchronize()
     t0 = time.time()
-    quantized, policy = moe.quantize_with_policy(model, job, spec.load(), log=lambda m: None)
+    quantized, policy = moe_pipeline.quantize_with_policy(model, job, spec.load(), log=lambda m: None)
     if args.device == "cuda":
         torch.cuda.synchronize()
     t_quant = time.time() - t0

@@ -175,7 +175,9 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
     if job.calib is None:
         raise UsageError("AWQ needs calibration data", hint="pass --calib-dataset (or use --method rtn)")
     opts = dataclasses.asdict(job.options_as(AwqOptions, "awq"))
-    mappings = moe.scale_mappings(model) or mappings_for(getattr(model.config, "model_type", type(model).__name__))
+    moe_map = moe.scale_mappings(model)
+    mappings = (tuple(ScaleMapping(smooth=p, balance=c, extra=e) for p, c, e in moe_map) if moe_map is not None
+                else mappings_for(getattr(model.config, "model_type", type(model).__name__)))
     scheme = job.scheme.weights
     dtype = model_dtype(model)
     result: dict[str, QuantizedWeight] = {}

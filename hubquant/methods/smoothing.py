@@ -146,7 +146,7 @@ def architecture_groups(model: nn.Module, *, smooth: str = "all") -> tuple[Scale
 
     moe_groups = moe.scale_mappings(model, extra=smooth == "all")
     if moe_groups is not None:  # per-layer: a layer without a mapping's modules skips it (dense first layers, MLA)
-        return moe_groups
+        return tuple(ScaleMapping(smooth=p, balance=c, extra=e) for p, c, e in moe_groups)
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     groups = mappings_for(mtype, method="SmoothQuant", hint=W8A8_HINT)
     groups = tuple(g for g in groups if smooth == "all" or not g.extra)
