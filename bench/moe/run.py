@@ -1,7 +1,8 @@
 """MoE conversion time and per-expert coverage on a Qwen3-MoE-shaped model (random weights), side by side per method.
 
     python bench/moe/run.py                      # CPU, small scale (a few minutes on 2 shared cores)
-    python bench/moe/run.py --preset gpu         # one GPU: Qwen3-30B-A3B layer shapes, 2 layers (< 4 minutes)
+    python bench/moe/run.py --preset gpu --work $OUT   # one GPU: Qwen3-30B-A3B layer shapes, 2 layers (< 4 min)
+    python bench/moe/run.py --doc-from RESULTS.json     # write a results.json (e.g. the GPU run's) into docs/moe.md
 
 Per method (rtn, gptq, awq, fp8 by default): quantize time (routing pass + method + low-token rule), write time,
 expert projections quantized / expert projections present, routed calibration tokens per expert (min / median /
@@ -33,7 +34,7 @@ PRESETS = {
     "cpu": dict(hidden=256, moe_intermediate=96, experts=32, top_k=4, layers=2, heads=4, kv_heads=2, head_dim=64,
                 vocab=4096, samples=16, seq_len=128, group_size=32, check_load=True),
     "gpu": dict(hidden=2048, moe_intermediate=768, experts=128, top_k=8, layers=2, heads=32, kv_heads=4,
-                head_dim=128, vocab=32768, samples=64, seq_len=512, group_size=128, check_load=False),
+                head_dim=128, vocab=32768, samples=32, seq_len=512, group_size=128, check_load=False),
 }
 MARK_BEGIN, MARK_END = "<!-- BENCH:moe:begin -->", "<!-- BENCH:moe:end -->"
 
@@ -110,14 +111,16 @@ def hardware(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads (shared machine)"
 
 
-def write_doc(rows: list[dict], p: dict, args, base_bytes: int) -> str:
+def write_doc(res: dict) -> str:
+    rows, p = res["rows"], res["preset_params"]
     cols = ["method", "quantize_s", "write_s", "experts_quantized", "expert_linears", "tokens_min", "tokens_median",
             "tokens_max", "below_threshold", "sqnr_db", "top1", "transformers_sqnr_db", "bytes"]
-    lines = [f"Run {datetime.date.today().isoformat()} on {hardware(args.device)}, torch {torch.__version__}; "
-             f"command: `{args.command}`.",
+    lines = [f"Run {res['date']} on {res['device']}, torch {res['torch']}; command: `{res['command']}`.",
              f"Model: Qwen3-MoE shape, {p['layers']} layers, hidden {p['hidden']}, {p['experts']} experts of "
-             f"intermediate {p['moe_intermediate']}, top-{p['top_k']}, {args.dtype}, random weights "
-             f"({base_bytes / 1e6:.1f} MB of weights); calibration {p['samples']} x {p['seq_len']} random tokens.", "",
+             f"intermediate {p['moe_intermediate']}, top-{p['top_k']}, {res['dtype']}, random weights "
+             f"({res['base_bytes'] / 1e6:.1f} MB of weights); calibration {p['samples']} x {p['seq_len']} random "
+             "tokens. quantize_s covers the routing pass, the method and the low-token rule; tokens_* are calibration "
+             "tokens routed to each expert.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
@@ -126,10 +129,13 @@ def write_doc(rows: list[dict], p: dict, args, base_bytes: int) -> str:
     text = doc.read_text() if doc.exists() else f"# Mixture of experts\n\n{MARK_BEGIN}\n{MARK_END}\n"
     head, _, rest = text.partition(MARK_BEGIN)
     _, _, tail = rest.partition(MARK_END)
-    section = f"{MARK_BEGIN}\n### {args.preset} preset\n{block}\n{MARK_END}"
-    if args.preset == "gpu" and "### cpu preset" in rest:  # keep the CPU table beside the GPU one
-        cpu = rest[rest.index("### cpu preset"): rest.index(MARK_END)].rstrip()
-        section = f"{MARK_BEGIN}\n{cpu}\n\n### gpu preset\n{block}\n{MARK_END}"
+    tables = {}  # preset -> its table; a run replaces its own preset's table and keeps the others
+    for part in rest.partition(MARK_END)[0].split("### ")[1:]:
+        name, _, body = part.partition(" preset\n")
+        tables[name.strip()] = body.strip()
+    tables[res["preset"]] = block
+    section = MARK_BEGIN + "\n" + "\n\n".join(f"### {k} preset\n{v}" for k, v in sorted(tables.items())) \
+        + "\n" + MARK_END
     doc.write_text(head + section + tail)
     return block
 
@@ -137,7 +143,7 @@ def write_doc(rows: list[dict], p: dict, args, base_bytes: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    ap.add_argument("--methods", default="rtn,gptq,awq,fp8")
+    ap.add_argument("--methods", help="comma-separated (default: rtn,gptq,awq,fp8 on CPU; rtn,gptq,fp8 on GPU)")
     ap.add_argument("--layers", type=int, help="override the preset's layer count")
     ap.add_argument("--options", default="{}", help="method options, JSON (e.g. {\"calibrate_all_experts\": true})")
     ap.add_argument("--dtype", default="bfloat16")
@@ -145,9 +151,14 @@ def main() -> None:
     ap.add_argument("--check-load", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--work", default="/tmp/hubquant-bench-moe")
     ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/moe.md alone")
+    ap.add_argument("--doc-from", help="write this results.json into docs/moe.md and stop")
     args = ap.parse_args()
+    if args.doc_from:
+        print(write_doc(json.loads(Path(args.doc_from).read_text())))
+        return
     args.command = "python bench/moe/run.py " + shlex.join(sys.argv[1:])
     p = dict(PRESETS[args.preset])
+    args.methods = args.methods or ("rtn,gptq,fp8" if args.preset == "gpu" else "rtn,gptq,awq,fp8")
     if args.layers:
         p["layers"] = args.layers
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -167,10 +178,12 @@ def main() -> None:
         rows.append(row)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "results.json").write_text(json.dumps({"preset": p, "rows": rows, "device": hardware(args.device)},
-                                                  indent=2))
+    res = {"preset": args.preset, "preset_params": p, "rows": rows, "device": hardware(args.device),
+           "date": datetime.date.today().isoformat(), "torch": torch.__version__, "command": args.command,
+           "dtype": args.dtype, "base_bytes": base_bytes}
+    (work / "results.json").write_text(json.dumps(res, indent=2))
     if not args.no_doc:
-        print(write_doc(rows, p, args, base_bytes))
+        print(write_doc(res))
     med = statistics.median(r["quantize_s"] for r in rows)
     print(f"median quantize time {med:.1f} s over {len(rows)} methods; results in {work / 'results.json'}")
 
