@@ -116,7 +116,8 @@ def test_encoder_stops_with_exit_5_naming_what_is_supported(hub_env, local_hub, 
     repo = f"alice/tiny-bert-{uuid.uuid4().hex[:6]}"
     local_hub.hub.publish_folder(repo, path)
     with pytest.raises(UnsupportedError) as e:
-        convert(ConvertOptions(repo_id=repo, method="rtn", output_dir=str(tmp_path / "o"), **FAST), log=lambda m: None)
+        convert(ConvertOptions(repo_id=repo, method="rtn", group_size=32, output_dir=str(tmp_path / "o"), **FAST),
+                log=lambda m: None)
     assert e.value.exit_code == 5 and "qwen3_moe" in e.value.hint and "llava" in e.value.hint
 
 
