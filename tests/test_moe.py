@@ -212,6 +212,14 @@ def moe_model_unfused(arch="qwen3_moe"):
     return model
 
 
+def test_moe_options_are_checked_with_every_methods_own():
+    spec = get_method("gptq")
+    assert spec.parse_options({"calibrate_all_experts": "true", "damp": 0.05}).damp == 0.05
+    assert spec.parse_options(["min_expert_tokens=4", "damp=0.05"]).damp == 0.05
+    with pytest.raises(UsageError):  # before any download: the plan parses the options
+        spec.parse_options({"calibrate_all_experts": "maybe"})
+
+
 def test_bad_moe_options_are_usage_errors():
     with pytest.raises(UsageError):
         quantize(moe_model_unfused(), "gptq", calibrate_all_experts="maybe")

@@ -23,7 +23,7 @@ from typing import Any
 
 from hubquant.errors import UsageError
 from hubquant.methods.base import MethodFn, QuantJob  # noqa: F401  (the methods' contract, re-exported)
-from hubquant.methods.options import MethodOptions, parse_options
+from hubquant.methods.options import MethodOptions, option_strings, parse_options
 from hubquant.schemes import ActivationScheme, QuantScheme, WeightScheme
 
 
@@ -35,6 +35,14 @@ def _resolve(target: str):
 # method options every method takes on mixture-of-experts models (hubquant.moe.RoutingPolicy reads them), and the
 # model types whose experts hubquant.moe knows (hubquant.moe.EXPERT_LAYOUTS; kept here without importing torch)
 MOE_OPTION_KEYS = ("calibrate_all_experts", "min_expert_tokens")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoeOptions(MethodOptions):
+    """The mixture-of-experts options (checked with the method's own before any download; see docs/moe.md)."""
+
+    calibrate_all_experts: bool = False
+    min_expert_tokens: int = 16
 MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe", "mixtral", "minimax")
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,10 +79,11 @@ class MethodSpec:
 
         The mixture-of-experts keys (`MOE_OPTION_KEYS`) belong to every method; hubquant.moe reads them.
         """
+        if isinstance(raw, (list, tuple)):
+            raw = option_strings(raw)
         if isinstance(raw, dict):
+            parse_options(MoeOptions, {k: v for k, v in raw.items() if k in MOE_OPTION_KEYS}, method=self.name)
             raw = {k: v for k, v in raw.items() if k not in MOE_OPTION_KEYS}
-        elif isinstance(raw, (list, tuple)):
-            raw = [r for r in raw if str(r).split("=", 1)[0].strip() not in MOE_OPTION_KEYS]
         return parse_options(self.options_class(), raw, method=self.name)
 
     def needs_calibration(self, scheme: QuantScheme | None = None, options: Any = None) -> bool:
