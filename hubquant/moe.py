@@ -350,9 +350,11 @@ class _Routed(Exception):
 
 
 @torch.no_grad()
-def routed_counts(layer: nn.Module, inputs: list, kwargs: list) -> dict[str, list[int]]:
+def routed_counts(layer: nn.Module, inputs: list, kwargs: list, *,
+                  to_device: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict[str, list[int]]:
     """Calibration tokens the router of each experts module in `layer` sends to each expert (one cheap pass:
-    attention and router only). Keys are names relative to `layer`."""
+    attention and router only). Keys are names relative to `layer`; `to_device` moves a batch where the layer is
+    (inputs that wait on the host)."""
     mods = expert_modules(layer)
     counts = {n: torch.zeros(m.num_experts, dtype=torch.long) for n, m in mods.items()}
     pending: set[str] = set()
@@ -371,7 +373,7 @@ def routed_counts(layer: nn.Module, inputs: list, kwargs: list) -> dict[str, lis
         for x, kw in zip(inputs, kwargs):
             pending.update(mods)
             try:
-                layer(x, **kw)
+                layer(to_device(x), **kw)
             except _Routed:
                 pass
     finally:
@@ -390,7 +392,7 @@ def prepare_layer(work) -> None:
     mods = expert_modules(work.layer)
     if policy is None or not mods:
         return
-    counts = routed_counts(work.layer, work.inputs, work.kwargs)
+    counts = routed_counts(work.layer, work.inputs, work.kwargs, to_device=getattr(work, "_to_device", lambda x: x))
     fallback = {}
     for rel, per_expert in counts.items():
         full = f"{work.name}.{rel}"
