@@ -22,6 +22,8 @@ leave the layer's float function unchanged, e.g. statistics only or exact foldin
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +35,27 @@ from hubquant import moe
 from hubquant.modeling import DEFAULT_IGNORE, decoder_layers, layers_prefix, quantizable_linears
 
 InputHook = Callable[[torch.Tensor], None]
+
+# Set by hubquant.streaming while a model streams from its checkpoint: `before(index, name, layer)` materializes
+# a decoder layer's weights before the method sees it, `after(index, name, layer)` writes and frees it.
+_LAYER_HOOKS: contextvars.ContextVar = contextvars.ContextVar("hubquant_layer_hooks", default=None)
+
+
+@contextlib.contextmanager
+def layer_hooks(hooks):
+    """Within the block, `run_layers` calls `hooks.before(i, name, layer)` and `hooks.after(i, name, layer)`
+    around each layer, and `results()` returns `hooks.results` (a sink that writes each layer's tensors)."""
+    token = _LAYER_HOOKS.set(hooks)
+    try:
+        yield hooks
+    finally:
+        _LAYER_HOOKS.reset(token)
+
+
+def results() -> dict:
+    """The dict a method collects its QuantizedWeights in: a plain dict, or the streaming sink."""
+    hooks = _LAYER_HOOKS.get()
+    return hooks.results if hooks is not None else {}
 
 
 class _StopForward(Exception):
@@ -486,12 +509,15 @@ def run_layers(
 
     types = layer_attention_types(model)
     scratch: dict = {}
+    hooks = _LAYER_HOOKS.get()
     bar = tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer")
     for i in bar:
         layer = layers[i]
+        name = f"{prefix}.{i}"
+        if hooks is not None:
+            hooks.before(i, name, layer)
         layer_home = next(layer.parameters()).device
         layer.to(device)
-        name = f"{prefix}.{i}"
         layer_kwargs = by_type.get(types[i], kwargs)
         work = LayerWork(index=i, name=name, layer=layer, linears=quantizable_linears(layer, ignore, name),
                          device=device, inputs=inputs, kwargs=layer_kwargs, scratch=scratch)
@@ -503,6 +529,9 @@ def run_layers(
         inputs = work.outputs
         work.outputs = None
         layer.to(layer_home)
+        del work
+        if hooks is not None:
+            hooks.after(i, name, layer)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if log:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hubquant.engine import LayerWork, LinearStats, run_layers
+from hubquant.engine import LayerWork, LinearStats, results, run_layers
 from hubquant.errors import UsageError
 from hubquant.methods.base import QuantJob
 from hubquant.methods.options import MethodOptions, at_least, positive_float
@@ -383,7 +383,7 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
     opts = dataclasses.asdict(job.options_as(GptqOptions, "gptq"))
     scheme = job.scheme.weights
     dtype = model_dtype(model)
-    result: dict[str, QuantizedWeight] = {}
+    result: dict[str, QuantizedWeight] = results()  # a plain dict, or the sink of a streamed conversion
 
     def quantize(work: LayerWork, names: list[str], h: torch.Tensor | None, prep: HessianPrep | None) -> HessianPrep:
         """GPTQ on the Linears `names` (one input, so one Hessian) as one matrix; returns the Hessian prep."""

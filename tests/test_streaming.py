@@ -1,0 +1,126 @@
+"""Streamed conversion (one decoder layer in memory at a time): the same bytes as the in-memory path, the same
+quality numbers, and a peak resident size below the model's size."""
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from hubquant.convert import ConvertOptions, convert
+from tests.conftest import save_tiny_repo
+
+SMALL = dict(eval_windows=2, eval_seq_len=64, num_samples=4, seq_len=64, calib_dataset="fortunes", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(local_hub, tokenizer, tmp_path_factory):
+    folder = save_tiny_repo(tmp_path_factory.mktemp("llama"), "llama", tokenizer, layers=3, vocab=49152)
+    repo = f"alice/tiny-stream-{uuid.uuid4().hex[:8]}"
+    local_hub.hub.publish_folder(repo, folder)
+    return repo
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != "hubquant.json" and p.name != "README.md")
+
+
+CASES = [
+    ("rtn", "compressed-tensors", {}),
+    ("rtn", "gptq", {}),
+    ("rtn", "awq", dict(symmetric=False)),
+    ("rtn", "compressed-tensors", dict(ignore=("down_proj",))),  # lm_head quantized, one Linear kind kept float
+    ("gptq", "compressed-tensors", {}),
+    ("gptq", "gptq", {}),
+]
+
+
+@pytest.mark.parametrize("method,fmt,extra", CASES, ids=[f"{m}-{f}-{i}" for i, (m, f, _) in enumerate(CASES)])
+def test_streamed_files_are_byte_identical(hub_env, tiny_repo, tmp_path, method, fmt, extra):
+    logs = {}
+    results = {}
+    for mode in ("off", "on"):
+        logs[mode] = []
+        results[mode] = convert(ConvertOptions(repo_id=tiny_repo, method=method, format=fmt, group_size=32,
+                                               output_dir=str(tmp_path / mode), streaming=mode, **SMALL, **extra),
+                                log=logs[mode].append)
+    off, on = tmp_path / "off", tmp_path / "on"
+    assert any("streaming 3 decoder layers" in m for m in logs["on"])
+    assert not any("streaming" in m for m in logs["off"])
+    assert _files(off) == _files(on) and any(f.endswith(".safetensors") for f in _files(on))
+    for name in _files(off):
+        assert filecmp.cmp(off / name, on / name, shallow=False), name
+    m_off, m_on = results["off"].metrics, results["on"].metrics
+    assert m_on["perplexity"] == pytest.approx(m_off["perplexity"], rel=1e-3)
+    assert m_on["base_perplexity"] == pytest.approx(m_off["base_perplexity"], rel=1e-3)
+    assert abs(m_on["top1_agreement"] - m_off["top1_agreement"]) <= 0.02
+    assert m_on["mean_kl"] == pytest.approx(m_off["mean_kl"], rel=0.05, abs=1e-4)
+    leak_off = json.loads((off / "hubquant.json").read_text())["leak_check"]
+    leak_on = json.loads((on / "hubquant.json").read_text())["leak_check"]
+    if method == "gptq":
+        assert leak_on["leak_score"] == pytest.approx(leak_off["leak_score"], abs=0.02)
+    # the card names the same unquantized Linears
+    assert "down_proj" not in extra.get("ignore", ()) or "down_proj" in (on / "README.md").read_text()
+
+
+def test_sharded_output_is_byte_identical(tmp_path, tokenizer, monkeypatch):
+    """Shard split and index as save_tensors writes them (small shard limit), without the Hub."""
+    from hubquant.formats import common, get_format
+    from hubquant.formats.shards import ShardWriter
+    from hubquant.methods import QuantJob
+    from hubquant.methods.rtn import run as rtn_run
+    from hubquant.quant import QuantScheme, WeightScheme
+    from hubquant.streaming import EvalStreams, open_checkpoint, quantize_and_write
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_repo(tmp_path / "base", "qwen2", tokenizer, layers=2, vocab=1024)
+    scheme = QuantScheme(weights=WeightScheme(bits=4, group_size=32, symmetric=True))
+    job = QuantJob(scheme=scheme, progress=False)
+    monkeypatch.setattr(common.save_tensors, "__kwdefaults__", {"max_shard_bytes": 200_000})
+    monkeypatch.setattr(ShardWriter.finish, "__kwdefaults__", {"max_shard_bytes": 200_000})
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    q = rtn_run(model, job)
+    get_format("compressed-tensors")(model, q, scheme=scheme, out_dir=tmp_path / "mem", method="rtn", options={})
+    weights, _ = open_checkpoint(folder, trust_remote_code=False, dtype=torch.bfloat16)
+    quantize_and_write(weights, job, method="rtn", fmt="compressed-tensors", out_dir=tmp_path / "str",
+                       streams=EvalStreams())
+    names = sorted(os.listdir(tmp_path / "mem"))
+    assert len([n for n in names if n.endswith(".safetensors")]) > 2
+    assert names == sorted(os.listdir(tmp_path / "str"))
+    for n in names:
+        assert filecmp.cmp(tmp_path / "mem" / n, tmp_path / "str" / n, shallow=False), n
+
+
+def test_checkpoint_needing_conversion_is_not_streamed(tmp_path, tokenizer):
+    """A Mixtral checkpoint stores per-expert Linears that transformers 5 fuses into 3-D parameters on load:
+    not streamable, and said so (auto then loads the model in memory)."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from hubquant.errors import UnsupportedError
+    from hubquant.streaming import open_for
+
+    cfg = MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=256, num_local_experts=2, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    if not any(".experts.0." in k for k in keys):
+        pytest.skip("this transformers saves fused expert tensors")
+    logs: list[str] = []
+    assert open_for("auto", method="rtn", fmt="compressed-tensors", path=tmp_path, trust_remote_code=False,
+                    log=logs.append) == (None, None)
+    assert "converted on load" in logs[0]
+    with pytest.raises(UnsupportedError, match="cannot stream"):
+        open_for("on", method="rtn", fmt="compressed-tensors", path=tmp_path, trust_remote_code=False)
+    assert open_for("auto", method="awq", fmt="awq", path=tmp_path, trust_remote_code=False,
+                    log=logs.append) == (None, None)
