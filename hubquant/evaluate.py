@@ -110,11 +110,15 @@ def reference(model, eval_set: EvalSet, *, n_prompts: int = 4, progress: bool = 
 def compare(model, eval_set: EvalSet, ref: Reference, *, progress: bool = True) -> Comparison:
     """The variant (already in `model`) against the base's reference numbers."""
     ppl, lp = perplexity(model, eval_set, progress=progress, keep_logprobs=ref.logprobs.shape[0])
-    base = ref.logprobs.float()
-    var = lp.float()
-    agree = (base.argmax(-1) == var.argmax(-1)).float().mean().item()
-    # KL(base || variant) per position, averaged
-    kl = (base.exp() * (base - var)).sum(-1).clamp(min=0).mean().item()
+    agree_sum = kl_sum = 0.0
+    for b16, v16 in zip(ref.logprobs, lp):  # one window at a time: a few [L, vocab] fp32 temporaries, not n_prompts
+        base, var = b16.float(), v16.float()
+        agree_sum += (base.argmax(-1) == var.argmax(-1)).float().sum().item()
+        # KL(base || variant) per position, averaged
+        kl_sum += (base.exp() * (base - var)).sum(-1).clamp(min=0).sum().item()
+        del base, var
+    n = lp.shape[0] * lp.shape[1]
+    agree, kl = agree_sum / n, kl_sum / n
     return Comparison(base_perplexity=ref.perplexity, perplexity=ppl, top1_agreement=agree, mean_kl=kl,
                       eval_tokens=eval_set.n_tokens)
 

@@ -54,15 +54,10 @@ class Weights:
 
     def load_rest(self) -> None:
         """The weights outside the decoder layers (embeddings, final norm, lm_head); re-ties tied ones."""
-        layers = decoder_layers(self.model)
-        for name, mod in self.model.named_children():
-            if mod is not layers:
-                self.load(mod, name)
-        parent = next(m for m in self.model.modules() if any(c is layers for c in m.children()))
-        pname = next(n for n, m in self.model.named_modules() if m is parent)
-        for name, mod in parent.named_children():
-            if mod is not layers:
-                self.load(mod, f"{pname}.{name}" if pname else name)
+        inside = layers_prefix(self.model) + "."
+        for name, t in list(_tensors(self.model)):
+            if t.is_meta and not name.startswith(inside):
+                _set(self.model, name, self.checkpoint.read(self.mapping[name]).to(t.dtype))
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
 

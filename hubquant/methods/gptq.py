@@ -409,6 +409,17 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
             lin.weight.data.copy_(deq[rows])
         return prep
 
+    def prepare(names: list[str], st: LinearStats) -> HessianPrep:
+        """The group's Hessian prep; the Hessian itself is freed before the group is quantized."""
+        h = st.xtx.mul_(2.0 / max(st.count, 1))  # the Hessian, in place
+        st.xtx = None
+        try:
+            return prepare_hessian(h, scheme, damp=opts["damp"], actorder=opts["actorder"], clip=opts["clip"],
+                                   inplace=True)
+        except CholeskyFailed as e:
+            raise UsageError(f"GPTQ failed on {', '.join(names)}: {e}",
+                             hint=f"raise --damp (e.g. 0.1), add '{names[0]}' to --ignore, or use --method rtn") from e
+
     @torch.no_grad()
     def on_layer(work: LayerWork) -> None:
         if opts["true_sequential"]:
@@ -416,10 +427,10 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
 
             def on_group(names: list[str], st: LinearStats) -> None:
                 known = preps.get(id(st))
-                h = None if known else st.xtx.mul_(2.0 / max(st.count, 1))  # the Hessian, in place
-                prep = quantize(work, names, h, known[1] if known else None)
-                st.xtx = None
-                preps[id(st)] = (st, prep)
+                prep = known[1] if known else prepare(names, st)
+                quantize(work, names, None, prep)
+                if len(work.inputs) == 1:  # the Linears reading this input come one call each: they share the prep
+                    preps[id(st)] = (st, prep)
 
             work.sequential(on_group)
             return

@@ -1,0 +1,159 @@
+"""Peak resident memory of `hubquant convert` against model size: streamed (one decoder layer at a time) and
+in-memory (the whole model loaded), side by side, on random-weight Llama-shaped models.
+
+    python bench/memory/run.py                                  # 1, 2 and 4 GB; rtn and gptq; docs/memory.md
+    python bench/memory/run.py --sizes 1 --cases rtn --no-doc   # quick look
+
+Each size is written once (bench/memory/synthetic.py), published on a local Hub (127.0.0.1) and converted by
+`python -m hubquant.cli convert` in a subprocess; its peak resident set size is the child's ru_maxrss
+(os.wait4). The in-memory path runs only for sizes up to --in-memory-max-gb (it needs about three times the
+model). Both paths' safetensors are hashed: "same bytes" compares them.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+COMMON = ["--calib-dataset", "fortunes", "--eval-dataset", "lee-news", "--eval-windows", "4", "--eval-seq-len", "256",
+          "--group-size", "128", "--quiet"]
+# case -> (method, extra flags)
+CASES = {"rtn": ("rtn", ["--skip-eval"]), "rtn+eval": ("rtn", []),
+         "gptq": ("gptq", ["--skip-eval", "--num-samples", "16", "--seq-len", "512"])}
+
+
+def start_hub(root: Path) -> tuple[subprocess.Popen, str]:
+    log = root / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "hubquant.hub.cli", "hub", "serve", "--root", str(root),
+                                 "--port", "0"], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    for _ in range(600):
+        first = log.read_text().split("\n", 1)[0].strip() if log.exists() else ""
+        if first.startswith("http://"):
+            time.sleep(0.5)
+            return proc, first
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the local Hub did not start")
+
+
+def run_convert(repo: str, case: str, streaming: str, out: Path, env: dict) -> dict:
+    method, extra = CASES[case]
+    cmd = [sys.executable, "-m", "hubquant.cli", "convert", repo, "--method", method, "--output-dir", str(out),
+           "--streaming", streaming, *COMMON, *extra]
+    t0 = time.time()
+    with open(out.parent / f"{out.name}.log", "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - t0
+    log = (out.parent / f"{out.name}.log").read_text(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{log[-3000:]}")
+    digest = hashlib.sha256()
+    for f in sorted(out.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+    prov = json.loads((out / "hubquant.json").read_text())
+    return {"case": case, "method": method, "streaming": streaming, "peak_rss_bytes": usage.ru_maxrss * 1024, "wall_s": round(wall, 1),
+            "sha256": digest.hexdigest(), "metrics": prov.get("metrics", {}), "timings": prov.get("timings_s", {}),
+            "command": "hubquant convert REPO " + " ".join(cmd[cmd.index("--method"):])}
+
+
+def bench(args) -> list[dict]:
+    from bench.memory.synthetic import layers_for, write_checkpoint
+    from hubquant.hub.server import LocalHub
+
+    work = Path(tempfile.mkdtemp(prefix="hubquant-membench-", dir=args.work))
+    hub_root = work / "hub"
+    hub_root.mkdir()
+    proc, endpoint = start_hub(hub_root)
+    rows = []
+    try:
+        for gb in args.sizes:
+            layers = layers_for(gb * 1e9)
+            folder = work / f"model-{gb}gb"
+            nbytes = write_checkpoint(folder, layers)
+            repo = f"bench/llama-random-{layers}l"
+            LocalHub(hub_root).publish_folder(repo, folder)
+            shutil.rmtree(folder)
+            env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(work / f"hf-{gb}"), "HF_HUB_DISABLE_XET": "1",
+                   "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+            env.pop("HF_HUB_OFFLINE", None)
+            env.pop("HF_TOKEN", None)
+            for case in args.cases:
+                for mode in ("on", "off"):
+                    if (mode == "off" and (gb > args.in_memory_max_gb or case == "rtn+eval")) or \
+                            (CASES[case][0] == "gptq" and gb > args.gptq_max_gb):
+                        continue
+                    out = work / f"out-{gb}-{case}-{mode}"
+                    r = run_convert(repo, case, mode, out, env)
+                    r.update(size_gb=gb, layers=layers, model_bytes=nbytes)
+                    r["rss_pct_of_model"] = round(100 * r["peak_rss_bytes"] / nbytes, 1)
+                    rows.append(r)
+                    if args.partial:
+                        Path(args.partial).write_text(json.dumps(rows, indent=2) + "\n")
+                    print(f"{gb} GB ({layers} layers) {case:8s} streaming={mode:3s} peak RSS "
+                          f"{r['peak_rss_bytes'] / 1e9:.2f} GB ({r['rss_pct_of_model']}% of the model), "
+                          f"{r['wall_s']} s", flush=True)
+                    shutil.rmtree(out)
+            shutil.rmtree(work / f"hf-{gb}", ignore_errors=True)
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=float, nargs="+", default=[1, 2, 4], help="model sizes in GB (default 1 2 4)")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES),
+                   help="rtn and gptq skip the evaluation; rtn+eval streams it too (streamed path only)")
+    p.add_argument("--in-memory-max-gb", type=float, default=2, help="run the in-memory path up to this size")
+    p.add_argument("--gptq-max-gb", type=float, default=1, help="run GPTQ up to this size (slow on a CPU)")
+    p.add_argument("--work", default=None, help="scratch folder (default: the system temp folder)")
+    p.add_argument("--json", default=str(ROOT / "bench/memory/results/latest.json"))
+    p.add_argument("--partial", default=None, help="also write the rows measured so far here, after each run")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/memory.md")
+    args = p.parse_args()
+    rows = bench(args)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "hardware": hardware(), "command": "python bench/memory/run.py " + " ".join(sys.argv[1:])}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    if not args.no_doc:
+        from bench.memory.report import write_report
+
+        write_report(meta, rows, ROOT / "docs" / "memory.md", ROOT / "docs" / "img" / "memory.svg")
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+    except (OSError, StopIteration):
+        mem = 0
+    return f"{os.cpu_count()} CPU cores ({cpu}), {mem / 1024**2:.0f} GiB RAM, no GPU"
+
+
+if __name__ == "__main__":
+    main()
