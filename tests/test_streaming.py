@@ -5,8 +5,6 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -124,3 +122,26 @@ def test_checkpoint_needing_conversion_is_not_streamed(tmp_path, tokenizer):
         open_for("on", method="rtn", fmt="compressed-tensors", path=tmp_path, trust_remote_code=False)
     assert open_for("auto", method="awq", fmt="awq", path=tmp_path, trust_remote_code=False,
                     log=logs.append) == (None, None)
+
+
+def test_streamed_peak_rss_below_model_size(hub_env, local_hub, tmp_path):
+    """`hubquant convert` (RTN, streamed) of a ~1 GB model in a child process: its peak resident size stays below a
+    budget smaller than the model (the in-memory path needs about three times the model)."""
+    from bench.memory.peak import run_cli
+    from bench.memory.synthetic import write_checkpoint
+
+    shape = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4)
+    model_bytes = write_checkpoint(tmp_path / "base", 48, shape=shape)
+    repo = f"alice/big-stream-{uuid.uuid4().hex[:8]}"
+    local_hub.hub.publish_folder(repo, tmp_path / "base")
+    budget = 800 * 1024**2
+    assert model_bytes > budget * 1.15
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), str(root / "kernels")])}
+    rc, peak = run_cli(["convert", repo, "--method", "rtn", "--skip-eval", "--quiet", "--output-dir", str(out),
+                        "--streaming", "on"], env=env, cwd=root, log=tmp_path / "log")
+    assert rc == 0, (tmp_path / "log").read_text()[-2000:]
+    assert 100e6 < peak < budget, f"peak RSS {peak / 1e6:.0f} MB for a {model_bytes / 1e6:.0f} MB model"
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert 0.25 * model_bytes < written < 0.45 * model_bytes  # 4-bit layers, bf16 embeddings and lm_head

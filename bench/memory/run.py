@@ -5,8 +5,8 @@ in-memory (the whole model loaded), side by side, on random-weight Llama-shaped 
     python bench/memory/run.py --sizes 1 --cases rtn --no-doc   # quick look
 
 Each size is written once (bench/memory/synthetic.py), published on a local Hub (127.0.0.1) and converted by
-`python -m hubquant.cli convert` in a subprocess; its peak resident set size is the child's ru_maxrss
-(os.wait4). The in-memory path runs only for sizes up to --in-memory-max-gb (it needs about three times the
+`python -m hubquant.cli convert` in a subprocess; its peak resident set size is the run's own VmHWM
+(bench/memory/peak.py). The in-memory path runs only for sizes up to --in-memory-max-gb (it needs about three times the
 model). Both paths' safetensors are hashed: "same bytes" compares them.
 """
 from __future__ import annotations
@@ -26,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from bench.memory.peak import run_cli  # noqa: E402
 
 COMMON = ["--calib-dataset", "fortunes", "--eval-dataset", "lee-news", "--eval-windows", "4", "--eval-seq-len", "256",
           "--group-size", "128", "--quiet"]
@@ -56,25 +58,24 @@ def run_convert(repo: str, case: str, streaming: str, out: Path, env: dict) -> d
     cmd = [sys.executable, "-m", "hubquant.cli", "convert", repo, "--method", method, "--output-dir", str(out),
            "--streaming", streaming, *COMMON, *extra]
     t0 = time.time()
-    with open(out.parent / f"{out.name}.log", "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
+    logf = out.parent / f"{out.name}.log"
+    rc, peak = run_cli(cmd[3:], env=env, cwd=ROOT, log=logf)
     wall = time.time() - t0
-    log = (out.parent / f"{out.name}.log").read_text(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{log[-3000:]}")
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{logf.read_text(errors='replace')[-3000:]}")
     digest = hashlib.sha256()
     for f in sorted(out.glob("*.safetensors")):
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 digest.update(chunk)
     prov = json.loads((out / "hubquant.json").read_text())
-    return {"case": case, "method": method, "streaming": streaming, "peak_rss_bytes": usage.ru_maxrss * 1024, "wall_s": round(wall, 1),
+    return {"case": case, "method": method, "streaming": streaming, "peak_rss_bytes": peak, "wall_s": round(wall, 1),
             "sha256": digest.hexdigest(), "metrics": prov.get("metrics", {}), "timings": prov.get("timings_s", {}),
             "command": "hubquant convert REPO " + " ".join(cmd[cmd.index("--method"):])}
 
 
 def bench(args) -> list[dict]:
+
     from bench.memory.synthetic import layers_for, write_checkpoint
     from hubquant.hub.server import LocalHub
 
@@ -95,6 +96,9 @@ def bench(args) -> list[dict]:
                    "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
             env.pop("HF_HUB_OFFLINE", None)
             env.pop("HF_TOKEN", None)
+            subprocess.run([sys.executable, "-c", "import sys; from huggingface_hub import snapshot_download; "
+                            "snapshot_download(sys.argv[1])", repo], env=env, check=True, cwd=ROOT,
+                           capture_output=True)  # download once, outside the measured runs
             for case in args.cases:
                 for mode in ("on", "off"):
                     if (mode == "off" and (gb > args.in_memory_max_gb or case == "rtn+eval")) or \
