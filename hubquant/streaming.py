@@ -15,7 +15,6 @@ has to convert on load (e.g. per-expert MoE tensors fused into 3-D parameters) a
 from __future__ import annotations
 
 import ctypes
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -264,15 +263,15 @@ class Session:
     """The layer hooks of a streamed conversion (see hubquant.engine.layer_hooks): materialize, evaluate,
     write, release. `results` is the dict the method fills with each layer's QuantizedWeights."""
 
-    def __init__(self, weights: Weights, writer: ShardWriter, fmt_write, *, scheme, method: str, options: dict,
+    def __init__(self, weights: Weights, writer: ShardWriter, fmt, *, scheme, method: str, options,
                  device: torch.device, streams: EvalStreams):
-        self.weights, self.writer, self.fmt_write = weights, writer, fmt_write
+        self.weights, self.writer, self.fmt = weights, writer, fmt
         self.scheme, self.method, self.options = scheme, method, options
         self.device, self.streams = device, streams
         self.results: dict = {}
         self.names: set[str] = set()  # every quantized Linear, once its layer is written
         self.witness: tuple | None = None  # one written QuantizedWeight, for the final config call
-        self.tmp = Path(tempfile.mkdtemp(prefix="hubquant-layer-", dir=writer.out_dir.parent))
+        self.tmp = writer.out_dir / ".hubquant-final"  # the format's own writer writes the config files here
 
     def before(self, index: int, name: str, layer: nn.Module) -> None:
         self.weights.load(layer, name)
@@ -301,19 +300,19 @@ class Session:
         layer.to(home)
 
     def write_part(self, state: dict, quantized: dict, modules: list) -> None:
-        """The format's tensors for one part of the model (written by the format's own writer) into the shards."""
-        from hubquant.formats.common import dense_tensors
+        """One decoder layer's tensors into the shards: its float tensors, and each quantized Linear's tensors as
+        the format names them (FormatSpec.linear_tensors), as the format's whole-model writer makes them."""
+        from hubquant.formats.common import dense_tensors, method_options
 
         config = self.weights.model.config
-        if not quantized:
-            for key, t in dense_tensors(_View(config, state, modules), {}).items():
+        for key, t in dense_tensors(_View(config, state, modules), quantized).items():
+            self.writer.add(key, t)
+        options = method_options(self.method, self.options)
+        for name, qw in quantized.items():
+            for key, t in self.fmt.linear_tensors(name, qw, self.scheme, options=options).items():
                 self.writer.add(key, t)
-            return
-        self.fmt_write(_View(config, state, modules), quantized, scheme=self.scheme, out_dir=self.tmp,
-                       method=self.method, options=dict(self.options))
-        self.writer.add_file(self.tmp / "model.safetensors")
         self.names.update(quantized)
-        if self.witness is None:
+        if self.witness is None and quantized:
             self.witness = next(iter(quantized.items()))
 
     def finish(self, out_dir: Path) -> dict:
@@ -338,10 +337,9 @@ class Session:
             final.setdefault(*self.witness)
         modules = [(n, m) for n, m in model.named_modules()
                    if not (isinstance(m, nn.Linear) and n in self.names and n not in final)]
-        for f in self.tmp.iterdir():
-            f.unlink()
-        qc = self.fmt_write(_View(config, {}, modules), final, scheme=self.scheme, out_dir=self.tmp,
-                            method=self.method, options=dict(self.options))
+        self.tmp.mkdir(exist_ok=True)
+        qc = self.fmt(_View(config, {}, modules), final, scheme=self.scheme, out_dir=self.tmp, method=self.method,
+                      options=self.options)
         for f in sorted(self.tmp.iterdir()):
             if f.name.endswith(".safetensors"):
                 self.writer.add_file(f, skip=set(self.writer.records))
@@ -397,7 +395,7 @@ def quantize_and_write(weights: Weights, job, *, method: str, fmt: str, out_dir:
     device = torch.device(job.device)
     writer = ShardWriter(out_dir)
     session = Session(weights, writer, get_format(fmt), scheme=job.scheme, method=method,
-                      options=dict(job.options), device=device, streams=streams)
+                      options=job.options, device=device, streams=streams)
     if job.calib is not None:
         weights.load_rest()  # the embeddings make the calibration activations
     try:

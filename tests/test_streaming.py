@@ -80,7 +80,7 @@ def test_sharded_output_is_byte_identical(tmp_path, tokenizer, monkeypatch):
     folder = save_tiny_repo(tmp_path / "base", "qwen2", tokenizer, layers=2, vocab=1024)
     scheme = QuantScheme(weights=WeightScheme(bits=4, group_size=32, symmetric=True))
     job = QuantJob(scheme=scheme, progress=False)
-    monkeypatch.setattr(common.save_tensors, "__kwdefaults__", {"max_shard_bytes": 200_000})
+    monkeypatch.setattr(common.write_model, "__kwdefaults__", {"max_shard_bytes": 200_000})
     monkeypatch.setattr(ShardWriter.finish, "__kwdefaults__", {"max_shard_bytes": 200_000})
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     q = rtn_run(model, job)
