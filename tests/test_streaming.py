@@ -69,13 +69,14 @@ def test_streamed_files_are_byte_identical(hub_env, tiny_repo, tmp_path, method,
 
 def test_sharded_output_is_byte_identical(tmp_path, tokenizer, monkeypatch):
     """Shard split and index as save_tensors writes them (small shard limit), without the Hub."""
+    from transformers import AutoModelForCausalLM
+
     from hubquant.formats import common, get_format
     from hubquant.formats.shards import ShardWriter
     from hubquant.methods import QuantJob
     from hubquant.methods.rtn import run as rtn_run
     from hubquant.quant import QuantScheme, WeightScheme
     from hubquant.streaming import EvalStreams, open_checkpoint, quantize_and_write
-    from transformers import AutoModelForCausalLM
 
     folder = save_tiny_repo(tmp_path / "base", "qwen2", tokenizer, layers=2, vocab=1024)
     scheme = QuantScheme(weights=WeightScheme(bits=4, group_size=32, symmetric=True))

@@ -22,7 +22,8 @@ def table(rows: list[dict]) -> list[str]:
         other = sha.get((r["size_gb"], r["case"], "off"))
         same = "-" if r["streaming"] == "off" or other is None else ("yes" if other == r["sha256"] else "NO")
         path = "streamed" if r["streaming"] == "on" else "in memory"
-        out.append(f"| {r['model_bytes'] / 1e9:.2f} GB | {r['layers']} | {CASE_TEXT.get(r['case'], r['case'])} | {path} | "
+        case = CASE_TEXT.get(r["case"], r["case"])
+        out.append(f"| {r['model_bytes'] / 1e9:.2f} GB | {r['layers']} | {case} | {path} | "
                    f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['rss_pct_of_model']:.0f}% | {r['wall_s']:.0f} | {same} |")
     return out
 
@@ -46,7 +47,8 @@ def svg(rows: list[dict]) -> str:
     def xy(x, y):
         return left + x / xmax * (w - left - right), h - bottom - y / ymax * (h - top - bottom)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+             'font-size="12">',
              f'<rect width="{w}" height="{h}" fill="white"/>']
     x0, y0 = xy(0, 0)
     x1, y1 = xy(xmax, ymax)

@@ -39,7 +39,7 @@ CASES = {"rtn": ("rtn", ["--skip-eval"]), "rtn+eval": ("rtn", []),
 def start_hub(root: Path) -> tuple[subprocess.Popen, str]:
     log = root / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "hubquant.hub.cli", "hub", "serve", "--root", str(root),
+        proc = subprocess.Popen([sys.executable, "-m", "hubquant.localhub.cli", "hub", "serve", "--root", str(root),
                                  "--port", "0"], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     for _ in range(600):
         first = log.read_text().split("\n", 1)[0].strip() if log.exists() else ""
@@ -77,7 +77,7 @@ def run_convert(repo: str, case: str, streaming: str, out: Path, env: dict) -> d
 def bench(args) -> list[dict]:
 
     from bench.memory.synthetic import layers_for, write_checkpoint
-    from hubquant.hub.server import LocalHub
+    from hubquant.localhub import LocalHub
 
     work = Path(tempfile.mkdtemp(prefix="hubquant-membench-", dir=args.work))
     hub_root = work / "hub"
@@ -153,7 +153,8 @@ def hardware() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-        mem = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        mem = next(int(x.split()[1]) for x in lines if x.startswith("MemTotal"))
     except (OSError, StopIteration):
         mem = 0
     return f"{os.cpu_count()} CPU cores ({cpu}), {mem / 1024**2:.0f} GiB RAM, no GPU"
