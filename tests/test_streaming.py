@@ -125,6 +125,7 @@ def test_checkpoint_needing_conversion_is_not_streamed(tmp_path, tokenizer):
                     log=logs.append) == (None, None)
 
 
+@pytest.mark.slow  # ~1 min alone, ~4 min on 2 busy cores
 def test_streamed_peak_rss_below_model_size(hub_env, local_hub, tmp_path):
     """`hubquant convert` (RTN, streamed) of a ~1 GB model in a child process: its peak resident size stays below a
     budget smaller than the model (the in-memory path needs about three times the model)."""

@@ -1,6 +1,6 @@
 """docs/memory.md and docs/img/memory.svg from bench/memory/run.py's results.
 
-    python bench/memory/report.py bench/memory/results/latest.json
+    python bench/memory/report.py bench/memory/results/*.json    # several runs' rows in one table
 """
 from __future__ import annotations
 
@@ -114,8 +114,12 @@ def write_report(meta: dict, rows: list[dict], md: Path, img: Path) -> None:
 
 
 def main() -> None:
-    data = json.loads(Path(sys.argv[1]).read_text())
-    write_report(data["meta"], data["rows"], ROOT / "docs" / "memory.md", ROOT / "docs" / "img" / "memory.svg")
+    runs = [json.loads(Path(p).read_text()) for p in sys.argv[1:]]
+    meta = dict(runs[0]["meta"])
+    meta["command"] = "` and `".join(r["meta"]["command"] for r in runs)
+    meta["date"] = " / ".join(dict.fromkeys(r["meta"]["date"] for r in runs))
+    rows = [row for r in runs for row in r["rows"]]
+    write_report(meta, rows, ROOT / "docs" / "memory.md", ROOT / "docs" / "img" / "memory.svg")
 
 
 if __name__ == "__main__":
