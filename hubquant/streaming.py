@@ -51,11 +51,13 @@ class Weights:
         for name, t in _tensors(module):
             _set(module, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
-    def load_rest(self) -> None:
-        """The weights outside the decoder layers (embeddings, final norm, lm_head); re-ties tied ones."""
-        inside = layers_prefix(self.model) + "."
+    def load_rest(self, *, head: bool = True) -> None:
+        """The weights outside the decoder layers (embeddings, final norm and, with `head`, lm_head); re-ties
+        tied ones."""
+        prefix = layers_prefix(self.model)
+        inside, body = prefix + ".", prefix.rpartition(".")[0] + "."
         for name, t in list(_tensors(self.model)):
-            if t.is_meta and not name.startswith(inside):
+            if t.is_meta and not name.startswith(inside) and (head or name.startswith(body)):
                 _set(self.model, name, self.checkpoint.read(self.mapping[name]).to(t.dtype))
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
@@ -397,7 +399,7 @@ def quantize_and_write(weights: Weights, job, *, method: str, fmt: str, out_dir:
     session = Session(weights, writer, get_format(fmt), scheme=job.scheme, method=method,
                       options=job.options, device=device, streams=streams)
     if job.calib is not None:
-        weights.load_rest()  # the embeddings make the calibration activations
+        weights.load_rest(head=False)  # the embeddings make the calibration activations
     try:
         with layer_hooks(session):
             if method == "rtn":
