@@ -526,6 +526,7 @@ def run_layers(
     device = torch.device(device)
     if device.type == "cuda":
         _expandable_segments()
+        torch.cuda.empty_cache()  # cached blocks of earlier work would be reused as fixed segments
     layers = decoder_layers(model)
     prefix = layers_prefix(model)
     batch_size = max(1, tokens_per_batch // calib.shape[1])
