@@ -113,6 +113,9 @@ class ConvertOptions:
     leak_check: bool = opt(True, flag="--no-leak-check", action="store_false", service=True, group=CAL,
                            help="skip the calibration-leak check")
     device: str = opt("auto", flag="--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    streaming: str = opt("auto", flag="--streaming", choices=("auto", "on", "off"),
+                         help="read, quantize and write one decoder layer at a time instead of loading the whole "
+                              "model (auto: whenever the method, format and checkpoint allow it; same output bytes)")
     allow_pickle: bool = opt(False, flag="--allow-pickle", action="store_true",
                              help="allow .bin/.pt weights (can execute code)")
     trust_remote_code: bool = opt(False, flag="--trust-remote-code", action="store_true",

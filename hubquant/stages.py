@@ -81,6 +81,8 @@ class Run:
     leak_base: Any = None
     quantized: dict | None = None
     routing: Any = None  # hubquant.moe.RoutingPolicy of a mixture-of-experts run
+    weights: Any = None  # hubquant.streaming.Weights (a streamed run) and its EvalStreams
+    streams: Any = None
     out_dir: Path | None = None
     tmp_root: Path | None = None
     written: list[str] = field(default_factory=list)
@@ -265,10 +267,15 @@ def check_group_size(model, scheme, ignore) -> None:
 
 def load(run: Run) -> None:
     """The base model and tokenizer, checked against the scheme; logs what stays unquantized."""
+    from hubquant import streaming
     from hubquant.modeling import decoder_layers, model_dtype, quantizable_linears
 
     with run.stage("load"):
-        model, tokenizer = load_model(run.path, trust_remote_code=run.opts.trust_remote_code)
+        run.weights, tokenizer = streaming.open_for(run.opts.streaming, method=run.opts.method, fmt=run.plan.format,
+                                                    path=run.path, trust_remote_code=run.opts.trust_remote_code,
+                                                    log=run.log)
+        model, tokenizer = (run.weights.model, tokenizer) if run.weights is not None else \
+            load_model(run.path, trust_remote_code=run.opts.trust_remote_code)
         decoder_layers(model)  # unsupported layouts fail here, before any work
         _experts(run, model)
         check_group_size(model, run.plan.scheme, run.opts.ignored_patterns)
@@ -335,7 +342,7 @@ def baseline(run: Run) -> None:
     """The base model's reference numbers, before the weights change."""
     from hubquant import evaluate
 
-    if run.eval_set is None:
+    if run.eval_set is None or run.weights is not None:  # streamed: measured during the pass over the layers
         return
     with run.stage("baseline"):
         with evaluate.on_device(run.model, run.device, run.log):
@@ -351,6 +358,13 @@ def leak_check(run: Run, which: str) -> None:
     from hubquant.leakcheck import leak_report, memorization_rates
 
     if run.calib is None or not run.opts.leak_check or run.texts.eval_src is None:
+        return
+    if run.weights is not None:  # streamed: both models' rates come from the pass over the layers
+        if which == "base":
+            run.leak_docs = _leak_documents(run.calib, run.texts.eval_src)
+        elif run.streams is not None and len(run.streams.leak_rates) == 2:
+            run.leak = leak_report(*run.streams.leak_rates)
+            run.log(f"calibration-leak check: score {run.leak['leak_score']:+.3f} (warn above {run.leak['threshold']})")
         return
     if which == "variant" and run.leak_base is None:
         return
@@ -398,8 +412,13 @@ def quantize(run: Run) -> None:
         job = QuantJob(scheme=run.plan.scheme, ignore=opts.ignored_patterns,
                        calib=None if run.calib is None else run.calib.ids,
                        options=spec.parse_options(opts.method_options), device=run.device, progress=opts.progress)
-        run.quantized, run.routing = moe_pipeline.quantize_with_policy(run.model, job, spec.load(),
-                                                                       options=opts.method_options, log=run.log)
+        if run.weights is not None:  # streamed: each layer is written as soon as it is quantized
+            from hubquant.streaming import run_streamed
+
+            run_streamed(run, job, output_folder(run))
+        else:
+            run.quantized, run.routing = moe_pipeline.quantize_with_policy(run.model, job, spec.load(),
+                                                                           options=opts.method_options, log=run.log)
         run.log(f"quantized {len(run.quantized)} Linear layers with {opts.method} in {time.time() - run._t0:.1f} s")
 
 
@@ -439,15 +458,17 @@ def write(run: Run) -> Path:
 
     plan, opts = run.plan, run.opts
     with run.stage("write"):
-        run.out_dir = out = output_folder(run)
+        streamed = run.weights is not None
+        run.out_dir = out = run.out_dir if streamed else output_folder(run)
         out.mkdir(parents=True, exist_ok=True)
-        before = {p for p in out.rglob("*")}
+        before = set() if streamed else {p for p in out.rglob("*")}
         with disk_errors(out):
             _fault("write")
             options = get_method(opts.method).parse_options(opts.method_options)
-            run.quant_config = get_format(plan.format)(run.model, run.quantized, scheme=plan.scheme, out_dir=out,
-                                                       method=opts.method, options=options)
-            if plan.format == "compressed-tensors" and moe.expert_modules(run.model):
+            if not streamed:
+                run.quant_config = get_format(plan.format)(run.model, run.quantized, scheme=plan.scheme,
+                                                           out_dir=out, method=opts.method, options=options)
+            if not streamed and plan.format == "compressed-tensors" and moe.expert_modules(run.model):
                 checked = moe_pipeline.verify_written(run.model, run.quantized, plan.scheme, out)
                 run.log(f"moe: {checked} expert projections on disk match the evaluated model")
             for name in COPY_FILES:
@@ -475,7 +496,13 @@ def evaluate_variant(run: Run) -> None:
     """The variant (in memory: the model now computes what the files hold) against the base's numbers."""
     from hubquant import evaluate
 
-    if run.ref is not None:
+    if run.streams is not None and run.streams.compare is not None:
+        run.ref, cmp = run.streams.reference, run.streams.compare
+        run.metrics = cmp.as_dict()
+        run.log(f"base perplexity {run.ref.perplexity:.3f}; variant perplexity {cmp.perplexity:.3f} "
+                f"({cmp.ppl_increase_pct:+.2f}%), top-1 agreement {100 * cmp.top1_agreement:.1f}%, "
+                f"KL {cmp.mean_kl:.4f}")
+    elif run.ref is not None:
         with run.stage("evaluate"):
             with evaluate.on_device(run.model, run.device, run.log):
                 cmp = evaluate.compare(run.model, run.eval_set, run.ref, progress=run.opts.progress)

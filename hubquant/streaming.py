@@ -537,3 +537,14 @@ def open_for(mode: str, *, method: str, fmt: str, path: Path, trust_remote_code:
     return_freed_memory()
     log(f"streaming {len(decoder_layers(weights.model))} decoder layers from the checkpoint, one at a time")
     return weights, tokenizer
+
+
+def run_streamed(run, job, out_dir: Path) -> None:
+    """The pipeline's quantize stage for a streamed run (hubquant.stages.Run): quantize and write into `out_dir`,
+    keeping the evaluation activations for the evaluate and leak-check stages."""
+    run.out_dir = out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run.streams = eval_streams(run.weights, run.eval_set, run.leak_docs, run.tokenizer, run.device, run.opts.progress)
+    done = quantize_and_write(run.weights, job, method=run.opts.method, fmt=run.plan.format, out_dir=out_dir,
+                              streams=run.streams, log=run.log)
+    run.quantized, run.quant_config, run.routing = done.quantized, done.qc, None
