@@ -506,8 +506,9 @@ def check_config(config, *, trust_remote_code: bool) -> torch.dtype:
 def open_for(mode: str, *, method: str, fmt: str, path: Path, trust_remote_code: bool, log=print):
     """`--streaming MODE` for this conversion: (Weights, tokenizer), or (None, None) for the in-memory path.
 
-    auto streams whenever the method, the format and the checkpoint allow it (the files are the same bytes);
-    otherwise it logs why and returns (None, None). on raises UnsupportedError instead.
+    auto streams models larger than AUTO_FRACTION of the available memory whenever the method, the format and the
+    checkpoint allow it (the files are the same bytes); otherwise it logs why and returns (None, None). on streams
+    any size and raises UnsupportedError where it cannot.
     """
     from transformers import AutoConfig
 
@@ -523,6 +524,8 @@ def open_for(mode: str, *, method: str, fmt: str, path: Path, trust_remote_code:
     elif fmt not in STREAMED_FORMATS:
         why = f"--format {fmt} is written from the model in memory"
     weights = tokenizer = None
+    if not why and mode == "auto" and _model_bytes(path) < AUTO_FRACTION * _available_bytes():
+        return None, None  # fits easily: loaded whole (the same bytes either way)
     if not why:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         dtype = check_config(config, trust_remote_code=trust_remote_code)
@@ -548,3 +551,20 @@ def run_streamed(run, job, out_dir: Path) -> None:
     done = quantize_and_write(run.weights, job, method=run.opts.method, fmt=run.plan.format, out_dir=out_dir,
                               streams=run.streams, log=run.log)
     run.quantized, run.quant_config, run.routing = done.quantized, done.qc, None
+
+
+AUTO_FRACTION = 0.25  # --streaming auto streams models larger than this share of the available memory
+
+
+def _model_bytes(path: Path) -> int:
+    return sum(e.nbytes for e in Checkpoint(path).entries.values())
+
+
+def _available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62

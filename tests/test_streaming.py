@@ -96,13 +96,15 @@ def test_sharded_output_is_byte_identical(tmp_path, tokenizer, monkeypatch):
         assert filecmp.cmp(tmp_path / "mem" / n, tmp_path / "str" / n, shallow=False), n
 
 
-def test_checkpoint_needing_conversion_is_not_streamed(tmp_path, tokenizer):
+def test_checkpoint_needing_conversion_is_not_streamed(tmp_path, tokenizer, monkeypatch):
     """A Mixtral checkpoint stores per-expert Linears that transformers 5 fuses into 3-D parameters on load:
     not streamable, and said so (auto then loads the model in memory)."""
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     from hubquant.errors import UnsupportedError
     from hubquant.streaming import open_for
+
+    monkeypatch.setattr("hubquant.streaming.AUTO_FRACTION", 0.0)  # auto considers streaming at any size
 
     cfg = MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=256, num_local_experts=2, tie_word_embeddings=False)
