@@ -19,6 +19,8 @@ HARDWARE = {
            "weight-only FP8 (Marlin).",
     "bnb": "bitsandbytes: transformers + bitsandbytes on CUDA GPUs (and its CPU backend).",
     "w8a16": "Weight-only 8-bit: vLLM and transformers + compressed-tensors.",
+    "fp4": "FP4 (NVFP4/MXFP4): FP4 tensor cores on NVIDIA Blackwell in vLLM; older GPUs run the weights through "
+           "vLLM's weight-only FP4 (Marlin) path; CPU through transformers + compressed-tensors (dequantized).",
 }
 
 

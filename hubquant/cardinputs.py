@@ -7,6 +7,12 @@ from hubquant.quant import QuantScheme
 def describe(scheme: QuantScheme) -> tuple[str, str, str]:
     """(weights in words, activations in words, the card's hardware key)."""
     w, a = scheme.weights, scheme.activations
+    if w.type == "float" and w.bits == 4:
+        mx = w.group_size == 32
+        wd = (f"FP4 e2m1, {'E8M0' if mx else 'FP8 e4m3'} scales per {w.group_size} inputs"
+              + ("" if mx else " and a per-tensor global scale"))
+        ad = "16-bit (not quantized)" if a is None else "FP4 e2m1, e4m3 scales per 16 inputs (dynamic), global static"
+        return wd, ad, "fp4"
     if w.type == "float":
         wd = "FP8 e4m3, per-channel scales" if (a is None or a.dynamic) else "FP8 e4m3, per-tensor scale"
     else:

@@ -39,6 +39,12 @@ def _methods():
     return list(METHODS)
 
 
+def _presets():
+    from hubquant.presets import PRESETS
+
+    return list(PRESETS)
+
+
 def _formats():
     from hubquant.formats import FORMATS
 
@@ -60,6 +66,10 @@ class ConvertOptions:
         help="base model: a Hub repo id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local folder"))
     method: str = opt("rtn", flag="--method", choices=_methods, card=True,
                       help="quantization method (default rtn)")
+    scheme: str | None = opt(flag="--scheme", type=str.upper, choices=_presets, card=True, metavar="PRESET",
+                             help="a preset as llm-compressor names it (W4A16, W8A8, FP8_DYNAMIC, NVFP4A16, "
+                                  "MXFP4A16, ...; hubquant.presets): sets bits, group size, symmetry and activations; "
+                                  "--bits/--group-size/--sym/--asym/--activations may repeat but not contradict it")
     bits: int | None = opt(flag="--bits", type=int, card=True,
                            help="weight bits (method default: 4, or 8 for W8A8)")
     group_size: int | None = opt(flag="--group-size", type=int, card=True,
@@ -127,6 +137,8 @@ class ConvertOptions:
     def __post_init__(self):
         # a list from JSON or argparse becomes a tuple (the options stay hashable and comparable)
         object.__setattr__(self, "ignore", tuple(self.ignore))
+        if isinstance(self.scheme, str):  # presets are upper-case names, as on the command line
+            object.__setattr__(self, "scheme", self.scheme.upper())
 
     @property
     def ignored_patterns(self) -> tuple[str, ...]:

@@ -20,11 +20,12 @@ from hubquant.quant import QuantScheme
 
 
 def resolve_scheme(opts: ConvertOptions) -> QuantScheme:
-    """The method's default scheme with the user's overrides applied (and checked)."""
+    """The preset (--scheme) or the method's default scheme, with the user's overrides applied (and checked)."""
     from hubquant.methods import get_method
 
     return get_method(opts.method).resolve_scheme(bits=opts.bits, group_size=opts.group_size,
-                                                  symmetric=opts.symmetric, activations=opts.activations)
+                                                  symmetric=opts.symmetric, activations=opts.activations,
+                                                  preset=opts.scheme)
 
 
 def resolve_format(opts: ConvertOptions, scheme: QuantScheme) -> str:

@@ -40,7 +40,8 @@ class ActivationScheme:
     bits: int = 8
     type: Literal["int", "float"] = "int"
     dynamic: bool = True
-    strategy: Literal["token", "tensor"] = "token"
+    strategy: Literal["token", "tensor", "tensor_group"] = "token"  # tensor_group: NVFP4 (static global scale,
+    # dynamic e4m3 scales per 16 inputs)
     symmetric: bool = True
 
 
@@ -52,8 +53,11 @@ class QuantScheme:
 
     @property
     def name(self) -> str:
-        """Short, repo-name friendly: W4A16-G64, W4A16-ASYM-G128, W8A8, FP8, FP8-STATIC."""
+        """Short, repo-name friendly: W4A16-G64, W4A16-ASYM-G128, W8A8, FP8, FP8-STATIC, NVFP4A16, NVFP4, MXFP4A16."""
         w = self.weights
+        if w.type == "float" and w.bits == 4:
+            kind = "NVFP4" if w.group_size == 16 else "MXFP4"
+            return kind if self.activations is not None else f"{kind}A16"
         if w.type == "float":
             static = self.activations is not None and not self.activations.dynamic
             return "FP8-STATIC" if static else "FP8"

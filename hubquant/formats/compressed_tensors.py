@@ -3,7 +3,8 @@
 - weight-only 2/3/4-bit ints  -> ``pack-quantized``: weight_packed int32 [out, ceil(in*b/32)], weight_scale,
   weight_shape, and for asymmetric schemes weight_zero_point packed along the output dim;
 - 8-bit ints (W8A16 and W8A8)  -> ``int-quantized``: weight int8 [out, in], weight_scale [out, 1];
-- FP8                          -> ``float-quantized``: weight float8_e4m3fn, weight_scale (+ input_scale).
+- FP8                          -> ``float-quantized``: weight float8_e4m3fn, weight_scale (+ input_scale);
+- FP4 (NVFP4A16, NVFP4, MXFP4A16) -> ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` (hubquant.formats.ct_fp4).
 Values are written exactly as `hubquant.quant` computed them, so loaders dequantize to the same floats.
 
 The bytes and the config go through compressed-tensors' own API: `pack_to_int32` packs, and the
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from hubquant.errors import UsageError
+from hubquant.formats import ct_fp4
 from hubquant.formats.common import ignored_linears, method_options, write_model
 from hubquant.quant import QuantizedWeight, QuantScheme
 
@@ -50,6 +52,8 @@ def _args(num_bits, type_, strategy, symmetric, *, group_size=None, dynamic=Fals
 
 
 def format_name(scheme: QuantScheme) -> str:
+    if ct_fp4.is_fp4(scheme):
+        return ct_fp4.format_name(scheme)
     w = scheme.weights
     if w.type == "float":
         return "float-quantized"
@@ -57,7 +61,9 @@ def format_name(scheme: QuantScheme) -> str:
 
 
 def check_scheme(scheme: QuantScheme) -> None:
-    """compressed-tensors holds every scheme hubquant produces (2/3/4/8-bit ints, FP8, W8A8)."""
+    """compressed-tensors holds every scheme hubquant produces (2/3/4/8-bit ints, FP8, W8A8, FP4)."""
+    if ct_fp4.is_fp4(scheme):
+        ct_fp4.check_scheme(scheme)
 
 
 def _weight_args(scheme: QuantScheme, options):
@@ -82,6 +88,8 @@ def quantization_config(scheme: QuantScheme, *, options=None, ignored=()) -> dic
 
     Grouped weights of a method that ran with act-order (GPTQ's static groups) say ``actorder: static``.
     """
+    if ct_fp4.is_fp4(scheme):
+        return ct_fp4.quantization_config(scheme, options=options, ignored=ignored)
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
@@ -104,6 +112,8 @@ def quantization_config(scheme: QuantScheme, *, options=None, ignored=()) -> dic
 
 def linear_tensors(name: str, qw: QuantizedWeight, scheme: QuantScheme, *, options=None) -> dict[str, torch.Tensor]:
     """The tensors one quantized Linear contributes, keyed by full name."""
+    if ct_fp4.is_fp4(scheme):
+        return ct_fp4.linear_tensors(name, qw, scheme, options=options)
     w = scheme.weights
     t: dict[str, torch.Tensor] = {}
     if w.type == "float":
@@ -132,7 +142,7 @@ def write(model, quantized: dict[str, QuantizedWeight], *, scheme: QuantScheme, 
     """Write `quantized` + the rest of `model` as a compressed-tensors checkpoint into `out_dir`."""
     if not quantized:
         raise UsageError("nothing was quantized", hint="check --ignore: it matched every Linear")
-    if scheme.activations is not None and scheme.activations.dynamic is False:
+    if scheme.activations is not None and scheme.activations.dynamic is False and not ct_fp4.is_fp4(scheme):
         missing = [n for n, q in quantized.items() if q.input_scale is None]
         if missing:
             raise UsageError(f"static activation scheme but no input_scale for {missing[0]}",
@@ -140,6 +150,8 @@ def write(model, quantized: dict[str, QuantizedWeight], *, scheme: QuantScheme, 
     options = method_options(method, options)
     qc = quantization_config(scheme, options=options, ignored=ignored_linears(model, quantized))
     dtype = next(iter(quantized.values())).scale.dtype
+    if ct_fp4.is_fp4(scheme):  # FP4 scales are e4m3/E8M0 codes: the checkpoint keeps the model's dtype
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     write_model(model, quantized, Path(out_dir), qc, dtype=dtype,
                 linear_tensors=lambda n, qw: linear_tensors(n, qw, scheme, options=options))
     return qc

@@ -62,6 +62,7 @@ class MethodSpec:
     scaling: bool = False  # moves scale along the architecture's mappings (hubquant.methods.scaling)
     unsupported_hint: str = "use --method gptq or --method rtn for this model"
     scheme_in_name: bool = True  # False: the method's name says the scheme (BNB-NF4)
+    schemes: tuple[str, ...] = ()  # the --scheme presets (hubquant.presets) it produces
 
     # ------------------------------------------------------------------ what the pipeline calls
     def load(self) -> MethodFn:
@@ -95,13 +96,20 @@ class MethodSpec:
         return self.parse_options(options).needs_calibration()
 
     def resolve_scheme(self, *, bits: int | None = None, group_size: int | None = None,
-                       symmetric: bool | None = None, activations: str | None = None) -> QuantScheme:
-        """The default scheme with the user's overrides applied.
+                       symmetric: bool | None = None, activations: str | None = None,
+                       preset: str | None = None) -> QuantScheme:
+        """The default scheme (or the `preset`'s, hubquant.presets) with the user's overrides applied.
 
         Raises:
             UsageError: an override the method does not take (fixed schemes; W8A8 with other than 8 bits;
-                activations for a weight-only method), naming the fix.
+                activations for a weight-only method), a flag contradicting the preset, or a preset the method
+                cannot produce (naming the methods that can).
         """
+        if preset is not None:
+            from hubquant.presets import resolve
+
+            return resolve(self, preset, bits=bits, group_size=group_size, symmetric=symmetric,
+                           activations=activations)
         base = self.default_scheme
         w = base.weights
         if self.fixed_scheme:
@@ -168,31 +176,33 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec(
         name="rtn", title="RTN", summary="round-to-nearest, min-max ranges (baseline)",
         run="hubquant.methods.rtn:run", default_scheme=QuantScheme(weights=_W4),
-        formats=("compressed-tensors", "gptq", "awq")),
+        formats=("compressed-tensors", "gptq", "awq"),
+        schemes=("W4A16", "W4A16_ASYM", "W8A16", "NVFP4A16", "MXFP4A16", "NVFP4")),
     MethodSpec(
         name="gptq", title="GPTQ", summary="Hessian-based error compensation (W4A16)",
         run="hubquant.methods.gptq:run", options="hubquant.methods.gptq:GptqOptions", calibrated=True,
-        algorithm_version=2, default_scheme=QuantScheme(weights=_W4), formats=("compressed-tensors", "gptq")),
+        algorithm_version=2, default_scheme=QuantScheme(weights=_W4), formats=("compressed-tensors", "gptq"),
+        schemes=("W4A16", "W4A16_ASYM", "W8A16", "NVFP4A16", "MXFP4A16")),
     MethodSpec(
         name="awq", title="AWQ", summary="activation-aware per-channel scaling (W4A16 asym)",
         run="hubquant.methods.awq:run", options="hubquant.methods.awq:AwqOptions", calibrated=True, scaling=True,
         default_scheme=QuantScheme(weights=WeightScheme(bits=4, group_size=128, symmetric=False)),
-        formats=("compressed-tensors", "awq")),
+        formats=("compressed-tensors", "awq"), schemes=("W4A16_ASYM", "W4A16")),
     MethodSpec(
         name="smoothquant", title="SmoothQuant", summary="outlier migration into weights, then W8A8 int8",
         run="hubquant.methods.smoothquant:run", options="hubquant.methods.smoothing:SmoothConfig",
         calibrated=True, algorithm_version=2, scaling=True, unsupported_hint=_W8A8_HINT,
-        default_scheme=QuantScheme(weights=_W8, activations=_INT8_DYN)),
+        default_scheme=QuantScheme(weights=_W8, activations=_INT8_DYN), schemes=("W8A8",)),
     MethodSpec(
         name="w8a8", title="W8A8", summary="naive W8A8 int8 (no smoothing), the SmoothQuant baseline",
         run="hubquant.methods.smoothquant:run_naive", options="hubquant.methods.smoothing:W8A8Options",
-        default_scheme=QuantScheme(weights=_W8, activations=_INT8_DYN)),
+        default_scheme=QuantScheme(weights=_W8, activations=_INT8_DYN), schemes=("W8A8",)),
     MethodSpec(
         name="fp8", title="FP8", summary="FP8 e4m3 weights and activations",
         run="hubquant.methods.fp8:run", options="hubquant.methods.smoothing:Fp8Options", fixed_scheme=True,
         scaling=True, unsupported_hint="drop the smoothing options (alpha, smooth) for this model",
         default_scheme=QuantScheme(weights=WeightScheme(bits=8, group_size=-1, type="float"),
-                                   activations=_FP8_DYN)),
+                                   activations=_FP8_DYN), schemes=("FP8_DYNAMIC", "FP8")),
     MethodSpec(
         name="bnb-int8", title="LLM.int8 (bitsandbytes)", summary="LLM.int8 (bitsandbytes), outliers kept in fp16",
         run="hubquant.methods.bnb:run_int8", options="hubquant.methods.bnb:BnbConfig", fixed_scheme=True,

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hubquant import fp4
 from hubquant.engine import LayerWork, LinearStats, results, run_layers
 from hubquant.errors import UsageError
+from hubquant.methods import fp4 as fp4_method
 from hubquant.methods.base import QuantJob
 from hubquant.methods.options import MethodOptions, at_least, positive_float
 from hubquant.modeling import model_dtype
@@ -384,6 +386,18 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
     scheme = job.scheme.weights
     dtype = model_dtype(model)
     result: dict[str, QuantizedWeight] = results()  # a plain dict, or the sink of a streamed conversion
+    fp4_kind = fp4.kind_of(scheme)
+    if fp4_kind and job.scheme.activations is not None:
+        raise UsageError("--method gptq writes FP4 weights only (NVFP4A16, MXFP4A16)",
+                         hint="use --method rtn for --scheme NVFP4 (W4A4)")
+    gscales: dict[str, torch.Tensor] = {}  # NVFP4 global scales of the current layer (fused groups share one)
+
+    def quantize_fp4(names: list[str], lins: list, prep: HessianPrep) -> None:
+        qws = fp4_method.gptq_quantize([lin.weight for lin in lins], prep, fp4_kind, block_size=opts["block_size"],
+                                       gscales=[gscales.get(n) for n in names])
+        for name, lin, qw in zip(names, lins, qws):
+            lin.weight.data.copy_(qw.dequantize(dtype))
+            result[name] = fp4_method._to_cpu(qw)
 
     def quantize(work: LayerWork, names: list[str], h: torch.Tensor | None, prep: HessianPrep | None) -> HessianPrep:
         """GPTQ on the Linears `names` (one input, so one Hessian) as one matrix; returns the Hessian prep."""
@@ -391,8 +405,11 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
         w = torch.cat([lin.weight for lin in lins], 0) if len(lins) > 1 else lins[0].weight
         try:
             if prep is None:
-                prep = prepare_hessian(h, scheme, damp=opts["damp"], actorder=opts["actorder"], clip=opts["clip"],
-                                       inplace=True)
+                prep = prepare_hessian(h, scheme, damp=opts["damp"], actorder=opts["actorder"],
+                                       clip=opts["clip"] and not fp4_kind, inplace=True)
+            if fp4_kind:
+                quantize_fp4(names, lins, prep)
+                return prep
             qw, _ = gptq_quantize(w, None, scheme, block_size=opts["block_size"], scale_dtype=dtype,
                                   actorder=opts["actorder"], clip=opts["clip"], prep=prep)
         except CholeskyFailed as e:
@@ -414,14 +431,17 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
         h = st.xtx.mul_(2.0 / max(st.count, 1))  # the Hessian, in place
         st.xtx = None
         try:
-            return prepare_hessian(h, scheme, damp=opts["damp"], actorder=opts["actorder"], clip=opts["clip"],
-                                   inplace=True)
+            return prepare_hessian(h, scheme, damp=opts["damp"], actorder=opts["actorder"],
+                                   clip=opts["clip"] and not fp4_kind, inplace=True)
         except CholeskyFailed as e:
             raise UsageError(f"GPTQ failed on {', '.join(names)}: {e}",
                              hint=f"raise --damp (e.g. 0.1), add '{names[0]}' to --ignore, or use --method rtn") from e
 
     @torch.no_grad()
     def on_layer(work: LayerWork) -> None:
+        if fp4_kind == "nvfp4":  # from the float weights, before any Linear of the layer changes
+            gscales.clear()
+            gscales.update(fp4.fused_global_scales({n: lin.weight for n, lin in work.linears.items()}))
         if opts["true_sequential"]:
             preps: dict[int, tuple[LinearStats, HessianPrep]] = {}  # Linears reading one input share its prep
 

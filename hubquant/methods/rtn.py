@@ -29,7 +29,11 @@ def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
 
 @torch.no_grad()
 def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
-    """Quantize every Linear except `job.ignore`, one decoder layer at a time."""
+    """Quantize every Linear except `job.ignore`, one decoder layer at a time (FP4 schemes: methods.fp4)."""
+    if job.scheme.weights.type == "float" and job.scheme.weights.bits == 4:
+        from hubquant.methods.fp4 import run_rtn
+
+        return run_rtn(model, job)
     layers = decoder_layers(model)
     prefix = layers_prefix(model)
     result: dict[str, QuantizedWeight] = {}

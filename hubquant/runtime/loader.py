@@ -1,7 +1,8 @@
 """`hubquant.load`: run any variant hubquant writes on hubquant's kernels.
 
 Formats (byte for byte as in FORMATS.md): compressed-tensors pack-quantized W4A16 (sym/asym), int-quantized
-W8A8 int8, float-quantized FP8 (dynamic per-token or static per-tensor activations); GPTQ (v1 and v2, 4-bit,
+W8A8 int8, float-quantized FP8 (dynamic per-token or static per-tensor activations), nvfp4/mxfp4-pack-quantized
+(hubquant.runtime.fp4); GPTQ (v1 and v2, 4-bit,
 act-order via g_idx); AWQ GEMM (4-bit); and plain float checkpoints. The transformers skeleton is built from
 config.json (quantization_config removed, parameters on the meta device, never remote code), Linears with
 quantized tensors become hubquant.runtime.modules (weights repacked once into the kernels' layout), and the
@@ -121,6 +122,10 @@ def _build_ct(qcfg, name, t, in_f, out_f, dtype, device, notes):
     wargs = group.get("weights") or {}
     acts = group.get("input_activations")
     bias = t.get("bias")
+    if "weight_packed" in t and wargs.get("type") == "float" and int(wargs.get("num_bits", 4)) == 4:
+        from hubquant.runtime import fp4 as fp4_runtime  # NVFP4 / MXFP4
+
+        return fp4_runtime.build(wargs, t, in_f, out_f, dtype, device)
     if "weight_packed" in t:
         bits = int(wargs.get("num_bits", 4))
         if bits == 4 and in_f % 8 == 0:
