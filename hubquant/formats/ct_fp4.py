@@ -54,10 +54,10 @@ def linear_tensors(name: str, qw: fp4.Fp4Weight, scheme: QuantScheme, *, options
     """One Linear's tensors, keyed by full name."""
     t = {f"{name}.weight_packed": fp4.pack_codes(qw.qweight), f"{name}.weight_scale": qw.scale}
     if qw.global_scale is not None:
-        t[f"{name}.weight_global_scale"] = qw.global_scale.to(torch.float32).reshape(1)
+        t[f"{name}.weight_global_scale"] = qw.global_scale.to(torch.float32).reshape(1).clone()  # fused: shared
     if scheme.activations is not None:
         if qw.input_global_scale is None:
             raise UsageError(f"--scheme {scheme.name} but no input global scale for {name}",
                              hint="NVFP4 activations need calibration; use --method rtn with calibration text")
-        t[f"{name}.input_global_scale"] = qw.input_global_scale.to(torch.float32).reshape(1)
+        t[f"{name}.input_global_scale"] = qw.input_global_scale.to(torch.float32).reshape(1).clone()
     return {k: v.contiguous() for k, v in t.items()}
