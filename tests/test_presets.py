@@ -1,0 +1,153 @@
+"""`--scheme` presets: what each maps to, which methods produce it, conflicting flags (exit 2), and the FP4 presets
+through `hubquant convert` and `hubquant generate` on tiny models of real architectures."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+
+from hubquant.convert import ConvertOptions, convert
+from hubquant.errors import UsageError
+from hubquant.methods import METHODS, get_method
+from hubquant.presets import PRESETS, methods_for
+from tests.conftest import save_tiny_repo
+
+# preset -> (bits, group size, symmetric, weight type, activations as (bits, type, dynamic) or None)
+EXPECTED = {
+    "W4A16": (4, 128, True, "int", None),
+    "W4A16_ASYM": (4, 128, False, "int", None),
+    "W8A16": (8, 128, True, "int", None),
+    "W8A8": (8, -1, True, "int", (8, "int", True)),
+    "FP8": (8, -1, True, "float", (8, "float", False)),
+    "FP8_DYNAMIC": (8, -1, True, "float", (8, "float", True)),
+    "NVFP4A16": (4, 16, True, "float", None),
+    "NVFP4": (4, 16, True, "float", (4, "float", False)),
+    "MXFP4A16": (4, 32, True, "float", None),
+}
+
+
+def test_every_llm_compressor_name_maps_to_its_scheme():
+    assert set(PRESETS) == set(EXPECTED)
+    for name, (bits, gs, sym, typ, acts) in EXPECTED.items():
+        methods = methods_for(name)
+        assert methods, name
+        s = get_method(methods[0]).resolve_scheme(preset=name.lower())
+        w, a = s.weights, s.activations
+        assert (w.bits, w.group_size, w.symmetric, w.type) == (bits, gs, sym, typ), name
+        assert (None if a is None else (a.bits, a.type, a.dynamic)) == acts, name
+    assert get_method("rtn").resolve_scheme(preset="NVFP4A16").name == "NVFP4A16"
+    assert get_method("gptq").resolve_scheme(preset="MXFP4A16").name == "MXFP4A16"
+    assert get_method("fp8").resolve_scheme(preset="FP8") == get_method("fp8").resolve_scheme(activations="static")
+    assert get_method("fp8").resolve_scheme(preset="FP8_DYNAMIC") == get_method("fp8").resolve_scheme()
+
+
+def test_methods_that_cannot_produce_a_preset_name_the_ones_that_can():
+    for name in PRESETS:
+        able = methods_for(name)
+        for method in METHODS.values():
+            if method.name in able:
+                continue
+            with pytest.raises(UsageError) as e:
+                method.resolve_scheme(preset=name)
+            assert e.value.exit_code == 2 and all(m in e.value.hint for m in able), (name, method.name)
+    assert methods_for("NVFP4") == ["rtn"] and methods_for("NVFP4A16") == ["rtn", "gptq"]
+
+
+@pytest.mark.parametrize("flags,ok", [
+    (dict(bits=8), False), (dict(bits=4), True), (dict(group_size=64), False), (dict(group_size=16), True),
+    (dict(symmetric=False), False), (dict(activations="dynamic"), False),
+])
+def test_flags_may_repeat_a_preset_but_not_contradict_it(flags, ok):
+    name = "NVFP4A16"
+    if ok:
+        assert get_method("rtn").resolve_scheme(preset=name, **flags).name == name
+        return
+    with pytest.raises(UsageError, match="conflicts with"):
+        get_method("rtn").resolve_scheme(preset=name, **flags)
+
+
+@pytest.fixture(scope="module")
+def tiny_repos(local_hub, tokenizer, tmp_path_factory):
+    repos = {}
+    for arch in ("llama", "qwen2", "mistral", "gemma", "phi3"):
+        repo = f"alice/tiny-{arch}-fp4-{uuid.uuid4().hex[:6]}"
+        local_hub.hub.publish_folder(repo, save_tiny_repo(tmp_path_factory.mktemp(arch), arch, tokenizer))
+        repos[arch] = repo
+    return repos
+
+
+def _cli(args: list[str], env: dict, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hubquant.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture()
+def cli_env(local_hub, tmp_path):
+    env = dict(os.environ, HF_ENDPOINT=local_hub.endpoint, HF_TOKEN=local_hub.token("alice"),
+               HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1")
+    env.pop("HUBQUANT_DEBUG", None)
+    return env
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--scheme", "W4A16", "--bits", "8"], "--bits 8"),
+    (["--scheme", "NVFP4A16", "--group-size", "32"], "--group-size 32"),
+    (["--scheme", "W4A16", "--asym"], "--asym"),
+    (["--scheme", "NVFP4", "--method", "gptq"], "use --method rtn"),
+    (["--scheme", "FP8", "--method", "rtn"], "use --method fp8"),
+    (["--scheme", "W8A8", "--method", "gptq"], "smoothquant or w8a8"),
+    (["--scheme", "NVFP4A16", "--method", "gptq", "--format", "gptq"], "compressed-tensors"),
+])
+def test_cli_conflicts_exit_2(cli_env, tiny_repos, args, needle):
+    r = _cli(["convert", tiny_repos["llama"], *args], cli_env)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "fix:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_unknown_preset_is_a_usage_error(cli_env, tiny_repos):
+    r = _cli(["convert", tiny_repos["llama"], "--scheme", "W3A5"], cli_env)
+    assert r.returncode == 2 and "NVFP4A16" in r.stderr
+
+
+@pytest.mark.parametrize("scheme,method", [("NVFP4A16", "gptq"), ("NVFP4", "rtn"), ("MXFP4A16", "rtn")])
+def test_cli_converts_fp4_and_generate_runs_it(cli_env, tiny_repos, tmp_path, scheme, method):
+    out = tmp_path / "variant"
+    r = _cli(["convert", tiny_repos["llama"], "--scheme", scheme, "--method", method, "--output-dir", str(out),
+              "--calib-dataset", "fortunes", "--num-samples", "8", "--seq-len", "64", "--eval-windows", "2",
+              "--eval-seq-len", "64", "--quiet", "--json"], cli_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["metrics"]["ppl_increase_pct"] < 60.0  # 4-bit on a random tiny model
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == ("mxfp4-pack-quantized" if scheme.startswith("MX") else "nvfp4-pack-quantized")
+    assert (qc["config_groups"]["group_0"]["input_activations"] is not None) == (scheme == "NVFP4")
+    assert json.loads((out / "hubquant.json").read_text())["scheme_name"] == scheme
+    g = _cli(["generate", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "4",
+              "--device", "cpu", "--dtype", "float32"], cli_env)
+    assert g.returncode == 0, g.stderr[-3000:]
+    assert re.search(r"\[compressed-tensors, 14 quantized Linears, cpu\] \d+ tokens", g.stdout), g.stdout
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma", "phi3"])
+def test_fp4_presets_on_tiny_architectures_load_in_transformers(hub_env, tiny_repos, tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    import hubquant
+
+    for scheme in ("NVFP4A16", "MXFP4A16"):
+        out = tmp_path / scheme
+        res = convert(ConvertOptions(repo_id=tiny_repos[arch], method="rtn", scheme=scheme, output_dir=str(out),
+                                     eval_windows=2, eval_seq_len=64, progress=False), log=lambda m: None)
+        assert res.metrics["ppl_increase_pct"] < 60.0, (arch, scheme, res.metrics)
+        ids = torch.randint(0, 1000, (1, 16))
+        with torch.no_grad():
+            a = AutoModelForCausalLM.from_pretrained(out)(ids).logits.float()
+            b = hubquant.load(out, device="cpu", progress=False)[0](ids).logits.float()
+        err = (a - b).pow(2).sum() / a.pow(2).sum()
+        assert err < 1e-4, (arch, scheme, float(err))
