@@ -16,6 +16,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ppl import peak_rss_mib, perplexity
 
 
+def _preset_variant(model, args, work: Path):
+    """rtn/gptq with a --scheme preset through the method registry; written as compressed-tensors."""
+    from hubquant.formats import get_format
+    from hubquant.methods import QuantJob, get_method
+
+    spec = get_method(args.method)
+    scheme = spec.resolve_scheme(preset=args.scheme)
+    calib = torch.load(work / "calib_ids.pt") if spec.needs_calibration(scheme) else None
+    quantized = spec.load()(model, QuantJob(scheme=scheme, calib=calib, progress=False,
+                                            options=json.loads(args.options)))
+    get_format("compressed-tensors")(model, quantized, scheme=scheme, out_dir=work / f"hq-{args.method}-{args.scheme}",
+                                     method=args.method, options=json.loads(args.options))
+    return quantized, scheme
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -23,6 +38,7 @@ def main() -> None:
     ap.add_argument("--method", choices=["float", "rtn", "rtn-asym", "gptq", "awq"], required=True)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--scheme", help="a --scheme preset (NVFP4A16, MXFP4A16, NVFP4...) for rtn/gptq instead of --bits")
     ap.add_argument("--options", default="{}", help="method options, JSON (e.g. '{\"true_sequential\": false}')")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
@@ -35,7 +51,9 @@ def main() -> None:
     work = Path(args.work)
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
-    if args.method != "float":
+    if args.scheme:
+        quantized, scheme = _preset_variant(model, args, work)
+    elif args.method != "float":
         sym = args.method not in ("awq", "rtn-asym")
         scheme = QuantScheme(weights=WeightScheme(bits=args.bits, group_size=args.group_size, symmetric=sym))
         calib = torch.load(work / "calib_ids.pt")
@@ -58,7 +76,7 @@ def main() -> None:
     eval_ids = torch.load(work / "eval_ids.pt")
     t1 = time.time()
     ppl = perplexity(model, eval_ids)
-    print(json.dumps({"tool": "hubquant", "method": args.method, "bits": args.bits, "ppl": ppl,
+    print(json.dumps({"tool": "hubquant", "method": args.method, "bits": args.bits, "scheme": args.scheme, "ppl": ppl,
                       "quant_s": t_quant, "eval_s": time.time() - t1, "peak_rss_mib": peak_rss_mib()}), flush=True)
 
 
