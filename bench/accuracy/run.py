@@ -46,6 +46,15 @@ def run_one(cmd: list[str], env: dict) -> dict:
     return res
 
 
+def kept_sections(doc: Path) -> list[str]:
+    """Sections other benchmarks write into the same page (``<!-- NAME-section:begin -->`` ... ``:end -->``)."""
+    if not doc.exists():
+        return []
+    import re
+
+    return ["", *re.findall(r"<!-- [\w-]+-section:begin -->.*?<!-- [\w-]+-section:end -->", doc.read_text(), re.S)]
+
+
 def write_report(rows: list[dict], meta: dict, out_md: Path, out_png: Path) -> None:
     lines = [
         "# Accuracy: hubquant GPTQ/AWQ vs RTN vs llm-compressor on SmolLM2-135M-Instruct",
@@ -94,7 +103,7 @@ def write_report(rows: list[dict], meta: dict, out_md: Path, out_png: Path) -> N
     notes = HERE / "NOTES.md"
     if notes.exists():
         lines += [notes.read_text()]
-    out_md.write_text("\n".join(lines) + "\n")
+    out_md.write_text("\n".join(lines + kept_sections(out_md)) + "\n")
     try:
         import matplotlib
 
