@@ -2,7 +2,8 @@
 
 A preset fixes bits, group size, symmetry and activations; `--bits/--group-size/--sym/--asym/--activations`
 may repeat its values but not contradict them. Which methods can produce a preset is said by the methods' registry
-entries (`MethodSpec.schemes`). No torch import (the CLI starts fast).
+entries (`MethodSpec.schemes`, checked by `MethodSpec.resolve_scheme(preset=...)`). No torch import (the CLI
+starts fast).
 """
 from __future__ import annotations
 
@@ -60,28 +61,3 @@ def check_overrides(name: str, scheme: QuantScheme, *, bits: int | None = None, 
     if conflicts:
         raise UsageError(f"--scheme {name} conflicts with {', '.join(conflicts)}",
                          hint=f"drop the flag(s), or drop --scheme {name}")
-
-
-def methods_for(name: str) -> list[str]:
-    """The methods whose registry entry says they produce preset `name`."""
-    from hubquant.methods import METHODS
-
-    return [m.name for m in METHODS.values() if name.upper() in m.schemes]
-
-
-def resolve(method, name: str, *, bits: int | None = None, group_size: int | None = None,
-            symmetric: bool | None = None, activations: str | None = None) -> QuantScheme:
-    """The scheme of preset `name` for `method` (a MethodSpec), with the user's flags checked against it.
-
-    Raises:
-        UsageError: an unknown preset, a contradicting flag, or a method that cannot produce the preset (the hint
-            names the methods that can).
-    """
-    scheme = get_preset(name)
-    key = name.upper()
-    check_overrides(key, scheme, bits=bits, group_size=group_size, symmetric=symmetric, activations=activations)
-    if key not in method.schemes:
-        able = methods_for(key)
-        raise UsageError(f"--method {method.name} cannot produce --scheme {key}",
-                         hint=f"use --method {' or '.join(able)}" if able else "no method produces it yet")
-    return scheme

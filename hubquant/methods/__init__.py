@@ -106,10 +106,16 @@ class MethodSpec:
                 cannot produce (naming the methods that can).
         """
         if preset is not None:
-            from hubquant.presets import resolve
+            from hubquant.presets import check_overrides, get_preset
 
-            return resolve(self, preset, bits=bits, group_size=group_size, symmetric=symmetric,
-                           activations=activations)
+            scheme, key = get_preset(preset), preset.upper()
+            check_overrides(key, scheme, bits=bits, group_size=group_size, symmetric=symmetric,
+                            activations=activations)
+            if key not in self.schemes:
+                able = methods_for(key)
+                raise UsageError(f"--method {self.name} cannot produce --scheme {key}",
+                                 hint=f"use --method {' or '.join(able)}" if able else "no method produces it yet")
+            return scheme
         base = self.default_scheme
         w = base.weights
         if self.fixed_scheme:
@@ -213,6 +219,11 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
         scheme_in_name=False, default_scheme=QuantScheme(weights=WeightScheme(bits=4, group_size=64)),
         formats=("bitsandbytes",)),
 )}
+
+
+def methods_for(preset: str) -> list[str]:
+    """The methods that produce `--scheme preset` (their entries' `schemes`)."""
+    return [m.name for m in METHODS.values() if preset.upper() in m.schemes]
 
 
 def get_method(name: str) -> MethodSpec:
