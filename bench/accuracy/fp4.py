@@ -47,7 +47,7 @@ def section(rows: list[dict], meta: dict) -> str:
         "`python bench/accuracy/fp4.py`.",
         "",
         "- Model: SmolLM2-135M-Instruct from `hubquant.assets.smollm2_dir()`, loaded in bf16. Its weights carry Q4_1 "
-        "rounding from the GGUF they were rebuilt from, which favours 4-bit integer grids over FP4's.",
+        "rounding from the GGUF they were rebuilt from (every row starts from those weights).",
         f"- Calibration: {meta['calib']}; evaluation: {meta['eval']} (the windows of the table above).",
         "- Perplexity of the in-memory quantized model (dequantized weights, bf16 compute); NVFP4 (W4A4) also "
         "quantizes every quantized Linear's input as compressed-tensors does (e4m3 scales per 16 inputs under a "
@@ -69,8 +69,29 @@ def section(rows: list[dict], meta: dict) -> str:
         delta = f"{100 * (r['ppl'] / base - 1):+.1f}%" if base else ""
         lines.append(f"| {r['label']} | {r['method']} | {r['bpw']:g} | {r['ppl']:.3f} | {delta} | {r['quant_s']:.0f} | "
                      f"{r['process_s']:.0f} | {r['peak_rss_mib']:.0f} |")
-    lines += ["", END]
+    lines += ["", *findings(rows, base), "", END]
     return "\n".join(lines)
+
+
+def findings(rows: list[dict], base: float | None) -> list[str]:
+    """Side-by-side statements computed from this run's rows."""
+    ppl = {(r["label"], r["method"]): r["ppl"] for r in rows if "ppl" in r}
+    out = []
+    for label in ("NVFP4A16", "MXFP4A16"):
+        rtn, gptq = ppl.get((label, "rtn")), ppl.get((label, "gptq"))
+        if rtn and gptq:
+            out.append(f"- {label}: GPTQ on the FP4 grid {gptq:.2f} vs round-to-nearest {rtn:.2f} "
+                       f"({100 * (gptq / rtn - 1):+.1f}%).")
+    w4, nv, mx = ppl.get(("W4A16 g64", "gptq")), ppl.get(("NVFP4A16", "gptq")), ppl.get(("MXFP4A16", "gptq"))
+    if w4 and nv and mx:
+        out.append(f"- With GPTQ, NVFP4A16 ({nv:.2f}, 4.5 bits/weight) is within {100 * abs(nv / w4 - 1):.1f}% of "
+                   f"integer W4A16 g64 ({w4:.2f}, 4.25 bits/weight); MXFP4A16 (E8M0 scales per 32 weights) is higher "
+                   f"({mx:.2f}).")
+    w4a4, w4a16 = ppl.get(("NVFP4 (W4A4)", "rtn")), ppl.get(("NVFP4A16", "rtn"))
+    if w4a4 and w4a16 and base:
+        out.append(f"- Quantizing the activations too (NVFP4, W4A4) adds {100 * (w4a4 / w4a16 - 1):.1f}% perplexity "
+                   f"over NVFP4A16 round-to-nearest ({w4a4:.2f} vs {w4a16:.2f}); accuracy only (no GPU in this run).")
+    return out
 
 
 def write_section(doc: Path, text: str) -> None:
@@ -85,13 +106,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/hubquant-bench-accuracy-fp4")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "accuracy.md"))
+    ap.add_argument("--report-only", action="store_true", help="rewrite the section from WORK/fp4_results.json")
     args = ap.parse_args()
+    work = Path(args.work)
+    if args.report_only:
+        saved = json.loads((work / "fp4_results.json").read_text())
+        write_section(Path(args.doc), section(saved["rows"], saved["meta"]))
+        return
     from ppl import prepare_data
 
     from hubquant.assets import smollm2_dir
 
     model_dir = smollm2_dir()
-    work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     threads = os.environ.get("BENCH_THREADS", "1")
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
@@ -109,7 +135,7 @@ def main() -> None:
         res.update(label=label, method=method, bpw=bpw)
         rows.append(res)
         print(json.dumps(res), flush=True)
-        (work / "fp4_results.json").write_text(json.dumps(rows, indent=1))
+        (work / "fp4_results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         write_section(Path(args.doc), section(rows, meta))
 
 
