@@ -151,3 +151,13 @@ def test_fp4_presets_on_tiny_architectures_load_in_transformers(hub_env, tiny_re
             b = hubquant.load(out, device="cpu", progress=False)[0](ids).logits.float()
         err = (a - b).pow(2).sum() / a.pow(2).sum()
         assert err < 1e-4, (arch, scheme, float(err))
+
+
+def test_service_jobs_take_preset_names():
+    from hubquant.service.jobs import JobSpec, convert_options
+
+    opts = convert_options(JobSpec(repo_id="o/m", method="gptq", scheme="nvfp4a16"))
+    assert opts.scheme == "NVFP4A16" and opts.bits is None
+    assert get_method(opts.method).resolve_scheme(preset=opts.scheme).name == "NVFP4A16"
+    with pytest.raises(UsageError, match="NVFP4A16"):
+        JobSpec(repo_id="o/m", scheme="FP5")

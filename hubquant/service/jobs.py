@@ -124,7 +124,7 @@ def parse_scheme(name: str) -> dict[str, Any]:
     """Turn a scheme name into convert options.
 
     Accepted: ``default`` (the method's own scheme), ``W4A16-G32``, ``W4A16-ASYM-G128``, ``W8A16``
-    (per channel), ``W8A8``, ``FP8``.
+    (per channel), ``W8A8``, ``FP8``, and the other `hubquant.presets` names (``NVFP4A16``, ``MXFP4A16``, ...).
 
     Raises:
         UsageError: a name outside that grammar.
@@ -136,8 +136,13 @@ def parse_scheme(name: str) -> dict[str, Any]:
         return {"bits": 8}
     m = _SCHEME_RE.match(s)
     if not m:
+        from hubquant.presets import PRESETS
+
+        if s in PRESETS:  # the llm-compressor names hubquant convert --scheme takes (NVFP4A16, FP8_DYNAMIC, ...)
+            return {"scheme": s}
         raise UsageError(f"unknown scheme '{name}'",
-                         hint="use default, W4A16-G<size>, W4A16-ASYM-G<size>, W8A16, W8A8 or FP8")
+                         hint="use default, W4A16-G<size>, W4A16-ASYM-G<size>, W8A16, W8A8, FP8 or a --scheme "
+                              f"preset ({', '.join(PRESETS)})")
     out: dict[str, Any] = {"bits": int(m["w"])}
     out["group_size"] = int(m["g"]) if m["g"] else -1
     if m["asym"]:
