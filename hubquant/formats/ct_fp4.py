@@ -31,6 +31,14 @@ def check_scheme(scheme: QuantScheme) -> None:
     kind = fp4.kind_of(scheme)
     if kind == "mxfp4" and scheme.activations is not None:
         raise UsageError("MXFP4 with quantized activations is not supported", hint="use --scheme MXFP4A16 or NVFP4")
+    import compressed_tensors
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    try:
+        preset_name_to_scheme(scheme.name, ["Linear"])
+    except KeyError:
+        raise UsageError(f"compressed-tensors {compressed_tensors.__version__} has no {scheme.name} scheme",
+                         hint="pip install -U compressed-tensors") from None
 
 
 def quantization_config(scheme: QuantScheme, *, options=None, ignored=()) -> dict:
