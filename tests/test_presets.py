@@ -161,3 +161,26 @@ def test_service_jobs_take_preset_names():
     assert get_method(opts.method).resolve_scheme(preset=opts.scheme).name == "NVFP4A16"
     with pytest.raises(UsageError, match="NVFP4A16"):
         JobSpec(repo_id="o/m", scheme="FP5")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["NVFP4A16", "MXFP4A16"])
+def test_smollm2_fp4_converts_and_loads(seeded_hub, hub_env, tmp_path, scheme):
+    """The real model (Q4_1-rounded weights) through convert, then transformers + compressed-tensors and
+    hubquant.load run the checkpoint to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    import hubquant
+    from hubquant.quant import sqnr_db
+
+    out = tmp_path / scheme
+    res = convert(ConvertOptions(repo_id="HuggingFaceTB/SmolLM2-135M-Instruct", method="rtn", scheme=scheme,
+                                 output_dir=str(out), eval_windows=2, eval_seq_len=256, progress=False),
+                  log=lambda m: None)
+    assert res.metrics["ppl_increase_pct"] < 60.0, res.metrics  # bench/accuracy/fp4.py: +24% / +43% on lee-news
+    assert res.metrics["top1_agreement"] > 0.6
+    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(out)(ids).logits.float()
+        b = hubquant.load(out, device="cpu", progress=False)[0](ids).logits.float()
+    assert sqnr_db(a, b) > 30.0
