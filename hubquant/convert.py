@@ -57,7 +57,7 @@ def command_line(opts: ConvertOptions) -> str:
     """The CLI call that reproduces these options (for the card)."""
     from hubquant.options import command_line as _command_line
 
-    return _command_line(opts, calibrated=needs_calibration(opts))
+    return _command_line(opts, calibrated=needs_calibration(opts, resolve_scheme(opts)))
 
 
 def convert(opts: ConvertOptions, log: Log = print, on_event: OnEvent | None = None) -> ConvertResult:

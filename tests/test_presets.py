@@ -128,6 +128,8 @@ def test_cli_converts_fp4_and_generate_runs_it(cli_env, tiny_repos, tmp_path, sc
     assert qc["format"] == ("mxfp4-pack-quantized" if scheme.startswith("MX") else "nvfp4-pack-quantized")
     assert (qc["config_groups"]["group_0"]["input_activations"] is not None) == (scheme == "NVFP4")
     assert json.loads((out / "hubquant.json").read_text())["scheme_name"] == scheme
+    card = (out / "README.md").read_text()
+    assert f"--method {method} --scheme {scheme}" in card and "FP4 e2m1" in card, card[:3000]
     g = _cli(["generate", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "4",
               "--device", "cpu", "--dtype", "float32"], cli_env)
     assert g.returncode == 0, g.stderr[-3000:]
@@ -151,6 +153,21 @@ def test_fp4_presets_on_tiny_architectures_load_in_transformers(hub_env, tiny_re
             b = hubquant.load(out, device="cpu", progress=False)[0](ids).logits.float()
         err = (a - b).pow(2).sum() / a.pow(2).sum()
         assert err < 1e-4, (arch, scheme, float(err))
+
+
+def test_scheme_is_a_declared_option():
+    import argparse
+
+    from hubquant.options import add_arguments, command_line, from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    opts = from_args(p.parse_args(["o/m", "--scheme", "nvfp4a16"]))
+    assert opts.scheme == "NVFP4A16"
+    assert command_line(opts, calibrated=False) == "hubquant convert o/m --method rtn --scheme NVFP4A16"
+    assert ConvertOptions(repo_id="o/m", scheme="mxfp4a16").scheme == "MXFP4A16"
+    with pytest.raises(SystemExit):
+        p.parse_args(["o/m", "--scheme", "W3A5"])
 
 
 def test_service_jobs_take_preset_names():
