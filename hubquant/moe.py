@@ -227,7 +227,7 @@ def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: boo
 
     Raises:
         UsageError: --asym asked for a mixture-of-experts model written as compressed-tensors.
-        UnsupportedError: a bitsandbytes variant of a mixture-of-experts model.
+        UnsupportedError: a bitsandbytes or FP4 variant of a mixture-of-experts model.
     """
     import dataclasses
 
@@ -238,6 +238,9 @@ def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: boo
                                "parameters, no per-expert dequantization)",
                                hint="use --method rtn, gptq, awq or fp8 (compressed-tensors) for mixture-of-experts")
     w = scheme.weights
+    if w.type == "float" and w.bits == 4:  # measured: transformers' logits off by 2x the base's energy
+        raise UnsupportedError("transformers 5.24 does not dequantize FP4 (NVFP4/MXFP4) experts when it fuses them",
+                               hint="use --scheme W4A16 or FP8_DYNAMIC for mixture-of-experts models")
     if fmt != "compressed-tensors" or w.symmetric or w.type == "float" or w.bits == 8:
         return scheme
     if asym_requested:
