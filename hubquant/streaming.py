@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hubquant import fp4
 from hubquant.engine import _clean_kwargs, _Passthrough, _to, layer_attention_types, layer_hooks
 from hubquant.formats.shards import Checkpoint, ShardWriter
 from hubquant.modeling import decoder_layers, layers_prefix, quantizable_linears
@@ -402,8 +403,8 @@ def quantize_and_write(weights: Weights, job, *, method: str, fmt: str, out_dir:
         weights.load_rest(head=False)  # the embeddings make the calibration activations
     try:
         with layer_hooks(session):
-            if method == "rtn":
-                _rtn(model, job, session)
+            if method == "rtn" and (job.scheme.activations is None or not fp4.kind_of(job.scheme)):
+                _rtn(model, job, session)  # NVFP4 W4A4 calibrates: the method's own layer loop
             else:
                 get_method(method).load()(model, job)
         session.layers_done()
@@ -423,20 +424,26 @@ def _rtn(model: nn.Module, job, session: Session) -> None:
     """RTN, one decoder layer at a time (then the Linears outside the layers, e.g. an lm_head not ignored)."""
     from tqdm.auto import tqdm
 
+    from hubquant.methods.fp4 import rtn_linears
     from hubquant.methods.rtn import quantize_linears
+
+    kind = fp4.kind_of(job.scheme)  # FP4 presets round to the FP4 grid
+
+    def quantize(linears: dict) -> dict:
+        return rtn_linears(linears, kind) if kind else quantize_linears(linears, job)
 
     layers = decoder_layers(model)
     prefix = layers_prefix(model)
     for i, layer in enumerate(tqdm(layers, desc="rtn: layers", disable=not job.progress)):
         name = f"{prefix}.{i}"
         session.before(i, name, layer)
-        session.results.update(quantize_linears(quantizable_linears(layer, job.ignore, name), job))
+        session.results.update(quantize(quantizable_linears(layer, job.ignore, name)))
         session.after(i, name, layer)
     session.layers_done()
     rest = {n: m for n, m in quantizable_linears(model, job.ignore).items() if not n.startswith(prefix + ".")}
     for name, lin in rest.items():
         session.weights.load(lin, name)
-    session.results.update(quantize_linears(rest, job))
+    session.results.update(quantize(rest))
 
 
 # ------------------------------------------------------------------------------------------- evaluation

@@ -212,3 +212,15 @@ def test_fp4_presets_refuse_mixture_of_experts(hub_env, local_hub, tokenizer, tm
     with pytest.raises(UnsupportedError, match="FP4"):
         convert(ConvertOptions(repo_id=repo, method="rtn", scheme="MXFP4A16", output_dir=str(tmp_path / "out"),
                                skip_eval=True, progress=False), log=lambda m: None)
+
+
+@pytest.mark.parametrize("scheme,method", [("NVFP4A16", "gptq"), ("NVFP4", "rtn"), ("MXFP4A16", "rtn")])
+def test_fp4_streamed_conversion_writes_the_same_bytes(hub_env, tiny_repos, tmp_path, scheme, method):
+    files = {}
+    for streaming in ("on", "off"):
+        out = tmp_path / streaming
+        convert(ConvertOptions(repo_id=tiny_repos["llama"], method=method, scheme=scheme, streaming=streaming,
+                               output_dir=str(out), num_samples=8, seq_len=64, calib_dataset="fortunes",
+                               skip_eval=True, progress=False), log=lambda m: None)
+        files[streaming] = {p.name: p.read_bytes() for p in [*out.glob("*.safetensors"), out / "config.json"]}
+    assert len(files["on"]) >= 2 and files["on"] == files["off"]

@@ -137,6 +137,15 @@ def linear_tensors(name: str, qw: QuantizedWeight, scheme: QuantScheme, *, optio
     return {k: v.contiguous() for k, v in t.items()}
 
 
+def _float_dtype(model) -> torch.dtype:
+    """The model's float dtype; a streamed conversion's final write sees no parameters, so its config's."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is not None:
+        return p.dtype
+    d = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None) or torch.float32
+    return getattr(torch, d) if isinstance(d, str) else d
+
+
 def write(model, quantized: dict[str, QuantizedWeight], *, scheme: QuantScheme, out_dir: Path, method: str,
           options=None) -> dict:
     """Write `quantized` + the rest of `model` as a compressed-tensors checkpoint into `out_dir`."""
@@ -151,7 +160,7 @@ def write(model, quantized: dict[str, QuantizedWeight], *, scheme: QuantScheme, 
     qc = quantization_config(scheme, options=options, ignored=ignored_linears(model, quantized))
     dtype = next(iter(quantized.values())).scale.dtype
     if ct_fp4.is_fp4(scheme):  # FP4 scales are e4m3/E8M0 codes: the checkpoint keeps the model's dtype
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        dtype = _float_dtype(model)
     write_model(model, quantized, Path(out_dir), qc, dtype=dtype,
                 linear_tensors=lambda n, qw: linear_tensors(n, qw, scheme, options=options))
     return qc

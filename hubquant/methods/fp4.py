@@ -25,7 +25,7 @@ def _apply(lin: torch.nn.Linear, qw: fp4.Fp4Weight) -> fp4.Fp4Weight:
     return qw
 
 
-def _rtn_linears(linears: dict[str, torch.nn.Linear], kind: str) -> dict[str, fp4.Fp4Weight]:
+def rtn_linears(linears: dict[str, torch.nn.Linear], kind: str) -> dict[str, fp4.Fp4Weight]:
     gscales = fp4.fused_global_scales({n: m.weight.data for n, m in linears.items()}) if kind == "nvfp4" else {}
     return {n: _apply(lin, fp4.quantize(lin.weight.data, kind, gscale=gscales.get(n))) for n, lin in linears.items()}
 
@@ -46,14 +46,14 @@ def run_rtn(model: torch.nn.Module, job: QuantJob) -> dict[str, fp4.Fp4Weight]:
     layers, prefix = decoder_layers(model), layers_prefix(model)
     result: dict[str, fp4.Fp4Weight] = {}
     for i, layer in enumerate(tqdm(layers, desc=f"rtn {kind}: layers", disable=not job.progress)):
-        result.update(_rtn_linears(quantizable_linears(layer, job.ignore, f"{prefix}.{i}"), kind))
+        result.update(rtn_linears(quantizable_linears(layer, job.ignore, f"{prefix}.{i}"), kind))
     rest = {n: m for n, m in quantizable_linears(model, job.ignore).items() if not n.startswith(prefix + ".")}
-    result.update(_rtn_linears(rest, kind))
+    result.update(rtn_linears(rest, kind))
     return result
 
 
 def _run_w4a4(model: torch.nn.Module, job: QuantJob) -> dict[str, fp4.Fp4Weight]:
-    from hubquant.engine import run_layers
+    from hubquant.engine import results, run_layers
 
     if job.calib is None:
         raise UsageError("--scheme NVFP4 needs calibration text for its activation global scales",
@@ -63,11 +63,11 @@ def _run_w4a4(model: torch.nn.Module, job: QuantJob) -> dict[str, fp4.Fp4Weight]
     if outside:
         raise UsageError(f"--scheme NVFP4 quantizes the decoder layers' Linears, not {outside[0]}",
                          hint=f"add {outside[0].rsplit('.', 1)[-1]} to --ignore")
-    result: dict[str, fp4.Fp4Weight] = {}
+    result: dict[str, fp4.Fp4Weight] = results()  # a plain dict, or the sink of a streamed conversion
 
     def on_layer(work) -> None:
         stats = work.collect(list(work.linears), hessian=False, absmax=True)
-        qws = _rtn_linears(work.linears, "nvfp4")
+        qws = rtn_linears(work.linears, "nvfp4")
         for name, qw in qws.items():
             qw.input_global_scale = fp4.activation_global_scale(stats[name].absmax).cpu()
             _to_cpu(qw)
