@@ -1,0 +1,1 @@
+"""GGUF output (llama.cpp, Ollama, LM Studio): block quantizers, the llama.cpp type mixes, metadata, writer."""
