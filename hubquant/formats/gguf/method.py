@@ -1,0 +1,162 @@
+"""Quantize a model's tensors to a llama.cpp preset (the GGUF counterpart of a method's `run`).
+
+Three ways, picked by --method when --format gguf:
+- rtn: llama.cpp's plain quantization (no calibration);
+- imatrix: an importance matrix (per input column: sum of squared activations, from one calibration pass
+  over the float model, layer by layer) weights every block's scale/min search;
+- gptq: per decoder layer, true-sequential: the importance from the Linear's Hessian diagonal picks the
+  blocks' parameters, then GPTQ rounds the columns onto those grids with error compensation.
+
+Every quantized tensor's float weight in `model` is replaced by its dequantized value (the model then
+computes what llama.cpp computes from the file); the returned dict holds, per module, a QuantizedWeight
+whose `extra` carries the GGUF type and packed bytes for the writer.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from hubquant.errors import UsageError
+from hubquant.formats.gguf import mix
+from hubquant.formats.gguf.arch import TensorEntry, tensor_entries, tie_if_needed
+from hubquant.formats.gguf.blocks import Grid, quantize
+from hubquant.formats.gguf.packing import pack
+from hubquant.quant import QuantizedWeight, WeightScheme, matches_any
+
+MODES = {"rtn": "plain", "imatrix": "imatrix", "gptq": "gptq"}
+GPTQ_DEFAULTS = {"damp": 0.01, "actorder": True, "block_size": 128}
+_SCHEME = WeightScheme(bits=4, group_size=-1)  # GGUF grids carry their own block parameters
+
+
+def mode_of(method: str) -> str:
+    if method not in MODES:
+        raise UsageError(f"--method {method} cannot be written as --format gguf",
+                         hint="use --method rtn (plain), imatrix (importance matrix) or gptq (GPTQ + importance)")
+    return MODES[method]
+
+
+def model_shape(config) -> mix.ModelShape:
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return mix.ModelShape(n_layer=config.num_hidden_layers, n_gqa=max(1, heads // kv),
+                          tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+def plan_types(model, preset: str, *, has_imatrix: bool, ignore=()) -> tuple[list[TensorEntry], dict[str, str]]:
+    """The GGUF tensor entries of `model` and the type of each quantized one (keyed by module name)."""
+    entries = tensor_entries(model)
+    quant = [e for e in entries if e.quantizable]
+    by_name = mix.plan([(e.gguf, e.shape[-1]) for e in quant], preset, model_shape(model.config),
+                       has_imatrix=has_imatrix)
+    types = {}
+    for e in quant:
+        user_ignored = matches_any(e.module, [p for p in ignore if p != "lm_head"])
+        types[e.module] = "F16" if user_ignored else by_name[e.gguf]
+    return entries, types
+
+
+def _record(result: dict, module: str, grid: Grid, param: torch.nn.Parameter, *, imatrix: bool) -> None:
+    param.data.copy_(grid.dequantize().to(param.dtype))
+    result[module] = QuantizedWeight(qweight=grid.codes, scale=grid.scale, zero_point=None, scheme=_SCHEME,
+                                     extra={"gguf_type": grid.qtype, "gguf_bytes": torch.from_numpy(pack(grid)),
+                                            "imatrix": imatrix})
+
+
+@torch.no_grad()
+def collect_imatrix(model, calib: torch.Tensor, *, device: str = "cpu", progress: bool = True) -> dict[str, torch.Tensor]:
+    """Per decoder-layer Linear: sum over calibration tokens of x_j^2 for each input column j (float model)."""
+    from hubquant.engine import run_layers
+
+    out: dict[str, torch.Tensor] = {}
+
+    def on_layer(work) -> None:
+        def hook(name):
+            def fn(x):
+                s = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).cpu()
+                out[name] = s if name not in out else out[name] + s
+            return fn
+        work.forward(hooks={n: hook(n) for n in work.linears})
+
+    run_layers(model, calib, on_layer=on_layer, device=device, ignore=(), rerun=False, progress=progress,
+               desc="imatrix")
+    return out
+
+
+@torch.no_grad()
+def _gptq_layers(model, calib, types: dict, result: dict, imatrix: dict, opts: dict, *, device: str,
+                 progress: bool) -> None:
+    from hubquant.engine import run_layers
+    from hubquant.formats.gguf.gptq import gptq_grid
+    from hubquant.methods.gptq import CholeskyFailed, prepare_hessian
+
+    def on_layer(work) -> None:
+        preps: dict[int, tuple] = {}
+
+        def on_group(names, st) -> None:
+            known = preps.get(id(st))
+            if known is None:
+                imp = torch.diagonal(st.xtx).clone().cpu()
+                h = st.xtx.mul_(2.0 / max(st.count, 1))
+                try:
+                    prep = prepare_hessian(h, _SCHEME, damp=opts["damp"], actorder=opts["actorder"], inplace=True)
+                except CholeskyFailed as e:
+                    raise UsageError(f"GPTQ failed on {', '.join(names)}: {e}",
+                                     hint="raise --method-option damp=0.1, or use --method imatrix") from e
+                st.xtx = None
+                known = preps[id(st)] = (st, prep, imp)
+            _, prep, imp = known
+            for name in names:
+                t = types.get(name)
+                if t is None or t == "F16":
+                    continue
+                lin = work.linears[name]
+                imatrix[name] = imp
+                grid = gptq_grid(lin.weight, prep, t, imp.to(lin.weight.device), block_size=opts["block_size"])
+                _record(result, name, grid, lin.weight, imatrix=True)
+
+        work.sequential(on_group)
+
+    run_layers(model, calib, on_layer=on_layer, device=device, ignore=(), progress=progress, desc="gguf-gptq")
+
+
+def run(model: torch.nn.Module, job, *, mode: str, log=print) -> dict[str, QuantizedWeight]:
+    """Quantize `model` to the preset `job.options["gguf_type"]` (see the module docstring).
+
+    Raises:
+        UsageError: calibration missing for imatrix/gptq, unknown options or preset.
+    """
+    opts = dict(job.options)
+    preset = mix.check_preset(opts.pop("gguf_type", mix.DEFAULT_PRESET))
+    tie_if_needed(model)
+    unknown = set(opts) - (set(GPTQ_DEFAULTS) if mode == "gptq" else set())
+    if unknown:
+        raise UsageError(f"unknown --method-option(s) for GGUF: {', '.join(sorted(unknown))}",
+                         hint=f"GGUF with GPTQ takes {', '.join(GPTQ_DEFAULTS)}" if mode == "gptq"
+                         else "GGUF rtn/imatrix take no method options")
+    opts = {**GPTQ_DEFAULTS, **opts}
+    if mode != "plain" and job.calib is None:
+        raise UsageError(f"GGUF {mode} needs calibration text", hint="pass --calib-dataset, or use --method rtn")
+    entries, types = plan_types(model, preset, has_imatrix=mode != "plain", ignore=job.ignore)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    result: dict[str, QuantizedWeight] = {}
+    imatrix: dict[str, torch.Tensor] = {}
+    t0 = time.time()
+    if mode == "imatrix":
+        imatrix = collect_imatrix(model, job.calib, device=job.device, progress=job.progress)
+    elif mode == "gptq":
+        _gptq_layers(model, job.calib, types, result, imatrix, opts, device=job.device, progress=job.progress)
+    for e in entries:
+        t = types.get(e.module) if e.quantizable else None
+        if t is None or t == "F16" or e.module in result:
+            continue
+        p = params[e.param]
+        imp = imatrix.get(e.module)
+        _record(result, e.module, quantize(p.detach(), t, None if imp is None else imp.to(p.device)), p,
+                imatrix=imp is not None)
+    counts: dict[str, int] = {}
+    for qw in result.values():
+        counts[qw.extra["gguf_type"]] = counts.get(qw.extra["gguf_type"], 0) + 1
+    log(f"gguf {preset} ({mode}): {len(result)} tensors in {time.time() - t0:.1f} s: "
+        + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    return result

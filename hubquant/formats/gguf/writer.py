@@ -1,0 +1,93 @@
+"""Write a GGUF file (or gguf-split shards) from a model whose tensors `method.run` quantized.
+
+One file `NAME-PRESET.gguf`; above the size limit, shards named as `gguf-split` names them
+(`NAME-PRESET-00001-of-00003.gguf`, with split.no / split.count / split.tensors.count in each and the
+metadata in the first), which llama.cpp and Ollama load by the first shard's name.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hubquant.errors import UsageError
+from hubquant.formats.gguf import mix
+from hubquant.formats.gguf.arch import add_hparams, add_tokenizer, arch_of, float_tensor, permute_rows, tensor_entries
+from hubquant.quant import QuantizedWeight
+
+DEFAULT_SPLIT = "48G"  # the Hub takes files up to 50 GB
+
+
+def parse_size(text: str | int | None) -> int:
+    """'48G', '500M', '2000000' -> bytes; 0 or None: no split."""
+    if text in (None, "", 0, "0"):
+        return 0
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)B?", str(text).strip().upper())
+    if not m:
+        raise UsageError(f"--gguf-split-size {text}", hint="use a size such as 48G, 500M or 0 (no split)")
+    return int(float(m.group(1)) * 1000 ** "_KMGT".index(m.group(2) or "_"))
+
+
+def file_stem(model, options: dict) -> str:
+    name = options.get("name") or Path(str(getattr(model, "name_or_path", "") or "model")).name or "model"
+    return f"{name}-{options.get('gguf_type', mix.DEFAULT_PRESET)}"
+
+
+def write(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], *, scheme=None, out_dir: Path,
+          method: str = "rtn", options: dict | None = None) -> dict:
+    """Write the GGUF file(s) into `out_dir`; returns the summary recorded as the variant's quantization config.
+
+    options: gguf_type (preset), split_size ('48G', 0 = never split), tokenizer_dir (default: the model's
+    name_or_path), name (file stem), imatrix_dataset (description of the calibration text).
+    """
+    import gguf
+
+    options = dict(options or {})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    spec = arch_of(config)
+    preset = mix.check_preset(options.get("gguf_type", mix.DEFAULT_PRESET))
+    path = out_dir / f"{file_stem(model, {**options, 'gguf_type': preset})}.gguf"
+    w = gguf.GGUFWriter(path, spec.gguf_arch, split_max_size=parse_size(options.get("split_size", DEFAULT_SPLIT)))
+    w.add_name(options.get("name") or Path(str(model.name_or_path)).name)
+    w.add_file_type(mix.PRESETS[preset][1])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    extra = add_hparams(w, config, spec)
+    add_tokenizer(w, Path(options.get("tokenizer_dir") or model.name_or_path), config)
+    n_imatrix = sum(1 for q in quantized.values() if q.extra.get("imatrix"))
+    if n_imatrix:
+        w.add_string("quantize.imatrix.dataset", options.get("imatrix_dataset", "calibration text"))
+        w.add_uint32("quantize.imatrix.entries_count", n_imatrix)
+
+    state = model.state_dict()
+    types: dict[str, int] = {}
+    for e in tensor_entries(model):
+        qw = quantized.get(e.module) if e.quantizable else None
+        if qw is not None:
+            data = qw.extra["gguf_bytes"].numpy()
+            if e.permute_heads:
+                data = permute_rows(data, e.permute_heads)
+            qtype = getattr(gguf.GGMLQuantizationType, qw.extra["gguf_type"])
+            w.add_tensor(e.gguf, np.ascontiguousarray(data), raw_dtype=qtype)
+            name = qw.extra["gguf_type"]
+        else:
+            a = float_tensor(e, state[e.param], spec)
+            if e.quantizable:  # a weight kept unquantized (ignored, or rows no block divides): F16
+                a = a.astype(np.float16)
+            w.add_tensor(e.gguf, a)
+            name = "F16" if e.quantizable else "F32"
+        types[name] = types.get(name, 0) + 1
+    for name, a in extra.items():
+        w.add_tensor(name, a)
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    files = sorted(p.name for p in out_dir.glob(f"{path.stem}*.gguf"))
+    return {"quant_method": "gguf", "gguf_type": preset, "files": files, "tensor_types": types,
+            "imatrix": bool(n_imatrix), "method": method}
