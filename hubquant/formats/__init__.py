@@ -43,6 +43,9 @@ class FormatSpec:
     engines: tuple[tuple[str, str], ...] = ()  # (engine, exact command; {repo} = the variant) for the card's table
     loader_note: str = ""  # what the card says about the loader transformers needs for this format
     reader: str | None = None  # "module:function" building a runtime module per Linear for hubquant.load
+    # "module:function" for formats whose grids are their own (GGUF's block types): it quantizes instead of the
+    # method's run, as quantize(model, job, *, method, options) -> {module name: QuantizedWeight}
+    quantize: str | None = None
 
     def function(self, name: str):
         return _resolve(f"{self.module}:{name}")
@@ -59,6 +62,9 @@ class FormatSpec:
 
     def quantization_config(self, scheme: QuantScheme, *, options: Any = None, ignored=()) -> dict:
         return self.function("quantization_config")(scheme, options=options, ignored=ignored)
+
+    def quantizer(self):
+        return _resolve(self.quantize) if self.quantize else None
 
     def load_reader(self):
         if self.reader is None:
@@ -102,6 +108,13 @@ FORMATS: dict[str, FormatSpec] = {f.name: f for f in (
                  ("hubquant", 'pip install "hubquant[bnb]" && hubquant generate {repo} --prompt "Hello"')),
         loader_note="transformers runs these weights through `bitsandbytes` (CUDA GPUs, and its CPU backend); "
                     "the quantization settings come from config.json, pass no `BitsAndBytesConfig`."),
+    FormatSpec(
+        name="gguf", title="GGUF (llama.cpp)", quant_method="gguf", module="hubquant.formats.gguf.format",
+        extras=("gguf",), quantize="hubquant.formats.gguf.method:quantize_for_format",
+        engines=(("llama.cpp", 'llama-cli -hf {repo} -p "Hello"'), ("Ollama", "ollama run hf.co/{repo}"),
+                 ("transformers", 'AutoModelForCausalLM.from_pretrained("{repo}", gguf_file=FILE)')),
+        loader_note="transformers reads GGUF with the `gguf` package and dequantizes every tensor to float; "
+                    "llama.cpp, Ollama and LM Studio run the quantized blocks."),
 )}
 
 

@@ -182,13 +182,18 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec(
         name="rtn", title="RTN", summary="round-to-nearest, min-max ranges (baseline)",
         run="hubquant.methods.rtn:run", default_scheme=QuantScheme(weights=_W4),
-        formats=("compressed-tensors", "gptq", "awq"),
+        formats=("compressed-tensors", "gptq", "awq", "gguf"),
         schemes=("W4A16", "W4A16_ASYM", "W8A16", "NVFP4A16", "MXFP4A16", "NVFP4")),
     MethodSpec(
         name="gptq", title="GPTQ", summary="Hessian-based error compensation (W4A16)",
         run="hubquant.methods.gptq:run", options="hubquant.methods.gptq:GptqOptions", calibrated=True,
-        algorithm_version=2, default_scheme=QuantScheme(weights=_W4), formats=("compressed-tensors", "gptq"),
+        algorithm_version=2, default_scheme=QuantScheme(weights=_W4), formats=("compressed-tensors", "gptq", "gguf"),
         schemes=("W4A16", "W4A16_ASYM", "W8A16", "NVFP4A16", "MXFP4A16")),
+    MethodSpec(
+        name="imatrix", title="importance matrix (imatrix)",
+        summary="GGUF block scales and mins searched under per-column activation energy (llama.cpp's imatrix)",
+        run="hubquant.formats.gguf.method:run_imatrix", calibrated=True, default_scheme=QuantScheme(weights=_W4),
+        formats=("gguf",), scheme_in_name=False),
     MethodSpec(
         name="awq", title="AWQ", summary="activation-aware per-channel scaling (W4A16 asym)",
         run="hubquant.methods.awq:run", options="hubquant.methods.awq:AwqOptions", calibrated=True, scaling=True,

@@ -120,29 +120,48 @@ def _gptq_layers(model, calib, types: dict, result: dict, imatrix: dict, opts: d
     run_layers(model, calib, on_layer=on_layer, device=device, ignore=(), progress=progress, desc="gguf-gptq")
 
 
-def run(model: torch.nn.Module, job, *, mode: str, log=print) -> dict[str, QuantizedWeight]:
-    """Quantize `model` to the preset `job.options["gguf_type"]` (see the module docstring).
+def _gptq_settings(options) -> dict:
+    """damp / actorder / block_size from GPTQ's options object or a dict (other keys are GPTQ's own)."""
+    if options is None:
+        return dict(GPTQ_DEFAULTS)
+    get = options.get if isinstance(options, dict) else (lambda k, d: getattr(options, k, d))
+    return {k: get(k, d) for k, d in GPTQ_DEFAULTS.items()}
+
+
+def quantize_for_format(model: torch.nn.Module, job, *, method: str, options: dict | None = None,
+                        log=print) -> dict[str, QuantizedWeight]:
+    """The format registry's hook: `--method rtn|imatrix|gptq --format gguf` (options: gguf_type)."""
+    opts = dict(options or {})
+    return run(model, job, mode=mode_of(method), preset=opts.get("gguf_type") or mix.DEFAULT_PRESET, log=log)
+
+
+def run_imatrix(model: torch.nn.Module, job) -> dict[str, QuantizedWeight]:
+    """`--method imatrix` called as a method (the default preset)."""
+    return run(model, job, mode="imatrix")
+
+
+def run(model: torch.nn.Module, job, *, mode: str, preset: str = mix.DEFAULT_PRESET, log=print,
+        imatrix: dict[str, torch.Tensor] | None = None) -> dict[str, QuantizedWeight]:
+    """Quantize `model` to the llama.cpp `preset` (see the module docstring); mode: plain, imatrix or gptq.
+
+    imatrix: a `collect_imatrix` result to reuse (mode imatrix; e.g. one pass for several presets).
 
     Raises:
-        UsageError: calibration missing for imatrix/gptq, unknown options or preset.
+        UsageError: calibration missing for imatrix/gptq, or an unknown preset.
     """
-    opts = dict(job.options)
-    preset = mix.check_preset(opts.pop("gguf_type", mix.DEFAULT_PRESET))
+    preset = mix.check_preset(preset)
     tie_if_needed(model)
-    unknown = set(opts) - (set(GPTQ_DEFAULTS) if mode == "gptq" else set())
-    if unknown:
-        raise UsageError(f"unknown --method-option(s) for GGUF: {', '.join(sorted(unknown))}",
-                         hint=f"GGUF with GPTQ takes {', '.join(GPTQ_DEFAULTS)}" if mode == "gptq"
-                         else "GGUF rtn/imatrix take no method options")
-    opts = {**GPTQ_DEFAULTS, **opts}
+    opts = _gptq_settings(job.options)
     if mode != "plain" and job.calib is None:
         raise UsageError(f"GGUF {mode} needs calibration text", hint="pass --calib-dataset, or use --method rtn")
     entries, types = plan_types(model, preset, has_imatrix=mode != "plain", ignore=job.ignore)
     params = dict(model.named_parameters(remove_duplicate=False))
     result: dict[str, QuantizedWeight] = {}
-    imatrix: dict[str, torch.Tensor] = {}
+    given, imatrix = imatrix, {}
     t0 = time.time()
-    if mode == "imatrix":
+    if mode == "imatrix" and given is not None:
+        imatrix = given
+    elif mode == "imatrix":
         imatrix = collect_imatrix(model, job.calib, device=job.device, progress=job.progress)
     elif mode == "gptq":
         _gptq_layers(model, job.calib, types, result, imatrix, opts, device=job.device, progress=job.progress)
