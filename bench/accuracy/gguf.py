@@ -41,12 +41,12 @@ def _job(calib):
 
 def run_all(types, modes, work: Path, report) -> tuple[list[dict], dict]:
     """Every (type, mode) in turn; `report(rows, meta)` after each row (a partial report survives a stop)."""
+    from ppl import perplexity, prepare_data
     from transformers import AutoModelForCausalLM
 
     from hubquant.assets import smollm2_dir
     from hubquant.formats.gguf.method import collect_imatrix, run
     from hubquant.formats.gguf.writer import write
-    from ppl import perplexity, prepare_data
 
     model_dir = smollm2_dir()
     meta = prepare_data(work, model_dir, calib=CALIB, eval_windows=EVAL_WINDOWS, eval_len=EVAL_LEN)
@@ -94,7 +94,7 @@ def write_report(rows: list[dict], meta: dict, cmd: str, out_md: Path, out_png: 
     names = {"plain": "plain (no imatrix)", "imatrix": "imatrix", "gptq": "GPTQ + imatrix"}
     lines = [
         "# GGUF accuracy: llama.cpp presets, plain vs importance matrix vs GPTQ (SmolLM2-135M-Instruct)", "",
-        f"Measured {meta['date']} on {meta['machine']} by `{cmd}`.", "",
+        f"Measured {meta['date']} on {meta['machine']} by {cmd}.", "",
         "- Model: SmolLM2-135M-Instruct from `hubquant.assets.smollm2_dir()`; its bf16 weights carry Q4_1 rounding "
         "(they were rebuilt from a Q4_1 GGUF), so low-bit presets lose less here than on an original checkpoint.",
         f"- Calibration (imatrix and GPTQ): {meta['calib']}. Evaluation (held out, checked disjoint): {meta['eval']}.",
@@ -108,7 +108,8 @@ def write_report(rows: list[dict], meta: dict, cmd: str, out_md: Path, out_png: 
         "(Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0); only ffn_down (1536 columns) gets K-quants. "
         "So Q4_K_M here is mostly Q5_0, Q3_K_M and Q2_K mostly Q4_0: their rows compare types, not the names.",
         f"- CPU shared with other jobs ({meta['threads']} thread); times are indicative. Base perplexity "
-        f"{meta['base_ppl']:.3f}; the imatrix pass took {meta['imatrix_s']:.0f} s. Q8_0 has no imatrix row: its "
+        f"{meta['base_ppl']:.3f}" + (f"; the imatrix pass took {meta['imatrix_s']:.0f} s" if meta["imatrix_s"] == meta[
+            "imatrix_s"] else "") + ". Q8_0 has no imatrix row: its "
         "scale is the block maximum, there is no search to weight (llama.cpp ignores the imatrix for Q8_0 too).", "",
         "| type | file | " + " | ".join(f"{names[m]} ppl (delta)" for m in modes) + " | tensor types (plain) |",
         "|---|---|" + "---|" * len(modes) + "---|",
@@ -143,24 +144,64 @@ def write_report(rows: list[dict], meta: dict, cmd: str, out_md: Path, out_png: 
     fig.savefig(out_png, dpi=120)
 
 
+def rows_from_logs(paths: list[str]) -> tuple[list[dict], dict]:
+    """Rows printed by runs of this script (one JSON object per line) and the data descriptions."""
+    import re
+
+    from ppl import prepare_data
+
+    from hubquant.assets import smollm2_dir
+
+    rows, base, commands = [], None, []
+    for path in paths:
+        types = []
+        for line in Path(path).read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"mode"' in line:
+                rows.append(json.loads(line))
+                types.append(rows[-1]["type"])
+            m = re.search(r"float base: perplexity ([0-9.]+)", line)
+            if m:
+                base = float(m.group(1))
+        commands.append("--types " + " ".join(dict.fromkeys(types)))
+    with tempfile.TemporaryDirectory(prefix="hq-gguf-") as tmp:
+        meta = prepare_data(Path(tmp), smollm2_dir(), calib=CALIB, eval_windows=EVAL_WINDOWS, eval_len=EVAL_LEN)
+    return rows, {"calib": meta["calib"], "eval": meta["eval"], "base_ppl": base, "imatrix_s": float("nan"),
+                  "commands": commands}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--types", nargs="+", default=list(TYPES))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--out", default=str(ROOT / "docs" / "accuracy-gguf.md"))
+    ap.add_argument("--from-logs", nargs="+", metavar="LOG",
+                    help="write the report from the printed rows of earlier runs (e.g. --types split over processes)")
     args = ap.parse_args()
     threads = int(os.environ.get("BENCH_THREADS", "1"))
     torch.set_num_threads(threads)
     out_md = Path(args.out)
     out_png = out_md.parent / "img" / "accuracy-gguf.png"
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python bench/accuracy/gguf.py" + ("" if args.types == list(TYPES) and args.modes == list(MODES)
-                                             else " --types " + " ".join(args.types) + " --modes " + " ".join(args.modes))
+    cmd = "python bench/accuracy/gguf.py"
+    if args.types != list(TYPES) or args.modes != list(MODES):
+        cmd += " --types " + " ".join(args.types) + " --modes " + " ".join(args.modes)
+
+    if args.from_logs:
+        rows, meta = rows_from_logs(args.from_logs)
+        meta.update(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    machine=f"2-core CPU shared ({platform.machine()}, torch {torch.__version__})", threads=threads)
+        order = {t: i for i, t in enumerate(TYPES)}
+        rows.sort(key=lambda r: (order.get(r["type"], 99), MODES.index(r["mode"])))
+        cmd = " and ".join(f"`python bench/accuracy/gguf.py {c}`" for c in meta.pop("commands"))
+        cmd += " (two processes at the same time; this page rendered from their rows with `--from-logs`)"
+        write_report(rows, meta, cmd, out_md, out_png)
+        print(f"wrote {out_md}")
+        return
 
     def report(rows, meta):
         meta.update(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     machine=f"2-core CPU shared ({platform.machine()}, torch {torch.__version__})", threads=threads)
-        write_report(rows, meta, cmd, out_md, out_png)
+        write_report(rows, meta, f"`{cmd}`", out_md, out_png)
 
     with tempfile.TemporaryDirectory(prefix="hq-gguf-") as tmp:
         run_all(args.types, args.modes, Path(tmp), report)

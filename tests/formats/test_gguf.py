@@ -194,7 +194,7 @@ def test_convert_end_to_end(hub_env, gguf_repo, tmp_path, method):
                                  progress=False), log=lambda m: None)
     files = sorted(p.name for p in out.glob("*.gguf"))
     assert files == ["tiny-llama-gguf-Q4_K_M.gguf"]
-    assert 0 <= res.metrics["mean_kl"] < 0.05 and res.metrics["top1_agreement"] > 0.8
+    assert 0 <= res.metrics["mean_kl"] < 0.01 and abs(res.metrics["ppl_increase_pct"]) < 2
     prov = json.loads((out / "hubquant.json").read_text())
     assert prov["settings"]["gguf_type"] == "Q4_K_M" and prov["settings"]["format"] == "gguf"
     card = (out / "README.md").read_text()

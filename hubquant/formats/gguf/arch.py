@@ -191,7 +191,8 @@ def add_hparams(w, config, spec: ArchSpec) -> dict[str, np.ndarray]:
     elif kind in ("longrope", "su"):
         extra["rope_factors_long.weight"] = np.asarray(rp["long_factor"], dtype=np.float32)
         extra["rope_factors_short.weight"] = np.asarray(rp["short_factor"], dtype=np.float32)
-        orig = int(getattr(config, "original_max_position_embeddings", None) or rp.get("original_max_position_embeddings"))
+        orig = getattr(config, "original_max_position_embeddings", None) or rp["original_max_position_embeddings"]
+        orig = int(orig)
         w.add_rope_scaling_orig_ctx_len(orig)
         scale = config.max_position_embeddings / orig
         w.add_rope_scaling_attn_factors(1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(orig)))

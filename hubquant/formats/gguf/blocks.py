@@ -16,8 +16,13 @@ from dataclasses import dataclass, field
 import torch
 
 from hubquant.errors import UsageError
-from hubquant.formats.gguf.search import (quantize_signed_superscale, quantize_superscale, search_asymmetric,
-                                          search_symmetric, signed_absmax)
+from hubquant.formats.gguf.search import (
+    quantize_signed_superscale,
+    quantize_superscale,
+    search_asymmetric,
+    search_symmetric,
+    signed_absmax,
+)
 
 QK_K = 256
 
@@ -70,7 +75,8 @@ class Grid:
         return v.reshape(rows, cols)
 
 
-def round_codes(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, qmin: int, qmax: int) -> torch.Tensor:
+def round_codes(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, qmin: int,
+                qmax: int) -> torch.Tensor:
     """Codes of x [R, n, sub] on the grid code * scale + offset ([R, n]); zero scales give code 0."""
     s = scale[..., None]
     t = x if offset is None else x - offset[..., None]

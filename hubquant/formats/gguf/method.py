@@ -64,7 +64,8 @@ def _record(result: dict, module: str, grid: Grid, param: torch.nn.Parameter, *,
 
 
 @torch.no_grad()
-def collect_imatrix(model, calib: torch.Tensor, *, device: str = "cpu", progress: bool = True) -> dict[str, torch.Tensor]:
+def collect_imatrix(model, calib: torch.Tensor, *, device: str = "cpu",
+                    progress: bool = True) -> dict[str, torch.Tensor]:
     """Per decoder-layer Linear: sum over calibration tokens of x_j^2 for each input column j (float model)."""
     from hubquant.engine import run_layers
 

@@ -99,7 +99,8 @@ def _preset_type(preset: str, base: str, name: str, cols: int, shape: ModelShape
     return base
 
 
-def plan(tensors: list[tuple[str, int]], preset: str, shape: ModelShape, *, has_imatrix: bool = False) -> dict[str, str]:
+def plan(tensors: list[tuple[str, int]], preset: str, shape: ModelShape, *,
+         has_imatrix: bool = False) -> dict[str, str]:
     """GGUF type of every quantized tensor: `tensors` is [(gguf name, row length)] in file order."""
     preset = check_preset(preset)
     base = PRESETS[preset][0]
