@@ -107,6 +107,9 @@ def write_report(rows: list[dict], meta: dict, cmd: str, out_md: Path, out_png: 
         "(attn q/k/v/o, ffn gate/up, token embeddings) cannot hold a K-quant and falls back as llama.cpp does "
         "(Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0); only ffn_down (1536 columns) gets K-quants. "
         "So Q4_K_M here is mostly Q5_0, Q3_K_M and Q2_K mostly Q4_0: their rows compare types, not the names.",
+        "- GPTQ's error feedback fits the calibration text's activations; on this checkpoint it does not always "
+        "lower held-out perplexity below the imatrix search alone (see the rows); docs/accuracy.md finds the same "
+        "for INT4 GPTQ without its clip search (gptq-noclip +42.7% vs RTN +36.1%).",
         f"- CPU shared with other jobs ({meta['threads']} thread); times are indicative. Base perplexity "
         f"{meta['base_ppl']:.3f}" + (f"; the imatrix pass took {meta['imatrix_s']:.0f} s" if meta["imatrix_s"] == meta[
             "imatrix_s"] else "") + ". Q8_0 has no imatrix row: its "
