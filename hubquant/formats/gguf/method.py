@@ -9,7 +9,7 @@ Three ways, picked by --method when --format gguf:
 
 Every quantized tensor's float weight in `model` is replaced by its dequantized value (the model then
 computes what llama.cpp computes from the file); the returned dict holds, per module, a QuantizedWeight
-whose `extra` carries the GGUF type and packed bytes for the writer.
+whose qweight (and `extra["gguf_bytes"]`) holds the packed ggml blocks and `extra` the GGUF type.
 """
 from __future__ import annotations
 
@@ -58,9 +58,9 @@ def plan_types(model, preset: str, *, has_imatrix: bool, ignore=()) -> tuple[lis
 
 def _record(result: dict, module: str, grid: Grid, param: torch.nn.Parameter, *, imatrix: bool) -> None:
     param.data.copy_(grid.dequantize().to(param.dtype))
-    result[module] = QuantizedWeight(qweight=grid.codes, scale=grid.scale, zero_point=None, scheme=_SCHEME,
-                                     extra={"gguf_type": grid.qtype, "gguf_bytes": torch.from_numpy(pack(grid)),
-                                            "imatrix": imatrix})
+    data = torch.from_numpy(pack(grid))  # the ggml blocks (parameters inside): what the writer stores
+    result[module] = QuantizedWeight(qweight=data, scale=torch.empty(0), zero_point=None, scheme=_SCHEME,
+                                     extra={"gguf_type": grid.qtype, "gguf_bytes": data, "imatrix": imatrix})
 
 
 @torch.no_grad()
