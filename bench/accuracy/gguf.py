@@ -195,8 +195,9 @@ def main() -> None:
                     machine=f"2-core CPU shared ({platform.machine()}, torch {torch.__version__})", threads=threads)
         order = {t: i for i, t in enumerate(TYPES)}
         rows.sort(key=lambda r: (order.get(r["type"], 99), MODES.index(r["mode"])))
-        cmd = " and ".join(f"`python bench/accuracy/gguf.py {c}`" for c in meta.pop("commands"))
-        cmd += " (two processes at the same time; this page rendered from their rows with `--from-logs`)"
+        commands = meta.pop("commands")
+        cmd = ", ".join(f"`python bench/accuracy/gguf.py {c}`" for c in commands)
+        cmd += f" ({len(commands)} processes at the same time; this page rendered from their rows with `--from-logs`)"
         write_report(rows, meta, cmd, out_md, out_png)
         print(f"wrote {out_md}")
         return
