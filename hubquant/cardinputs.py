@@ -36,6 +36,7 @@ def card_inputs(run):
     """The CardInputs of a finished run (hubquant.stages.Run)."""
     import hubquant
     from hubquant.card import DEQUANTIZE_NOTE, CardInputs
+    from hubquant.formats import get_format
     from hubquant.hub import client
     from hubquant.methods import get_method
     from hubquant.plan import default_target
@@ -44,7 +45,7 @@ def card_inputs(run):
     plan, calib, ev = run.plan, run.calib, run.eval_set
     wd, ad, hw = describe(plan.scheme)
     calib_desc = calib.description if calib else "none (no calibration needed)"
-    return CardInputs(
+    fields = dict(
         target_repo=plan.target or default_target(plan.base.name, "local", plan.scheme, run.opts.method, plan.format),
         base_model=plan.base.card_base, base_sha=plan.base.sha, base_card_path=run.path / "README.md",
         method=run.opts.method, method_summary=get_method(run.opts.method).summary, scheme_name=plan.scheme.name,
@@ -59,3 +60,5 @@ def card_inputs(run):
         base_label=plan.base.card_base or f"a local model folder ({plan.base.name})",
         dequantize_note=DEQUANTIZE_NOTE if run.quant_config.get("dequantize") else "",
     )
+    fields.update(get_format(plan.format).card_fields(run))  # e.g. GGUF's own words and section
+    return CardInputs(**fields)

@@ -78,6 +78,12 @@ class ConvertOptions:
                              help="checkpoint format (default: compressed-tensors; bitsandbytes for bnb-*)")
     activations: str | None = opt(flag="--activations", choices=["dynamic", "static"], card=True, service=True,
                                   help="W8A8/FP8 activation scales")
+    gguf_type: str | None = opt(flag="--gguf-type", card=True, service=True, metavar="TYPE",
+                                help="--format gguf: Q8_0, Q6_K, Q5_K_M, Q4_K_M (default), Q4_0, Q3_K_M or Q2_K; "
+                                     "--method rtn = plain, imatrix = importance matrix, gptq = GPTQ + imatrix")
+    gguf_split_size: str | None = opt(flag="--gguf-split-size", card=True, service=True, metavar="SIZE",
+                                      help="--format gguf: shard files above SIZE as gguf-split does "
+                                           "(default 48G; 0 = never)")
     revision: str | None = opt(flag="--revision", card=True, help="branch, tag or commit of the base (default main)")
     calib_dataset: str | None = opt(
         flag="--calib-dataset", card=True, service=True, group=CAL,

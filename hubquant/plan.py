@@ -50,6 +50,7 @@ def needs_calibration(opts: ConvertOptions, scheme: QuantScheme | None = None) -
 
 def settings_of(opts: ConvertOptions, scheme: QuantScheme, fmt: str) -> dict:
     """What determines the variant's bytes (the idempotency key hashes this plus the base sha)."""
+    from hubquant.formats import get_format
     from hubquant.methods import get_method
 
     s = {
@@ -59,6 +60,7 @@ def settings_of(opts: ConvertOptions, scheme: QuantScheme, fmt: str) -> dict:
     version = get_method(opts.method).algorithm_version
     if version is not None:
         s["algorithm_version"] = version
+    s.update(get_format(fmt).settings(opts))
     if needs_calibration(opts, scheme):
         s.update(calib_dataset=opts.calib_dataset, num_samples=opts.num_samples, seq_len=opts.seq_len,
                  seed=opts.seed, chat_template=opts.chat_template)
@@ -72,10 +74,15 @@ def settings_hash(base_repo: str, settings: dict) -> str:
 
 def default_target(repo_id: str, namespace: str, scheme: QuantScheme, method: str, fmt: str) -> str:
     """{namespace}/{model}-{SCHEME}-{METHOD}[-{format}], without saying the same thing twice
-    (W8A8 by w8a8 is `-W8A8`, FP8 by fp8 `-FP8`, GPTQ in the gptq format `-GPTQ`)."""
+    (W8A8 by w8a8 is `-W8A8`, FP8 by fp8 `-FP8`, GPTQ in the gptq format `-GPTQ`); a format with a repo suffix
+    names one repo per base for all its variants (`-GGUF`: files named by type)."""
+    from hubquant.formats import get_format
     from hubquant.methods import get_method
 
     name = repo_id.rstrip("/").split("/")[-1]
+    suffix = get_format(fmt).repo_suffix
+    if suffix:
+        return f"{namespace}/{name}-{suffix}"
     if not get_method(method).scheme_in_name:
         return f"{namespace}/{name}-{method.upper()}"
     parts = [scheme.name]
@@ -202,6 +209,7 @@ def check_options(opts: ConvertOptions) -> tuple[QuantScheme, str]:
     scheme = resolve_scheme(opts)
     fmt = resolve_format(opts, scheme)
     get_method(opts.method).parse_options(opts.method_options)  # unknown keys, bad values
+    check_format_options(opts, fmt)
     if opts.max_ppl_increase is not None and opts.skip_eval:
         raise UsageError("--max-ppl-increase needs the evaluation", hint="drop --skip-eval")
     if opts.num_samples < 1 or opts.seq_len < 16:
@@ -211,6 +219,18 @@ def check_options(opts: ConvertOptions) -> tuple[QuantScheme, str]:
         raise UsageError("--eval-windows must be >= 1 and --eval-seq-len >= 16",
                          hint="use e.g. --eval-windows 8 --eval-seq-len 512")
     return scheme, fmt
+
+
+def check_format_options(opts: ConvertOptions, fmt: str) -> None:
+    """A format's own options (e.g. --gguf-type) given with another format are refused."""
+    from hubquant.formats import FORMATS
+    from hubquant.options import declared
+
+    flags = {f.name: f.metadata["flag"] for f in declared()}
+    for spec in FORMATS.values():
+        given = [flags[name] for name in spec.options if getattr(opts, name) is not None]
+        if spec.name != fmt and given:
+            raise UsageError(f"{'/'.join(given)} apply to --format {spec.name}", hint=f"add --format {spec.name}")
 
 
 def plan(opts: ConvertOptions) -> Plan:

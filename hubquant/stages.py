@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -268,6 +269,7 @@ def check_group_size(model, scheme, ignore) -> None:
 def load(run: Run) -> None:
     """The base model and tokenizer, checked against the scheme; logs what stays unquantized."""
     from hubquant import streaming
+    from hubquant.formats import get_format
     from hubquant.modeling import decoder_layers, model_dtype, quantizable_linears
 
     with run.stage("load"):
@@ -278,7 +280,8 @@ def load(run: Run) -> None:
             load_model(run.path, trust_remote_code=run.opts.trust_remote_code)
         decoder_layers(model)  # unsupported layouts fail here, before any work
         _experts(run, model)
-        check_group_size(model, run.plan.scheme, run.opts.ignored_patterns)
+        if not get_format(run.plan.format).own_grids:  # GGUF's block types pick fallbacks for odd row lengths
+            check_group_size(model, run.plan.scheme, run.opts.ignored_patterns)
         run.model, run.tokenizer = model, tokenizer
         kept = unquantized(model, set(quantizable_linears(model, run.opts.ignored_patterns)))
         params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -402,13 +405,15 @@ def _leak_documents(calib, eval_src) -> tuple[list[str], list[str]]:
 
 
 def quantize(run: Run) -> None:
-    """Quantize layer by layer with the plan's method (the model in memory then computes the variant)."""
+    """Quantize layer by layer with the plan's method (the model in memory then computes the variant); a format
+    with grids of its own (GGUF) quantizes in place of the method's run."""
     from hubquant import moe_pipeline
+    from hubquant.formats import get_format
     from hubquant.methods import QuantJob, get_method
 
     opts = run.opts
     with run.stage("quantize"):
-        spec = get_method(opts.method)
+        spec, fmt = get_method(opts.method), get_format(run.plan.format)
         job = QuantJob(scheme=run.plan.scheme, ignore=opts.ignored_patterns,
                        calib=None if run.calib is None else run.calib.ids,
                        options=spec.parse_options(opts.method_options), device=run.device, progress=opts.progress)
@@ -417,7 +422,9 @@ def quantize(run: Run) -> None:
 
             run_streamed(run, job, output_folder(run))
         else:
-            run.quantized, run.routing = moe_pipeline.quantize_with_policy(run.model, job, spec.load(),
+            method_fn = (functools.partial(fmt.quantizer(), method=opts.method, options=fmt.run_options(run),
+                                           log=run.log) if fmt.own_grids else spec.load())
+            run.quantized, run.routing = moe_pipeline.quantize_with_policy(run.model, job, method_fn,
                                                                            options=opts.method_options, log=run.log)
         run.log(f"quantized {len(run.quantized)} Linear layers with {opts.method} in {time.time() - run._t0:.1f} s")
 
@@ -464,14 +471,16 @@ def write(run: Run) -> Path:
         before = set() if streamed else {p for p in out.rglob("*")}
         with disk_errors(out):
             _fault("write")
-            options = get_method(opts.method).parse_options(opts.method_options)
+            fmt = get_format(plan.format)
+            options = (fmt.run_options(run) if fmt.own_grids
+                       else get_method(opts.method).parse_options(opts.method_options))
             if not streamed:
-                run.quant_config = get_format(plan.format)(run.model, run.quantized, scheme=plan.scheme,
-                                                           out_dir=out, method=opts.method, options=options)
+                run.quant_config = fmt(run.model, run.quantized, scheme=plan.scheme, out_dir=out, method=opts.method,
+                                       options=options)
             if not streamed and plan.format == "compressed-tensors" and moe.expert_modules(run.model):
                 checked = moe_pipeline.verify_written(run.model, run.quantized, plan.scheme, out)
                 run.log(f"moe: {checked} expert projections on disk match the evaluated model")
-            for name in COPY_FILES:
+            for name in COPY_FILES if fmt.copy_base_files else ():
                 src = run.path / name
                 if src.is_file():
                     shutil.copyfile(src, out / name)

@@ -13,6 +13,13 @@ module provides the same functions, named by the spec (imported on use, so the C
 `hubquant.formats.common.write_model` (a `ShardWriter` that also accepts tensors one layer at a time), then
 config.json (and side files, e.g. GPTQ's quantize_config.json). Tokenizer and generation files are copied by
 the pipeline, not by writers. Calling a spec writes: ``get_format("gptq")(model, quantized, scheme=..., ...)``.
+
+A format whose grids are its own (GGUF's block types) names a `quantize` function that runs in place of the
+method's run (the scheme's group size is then not checked), and its module also provides:
+
+    settings(opts) -> dict            # its own ConvertOptions (`FormatSpec.options`), checked, defaults filled in
+    run_options(run) -> dict          # the options its quantize and write take (hubquant.stages.Run)
+    card(run) -> dict                 # CardInputs fields it words itself (e.g. extra_markdown, its own section)
 """
 from __future__ import annotations
 
@@ -44,8 +51,11 @@ class FormatSpec:
     loader_note: str = ""  # what the card says about the loader transformers needs for this format
     reader: str | None = None  # "module:function" building a runtime module per Linear for hubquant.load
     # "module:function" for formats whose grids are their own (GGUF's block types): it quantizes instead of the
-    # method's run, as quantize(model, job, *, method, options) -> {module name: QuantizedWeight}
+    # method's run, as quantize(model, job, *, method, options, log) -> {module name: QuantizedWeight}
     quantize: str | None = None
+    options: tuple[str, ...] = ()  # ConvertOptions fields only this format reads (refused with any other format)
+    repo_suffix: str | None = None  # default target {model}-{suffix}: one repo per base holds every variant
+    copy_base_files: bool = True  # the base's tokenizer files beside the weights (GGUF carries its own inside)
 
     def function(self, name: str):
         return _resolve(f"{self.module}:{name}")
@@ -65,6 +75,23 @@ class FormatSpec:
 
     def quantizer(self):
         return _resolve(self.quantize) if self.quantize else None
+
+    @property
+    def own_grids(self) -> bool:
+        """True when the format quantizes itself (the method's run and the scheme's group size do not apply)."""
+        return self.quantize is not None
+
+    def settings(self, opts) -> dict:
+        """This format's own options as the settings hash sees them ({} for formats without any)."""
+        return self.function("settings")(opts) if self.options else {}
+
+    def run_options(self, run) -> dict:
+        """The options a format with its own grids passes to its quantize and write."""
+        return self.function("run_options")(run)
+
+    def card_fields(self, run) -> dict:
+        """CardInputs fields this format words itself ({} for formats that use the scheme's words)."""
+        return self.function("card")(run) if self.own_grids else {}
 
     def load_reader(self):
         if self.reader is None:
@@ -111,6 +138,7 @@ FORMATS: dict[str, FormatSpec] = {f.name: f for f in (
     FormatSpec(
         name="gguf", title="GGUF (llama.cpp)", quant_method="gguf", module="hubquant.formats.gguf.format",
         extras=("gguf",), quantize="hubquant.formats.gguf.method:quantize_for_format",
+        options=("gguf_type", "gguf_split_size"), repo_suffix="GGUF", copy_base_files=False,
         engines=(("llama.cpp", 'llama-cli -hf {repo} -p "Hello"'), ("Ollama", "ollama run hf.co/{repo}"),
                  ("transformers", 'AutoModelForCausalLM.from_pretrained("{repo}", gguf_file=FILE)')),
         loader_note="transformers reads GGUF with the `gguf` package and dequantizes every tensor to float; "

@@ -93,7 +93,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "num_samples": _int_in(1, 4096), "seq_len": _int_in(16, 32768), "seed": _int_in(0, 2**31 - 1),
     "chat_template": _bool, "eval_windows": _int_in(1, 1024), "eval_seq_len": _int_in(16, 32768),
     "skip_eval": _bool, "leak_check": _bool, "ignore": _ignore, "default_ignore": _bool,
-    "method_options": _method_options,
+    "method_options": _method_options, "gguf_type": _short_str, "gguf_split_size": _short_str,
 }
 JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {name: _CHECKS[name] for name in sorted(service_options())}
 

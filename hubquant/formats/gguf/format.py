@@ -2,7 +2,8 @@
 
 GGUF's block types carry their own grids, so `hubquant.formats.gguf.method` quantizes (in place of the
 method's run) and `writer.write` writes the file(s); the scheme flags (--bits, --group-size) do not apply:
-`--gguf-type` picks the llama.cpp preset.
+`--gguf-type` picks the llama.cpp preset. `settings`, `run_options` and `card` are the pipeline's hooks for a
+format with grids of its own (see hubquant.formats).
 """
 from __future__ import annotations
 
@@ -21,3 +22,29 @@ def linear_tensors(name, qw, scheme, *, options=None) -> dict:
 def quantization_config(scheme, *, options=None, ignored=()) -> dict:
     opts = dict(options or {})
     return {"quant_method": "gguf", "gguf_type": opts.get("gguf_type", "Q4_K_M")}
+
+
+def settings(opts) -> dict:
+    """--gguf-type (checked, default Q4_K_M) and --gguf-split-size, as the settings hash sees them."""
+    from hubquant.formats.gguf.mix import DEFAULT_PRESET, check_preset
+
+    return {"gguf_type": check_preset(opts.gguf_type or DEFAULT_PRESET), "gguf_split_size": opts.gguf_split_size}
+
+
+def run_options(run) -> dict:
+    """What `method.quantize_for_format` and `writer.write` take from a pipeline run (hubquant.stages.Run)."""
+    opts = run.opts
+    out = {"gguf_type": opts.gguf_type, "split_size": opts.gguf_split_size, "tokenizer_dir": str(run.path),
+           "name": run.plan.base.name, "imatrix_dataset": run.calib.description if run.calib is not None else None}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def card(run) -> dict:
+    """The card in GGUF's words: the type mix, and the section with files per memory budget and commands."""
+    from hubquant.formats.gguf.card import card_section, describe
+    from hubquant.plan import default_target
+
+    plan = run.plan
+    repo = plan.target or default_target(plan.base.name, "local", plan.scheme, run.opts.method, plan.format)
+    return {"weights_desc": describe(run.quant_config), "hardware_key": "gguf",
+            "extra_markdown": card_section(run.model, run.quant_config, run.metrics, repo)}
