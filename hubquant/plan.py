@@ -222,7 +222,7 @@ def check_options(opts: ConvertOptions) -> tuple[QuantScheme, str]:
 
 
 def check_format_options(opts: ConvertOptions, fmt: str) -> None:
-    """A format's own options (e.g. --gguf-type) given with another format are refused."""
+    """A format's own options (e.g. --gguf-type) given with another format, or with bad values, are refused."""
     from hubquant.formats import FORMATS
     from hubquant.options import declared
 
@@ -231,6 +231,7 @@ def check_format_options(opts: ConvertOptions, fmt: str) -> None:
         given = [flags[name] for name in spec.options if getattr(opts, name) is not None]
         if spec.name != fmt and given:
             raise UsageError(f"{'/'.join(given)} apply to --format {spec.name}", hint=f"add --format {spec.name}")
+    FORMATS[fmt].settings(opts)  # the chosen format's own values (e.g. an unknown --gguf-type)
 
 
 def plan(opts: ConvertOptions) -> Plan:

@@ -13,6 +13,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+from hubquant.errors import UsageError  # noqa: E402
 from hubquant.formats.gguf.arch import permute_rows  # noqa: E402
 from hubquant.formats.gguf.method import run  # noqa: E402
 from hubquant.formats.gguf.writer import write  # noqa: E402
@@ -209,3 +210,28 @@ def test_cli_gguf_flags_need_the_format(tmp_path):
     p = subprocess.run([sys.executable, "-m", "hubquant.cli", "convert", "x/y", "--gguf-type", "Q4_0"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "--format gguf" in p.stderr
+
+
+def test_plan_names_hashes_and_allows_the_gguf_options():
+    from hubquant.options import ConvertOptions, command_line, service_options
+    from hubquant.plan import check_options, default_target, settings_hash, settings_of
+    from hubquant.service.jobs import JobSpec, convert_options
+
+    opts = ConvertOptions(repo_id="org/Model", format="gguf")
+    scheme, fmt = check_options(opts)
+    assert default_target("Model", "me", scheme, "rtn", fmt) == "me/Model-GGUF"
+    assert default_target("Model", "me", scheme, "imatrix", fmt) == "me/Model-GGUF"
+    plain = settings_of(opts, scheme, fmt)
+    assert plain["gguf_type"] == "Q4_K_M"  # the default preset is hashed as itself
+    same = settings_of(ConvertOptions(repo_id="org/Model", format="gguf", gguf_type="Q4_K_M"), scheme, fmt)
+    other = settings_of(ConvertOptions(repo_id="org/Model", format="gguf", gguf_type="Q8_0"), scheme, fmt)
+    assert settings_hash("b", plain) == settings_hash("b", same) != settings_hash("b", other)
+    with pytest.raises(UsageError, match="Q9_K"):
+        check_options(ConvertOptions(repo_id="org/Model", format="gguf", gguf_type="Q9_K"))
+    with pytest.raises(UsageError, match="--format gguf"):
+        check_options(ConvertOptions(repo_id="org/Model", gguf_split_size="4G"))
+    line = command_line(ConvertOptions(repo_id="org/Model", format="gguf", gguf_type="Q8_0"), calibrated=False)
+    assert line.endswith("--format gguf --gguf-type Q8_0")
+    assert {"gguf_type", "gguf_split_size"} <= service_options()
+    job = convert_options(JobSpec(repo_id="o/m", options={"format": "gguf", "gguf_type": "Q6_K"}))
+    assert job.gguf_type == "Q6_K"
