@@ -201,6 +201,13 @@ class Plan:
     reason: str
     provenance: dict | None = None
 
+    @property
+    def format_spec(self):
+        """The format's registry entry (hubquant.formats.FormatSpec)."""
+        from hubquant.formats import get_format
+
+        return get_format(self.format)
+
 
 def check_options(opts: ConvertOptions) -> tuple[QuantScheme, str]:
     """Flag combinations that are wrong whatever the model is. Returns the scheme and the format."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import json
 import math
 import os
@@ -245,14 +244,14 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool):
                                ) from e
 
 
-def check_group_size(model, scheme, ignore) -> None:
-    """Refuse group sizes that do not divide every quantized Linear's input size, naming them."""
+def check_group_size(model, scheme, ignore, *, own_grids: bool = False) -> None:
+    """Refuse group sizes that do not divide every quantized Linear's input size (any for formats' own grids)."""
     from hubquant.errors import UsageError
     from hubquant.modeling import quantizable_linears
     from hubquant.quant import valid_group_sizes
 
     gs = scheme.weights.group_size
-    if gs == -1 or scheme.weights.type == "float":
+    if gs == -1 or scheme.weights.type == "float" or own_grids:  # GGUF's block types pick their fallbacks
         return
     in_features = {n: m.in_features for n, m in quantizable_linears(model, ignore).items()}
     bad = {n: k for n, k in in_features.items() if k % gs}
@@ -269,7 +268,6 @@ def check_group_size(model, scheme, ignore) -> None:
 def load(run: Run) -> None:
     """The base model and tokenizer, checked against the scheme; logs what stays unquantized."""
     from hubquant import streaming
-    from hubquant.formats import get_format
     from hubquant.modeling import decoder_layers, model_dtype, quantizable_linears
 
     with run.stage("load"):
@@ -280,8 +278,7 @@ def load(run: Run) -> None:
             load_model(run.path, trust_remote_code=run.opts.trust_remote_code)
         decoder_layers(model)  # unsupported layouts fail here, before any work
         _experts(run, model)
-        if not get_format(run.plan.format).own_grids:  # GGUF's block types pick fallbacks for odd row lengths
-            check_group_size(model, run.plan.scheme, run.opts.ignored_patterns)
+        check_group_size(model, run.plan.scheme, run.opts.ignored_patterns, own_grids=run.plan.format_spec.own_grids)
         run.model, run.tokenizer = model, tokenizer
         kept = unquantized(model, set(quantizable_linears(model, run.opts.ignored_patterns)))
         params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -405,15 +402,13 @@ def _leak_documents(calib, eval_src) -> tuple[list[str], list[str]]:
 
 
 def quantize(run: Run) -> None:
-    """Quantize layer by layer with the plan's method (the model in memory then computes the variant); a format
-    with grids of its own (GGUF) quantizes in place of the method's run."""
+    """Quantize layer by layer with the plan's method (the model in memory then computes the variant)."""
     from hubquant import moe_pipeline
-    from hubquant.formats import get_format
     from hubquant.methods import QuantJob, get_method
 
     opts = run.opts
     with run.stage("quantize"):
-        spec, fmt = get_method(opts.method), get_format(run.plan.format)
+        spec = get_method(opts.method)
         job = QuantJob(scheme=run.plan.scheme, ignore=opts.ignored_patterns,
                        calib=None if run.calib is None else run.calib.ids,
                        options=spec.parse_options(opts.method_options), device=run.device, progress=opts.progress)
@@ -422,10 +417,8 @@ def quantize(run: Run) -> None:
 
             run_streamed(run, job, output_folder(run))
         else:
-            method_fn = (functools.partial(fmt.quantizer(), method=opts.method, options=fmt.run_options(run),
-                                           log=run.log) if fmt.own_grids else spec.load())
-            run.quantized, run.routing = moe_pipeline.quantize_with_policy(run.model, job, method_fn,
-                                                                           options=opts.method_options, log=run.log)
+            run.quantized, run.routing = moe_pipeline.quantize_with_policy(  # GGUF: the format's own quantizer
+                run.model, job, run.plan.format_spec.method_fn(spec, run), options=opts.method_options, log=run.log)
         run.log(f"quantized {len(run.quantized)} Linear layers with {opts.method} in {time.time() - run._t0:.1f} s")
 
 
@@ -471,16 +464,14 @@ def write(run: Run) -> Path:
         before = set() if streamed else {p for p in out.rglob("*")}
         with disk_errors(out):
             _fault("write")
-            fmt = get_format(plan.format)
-            options = (fmt.run_options(run) if fmt.own_grids
-                       else get_method(opts.method).parse_options(opts.method_options))
+            options = plan.format_spec.write_options(run, get_method(opts.method).parse_options(opts.method_options))
             if not streamed:
-                run.quant_config = fmt(run.model, run.quantized, scheme=plan.scheme, out_dir=out, method=opts.method,
-                                       options=options)
+                run.quant_config = get_format(plan.format)(run.model, run.quantized, scheme=plan.scheme,
+                                                           out_dir=out, method=opts.method, options=options)
             if not streamed and plan.format == "compressed-tensors" and moe.expert_modules(run.model):
                 checked = moe_pipeline.verify_written(run.model, run.quantized, plan.scheme, out)
                 run.log(f"moe: {checked} expert projections on disk match the evaluated model")
-            for name in COPY_FILES if fmt.copy_base_files else ():
+            for name in COPY_FILES if plan.format_spec.copy_base_files else ():
                 src = run.path / name
                 if src.is_file():
                     shutil.copyfile(src, out / name)

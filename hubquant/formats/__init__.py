@@ -23,6 +23,7 @@ method's run (the scheme's group size is then not checked), and its module also 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,16 @@ class FormatSpec:
     def run_options(self, run) -> dict:
         """The options a format with its own grids passes to its quantize and write."""
         return self.function("run_options")(run)
+
+    def method_fn(self, method, run):
+        """The quantize step as fn(model, job): the method's run, or this format's own quantizer."""
+        if not self.own_grids:
+            return method.load()
+        return functools.partial(self.quantizer(), method=run.opts.method, options=self.run_options(run), log=run.log)
+
+    def write_options(self, run, method_options: Any) -> Any:
+        """What the writer takes: the method's parsed options, or a format with its own grids' run options."""
+        return self.run_options(run) if self.own_grids else method_options
 
     def card_fields(self, run) -> dict:
         """CardInputs fields this format words itself ({} for formats that use the scheme's words)."""
