@@ -13,7 +13,7 @@ import torch
 
 from hubquant.convert import ConvertOptions, convert
 from hubquant.errors import ConflictError, QualityGateError, UsageError
-from tests.conftest import save_tiny_repo
+from tests.helpers import save_tiny_repo
 
 SMALL_EVAL = dict(eval_windows=2, eval_seq_len=64, progress=False)
 

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import save_tiny_repo
+from tests.helpers import save_tiny_repo
 
 
 def _uid() -> str:

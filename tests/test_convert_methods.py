@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hubquant.convert import ConvertOptions, convert
-from tests.conftest import save_tiny_repo
+from tests.helpers import save_tiny_repo
 
 CASES = [
     # id, options, loader, max perplexity increase (%) on the tiny random model

@@ -10,7 +10,7 @@ import torch
 
 from hubquant.convert import ConvertOptions, convert
 from hubquant.errors import QualityGateError, UnsupportedError
-from tests.conftest import save_tiny_repo
+from tests.helpers import save_tiny_repo
 
 FAST = dict(num_samples=8, seq_len=64, calib_dataset="fortunes", eval_windows=2, eval_seq_len=64, progress=False)
 
@@ -127,7 +127,7 @@ def test_vision_language_quantizes_the_language_model_only(hub_env, local_hub, t
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText
 
-    from tests.conftest import save_tiny_vl_repo
+    from tests.helpers import save_tiny_vl_repo
 
     repo = f"alice/tiny-{arch}-{uuid.uuid4().hex[:6]}"
     local_hub.hub.publish_folder(repo, save_tiny_vl_repo(tmp_path / arch, arch, tokenizer))

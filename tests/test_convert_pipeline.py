@@ -14,7 +14,7 @@ import pytest
 
 from hubquant.convert import ConvertOptions, convert
 from hubquant.errors import ConflictError, UsageError
-from tests.conftest import save_tiny_repo
+from tests.helpers import save_tiny_repo
 
 FAST = dict(skip_eval=True, progress=False)
 

@@ -3,7 +3,7 @@ memory placement, and the callback API SmoothQuant uses."""
 import torch
 
 from hubquant.engine import run_layers
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def _ids(n=2, L=48, seed=0):

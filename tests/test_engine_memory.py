@@ -10,7 +10,7 @@ from hubquant import engine
 from hubquant.methods import QuantJob
 from hubquant.methods import gptq as gptq_mod
 from hubquant.quant import QuantScheme, WeightScheme
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 SCHEME = QuantScheme(weights=WeightScheme(bits=4, group_size=32, symmetric=True))
 

@@ -7,7 +7,7 @@ import torch
 
 from hubquant.leakcheck import LEAK_WARN, calibration_leak, memorization_rates
 from hubquant.textdata import load_texts
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 class SmallVocab:

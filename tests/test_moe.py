@@ -13,7 +13,7 @@ from hubquant.errors import UnsupportedError, UsageError
 from hubquant.methods import QuantJob, get_method
 from hubquant.modeling import quantizable_linears
 from hubquant.quant import QuantScheme, WeightScheme, sqnr_db
-from tests.conftest import MOE_ARCHS, tiny_model
+from tests.helpers import MOE_ARCHS, tiny_model
 
 VOCAB = 512
 W4 = WeightScheme(bits=4, group_size=32, symmetric=True)
@@ -66,7 +66,9 @@ def test_per_expert_linears_compute_what_the_fused_experts_compute(arch):
     model = moe_model(arch)
     ref = logits(model)
     n = moe.unfuse_experts(model)
-    assert n >= 1 and torch.equal(logits(model), ref)
+    assert n >= 1
+    # same weights, split matmuls: equal up to fp32 summation order (bit-equal with one thread)
+    torch.testing.assert_close(logits(model), ref, rtol=1e-5, atol=1e-6)
     experts = moe.expert_linear_names(model)
     names = quantizable_linears(model)
     assert experts and set(experts) <= set(names)

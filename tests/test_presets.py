@@ -16,7 +16,7 @@ from hubquant.convert import ConvertOptions, convert
 from hubquant.errors import UsageError
 from hubquant.methods import METHODS, get_method, methods_for
 from hubquant.presets import PRESETS
-from tests.conftest import save_tiny_repo
+from tests.helpers import save_tiny_repo
 
 # preset -> (bits, group size, symmetric, weight type, activations as (bits, type, dynamic) or None)
 EXPECTED = {

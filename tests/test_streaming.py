@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hubquant.convert import ConvertOptions, convert
-from tests.conftest import save_tiny_repo
+from tests.helpers import save_tiny_repo
 
 SMALL = dict(eval_windows=2, eval_seq_len=64, num_samples=4, seq_len=64, calib_dataset="fortunes", progress=False)
 

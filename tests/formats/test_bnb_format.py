@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 from hubquant.formats.bnb import write  # noqa: E402
 from hubquant.methods import METHODS, QuantJob  # noqa: E402
 from hubquant.quant import sqnr_db  # noqa: E402
-from tests.conftest import tiny_model  # noqa: E402
+from tests.helpers import tiny_model  # noqa: E402
 
 CASES = {
     "bnb-int8": BitsAndBytesConfig(load_in_8bit=True),

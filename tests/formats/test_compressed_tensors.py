@@ -10,7 +10,7 @@ import torch
 from hubquant.formats import compressed_tensors as ct
 from hubquant.methods import QuantJob, get_method
 from hubquant.quant import ActivationScheme, QuantScheme, WeightScheme
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

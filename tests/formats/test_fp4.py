@@ -12,7 +12,7 @@ from hubquant import fp4
 from hubquant.formats import get_format
 from hubquant.methods import QuantJob, get_method
 from hubquant.quant import sqnr_db
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor  # noqa: E402

@@ -19,7 +19,7 @@ from hubquant.formats.gguf.method import run  # noqa: E402
 from hubquant.formats.gguf.writer import write  # noqa: E402
 from hubquant.methods import QuantJob  # noqa: E402
 from hubquant.schemes import QuantScheme, WeightScheme  # noqa: E402
-from tests.conftest import save_tiny_repo, tiny_model  # noqa: E402
+from tests.helpers import save_tiny_repo, tiny_model  # noqa: E402
 
 SIZE = dict(hidden=256, intermediate=512)  # rows of 256: K-quants apply (128 would fall back everywhere)
 SQNR_MIN = {"Q8_0": 40.0, "Q6_K": 30.0, "Q5_K": 25.0, "Q5_0": 23.0, "Q5_1": 24.0, "Q4_K": 19.0, "Q4_0": 18.0,

@@ -10,7 +10,7 @@ from hubquant.errors import UnsupportedError
 from hubquant.formats import awq as awq_fmt
 from hubquant.formats import gptq as gptq_fmt
 from hubquant.quant import QuantScheme, WeightScheme, rtn_quantize
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 

@@ -14,7 +14,7 @@ from hubquant.formats import awq as awq_fmt
 from hubquant.formats import gptq as gptq_fmt
 from hubquant.modeling import quantizable_linears
 from hubquant.quant import QuantScheme, WeightScheme, rtn_quantize
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 PY = os.environ.get("HUBQUANT_GPTQMODEL_PYTHON", "/work/venvs/gptqm/bin/python")
 pytestmark = pytest.mark.skipif(not Path(PY).exists(), reason="no GPTQModel virtualenv (HUBQUANT_GPTQMODEL_PYTHON)")

@@ -13,7 +13,7 @@ from hubquant.formats import FORMATS, by_quant_method, get_format, resolve_forma
 from hubquant.formats.common import ShardWriter, dense_tensors, ignored_linears, save_tensors
 from hubquant.methods import METHODS, QuantJob, get_method
 from hubquant.quant import QuantScheme, WeightScheme
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 W4 = QuantScheme(weights=WeightScheme(bits=4, group_size=32))
 W4_ASYM = QuantScheme(weights=WeightScheme(bits=4, group_size=32, symmetric=False))

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from hubquant.formats.compressed_tensors import write
 from hubquant.methods import METHODS, QuantJob
 from hubquant.quant import ActivationScheme, QuantScheme, sqnr_db
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 INT8, FP8 = METHODS["smoothquant"].default_scheme, METHODS["fp8"].default_scheme
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from hubquant.formats import get_format
 from hubquant.methods import METHODS, QuantJob
 from hubquant.quant import QuantScheme, WeightScheme, sqnr_db
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 VOCAB = 512
 

@@ -10,7 +10,7 @@ from hubquant.methods.awq import apply_scale, fake_quant, output_error, run, sea
 from hubquant.methods.scaling import ARCHITECTURES as AWQ_MAPPINGS
 from hubquant.methods.scaling import mappings_for
 from hubquant.quant import QuantScheme, WeightScheme, rtn_quantize
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

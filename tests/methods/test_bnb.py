@@ -11,7 +11,7 @@ from hubquant.methods import METHODS, QuantJob  # noqa: E402
 from hubquant.methods.actquant import detach_activation_quant  # noqa: E402
 from hubquant.methods.bnb import BnbConfig, int8_quantize, llm_int8_fake_quant, nf4_quantize  # noqa: E402
 from hubquant.quant import sqnr_db  # noqa: E402
-from tests.conftest import tiny_model  # noqa: E402
+from tests.helpers import tiny_model  # noqa: E402
 
 
 def test_int8_codes_are_rowwise_absmax():

@@ -6,7 +6,7 @@ import torch
 from hubquant.methods import METHODS, QuantJob
 from hubquant.methods.fp8 import FP8_MAX, fp8_fake_quant_per_token, fp8_fake_quant_static, fp8_quantize_weight
 from hubquant.quant import ActivationScheme, QuantScheme, sqnr_db
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 FP8 = METHODS["fp8"].default_scheme
 FP8_STATIC = QuantScheme(weights=FP8.weights,

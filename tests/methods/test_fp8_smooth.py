@@ -12,7 +12,7 @@ from hubquant.methods import METHODS, QuantJob
 from hubquant.methods.fp8 import FP8_MAX, fp8_gptq_quantize, fp8_quantize_weight
 from hubquant.methods.smoothquant import SmoothConfig, smooth_model
 from hubquant.quant import sqnr_db
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 from tests.methods.test_smoothquant import _ids, _logits, _with_outliers
 
 FP8 = METHODS["fp8"].default_scheme

@@ -10,7 +10,7 @@ from hubquant.errors import UsageError
 from hubquant.methods import QuantJob
 from hubquant.methods.gptq import CholeskyFailed, gptq_quantize, inverse_hessian_cholesky, run
 from hubquant.quant import QuantScheme, WeightScheme, minmax_qparams, rtn_quantize
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -32,7 +32,7 @@ def test_cuda_graph_equals_eager(actorder, group, sym):
 def test_gptq_and_awq_run_on_cuda_match_cpu_quality():
     from hubquant.methods import QuantJob, get_method
     from hubquant.quant import QuantScheme
-    from tests.conftest import tiny_model
+    from tests.helpers import tiny_model
 
     base = tiny_model("llama", vocab=1000)
     calib = torch.randint(0, 1000, (8, 128), generator=torch.Generator().manual_seed(0))

@@ -18,7 +18,7 @@ from hubquant.methods.gptq import (
 )
 from hubquant.modeling import decoder_layers
 from hubquant.quant import QuantScheme, WeightScheme, rtn_quantize
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ from hubquant.methods.awq import apply_scale
 from hubquant.methods.gptq import GptqOptions
 from hubquant.methods.scaling import ARCHITECTURES, fold
 from hubquant.methods.smoothing import architecture_groups
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -9,7 +9,7 @@ from hubquant.methods import METHODS, QuantJob
 from hubquant.methods.actquant import activation_fake_quant, detach_activation_quant, int8_fake_quant_per_token
 from hubquant.methods.smoothquant import SmoothConfig, group_output_error, smooth_model, smoothing_scales
 from hubquant.quant import ActivationScheme, QuantScheme, WeightScheme, sqnr_db
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 VOCAB = 1000
 W8A8 = METHODS["smoothquant"].default_scheme

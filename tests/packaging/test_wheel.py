@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import save_tiny_repo
+from tests.helpers import save_tiny_repo
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

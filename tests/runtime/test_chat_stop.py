@@ -27,7 +27,7 @@ def scripted_chat_model(tokenizer, path):
     (end of the chat prompt) -> "Paris" -> <|im_end|> -> "system" -> "system" ... (SmolLM2's tokenizer)."""
     import torch
 
-    from tests.conftest import tiny_model
+    from tests.helpers import tiny_model
 
     model = tiny_model("llama", layers=1)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Capital of France?"}],

@@ -7,7 +7,7 @@ import torch
 
 from hubquant.cli import run
 from hubquant.runtime import load, synth
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def test_generate_prints_text_and_speed(tmp_path, tokenizer, capsys):

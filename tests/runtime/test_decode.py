@@ -7,7 +7,7 @@ import torch
 from hubquant.errors import UnsupportedError
 from hubquant.runtime import load, synth
 from hubquant.runtime.decode import GraphDecoder, supports
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 @pytest.mark.parametrize("arch,kind", [("llama", "ct-w4a16"), ("qwen2", "gptq"), ("mistral", "ct-w8a8")])

@@ -14,7 +14,7 @@ from hubquant.formats import get_format
 from hubquant.methods import METHODS, QuantJob
 from hubquant.quant import sqnr_db
 from hubquant.runtime import load
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 CASES = {  # id -> (method, format, expected format in hubquant_format)
     "rtn": ("rtn", "compressed-tensors"), "awq": ("awq", "compressed-tensors"), "w8a8": ("w8a8", "compressed-tensors"),

@@ -11,7 +11,7 @@ import torch
 from hubquant.errors import CorruptFileError, NotFoundError, UnsupportedError
 from hubquant.runtime import load, synth
 from hubquant.runtime.modules import W4A16Linear, W8A8Linear
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 # kind -> max relative logits error against the float model holding the dequantized weights
 TOL = {"bf16": 1e-6, "ct-w4a16": 0.02, "ct-w4a16-asym": 0.02, "gptq": 0.02, "gptq-actorder": 0.02, "awq": 0.02,
@@ -78,7 +78,7 @@ def test_qwen2_bias_and_tied_embeddings(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     cfg = tiny_config("llama", vocab=512)
     cfg.tie_word_embeddings = True

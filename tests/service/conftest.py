@@ -5,10 +5,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import save_tiny_repo
-
-# Conversions in these tests: RTN W8 per channel, no evaluation (a tiny random model has no perplexity to keep).
-FAST = {"skip_eval": True}
+from tests.helpers import save_tiny_repo
 
 
 @pytest.fixture

@@ -112,3 +112,7 @@ def hubquant_commits(repo_id: str) -> list[str]:
     from huggingface_hub import HfApi
 
     return [c.title for c in HfApi().list_repo_commits(repo_id) if c.title.startswith("hubquant:")]
+
+
+# Conversions in these tests: RTN W8 per channel, no evaluation (a tiny random model has no perplexity to keep).
+FAST = {"skip_eval": True}

@@ -16,8 +16,8 @@ import httpx
 
 from hubquant.service.jobs import JobSpec
 from hubquant.service.queue import JobQueue, RetryPolicy
-from tests.service.conftest import FAST
 from tests.service.helpers import (
+    FAST,
     REPO_ROOT,
     ServiceProcess,
     hubquant_commits,

@@ -29,7 +29,7 @@ class RecordingRunner:
 def test_on_a_space_the_oauth_token_is_used(hub_env, tmp_path, tokenizer):
     pytest.importorskip("itsdangerous", reason="gradio[oauth] is needed for the login button")
     from hubquant.space_cli import load_app_module
-    from tests.conftest import save_tiny_repo
+    from tests.helpers import save_tiny_repo
 
     repo = f"hubquant-org/app-{uuid.uuid4().hex[:6]}"
     hub_env.hub.publish_folder(repo, save_tiny_repo(tmp_path / "m", "llama", tokenizer, hidden=64, intermediate=128,

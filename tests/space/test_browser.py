@@ -197,7 +197,7 @@ def test_compare_smollm2_with_its_variant(page, seeded_hub, variant_repo):
 def test_convert_a_tiny_model_pushes_a_new_repo(page, seeded_hub, tmp_path, tokenizer):
     from huggingface_hub import HfApi
 
-    from tests.conftest import save_tiny_repo
+    from tests.helpers import save_tiny_repo
 
     name = f"space-tiny-{uuid.uuid4().hex[:6]}"
     source = f"hubquant-org/{name}"
@@ -231,7 +231,7 @@ def test_convert_a_tiny_model_pushes_a_new_repo(page, seeded_hub, tmp_path, toke
 
 
 def test_convert_explains_unauthorized_gated_and_unsupported(page, seeded_hub, tmp_path, tokenizer):
-    from tests.conftest import save_tiny_repo
+    from tests.helpers import save_tiny_repo
 
     gated = f"hubquant-org/space-gated-{uuid.uuid4().hex[:6]}"
     seeded_hub.hub.publish_folder(gated, save_tiny_repo(tmp_path / "g", "llama", tokenizer, hidden=64,

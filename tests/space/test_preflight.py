@@ -10,7 +10,7 @@ from hubquant.errors import AuthError, NotFoundError, UnsupportedError
 
 @pytest.fixture(scope="module")
 def repos(local_hub, tmp_path_factory, tokenizer):
-    from tests.conftest import save_tiny_repo
+    from tests.helpers import save_tiny_repo
 
     folder = save_tiny_repo(tmp_path_factory.mktemp("pf") / "m", "llama", tokenizer, hidden=64, intermediate=128,
                             layers=1)

@@ -5,7 +5,7 @@ from hqspace.discover import ModelEntry
 from hqspace.metrics import mean_kl, token_agreement
 from hqspace.runner import LoadedModel, ModelCache, Stream, load_model, module_bytes, prompt_ids
 
-from tests.conftest import save_tiny_repo
+from tests.helpers import save_tiny_repo
 
 
 @pytest.fixture(scope="module")
