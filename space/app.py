@@ -73,7 +73,21 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
     cache = ModelCache(cache_bytes, loader=lambda repo: load_model(download(repo), repo))
     jobs = job_runner or JobRunner()
 
-    # ---- Compare -------------------------------------------------------------------------------
+    handlers = _compare_handlers(cache, default_base)
+    convert = _convert_handler(jobs, on_space)
+    with gr.Blocks(title="hubquant: compare quantized variants", analytics_enabled=False) as demo:
+        gr.Markdown("# hubquant\nCompare a model with its quantized variants on one prompt, or make new variants.")
+        with gr.Tab("Compare"):
+            _compare_tab(demo, handlers, default_base, max_new_tokens)
+        with gr.Tab("Convert"):
+            _convert_tab(convert, on_space)
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    return demo
+
+
+def _compare_handlers(cache: ModelCache, default_base: str):
+    """The Compare tab's callbacks: (refresh_variants, base_choices, compare)."""
+
     def refresh_variants(base: str):
         base = (base or "").strip()
         if not base:
@@ -150,7 +164,12 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
                 f"{int(n_tokens)} new tokens at most.{note}")
         yield _outputs(panels, done, tradeoff_plot(panels))
 
-    # ---- Convert -------------------------------------------------------------------------------
+    return refresh_variants, base_choices, compare
+
+
+def _convert_handler(jobs: JobRunner, on_space: bool):
+    """The Convert tab's callback (a generator streaming the job's status, log and links)."""
+
     def convert(model_id: str, methods: list[str], scheme: str, evaluate: bool, token_text: str,
                 oauth_token: Optional[gr.OAuthToken] = None,  # noqa: UP045 (gradio matches this hint)
                 progress=gr.Progress()):
@@ -191,60 +210,64 @@ def build_app(*, default_base: str = DEFAULT_BASE, cache_bytes: int | None = Non
                 return
             time.sleep(0.5)
 
-    with gr.Blocks(title="hubquant: compare quantized variants", analytics_enabled=False) as demo:
-        gr.Markdown("# hubquant\nCompare a model with its quantized variants on one prompt, or make new variants.")
-        with gr.Tab("Compare"):
-            with gr.Row():
-                base = gr.Dropdown(label="Base model", choices=[default_base], value=default_base,
-                                   allow_custom_value=True, scale=4)
-                find = gr.Button("Find variants", scale=1)
-            variants = gr.CheckboxGroup(label="Variants", choices=[], elem_id="variants")
-            find_msg = gr.Markdown()
-            prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2)
-            with gr.Row():
-                n_tokens = gr.Slider(8, 256, value=max_new_tokens, step=8, label="Max new tokens", scale=3)
-                compare_btn = gr.Button("Compare", variant="primary", scale=1)
-            status = gr.Markdown(elem_id="compare-status")
-            panel_components = []
-            with gr.Row(equal_height=False):
-                for i in range(MAX_PANELS):
-                    with gr.Column(min_width=220, visible=False, variant="panel") as col:
-                        out = gr.Textbox(label=f"model {i + 1}", lines=8, max_lines=16, interactive=False,
-                                         elem_id=f"panel-{i}", elem_classes="panel-out")
-                        met = gr.Markdown(elem_id=f"metrics-{i}")
-                        panel_components += [col, out, met]
-            headers = ["model"] + [f"{label} ({unit})" if unit else label for label, _, unit, _ in METRICS]
-            table = gr.Dataframe(headers=headers, label="Metrics", interactive=False, elem_id="metrics-table")
-            plot = gr.Plot(label="Size vs quality vs speed")
-            find.click(refresh_variants, base, [variants, find_msg])
-            base.change(refresh_variants, base, [variants, find_msg])
-            demo.load(base_choices, None, base).then(refresh_variants, base, [variants, find_msg])
-            compare_btn.click(compare, [base, variants, prompt, n_tokens], [status, *panel_components, table, plot],
-                              concurrency_limit=1, concurrency_id="compare")
-        with gr.Tab("Convert"):
-            gr.Markdown("Quantize a model from the Hub and push the variant to your namespace "
-                        "(one repo per method, named after the base, method and scheme).")
-            if on_space:
-                gr.LoginButton()
-                token_box = gr.Textbox(visible=False, value="")
-            else:
-                token_box = gr.Textbox(label="Hub token", type="password",
-                                       placeholder="hf_… (empty: the server's HF_TOKEN)")
-            model_box = gr.Textbox(label="Model", placeholder="org/name", value="")
-            with gr.Row():
-                methods = gr.CheckboxGroup(label="Methods", choices=_methods(), value=["rtn"])
-                scheme = gr.Dropdown(label="Scheme", choices=list(SCHEMES), value="method default",
-                                     info="applies to weight-only methods (rtn, gptq, awq)")
-            evaluate = gr.Checkbox(label="Measure perplexity against the base (slower; shown on the card)", value=True)
-            convert_btn = gr.Button("Convert", variant="primary")
-            job_status = gr.Markdown(elem_id="convert-status")
-            job_links = gr.Markdown(elem_id="convert-links")
-            job_log = gr.Textbox(label="Log", lines=14, max_lines=30, interactive=False, autoscroll=True)
-            convert_btn.click(convert, [model_box, methods, scheme, evaluate, token_box],
-                              [job_status, job_log, job_links], concurrency_limit=4, concurrency_id="convert",
-                              show_progress_on=[job_status])
-    demo.queue(default_concurrency_limit=1, max_size=32)
-    return demo
+    return convert
+
+
+def _compare_tab(demo: gr.Blocks, handlers, default_base: str, max_new_tokens: int) -> None:
+    """Lay out the Compare tab (inside its gr.Tab) and wire its events."""
+    refresh_variants, base_choices, compare = handlers
+    with gr.Row():
+        base = gr.Dropdown(label="Base model", choices=[default_base], value=default_base,
+                           allow_custom_value=True, scale=4)
+        find = gr.Button("Find variants", scale=1)
+    variants = gr.CheckboxGroup(label="Variants", choices=[], elem_id="variants")
+    find_msg = gr.Markdown()
+    prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2)
+    with gr.Row():
+        n_tokens = gr.Slider(8, 256, value=max_new_tokens, step=8, label="Max new tokens", scale=3)
+        compare_btn = gr.Button("Compare", variant="primary", scale=1)
+    status = gr.Markdown(elem_id="compare-status")
+    panel_components = []
+    with gr.Row(equal_height=False):
+        for i in range(MAX_PANELS):
+            with gr.Column(min_width=220, visible=False, variant="panel") as col:
+                out = gr.Textbox(label=f"model {i + 1}", lines=8, max_lines=16, interactive=False,
+                                 elem_id=f"panel-{i}", elem_classes="panel-out")
+                met = gr.Markdown(elem_id=f"metrics-{i}")
+                panel_components += [col, out, met]
+    headers = ["model"] + [f"{label} ({unit})" if unit else label for label, _, unit, _ in METRICS]
+    table = gr.Dataframe(headers=headers, label="Metrics", interactive=False, elem_id="metrics-table")
+    plot = gr.Plot(label="Size vs quality vs speed")
+    find.click(refresh_variants, base, [variants, find_msg])
+    base.change(refresh_variants, base, [variants, find_msg])
+    demo.load(base_choices, None, base).then(refresh_variants, base, [variants, find_msg])
+    compare_btn.click(compare, [base, variants, prompt, n_tokens], [status, *panel_components, table, plot],
+                      concurrency_limit=1, concurrency_id="compare")
+
+
+def _convert_tab(convert, on_space: bool) -> None:
+    """Lay out the Convert tab (inside its gr.Tab) and wire its events."""
+    gr.Markdown("Quantize a model from the Hub and push the variant to your namespace "
+                "(one repo per method, named after the base, method and scheme).")
+    if on_space:
+        gr.LoginButton()
+        token_box = gr.Textbox(visible=False, value="")
+    else:
+        token_box = gr.Textbox(label="Hub token", type="password",
+                               placeholder="hf_… (empty: the server's HF_TOKEN)")
+    model_box = gr.Textbox(label="Model", placeholder="org/name", value="")
+    with gr.Row():
+        methods = gr.CheckboxGroup(label="Methods", choices=_methods(), value=["rtn"])
+        scheme = gr.Dropdown(label="Scheme", choices=list(SCHEMES), value="method default",
+                             info="applies to weight-only methods (rtn, gptq, awq)")
+    evaluate = gr.Checkbox(label="Measure perplexity against the base (slower; shown on the card)", value=True)
+    convert_btn = gr.Button("Convert", variant="primary")
+    job_status = gr.Markdown(elem_id="convert-status")
+    job_links = gr.Markdown(elem_id="convert-links")
+    job_log = gr.Textbox(label="Log", lines=14, max_lines=30, interactive=False, autoscroll=True)
+    convert_btn.click(convert, [model_box, methods, scheme, evaluate, token_box],
+                      [job_status, job_log, job_links], concurrency_limit=4, concurrency_id="convert",
+                      show_progress_on=[job_status])
 
 
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, block: bool = True):
