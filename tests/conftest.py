@@ -30,3 +30,10 @@ def tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(smollm2_path)
 
 
+@pytest.fixture()
+def cli_env(local_hub, tmp_path):
+    """Environment for CLI runs against the local Hub as alice (offline, one thread, no tracebacks)."""
+    env = dict(os.environ, HF_ENDPOINT=local_hub.endpoint, HF_TOKEN=local_hub.token("alice"),
+               HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("HUBQUANT_DEBUG", None)
+    return env

@@ -1,6 +1,8 @@
 """Test helpers: tiny random models of real architectures and Hub-style folders of them."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -106,3 +108,9 @@ def save_tiny_repo(path: Path, arch: str, tokenizer, seed: int = 0, dtype=torch.
     tokenizer.save_pretrained(path)
     (path / "README.md").write_text(f"---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# tiny {arch}\n")
     return path
+
+
+def run_cli(args: list[str], env: dict, timeout=300, cwd=None) -> subprocess.CompletedProcess:
+    """`hubquant ARGS` in a child process (the way a user meets it), output captured."""
+    return subprocess.run([sys.executable, "-m", "hubquant.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)

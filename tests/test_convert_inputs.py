@@ -4,15 +4,14 @@ for every failure, with its exit code."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import uuid
 
 import pytest
 
+from tests.helpers import run_cli as _cli
 from tests.helpers import save_tiny_repo
 
 
@@ -20,17 +19,6 @@ def _uid() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def _cli(args: list[str], env: dict, timeout=300, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hubquant.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
-
-
-@pytest.fixture()
-def cli_env(local_hub, tmp_path):
-    env = dict(os.environ, HF_ENDPOINT=local_hub.endpoint, HF_TOKEN=local_hub.token("alice"),
-               HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop("HUBQUANT_DEBUG", None)
-    return env
 
 
 def _one_line_error(r: subprocess.CompletedProcess, code: int, needle: str) -> None:

@@ -6,7 +6,6 @@ import dataclasses
 import inspect
 import json
 import os
-import subprocess
 import sys
 import uuid
 
@@ -14,6 +13,7 @@ import pytest
 
 from hubquant.convert import ConvertOptions, convert
 from hubquant.errors import ConflictError, UsageError
+from tests.helpers import run_cli as _cli
 from tests.helpers import save_tiny_repo
 
 FAST = dict(skip_eval=True, progress=False)
@@ -31,17 +31,6 @@ def tiny(local_hub, tokenizer, tmp_path_factory):
     return repo
 
 
-def _cli(args: list[str], env: dict, timeout=300, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hubquant.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
-
-
-@pytest.fixture()
-def cli_env(local_hub, tmp_path):
-    env = dict(os.environ, HF_ENDPOINT=local_hub.endpoint, HF_TOKEN=local_hub.token("alice"),
-               HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop("HUBQUANT_DEBUG", None)
-    return env
 
 
 # ------------------------------------------------------------------------------------------ one plan

@@ -280,14 +280,14 @@ def verify_safetensors(path: Path) -> None:
                                    hint="the shard in the repo is damaged; re-upload it (or clear the HF cache)") from e
 
 
-def whoami_name(token: str | None = None) -> str:
-    hf = api(token)
-    if not (token or _token()):
-        raise AuthError("pushing needs a Hub token", hint="set HF_TOKEN (or run `hf auth login`)")
+def _whoami(token: str | None) -> dict:
+    """whoami with the pipeline's errors: no token / rejected token (exit 3), a silent Hub (exit 4)."""
     from huggingface_hub import errors as hf_errors
 
+    if not (token or _token()):
+        raise AuthError("pushing needs a Hub token", hint="set HF_TOKEN (or run `hf auth login`)")
     try:
-        return hf.whoami()["name"]
+        return api(token).whoami()
     except hf_errors.HfHubHTTPError as e:
         if getattr(e.response, "status_code", None) == 401:
             raise _rejected(token) from e
@@ -298,6 +298,10 @@ def whoami_name(token: str | None = None) -> str:
         if cause is not None:
             raise unreachable(cause) from e
         raise
+
+
+def whoami_name(token: str | None = None) -> str:
+    return _whoami(token)["name"]
 
 
 def read_provenance(repo_id: str, token: str | None = None, revision: str | None = None) -> dict | None:
@@ -391,22 +395,7 @@ def check_write_access(repo_id: str, token: str | None = None) -> None:
         AuthError: no token, a token the Hub rejects, or no write access to the namespace.
         HubUnreachableError: the Hub does not answer.
     """
-    from huggingface_hub import errors as hf_errors
-
-    if not (token or _token()):
-        raise AuthError("pushing needs a Hub token", hint="set HF_TOKEN (or run `hf auth login`)")
-    try:
-        me = api(token).whoami()
-    except hf_errors.HfHubHTTPError as e:
-        if getattr(e.response, "status_code", None) == 401:
-            raise _rejected(token) from e
-        raise AuthError(f"the Hub refused whoami (HTTP {getattr(e.response, 'status_code', '?')})",
-                        hint="set HF_TOKEN to a valid token") from e
-    except Exception as e:
-        cause = _transport_error(e)
-        if cause is not None:
-            raise unreachable(cause) from e
-        raise
+    me = _whoami(token)
     namespace = repo_id.split("/")[0]
     role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
     orgs = {o.get("name"): o.get("roleInOrg") for o in me.get("orgs") or []}
