@@ -262,7 +262,8 @@ def plan(opts: ConvertOptions) -> Plan:
         check_repo_id(opts.target_repo, "--target-repo")
         target = opts.target_repo
     else:
-        target = default_target(base.name, client.whoami_name(opts.token), scheme, opts.method, fmt)
+        target = client.scoped_target(opts.token) or default_target(
+            base.name, client.whoami_name(opts.token), scheme, opts.method, fmt)
     if target == base.id:
         raise UsageError("the target repo is the base repo", hint="pass another --target-repo")
     head = client.repo_head(target, opts.token)

@@ -27,6 +27,7 @@ from hubquant.errors import (
     NotFoundError,
     UnsupportedError,
 )
+from hubquant.hub import trusted
 
 # What a quantized variant needs from the base repo; nothing else is downloaded.
 ALLOW_PATTERNS = (
@@ -116,6 +117,7 @@ def api(token: str | None = None):
     from huggingface_hub import HfApi, constants
 
     configure_http()
+    trusted.scoped_repo(token, constants.ENDPOINT)  # trusted publishing: exchange first, with hubquant's errors
     if "huggingface.co" not in constants.ENDPOINT:
         constants.HF_HUB_DISABLE_XET = True
     # the local Hub answers preupload with "lfs" only to clients that say they upload through the LFS batch API
@@ -304,11 +306,18 @@ def whoami_name(token: str | None = None) -> str:
     return _whoami(token)["name"]
 
 
+def scoped_target(token: str | None = None) -> str | None:
+    """With trusted publishing (HF_OIDC_RESOURCE), the one repo the token may write to: the default target."""
+    scoped = trusted.scoped_repo(token, endpoint())
+    return scoped if scoped and "/" in scoped else None
+
+
 def read_provenance(repo_id: str, token: str | None = None, revision: str | None = None) -> dict | None:
     """The target repo's hubquant.json (at `revision`), or None when the repo or the file does not exist."""
     from huggingface_hub import errors as hf
     from huggingface_hub import hf_hub_download
 
+    trusted.scoped_repo(token, endpoint())
     try:
         with hub_errors(repo_id, token=token):
             try:
@@ -349,7 +358,8 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, message: s
     ops = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p))
            for p in paths if p.is_file()]
     with hub_errors(repo_id, action="write", token=token):
-        hf.create_repo(repo_id, private=private, exist_ok=True)
+        if not trusted.scoped_repo(token, endpoint()):  # a trusted publisher's token cannot create repos
+            hf.create_repo(repo_id, private=private, exist_ok=True)
         info = hf.create_commit(repo_id, ops, commit_message=message, commit_description=description,
                                 parent_commit=parent_commit)
     return info.commit_url
@@ -370,6 +380,7 @@ def download_file(repo_id: str, filename: str, *, revision: str | None = None, t
     from huggingface_hub import errors as hf
     from huggingface_hub import hf_hub_download
 
+    trusted.scoped_repo(token, endpoint())
     with hub_errors(repo_id, revision=revision, token=token):
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=endpoint(), token=token))
@@ -395,6 +406,10 @@ def check_write_access(repo_id: str, token: str | None = None) -> None:
         AuthError: no token, a token the Hub rejects, or no write access to the namespace.
         HubUnreachableError: the Hub does not answer.
     """
+    scoped = trusted.scoped_repo(token, endpoint())
+    if scoped:  # a trusted publisher's token: one repo, whatever whoami says about the synthetic user
+        trusted.check_target(repo_id, scoped)
+        return
     me = _whoami(token)
     namespace = repo_id.split("/")[0]
     role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")

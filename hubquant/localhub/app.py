@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from hubquant.errors import HubquantError
-from hubquant.localhub import read_api, refs_api, write_api
+from hubquant.localhub import oidc, read_api, refs_api, write_api
 from hubquant.localhub.protocol import (
     INVALID_TOKEN,
     PLURAL,
@@ -93,6 +93,8 @@ class HubApp:
         m = method
         if segs == [""] and m in ("GET", "HEAD"):
             return read_api.root, ()
+        if segs == ["oauth", "token"] and m == "POST":
+            return oidc.token_exchange, ()
         if segs[:1] == ["api"]:
             rest = segs[1:]
             if rest == ["whoami-v2"] and m == "GET":

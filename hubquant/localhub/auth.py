@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import time
 from collections.abc import Iterable
 
 from hubquant.errors import UsageError
@@ -19,8 +20,7 @@ from hubquant.localhub.objects import NAME_RE, Principal, Repo, hash_token, now_
 
 def can_read_content(repo: Repo, who: Principal | None, granted: bool) -> bool:
     """Whether `who` may download files of `repo` (`granted`: `who` holds a grant for the gated repo)."""
-    member = who is not None and who.member_of(repo.namespace)
-    if member:
+    if who is not None and who.holds(repo):
         return True
     if repo.private:
         return False
@@ -56,12 +56,46 @@ class AuthMixin:
         return token
 
     def principal(self, token: str) -> Principal | None:
-        """Who owns `token`, or None for an unknown token."""
+        """Who owns `token`, or None for an unknown (or expired) token."""
         with self._db() as db:
             row = db.execute("SELECT * FROM tokens WHERE hash=?", (hash_token(token),)).fetchone()
-        if row is None:
+            scoped = None if row else db.execute(
+                "SELECT t.repo, t.expires, r.namespace, r.name FROM repo_tokens t JOIN repos r ON r.id = t.repo"
+                " WHERE t.hash=?", (hash_token(token),)).fetchone()
+        if row is not None:
+            return Principal(user=row["user"], orgs=tuple(json.loads(row["orgs"])), write=bool(row["write"]))
+        if scoped is None or scoped["expires"] <= time.time():
             return None
-        return Principal(user=row["user"], orgs=tuple(json.loads(row["orgs"])), write=bool(row["write"]))
+        # pushes are attributed to a synthetic user per repo (its uploads are that repo's alone)
+        return Principal(user=f"[OIDC]:{scoped['namespace']}/{scoped['name']}", repo=scoped["repo"])
+
+    # --- trusted publishers ----------------------------------------------------------------------------------
+    def add_publisher(self, repo_id: str, repo_type: str = "model", *, issuer: str, claims: dict[str, str]) -> None:
+        """Trust OIDC id tokens of `issuer` whose claims equal `claims` (e.g. repository, workflow) to write to
+        the repo (see localhub/oidc.py)."""
+        if not claims or not all(isinstance(v, str) and v for v in claims.values()):
+            raise UsageError("a trusted publisher needs at least one claim", hint="e.g. repository=OWNER/REPO")
+        repo = self.get_repo(repo_id, repo_type)
+        with self._db() as db:
+            db.execute("INSERT OR IGNORE INTO publishers VALUES (?, ?, ?)",
+                       (repo.id, issuer, json.dumps(claims, sort_keys=True)))
+
+    def publishers(self, repo_id: str, repo_type: str = "model") -> list[tuple[str, dict[str, str]]]:
+        """(issuer, claims) of every trusted publisher of the repo."""
+        repo = self.get_repo(repo_id, repo_type)
+        with self._db() as db:
+            rows = db.execute("SELECT issuer, claims FROM publishers WHERE repo=?", (repo.id,)).fetchall()
+        return [(r["issuer"], json.loads(r["claims"])) for r in rows]
+
+    def add_repo_token(self, repo_id: str, repo_type: str = "model", *, ttl: float, issuer: str, subject: str) -> str:
+        """A token that may read and write this one repo for `ttl` seconds; only its hash is kept."""
+        repo = self.get_repo(repo_id, repo_type)
+        token = "hf_jwt_" + secrets.token_urlsafe(32)
+        with self._db() as db:
+            db.execute("DELETE FROM repo_tokens WHERE expires < ?", (time.time(),))
+            db.execute("INSERT INTO repo_tokens VALUES (?, ?, ?, ?, ?)",
+                       (hash_token(token), repo.id, issuer, subject, time.time() + ttl))
+        return token
 
     # --- access to content -------------------------------------------------------------------------------
     def grant_access(self, repo_id: str, user: str, repo_type: str = "model") -> None:

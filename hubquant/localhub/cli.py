@@ -4,6 +4,7 @@
     hubquant hub add-token --root DIR --user NAME [--orgs A,B] [--read-only]   (prints only the token)
     hubquant hub seed --root DIR                                      (publishes SmolLM2-135M-Instruct)
     hubquant hub gate --root DIR REPO [--mode auto|manual|off] [--grant USER] [--private|--public]
+    hubquant hub trust --root DIR REPO --issuer URL --claim repository=OWNER/REPO [--claim workflow=FILE.yml]
 """
 from __future__ import annotations
 
@@ -46,6 +47,15 @@ def add_parsers(subparsers) -> None:
     vis.add_argument("--private", action="store_true", help="make the repo private")
     vis.add_argument("--public", action="store_true", help="make the repo public")
     p.set_defaults(func=_gate)
+
+    p = sub.add_parser("trust", help="add a trusted publisher: a CI workflow whose OIDC tokens may write to REPO")
+    root_arg(p)
+    p.add_argument("repo", help="NAMESPACE/NAME (it must exist)")
+    p.add_argument("--repo-type", default="model", choices=["model", "dataset", "space"])
+    p.add_argument("--issuer", required=True, help="the OIDC issuer, e.g. https://token.actions.githubusercontent.com")
+    p.add_argument("--claim", action="append", default=[], metavar="NAME=VALUE",
+                   help="a claim the id token must carry exactly (repository, workflow, ref, branch...); repeatable")
+    p.set_defaults(func=_trust)
 
 
 def _serve(args) -> int:
@@ -99,6 +109,18 @@ def _gate(args) -> int:
         hub.set_private(args.repo, args.private, repo_type=args.repo_type)
     repo = hub.store.get_repo(args.repo, args.repo_type)
     print(f"{repo.repo_id}: gated={repo.gated or False} private={repo.private}")
+    return 0
+
+
+def _trust(args) -> int:
+    from hubquant.errors import UsageError
+    from hubquant.localhub.local import LocalHub
+
+    claims = dict(c.split("=", 1) for c in args.claim if "=" in c)
+    if len(claims) != len(args.claim):
+        raise UsageError("--claim takes NAME=VALUE", hint="e.g. --claim repository=acme/ci --claim workflow=x.yml")
+    LocalHub(args.root).add_publisher(args.repo, issuer=args.issuer, claims=claims, repo_type=args.repo_type)
+    print(f"{args.repo}: trusts {args.issuer} with {claims}")
     return 0
 
 

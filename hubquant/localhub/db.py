@@ -1,7 +1,8 @@
 """The local Hub's SQLite index: its schema, transactions, and the files at rest kept private.
 
 hub.sqlite holds repos, commits (with parent), refs, the files of every commit, who uploaded which blob,
-tokens (sha256 hashes only), gated-access grants, discussions, and the secret that signs LFS upload links.
+tokens (sha256 hashes only), trusted publishers and the short-lived repo tokens they were given (hashes only),
+gated-access grants, discussions, and the secret that signs LFS upload links.
 It is created 0600 inside a 0700 root (SQLite gives its -wal and -shm files the database's mode).
 """
 from __future__ import annotations
@@ -66,6 +67,19 @@ CREATE TABLE IF NOT EXISTS tokens (
     orgs TEXT NOT NULL,
     write INTEGER NOT NULL,
     created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS publishers (
+    repo INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+    issuer TEXT NOT NULL,
+    claims TEXT NOT NULL,
+    PRIMARY KEY (repo, issuer, claims)
+);
+CREATE TABLE IF NOT EXISTS repo_tokens (
+    hash TEXT PRIMARY KEY,
+    repo INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+    issuer TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    expires REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS grants (
     repo INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,

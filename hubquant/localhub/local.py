@@ -47,6 +47,11 @@ class LocalHub:
         """Let `user` download from a gated repo."""
         self.store.grant_access(repo_id, user, repo_type)
 
+    def add_publisher(self, repo_id: str, *, issuer: str, claims: dict[str, str], repo_type: str = "model") -> None:
+        """Trust `issuer`'s OIDC id tokens with these exact claims (e.g. {"repository": "acme/ci",
+        "workflow": "convert.yml"}) to write to the repo (`POST /oauth/token`, see localhub/oidc.py)."""
+        self.store.add_publisher(repo_id, repo_type, issuer=issuer, claims=claims)
+
     def set_private(self, repo_id: str, private: bool = True, *, repo_type: str = "model") -> None:
         self.store.set_private(repo_id, private, repo_type)
 

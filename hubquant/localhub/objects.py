@@ -86,9 +86,17 @@ class Principal:
     user: str
     orgs: tuple[str, ...] = ()
     write: bool = True
+    repo: int | None = None  # a trusted publisher's token: this repo (its id) only
 
     def member_of(self, namespace: str) -> bool:
-        return namespace == self.user or namespace in self.orgs
+        return self.repo is None and (namespace == self.user or namespace in self.orgs)
+
+    def holds(self, repo: Repo) -> bool:
+        """Whether the token may read everything of `repo` (a member of its namespace, or scoped to it)."""
+        return self.member_of(repo.namespace) or self.repo == repo.id
+
+    def can_write_repo(self, repo: Repo) -> bool:
+        return self.write and (self.repo == repo.id if self.repo is not None else self.member_of(repo.namespace))
 
     def can_write(self, namespace: str) -> bool:
         return self.write and self.member_of(namespace)

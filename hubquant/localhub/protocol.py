@@ -111,7 +111,7 @@ class Ctx:
             repo = self.store.get_repo(repo_id, repo_type)
         except RepoNotFound as e:
             raise from_store_error(e, who) from e
-        member = who is not None and who.member_of(repo.namespace)
+        member = who is not None and who.holds(repo)
         if repo.private and not member:
             raise from_store_error(RepoNotFound(f"{repo_type} repo {repo_id} not found"), who)
         if content and repo.gated and not (member or (who is not None and self.store.has_grant(repo, who.user))):
@@ -122,8 +122,15 @@ class Ctx:
             raise HubHTTPError(401 if who is None else 403, msg, "GatedRepo")
         return repo
 
-    def writable(self, repo_type: str, repo_id: str) -> Repo:
+    def writable(self, repo_type: str, repo_id: str, *, admin: bool = False) -> Repo:
+        """The repo if the caller may write to it (`admin`: also delete it or change its settings)."""
         repo = self.repo(repo_type, repo_id)
+        if self.who is not None and self.who.repo is not None:  # a trusted publisher's token: its repo's content
+            if admin or not self.who.can_write_repo(repo):
+                raise HubHTTPError(403, f"You don't have the rights to {'administer' if admin else 'write to'} "
+                                        f"{repo_type} {repo_id} (a trusted publisher's token writes the content "
+                                        "of its own repo only)")
+            return repo
         self.require_write(repo.namespace, f"write to {repo_type} {repo_id}")
         return repo
 

@@ -33,6 +33,13 @@ def whoami(ctx: Ctx) -> Response:
     if who is None:
         raise HubHTTPError(401, "Invalid username or password.")
     role = "write" if who.write else "read"
+    if who.repo is not None:  # a trusted publisher's token: a fine-grained token on one repo
+        name = who.user.split(":", 1)[1]
+        return JSONResponse({"type": "user", "id": who.user, "name": "[OIDC]", "fullname": "[OIDC]", "orgs": [],
+                             "auth": {"type": "access_token", "accessToken": {
+                                 "displayName": "trusted publisher", "role": "fineGrained", "fineGrained": {
+                                     "scoped": [{"entity": {"type": "model", "name": name},
+                                                 "permissions": ["repo.content.read", "repo.write"]}]}}}})
     return JSONResponse({
         "type": "user", "id": who.user, "name": who.user, "fullname": who.user, "email": None,
         "emailVerified": False, "canPay": False, "isPro": False, "periodEnd": None, "avatarUrl": "",

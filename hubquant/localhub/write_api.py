@@ -74,13 +74,13 @@ def delete_repo(ctx: Ctx) -> Response:
     if rtype not in REPO_TYPES:
         raise HubHTTPError(400, f"invalid repo type {rtype!r}")
     ns = p.get("organization") or (ctx.who.user if ctx.who else "")
-    repo = ctx.writable(rtype, f"{ns}/{p.get('name', '')}")
+    repo = ctx.writable(rtype, f"{ns}/{p.get('name', '')}", admin=True)
     ctx.store.delete_repo(repo.repo_id, rtype)
     return Response(status_code=200)
 
 
 def settings(ctx: Ctx, rtype: str, repo_id: str, rest: list) -> Response:
-    repo = ctx.writable(rtype, repo_id)
+    repo = ctx.writable(rtype, repo_id, admin=True)
     p = json_body(ctx, default={})
     if "gated" in p:
         ctx.store.set_gated(repo.repo_id, p["gated"], rtype)
