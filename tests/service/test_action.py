@@ -166,7 +166,7 @@ def test_action_reports_failures_with_hubquants_exit_code(hub_env, tmp_path):
     # trusted publishing: the action hands HF_OIDC_RESOURCE to huggingface_hub; outside a GitHub job (no id token
     # to mint) hubquant reports the failed login as an auth error, exit 3
     code, out, summary, log = run_action({**base, "hf-token": "", "oidc-resource": "hubquant-org"}, tmp_path / "o")
-    assert code == 3 and out["exit-code"] == "3" and "trusted-publishing login failed" in log, log
+    assert code == 3 and out["exit-code"] == "3" and "trusted publishing: no OIDC id token" in log, log
     code, out, summary, log = run_action({**base, "hf-token": hub_env.token("alice")}, tmp_path / "b")
     assert code == 4 and out["exit-code"] == "4" and out["results"].endswith("results.json")
     assert "hubquant stopped before any result (exit code 4)" in summary
