@@ -1,6 +1,8 @@
 """Every variant hubquant writes by default loads with plain `AutoModelForCausalLM.from_pretrained(path)` (no
-arguments) in transformers + compressed-tensors (+ bitsandbytes), on CPU, and computes what hubquant's simulated
-model computes. scripts/test.sh runs this folder twice: with the newest versions and with pyproject's floors."""
+arguments but the device) in transformers + compressed-tensors (+ bitsandbytes), on CPU and, when there is one, on
+a CUDA GPU, and computes what hubquant's simulated model computes. scripts/test.sh runs this folder twice: with the
+newest versions and with pyproject's floors. Nothing here imports more than torch, transformers, accelerate,
+compressed-tensors and pytest (bitsandbytes where present), so that it also runs on a bare GPU machine."""
 from __future__ import annotations
 
 import json
@@ -38,6 +40,8 @@ CASES = {
 # weight-only and simulated-activation variants compute exactly what hubquant's model computes (measured: inf dB
 # for compressed-tensors); bitsandbytes' own kernels round differently (measured 40-50 dB)
 MIN_SQNR_DB = {"bnb-int8": 35, "bnb-nf4": 35}
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")])]
 
 
 def _write(case: str, out_dir):
@@ -53,21 +57,24 @@ def _write(case: str, out_dir):
     return model, quantized, qc
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_plain_from_pretrained(case, tmp_path):
+def test_plain_from_pretrained(case, device, tmp_path):
     if CASES[case][2] == "bitsandbytes":
         pytest.importorskip("bitsandbytes")
     model, quantized, qc = _write(case, tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # no arguments: what a user types
+    # what a user types: no arguments on CPU, device_map="cuda" on a GPU
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, **({"device_map": device} if device != "cpu" else {}))
     assert loaded.dtype == torch.float32  # the dtype config.json records
+    assert {p.device.type for p in loaded.parameters()} == {device}
     state = loaded.state_dict()
     for name in quantized:
         w = state.get(f"{name}.weight")
         if w is not None and w.is_floating_point() and w.dtype != torch.float8_e4m3fn:  # dequantized on load
-            assert torch.equal(w, model.get_submodule(name).weight), name
+            assert torch.equal(w.cpu(), model.get_submodule(name).weight), name
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        got, ours = loaded(ids).logits.float(), model(ids).logits.float()
+    with torch.no_grad():  # hubquant's simulated model on CPU is the reference for both devices
+        got, ours = loaded(ids.to(device)).logits.float().cpu(), model(ids).logits.float()
     assert sqnr_db(ours, got) > MIN_SQNR_DB.get(case, 60)
     assert (got.argmax(-1) == ours.argmax(-1)).float().mean() > 0.9
 
