@@ -1,6 +1,6 @@
 """Print `name==floor` for the loading stack's lower bounds in pyproject.toml (scripts/test.sh installs them into a
 second venv and runs tests/loading there). torch is shared with the main venv: older torch wheels on PyPI pull
-multi-GB CUDA libraries."""
+multi-GB CUDA libraries, so the torch floor is the oldest torch tests/loading ran with elsewhere (docs/formats.md)."""
 import re
 import sys
 from pathlib import Path

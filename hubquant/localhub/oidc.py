@@ -80,9 +80,12 @@ def fetch_jwks(issuer: str) -> dict:
 
 def verify_signature(header: dict, signing_input: bytes, signature: bytes, jwks: dict) -> None:
     """RS256 with the JWKS key named by `kid` (no other algorithm: never `none`, never HMAC)."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+    except ImportError:
+        raise Refused("the `cryptography` package is not installed: pip install cryptography") from None
 
     if header.get("alg") != "RS256":
         raise Refused(f"algorithm {header.get('alg')!r} is not RS256")
