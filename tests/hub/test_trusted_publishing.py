@@ -207,3 +207,20 @@ def test_convert_refuses_a_target_outside_the_tokens_repo(local_hub, trusted, ba
     assert r.returncode == 3, r.stderr[-3000:]
     assert f"scopes the token to {repo}, not {other}" in r.stderr and f"--target-repo {repo}" in r.stderr
     assert len(_commits(local_hub, repo)) == 1  # only the commit that created it
+
+
+def test_the_action_publishes_with_oidc_resource_only(local_hub, trusted, base_model, tmp_path, monkeypatch):
+    from tests.service.test_action import run_action
+
+    repo, issuer = trusted
+    for k, v in {**issuer.env(), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("HF_TOKEN", "HF_OIDC_ID_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(k, raising=False)
+    inputs = {"hf-token": "", "oidc-resource": repo, "hf-endpoint": local_hub.endpoint, "models": base_model,
+              "methods": "rtn", "schemes": "W8A16", "install": "false", "options": "skip_eval=true\n"}
+    code, out, summary, log = run_action(inputs, tmp_path / "run")
+    assert code == 0 and (out["converted"], out["failed"], out["exit-code"]) == ("1", "0", "0"), log[-3000:]
+    commits = _commits(local_hub, repo)
+    assert len(commits) == 2 and commits[0].startswith(f"hubquant: W8A16 rtn of {base_model}@")
+    assert "hf_jwt_" not in log + summary and not any(t in log + summary for t in issuer.minted)
