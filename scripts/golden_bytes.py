@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hubquant.formats import get_format  # noqa: E402
 from hubquant.methods import QuantJob, get_method  # noqa: E402
 from hubquant.schemes import ActivationScheme, QuantScheme, WeightScheme  # noqa: E402
-from tests.conftest import tiny_model  # noqa: E402
+from tests.helpers import tiny_model  # noqa: E402
 
 W4 = WeightScheme(bits=4, group_size=32)
 W4_ASYM = WeightScheme(bits=4, group_size=32, symmetric=False)
