@@ -40,6 +40,8 @@ CASES = {
 # weight-only and simulated-activation variants compute exactly what hubquant's model computes (measured: inf dB
 # for compressed-tensors); bitsandbytes' own kernels round differently (measured 40-50 dB)
 MIN_SQNR_DB = {"bnb-int8": 35, "bnb-nf4": 35}
+# on a GPU, float32 GEMMs sum in another order: activations quantized on the fly may round across a step
+ACT_QUANT_CUDA_MIN_DB = {"w8a8": 40, "smoothquant": 40, "fp8": 40}
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")])]
 
@@ -75,7 +77,8 @@ def test_plain_from_pretrained(case, device, tmp_path):
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # hubquant's simulated model on CPU is the reference for both devices
         got, ours = loaded(ids.to(device)).logits.float().cpu(), model(ids).logits.float()
-    assert sqnr_db(ours, got) > MIN_SQNR_DB.get(case, 60)
+    floor = ACT_QUANT_CUDA_MIN_DB.get(case, 60) if device == "cuda" else MIN_SQNR_DB.get(case, 60)
+    assert sqnr_db(ours, got) > floor
     assert (got.argmax(-1) == ours.argmax(-1)).float().mean() > 0.9
 
 
