@@ -4,6 +4,7 @@ issuer's JWKS and the repo's trusted publisher, huggingface_hub's own exchange (
 `hubquant convert --push` in a child process with no HF_TOKEN at all."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from hubquant.errors import AuthError
 from tests.helpers import run_cli, save_tiny_repo
 from tests.hub.oidc_issuer import GitHubIssuer, b64url
 
@@ -224,3 +226,28 @@ def test_the_action_publishes_with_oidc_resource_only(local_hub, trusted, base_m
     commits = _commits(local_hub, repo)
     assert len(commits) == 2 and commits[0].startswith(f"hubquant: W8A16 rtn of {base_model}@")
     assert "hf_jwt_" not in log + summary and not any(t in log + summary for t in issuer.minted)
+
+
+def test_github_id_tokens_are_minted_fresh_and_a_users_own_is_kept(trusted, monkeypatch):
+    from hubquant.hub import trusted as tp
+
+    _, issuer = trusted
+    for k, v in issuer.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv(tp.ID_TOKEN_ENV, raising=False)
+    monkeypatch.setattr(tp, "_minted", {})
+    tp._provide_id_token("http://hub.test")
+    tp._provide_id_token("http://hub.test")  # young enough: reused
+    assert issuer.minted == [os.environ[tp.ID_TOKEN_ENV]]
+    tp._minted[issuer.minted[0]] -= tp.ID_TOKEN_REUSE_S + 1
+    tp._provide_id_token("http://hub.test")
+    assert len(issuer.minted) == 2 and os.environ[tp.ID_TOKEN_ENV] == issuer.minted[1]
+    assert json.loads(base64.urlsafe_b64decode(issuer.minted[1].split(".")[1] + "=="))["aud"] == "http://hub.test"
+    monkeypatch.setenv(tp.ID_TOKEN_ENV, "a-token-the-user-minted")  # e.g. GitLab's id_tokens: never replaced
+    tp._provide_id_token("http://hub.test")
+    assert os.environ[tp.ID_TOKEN_ENV] == "a-token-the-user-minted" and len(issuer.minted) == 2
+    monkeypatch.delenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN")
+    monkeypatch.delenv(tp.ID_TOKEN_ENV)
+    with pytest.raises(AuthError, match="cannot request an OIDC id token") as e:
+        tp._provide_id_token("http://hub.test")
+    assert "id-token: write" in e.value.hint
