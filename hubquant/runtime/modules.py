@@ -14,6 +14,17 @@ from hubquant_kernels import w4a16 as k_w4
 from hubquant_kernels import w8a8 as k_w8
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` laid out row-major with row stride = its width: `.contiguous()` alone keeps a [1, N] view of an [N, 1]
+    column (strides (1, 1)), which the kernels' row-stride checks refuse (per-channel scales, G = 1)."""
+    t = t.contiguous()
+    if t.dim() == 2 and t.shape[0] == 1 and t.stride(0) != t.shape[1]:
+        t = t.clone(memory_format=torch.contiguous_format)
+        if t.stride(0) != t.shape[1]:
+            t = torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+    return t
+
+
 class W4A16Linear(nn.Module):
     """4-bit grouped weights, 16-bit activations.
 
@@ -26,9 +37,9 @@ class W4A16Linear(nn.Module):
                  perm: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.contiguous())
-        self.register_buffer("zeros", None if zeros is None else zeros.to(torch.uint8).contiguous())
+        self.register_buffer("qweight", _rows(qweight))
+        self.register_buffer("scales", _rows(scales))
+        self.register_buffer("zeros", None if zeros is None else _rows(zeros.to(torch.uint8)))
         self.register_buffer("bias", bias)
         self.register_buffer("perm", perm)
         self._dense: torch.Tensor | None = None
