@@ -12,7 +12,7 @@ DEFAULT_IGNORE = ("lm_head",)
 # model_type values hubquant converts (tests/conftest.py builds a tiny one of each); VISION_LANGUAGE ones have
 # their language model quantized, their vision tower and projector kept float.
 TEXT_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-                      "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe", "olmoe")
+                      "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe", "olmoe", "gpt_oss")
 VISION_LANGUAGE = ("qwen2_5_vl", "gemma3", "llava")
 
 

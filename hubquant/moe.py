@@ -61,13 +61,19 @@ EXPERT_LAYOUTS: dict[str, ExpertLayout] = {
     "olmoe": _QWEN_LIKE,
     "mixtral": _MIXTRAL_LIKE,
     "minimax": _MIXTRAL_LIKE,
+    # biased, clamped-SwiGLU experts (hubquant.moe_gptoss), written per expert as llm-compressor names them;
+    # transformers 5.24 has no conversion mapping for them: hubquant.load reads the variant (docs/moe.md)
+    "gpt_oss": _QWEN_LIKE,
 }
 
-# Fused experts whose layout has no per-expert form transformers 5.24 loads back (no conversion mapping).
-UNSUPPORTED_EXPERTS = {
-    "gpt_oss": "gpt-oss keeps transposed, biased, interleaved experts and transformers 5.24 has no per-expert "
-               "checkpoint mapping for them",
+# Model types whose variants plain transformers 5.24 cannot load (no per-expert conversion mapping): why.
+NO_TRANSFORMERS_MAPPING = {
+    "gpt_oss": "transformers 5.24 has no conversion mapping from per-expert gpt-oss tensors to its fused, "
+               "transposed, interleaved experts",
 }
+
+# Fused experts hubquant refuses (none today; kept for architectures whose layout is not known yet).
+UNSUPPORTED_EXPERTS: dict[str, str] = {}
 
 FLOAT_REASONS = {
     "router": "routers and shared-expert gates decide which expert runs; kept in float (as vLLM expects)",
@@ -170,11 +176,16 @@ def unfuse_experts(model: nn.Module) -> int:
         raise UnsupportedError(f"fused experts of model_type '{mtype}' have no known per-expert checkpoint layout",
                                hint=f"mixture-of-experts models hubquant converts: {', '.join(EXPERT_LAYOUTS)}")
     for name, mod in fused:
+        parent_name, _, child = name.rpartition(".")
+        if mtype == "gpt_oss":
+            from hubquant import moe_gptoss
+
+            setattr(model.get_submodule(parent_name), child, PerExpertLinears(moe_gptoss.experts(mod)))
+            continue
         gate_up, down = mod.gate_up_proj.data, mod.down_proj.data
         inter = gate_up.shape[1] // 2
         experts = [ExpertMLP(layout.proj_names, _linear(gate_up[e, :inter]), _linear(gate_up[e, inter:]),
                              _linear(down[e]), mod.act_fn) for e in range(gate_up.shape[0])]
-        parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, PerExpertLinears(experts))
     return len(fused)
 
@@ -233,6 +244,9 @@ def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: boo
 
     if not expert_modules(model):
         return scheme
+    if model_type(model) in NO_TRANSFORMERS_MAPPING:
+        log(f"moe: the variant loads with hubquant.load; plain transformers cannot load its experts "
+            f"({NO_TRANSFORMERS_MAPPING[model_type(model)]})")
     if fmt == "bitsandbytes":
         raise UnsupportedError("transformers' bitsandbytes integration cannot load quantized experts (fused 3-D "
                                "parameters, no per-expert dequantization)",
@@ -279,6 +293,11 @@ _ATTENTION_SCALING = (
 )
 
 
+# Experts whose up -> down pair cannot carry a scale: gpt-oss clamps up and adds 1 before the product.
+NO_EXPERT_SCALING = {"gpt_oss": "gpt-oss experts clamp up_proj's output and add 1 to it, so no scale moves "
+                                "from up_proj to down_proj exactly, and the norm in front also feeds the router"}
+
+
 def scale_mappings(model: nn.Module, *, extra: bool = True) -> list[tuple[str, tuple[str, ...], bool]] | None:
     """The scaling map of a mixture-of-experts model as (smooth, balance, extra) triples (the fields of
     hubquant.methods.scaling.ScaleMapping), None for other models (their architecture's table applies).
@@ -288,6 +307,8 @@ def scale_mappings(model: nn.Module, *, extra: bool = True) -> list[tuple[str, t
         return None
     _, up, down = EXPERT_LAYOUTS[model_type(model)].proj_names
     n = max(m.num_experts for m in mods.values())
+    if model_type(model) in NO_EXPERT_SCALING:
+        n = 0
     groups = list(_ATTENTION_SCALING) + [(f"mlp.experts.{i}.{up}", (f"mlp.experts.{i}.{down}",), True)
                                          for i in range(n)]
     return [(p, c, e) for p, c, e in groups if extra or not e]
@@ -470,6 +491,10 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
                      f"{r['threshold']}. Rule: {r['rule']} ({r['fallback_linears']} projections by that rule).")
     elif "expert_linears" in rep:
         lines.append("- No calibration: every expert is quantized from its own weights.")
+    if model_type(model) in NO_TRANSFORMERS_MAPPING:
+        lines.append(f"- Loading: `hubquant.load(path)` runs this variant. plain transformers cannot load its experts "
+                     f"({NO_TRANSFORMERS_MAPPING[model_type(model)]}): `from_pretrained` would leave them "
+                     "uninitialized.")
     for kind, names in _float_kinds(model).items():
         shown = ", ".join(f"`{n}`" for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         lines.append(f"- Float: {shown}. Why: {FLOAT_REASONS[kind]}.")

@@ -98,8 +98,9 @@ def check_config(plan: Plan, config: dict) -> None:
     if config.get("quantization_config"):
         qc = config["quantization_config"]
         qm = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
-        raise UnsupportedError(f"{arch} checkpoint is already quantized ({qm})",
-                               hint="start from the float (bf16/fp16/fp32) base model")
+        if not (mtype == "gpt_oss" and qm == "mxfp4"):  # gpt-oss MXFP4: dequantized on load (hubquant.moe_gptoss)
+            raise UnsupportedError(f"{arch} checkpoint is already quantized ({qm})",
+                                   hint="start from the float (bf16/fp16/fp32) base model")
     from hubquant.modeling import VISION_LANGUAGE, supported_hint
 
     if mtype not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mtype not in VISION_LANGUAGE and not opts.trust_remote_code:
@@ -114,10 +115,6 @@ def _check_experts(plan: Plan, mtype: str) -> None:
     """Mixture-of-experts variants that could not be loaded back stop before the download (hubquant.moe)."""
     from hubquant.methods import MOE_MODEL_TYPES
 
-    if mtype == "gpt_oss":
-        raise UnsupportedError("gpt-oss keeps transposed, biased, interleaved experts and transformers has no "
-                               "per-expert checkpoint mapping for them, so a quantized variant could not be loaded",
-                               hint=f"mixture-of-experts models hubquant converts: {', '.join(MOE_MODEL_TYPES)}")
     if mtype in MOE_MODEL_TYPES and plan.format == "bitsandbytes":
         raise UnsupportedError("transformers' bitsandbytes integration cannot load quantized experts (fused 3-D "
                                "parameters, no per-expert dequantization)",

@@ -209,14 +209,12 @@ def load_model(path: Path, *, trust_remote_code: bool):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from hubquant import moe_gptoss
     from hubquant.modeling import VISION_LANGUAGE, auto_class, supported_hint
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     arch = (config.architectures or [type(config).__name__])[0]
-    if getattr(config, "quantization_config", None):
-        raise UnsupportedError(f"{arch} checkpoint is already quantized "
-                               f"({config.quantization_config.get('quant_method', '?')})",
-                               hint="start from the float (bf16/fp16/fp32) base model")
+    load_kw = moe_gptoss.source_load_kwargs(config, arch)  # raises for quantized ones it cannot dequantize
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in VISION_LANGUAGE \
             and not trust_remote_code:
         raise UnsupportedError(f"'{arch}' (model_type {config.model_type}) is not a causal language model "
@@ -225,7 +223,9 @@ def load_model(path: Path, *, trust_remote_code: bool):
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    model = auto_class(config).from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = auto_class(config).from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **load_kw)
+    if load_kw:
+        moe_gptoss.drop_source_quantization(model)
     model.requires_grad_(False)  # inference only: methods edit weights in place
     return model.eval(), tokenizer
 

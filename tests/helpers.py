@@ -32,8 +32,12 @@ TINY_ARCHS = {
     "glm4_moe": ("Glm4MoeConfig", {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
                                    "n_shared_experts": 1, "first_k_dense_replace": 1, "head_dim": 32, "n_group": 1,
                                    "topk_group": 1}),
+    # biased, interleaved, clamped-SwiGLU experts, attention sinks, sliding and full layers
+    "gpt_oss": ("GptOssConfig", {"num_local_experts": 8, "num_experts_per_tok": 2, "head_dim": 32,
+                                 "sliding_window": 16, "rope_parameters": {"rope_type": "default",
+                                                                           "rope_theta": 150000.0}}),
 }
-MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "glm4_moe", "olmoe")
+MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "glm4_moe", "olmoe", "gpt_oss")
 
 
 def tiny_config(arch: str = "llama", *, hidden: int = 128, intermediate: int = 256, layers: int = 2,
@@ -57,6 +61,10 @@ def tiny_model(arch: str = "llama", seed: int = 0, **kw):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **kw), dtype=torch.float32)
+    with torch.no_grad():  # transformers initializes these to zero; random ones show where they go
+        for name, p in model.named_parameters():
+            if name.endswith(("_proj_bias", "self_attn.sinks")):
+                p.normal_(0, 0.02 if "bias" in name else 1.0)
     return model.eval()
 
 

@@ -146,3 +146,32 @@ def test_vision_language_quantizes_the_language_model_only(hub_env, local_hub, t
     assert type(model).__name__ == json.loads((out / "config.json").read_text())["architectures"][0]
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.randint(0, 1000, (1, 16))).logits).all()
+
+
+def test_gpt_oss_mxfp4_source_converts_and_loads_in_hubquant(hub_env, local_hub, tokenizer, tmp_path):
+    """The Hub's gpt-oss checkpoints are MXFP4: transformers dequantizes them while loading, every expert is
+    quantized again, and hubquant.load computes what the evaluated model computed."""
+    import hubquant
+    from hubquant import moe_gptoss
+    from tests.test_moe_gptoss import save_mxfp4_gpt_oss
+
+    if not hasattr(__import__("transformers"), "GptOssConfig"):
+        pytest.skip("transformers without gpt-oss")
+    repo = f"alice/tiny-gpt-oss-mxfp4-{uuid.uuid4().hex[:6]}"
+    save_mxfp4_gpt_oss(tmp_path / "src", tokenizer)
+    local_hub.hub.publish_folder(repo, tmp_path / "src")
+    out = tmp_path / "out"
+    logs: list[str] = []
+    res = convert(ConvertOptions(repo_id=repo, method="gptq", group_size=32, output_dir=str(out), **FAST),
+                  log=logs.append)
+    prov = json.loads((out / "hubquant.json").read_text())
+    assert prov["moe"]["expert_linears"] == prov["moe"]["expert_linears_quantized"] == 2 * 8 * 3
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and "model.layers.0.mlp.router" in qc["ignore"]
+    assert res.metrics["ppl_increase_pct"] < 60, res.metrics
+    assert moe_gptoss.is_mxfp4_source({"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}})
+    model, _ = hubquant.load(out, device="cpu", progress=False)
+    ids = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    assert "plain transformers" in (out / "README.md").read_text()

@@ -21,7 +21,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from hubquant.errors import UsageError
+from hubquant.errors import UnsupportedError, UsageError
 from hubquant.methods.base import MethodFn, QuantJob  # noqa: F401  (the methods' contract, re-exported)
 from hubquant.methods.options import MethodOptions, option_strings, parse_options
 from hubquant.schemes import ActivationScheme, QuantScheme, WeightScheme
@@ -43,7 +43,10 @@ class MoeOptions(MethodOptions):
 
     calibrate_all_experts: bool = False
     min_expert_tokens: int = 16
-MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe", "mixtral", "minimax")
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe", "mixtral", "minimax",
+                   "gpt_oss")
+# MoE model types whose experts carry no scale (hubquant.moe.NO_EXPERT_SCALING): scaling methods stop there
+NO_EXPERT_SCALING_TYPES = ("gpt_oss",)
 
 @dataclass(frozen=True, kw_only=True)
 class MethodSpec:
@@ -152,7 +155,12 @@ class MethodSpec:
 
     def check_architecture(self, config: Any, options: Any = None) -> None:
         """Raise UnsupportedError before any download when the method cannot handle `config`'s architecture."""
-        if getattr(config, "model_type", None) in MOE_MODEL_TYPES:
+        mtype = getattr(config, "model_type", None)
+        if mtype in NO_EXPERT_SCALING_TYPES and self.scaling and self.parse_options(options).uses_scaling():
+            raise UnsupportedError(f"{self.title} moves scale from each expert's up_proj to its down_proj, and "
+                                   f"{mtype} experts clamp up_proj's output and add 1 to it (no exact scale moves)",
+                                   hint=f"use --method rtn, gptq or fp8 for {mtype}")
+        if mtype in MOE_MODEL_TYPES:
             return  # hubquant.moe builds the scaling map from the loaded model's experts
         if self.scaling and self.parse_options(options).uses_scaling():
             from hubquant.methods.scaling import mappings_for
