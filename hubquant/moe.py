@@ -229,16 +229,26 @@ def float_module_names(model: nn.Module) -> list[str]:
                   and any(True for _ in m.parameters(recurse=False)))
 
 
+# transformers 5.24's CompressedTensorsDequantize rebuilds each expert from weight_packed, weight_scale and
+# weight_shape only: NVFP4's weight_global_scale never reaches the compressor, so every expert would come out
+# multiplied by its global scale (448 * 6 / amax, thousands). MXFP4 has no global scale and loads exactly.
+BNB_EXPERTS_REASON = ("transformers' bitsandbytes integration quantizes nn.Linear modules only: a mixture of "
+                      "experts' fused experts would stay in float, and pre-quantized per-expert tensors do not load")
+NVFP4_EXPERTS_REASON = ("transformers 5.24 drops NVFP4 experts' weight_global_scale when it fuses them (each expert "
+                        "would load multiplied by its global scale)")
+
+
 def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: bool, log=print):
     """The scheme a MoE variant is written with, or why it cannot be written.
 
     transformers 5.24 fuses per-expert tensors again only through a dequantize step: compressed-tensors has one
-    (packed int and FP8 experts, no zero points), bitsandbytes none. So MoE variants in compressed-tensors use
-    symmetric int4 groups, and bitsandbytes variants are refused (their experts could not be loaded).
+    (packed int, MXFP4 and FP8 experts; no zero points, no NVFP4 global scale), bitsandbytes none. So MoE variants
+    in compressed-tensors use symmetric int4 groups, NVFP4 and bitsandbytes variants are refused (their experts
+    could not be loaded). docs/moe.md has the table.
 
     Raises:
         UsageError: --asym asked for a mixture-of-experts model written as compressed-tensors.
-        UnsupportedError: a bitsandbytes or FP4 variant of a mixture-of-experts model.
+        UnsupportedError: a bitsandbytes or NVFP4 variant of a mixture-of-experts model.
     """
     import dataclasses
 
@@ -248,13 +258,12 @@ def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: boo
         log(f"moe: the variant loads with hubquant.load; plain transformers cannot load its experts "
             f"({NO_TRANSFORMERS_MAPPING[model_type(model)]})")
     if fmt == "bitsandbytes":
-        raise UnsupportedError("transformers' bitsandbytes integration cannot load quantized experts (fused 3-D "
-                               "parameters, no per-expert dequantization)",
+        raise UnsupportedError(BNB_EXPERTS_REASON,
                                hint="use --method rtn, gptq, awq or fp8 (compressed-tensors) for mixture-of-experts")
     w = scheme.weights
-    if w.type == "float" and w.bits == 4:  # measured: transformers' logits off by 2x the base's energy
-        raise UnsupportedError("transformers 5.24 does not dequantize FP4 (NVFP4/MXFP4) experts when it fuses them",
-                               hint="use --scheme W4A16 or FP8_DYNAMIC for mixture-of-experts models")
+    if w.type == "float" and w.bits == 4 and w.group_size == 16:
+        raise UnsupportedError(NVFP4_EXPERTS_REASON, hint="use --scheme MXFP4A16, W4A16 or FP8_DYNAMIC for "
+                                                          "mixture-of-experts models")
     if fmt != "compressed-tensors" or w.symmetric or w.type == "float" or w.bits == 8:
         return scheme
     if asym_requested:

@@ -58,11 +58,17 @@ def quantize_with_policy(model: nn.Module, job, method_fn, *, options: dict | No
 
 
 def _rtn_linears(lins: dict[str, nn.Linear], job) -> dict:
-    """Round-to-nearest on the method's grid (int min-max, or FP8 e4m3 per channel), weights := dequantized."""
+    """Round-to-nearest on the method's grid (int min-max, FP4 blocks, or FP8 e4m3 per channel), weights :=
+    dequantized."""
     from hubquant.methods.rtn import quantize_linears
 
     if job.scheme.weights.type != "float":
         return quantize_linears(lins, job)
+    if job.scheme.weights.bits == 4:  # FP4 (MXFP4A16 on MoE): the E2M1 grid under the scheme's block scales
+        from hubquant import fp4
+        from hubquant.methods.fp4 import rtn_linears
+
+        return rtn_linears(lins, fp4.kind_of(job.scheme))
     from hubquant.quant import fp8_quantize_weight
 
     out = {}

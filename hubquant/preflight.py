@@ -116,8 +116,9 @@ def _check_experts(plan: Plan, mtype: str) -> None:
     from hubquant.methods import MOE_MODEL_TYPES
 
     if mtype in MOE_MODEL_TYPES and plan.format == "bitsandbytes":
-        raise UnsupportedError("transformers' bitsandbytes integration cannot load quantized experts (fused 3-D "
-                               "parameters, no per-expert dequantization)",
+        raise UnsupportedError("transformers' bitsandbytes integration quantizes nn.Linear modules only: a "
+                               "mixture of experts' fused experts would stay in float, and pre-quantized per-expert "
+                               "tensors do not load",
                                hint="use --method rtn, gptq, awq or fp8 (compressed-tensors) for mixture-of-experts")
 
 

@@ -203,14 +203,14 @@ def test_smollm2_fp4_converts_and_loads(seeded_hub, hub_env, tmp_path, scheme):
     assert sqnr_db(a, b) > 30.0
 
 
-def test_fp4_presets_refuse_mixture_of_experts(hub_env, local_hub, tokenizer, tmp_path):
-    # transformers 5.24 fuses FP4 experts without dequantizing them (its logits are unrelated to the base's)
+def test_nvfp4_presets_refuse_mixture_of_experts(hub_env, local_hub, tokenizer, tmp_path):
+    # transformers 5.24 fuses NVFP4 experts without their global scale (docs/moe.md); MXFP4A16 converts
     from hubquant.errors import UnsupportedError
 
     repo = f"alice/tiny-qwen3_moe-{uuid.uuid4().hex[:6]}"
     local_hub.hub.publish_folder(repo, save_tiny_repo(tmp_path / "moe", "qwen3_moe", tokenizer))
-    with pytest.raises(UnsupportedError, match="FP4"):
-        convert(ConvertOptions(repo_id=repo, method="rtn", scheme="MXFP4A16", output_dir=str(tmp_path / "out"),
+    with pytest.raises(UnsupportedError, match="global_scale"):
+        convert(ConvertOptions(repo_id=repo, method="rtn", scheme="NVFP4A16", output_dir=str(tmp_path / "out"),
                                skip_eval=True, progress=False), log=lambda m: None)
 
 

@@ -1,0 +1,144 @@
+"""Which MoE checkpoint layouts transformers 5.24 loads, and tripwires for the ones it cannot (docs/moe.md, "Checkpoint
+layout, and why"): MXFP4A16 experts load exactly; NVFP4 experts lose their global scale; W8A8 int8 experts and
+asymmetric int4 experts do not load; bitsandbytes leaves fused experts in float. Each tripwire fails when
+upstream changes, which is the signal to lift the matching refusal in hubquant.moe.checkpoint_scheme."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hubquant import moe, moe_pipeline
+from hubquant.errors import UnsupportedError
+from hubquant.formats.compressed_tensors import write
+from hubquant.methods import QuantJob, get_method
+from hubquant.modeling import quantizable_linears
+from hubquant.quant import QuantScheme, WeightScheme, sqnr_db
+from tests.test_moe import calib_ids, logits, moe_model
+
+
+def quantize(model, method: str, scheme: QuantScheme):
+    spec = get_method(method)
+    calib = calib_ids() if spec.needs_calibration(scheme) else None
+    job = QuantJob(scheme=scheme, calib=calib, progress=False)
+    return moe_pipeline.quantize_with_policy(model, job, spec.load(), log=lambda m: None)
+
+
+def written(arch: str, method: str, scheme: QuantScheme, tmp_path, dtype=torch.float32):
+    """(float logits, model after the method, quantized dict) with the variant written to tmp_path."""
+    model = moe_model(arch).to(dtype)
+    ref = logits(model)
+    moe.unfuse_experts(model)
+    quantized, _ = quantize(model, method, scheme)
+    write(model, quantized, scheme=scheme, out_dir=tmp_path, method=method)
+    return ref, model, quantized
+
+
+@pytest.mark.parametrize("arch,method", [("qwen3_moe", "rtn"), ("qwen3_moe", "gptq"), ("mixtral", "rtn")])
+def test_mxfp4a16_experts_load_with_plain_transformers(arch, method, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    import hubquant
+
+    scheme = get_method(method).resolve_scheme(preset="MXFP4A16")
+    assert moe.checkpoint_scheme(moe_model(arch), scheme, "compressed-tensors", asym_requested=False) is scheme
+    ref, model, quantized = written(arch, method, scheme, tmp_path, dtype=torch.bfloat16)
+    assert set(quantized) == set(quantizable_linears(model))  # every expert and attention Linear, no router
+    deq = logits(model)
+    f = safe_open(tmp_path / "model.safetensors", "pt")
+    block, proj = ("block_sparse_moe", "w1") if arch == "mixtral" else ("mlp", "gate_proj")
+    key = f"model.layers.1.{block}.experts.3.{proj}"
+    # vLLM's CompressedTensorsW4A4Mxfp4MoEMethod: w13_weight_packed uint8 [E, 2I, H/2], w13_weight_scale uint8
+    # [E, 2I, H/32], filled per expert from these names
+    packed, scale = f.get_tensor(f"{key}.weight_packed"), f.get_tensor(f"{key}.weight_scale")
+    hidden = model.config.hidden_size
+    assert packed.dtype == scale.dtype == torch.uint8 and packed.shape[1] == hidden // 2
+    assert scale.shape[1] == hidden // 32
+    assert not any(k.startswith(f"model.layers.1.{block}.gate.weight_") for k in f.keys())  # router float
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, experts in moe.expert_modules(model).items():  # transformers fused exactly our dequantized experts
+        fused = loaded.get_submodule(name)
+        for i, mlp in enumerate(experts):
+            gate, up, down = mlp.projections()
+            assert torch.equal(fused.gate_up_proj[i], torch.cat([gate.weight, up.weight]))
+            assert torch.equal(fused.down_proj[i], down.weight)
+    out = logits(loaded)
+    assert sqnr_db(deq, out) > 38  # bf16: transformers multiplies fused gate/up, hubquant the halves
+    assert sqnr_db(ref, deq) > 10 and sqnr_db(ref, out) > 10
+    mine, _ = hubquant.load(tmp_path, device="cpu", dtype=torch.bfloat16, progress=False)
+    assert sqnr_db(deq, logits(mine)) > 30  # bf16; its FP4 kernel accumulates in another order
+
+
+def test_nvfp4_is_refused_on_moe_with_the_reason():
+    model = moe_model("qwen3_moe")
+    moe.unfuse_experts(model)
+    for preset in ("NVFP4A16", "NVFP4"):
+        with pytest.raises(UnsupportedError) as e:
+            moe.checkpoint_scheme(model, get_method("rtn").resolve_scheme(preset=preset), "compressed-tensors",
+                                  asym_requested=False)
+        assert e.value.exit_code == 5 and "weight_global_scale" in str(e.value) and "MXFP4A16" in e.value.hint
+
+
+def test_tripwire_transformers_drops_nvfp4_expert_global_scale(tmp_path):
+    """transformers' CompressedTensorsDequantize rebuilds experts from weight_packed/weight_scale/weight_shape:
+    the global scale never reaches the NVFP4 compressor, so each expert loads multiplied by it."""
+    from transformers import AutoModelForCausalLM
+
+    scheme = get_method("rtn").resolve_scheme(preset="NVFP4A16")
+    _, model, quantized = written("qwen3_moe", "rtn", scheme, tmp_path, dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    name = "model.layers.0.mlp.experts"
+    ours = model.get_submodule(name)[2].down_proj.weight.float()
+    theirs = loaded.get_submodule(name).down_proj[2].float()
+    gscale = quantized[f"{name}.2.down_proj"].global_scale.float()
+    assert gscale > 100
+    assert sqnr_db(ours, theirs) < 0  # when this fails, transformers applies the global scale: allow NVFP4
+    torch.testing.assert_close(theirs, ours * gscale, rtol=2**-7, atol=0)
+
+
+def test_tripwire_transformers_cannot_load_int8_experts(tmp_path):
+    """W8A8 int8 experts are written as vLLM's CompressedTensorsW8A8Int8MoEMethod reads them (int8 `weight` and
+    `weight_scale` per expert); transformers' expert decompression handles FP8 pairs and `weight_packed` only, so
+    its Concatenate gets no tensors. hubquant.load runs the variant."""
+    from transformers import AutoModelForCausalLM
+
+    import hubquant
+
+    scheme = get_method("w8a8").default_scheme
+    _, model, quantized = written("qwen3_moe", "w8a8", scheme, tmp_path)
+    with pytest.raises(RuntimeError, match="conversion"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    mine, _ = hubquant.load(tmp_path, device="cpu", dtype=torch.float32, progress=False)
+    assert mine.hubquant_format["quantized_linears"] == len(quantized)
+    assert sqnr_db(logits(model), logits(mine)) > 25  # int8 activations per token in both
+
+
+def test_tripwire_transformers_drops_expert_zero_points(tmp_path):
+    """Asymmetric int4 experts: transformers builds each expert's module without its weight_zero_point, and
+    compressed-tensors asserts. MoE variants are therefore written with symmetric groups."""
+    from transformers import AutoModelForCausalLM
+
+    scheme = QuantScheme(weights=WeightScheme(bits=4, group_size=32, symmetric=False))
+    written("qwen3_moe", "rtn", scheme, tmp_path)
+    with pytest.raises(RuntimeError, match="conversion"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+def test_tripwire_bitsandbytes_leaves_fused_experts_in_float(tmp_path):
+    """transformers + bitsandbytes replace nn.Linear modules only: the fused experts (90%+ of a MoE's weights)
+    stay bf16, and its bitsandbytes quantizers have no dequantize step to fuse per-expert tensors. So hubquant
+    refuses bnb-int8/bnb-nf4 on MoE models (exit 5) instead of writing a mislabelled variant."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    moe_model("qwen3_moe").to(torch.bfloat16).save_pretrained(tmp_path)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    assert type(q.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    experts = q.model.layers[0].mlp.experts
+    assert type(experts.gate_up_proj) is torch.nn.Parameter and experts.gate_up_proj.dtype == torch.bfloat16
+    model = moe_model("qwen3_moe")
+    moe.unfuse_experts(model)
+    for method in ("bnb-nf4", "bnb-int8"):
+        with pytest.raises(UnsupportedError) as e:
+            moe.checkpoint_scheme(model, get_method(method).default_scheme, "bitsandbytes", asym_requested=False)
+        assert e.value.exit_code == 5 and "rtn, gptq" in e.value.hint
