@@ -175,3 +175,25 @@ def test_gpt_oss_mxfp4_source_converts_and_loads_in_hubquant(hub_env, local_hub,
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
     assert "plain transformers" in (out / "README.md").read_text()
+
+
+def test_moe_mxfp4a16_converts_and_loads_with_plain_transformers(hub_env, local_hub, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import hubquant
+    from hubquant.quant import sqnr_db
+
+    repo = publish(local_hub, tokenizer, tmp_path, "qwen3_moe")
+    out = tmp_path / "out"
+    res = convert(ConvertOptions(repo_id=repo, method="gptq", scheme="MXFP4A16", output_dir=str(out), **FAST),
+                  log=lambda m: None)
+    prov = json.loads((out / "hubquant.json").read_text())
+    assert prov["moe"]["expert_linears"] == prov["moe"]["expert_linears_quantized"] == 2 * 8 * 3
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "mxfp4-pack-quantized" and "model.layers.0.mlp.gate" in qc["ignore"]
+    assert res.metrics["ppl_increase_pct"] < 60, res.metrics
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(out)(ids).logits.float()
+        b = hubquant.load(out, device="cpu", progress=False)[0](ids).logits.float()
+    assert sqnr_db(a, b) > 30
