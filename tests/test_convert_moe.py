@@ -197,3 +197,16 @@ def test_moe_mxfp4a16_converts_and_loads_with_plain_transformers(hub_env, local_
         a = AutoModelForCausalLM.from_pretrained(out)(ids).logits.float()
         b = hubquant.load(out, device="cpu", progress=False)[0](ids).logits.float()
     assert sqnr_db(a, b) > 30
+
+
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_gpt_oss_scaling_methods_exit_5_from_the_cli(cli_env, local_hub, tokenizer, tmp_path, method):
+    from tests.helpers import run_cli
+
+    if not hasattr(__import__("transformers"), "GptOssConfig"):
+        pytest.skip("transformers without gpt-oss")
+    repo = publish(local_hub, tokenizer, tmp_path, "gpt_oss")
+    r = run_cli(["convert", repo, "--method", method, "--output-dir", str(tmp_path / "o")], cli_env)
+    assert r.returncode == 5, r.stderr
+    assert "rtn, gptq or fp8" in r.stderr and "clamp" in r.stderr
+    assert not (tmp_path / "o" / "config.json").exists()
