@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from hubquant.errors import UnsupportedError, UsageError
+from hubquant.methods import BNB_EXPERTS_REASON, NVFP4_EXPERTS_HINT, NVFP4_EXPERTS_REASON  # also read by preflight
 from hubquant.modeling import FLOAT_PATTERNS, is_float_module  # noqa: F401  (re-exported)
 
 # ------------------------------------------------------------------------------------------ architectures as data
@@ -229,15 +230,6 @@ def float_module_names(model: nn.Module) -> list[str]:
                   and any(True for _ in m.parameters(recurse=False)))
 
 
-# transformers 5.24's CompressedTensorsDequantize rebuilds each expert from weight_packed, weight_scale and
-# weight_shape only: NVFP4's weight_global_scale never reaches the compressor, so every expert would come out
-# multiplied by its global scale (448 * 6 / amax, thousands). MXFP4 has no global scale and loads exactly.
-BNB_EXPERTS_REASON = ("transformers' bitsandbytes integration quantizes nn.Linear modules only: a mixture of "
-                      "experts' fused experts would stay in float, and pre-quantized per-expert tensors do not load")
-NVFP4_EXPERTS_REASON = ("transformers 5.24 drops NVFP4 experts' weight_global_scale when it fuses them (each expert "
-                        "would load multiplied by its global scale)")
-
-
 def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: bool, log=print):
     """The scheme a MoE variant is written with, or why it cannot be written.
 
@@ -262,8 +254,7 @@ def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: boo
                                hint="use --method rtn, gptq, awq or fp8 (compressed-tensors) for mixture-of-experts")
     w = scheme.weights
     if w.type == "float" and w.bits == 4 and w.group_size == 16:
-        raise UnsupportedError(NVFP4_EXPERTS_REASON, hint="use --scheme MXFP4A16, W4A16 or FP8_DYNAMIC for "
-                                                          "mixture-of-experts models")
+        raise UnsupportedError(NVFP4_EXPERTS_REASON, hint=NVFP4_EXPERTS_HINT)
     if fmt != "compressed-tensors" or w.symmetric or w.type == "float" or w.bits == 8:
         return scheme
     if asym_requested:

@@ -93,17 +93,3 @@ def source_load_kwargs(config, arch: str = "") -> dict:
     from transformers import Mxfp4Config
 
     return {"quantization_config": Mxfp4Config(dequantize=True)}
-
-
-def drop_source_quantization(model: nn.Module) -> None:
-    """After a dequantizing load, the model is float: forget the source's quantization config."""
-    for attr in ("quantization_config",):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            try:
-                delattr(model, attr)
-            except AttributeError:
-                pass
-    model.is_quantized = False

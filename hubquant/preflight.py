@@ -113,13 +113,16 @@ def check_config(plan: Plan, config: dict) -> None:
 
 def _check_experts(plan: Plan, mtype: str) -> None:
     """Mixture-of-experts variants that could not be loaded back stop before the download (hubquant.moe)."""
-    from hubquant.methods import MOE_MODEL_TYPES
+    from hubquant.methods import BNB_EXPERTS_REASON, MOE_MODEL_TYPES, NVFP4_EXPERTS_HINT, NVFP4_EXPERTS_REASON
 
-    if mtype in MOE_MODEL_TYPES and plan.format == "bitsandbytes":
-        raise UnsupportedError("transformers' bitsandbytes integration quantizes nn.Linear modules only: a "
-                               "mixture of experts' fused experts would stay in float, and pre-quantized per-expert "
-                               "tensors do not load",
+    if mtype not in MOE_MODEL_TYPES:
+        return
+    if plan.format == "bitsandbytes":
+        raise UnsupportedError(BNB_EXPERTS_REASON,
                                hint="use --method rtn, gptq, awq or fp8 (compressed-tensors) for mixture-of-experts")
+    w = plan.scheme.weights
+    if w.type == "float" and w.bits == 4 and w.group_size == 16:
+        raise UnsupportedError(NVFP4_EXPERTS_REASON, hint=NVFP4_EXPERTS_HINT)
 
 
 def _check_method_architecture(method: str, options: dict, config: dict) -> None:

@@ -223,9 +223,8 @@ def load_model(path: Path, *, trust_remote_code: bool):
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    # dequantize-on-load leaves a float model without quantization_config (HfQuantizer.remove_quantization_config)
     model = auto_class(config).from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **load_kw)
-    if load_kw:
-        moe_gptoss.drop_source_quantization(model)
     model.requires_grad_(False)  # inference only: methods edit weights in place
     return model.eval(), tokenizer
 

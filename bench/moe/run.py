@@ -4,7 +4,8 @@
     python bench/moe/run.py --preset gpu --work $OUT   # one GPU: Qwen3-30B-A3B layer shapes, 2 layers (< 4 min)
     python bench/moe/run.py --doc-from RESULTS.json     # write a results.json (e.g. the GPU run's) into docs/moe.md
 
-Per method (rtn, gptq, awq, fp8 by default): quantize time (routing pass + method + low-token rule), write time,
+Per method (rtn, gptq, awq, fp8, and rtn/gptq with the MXFP4A16 scheme by default; METHOD:SCHEME picks a scheme
+preset): quantize time (routing pass + method + low-token rule), write time,
 expert projections quantized / expert projections present, routed calibration tokens per expert (min / median /
 max, experts under the threshold), logits SQNR of hubquant's dequantized model against the float model, and
 (with --check-load, default on for the CPU preset) that plain transformers loads the variant and computes the
@@ -64,11 +65,12 @@ def run_method(method: str, p: dict, args, calib, eval_ids, ref_logits) -> dict:
     dtype = getattr(torch, args.dtype)
     model = build(p, dtype)
     moe.unfuse_experts(model)
+    label, (method, _, preset) = method, method.partition(":")
     spec = get_method(method)
-    scheme = spec.default_scheme
-    if scheme.weights.type != "float" and scheme.weights.bits == 4:
+    scheme = spec.resolve_scheme(preset=preset) if preset else spec.default_scheme
+    if not preset and scheme.weights.type != "float" and scheme.weights.bits == 4:
         scheme = QuantScheme(weights=WeightScheme(bits=4, group_size=p["group_size"], symmetric=True))
-    job = QuantJob(scheme=scheme, calib=calib if spec.needs_calibration() else None, device=args.device,
+    job = QuantJob(scheme=scheme, calib=calib if spec.needs_calibration(scheme) else None, device=args.device,
                    options=json.loads(args.options), progress=False)
     if args.device == "cuda":
         torch.cuda.synchronize()
@@ -86,7 +88,7 @@ def run_method(method: str, p: dict, args, calib, eval_ids, ref_logits) -> dict:
     t0 = time.time()
     write(model, quantized, scheme=scheme, out_dir=out, method=method)
     t_write = time.time() - t0
-    row = {"method": method, "quantize_s": round(t_quant, 2), "write_s": round(t_write, 2),
+    row = {"method": label, "quantize_s": round(t_quant, 2), "write_s": round(t_write, 2),
            "experts_quantized": sum(n in quantized for n in experts), "expert_linears": len(experts),
            "sqnr_db": round(sqnr_db(ref_logits, logits), 2),
            "top1": round(float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()), 4),
@@ -143,7 +145,8 @@ def write_doc(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    ap.add_argument("--methods", help="comma-separated (default: rtn,gptq,awq,fp8 on CPU; rtn,gptq,fp8 on GPU)")
+    ap.add_argument("--methods", help="comma-separated METHOD or METHOD:SCHEME (default: rtn,gptq,awq,fp8,"
+                                      "rtn:MXFP4A16,gptq:MXFP4A16 on CPU; rtn,gptq,fp8,rtn:MXFP4A16 on GPU)")
     ap.add_argument("--layers", type=int, help="override the preset's layer count")
     ap.add_argument("--options", default="{}", help="method options, JSON (e.g. {\"calibrate_all_experts\": true})")
     ap.add_argument("--dtype", default="bfloat16")
@@ -158,7 +161,8 @@ def main() -> None:
         return
     args.command = "python bench/moe/run.py " + shlex.join(sys.argv[1:])
     p = dict(PRESETS[args.preset])
-    args.methods = args.methods or ("rtn,gptq,fp8" if args.preset == "gpu" else "rtn,gptq,awq,fp8")
+    args.methods = args.methods or ("rtn,gptq,fp8,rtn:MXFP4A16" if args.preset == "gpu"
+                                    else "rtn,gptq,awq,fp8,rtn:MXFP4A16,gptq:MXFP4A16")
     if args.layers:
         p["layers"] = args.layers
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

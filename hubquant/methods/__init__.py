@@ -47,6 +47,14 @@ MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4
                    "gpt_oss")
 # MoE model types whose experts carry no scale (hubquant.moe.NO_EXPERT_SCALING): scaling methods stop there
 NO_EXPERT_SCALING_TYPES = ("gpt_oss",)
+# MoE variants transformers 5.24 cannot load (hubquant.moe.checkpoint_scheme, preflight; docs/moe.md has the causes):
+# its CompressedTensorsDequantize rebuilds each expert from weight_packed/weight_scale/weight_shape only, so NVFP4's
+# weight_global_scale never reaches the compressor; bitsandbytes replaces nn.Linear modules only.
+NVFP4_EXPERTS_REASON = ("transformers 5.24 drops NVFP4 experts' weight_global_scale when it fuses them (each expert "
+                        "would load multiplied by its global scale)")
+NVFP4_EXPERTS_HINT = "use --scheme MXFP4A16, W4A16 or FP8_DYNAMIC for mixture-of-experts models"
+BNB_EXPERTS_REASON = ("transformers' bitsandbytes integration quantizes nn.Linear modules only: a mixture of "
+                      "experts' fused experts would stay in float, and pre-quantized per-expert tensors do not load")
 
 @dataclass(frozen=True, kw_only=True)
 class MethodSpec:
