@@ -73,6 +73,9 @@ NO_TRANSFORMERS_MAPPING = {
                "transposed, interleaved experts",
 }
 
+INT8_EXPERTS_REASON = ("plain transformers 5.24 cannot load int8 experts (int-quantized: its expert decompression "
+                       "takes packed and FP8 experts only); vLLM reads W8A8 int8 experts, not W8A16 ones")
+
 # Fused experts hubquant refuses (none today; kept for architectures whose layout is not known yet).
 UNSUPPORTED_EXPERTS: dict[str, str] = {}
 
@@ -246,6 +249,8 @@ def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: boo
 
     if not expert_modules(model):
         return scheme
+    if scheme.weights.type == "int" and scheme.weights.bits == 8 and fmt == "compressed-tensors":
+        log(f"moe: {INT8_EXPERTS_REASON}; hubquant.load runs the variant (docs/moe.md)")
     if model_type(model) in NO_TRANSFORMERS_MAPPING:
         log(f"moe: the variant loads with hubquant.load; plain transformers cannot load its experts "
             f"({NO_TRANSFORMERS_MAPPING[model_type(model)]})")
@@ -483,7 +488,7 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
     if "expert_linears" in rep:
         lines.append(f"- Experts: {rep['expert_linears_quantized']} of {rep['expert_linears']} expert projections "
                      f"quantized, in {rep['experts_modules']} sparse blocks, stored per expert "
-                     f"(`experts.{{i}}.<projection>`), the layout transformers and vLLM read.")
+                     f"(`experts.{{i}}.<projection>`), as vLLM's MoE loaders name them.")
     r = rep.get("routing")
     if r:
         lines.append(f"- Calibration tokens routed to each expert: min {r['min']}, median {r['median']:g}, "
@@ -491,6 +496,13 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
                      f"{r['threshold']}. Rule: {r['rule']} ({r['fallback_linears']} projections by that rule).")
     elif "expert_linears" in rep:
         lines.append("- No calibration: every expert is quantized from its own weights.")
+    ws = next((quantized[n].scheme for n in expert_linear_names(model) if n in quantized), None)
+    int8 = ws is not None and ws.type == "int" and ws.bits == 8
+    if int8 and model_type(model) not in NO_TRANSFORMERS_MAPPING:
+        lines.append(f"- Loading: `hubquant.load(path)` runs this variant. {INT8_EXPERTS_REASON}.")
+    elif ws is not None and model_type(model) not in NO_TRANSFORMERS_MAPPING:
+        lines.append("- Loading: plain `AutoModelForCausalLM.from_pretrained` (transformers fuses the experts again) "
+                     "or `hubquant.load(path)`.")
     if model_type(model) in NO_TRANSFORMERS_MAPPING:
         lines.append(f"- Loading: `hubquant.load(path)` runs this variant. plain transformers cannot load its experts "
                      f"({NO_TRANSFORMERS_MAPPING[model_type(model)]}): `from_pretrained` would leave them "

@@ -65,6 +65,7 @@ def test_mxfp4a16_experts_load_with_plain_transformers(arch, method, tmp_path):
     out = logits(loaded)
     assert sqnr_db(deq, out) > 38  # bf16: transformers multiplies fused gate/up, hubquant the halves
     assert sqnr_db(ref, deq) > 10 and sqnr_db(ref, out) > 10
+    assert "from_pretrained` (transformers fuses the experts again)" in moe.card_section(model, quantized, None)
     mine, _ = hubquant.load(tmp_path, device="cpu", dtype=torch.bfloat16, progress=False)
     assert sqnr_db(deq, logits(mine)) > 30  # bf16; its FP4 kernel accumulates in another order
 
@@ -110,6 +111,7 @@ def test_tripwire_transformers_cannot_load_int8_experts(method, tmp_path):
     _, model, quantized = written("qwen3_moe", method, scheme, tmp_path)
     with pytest.raises(RuntimeError, match="conversion"):
         AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert "cannot load int8 experts" in moe.card_section(model, quantized, None)  # the card says what loads it
     mine, _ = hubquant.load(tmp_path, device="cpu", dtype=torch.float32, progress=False)
     assert mine.hubquant_format["quantized_linears"] == len(quantized)
     assert sqnr_db(logits(model), logits(mine)) > (25 if method == "w8a8" else 60)  # W8A8: int8 activations
