@@ -148,7 +148,8 @@ def test_vision_language_quantizes_the_language_model_only(hub_env, local_hub, t
         assert torch.isfinite(model(input_ids=torch.randint(0, 1000, (1, 16))).logits).all()
 
 
-def test_gpt_oss_mxfp4_source_converts_and_loads_in_hubquant(hub_env, local_hub, tokenizer, tmp_path):
+@pytest.mark.parametrize("method", ["gptq", "fp8"])
+def test_gpt_oss_mxfp4_source_converts_and_loads_in_hubquant(hub_env, local_hub, tokenizer, tmp_path, method):
     """The Hub's gpt-oss checkpoints are MXFP4: transformers dequantizes them while loading, every expert is
     quantized again, and hubquant.load computes what the evaluated model computed."""
     import hubquant
@@ -162,10 +163,11 @@ def test_gpt_oss_mxfp4_source_converts_and_loads_in_hubquant(hub_env, local_hub,
     local_hub.hub.publish_folder(repo, tmp_path / "src")
     out = tmp_path / "out"
     logs: list[str] = []
-    res = convert(ConvertOptions(repo_id=repo, method="gptq", group_size=32, output_dir=str(out), **FAST),
-                  log=logs.append)
+    group = {"group_size": 32} if method == "gptq" else {}
+    res = convert(ConvertOptions(repo_id=repo, method=method, output_dir=str(out), **group, **FAST), log=logs.append)
     prov = json.loads((out / "hubquant.json").read_text())
     assert prov["moe"]["expert_linears"] == prov["moe"]["expert_linears_quantized"] == 2 * 8 * 3
+    assert any("plain transformers cannot load its experts" in line for line in logs)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and "model.layers.0.mlp.router" in qc["ignore"]
     assert res.metrics["ppl_increase_pct"] < 60, res.metrics
