@@ -44,10 +44,6 @@ def _biased_linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
     return lin
 
 
-def is_gpt_oss_experts(mod: nn.Module) -> bool:
-    return isinstance(getattr(mod, "gate_up_proj_bias", None), torch.Tensor) and hasattr(mod, "limit")
-
-
 @torch.no_grad()
 def experts(mod: nn.Module) -> list[GptOssExpertMLP]:
     """Per-expert MLPs of a `GptOssExperts` module (contiguous copies: the fused weights are transposed and
