@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from hubquant.errors import UnsupportedError, UsageError
-from hubquant.methods import BNB_EXPERTS_REASON, NVFP4_EXPERTS_HINT, NVFP4_EXPERTS_REASON  # also read by preflight
 from hubquant.modeling import FLOAT_PATTERNS, is_float_module  # noqa: F401  (re-exported)
 
 # ------------------------------------------------------------------------------------------ architectures as data
@@ -246,6 +245,9 @@ def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: boo
         UnsupportedError: a bitsandbytes or NVFP4 variant of a mixture-of-experts model.
     """
     import dataclasses
+
+    # the reasons live in the torch-free registry, so preflight stops before any download with the same words
+    from hubquant.methods import BNB_EXPERTS_REASON, NVFP4_EXPERTS_HINT, NVFP4_EXPERTS_REASON
 
     if not expert_modules(model):
         return scheme
