@@ -72,6 +72,11 @@ NO_TRANSFORMERS_MAPPING = {
                "transposed, interleaved experts",
 }
 
+# how the card words where the experts are, per format
+STORED = {"compressed-tensors": "stored per expert (`experts.{i}.<projection>`), as vLLM's MoE loaders name them",
+          "mxfp4": "stored as gpt-oss's MXFP4 blocks and E8M0 scales per sparse block (`experts.gate_up_proj_blocks`, "
+                   "...), the layout of OpenAI's own gpt-oss checkpoints"}
+
 INT8_EXPERTS_REASON = ("plain transformers 5.24 cannot load int8 experts (int-quantized: its expert decompression "
                        "takes packed and FP8 experts only); vLLM reads W8A8 int8 experts, not W8A16 ones")
 
@@ -253,7 +258,7 @@ def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: boo
         return scheme
     if scheme.weights.type == "int" and scheme.weights.bits == 8 and fmt == "compressed-tensors":
         log(f"moe: {INT8_EXPERTS_REASON}; hubquant.load runs the variant (docs/moe.md)")
-    if model_type(model) in NO_TRANSFORMERS_MAPPING:
+    if model_type(model) in NO_TRANSFORMERS_MAPPING and fmt == "compressed-tensors":
         log(f"moe: the variant loads with hubquant.load; plain transformers cannot load its experts "
             f"({NO_TRANSFORMERS_MAPPING[model_type(model)]})")
     if fmt == "bitsandbytes":
@@ -480,17 +485,19 @@ def report(model: nn.Module, quantized: dict, policy: RoutingPolicy | None) -> d
     return out
 
 
-def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None) -> str:
-    """Markdown for the model card: expert coverage, routing statistics, what stayed float and why."""
+def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None, *,
+                 fmt: str = "compressed-tensors") -> str:
+    """Markdown for the model card: expert coverage, routing statistics, what stayed float and why, what loads it
+    (`fmt`: the checkpoint format; "mxfp4" is gpt-oss's own layout, which plain transformers loads)."""
     rep = report(model, quantized, policy)
     if rep is None:
         return ""
     lines = ["", "## Mixture of experts and modules kept in float" if "expert_linears" in rep
              else "## Modules kept in float", ""]
     if "expert_linears" in rep:
+        stored = STORED.get(fmt, STORED["compressed-tensors"])
         lines.append(f"- Experts: {rep['expert_linears_quantized']} of {rep['expert_linears']} expert projections "
-                     f"quantized, in {rep['experts_modules']} sparse blocks, stored per expert "
-                     f"(`experts.{{i}}.<projection>`), as vLLM's MoE loaders name them.")
+                     f"quantized, in {rep['experts_modules']} sparse blocks, {stored}.")
     r = rep.get("routing")
     if r:
         lines.append(f"- Calibration tokens routed to each expert: min {r['min']}, median {r['median']:g}, "
@@ -500,12 +507,14 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
         lines.append("- No calibration: every expert is quantized from its own weights.")
     ws = next((quantized[n].scheme for n in expert_linear_names(model) if n in quantized), None)
     int8 = ws is not None and ws.type == "int" and ws.bits == 8
-    if int8 and model_type(model) not in NO_TRANSFORMERS_MAPPING:
+    if fmt == "mxfp4":
+        lines.append("- Loading: plain `AutoModelForCausalLM.from_pretrained` (gpt-oss's own MXFP4 layout) or vLLM.")
+    elif int8 and model_type(model) not in NO_TRANSFORMERS_MAPPING:
         lines.append(f"- Loading: `hubquant.load(path)` runs this variant. {INT8_EXPERTS_REASON}.")
     elif ws is not None and model_type(model) not in NO_TRANSFORMERS_MAPPING:
         lines.append("- Loading: plain `AutoModelForCausalLM.from_pretrained` (transformers fuses the experts again) "
                      "or `hubquant.load(path)`.")
-    if model_type(model) in NO_TRANSFORMERS_MAPPING:
+    if model_type(model) in NO_TRANSFORMERS_MAPPING and fmt == "compressed-tensors":
         lines.append(f"- Loading: `hubquant.load(path)` runs this variant. plain transformers cannot load its experts "
                      f"({NO_TRANSFORMERS_MAPPING[model_type(model)]}): `from_pretrained` would leave them "
                      "uninitialized.")

@@ -150,6 +150,8 @@ class ConvertOptions:
     def ignored_patterns(self) -> tuple[str, ...]:
         """What stays unquantized: the default (lm_head) unless dropped, plus --ignore, without repeats."""
         base = DEFAULT_IGNORE if self.default_ignore else ()
+        if self.format == "mxfp4":  # gpt-oss's MXFP4 layout quantizes experts only: attention stays float
+            base = (*base, r"re:.*\.self_attn\..*")
         return tuple(dict.fromkeys((*base, *self.ignore)))
 
 

@@ -592,7 +592,7 @@ def card(run: Run) -> None:
             (run.out_dir / client.PROVENANCE_FILE).write_text(
                 json.dumps(provenance(run, card_files), indent=2, sort_keys=True) + "\n")
             rendered = render(inputs)
-            rendered.text += moe.card_section(run.model, run.quantized, run.routing)
+            rendered.text += moe.card_section(run.model, run.quantized, run.routing, fmt=run.plan.format)
             save(rendered, inputs, run.out_dir)
         run.written = sorted(set(run.written) | card_files | {client.PROVENANCE_FILE})
         m = run.metrics

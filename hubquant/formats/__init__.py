@@ -154,6 +154,12 @@ FORMATS: dict[str, FormatSpec] = {f.name: f for f in (
                  ("transformers", 'AutoModelForCausalLM.from_pretrained("{repo}", gguf_file=FILE)')),
         loader_note="transformers reads GGUF with the `gguf` package and dequantizes every tensor to float; "
                     "llama.cpp, Ollama and LM Studio run the quantized blocks."),
+    FormatSpec(  # gpt-oss only (docs/moe.md): the layout of OpenAI's own gpt-oss checkpoints
+        name="mxfp4", title="MXFP4 (gpt-oss layout)", quant_method="mxfp4", module="hubquant.formats.gptoss_mxfp4",
+        engines=(("transformers", "pip install transformers"), _VLLM),
+        loader_note="transformers runs the MXFP4 experts with its MXFP4 kernels where they are installed (`pip "
+                    "install kernels`, CUDA) and otherwise dequantizes them to bf16 while loading; attention, "
+                    "router and embeddings are float."),
 )}
 
 

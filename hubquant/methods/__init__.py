@@ -198,13 +198,14 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec(
         name="rtn", title="RTN", summary="round-to-nearest, min-max ranges (baseline)",
         run="hubquant.methods.rtn:run", default_scheme=QuantScheme(weights=_W4),
-        formats=("compressed-tensors", "gptq", "awq", "gguf"),
+        formats=("compressed-tensors", "gptq", "awq", "gguf", "mxfp4"),
         schemes=("W4A16", "W4A16_ASYM", "W8A16", "NVFP4A16", "MXFP4A16", "NVFP4")),
     MethodSpec(
         name="gptq", title="GPTQ", summary="Hessian-based error compensation (W4A16)",
         run="hubquant.methods.gptq:run", options="hubquant.methods.gptq:GptqOptions", calibrated=True,
-        algorithm_version=2, default_scheme=QuantScheme(weights=_W4), formats=("compressed-tensors", "gptq", "gguf"),
-        schemes=("W4A16", "W4A16_ASYM", "W8A16", "NVFP4A16", "MXFP4A16")),
+        algorithm_version=2, default_scheme=QuantScheme(weights=_W4),
+        formats=("compressed-tensors", "gptq", "gguf", "mxfp4"), schemes=("W4A16", "W4A16_ASYM", "W8A16", "NVFP4A16",
+                                                                          "MXFP4A16")),
     MethodSpec(
         name="imatrix", title="importance matrix (imatrix)",
         summary="GGUF block scales and mins searched under per-column activation energy (llama.cpp's imatrix)",
