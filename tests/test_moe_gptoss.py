@@ -175,3 +175,51 @@ def test_other_quantized_sources_still_stop():
     kw = moe_gptoss.source_load_kwargs(SimpleNamespace(model_type="gpt_oss", quantization_config={"quant_method":
                                                                                                     "mxfp4"}))
     assert kw["quantization_config"].dequantize
+
+
+# ------------------------------------------------------------------------------------------ gpt-oss's MXFP4 layout
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_gpt_oss_mxfp4_layout_loads_with_plain_transformers(method, tmp_path):
+    """--format mxfp4: experts as gpt-oss's own blocks and E8M0 scales, attention float; plain from_pretrained
+    (transformers dequantizes MXFP4 on CPU) computes what hubquant's dequantized model computes."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from hubquant import moe_pipeline
+    from hubquant.formats import get_format
+    from hubquant.methods import QuantJob
+    from hubquant.options import ConvertOptions
+    from tests.test_moe import calib_ids
+
+    ref_model = moe_model("gpt_oss")
+    ref = logits(ref_model)
+    model = unfused()
+    spec = get_method(method)
+    scheme = spec.resolve_scheme(preset="MXFP4A16")
+    ignore = ConvertOptions(repo_id="x", format="mxfp4").ignored_patterns
+    job = QuantJob(scheme=scheme, calib=calib_ids() if spec.needs_calibration(scheme) else None, ignore=ignore,
+                   progress=False)
+    quantized, _ = moe_pipeline.quantize_with_policy(model, job, spec.load(), log=lambda m: None)
+    assert set(quantized) == set(moe.expert_linear_names(model))  # experts only: attention stays float
+    deq = logits(model)
+    qc = get_format("mxfp4")(model, quantized, scheme=scheme, out_dir=tmp_path, method=method)
+    assert qc["quant_method"] == "mxfp4"
+    tensors = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.1.mlp.experts"
+    blocks, scales = tensors[f"{key}.gate_up_proj_blocks"], tensors[f"{key}.gate_up_proj_scales"]
+    assert blocks.dtype == scales.dtype == torch.uint8 and blocks.shape == (8, 2 * 256, 128 // 32, 16)
+    fused = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # transformers' own dequantizer
+    e5 = model.get_submodule(key)[5]
+    assert torch.equal(fused[5][:, ::2], e5.gate_proj.weight.t())  # gate even columns, up odd ones
+    assert torch.equal(fused[5][:, 1::2], e5.up_proj.weight.t())
+    assert torch.equal(tensors[f"{key}.gate_up_proj_bias"][5][1::2], e5.up_proj.bias)
+    q_ref = ref_model.model.layers[1].self_attn.q_proj.weight
+    assert torch.equal(tensors["model.layers.1.self_attn.q_proj.weight"], q_ref)  # float, untouched
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    out = logits(loaded)
+    assert sqnr_db(deq, out) > 60
+    assert sqnr_db(ref, out) > 9.0
