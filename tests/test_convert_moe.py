@@ -212,3 +212,45 @@ def test_gpt_oss_scaling_methods_exit_5_from_the_cli(cli_env, local_hub, tokeniz
     assert r.returncode == 5, r.stderr
     assert "rtn, gptq or fp8" in r.stderr and "clamp" in r.stderr
     assert not (tmp_path / "o" / "config.json").exists()
+
+
+def test_gpt_oss_mxfp4_to_mxfp4_with_gptq_loads_with_plain_transformers(hub_env, local_hub, tokenizer, tmp_path):
+    """The Hub's MXFP4 gpt-oss, recalibrated: GPTQ on the MXFP4 grid, written in gpt-oss's own layout."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_moe_gptoss import save_mxfp4_gpt_oss
+
+    if not hasattr(__import__("transformers"), "GptOssConfig"):
+        pytest.skip("transformers without gpt-oss")
+    repo = f"alice/tiny-gpt-oss-mxfp4-{uuid.uuid4().hex[:6]}"
+    save_mxfp4_gpt_oss(tmp_path / "src", tokenizer)
+    local_hub.hub.publish_folder(repo, tmp_path / "src")
+    out = tmp_path / "out"
+    res = convert(ConvertOptions(repo_id=repo, method="gptq", scheme="MXFP4A16", format="mxfp4", output_dir=str(out),
+                                 **FAST), log=lambda m: None)
+    prov = json.loads((out / "hubquant.json").read_text())
+    assert prov["moe"]["expert_linears"] == prov["moe"]["expert_linears_quantized"] == 2 * 8 * 3
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    keys = set(safe_open(out / "model.safetensors", "pt").keys())
+    assert "model.layers.0.mlp.experts.gate_up_proj_blocks" in keys and "model.layers.0.self_attn.q_proj.weight" in keys
+    assert res.metrics["ppl_increase_pct"] < 60, res.metrics
+    assert "gpt-oss's own MXFP4 layout" in (out / "README.md").read_text()
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 1000, (1, 16))).logits).all()
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--format", "mxfp4", "--scheme", "MXFP4A16"], 5, "gpt-oss's own checkpoint layout"),  # not gpt-oss
+    (["--format", "mxfp4"], 2, "--scheme MXFP4A16"),  # W4A16 cannot be written in that layout
+])
+def test_mxfp4_format_errors_from_the_cli(cli_env, local_hub, tokenizer, tmp_path, args, code, needle):
+    from tests.helpers import run_cli
+
+    arch = "qwen3_moe" if code == 5 else "gpt_oss"
+    repo = publish(local_hub, tokenizer, tmp_path, arch)
+    r = run_cli(["convert", repo, "--method", "rtn", *args, "--output-dir", str(tmp_path / "o")], cli_env)
+    assert r.returncode == code, r.stderr
+    assert needle in r.stderr
