@@ -40,7 +40,7 @@ def test_resolve_format_per_method():
     assert resolve_format(get_method("rtn"), "awq", W4_ASYM).name == "awq"
     with pytest.raises(UsageError) as e:
         resolve_format(get_method("rtn"), "bitsandbytes", W4)
-    assert e.value.hint == "choose one of: compressed-tensors, gptq, awq, gguf"
+    assert e.value.hint == "choose one of: compressed-tensors, gptq, awq, gguf, mxfp4"
     with pytest.raises(UsageError, match="unknown format"):
         get_format("gguf-ish")
     for m in METHODS.values():
