@@ -260,7 +260,8 @@ def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: boo
         log(f"moe: {INT8_EXPERTS_REASON}; hubquant.load runs the variant (docs/moe.md)")
     if model_type(model) in NO_TRANSFORMERS_MAPPING and fmt == "compressed-tensors":
         log(f"moe: the variant loads with hubquant.load; plain transformers cannot load its experts "
-            f"({NO_TRANSFORMERS_MAPPING[model_type(model)]})")
+            f"({NO_TRANSFORMERS_MAPPING[model_type(model)]}); --format mxfp4 --scheme MXFP4A16 writes gpt-oss's own "
+            "layout, which it loads")
     if fmt == "bitsandbytes":
         raise UnsupportedError(BNB_EXPERTS_REASON,
                                hint="use --method rtn, gptq, awq or fp8 (compressed-tensors) for mixture-of-experts")
