@@ -200,7 +200,9 @@ def screen(info, opts: WatchOptions) -> str | None:
         if getattr(e.response, "status_code", None) in (401, 403):
             return "gated or private, and the token has no access"
         raise
-    if config.get("quantization_config"):
+    from hubquant.moe_gptoss import is_mxfp4_source  # gpt-oss's own MXFP4 releases dequantize on load
+
+    if config.get("quantization_config") and not is_mxfp4_source(config):
         return f"already quantized ({config['quantization_config'].get('quant_method', '?')})"
     if config.get("auto_map"):
         return "needs remote code (auto_map)"

@@ -36,7 +36,9 @@ def test_new_model_is_converted_once_and_again_after_an_update(publish_tiny, hub
     api = HfApi()
     for name, cfg in ((f"{tag}-bert", {"model_type": "bert", "architectures": ["BertModel"]}),
                       (f"{tag}-q", {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                                    "quantization_config": {"quant_method": "gptq"}})):
+                                    "quantization_config": {"quant_method": "gptq"}}),
+                      (f"{tag}-oss", {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"],
+                                      "quantization_config": {"quant_method": "mxfp4"}})):
         api.create_repo(f"hubquant-org/{name}")
         api.upload_file(path_or_fileobj=json.dumps(cfg).encode(), path_in_repo="config.json",
                         repo_id=f"hubquant-org/{name}")
@@ -44,11 +46,13 @@ def test_new_model_is_converted_once_and_again_after_an_update(publish_tiny, hub
 
     code, rows = _watch(tag, tmp_path, "--dry-run")
     by_repo = {r["repo_id"]: r for r in rows}
-    assert code == 0 and len(rows) == 3
+    assert code == 0 and len(rows) == 4
     assert by_repo[repo]["action"] == "convert" and by_repo[repo]["target_repo"] == target
     assert by_repo[repo]["base_sha"] == sha and by_repo[repo]["reason"] == "no variant yet"
     assert "not a causal LM" in by_repo[f"hubquant-org/{tag}-bert"]["reason"]
     assert "already quantized (gptq)" in by_repo[f"hubquant-org/{tag}-q"]["reason"]
+    # gpt-oss's own MXFP4 releases are sources (dequantized on load); this one has no weights, so it stops there
+    assert by_repo[f"hubquant-org/{tag}-oss"]["reason"] == "no safetensors weights"
     assert not api.repo_exists(target)  # the dry run made nothing
 
     summary = tmp_path / "summary.md"
@@ -58,7 +62,7 @@ def test_new_model_is_converted_once_and_again_after_an_update(publish_tiny, hub
     assert len(done) == 1 and done[0]["target_repo"] == target and done[0]["commit_url"]
     assert hubquant_commits(target) == [f"hubquant: W8A16 rtn of {repo}@{sha[:10]}"]
     text = summary.read_text()
-    assert f"| {repo} | rtn | W8A16 | ✅ done | [{target}](" in text and "Totals: done 1, filtered 2" in text
+    assert f"| {repo} | rtn | W8A16 | ✅ done | [{target}](" in text and "Totals: done 1, filtered 3" in text
 
     code, rows = _watch(tag, tmp_path)  # nothing changed: nothing to do, no commit
     assert [r["action"] for r in rows if r["repo_id"] == repo] == ["up-to-date"]
