@@ -23,6 +23,9 @@ CASES = {  # id -> (method, format); quant_method is the format's name, bitsandb
     "bnb-int8": ("bnb-int8", "bitsandbytes"), "bnb-nf4": ("bnb-nf4", "bitsandbytes"),
 }
 MIN_SQNR_DB = 30  # float16 activations on the GPU's kernels against float32 on CPU (bitsandbytes rounds its own way)
+# fp8 activations have a 3-bit mantissa: float16 activations against the float32 simulation move codes across
+# rounding boundaries. Measured 29.0 dB on the CPU path with float16 (so not the kernel) and 29.0 dB on an H200.
+MIN_SQNR_DB_BY_CASE = {"fp8": 26}
 
 
 def tiny_tokenizer(path):
@@ -66,7 +69,7 @@ def test_load_and_generate_on_cuda(case, tmp_path, capsys):
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         db = sqnr_db(simulated(ids).logits.float(), model(ids.cuda()).logits.float().cpu())
-    assert db > MIN_SQNR_DB, db
+    assert db > MIN_SQNR_DB_BY_CASE.get(case, MIN_SQNR_DB), db
     assert run(["generate", str(tmp_path), "--prompt", "The capital of France is", "--max-new-tokens", "4",
                 "--device", "cuda"]) == 0
     out = capsys.readouterr().out
