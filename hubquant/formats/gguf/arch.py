@@ -1,5 +1,6 @@
 """What llama.cpp expects of each architecture: GGUF architecture name, tensor names (through the `gguf`
-package's TensorNameMap), the Llama q/k row permutation, Gemma's norm offset, hyperparameters and tokenizer.
+package's TensorNameMap; experts stacked as hubquant.formats.gguf.experts says), the Llama q/k row permutation,
+Gemma's norm offset, hyperparameters and tokenizer.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from hubquant.errors import UnsupportedError
+from hubquant.formats.gguf import experts as moe_gguf
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,14 @@ ARCHS: dict[str, ArchSpec] = {
     "gemma": ArchSpec("gemma", norm_plus_one=True),
     "gemma2": ArchSpec("gemma2", norm_plus_one=True),
     "phi3": ArchSpec("phi3"),
+    # mixtures of experts (llama.cpp's Mixtral is its llama architecture with stacked experts)
+    "mixtral": ArchSpec("llama", permute_qk=True),
+    "qwen2_moe": ArchSpec("qwen2moe"),
+    "qwen3_moe": ArchSpec("qwen3moe"),
+    "olmoe": ArchSpec("olmoe"),
+    "deepseek_v2": ArchSpec("deepseek2"),
+    "deepseek_v3": ArchSpec("deepseek2"),
+    "glm4_moe": ArchSpec("glm4moe"),
 }
 
 # tokenizer.ggml.pre names llama.cpp knows for the byte-level BPE tokenizers of these families
@@ -39,9 +49,6 @@ def arch_of(config) -> ArchSpec:
     if mt not in ARCHS:
         raise UnsupportedError(f"--format gguf does not know the architecture '{mt}'",
                                hint=f"GGUF output supports {', '.join(sorted(ARCHS))}; use another --format")
-    if getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
-        raise UnsupportedError(f"--format gguf: mixture-of-experts '{mt}' is not supported yet",
-                               hint="use --format compressed-tensors for MoE models")
     return ARCHS[mt]
 
 
@@ -55,6 +62,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     quantizable: bool  # a 2-D weight llama.cpp quantizes (norms, routers and 1-D tensors stay F32)
     permute_heads: int = 0  # > 0: rows permuted for llama.cpp's rotary layout, with this many heads
+    experts: tuple[str, ...] = ()  # stacked experts: each expert's Linear, in expert order (module: the group)
 
 
 def _name_map(spec: ArchSpec, n_layers: int):
@@ -91,10 +99,20 @@ def tensor_entries(model: torch.nn.Module) -> list[TensorEntry]:
     nmap = _name_map(spec, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     entries = []
+    stacks: dict[tuple[str, str], list[tuple[int, str, tuple[int, ...], int]]] = {}
     for key, t in model.state_dict().items():
         if "rotary_emb" in key or (tied and key == "lm_head.weight"):
             continue
         module, _, suffix = key.rpartition(".")
+        ex = moe_gguf.expert_key(key)
+        if ex is not None:
+            block, bid, i, proj = ex
+            stacks.setdefault((block, proj), []).append((i, module, tuple(t.shape), bid))
+            continue
+        special = moe_gguf.special_name(key)
+        if special is not None:
+            entries.append(TensorEntry(special, key, module, tuple(t.shape), False))
+            continue
         name = nmap.get_name(module)
         if name is None:
             raise UnsupportedError(f"--format gguf: no llama.cpp name for tensor {key}",
@@ -104,7 +122,19 @@ def tensor_entries(model: torch.nn.Module) -> list[TensorEntry]:
             heads = config.num_attention_heads if name.endswith("attn_q") else config.num_key_value_heads
         quantizable = (t.dim() >= 2 and suffix == "weight" and not name.endswith("_norm")
                        and "ffn_gate_inp" not in name)
-        entries.append(TensorEntry(f"{name}.{suffix}", key, module, tuple(t.shape), quantizable, heads))
+        shape = tuple(t.shape)
+        if name.endswith("ffn_gate_inp_shexp"):  # [1, hidden] -> [hidden], as llama.cpp reads it
+            shape = shape[-1:]
+        entries.append(TensorEntry(f"{name}.{suffix}", key, module, shape, quantizable, heads))
+    for (block, proj), members in stacks.items():
+        members.sort()
+        if [m[0] for m in members] != list(range(len(members))):
+            raise UnsupportedError(f"--format gguf: experts of {block} are not numbered 0..{len(members) - 1}",
+                                   hint="report the model: its experts cannot be stacked")
+        _, _, shape, bid = members[0]
+        entries.append(TensorEntry(moe_gguf.stacked_name(bid, proj), f"{block}.*.{proj}.weight",
+                                   f"{block}.*.{proj}", (len(members), *shape), True,
+                                   experts=tuple(m[1] for m in members)))
     return sorted(entries, key=_order)
 
 
@@ -125,7 +155,7 @@ def permute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
 
 def float_tensor(e: TensorEntry, t: torch.Tensor, spec: ArchSpec) -> np.ndarray:
     """An unquantized tensor as llama.cpp stores it (F32), with the architecture's transforms applied."""
-    a = t.detach().float().cpu().numpy()
+    a = t.detach().float().cpu().numpy().reshape(e.shape)
     if spec.norm_plus_one and e.gguf.endswith("norm.weight"):
         a = a + 1.0
     if e.permute_heads:
@@ -170,13 +200,20 @@ def add_hparams(w, config, spec: ArchSpec) -> dict[str, np.ndarray]:
     w.add_head_count(heads)
     w.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
     w.add_vocab_size(config.vocab_size)
     theta, rp = _rope(config)
     w.add_rope_freq_base(theta)
     rot = int(head_dim * rp.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0))
-    w.add_rope_dimension_count(rot)
+    if getattr(config, "kv_lora_rank", None):  # DeepSeek's latent attention
+        moe_gguf.add_mla_hparams(w, config)
+        rot = int(config.qk_rope_head_dim)
+        if rp.get("mscale_all_dim"):
+            w.add_rope_scaling_yarn_log_mul(0.1 * float(rp["mscale_all_dim"]))
+    else:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(rot)
+    moe_gguf.add_moe_hparams(w, config, spec.gguf_arch)
     extra: dict[str, np.ndarray] = {}
     kind = rp.get("rope_type", rp.get("type", "default"))
     if kind == "linear":

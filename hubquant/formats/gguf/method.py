@@ -10,17 +10,27 @@ Three ways, picked by --method when --format gguf:
 Every quantized tensor's float weight in `model` is replaced by its dequantized value (the model then
 computes what llama.cpp computes from the file); the returned dict holds, per module, a QuantizedWeight
 whose qweight (and `extra["gguf_bytes"]`) holds the packed ggml blocks and `extra` the GGUF type.
+
+Mixtures of experts: fused experts become per-expert Linears first (hubquant.moe.unfuse_experts); an expert's
+importance comes only from the calibration tokens its router sends to it (its Linears' hooks fire with those
+tokens only), like llama.cpp's per-expert imatrix. Experts that got fewer than `min_expert_tokens` (the
+routing policy's threshold, default 16) are quantized without importance (llama.cpp's plain weighting),
+unless `calibrate_all_experts=true`, where every expert's importance comes from every calibration token.
+All experts of one stacked tensor share the tensor's type.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
+from hubquant import moe
 from hubquant.errors import UsageError
 from hubquant.formats.gguf import mix
 from hubquant.formats.gguf.arch import TensorEntry, tensor_entries, tie_if_needed
 from hubquant.formats.gguf.blocks import Grid, quantize
+from hubquant.formats.gguf.experts import n_experts
 from hubquant.formats.gguf.packing import pack
 from hubquant.quant import QuantizedWeight, WeightScheme, matches_any
 
@@ -40,11 +50,13 @@ def model_shape(config) -> mix.ModelShape:
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     return mix.ModelShape(n_layer=config.num_hidden_layers, n_gqa=max(1, heads // kv),
-                          tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+                          tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+                          n_expert=n_experts(config))
 
 
 def plan_types(model, preset: str, *, has_imatrix: bool, ignore=()) -> tuple[list[TensorEntry], dict[str, str]]:
-    """The GGUF tensor entries of `model` and the type of each quantized one (keyed by module name)."""
+    """The GGUF tensor entries of `model` and the type of each quantized one (keyed by module name; a stacked
+    experts entry's type is also given under each expert's Linear)."""
     entries = tensor_entries(model)
     quant = [e for e in entries if e.quantizable]
     by_name = mix.plan([(e.gguf, e.shape[-1]) for e in quant], preset, model_shape(model.config),
@@ -53,6 +65,8 @@ def plan_types(model, preset: str, *, has_imatrix: bool, ignore=()) -> tuple[lis
     for e in quant:
         user_ignored = matches_any(e.module, [p for p in ignore if p != "lm_head"])
         types[e.module] = "F16" if user_ignored else by_name[e.gguf]
+        for m in e.experts:
+            types[m] = types[e.module]
     return entries, types
 
 
@@ -141,6 +155,25 @@ def run_imatrix(model: torch.nn.Module, job) -> dict[str, QuantizedWeight]:
     return run(model, job, mode="imatrix")
 
 
+@contextlib.contextmanager
+def _routing(model):
+    """The routing policy calibration passes run under: the pipeline's (hubquant.moe_pipeline) threshold and
+    calibrate_all_experts, but low-token experts are only recorded (this module quantizes them itself, without
+    importance) instead of going to that policy's int round-to-nearest fallback; counts go back to the
+    pipeline's policy for its log and card. Yields None for dense models."""
+    if not moe.expert_modules(model):
+        yield None
+        return
+    outer = moe._POLICY.get()  # the pipeline's policy, when one is in force
+    policy = moe.RoutingPolicy(min_expert_tokens=outer.min_expert_tokens if outer else 16,
+                               calibrate_all_experts=outer.calibrate_all_experts if outer else False)
+    with moe.policy_in_force(policy):
+        yield policy
+    if outer is not None:
+        outer.counts.update(policy.counts)
+        outer.fallback_linears.extend(policy.fallback_linears)
+
+
 def run(model: torch.nn.Module, job, *, mode: str, preset: str = mix.DEFAULT_PRESET, log=print,
         imatrix: dict[str, torch.Tensor] | None = None) -> dict[str, QuantizedWeight]:
     """Quantize `model` to the llama.cpp `preset` (see the module docstring); mode: plain, imatrix or gptq.
@@ -151,6 +184,7 @@ def run(model: torch.nn.Module, job, *, mode: str, preset: str = mix.DEFAULT_PRE
         UsageError: calibration missing for imatrix/gptq, or an unknown preset.
     """
     preset = mix.check_preset(preset)
+    moe.unfuse_experts(model)
     tie_if_needed(model)
     opts = _gptq_settings(job.options)
     if mode != "plain" and job.calib is None:
@@ -160,20 +194,27 @@ def run(model: torch.nn.Module, job, *, mode: str, preset: str = mix.DEFAULT_PRE
     result: dict[str, QuantizedWeight] = {}
     given, imatrix = imatrix, {}
     t0 = time.time()
-    if mode == "imatrix" and given is not None:
-        imatrix = given
-    elif mode == "imatrix":
-        imatrix = collect_imatrix(model, job.calib, device=job.device, progress=job.progress)
-    elif mode == "gptq":
-        _gptq_layers(model, job.calib, types, result, imatrix, opts, device=job.device, progress=job.progress)
+    with _routing(model) as policy:
+        if mode == "imatrix" and given is not None:
+            imatrix = given
+        elif mode == "imatrix":
+            imatrix = collect_imatrix(model, job.calib, device=job.device, progress=job.progress)
+        elif mode == "gptq":
+            _gptq_layers(model, job.calib, types, result, imatrix, opts, device=job.device, progress=job.progress)
     for e in entries:
         t = types.get(e.module) if e.quantizable else None
-        if t is None or t == "F16" or e.module in result:
+        if t is None or t == "F16":
             continue
-        p = params[e.param]
-        imp = imatrix.get(e.module)
-        _record(result, e.module, quantize(p.detach(), t, None if imp is None else imp.to(p.device)), p,
-                imatrix=imp is not None)
+        for module in e.experts or (e.module,):
+            if module in result:
+                continue
+            p = params[f"{module}.weight" if e.experts else e.param]
+            imp = imatrix.get(module)
+            _record(result, module, quantize(p.detach(), t, None if imp is None else imp.to(p.device)), p,
+                    imatrix=imp is not None)
+    if policy is not None and policy.fallback_linears and mode != "plain":
+        log(f"gguf: {len(policy.fallback_linears)} expert projections saw under {policy.min_expert_tokens} routed "
+            "calibration tokens: quantized without importance (plain weighting)")
     counts: dict[str, int] = {}
     for qw in result.values():
         counts[qw.extra["gguf_type"]] = counts.get(qw.extra["gguf_type"], 0) + 1

@@ -5,6 +5,11 @@ The `_M` presets give sensitive tensors more bits: the output (and tied token em
 ffn_down of the first and last eighth of the layers and every third layer between Q6_K (Q4_K_M, Q5_K_M),
 and so on. A row length the chosen type's block does not divide falls back as llama.cpp does:
 Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 (K-quants need rows of 256).
+
+Mixtures of experts: the stacked experts (`ffn_*_exps`) and shared experts (`ffn_*_shexp`) follow the ffn
+rules of their layer (the layer read from the name, as llama.cpp does with experts); DeepSeek's `attn_kv_b`
+counts as an attn_v tensor; with exactly 8 experts (Mixtral-style) attn_v and attn_k are Q8_0 and attn_output
+Q5_K in the Q2_K, Q3_K_M and Q4_K_M presets.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ class ModelShape:
     n_layer: int
     n_gqa: int  # query heads per key/value head
     tied_embeddings: bool
+    n_expert: int = 0
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -51,8 +57,11 @@ def _category(name: str) -> str:
         return "output"
     if name == "token_embd.weight":
         return "token_embd"
-    for cat in ("attn_qkv", "attn_v", "attn_k", "attn_q", "attn_output", "ffn_up", "ffn_gate", "ffn_down"):
-        if cat in name:
+    # llama.cpp's tensor_get_category: attention tensors by their full name, ffn ones by substring
+    for cat, key in (("attn_qkv", "attn_qkv.weight"), ("attn_v", "attn_kv_b.weight"), ("attn_v", "attn_v.weight"),
+                     ("attn_k", "attn_k.weight"), ("attn_q", "attn_q.weight"), ("attn_output", "attn_output.weight"),
+                     ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down")):
+        if key in name:
             return cat
     return "other"
 
@@ -76,6 +85,8 @@ def _preset_type(preset: str, base: str, name: str, cols: int, shape: ModelShape
         state["attn_v"] += 1
         if cat == "attn_qkv":
             return {"Q3_K_M": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(preset, base)
+        if shape.n_expert == 8:  # llama.cpp: "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+            return "Q8_0"
         if preset == "Q2_K":
             return "Q4_K" if shape.n_gqa >= 4 else "Q3_K"
         if preset == "Q3_K_M":
@@ -83,6 +94,8 @@ def _preset_type(preset: str, base: str, name: str, cols: int, shape: ModelShape
         if preset in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, state["n_attn_v"]):
             return "Q6_K"
         return base
+    if cat == "attn_k" and shape.n_expert == 8:
+        return "Q8_0"
     if cat == "ffn_down":
         i = _layer(name)
         if preset == "Q2_K":
@@ -95,6 +108,8 @@ def _preset_type(preset: str, base: str, name: str, cols: int, shape: ModelShape
             return "Q4_1"
         return base
     if cat == "attn_output":
+        if shape.n_expert == 8:
+            return "Q5_K" if preset in ("Q2_K", "Q3_K_M", "Q4_K_M") else base
         return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K"}.get(preset, base)
     return base
 

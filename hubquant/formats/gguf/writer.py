@@ -14,7 +14,15 @@ import torch
 
 from hubquant.errors import UsageError
 from hubquant.formats.gguf import mix
-from hubquant.formats.gguf.arch import add_hparams, add_tokenizer, arch_of, float_tensor, permute_rows, tensor_entries
+from hubquant.formats.gguf.arch import (
+    TensorEntry,
+    add_hparams,
+    add_tokenizer,
+    arch_of,
+    float_tensor,
+    permute_rows,
+    tensor_entries,
+)
 from hubquant.quant import QuantizedWeight
 
 DEFAULT_SPLIT = "48G"  # the Hub takes files up to 50 GB
@@ -35,6 +43,32 @@ def parse_size(text: str | int | None) -> int:
 def file_stem(model, options: dict) -> str:
     name = options.get("name") or Path(str(getattr(model, "name_or_path", "") or "model")).name or "model"
     return f"{name}-{options.get('gguf_type', mix.DEFAULT_PRESET)}"
+
+
+def tensor_data(e: TensorEntry, quantized: dict[str, QuantizedWeight], state: dict,
+                spec) -> tuple[np.ndarray, str | None]:
+    """One tensor's stored array and GGUF type (None: a float array, F32 or F16): a quantized weight's packed
+    blocks (rows permuted for llama.cpp's rotary layout where needed), experts' blocks stacked in expert
+    order, or the float tensor."""
+    parts = e.experts or (e.module,)
+    qws = [quantized.get(m) for m in parts] if e.quantizable else [None]
+    if all(q is not None for q in qws):
+        qtypes = {q.extra["gguf_type"] for q in qws}
+        if len(qtypes) != 1:
+            raise UsageError(f"{e.gguf}: experts quantized to different types {sorted(qtypes)}",
+                             hint="a stacked experts tensor has one GGUF type; report the model")
+        blocks = [q.extra["gguf_bytes"].numpy() for q in qws]
+        data = np.stack(blocks) if e.experts else blocks[0]
+        if e.permute_heads:
+            data = permute_rows(data, e.permute_heads)
+        return np.ascontiguousarray(data), qtypes.pop()
+    if e.experts:
+        a = np.stack([state[f"{m}.weight"].detach().float().cpu().numpy() for m in parts])
+    else:
+        a = float_tensor(e, state[e.param], spec)
+    if e.quantizable:  # a weight kept unquantized (ignored, or rows no block divides): F16
+        a = a.astype(np.float16)
+    return np.ascontiguousarray(a, dtype=a.dtype), None
 
 
 def write(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], *, scheme=None, out_dir: Path,
@@ -67,20 +101,13 @@ def write(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], *, sche
     state = model.state_dict()
     types: dict[str, int] = {}
     for e in tensor_entries(model):
-        qw = quantized.get(e.module) if e.quantizable else None
-        if qw is not None:
-            data = qw.extra["gguf_bytes"].numpy()
-            if e.permute_heads:
-                data = permute_rows(data, e.permute_heads)
-            qtype = getattr(gguf.GGMLQuantizationType, qw.extra["gguf_type"])
-            w.add_tensor(e.gguf, np.ascontiguousarray(data), raw_dtype=qtype)
-            name = qw.extra["gguf_type"]
+        data, qtype = tensor_data(e, quantized, state, spec)
+        if qtype is None:
+            w.add_tensor(e.gguf, data)
+            name = "F16" if data.dtype == np.float16 else "F32"
         else:
-            a = float_tensor(e, state[e.param], spec)
-            if e.quantizable:  # a weight kept unquantized (ignored, or rows no block divides): F16
-                a = a.astype(np.float16)
-            w.add_tensor(e.gguf, a)
-            name = "F16" if e.quantizable else "F32"
+            w.add_tensor(e.gguf, data, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+            name = qtype
         types[name] = types.get(name, 0) + 1
     for name, a in extra.items():
         w.add_tensor(name, a)
