@@ -71,16 +71,11 @@ def tensor_data(e: TensorEntry, quantized: dict[str, QuantizedWeight], state: di
     return np.ascontiguousarray(a, dtype=a.dtype), None
 
 
-def write(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], *, scheme=None, out_dir: Path,
-          method: str = "rtn", options: dict | None = None) -> dict:
-    """Write the GGUF file(s) into `out_dir`; returns the summary recorded as the variant's quantization config.
-
-    options: gguf_type (preset), split_size ('48G', 0 = never split), tokenizer_dir (default: the model's
-    name_or_path), name (file stem), imatrix_dataset (description of the calibration text).
-    """
+def open_writer(model, out_dir: Path, options: dict, *, n_imatrix: int):
+    """A GGUFWriter with every metadata key (name, file type, architecture, tokenizer, imatrix record), no
+    tensors yet. Returns (writer, path of the first file, preset, extra F32 tensors the rope variant needs)."""
     import gguf
 
-    options = dict(options or {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -93,11 +88,25 @@ def write(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], *, sche
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     extra = add_hparams(w, config, spec)
     add_tokenizer(w, Path(options.get("tokenizer_dir") or model.name_or_path), config)
-    n_imatrix = sum(1 for q in quantized.values() if q.extra.get("imatrix"))
     if n_imatrix:
         w.add_string("quantize.imatrix.dataset", options.get("imatrix_dataset", "calibration text"))
         w.add_uint32("quantize.imatrix.entries_count", n_imatrix)
+    return w, path, preset, extra
 
+
+def write(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], *, scheme=None, out_dir: Path,
+          method: str = "rtn", options: dict | None = None) -> dict:
+    """Write the GGUF file(s) into `out_dir`; returns the summary recorded as the variant's quantization config.
+
+    options: gguf_type (preset), split_size ('48G', 0 = never split), tokenizer_dir (default: the model's
+    name_or_path), name (file stem), imatrix_dataset (description of the calibration text).
+    """
+    import gguf
+
+    options = dict(options or {})
+    n_imatrix = sum(1 for q in quantized.values() if q.extra.get("imatrix"))
+    w, path, preset, extra = open_writer(model, out_dir, options, n_imatrix=n_imatrix)
+    spec = arch_of(model.config)
     state = model.state_dict()
     types: dict[str, int] = {}
     for e in tensor_entries(model):
@@ -115,6 +124,6 @@ def write(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], *, sche
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
     w.close()
-    files = sorted(p.name for p in out_dir.glob(f"{path.stem}*.gguf"))
+    files = sorted(p.name for p in path.parent.glob(f"{path.stem}*.gguf"))
     return {"quant_method": "gguf", "gguf_type": preset, "files": files, "tensor_types": types,
             "imatrix": bool(n_imatrix), "method": method}

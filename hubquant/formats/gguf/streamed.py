@@ -1,0 +1,194 @@
+"""Streamed GGUF: the header first, then each decoder layer's tensors as soon as the layer is quantized.
+
+A GGUF header lists every tensor's name, type, shape and offset before the data. All of it follows from the
+config and the preset (`method.plan_types` on the meta-device skeleton of `hubquant.streaming`), so
+`GGUFStream` writes the headers of every file (gguf-split shards included, split where `gguf.GGUFWriter`
+splits) before any weight is read, and `add` writes one tensor at its offset. `write_streamed` reads one decoder
+layer from the checkpoint, collects its importance (imatrix mode: the calibration activations go through the
+float layer, as the in-memory pass does), quantizes it, writes it and frees it: the writer holds no tensor, the
+process one decoder layer plus the embeddings, head and activations. The files are byte-identical to
+`writer.write` after `method.run` on the model in memory.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hubquant.errors import UsageError
+from hubquant.formats.gguf.arch import arch_of
+from hubquant.formats.gguf.blocks import TYPES, quantize
+from hubquant.formats.gguf.method import _record, mode_of, plan_types
+from hubquant.formats.gguf.writer import open_writer, tensor_data
+
+
+def _info(qtype: str | None, shape: tuple[int, ...], float16: bool):
+    """(shape as GGUFWriter.add_tensor_info takes it, numpy dtype, nbytes, raw ggml type or None)."""
+    import gguf
+
+    if qtype is None:
+        dtype = np.dtype(np.float16 if float16 else np.float32)
+        return shape, dtype, int(np.prod(shape)) * dtype.itemsize, None
+    raw = getattr(gguf.GGMLQuantizationType, qtype)
+    block, type_size = gguf.GGML_QUANT_SIZES[raw]
+    byte_shape = (*shape[:-1], shape[-1] // block * type_size)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw
+
+
+class GGUFStream:
+    """Every file's header written up front; `add(name, array)` writes one tensor's bytes where the header
+    says (see the module docstring). Holds no tensor data."""
+
+    def __init__(self, writer, path: Path, plan: list[tuple[str, tuple, np.dtype, int, object]]):
+        from gguf import GGUFWriter
+
+        self.writer = writer
+        for name, shape, dtype, nbytes, raw in plan:
+            writer.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=raw)
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        self.where: dict[str, tuple[object, int, int]] = {}
+        for fout, tensors in zip(writer.fout, writer.tensors):
+            writer.write_padding(fout, fout.tell())
+            offset = fout.tell()
+            for name, ti in tensors.items():
+                self.where[name] = (fout, offset, ti.nbytes)
+                offset += GGUFWriter.ggml_pad(ti.nbytes, writer.data_alignment)
+        self.pending = set(self.where)
+
+    def add(self, name: str, data: np.ndarray) -> None:
+        fout, offset, nbytes = self.where[name]
+        if data.nbytes != nbytes or name not in self.pending:
+            raise UsageError(f"GGUF stream: {name} has {data.nbytes} bytes (header: {nbytes}) or came twice",
+                             hint="report the model: the planned tensor does not match the quantized one")
+        fout.seek(offset)
+        np.ascontiguousarray(data).tofile(fout)
+        self.writer.write_padding(fout, nbytes)
+        self.pending.discard(name)
+
+    def close(self) -> None:
+        if self.pending:
+            raise UsageError(f"GGUF stream: {len(self.pending)} tensors never written (e.g. {min(self.pending)})",
+                             hint="report the model: a layer's tensors were not produced")
+        self.writer.close()
+
+
+def _layer_of(gguf_name: str) -> int | None:
+    return int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else None
+
+
+@torch.no_grad()
+def _layer_importance(layer, stream, index: int, names: dict, device) -> dict[str, torch.Tensor]:
+    """Sum of x^2 per input column of each Linear in `names` ({module: full name}), over the calibration
+    activations run through the float layer (which advances `stream` to the next layer's inputs)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def hook(full):
+        def fn(_mod, args):
+            x = args[0]
+            s = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).cpu()
+            out[full] = s if full not in out else out[full] + s
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(full)) for m, full in names.items()]
+    try:
+        layer.to(device)
+        stream.advance(index, layer, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def write_streamed(weights, job, *, method: str = "rtn", out_dir: Path, options: dict | None = None,
+                   before=None, after=None, log=print) -> dict:
+    """Quantize the checkpoint behind `weights` (hubquant.streaming.Weights, a dense model) to the preset in
+    `options` ("gguf_type") one decoder layer at a time and write the GGUF file(s) into `out_dir` (see the
+    module docstring). Returns the summary `writer.write` returns.
+
+    before(index, layer) / after(index, layer): called with each decoder layer holding its float weights, and
+    holding the dequantized ones (what llama.cpp computes), e.g. to run evaluation activations through both.
+
+    Raises:
+        UsageError: --method gptq (streamed GGUF runs rtn and imatrix), or no calibration for imatrix.
+    """
+    from hubquant.modeling import decoder_layers, layers_prefix
+    from hubquant.streaming import Stream
+
+    mode = mode_of(method)
+    if mode == "gptq":
+        raise UsageError("streamed GGUF runs --method rtn or imatrix", hint="use --streaming off for gptq")
+    if mode == "imatrix" and job.calib is None:
+        raise UsageError("GGUF imatrix needs calibration text", hint="pass --calib-dataset, or use --method rtn")
+    options = dict(options or {})
+    model, t0, device = weights.model, time.time(), torch.device(job.device)
+    spec = arch_of(model.config)
+    entries, types = plan_types(model, options.get("gguf_type", "Q4_K_M"), has_imatrix=mode != "plain",
+                                ignore=job.ignore)
+    quantized_in_layers = sum(1 for e in entries if e.quantizable and types[e.module] != "F16"
+                              and _layer_of(e.gguf) is not None)
+    n_imatrix = quantized_in_layers if mode == "imatrix" else 0
+    w, path, preset, extra = open_writer(model, out_dir, options, n_imatrix=n_imatrix)
+    plan, counts = [], {}
+    for e in entries:
+        t = types.get(e.module) if e.quantizable else None
+        qtype = None if t in (None, "F16") else t
+        plan.append((e.gguf, *_info(qtype, e.shape, float16=t == "F16")))
+        key = qtype or ("F16" if t == "F16" else "F32")
+        counts[key] = counts.get(key, 0) + 1
+    for name, a in extra.items():
+        plan.append((name, a.shape, a.dtype, a.nbytes, None))
+        counts["F32"] = counts.get("F32", 0) + 1
+    out = GGUFStream(w, path, plan)
+
+    weights.load_rest()
+    layers, prefix = decoder_layers(model), layers_prefix(model)
+    stream = None
+    if mode == "imatrix":
+        stream = Stream(model, job.calib, max(1, 16384 // job.calib.shape[1]), device)
+    by_layer: dict[int | None, list] = {}
+    for e in entries:
+        by_layer.setdefault(_layer_of(e.gguf), []).append(e)
+    for i, layer in enumerate(layers):
+        name = f"{prefix}.{i}"
+        weights.load(layer, name)
+        if before is not None:
+            before(i, layer)
+        imp = {}
+        if stream is not None:
+            linears = {m: f"{name}.{n}" for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+            imp = _layer_importance(layer, stream, i, linears, device)
+        layer.to("cpu")
+        state = {f"{name}.{k}": v for k, v in layer.state_dict().items()}
+        _write_entries(out, by_layer.get(i, []), types, state, imp, spec)
+        if after is not None:
+            after(i, layer)
+        weights.release(layer)
+    _write_entries(out, by_layer.get(None, []), types, model.state_dict(), {}, spec)
+    for name, a in extra.items():
+        out.add(name, a)
+    out.close()
+    files = sorted(p.name for p in path.parent.glob(f"{path.stem}*.gguf"))
+    log(f"gguf {preset} ({mode}, streamed): {len(entries)} tensors, {len(layers)} layers one at a time, "
+        f"{time.time() - t0:.1f} s")
+    return {"quant_method": "gguf", "gguf_type": preset, "files": files, "tensor_types": counts,
+            "imatrix": bool(n_imatrix), "method": method}
+
+
+def _write_entries(out: GGUFStream, entries: list, types: dict, state: dict, imp: dict, spec) -> None:
+    """Quantize (as `method.run` does) and write each entry of one part of the model; a quantized weight in
+    `state` then holds its dequantized values."""
+    for e in entries:
+        t = types.get(e.module) if e.quantizable else None
+        quantized = {}
+        if t is not None and t != "F16" and t in TYPES:
+            weight = state[e.param].detach()
+            i = imp.get(e.module)
+            grid = quantize(weight, t, None if i is None else i.to(weight.device))
+            _record(quantized, e.module, grid, weight, imatrix=i is not None)
+        data, _ = tensor_data(e, quantized, state, spec)
+        out.add(e.gguf, data)
+

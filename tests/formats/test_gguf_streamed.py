@@ -1,0 +1,72 @@
+"""Streamed GGUF: header first, one decoder layer at a time from the checkpoint; the files are byte-identical to
+the in-memory path's (one file and gguf-split shards, plain and importance-matrix), and while any tensor is
+written at most one decoder layer holds weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from hubquant.formats.gguf import streamed  # noqa: E402
+from hubquant.formats.gguf.method import run  # noqa: E402
+from hubquant.formats.gguf.writer import write  # noqa: E402
+from hubquant.methods import QuantJob  # noqa: E402
+from hubquant.schemes import QuantScheme, WeightScheme  # noqa: E402
+from tests.helpers import tiny_model  # noqa: E402
+
+
+def _job(calib=None):
+    return QuantJob(scheme=QuantScheme(weights=WeightScheme(bits=4, group_size=-1)), calib=calib, progress=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-qwen3")
+    tiny_model("qwen3", hidden=256, intermediate=512, layers=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method,preset,split", [("rtn", "Q4_K_M", "0"), ("imatrix", "Q3_K_M", "0"),
+                                                 ("rtn", "Q6_K", "3M")])
+def test_streamed_bytes_equal_in_memory_bytes(tmp_path, checkpoint, method, preset, split, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from hubquant.streaming import open_checkpoint
+
+    calib = torch.randint(0, 49152, (4, 48), generator=torch.Generator().manual_seed(3)) if method != "rtn" else None
+    options = {"gguf_type": preset, "tokenizer_dir": str(checkpoint), "name": "tiny", "split_size": split}
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    mode = {"rtn": "plain", "imatrix": "imatrix"}[method]
+    qc_mem = write(model, run(model, _job(calib), mode=mode, preset=preset, log=lambda m: None),
+                   out_dir=tmp_path / "mem", method=method, options=options)
+
+    weights, _ = open_checkpoint(checkpoint, trust_remote_code=False, dtype=torch.float32)
+    layers = list(weights.model.model.layers)
+    held, added = [], []
+    add = streamed.GGUFStream.add
+
+    def spy(self, name, data):  # at every write: how many decoder layers hold weights, and the writer's own data
+        held.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in layers))
+        assert all(ti.tensor is None for t in self.writer.tensors for ti in t.values())
+        added.append(name)
+        add(self, name, data)
+
+    monkeypatch.setattr(streamed.GGUFStream, "add", spy)
+    seen = {}
+    qc = streamed.write_streamed(weights, _job(calib), method=method, out_dir=tmp_path / "stream", options=options,
+                                 after=lambda i, layer: seen.setdefault(i, layer.mlp.down_proj.weight.clone()),
+                                 log=lambda m: None)
+    # after each layer is written it computes what the file holds: the in-memory path's dequantized weights
+    assert all(torch.equal(seen[i], model.model.layers[i].mlp.down_proj.weight) for i in range(len(layers)))
+    assert qc == qc_mem
+    if split != "0":
+        assert len(qc["files"]) >= 2
+    for name in qc["files"]:
+        assert (tmp_path / "stream" / name).read_bytes() == (tmp_path / "mem" / name).read_bytes(), name
+    assert max(held) == 1 and len(added) == len(set(added))
+    # the layers' tensors are written in layer order, each layer's before the next one is read
+    blocks = [int(n.split(".")[1]) for n in added if n.startswith("blk.")]
+    assert blocks == sorted(blocks)
+    assert all(p.is_meta for layer in layers for p in layer.parameters())  # every layer freed at the end
