@@ -200,6 +200,10 @@ def test_convert_end_to_end(hub_env, gguf_repo, tmp_path, method):
     assert prov["settings"]["gguf_type"] == "Q4_K_M" and prov["settings"]["format"] == "gguf"
     card = (out / "README.md").read_text()
     assert "## GGUF" in card and "ollama run hf.co/" in card and "llama-cli -hf" in card and "| Q2_K |" in card
+    base_row = next(line for line in card.splitlines() if line.startswith("| base (float) |"))
+    assert f"{res.metrics['base_perplexity']:.3f}" in base_row
+    assert f"| {res.metrics['perplexity']:.3f} | {res.metrics['ppl_increase_pct']:+.2f}% |" in card
+    assert f"| **Q4_K_M** (this repo) | `{files[0]}` |" in card
     reader = gguf.GGUFReader(out / files[0])
     assert reader.fields["quantize.imatrix.entries_count"].contents() == 14  # 7 Linears x 2 layers
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=files[0], dtype=torch.float32)
@@ -235,3 +239,32 @@ def test_plan_names_hashes_and_allows_the_gguf_options():
     assert {"gguf_type", "gguf_split_size"} <= service_options()
     job = convert_options(JobSpec(repo_id="o/m", options={"format": "gguf", "gguf_type": "Q6_K"}))
     assert job.gguf_type == "Q6_K"
+
+
+def test_card_section_quality_files_per_budget_and_commands(tmp_path, tokenizer):
+    from hubquant.formats.gguf.card import card_section, preset_sizes, shard_count
+
+    src, model = _source(tmp_path, "qwen2", tokenizer)
+    quantized = run(model, _job(), mode="plain", preset="Q4_0", log=lambda m: None)
+    qc = write(model, quantized, out_dir=tmp_path / "out",
+               options={"gguf_type": "Q4_0", "tokenizer_dir": str(src), "split_size": "4M"})
+    files = qc["files"]
+    metrics = {"base_perplexity": 12.3456, "perplexity": 13.0, "ppl_increase_pct": 5.302, "top1_agreement": 0.912,
+               "mean_kl": 0.0312, "eval_tokens": 4096}
+    text = card_section(model, qc, metrics, "alice/src-GGUF", split_size=4_000_000)
+    assert "| base (float) | - | 12.346 |" in text and "| 13.000 | +5.30% | 91.2% | 0.0312 |" in text
+    assert "(4096 tokens)" in text
+    sizes = preset_sizes(model)
+    written = sum((tmp_path / "out" / f).stat().st_size for f in files)
+    assert abs(sizes["Q4_0"] - written) / written < 0.15  # the estimate misses only the header and tokenizer
+    row = next(line for line in text.splitlines() if line.startswith("| **Q4_0** (this repo)"))
+    assert all(f"`{f}`" in row for f in files) and len(files) >= 2
+    q8 = next(line for line in text.splitlines() if line.startswith("| Q8_0 |"))
+    n8 = shard_count(sizes["Q8_0"], 4_000_000)
+    assert n8 > len(files) and f"`src-Q8_0-00001-of-{n8:05d}.gguf`" in q8
+    assert 'hf download alice/src-GGUF --include "src-Q4_0*.gguf"' in text
+    assert "llama-cli -hf alice/src-GGUF:Q4_0" in text and f"llama-server -m {files[0]}" in text
+    assert f"llama-gguf-split --merge {files[0]} src-Q4_0.gguf" in text and "ollama create src" in text
+    single = card_section(model, {**qc, "files": ["src-Q4_0.gguf"]}, {}, "alice/src-GGUF")
+    assert "ollama run hf.co/alice/src-GGUF:Q4_0" in single and "perplexity" not in single
+    assert "| Q8_0 | `src-Q8_0.gguf` |" in single

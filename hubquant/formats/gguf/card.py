@@ -45,29 +45,65 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
-def card_section(model: torch.nn.Module, qc: dict, metrics: dict, repo: str) -> str:
-    """Markdown for the card (see the module docstring)."""
+def shard_count(size: int, split_size: int) -> int:
+    """Files a GGUF of `size` bytes is written as under `split_size` (0: one file); an estimate for other presets
+    (gguf-split cuts between tensors, so a shard can hold a little less than the limit)."""
+    return 1 if not split_size or size <= split_size else -(-size // split_size)
+
+
+def _files_text(stem: str, n: int) -> str:
+    return f"`{stem}.gguf`" if n == 1 else f"`{stem}-00001-of-{n:05d}.gguf` .. `-{n:05d}-of-{n:05d}` ({n} files)"
+
+
+def quality_lines(qc: dict, metrics: dict, first: str) -> list[str]:
+    """The quality table: perplexity of the base and of this file on held-out text, and agreement."""
+    if not metrics.get("perplexity"):
+        return []
+    preset = qc.get("gguf_type", mix.DEFAULT_PRESET)
+    imatrix = "importance matrix" if qc.get("imatrix") else "no importance matrix"
+    tokens = f" ({metrics['eval_tokens']} tokens)" if metrics.get("eval_tokens") else ""
+    return ["", f"Quality on held-out text{tokens}, measured on the dequantized weights this file holds:", "",
+            "| model | type | perplexity | vs base | top-1 agreement | mean KL |", "|---|---|---|---|---|---|",
+            f"| base (float) | - | {metrics['base_perplexity']:.3f} | - | 100% | 0 |",
+            f"| `{first}` | {preset} ({qc.get('method', 'rtn')}, {imatrix}) | {metrics['perplexity']:.3f} | "
+            f"{metrics['ppl_increase_pct']:+.2f}% | {100 * metrics['top1_agreement']:.1f}% | "
+            f"{metrics.get('mean_kl', float('nan')):.4f} |"]
+
+
+def card_section(model: torch.nn.Module, qc: dict, metrics: dict, repo: str, *, split_size: int = 0) -> str:
+    """Markdown for the card (see the module docstring). split_size: the --gguf-split-size in bytes."""
     preset = qc.get("gguf_type", mix.DEFAULT_PRESET)
     files = qc.get("files", [])
     first = files[0] if files else f"MODEL-{preset}.gguf"
+    stem = first.rsplit("-00001-of-", 1)[0].removesuffix(".gguf").removesuffix(f"-{preset}")
     lines = ["## GGUF", ""]
     lines.append(f"`{first}`" + (f" (+ {len(files) - 1} more shards; llama.cpp loads them from the first)"
                                  if len(files) > 1 else "") + f": {describe(qc)}.")
-    if metrics.get("perplexity"):
-        lines += ["", "| file | type | perplexity | vs base | top-1 agreement |", "|---|---|---|---|---|",
-                  f"| `{first}` | {preset} | {metrics['perplexity']:.3f} | {metrics['ppl_increase_pct']:+.2f}% | "
-                  f"{100 * metrics['top1_agreement']:.1f}% |"]
+    lines += quality_lines(qc, metrics, first)
     kv = kv_cache_bytes(model.config)
     lines += ["", f"Which type for which memory budget (file size + f16 KV cache at {KV_CONTEXT} tokens, "
-              f"{_gb(kv)}; estimated from this model's tensor shapes):", "",
-              "| type | file size | memory needed |", "|---|---|---|"]
+              f"{_gb(kv)}; other types estimated from this model's tensor shapes; this repo holds the "
+              f"{preset} file{'s' if len(files) > 1 else ''}):", "",
+              "| type | files | file size | memory needed |", "|---|---|---|---|"]
     for name, size in preset_sizes(model).items():
-        mark = " (this file)" if name == preset else ""
-        lines.append(f"| {name}{mark} | {_gb(size)} | {_gb(size + kv)} |")
-    lines += ["", "Run it:", "", "```bash",
+        if name == preset:
+            lines.append(f"| **{name}** (this repo) | {', '.join(f'`{f}`' for f in files) or f'`{first}`'} | "
+                         f"{_gb(size)} | {_gb(size + kv)} |")
+        else:
+            lines.append(f"| {name} | {_files_text(f'{stem}-{name}', shard_count(size, split_size))} | "
+                         f"{_gb(size)} | {_gb(size + kv)} |")
+    pattern = f"{first.rsplit('-00001-of-', 1)[0].removesuffix('.gguf')}*.gguf"
+    lines += ["", "Download and run it:", "", "```bash",
+              f"hf download {repo} --include \"{pattern}\" --local-dir .",
               f"llama-cli -hf {repo}:{preset} -p \"Hello\"            # llama.cpp, downloads from the Hub",
-              f"llama-server -m {first} -c {KV_CONTEXT}            # local file, OpenAI-compatible server",
-              f"ollama run hf.co/{repo}:{preset}", "```", "",
-              "In Python: `AutoModelForCausalLM.from_pretrained(REPO, gguf_file=\"" + first + "\")` "
+              f"llama-server -m {first} -c {KV_CONTEXT}            # local file, OpenAI-compatible server"]
+    if len(files) > 1:
+        merged = f"{stem}-{preset}.gguf"
+        lines += [f"llama-gguf-split --merge {first} {merged}   # one file, for tools that read no shards",
+                  f"echo 'FROM ./{merged}' > Modelfile && ollama create {stem.lower()} -f Modelfile && "
+                  f"ollama run {stem.lower()}"]
+    else:
+        lines.append(f"ollama run hf.co/{repo}:{preset}")
+    lines += ["```", "", "In Python: `AutoModelForCausalLM.from_pretrained(REPO, gguf_file=\"" + first + "\")` "
               "(transformers dequantizes to float)."]
     return "\n".join(lines)

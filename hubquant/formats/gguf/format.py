@@ -42,9 +42,11 @@ def run_options(run) -> dict:
 def card(run) -> dict:
     """The card in GGUF's words: the type mix, and the section with files per memory budget and commands."""
     from hubquant.formats.gguf.card import card_section, describe
+    from hubquant.formats.gguf.writer import DEFAULT_SPLIT, parse_size
     from hubquant.plan import default_target
 
     plan = run.plan
     repo = plan.target or default_target(plan.base.name, "local", plan.scheme, run.opts.method, plan.format)
+    split = parse_size(run.opts.gguf_split_size if run.opts.gguf_split_size is not None else DEFAULT_SPLIT)
     return {"weights_desc": describe(run.quant_config), "hardware_key": "gguf",
-            "extra_markdown": card_section(run.model, run.quant_config, run.metrics, repo)}
+            "extra_markdown": card_section(run.model, run.quant_config, run.metrics, repo, split_size=split)}
