@@ -29,7 +29,9 @@ from hubquant.formats.shards import Checkpoint, ShardWriter
 from hubquant.modeling import decoder_layers, layers_prefix, quantizable_linears
 
 STREAMED_METHODS = ("rtn", "gptq")
-STREAMED_FORMATS = ("compressed-tensors", "gptq", "awq")
+STREAMED_FORMATS = ("compressed-tensors", "gptq", "awq", "gguf")
+# formats that quantize and write a streamed run themselves: format -> (methods, "module:run_streamed(run, job, out)")
+OWN_STREAMED = {"gguf": (("rtn", "imatrix"), "hubquant.formats.gguf.streamed:run_streamed")}
 
 
 @dataclass
@@ -526,8 +528,9 @@ def open_for(mode: str, *, method: str, fmt: str, path: Path, trust_remote_code:
     if mode == "off":
         return None, None
     why = ""
-    if method not in STREAMED_METHODS:
-        why = f"--method {method} runs on the model in memory (streamed: {', '.join(STREAMED_METHODS)})"
+    methods = OWN_STREAMED[fmt][0] if fmt in OWN_STREAMED else STREAMED_METHODS
+    if method not in methods:
+        why = f"--method {method} runs on the model in memory (streamed: {', '.join(methods)})"
     elif fmt not in STREAMED_FORMATS:
         why = f"--format {fmt} is written from the model in memory"
     weights = tokenizer = None
@@ -552,6 +555,11 @@ def open_for(mode: str, *, method: str, fmt: str, path: Path, trust_remote_code:
 def run_streamed(run, job, out_dir: Path) -> None:
     """The pipeline's quantize stage for a streamed run (hubquant.stages.Run): quantize and write into `out_dir`,
     keeping the evaluation activations for the evaluate and leak-check stages."""
+    if run.plan.format in OWN_STREAMED:
+        import importlib
+
+        module, _, fn = OWN_STREAMED[run.plan.format][1].partition(":")
+        return getattr(importlib.import_module(module), fn)(run, job, out_dir)
     run.out_dir = out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     run.streams = eval_streams(run.weights, run.eval_set, run.leak_docs, run.tokenizer, run.device, run.opts.progress)

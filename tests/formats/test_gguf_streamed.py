@@ -70,3 +70,29 @@ def test_streamed_bytes_equal_in_memory_bytes(tmp_path, checkpoint, method, pres
     blocks = [int(n.split(".")[1]) for n in added if n.startswith("blk.")]
     assert blocks == sorted(blocks)
     assert all(p.is_meta for layer in layers for p in layer.parameters())  # every layer freed at the end
+
+
+def test_convert_streamed_gguf_equals_in_memory(hub_env, local_hub, tokenizer, tmp_path):
+    """`hubquant convert --format gguf --streaming on`: the same file and the same evaluation numbers as the
+    conversion of the model in memory (--streaming off)."""
+    from hubquant.convert import ConvertOptions, convert
+    from tests.helpers import save_tiny_repo
+
+    folder = save_tiny_repo(tmp_path / "src", "llama", tokenizer, dtype=torch.float32, hidden=256, intermediate=512)
+    local_hub.hub.publish_folder("alice/tiny-llama-stream", folder)
+    results, logs = {}, []
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        res = convert(ConvertOptions(repo_id="alice/tiny-llama-stream", method="imatrix", format="gguf",
+                                     gguf_type="Q4_K_M", output_dir=str(out), num_samples=4, seq_len=64,
+                                     eval_windows=2, eval_seq_len=64, streaming=mode, progress=False),
+                      log=logs.append)
+        results[mode] = (res.metrics, (out / "tiny-llama-stream-Q4_K_M.gguf").read_bytes(),
+                         (out / "README.md").read_text())
+    (m_off, b_off, card_off), (m_on, b_on, card_on) = results["off"], results["on"]
+    assert b_on == b_off
+    assert sum("(imatrix, streamed)" in m for m in logs) == 1  # only the second conversion streamed
+    for key in ("base_perplexity", "perplexity", "top1_agreement"):
+        assert abs(m_on[key] - m_off[key]) <= 1e-3 * abs(m_off[key]), key
+    assert m_on["perplexity"] != m_on["base_perplexity"]
+    assert "| base (float) |" in card_on and "tiny-llama-stream-Q4_K_M.gguf" in card_on

@@ -103,14 +103,31 @@ def _layer_importance(layer, stream, index: int, names: dict, device) -> dict[st
     return out
 
 
+def _file_plan(entries, types: dict, extra: dict) -> tuple[list, dict[str, int]]:
+    """Every tensor's header entry (GGUFStream's plan) and the count of tensors per type."""
+    plan, counts = [], {}
+    for e in entries:
+        t = types.get(e.module) if e.quantizable else None
+        qtype = None if t in (None, "F16") else t
+        plan.append((e.gguf, *_info(qtype, e.shape, float16=t == "F16")))
+        key = qtype or ("F16" if t == "F16" else "F32")
+        counts[key] = counts.get(key, 0) + 1
+    for name, a in extra.items():
+        plan.append((name, a.shape, a.dtype, a.nbytes, None))
+        counts["F32"] = counts.get("F32", 0) + 1
+    return plan, counts
+
+
 def write_streamed(weights, job, *, method: str = "rtn", out_dir: Path, options: dict | None = None,
-                   before=None, after=None, log=print) -> dict:
+                   before=None, after=None, rest_done=None, log=print) -> dict:
     """Quantize the checkpoint behind `weights` (hubquant.streaming.Weights, a dense model) to the preset in
     `options` ("gguf_type") one decoder layer at a time and write the GGUF file(s) into `out_dir` (see the
     module docstring). Returns the summary `writer.write` returns.
 
-    before(index, layer) / after(index, layer): called with each decoder layer holding its float weights, and
-    holding the dequantized ones (what llama.cpp computes), e.g. to run evaluation activations through both.
+    The tensors outside the decoder layers (embeddings, output) are quantized and written first (after the
+    calibration activations are taken from the float embeddings); `rest_done()` is then called, with the model's
+    embeddings and head holding what the file holds. before(index, layer) / after(index, layer): called with each
+    decoder layer holding its float weights, then the dequantized ones (e.g. to run evaluation activations).
 
     Raises:
         UsageError: --method gptq (streamed GGUF runs rtn and imatrix), or no calibration for imatrix.
@@ -128,30 +145,22 @@ def write_streamed(weights, job, *, method: str = "rtn", out_dir: Path, options:
     spec = arch_of(model.config)
     entries, types = plan_types(model, options.get("gguf_type", "Q4_K_M"), has_imatrix=mode != "plain",
                                 ignore=job.ignore)
-    quantized_in_layers = sum(1 for e in entries if e.quantizable and types[e.module] != "F16"
-                              and _layer_of(e.gguf) is not None)
-    n_imatrix = quantized_in_layers if mode == "imatrix" else 0
-    w, path, preset, extra = open_writer(model, out_dir, options, n_imatrix=n_imatrix)
-    plan, counts = [], {}
-    for e in entries:
-        t = types.get(e.module) if e.quantizable else None
-        qtype = None if t in (None, "F16") else t
-        plan.append((e.gguf, *_info(qtype, e.shape, float16=t == "F16")))
-        key = qtype or ("F16" if t == "F16" else "F32")
-        counts[key] = counts.get(key, 0) + 1
-    for name, a in extra.items():
-        plan.append((name, a.shape, a.dtype, a.nbytes, None))
-        counts["F32"] = counts.get("F32", 0) + 1
+    in_layers = sum(1 for e in entries if e.quantizable and types[e.module] != "F16" and _layer_of(e.gguf) is not None)
+    w, path, preset, extra = open_writer(model, out_dir, options, n_imatrix=in_layers if mode == "imatrix" else 0)
+    plan, counts = _file_plan(entries, types, extra)
     out = GGUFStream(w, path, plan)
 
     weights.load_rest()
     layers, prefix = decoder_layers(model), layers_prefix(model)
-    stream = None
-    if mode == "imatrix":
-        stream = Stream(model, job.calib, max(1, 16384 // job.calib.shape[1]), device)
+    stream = Stream(model, job.calib, max(1, 16384 // job.calib.shape[1]), device) if mode == "imatrix" else None
     by_layer: dict[int | None, list] = {}
     for e in entries:
         by_layer.setdefault(_layer_of(e.gguf), []).append(e)
+    _write_entries(out, by_layer.get(None, []), types, model.state_dict(), {}, spec)
+    for name, a in extra.items():
+        out.add(name, a)
+    if rest_done is not None:
+        rest_done()
     for i, layer in enumerate(layers):
         name = f"{prefix}.{i}"
         weights.load(layer, name)
@@ -162,20 +171,17 @@ def write_streamed(weights, job, *, method: str = "rtn", out_dir: Path, options:
             linears = {m: f"{name}.{n}" for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
             imp = _layer_importance(layer, stream, i, linears, device)
         layer.to("cpu")
-        state = {f"{name}.{k}": v for k, v in layer.state_dict().items()}
-        _write_entries(out, by_layer.get(i, []), types, state, imp, spec)
+        _write_entries(out, by_layer.get(i, []), types, {f"{name}.{k}": v for k, v in layer.state_dict().items()},
+                       imp, spec)
         if after is not None:
             after(i, layer)
         weights.release(layer)
-    _write_entries(out, by_layer.get(None, []), types, model.state_dict(), {}, spec)
-    for name, a in extra.items():
-        out.add(name, a)
     out.close()
     files = sorted(p.name for p in path.parent.glob(f"{path.stem}*.gguf"))
     log(f"gguf {preset} ({mode}, streamed): {len(entries)} tensors, {len(layers)} layers one at a time, "
         f"{time.time() - t0:.1f} s")
     return {"quant_method": "gguf", "gguf_type": preset, "files": files, "tensor_types": counts,
-            "imatrix": bool(n_imatrix), "method": method}
+            "imatrix": mode == "imatrix" and in_layers > 0, "method": method}
 
 
 def _write_entries(out: GGUFStream, entries: list, types: dict, state: dict, imp: dict, spec) -> None:
@@ -192,3 +198,57 @@ def _write_entries(out: GGUFStream, entries: list, types: dict, state: dict, imp
         data, _ = tensor_data(e, quantized, state, spec)
         out.add(e.gguf, data)
 
+
+
+def run_streamed(run, job, out_dir: Path) -> None:
+    """The pipeline's quantize stage for `--format gguf --streaming` (hubquant.stages.Run with `run.weights`):
+    write the files into `out_dir` layer by layer, and take the evaluation from the same pass, as
+    hubquant.streaming does for the other formats: the base's activations go through each float layer, the
+    variant's (from the dequantized embeddings) through each quantized one; the base is scored with the float
+    embeddings and head, the variant with the dequantized ones."""
+    from hubquant.modeling import layers_prefix
+    from hubquant.streaming import eval_streams, evaluate_streams
+
+    weights, device = run.weights, torch.device(run.device)
+    model = weights.model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run.out_dir = out_dir
+
+    def streams_now():
+        return eval_streams(weights, run.eval_set, run.leak_docs, run.tokenizer, run.device, run.opts.progress)
+
+    streams = run.streams = streams_now()
+    inside = layers_prefix(model) + "."
+    float_rest = {}
+    if streams.base:  # the base is scored with the float embeddings and head (the file holds quantized ones)
+        weights.load_rest()
+        float_rest = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith(inside)}
+
+    def rest_done():
+        if streams.base:
+            streams.variant = streams_now().base  # the variant's activations start from the dequantized embeddings
+
+    def advance(group):
+        def fn(i, layer):
+            if any(s.hidden for s in group):
+                layer.to(device)
+                for s in group:
+                    s.advance(i, layer, device)
+                layer.to("cpu")
+        return fn
+
+    qc = write_streamed(weights, job, method=run.opts.method, out_dir=out_dir,
+                        options=run.plan.format_spec.run_options(run), before=advance(streams.base),
+                        after=lambda i, layer: advance(streams.variant)(i, layer), rest_done=rest_done, log=run.log)
+    if streams.base:
+        params = dict(model.named_parameters())
+        quantized_rest = {n: params[n].detach().clone() for n in float_rest}
+        for n, t in float_rest.items():
+            params[n].data = t
+        evaluate_streams(weights, streams, variant=False)
+        for n, t in quantized_rest.items():
+            params[n].data = t
+        evaluate_streams(weights, streams, variant=True)
+    _, types = plan_types(model, qc["gguf_type"], has_imatrix=qc["imatrix"], ignore=job.ignore)
+    run.quantized = dict.fromkeys(sorted(m for m, t in types.items() if t != "F16"))
+    run.quant_config, run.routing = qc, None
