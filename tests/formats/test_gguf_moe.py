@@ -19,7 +19,6 @@ from hubquant.formats.gguf.method import collect_imatrix, run  # noqa: E402
 from hubquant.formats.gguf.writer import write  # noqa: E402
 from hubquant.methods import QuantJob  # noqa: E402
 from hubquant.schemes import QuantScheme, WeightScheme  # noqa: E402
-from tests.helpers import tiny_model  # noqa: E402
 
 GGUF_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama", "olmoe": "olmoe",
              "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe"}
@@ -196,3 +195,42 @@ def test_expert_type_rules_follow_llama_cpp():
     mla = mix.plan([("blk.0.attn_kv_b.weight", 512), ("blk.0.attn_kv_a_mqa.weight", 256)], "Q4_K_M",
                    mix.ModelShape(n_layer=1, n_gqa=1, tied_embeddings=False, n_expert=8))
     assert mla == {"blk.0.attn_kv_b.weight": "Q8_0", "blk.0.attn_kv_a_mqa.weight": "Q4_K"}
+
+
+def test_convert_moe_gguf_end_to_end(hub_env, local_hub, tokenizer, tmp_path):
+    """`hubquant convert --method imatrix --format gguf` of a Qwen3-MoE: stacked experts in the file, the
+    routing statistics in the card, and transformers' GGUF loader computes what the pipeline evaluated."""
+    from transformers import AutoModelForCausalLM
+
+    from hubquant.convert import ConvertOptions, convert
+
+    folder = tmp_path / "src"
+    _model("qwen3_moe").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    local_hub.hub.publish_folder("alice/tiny-qwen3-moe", folder)
+    out = tmp_path / "variant"
+    logs = []
+    res = convert(ConvertOptions(repo_id="alice/tiny-qwen3-moe", method="imatrix", format="gguf", gguf_type="Q4_K_M",
+                                 output_dir=str(out), num_samples=4, seq_len=64, eval_windows=2, eval_seq_len=64,
+                                 progress=False), log=logs.append)
+    name = "tiny-qwen3-moe-Q4_K_M.gguf"
+    reader = gguf.GGUFReader(out / name)
+    exps = {t.name: t for t in reader.tensors if "_exps" in t.name}
+    assert len(exps) == 3 * 2 and all(int(t.shape[-1]) == 8 for t in exps.values())
+    assert not any("round-to-nearest" in m and "expert Linears got no statistics" in m for m in logs)
+    assert 0 <= res.metrics["mean_kl"] < 0.05 and abs(res.metrics["ppl_increase_pct"]) < 5
+    card = (out / "README.md").read_text()
+    import re
+
+    plain = re.search(r"(\d+) of 48 expert projections saw too few routed tokens", card)
+    rule = re.search(r"\((\d+) projections by that rule\)", card)  # the routing statistics' own count
+    assert plain and rule and plain.group(1) == rule.group(1)
+    assert "Experts: stacked per layer" in card and "one type per stack: Q4_K x5, Q6_K x1" in card
+    assert "Calibration tokens routed to each expert" in card and "| base (float) |" in card
+    cfg = AutoModelForCausalLM.from_pretrained(folder).config
+    loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, config=cfg, dtype=torch.float32).eval()
+    src = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        agree = (loaded(ids).logits.argmax(-1) == src(ids).logits.argmax(-1)).float().mean().item()
+    assert agree > 0.5

@@ -89,7 +89,7 @@ def test_convert_streamed_gguf_equals_in_memory(hub_env, local_hub, tokenizer, t
                       log=logs.append)
         results[mode] = (res.metrics, (out / "tiny-llama-stream-Q4_K_M.gguf").read_bytes(),
                          (out / "README.md").read_text())
-    (m_off, b_off, card_off), (m_on, b_on, card_on) = results["off"], results["on"]
+    (m_off, b_off, _), (m_on, b_on, card_on) = results["off"], results["on"]
     assert b_on == b_off
     assert sum("(imatrix, streamed)" in m for m in logs) == 1  # only the second conversion streamed
     for key in ("base_perplexity", "perplexity", "top1_agreement"):

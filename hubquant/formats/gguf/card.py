@@ -79,6 +79,15 @@ def card_section(model: torch.nn.Module, qc: dict, metrics: dict, repo: str, *, 
     lines = ["## GGUF", ""]
     lines.append(f"`{first}`" + (f" (+ {len(files) - 1} more shards; llama.cpp loads them from the first)"
                                  if len(files) > 1 else "") + f": {describe(qc)}.")
+    ex = qc.get("experts")
+    if ex:
+        mix_text = ", ".join(f"{k} x{v}" for k, v in sorted(ex["stacked_types"].items()))
+        lines += ["", f"Experts: stacked per layer as llama.cpp reads them (`blk.N.ffn_{{gate,up,down}}_exps`, "
+                  f"[experts, rows, cols], one type per stack: {mix_text}); routers stay F32. "
+                  + (f"Each expert's importance matrix comes from the calibration tokens routed to it; "
+                     f"{ex['without_imatrix']} of {ex['projections']} expert projections saw too few routed tokens "
+                     "and were quantized without one (llama.cpp's plain weighting)." if qc.get("imatrix")
+                     else "No importance matrix: every expert quantized with llama.cpp's plain weighting.")]
     lines += quality_lines(qc, metrics, first)
     kv = kv_cache_bytes(model.config)
     lines += ["", f"Which type for which memory budget (file size + f16 KV cache at {KV_CONTEXT} tokens, "

@@ -109,8 +109,14 @@ def write(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], *, sche
     spec = arch_of(model.config)
     state = model.state_dict()
     types: dict[str, int] = {}
+    stacks: dict[str, int] = {}
+    experts = plain = 0
     for e in tensor_entries(model):
         data, qtype = tensor_data(e, quantized, state, spec)
+        if e.experts:
+            stacks[qtype or "F16"] = stacks.get(qtype or "F16", 0) + 1
+            experts += len(e.experts)
+            plain += sum(1 for m in e.experts if m in quantized and not quantized[m].extra.get("imatrix"))
         if qtype is None:
             w.add_tensor(e.gguf, data)
             name = "F16" if data.dtype == np.float16 else "F32"
@@ -125,5 +131,9 @@ def write(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], *, sche
     w.write_tensors_to_file(progress=False)
     w.close()
     files = sorted(p.name for p in path.parent.glob(f"{path.stem}*.gguf"))
-    return {"quant_method": "gguf", "gguf_type": preset, "files": files, "tensor_types": types,
-            "imatrix": bool(n_imatrix), "method": method}
+    out = {"quant_method": "gguf", "gguf_type": preset, "files": files, "tensor_types": types,
+           "imatrix": bool(n_imatrix), "method": method}
+    if stacks:  # mixture of experts: stacked expert tensors by type, expert projections without importance
+        out["experts"] = {"stacked_types": stacks, "projections": experts,
+                          "without_imatrix": plain if n_imatrix else experts}
+    return out
