@@ -149,5 +149,5 @@ def on_device(model, device: str, log=print):
     return ctx()
 
 
-def folder_size(path: Path, patterns=("*.safetensors",)) -> int:
+def folder_size(path: Path, patterns=("*.safetensors", "*.gguf")) -> int:
     return sum(f.stat().st_size for p in patterns for f in Path(path).glob(p))

@@ -225,6 +225,7 @@ def test_convert_moe_gguf_end_to_end(hub_env, local_hub, tokenizer, tmp_path):
     plain = re.search(r"(\d+) of 48 expert projections saw too few routed tokens", card)
     rule = re.search(r"\((\d+) projections by that rule\)", card)  # the routing statistics' own count
     assert plain and rule and plain.group(1) == rule.group(1)
+    assert res.metrics["size_bytes"] == (out / name).stat().st_size  # the card's size on disk is the GGUF's
     assert "Experts: stacked per layer" in card and "one type per stack: Q4_K x5, Q6_K x1" in card
     assert "Calibration tokens routed to each expert" in card and "| base (float) |" in card
     cfg = AutoModelForCausalLM.from_pretrained(folder).config
