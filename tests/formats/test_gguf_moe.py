@@ -235,3 +235,11 @@ def test_convert_moe_gguf_end_to_end(hub_env, local_hub, tokenizer, tmp_path):
     with torch.no_grad():
         agree = (loaded(ids).logits.argmax(-1) == src(ids).logits.argmax(-1)).float().mean().item()
     assert agree > 0.5
+
+
+def test_fused_qkv_follows_the_attn_v_rules():
+    """llama.cpp's categories put a fused attn_qkv (Phi-3) with attn_v: more bits where use_more_bits says."""
+    qkv = mix.plan([(f"blk.{i}.attn_qkv.weight", 256) for i in range(8)], "Q4_K_M",
+                   mix.ModelShape(n_layer=8, n_gqa=1, tied_embeddings=False))
+    assert [qkv[f"blk.{i}.attn_qkv.weight"] for i in range(8)] == \
+           ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K"]

@@ -6,6 +6,8 @@ ffn_down of the first and last eighth of the layers and every third layer betwee
 and so on. A row length the chosen type's block does not divide falls back as llama.cpp does:
 Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 (K-quants need rows of 256).
 
+A fused attn_qkv (Phi-3) follows the attn_v rules, as llama.cpp's tensor categories put it with attn_v.
+
 Mixtures of experts: the stacked experts (`ffn_*_exps`) and shared experts (`ffn_*_shexp`) follow the ffn
 rules of their layer (the layer read from the name, as llama.cpp does with experts); DeepSeek's `attn_kv_b`
 counts as an attn_v tensor; with exactly 8 experts (Mixtral-style) attn_v and attn_k are Q8_0 and attn_output
@@ -83,8 +85,6 @@ def _preset_type(preset: str, base: str, name: str, cols: int, shape: ModelShape
     if cat in ("attn_v", "attn_qkv"):
         i = state["attn_v"]
         state["attn_v"] += 1
-        if cat == "attn_qkv":
-            return {"Q3_K_M": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(preset, base)
         if shape.n_expert == 8:  # llama.cpp: "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
             return "Q8_0"
         if preset == "Q2_K":
