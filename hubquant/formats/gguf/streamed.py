@@ -199,7 +199,6 @@ def _write_entries(out: GGUFStream, entries: list, types: dict, state: dict, imp
         out.add(e.gguf, data)
 
 
-
 def run_streamed(run, job, out_dir: Path) -> None:
     """The pipeline's quantize stage for `--format gguf --streaming` (hubquant.stages.Run with `run.weights`):
     write the files into `out_dir` layer by layer, and take the evaluation from the same pass, as
