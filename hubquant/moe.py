@@ -75,7 +75,11 @@ NO_TRANSFORMERS_MAPPING = {
 # how the card words where the experts are, per format
 STORED = {"compressed-tensors": "stored per expert (`experts.{i}.<projection>`), as vLLM's MoE loaders name them",
           "mxfp4": "stored as gpt-oss's MXFP4 blocks and E8M0 scales per sparse block (`experts.gate_up_proj_blocks`, "
-                   "...), the layout of OpenAI's own gpt-oss checkpoints"}
+                   "...), the layout of OpenAI's own gpt-oss checkpoints",
+          "gguf": "stacked per layer into `blk.N.ffn_{gate,up,down}_exps` (one type per stack), "
+                  "as llama.cpp reads them"}
+# GGUF: an expert under the threshold gets no importance matrix (llama.cpp's plain weighting), not round-to-nearest
+GGUF_LOW_TOKEN_RULE = "no importance matrix (llama.cpp's plain weighting) for experts under the threshold"
 
 INT8_EXPERTS_REASON = ("plain transformers 5.24 cannot load int8 experts (int-quantized: its expert decompression "
                        "takes packed and FP8 experts only); vLLM reads W8A8 int8 experts, not W8A16 ones")
@@ -501,14 +505,17 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
                      f"quantized, in {rep['experts_modules']} sparse blocks, {stored}.")
     r = rep.get("routing")
     if r:
+        rule = GGUF_LOW_TOKEN_RULE if fmt == "gguf" and not r["calibrate_all_experts"] else r["rule"]
         lines.append(f"- Calibration tokens routed to each expert: min {r['min']}, median {r['median']:g}, "
                      f"max {r['max']}; {r['below_threshold']} of {r['experts']} experts got fewer than "
-                     f"{r['threshold']}. Rule: {r['rule']} ({r['fallback_linears']} projections by that rule).")
+                     f"{r['threshold']}. Rule: {rule} ({r['fallback_linears']} projections by that rule).")
     elif "expert_linears" in rep:
         lines.append("- No calibration: every expert is quantized from its own weights.")
     ws = next((quantized[n].scheme for n in expert_linear_names(model) if n in quantized), None)
     int8 = ws is not None and ws.type == "int" and ws.bits == 8
-    if fmt == "mxfp4":
+    if fmt == "gguf":
+        pass  # the GGUF section lists the llama.cpp / Ollama commands
+    elif fmt == "mxfp4":
         lines.append("- Loading: plain `AutoModelForCausalLM.from_pretrained` (gpt-oss's own MXFP4 layout) or vLLM.")
     elif int8 and model_type(model) not in NO_TRANSFORMERS_MAPPING:
         lines.append(f"- Loading: `hubquant.load(path)` runs this variant. {INT8_EXPERTS_REASON}.")
@@ -522,7 +529,11 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
     for kind, names in _float_kinds(model).items():
         shown = ", ".join(f"`{n}`" for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         lines.append(f"- Float: {shown}. Why: {FLOAT_REASONS[kind]}.")
-    lines.append(f"- Float: embeddings and norms. Why: {FLOAT_REASONS['embedding']}.")
+    if fmt == "gguf":
+        lines.append("- Float: norms (F32). The token embeddings are quantized with the type llama.cpp's mix "
+                     "gives them.")
+    else:
+        lines.append(f"- Float: embeddings and norms. Why: {FLOAT_REASONS['embedding']}.")
     return "\n".join(lines) + "\n"
 
 

@@ -228,6 +228,10 @@ def test_convert_moe_gguf_end_to_end(hub_env, local_hub, tokenizer, tmp_path):
     assert res.metrics["size_bytes"] == (out / name).stat().st_size  # the card's size on disk is the GGUF's
     assert "Experts: stacked per layer" in card and "one type per stack: Q4_K x5, Q6_K x1" in card
     assert "Calibration tokens routed to each expert" in card and "| base (float) |" in card
+    # the MoE section speaks GGUF: stacked experts, plain weighting (not RTN) under the threshold, quantized token_embd
+    assert "round-to-nearest" not in card and "stored per expert" not in card and "plain weighting" in card
+    assert "token embeddings are quantized" in card and "Float: embeddings and norms" not in card
+    assert "**GGUF Q4_K_M " in card and "W4A16" not in card
     cfg = AutoModelForCausalLM.from_pretrained(folder).config
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, config=cfg, dtype=torch.float32).eval()
     src = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -4,9 +4,9 @@ row-stride check refuses (found by tests/loading/test_runtime_devices.py on a GP
 from __future__ import annotations
 
 import torch
-from hubquant_kernels import w4a16 as k_w4
 
 from hubquant.runtime.modules import W4A16Linear
+from hubquant_kernels import w4a16 as k_w4
 
 
 def test_per_channel_scales_pass_the_kernel_checks():

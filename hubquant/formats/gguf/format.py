@@ -49,4 +49,6 @@ def card(run) -> dict:
     repo = plan.target or default_target(plan.base.name, "local", plan.scheme, run.opts.method, plan.format)
     split = parse_size(run.opts.gguf_split_size if run.opts.gguf_split_size is not None else DEFAULT_SPLIT)
     return {"weights_desc": describe(run.quant_config), "hardware_key": "gguf",
+            "scheme_name": f"GGUF {run.quant_config.get('gguf_type', 'Q4_K_M')}",
+            "acts_desc": "not quantized (llama.cpp computes in its own float types)",
             "extra_markdown": card_section(run.model, run.quant_config, run.metrics, repo, split_size=split)}
