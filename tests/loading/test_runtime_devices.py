@@ -11,6 +11,7 @@ import torch
 
 from hubquant.formats import get_format
 from hubquant.methods import METHODS, QuantJob
+from hubquant.presets import get_preset
 from hubquant.quant import sqnr_db
 from tests.helpers import tiny_model
 
@@ -21,7 +22,9 @@ CASES = {  # id -> (method, format); quant_method is the format's name, bitsandb
     "w8a8": ("w8a8", "compressed-tensors"), "smoothquant": ("smoothquant", "compressed-tensors"),
     "fp8": ("fp8", "compressed-tensors"), "gptq-format": ("rtn", "gptq"), "awq-format": ("awq", "awq"),
     "bnb-int8": ("bnb-int8", "bitsandbytes"), "bnb-nf4": ("bnb-nf4", "bitsandbytes"),
+    "nvfp4a16": ("rtn", "compressed-tensors"), "mxfp4a16": ("rtn", "compressed-tensors"),  # the FP4 kernels
 }
+PRESETS = {"nvfp4a16": "NVFP4A16", "mxfp4a16": "MXFP4A16"}  # case -> --scheme preset (else the method's default)
 MIN_SQNR_DB = 30  # float16 activations on the GPU's kernels against float32 on CPU (bitsandbytes rounds its own way)
 # fp8 activations have a 3-bit mantissa: float16 activations against the float32 simulation move codes across
 # rounding boundaries. Measured 29.0 dB on the CPU path with float16 (so not the kernel) and 29.0 dB on an H200.
@@ -45,12 +48,13 @@ def _variant(case, path):
     if fmt == "bitsandbytes":
         pytest.importorskip("bitsandbytes")
     spec = METHODS[method]
+    scheme = get_preset(PRESETS[case]) if case in PRESETS else spec.default_scheme
     model = tiny_model("llama", vocab=VOCAB)
     calib = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
     # the calibrated methods' layouts with RTN's numbers (their own math is tested elsewhere)
     run_method = METHODS["rtn"].load() if method in ("gptq", "awq") else spec.load()
-    q = run_method(model, QuantJob(scheme=spec.default_scheme, calib=calib, progress=False))
-    get_format(fmt)(model, q, scheme=spec.default_scheme, out_dir=path, method=method, options={})
+    q = run_method(model, QuantJob(scheme=scheme, calib=calib, progress=False))
+    get_format(fmt)(model, q, scheme=scheme, out_dir=path, method=method, options={})
     tiny_tokenizer(path)
     return model, q
 
