@@ -3,8 +3,9 @@
     python bench/kernels/host_profile.py        # on a CUDA machine
 
 Times each entry point with the direct launcher (hubquant_kernels._common.launch) on and off
-(HUBQUANT_FAST_LAUNCH), then prints a cProfile of 300 W4A16 calls. Kernels are not tuned (HUBQUANT_TUNE=0):
-the host path is the same whichever configuration runs.
+(HUBQUANT_FAST_LAUNCH), and the ops bound per layer at load time (hubquant_kernels.bound: what W4A16Linear and
+W8A8Linear call), then prints a cProfile of 300 bound W4A16 calls. --json PATH writes the figures. Kernels are
+not tuned (HUBQUANT_TUNE=0): the host path is the same whichever configuration runs.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ os.environ["HUBQUANT_TUNE"] = "0"
 
 import peers  # noqa: E402
 
-from hubquant_kernels import fp4, pack, w4a16, w8a8  # noqa: E402
+from hubquant_kernels import fp4, fp8, pack, w4a16, w8a8  # noqa: E402
 
 
 def per_call_us(f, reps=300) -> float:
@@ -48,27 +49,42 @@ def main() -> int:
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
     c = w4a16.candidates(1, n, k, 128)[0]
+    qf, sf = fp8.quantize_weight_fp8(w)
+    b4, b8, bf8 = w4a16.bind(qw, sc, None, 128), w8a8.bind(qi, si), w8a8.bind(qf, sf)
     calls = {"F.linear": lambda: torch.nn.functional.linear(x, w),
+             "w4a16 bound": lambda: b4(x), "w8a8 bound": lambda: b8(x), "fp8 bound": lambda: bf8(x),
              "w4a16_matmul": lambda: w4a16.w4a16_matmul(x, qw, sc, None, 128),
              "w4a16 candidate fn only": lambda: c.fn(x, qw, sc, None, None, y, 128),
              "w8a8_matmul": lambda: w8a8.w8a8_matmul(x, qi, si),
              "fp4_linear": lambda: fp4.fp4_linear(x, p4, s4, g4, "nvfp4"),
              "empty kernel-free python (torch.empty)": lambda: torch.empty(1, n, device="cuda")}
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     for fast in ("1", "0"):
         os.environ["HUBQUANT_FAST_LAUNCH"] = fast
-        print(f"HUBQUANT_FAST_LAUNCH={fast}: " + ", ".join(f"{name} {per_call_us(f):.1f}" for name, f in calls.items()),
-              flush=True)
+        res[f"fast_launch_{fast}"] = {name: per_call_us(f) for name, f in calls.items()}
+        figures = ", ".join(f"{k_} {v_:.1f}" for k_, v_ in res[f"fast_launch_{fast}"].items())
+        print(f"HUBQUANT_FAST_LAUNCH={fast}: {figures}", flush=True)
     os.environ["HUBQUANT_FAST_LAUNCH"] = "1"
+    res["plans"] = {"w4a16": b4.plans(), "w8a8": b8.plans(), "fp8": bf8.plans()}
+    ref = w4a16.w4a16_matmul(x, qw, sc, None, 128)
+    res["bound_equals_entry_point"] = bool(torch.equal(b4(x), ref)) and bool(torch.equal(b8(x), w8a8.w8a8_matmul(x, qi, si)))
+    print(f"plans {res['plans']}; bound outputs equal the entry points': {res['bound_equals_entry_point']}", flush=True)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(300):
-        w4a16.w4a16_matmul(x, qw, sc, None, 128)
+        b4(x)
     prof.disable()
     torch.cuda.synchronize()
     pstats.Stats(prof).sort_stats("tottime").print_stats(14)
     from hubquant_kernels import _common
 
     print(f"direct launches cached: {len(_common._LAUNCHES)}; launcher rejected: {_common._FAST_BROKEN}")
+    res["launcher_rejected"] = _common._FAST_BROKEN
+    if len(sys.argv) > 2 and sys.argv[1] == "--json":
+        import json
+
+        Path(sys.argv[2]).write_text(json.dumps(res, indent=1))
     return 0
 
 

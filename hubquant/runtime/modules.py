@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hubquant_kernels import fp8 as k_fp8
 from hubquant_kernels import w4a16 as k_w4
 from hubquant_kernels import w8a8 as k_w8
 
@@ -23,6 +22,16 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
         if t.stride(0) != t.shape[1]:
             t = torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
     return t
+
+
+def _bound(mod: nn.Module, tensors: tuple, make) -> k_w4.Bound:
+    """The module's bound kernel op (hubquant_kernels.bound), made again whenever one of its tensors was
+    replaced (load_state_dict, .to(), fusing into views)."""
+    ids = tuple(map(id, tensors))
+    op = mod._op
+    if op is None or op[0] != ids:
+        op = mod._op = (ids, make())
+    return op[1]
 
 
 class W4A16Linear(nn.Module):
@@ -43,6 +52,7 @@ class W4A16Linear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("perm", perm)
         self._dense: torch.Tensor | None = None
+        self._op: tuple[tuple, k_w4.Bound] | None = None
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W as a float [N, K] matrix in the input order of the original Linear."""
@@ -55,7 +65,8 @@ class W4A16Linear(nn.Module):
         if x.is_cuda:
             if self.perm is not None:
                 x = x.index_select(-1, self.perm)
-            return k_w4.w4a16_matmul(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+            return _bound(self, (self.qweight, self.scales, self.zeros, self.bias),
+                          lambda: k_w4.bind(self.qweight, self.scales, self.zeros, self.group_size, self.bias))(x)
         if self._dense is None or self._dense.dtype != x.dtype:
             self._dense = self.dequantized_weight(x.dtype)
         return nn.functional.linear(x, self._dense, None if self.bias is None else self.bias.to(x.dtype))
@@ -82,11 +93,12 @@ class W8A8Linear(nn.Module):
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
         self.register_buffer("bias", bias)
         self._wf: torch.Tensor | None = None
+        self._op: tuple[tuple, k_w4.Bound] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            fn = k_fp8.fp8_matmul if self.fp8 else k_w8.w8a8_matmul
-            return fn(x, self.qweight, self.w_scale, self.bias, static_scale=self.input_scale)
+            return _bound(self, (self.qweight, self.w_scale, self.bias, self.input_scale),
+                          lambda: k_w8.bind(self.qweight, self.w_scale, self.bias, static_scale=self.input_scale))(x)
         # CPU: the reference math in fp32 (codes are exact in fp32; int8 sums stay exact below 2^24)
         if self._wf is None:
             self._wf = self.qweight.float().t().contiguous()

@@ -94,6 +94,9 @@ def workspace(device: torch.device, n_floats: int, n_counters: int) -> tuple[tor
 
 # ---- kernel launches: Triton's launcher called directly once a specialization is compiled ----
 _LAUNCHES: dict[tuple, tuple] = {}
+# a stack of lists: while hubquant_kernels.bound records a call, every launch appends (compiled, constexpr tail,
+# grid, runtime args), or None when the launch went through Triton's own path (nothing a plan could replay)
+RECORDING: list[list] = []
 _FAST_BROKEN: list[str] = []  # set when this Triton's launcher rejected a direct call: Triton's path from then on
 
 
@@ -130,6 +133,8 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     off under the interpreter and while a Triton launch hook (profiler) is set.
     """
     if not _fast_launch_enabled():
+        if RECORDING:  # nothing a plan could replay
+            RECORDING[-1].append(None)
         return kernel[grid](*args, **kwargs)
     sig = [kernel]
     for a in args:
@@ -147,7 +152,9 @@ def launch(kernel, grid: tuple, *args, **kwargs):
         # only when every positional argument is a runtime one (a constexpr's value is not in the key)
         if not any(p.is_constexpr for p in kernel.params[:len(args)]):
             tail = tuple(kwargs[name] for name in kernel.arg_names[len(args):])  # constexprs, in parameter order
-            _LAUNCHES[key] = (compiled, tail)
+            hit = _LAUNCHES[key] = (compiled, tail)
+        if RECORDING:
+            RECORDING[-1].append(None if hit is None else (hit[0], hit[1], tuple(grid), args))
         return compiled
     compiled, tail = hit
     g = tuple(grid) + (1,) * (3 - len(grid))
@@ -157,7 +164,11 @@ def launch(kernel, grid: tuple, *args, **kwargs):
                      *args, *tail)
     except TypeError as e:  # the launcher's arguments differ in this Triton version (checked before launching)
         _FAST_BROKEN.append(repr(e))
+        if RECORDING:
+            RECORDING[-1].append(None)
         return kernel[grid](*args, **kwargs)
+    if RECORDING:
+        RECORDING[-1].append((compiled, tail, g, args))
     return compiled
 
 
@@ -168,6 +179,7 @@ class Candidate:
 
     name: str
     fn: Callable
+    pure: bool = True  # its work is only Triton launches through `launch` (a bound plan may replay them)
 
 
 _CHOICES: dict[tuple, Candidate] = {}

@@ -30,6 +30,7 @@ from hubquant_kernels._common import (
     use_triton,
     workspace,
 )
+from hubquant_kernels.bound import Bound
 from hubquant_kernels.pack import unpack_kn
 
 ACT_DTYPES = (torch.bfloat16, torch.float16)
@@ -338,7 +339,7 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
         out += w4a16_tc.candidates(m, n, k, gs, configs=w4a16_tc.SMALL_M_CONFIGS)
     out += w4a16_mma.candidates(m, n, k, gs)
     if m > 16:
-        out.append(Candidate(name="dequant+cublas", fn=_dequant_cublas))
+        out.append(Candidate(name="dequant+cublas", fn=_dequant_cublas, pure=False))
     return out
 
 
@@ -367,17 +368,46 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     x2 = as_2d(x, k)
     if not use_triton(x2):
         return w4a16_reference(x2, qweight, scales, zeros, group_size, bias).reshape(*lead, n)
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    _compute(x2, qweight, scales, zeros, gs, bias, y, impl)
+    return y.reshape(*lead, n)
+
+
+def _compute(x2, qweight, scales, zeros, gs, bias, y, impl=None) -> Candidate | None:
+    """y = x2 @ W on the kernels (the chooser's pick, or `impl`); the candidate that ran (None for M=0)."""
     require_triton()
-    m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    m, k = x2.shape
+    n = y.shape[1]
     if m == 0:
-        return y.reshape(*lead, n)
+        return None
     args = (x2, qweight, scales, zeros, bias, y, gs)
     if impl is not None:
         cands = [c for c in candidates(m, n, k, gs) if c.name == impl]
         check(bool(cands), f"no W4A16 implementation named {impl!r} for this shape",
               hint="see hubquant_kernels.w4a16.candidates(m, n, k, group_size)")
-        return cands[0].fn(*args).reshape(*lead, n)
-    key = ("w4a16", m_bucket(m), n, k, gs, zeros is not None, x.dtype, bias is not None)
+        cands[0].fn(*args)
+        return cands[0]
+    key = ("w4a16", m_bucket(m), n, k, gs, zeros is not None, x2.dtype, bias is not None)
     c = choose_lazy(key, lambda: candidates(m, n, k, gs), args, on_gpu=x2.is_cuda)
-    return c.fn(*args).reshape(*lead, n)
+    c.fn(*args)
+    return c
+
+
+def bind(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+         bias: torch.Tensor | None = None) -> Bound:
+    """`w4a16_matmul` for one layer's fixed tensors, as a callable ``op(x) -> y`` that replays a recorded launch
+    plan per M once the shape is decided (hubquant_kernels.bound): the eager call costs the output allocation
+    and the C launch. Off the GPU it computes what `w4a16_matmul` computes."""
+    k, n, gs, _ = _check(qweight.new_empty(0, qweight.shape[0] * 8, dtype=torch.bfloat16), qweight, scales, zeros,
+                         group_size, bias)
+
+    def run(x2: torch.Tensor, y: torch.Tensor):
+        check_dtype("x", x2, ACT_DTYPES)
+        check_same_device(x=x2, qweight=qweight)
+        if not use_triton(x2):
+            y.copy_(w4a16_reference(x2, qweight, scales, zeros, group_size, bias))
+            return None
+        c = _compute(x2, qweight, scales, zeros, gs, bias, y)
+        return [] if c is not None and c.pure else None
+
+    return Bound(k, n, run, (qweight, scales, zeros, bias))

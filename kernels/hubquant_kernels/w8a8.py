@@ -29,6 +29,7 @@ from hubquant_kernels._common import (
     use_triton,
     workspace,
 )
+from hubquant_kernels.bound import Bound
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT8_QMAX = 127.5  # (2^8 - 1) / 2: the symmetric min-max divisor of hubquant.quant
@@ -373,9 +374,9 @@ def mm_candidates(m: int, n: int, k: int, fp8: bool, out_dtype: torch.dtype) -> 
         out.append(Candidate(name="triton_16x32x32_s1_w4",
                              fn=lambda *a: _triton_mm(*a, bm=16, bn=32, bk=32, split_k=1, warps=4, stages=2)))
     if not fp8 and m > 16 and k % 8 == 0 and n % 8 == 0:
-        out.append(Candidate(name="cublas_int_mm", fn=_cublas_int8))
+        out.append(Candidate(name="cublas_int_mm", fn=_cublas_int8, pure=False))
     if fp8 and k % 16 == 0 and n % 16 == 0 and out_dtype == torch.bfloat16:
-        cublas = Candidate(name="cublas_scaled_mm", fn=_cublas_fp8)
+        cublas = Candidate(name="cublas_scaled_mm", fn=_cublas_fp8, pure=False)
         if m > 256 and not interpreting():  # cuBLASLt's FP8 GEMM is the fastest large-M path measured on H100/H200
             return [cublas]
         out.append(cublas)
@@ -415,16 +416,47 @@ def scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_scale
         return scaled_mm_reference(qa, sa, qweight, w_scale, bias, out_dtype)
     require_triton()
     y = torch.empty(m, n, dtype=out_dtype, device=qa.device)
+    return _mm_into(qa, sa, qweight, w_scale, bias, y, impl)[0]
+
+
+def _mm_into(qa, sa, qweight, w_scale, bias, y, impl=None) -> tuple[torch.Tensor, Candidate | None]:
+    """(y, the candidate that ran): the chooser's pick (or `impl`) for qa [M, K] x qweight [N, K]^T."""
+    (m, k), n, fp8, out_dtype = qa.shape, qweight.shape[0], qa.dtype == torch.float8_e4m3fn, y.dtype
     if m == 0:
-        return y
+        return y, None
     args = (qa, sa, qweight, w_scale, bias, y)
     if impl is not None:
         cands = [c for c in mm_candidates(m, n, k, fp8, out_dtype) if c.name == impl]
         check(bool(cands), f"no scaled-mm implementation named {impl!r} for this shape",
               hint="see hubquant_kernels.w8a8.mm_candidates(...)")
-        return cands[0].fn(*args)
+        return cands[0].fn(*args), cands[0]
     key = ("fp8" if fp8 else "int8", m_bucket(m), n, k, out_dtype, bias is not None)
-    return choose_lazy(key, lambda: mm_candidates(m, n, k, fp8, out_dtype), args, on_gpu=qa.is_cuda).fn(*args)
+    c = choose_lazy(key, lambda: mm_candidates(m, n, k, fp8, out_dtype), args, on_gpu=qa.is_cuda)
+    return c.fn(*args), c
+
+
+def bind(qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+         static_scale: torch.Tensor | None = None) -> Bound:
+    """`w8a8_matmul` / `fp8_matmul` for one layer's fixed tensors (by qweight's dtype), as ``op(x) -> y`` that
+    replays the activation quantization and the GEMM as one recorded plan per M once the shape is decided
+    (hubquant_kernels.bound); cuBLAS-backed picks and CPU tensors take the normal path on every call."""
+    fp8 = qweight.dtype == torch.float8_e4m3fn
+    check_dtype("qweight", qweight, (torch.int8, torch.float8_e4m3fn))
+    n, k = qweight.shape
+    check(w_scale.numel() == n, f"w_scale has {w_scale.numel()} values, expected {n}",
+          hint="per-channel weight scales [N] (expand a per-tensor scale at load time)")
+    ws = w_scale.reshape(n)
+
+    def run(x2: torch.Tensor, y: torch.Tensor):
+        if not use_triton(x2) or x2.dtype == torch.float32:  # fp32 on the GPU: bf16 output, converted
+            y.copy_(_quantized_linear(x2, qweight, w_scale, bias, static_scale, fp8=fp8, impl=None))
+            return None
+        qa, sa = quantize_act(x2, fp8=fp8, static_scale=static_scale)
+        scaled_mm(qa[:0], sa[:0], qweight, ws, bias, out_dtype=y.dtype)  # the argument checks, on no rows
+        c = _mm_into(qa, sa, qweight, ws, bias, y)[1]
+        return [qa, sa] if c is not None and c.pure else None
+
+    return Bound(k, n, run, (qweight, ws, bias, static_scale))
 
 
 def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,

@@ -1,0 +1,59 @@
+"""Launchers bound per layer (hubquant_kernels.bound): same numbers as the entry points, and plans that replay
+only what may be replayed."""
+from __future__ import annotations
+
+import torch
+
+from hubquant_kernels import bound, pack, w4a16, w8a8
+
+
+def test_bound_w4a16_matches_entry_point():
+    g = torch.Generator().manual_seed(0)
+    k, n = 256, 48
+    qw = pack.pack_kn(torch.randint(0, 16, (k, n), generator=g))
+    s = (torch.rand(k // 64, n, generator=g) * 0.02 + 1e-3).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    op = w4a16.bind(qw, s, None, 64, b)
+    for m in (1, 3, 1):
+        x = torch.randn(2, m, k, generator=g).to(torch.bfloat16)
+        y = op(x)
+        ref = w4a16.w4a16_matmul(x, qw, s, None, 64, b)
+        assert y.shape == (2, m, n) and torch.equal(y, ref)
+    assert op.plans() == 0  # no plan off the GPU: every call takes the entry point's path
+
+
+def test_bound_w8a8_matches_entry_point():
+    g = torch.Generator().manual_seed(1)
+    qw = torch.randint(-127, 128, (40, 128), generator=g).to(torch.int8)
+    sw = torch.rand(40, generator=g) * 0.01
+    x = torch.randn(5, 128, generator=g).to(torch.bfloat16)
+    assert torch.equal(w8a8.bind(qw, sw)(x), w8a8.w8a8_matmul(x, qw, sw))
+
+
+class _Launcher:
+    """Stands in for a compiled kernel: `run` keeps the arguments Triton's C launcher would receive."""
+
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, *a):
+        self.calls.append(a)
+
+
+def test_plan_substitutes_x_and_y_and_refuses_foreign_tensors():
+    x, y, w, other = torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4)
+    k = _Launcher()
+    records = [(k, ("BLOCK", 8), (2, 1), (x, w, y, 7))]
+    plan = bound.make_plan(records, x, y, consts=(w, None))
+    assert plan is not None
+    plan(111, 222)
+    grid, args = k.calls[0][:3], k.calls[0][9:]
+    assert grid == (2, 1, 1) and args == (111, w.data_ptr(), 222, 7, "BLOCK", 8)
+    plan(333, 444)
+    assert k.calls[1][9:11] == (333, w.data_ptr())
+    assert bound.make_plan([(k, (), (1,), (x, other, y))], x, y, consts=(w,)) is None  # a copy of x, say
+    assert bound.make_plan([(k, (), (1,), (x, other, y))], x, y, consts=(w,), scratch=[other]) is not None
+    assert bound.make_plan(records + [None], x, y, consts=(w,)) is None  # a launch through Triton's own path
+    assert bound.make_plan([], x, y, consts=(w,)) is None  # no launch at all (a cuBLAS call)
