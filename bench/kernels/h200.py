@@ -159,13 +159,20 @@ def host_overhead(log) -> dict:
 
 
 def main() -> int:
+    global DEV, graph_time, ROTATE, W8_MS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="h200.json")
     ap.add_argument("--shapes", default="all")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time the wide W4A16 candidate sets (HUBQUANT_W4_SWEEP=1), compiled first in parallel")
+    ap.add_argument("--w8-ms", default=",".join(map(str, sorted(W8_MS))), help="M values with INT8/FP8 cells")
+    ap.add_argument("--workers", type=int, default=14, help="compile processes for --sweep")
     args = ap.parse_args()
-    global DEV, graph_time, ROTATE, W8_MS
+    W8_MS = {int(v) for v in args.w8_ms.split(",") if v}
+    if args.sweep:
+        os.environ["HUBQUANT_W4_SWEEP"] = "1"
     if args.smoke:
         DEV, graph_time, ROTATE, W8_MS = "cpu", smoke_time, 1, {1}
     shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
@@ -189,6 +196,11 @@ def main() -> int:
     except ImportError:
         res["gemlite"] = None
     res["host_us"] = host_overhead(log)
+    if args.sweep:
+        import warm
+
+        res["warm"] = warm.warm(shapes, [m for m in ms if m >= 2], 2 if args.smoke else args.workers, DEV)
+        log(f"compiled in parallel: {res['warm']}")
     if DEV == "cuda":
         res["read"] = peers.read_bandwidth(graph_time)
         res["copy_bytes_per_s"] = _run.copy_bandwidth()

@@ -13,6 +13,8 @@ writes the output and re-zeroes the workspace, so one launch does the whole prod
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hubquant.errors import UnsupportedError
@@ -335,9 +337,13 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
                 fn=lambda *a, bm=bm, bn=bn, bk=bk, s=split, w=warps, st=stages:
                     _mm(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
     out += w4a16_gemv.candidates(m, n, k, gs)  # M=1: the only candidates
-    if 2 <= m <= 16:  # tensor cores: won some M=16 shapes on an H100 (docs/kernels.md); few configs, tuning is slow
-        out += w4a16_tc.candidates(m, n, k, gs, configs=w4a16_tc.SMALL_M_CONFIGS)
-    out += w4a16_mma.candidates(m, n, k, gs)
+    if m >= 2 and os.environ.get("HUBQUANT_W4_SWEEP") == "1":  # one wide GPU sweep (bench/kernels/h200.py --sweep)
+        out += w4a16_tc.sweep_candidates(m, n, k, gs) if m <= 64 else []
+        out += w4a16_mma.sweep_candidates(m, n, k, gs)
+    else:
+        if 2 <= m <= 16:  # tensor cores: won some M=16 shapes (docs/kernels.md); few configs, tuning is slow
+            out += w4a16_tc.candidates(m, n, k, gs, configs=w4a16_tc.SMALL_M_CONFIGS, prefetch=(False, True))
+        out += w4a16_mma.candidates(m, n, k, gs)
     if m > 16:
         out.append(Candidate(name="dequant+cublas", fn=_dequant_cublas, pure=False))
     return out

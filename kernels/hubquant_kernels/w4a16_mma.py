@@ -64,7 +64,7 @@ if triton is not None:
         M, N, K, k_split, stride_xm, stride_ym, stride_w, stride_s,
         GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-        ONE_GROUP: tl.constexpr, DOT_F32: tl.constexpr, JOIN: tl.constexpr,
+        ONE_GROUP: tl.constexpr, DOT_F32: tl.constexpr, JOIN: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -84,6 +84,10 @@ if triton is not None:
         R: tl.constexpr = BK // 8
         shift = (tl.arange(0, BK) % 8) * 4
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if PREFETCH:  # JOIN only: the next block's packed words are loaded while this block is computed
+            offs_r = k_lo // 8 + tl.arange(0, R)
+            pw_next = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :],
+                              mask=(offs_r < k_hi // 8)[:, None] & mask_n[None, :], other=0)
         for k0 in range(k_lo, k_hi, BK):
             offs_k = k0 + tl.arange(0, BK)
             kmask = offs_k < k_hi
@@ -92,7 +96,13 @@ if triton is not None:
             if JOIN:  # each word loaded once; its 8 nibbles interleaved into K order in registers
                 offs_r = k0 // 8 + tl.arange(0, R)
                 m2 = (offs_r < k_hi // 8)[:, None] & mask_n[None, :]
-                pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=m2, other=0)
+                if PREFETCH:
+                    pw = pw_next
+                    nxt = offs_r + R
+                    pw_next = tl.load(qw_ptr + nxt[:, None] * stride_w + offs_n[None, :],
+                                      mask=(nxt < k_hi // 8)[:, None] & mask_n[None, :], other=0)
+                else:
+                    pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=m2, other=0)
                 s, zc = _params(s_ptr, z_ptr, k0, offs_r * 8, m2, offs_n, mask_n, stride_s, GS, HAS_ZP, ONE_GROUP,
                                 R, BN)
                 w = _interleave8(_dq(pw, 0, zc, s, a.dtype), _dq(pw, 1, zc, s, a.dtype), _dq(pw, 2, zc, s, a.dtype),
@@ -114,7 +124,8 @@ if triton is not None:
                          cnt_ptr, pid, bias, SPLIT_K, HAS_BIAS)
 
 
-def mma(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k=1, warps=8, stages=3, join=True):
+def mma(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k=1, warps=8, stages=3, join=True,
+        prefetch=False):
     """y = x @ W (+ bias); x [M, K] contiguous rows, y [M, N] preallocated."""
     m, k = x.shape
     n = qweight.shape[1]
@@ -125,7 +136,8 @@ def mma(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k=1, warps=
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split_k,
-        GROUP_M=8, ONE_GROUP=gs % bk == 0 or gs == k, DOT_F32=interpreting(), JOIN=join, num_warps=warps,
+        GROUP_M=8, ONE_GROUP=gs % bk == 0 or gs == k, DOT_F32=interpreting(), JOIN=join,
+        PREFETCH=prefetch and join, num_warps=warps,
         num_stages=stages,
     )
     return y
@@ -140,6 +152,16 @@ CONFIGS = {
 }
 
 
+def _candidate(bm, bn, bk, split, warps, stages, join=True, prefetch=False) -> Candidate:
+    name = f"mma{'' if join else 'dup'}_{bm}x{bn}x{bk}_s{split}_w{warps}_st{stages}" + ("_p" if prefetch else "")
+    return Candidate(name=name, fn=lambda *a: mma(*a, bm=bm, bn=bn, bk=bk, split_k=split, warps=warps, stages=stages,
+                                                  join=join, prefetch=prefetch))
+
+
+def _fits(k: int, gs: int, bk: int, split: int) -> bool:
+    return bk <= k and (gs == k or gs % bk == 0 or bk % gs == 0) and (split == 1 or -(-k // bk) >= 2 * split)
+
+
 def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     """Configurations worth timing for an [m, k] x [k, n] product with m >= 2."""
     if m < 2:
@@ -147,11 +169,27 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     cfgs = next(v for lim, v in CONFIGS.items() if lim is None or m <= lim)
     out = []
     for i, (bm, bn, bk, split, warps, stages) in enumerate(cfgs):
-        if bk > k or (gs != k and gs % bk and bk % gs) or (split > 1 and -(-k // bk) < 2 * split):
+        if not _fits(k, gs, bk, split):
             continue
         # joined nibbles everywhere; the 8x-load variant ("mmadup") of the first configuration, for comparison
         for join in (True, False) if i == 0 else (True,):
-            out.append(Candidate(name=f"mma{'' if join else 'dup'}_{bm}x{bn}x{bk}_s{split}_w{warps}_st{stages}",
-                                 fn=lambda *a, bm=bm, bn=bn, bk=bk, s=split, w=warps, st=stages, j=join:
-                                 mma(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st, join=j)))
+            out.append(_candidate(bm, bn, bk, split, warps, stages, join))
+    return out
+
+
+def sweep_candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
+    """A wide set for one GPU sweep per shape (HUBQUANT_W4_SWEEP=1): block shapes x filling split-K counts x
+    prefetch."""
+    from hubquant_kernels.w4a16_tc import filling_splits
+
+    if m <= 16:
+        return candidates(m, n, k, gs)
+    bms = (64,) if m <= 64 else (64, 128)
+    cfgs = ((64, 128, 4), (128, 128, 4), (128, 64, 4), (128, 128, 8)) + (((256, 64, 8),) if m > 64 else ())
+    out = []
+    for bm in bms:
+        for bn, bk, warps in cfgs:
+            for split in filling_splits(m, n, k, bm, bn, bk) if m <= 64 else (1,):
+                if _fits(k, gs, bk, split):
+                    out += [_candidate(bm, bn, bk, split, warps, 3, prefetch=p) for p in (False, True)]
     return out

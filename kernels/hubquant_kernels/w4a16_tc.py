@@ -104,7 +104,7 @@ if triton is not None:
         GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
         SCALE_AFTER: tl.constexpr, SWAP: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr,
-        DOT_F32: tl.constexpr,
+        DOT_F32: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         R: tl.constexpr = BK // 8
         BIAS16: tl.constexpr = 1024.0 if FP16 else 128.0
@@ -122,10 +122,21 @@ if triton is not None:
         else:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
         offs_r = k_lo // 8 + tl.arange(0, R)
+        if PREFETCH:  # the next block's packed words are in flight while this block is dequantized and multiplied
+            rmask = offs_r < k_hi // 8
+            pw_next = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :],
+                              mask=rmask[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
         for k0 in range(k_lo, k_hi, BK):
             rmask = offs_r < k_hi // 8
-            pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
-                         other=0, eviction_policy="evict_first")
+            if PREFETCH:
+                pw = pw_next
+                nxt = offs_r + R
+                pw_next = tl.load(qw_ptr + nxt[:, None] * stride_w + offs_n[None, :],
+                                  mask=(nxt < k_hi // 8)[:, None] & mask_n[None, :], other=0,
+                                  eviction_policy="evict_first")
+            else:
+                pw = tl.load(qw_ptr + offs_r[:, None] * stride_w + offs_n[None, :],
+                             mask=rmask[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
             if SCALE_AFTER:  # one group covers the block: [BN] scale and B + zero point
                 g = k0 // GS
                 s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -193,7 +204,7 @@ def use_asm() -> bool:
 
 
 def tc(x, qweight, scales, zeros, bias, y, gs, *, bm=16, bn=64, bk=128, split_k=1, warps=4, stages=2,
-       swap=False, asm=None):
+       swap=False, asm=None, prefetch=False):
     """y = x @ W (+ bias) on the tensor cores; x [M, K] contiguous rows, y [M, N] preallocated."""
     m, k = x.shape
     n = qweight.shape[1]
@@ -206,7 +217,8 @@ def tc(x, qweight, scales, zeros, bias, y, gs, *, bm=16, bn=64, bk=128, split_k=
         ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
         BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, SCALE_AFTER=gs % bk == 0 or gs == k, SWAP=swap, USE_ASM=asm,
-        FP16=x.dtype == torch.float16, DOT_F32=interpreting(), num_warps=warps, num_stages=stages,
+        FP16=x.dtype == torch.float16, DOT_F32=interpreting(), PREFETCH=prefetch, num_warps=warps,
+        num_stages=stages,
     )
     return y
 
@@ -221,8 +233,10 @@ SPLITS = (1, 2, 4, 8, 16, 32)
 SMALL_M_CONFIGS = ((128, 128, 4, False), (256, 128, 8, False), (64, 128, 4, False), (128, 128, 4, True))
 
 
-def candidates(m: int, n: int, k: int, gs: int, configs=CONFIGS, splits=SPLITS) -> list[Candidate]:
-    """Tensor-core configurations worth timing for an [m, k] x [k, n] product with m <= 64."""
+def candidates(m: int, n: int, k: int, gs: int, configs=CONFIGS, splits=SPLITS,
+               prefetch: tuple[bool, ...] = (False,)) -> list[Candidate]:
+    """Tensor-core configurations worth timing for an [m, k] x [k, n] product with m <= 64 (``_p``: the packed
+    words of the next K block are loaded while this one is computed)."""
     if m > 64:
         return []
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
@@ -233,8 +247,32 @@ def candidates(m: int, n: int, k: int, gs: int, configs=CONFIGS, splits=SPLITS) 
         n_blocks, tiles = -(-k // bk), -(-n // bn)
         for split in splits:  # not so many programs that the reduction dominates (narrow N needs big splits)
             if split == 1 or (n_blocks >= 2 * split and tiles * split <= 2112):
-                out.append(Candidate(
-                    name=f"tc{'T' if swap else ''}_{bm}x{bn}x{bk}_s{split}_w{warps}",
-                    fn=lambda *a, bn=bn, bk=bk, s=split, w=warps, sw=swap:
-                        tc(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, swap=sw)))
+                for pf in prefetch:
+                    out.append(Candidate(
+                        name=f"tc{'T' if swap else ''}_{bm}x{bn}x{bk}_s{split}_w{warps}" + ("_p" if pf else ""),
+                        fn=lambda *a, bn=bn, bk=bk, s=split, w=warps, sw=swap, pf=pf:
+                            tc(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, swap=sw, prefetch=pf)))
+    return out
+
+
+def filling_splits(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int = 132) -> tuple[int, ...]:
+    """Split-K counts whose grid gives every SM at least one and at most ~8 programs (whole waves preferred)."""
+    tiles = -(-m // bm) * -(-n // bn)
+    n_blocks = -(-k // bk)
+    out = tuple(s for s in (1, 2, 3, 4, 6, 8, 12, 16) if (s == 1 or n_blocks >= 2 * s) and sms <= tiles * s <= 8 * sms)
+    return out or (1,)
+
+
+# (BN, BK, warps, swap) of the wide sweep (HUBQUANT_W4_SWEEP=1, bench/kernels/h200.py)
+SWEEP_CONFIGS = ((64, 128, 4, False), (128, 128, 4, False), (256, 128, 8, False), (128, 256, 8, False),
+                 (128, 128, 4, True), (256, 128, 4, True))
+
+
+def sweep_candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
+    """Every SWEEP_CONFIGS configuration at the split counts that fill the GPU, with and without prefetch."""
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    out = []
+    for cfg in SWEEP_CONFIGS:
+        out += candidates(m, n, k, gs, configs=(cfg,), splits=filling_splits(m, n, k, bm, cfg[0], cfg[1]),
+                          prefetch=(False, True))
     return out

@@ -15,14 +15,14 @@ from tests.kernels.test_w4a16 import _case
     (70, 33, 512, 128, True, torch.bfloat16, {"bm": 32, "bn": 32, "bk": 64, "split_k": 2}),
     (5, 64, 256, -1, False, torch.bfloat16, {"bm": 16, "bn": 64, "bk": 64, "split_k": 2}),
 ])
-@pytest.mark.parametrize("join", [True, False])
-def test_mma_matches_float64(m, n, k, gs, asym, dtype, cfg, join):
+@pytest.mark.parametrize("join,prefetch", [(True, False), (False, False), (True, True)])
+def test_mma_matches_float64(m, n, k, gs, asym, dtype, cfg, join, prefetch):
     x, qw, s, z, b = _case(m, n, k, gs, asym, dtype, seed=m + n)
     gsz = k if gs == -1 else gs
     ref = x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
     for _ in range(2):  # twice: split-K must leave the workspace zeroed
         y = torch.full((m, n), float("nan"), dtype=dtype)
-        w4a16_mma.mma(x, qw, s, z, b, y, gsz, warps=4, stages=2, join=join, **cfg)
+        w4a16_mma.mma(x, qw, s, z, b, y, gsz, warps=4, stages=2, join=join, prefetch=prefetch, **cfg)
         assert not torch.isnan(y).any()
         err = float((y.double() - ref).norm() / ref.norm())
         assert err < 1e-2, err

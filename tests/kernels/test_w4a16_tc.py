@@ -19,17 +19,17 @@ from .test_w4a16 import _case
     (5, 136, 512, 32, True, torch.bfloat16),    # groups smaller than the block: per-weight dequantization
     (17, 64, 256, 64, False, torch.float16),    # M past one 16-row tile
 ])
-@pytest.mark.parametrize("swap", [False, True])
-def test_tc_matches_float64(m, n, k, gs, asym, dtype, swap):
+@pytest.mark.parametrize("swap,prefetch", [(False, False), (True, False), (False, True)])
+def test_tc_matches_float64(m, n, k, gs, asym, dtype, swap, prefetch):
     x, qw, s, z, b = _case(m, n, k, gs, asym, dtype, seed=m + n + k)
     gsz = k if gs == -1 else gs
     exact = x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
     bm = 16 if m <= 16 else 32
     for split in (1, 2):
         y = w4a16_tc.tc(x, qw, s, z, b, torch.full((m, n), float("nan"), dtype=dtype), gsz, bm=bm,
-                        bn=32 if n < 64 else 64, bk=128, split_k=split, swap=swap)
+                        bn=32 if n < 64 else 64, bk=128, split_k=split, swap=swap, prefetch=prefetch)
         y2 = w4a16_tc.tc(x, qw, s, z, b, torch.full((m, n), float("nan"), dtype=dtype), gsz, bm=bm,
-                         bn=32 if n < 64 else 64, bk=128, split_k=split, swap=swap)
+                         bn=32 if n < 64 else 64, bk=128, split_k=split, swap=swap, prefetch=prefetch)
         err = float((y.double() - exact).norm() / exact.norm())
         assert not torch.isnan(y).any() and err < 6e-3, (split, err)
         assert torch.equal(y, y2)  # split-K left its workspace zeroed
@@ -42,3 +42,13 @@ def test_tc_candidates_fill_the_chip_and_respect_groups():
     # offered beside the other kernels for M = 2..16 only
     assert any(c.name.startswith("tc") for c in w4a16.candidates(8, 4096, 4096, 128))
     assert not any(c.name.startswith("tc") for c in w4a16.candidates(1, 4096, 4096, 128))
+
+
+def test_sweep_splits_fill_the_chip(monkeypatch):
+    # 4096x4096 at M=16, BN=128: 32 tiles, so only splits giving 132..1056 programs are swept
+    assert w4a16_tc.filling_splits(16, 4096, 4096, 16, 128, 128) == (6, 8, 12, 16)
+    assert w4a16_tc.filling_splits(16, 28672, 4096, 16, 128, 128) == (1, 2, 3, 4)
+    names = [c.name for c in w4a16_tc.sweep_candidates(16, 4096, 4096, 128)]
+    assert "tc_16x128x128_s8_w4_p" in names and "tc_16x128x128_s8_w4" in names
+    monkeypatch.setenv("HUBQUANT_W4_SWEEP", "1")
+    assert {c.name for c in w4a16.candidates(16, 4096, 4096, 128)} >= set(names)
