@@ -63,14 +63,14 @@ def _rotate(x, cos, sin):
 
 
 def rope_to_cache_reference(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int, n_kv: int) -> torch.Tensor:
-    """q [1, H, T, D] rotated; k (rotated) and v written into the caches [1, KV, L, D] at `positions`."""
-    t = qkv.shape[0]
-    d = k_cache.shape[-1]
-    q, k, v = qkv.view(t, n_heads + 2 * n_kv, d).split((n_heads, n_kv, n_kv), dim=1)
+    """q [B, H, T, D] rotated; k (rotated) and v written into the caches [B, KV, L, D] at `positions` (qkv holds
+    B sequences of T rows each, all at the same positions)."""
+    b, t, d = k_cache.shape[0], positions.shape[0], k_cache.shape[-1]
+    q, k, v = qkv.view(b, t, n_heads + 2 * n_kv, d).split((n_heads, n_kv, n_kv), dim=2)
     c, s = cos[:, None, :], sin[:, None, :]
-    q = _rotate(q, c, s).transpose(0, 1)[None]
-    k_cache.index_copy_(2, positions, _rotate(k, c, s).transpose(0, 1)[None])
-    v_cache.index_copy_(2, positions, v.transpose(0, 1)[None])
+    q = _rotate(q, c, s).transpose(1, 2)
+    k_cache.index_copy_(2, positions, _rotate(k, c, s).transpose(1, 2))
+    v_cache.index_copy_(2, positions, v.transpose(1, 2))
     return q
 
 
@@ -108,11 +108,13 @@ if triton is not None:
     @triton.jit
     def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, T, L,
                            NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr):
-        t = tl.program_id(0)
+        bt = tl.program_id(0)  # sequence b, token t: row b * T + t of qkv (every sequence at the same positions)
+        b = bt // T
+        t = bt % T
         hd = tl.program_id(1)
         half: tl.constexpr = D // 2
         offs = tl.arange(0, half)
-        src = qkv_ptr + (t * (NH + 2 * NKV) + hd) * D
+        src = qkv_ptr + (bt * (NH + 2 * NKV) + hd) * D
         x1 = tl.load(src + offs)
         x2 = tl.load(src + half + offs)
         dt = x1.dtype
@@ -127,13 +129,13 @@ if triton is not None:
             o1 = ((a1 * c1).to(dt).to(tl.float32) + (-(a2 * s1)).to(dt).to(tl.float32)).to(dt)
             o2 = ((a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)).to(dt)
             if hd < NH:
-                dst = q_ptr + (hd * T + t) * D
+                dst = q_ptr + ((b * NH + hd) * T + t) * D
             else:
-                dst = kc_ptr + ((hd - NH) * L + pos) * D
+                dst = kc_ptr + ((b * NKV + hd - NH) * L + pos) * D
             tl.store(dst + offs, o1)
             tl.store(dst + half + offs, o2)
         else:
-            dst = vc_ptr + ((hd - NH - NKV) * L + pos) * D
+            dst = vc_ptr + ((b * NKV + hd - NH - NKV) * L + pos) * D
             tl.store(dst + offs, x1)
             tl.store(dst + half + offs, x2)
 
@@ -253,23 +255,23 @@ def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
     """Rotary embedding of the fused q/k/v output; k and v go into the caches, q is returned.
 
     Args:
-        qkv: [T, (H + 2 KV) * D] (q heads, then k heads, then v heads).
+        qkv: [B * T, (H + 2 KV) * D] (q heads, then k heads, then v heads), B sequences of T tokens.
         cos, sin: [T, D] from the model's rotary embedding.
-        positions: [T] cache slots (int64).
-        k_cache, v_cache: [1, KV, L, D], written in place.
+        positions: [T] cache slots (int64), the same for every sequence.
+        k_cache, v_cache: [B, KV, L, D], written in place.
         n_heads, n_kv: H and KV.
 
     Returns:
-        q [1, H, T, D].
+        q [B, H, T, D].
     """
     d = k_cache.shape[-1]
     ok = (use_triton(qkv) and d % 2 == 0 and (d // 2) & (d // 2 - 1) == 0 and k_cache.is_contiguous()
           and v_cache.is_contiguous() and cos.dtype == qkv.dtype)
     if not ok:
         return rope_to_cache_reference(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv)
-    t = qkv.shape[0]
-    q = torch.empty(1, n_heads, t, d, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[(t, n_heads + 2 * n_kv)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), positions,
+    b, t = k_cache.shape[0], positions.shape[0]
+    q = torch.empty(b, n_heads, t, d, dtype=qkv.dtype, device=qkv.device)
+    _rope_cache_kernel[(b * t, n_heads + 2 * n_kv)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), positions,
                                                q, k_cache, v_cache, t, k_cache.shape[2],
                                                NH=n_heads, NKV=n_kv, D=d, num_warps=1)
     return q

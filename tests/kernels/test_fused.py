@@ -54,21 +54,22 @@ def test_silu_mul():
     _close_bf16(y, ref)
 
 
-@pytest.mark.parametrize("t", [1, 5])
-def test_rope_to_cache_matches_transformers(t):
+@pytest.mark.parametrize("t,b", [(1, 1), (5, 1), (1, 3), (2, 2)])
+def test_rope_to_cache_matches_transformers(t, b):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     nh, nkv, d, length = 4, 2, 32, 16
-    qkv = _rnd(t, (nh + 2 * nkv) * d, seed=5)
+    qkv = _rnd(b * t, (nh + 2 * nkv) * d, seed=5)
     ang = torch.rand(t, d // 2, generator=torch.Generator().manual_seed(6)) * 6
     cos = torch.cat([ang.cos(), ang.cos()], -1).to(torch.bfloat16)
     sin = torch.cat([ang.sin(), ang.sin()], -1).to(torch.bfloat16)
     pos = torch.arange(3, 3 + t)
-    kc, vc = _rnd(1, nkv, length, d, seed=7), _rnd(1, nkv, length, d, seed=8)
+    kc, vc = _rnd(b, nkv, length, d, seed=7), _rnd(b, nkv, length, d, seed=8)
     kc2, vc2 = kc.clone(), vc.clone()
     q = fused.rope_to_cache(qkv, cos, sin, pos, kc, vc, nh, nkv)
+    assert q.shape == (b, nh, t, d)
     # transformers' path: split heads, apply_rotary_pos_emb, index_copy into the cache
-    qh, kh, vh = (p.view(1, t, -1, d).transpose(1, 2) for p in qkv.split((nh * d, nkv * d, nkv * d), -1))
+    qh, kh, vh = (p.view(b, t, -1, d).transpose(1, 2) for p in qkv.split((nh * d, nkv * d, nkv * d), -1))
     qr, kr = apply_rotary_pos_emb(qh, kh, cos[None], sin[None])
     kc2.index_copy_(2, pos, kr)
     vc2.index_copy_(2, pos, vh)

@@ -85,3 +85,18 @@ def test_fuse_linears_outputs_side_by_side(tmp_path):
     with torch.no_grad():
         assert torch.equal(f(x), torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1))
     assert fuse_linears([a.q_proj, torch.nn.Linear(a.q_proj.in_features, 8)]) is None  # mixed kinds
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_batched_decoder_matches_one_sequence_at_a_time(tmp_path, fuse):
+    """batch=3: every sequence decodes the tokens its own batch-1 decoder gives (float32, CPU)."""
+    base = tiny_model("llama", vocab=512)
+    synth.write_model_variant(base, tmp_path, "ct-w4a16", group_size=32)
+    model, _ = load(tmp_path, device="cpu", dtype=torch.float32, progress=False)
+    ids = torch.randint(0, 512, (3, 6), generator=torch.Generator().manual_seed(5))
+    got = GraphDecoder(model, max_len=24, fuse=fuse, batch=3).generate(ids, 8)
+    assert got.batch == 3 and len(got.all_tokens) == 3 and got.tokens == got.all_tokens[0]
+    for row, toks in zip(ids, got.all_tokens):
+        assert toks == GraphDecoder(model, max_len=24, fuse=fuse).generate(row[None], 8).tokens
+    with pytest.raises(UnsupportedError, match="batch 3"):
+        GraphDecoder(model, max_len=24, batch=3).generate(ids[:2], 4)
