@@ -1,4 +1,5 @@
-"""Batch-1 decode speed of a Llama-3-8B-shaped random-weight model, loaded through hubquant.load.
+"""Decode speed (batch 1, and --batches B1,B2,.. sequences side by side) of a Llama-3-8B-shaped random-weight
+model, loaded through hubquant.load.
 
     python bench/decode/run.py --out decode.json            # on a CUDA machine
     python bench/decode/report.py decode.json               # -> docs/decode.md
@@ -7,7 +8,9 @@ For each variant (bf16, compressed-tensors W4A16 group 128, W8A8 int8, FP8 dynam
 weights are quantized on the GPU (hubquant_kernels' RTN kernel for W4), written as a checkpoint exactly as
 FORMATS.md describes, loaded with hubquant.load, checked (the decoder's logits against the transformers forward
 of the same loaded model), and decoded greedily with hubquant.runtime.decode.GraphDecoder (static KV cache,
-one CUDA graph per step). tokens/s is the median over repeats of the decode phase (prefill excluded).
+one CUDA graph per step). tokens/s is the median over repeats of the decode phase (prefill excluded); with a
+batch of B sequences it counts the new tokens of all B. --warm-workers compiles the W4A16 kernels the batched
+shapes need in parallel processes first (bench/kernels/warm.py).
 """
 from __future__ import annotations
 
@@ -69,6 +72,49 @@ def modes(args, kind: str) -> list[str]:
     return ["unfused", "fused"]
 
 
+_UNFUSED_LOGITS: dict[str, torch.Tensor] = {}  # per variant: the unfused decoder's logits (batch 1)
+
+
+def _decode_mode(args, res, row, kind, mode, batch, model, ids, ref, out) -> None:
+    """Time one decoder setup (mode) at one batch size: batch 1 fills the row (or its mode), batch B its
+    "batch_B" entry (B different prompts of the same length)."""
+    dec = GraphDecoder(model, max_len=args.prompt + args.tokens + 8, fuse=mode == "fused", batch=batch)
+    r_ = row if mode == "default" else row.setdefault("modes", {}).setdefault(mode, {})
+    if batch == 1:
+        with torch.no_grad():
+            mine = dec.forward(ids.to(DEVICE), torch.arange(args.prompt, device=DEVICE))[0].float()
+        r_["decoder_vs_transformers_rel_err"] = float((mine - ref).norm() / ref.norm())
+        if mode == "unfused":
+            _UNFUSED_LOGITS[kind] = mine
+        elif kind in _UNFUSED_LOGITS:  # the fused decoder against the unfused one, same weights and prompt
+            u = _UNFUSED_LOGITS[kind]
+            r_["fused_vs_unfused_rel_err"] = float((mine - u).norm() / u.norm())
+        prompts = ids
+    else:
+        r_ = r_.setdefault(f"batch_{batch}", {})
+        prompts = torch.randint(0, res["config"]["vocab_size"], (batch, args.prompt),
+                                generator=torch.Generator().manual_seed(batch))
+    runs = []
+    for _ in range(args.repeats + 1):  # the first run captures the graph and tunes the kernels
+        r = dec.generate(prompts, args.tokens)
+        runs.append(r.tokens_per_second)
+    r_["tokens_per_s_runs"] = runs[1:]
+    r_["tokens_per_s"] = sorted(runs[1:])[len(runs[1:]) // 2]
+    r_["prefill_s"] = r.prefill_seconds
+    r_["first_tokens"] = r.tokens[:8]
+    if not args.no_eager and batch == 1:
+        eager = dec.generate(prompts, min(16, args.tokens), use_graph=False)
+        r_["eager_tokens_per_s"] = eager.tokens_per_second
+    r_["fused_decoder"] = dec.fused is not None
+    r_["chosen_kernels"] = {repr(k): v for k, v in _common.chosen().items()}
+    print(f"{kind:10s} {mode:8s} batch {batch:3d} {r_['tokens_per_s']:9.1f} tok/s (graph, all sequences)  "
+          f"{r_.get('eager_tokens_per_s', float('nan')):7.1f} tok/s (eager)  decoder-vs-HF rel err "
+          f"{r_.get('decoder_vs_transformers_rel_err', float('nan')):.2e}  ckpt {row['checkpoint_bytes'] / 1e9:.2f} GB"
+          f"  write {row['write_s']} s  load {row['load_s']} s", flush=True)
+    del dec
+    out.write_text(json.dumps(res, indent=1, default=str))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="decode_results.json")
@@ -81,7 +127,10 @@ def main() -> int:
                     help="time the unfused decoder (the model's own modules) beside the fused one, per variant")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager (no graph) timing")
     ap.add_argument("--smoke", action="store_true", help="tiny dims on CPU: checks the script, times nothing useful")
+    ap.add_argument("--batches", default="1", help="sequences decoded side by side, e.g. 1,8,32")
+    ap.add_argument("--warm-workers", type=int, default=0, help="compile W4A16 kernels for the batches first")
     args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
     global DEVICE
     if args.smoke:
         DEVICE = "cpu"
@@ -101,8 +150,18 @@ def main() -> int:
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
            "torch": torch.__version__, "layers": args.layers, "new_tokens": args.tokens,
-           "prompt_tokens": args.prompt, "config": {k: cfg.get(k) for k in dims}, "variants": {}}
+           "prompt_tokens": args.prompt, "config": {k: cfg.get(k) for k in dims}, "variants": {},
+           "batches": batches, "command": " ".join(sys.argv)}
     out = Path(args.out)
+    if args.warm_workers and DEVICE == "cuda" and "ct-w4a16" in args.variants:
+        sys.path.insert(0, str(ROOT / "bench" / "kernels"))
+        import warm
+
+        h, inter = dims["hidden_size"], dims["intermediate_size"]
+        kv = h // dims["num_attention_heads"] * dims["num_key_value_heads"]
+        shapes = [(h, h + 2 * kv), (h, h), (h, 2 * inter), (inter, h), (h, kv), (h, inter)]  # (K, N)
+        res["warm"] = warm.warm(shapes, sorted({b for b in batches if b > 1}), args.warm_workers)
+        print(f"compiled in parallel: {res['warm']}", flush=True)
     ids = torch.randint(0, cfg["vocab_size"], (1, args.prompt), generator=torch.Generator().manual_seed(1))
     for kind in args.variants.split(","):
         row = {}
@@ -122,34 +181,8 @@ def main() -> int:
             with torch.no_grad():
                 ref = model(ids.to(DEVICE)).logits[0, -1].float()
             for mode in modes(args, kind):
-                dec = GraphDecoder(model, max_len=args.prompt + args.tokens + 8, fuse=mode == "fused")
-                r_ = row if mode == "default" else row.setdefault("modes", {}).setdefault(mode, {})
-                with torch.no_grad():
-                    mine = dec.forward(ids.to(DEVICE), torch.arange(args.prompt, device=DEVICE))[0].float()
-                r_["decoder_vs_transformers_rel_err"] = float((mine - ref).norm() / ref.norm())
-                if mode == "unfused":
-                    unfused_logits = mine
-                elif args.compare:  # the fused decoder against the unfused one, same weights and prompt
-                    r_["fused_vs_unfused_rel_err"] = float((mine - unfused_logits).norm() / unfused_logits.norm())
-                runs = []
-                for _ in range(args.repeats + 1):  # the first run captures the graph and tunes the kernels
-                    r = dec.generate(ids, args.tokens)
-                    runs.append(r.tokens_per_second)
-                r_["tokens_per_s_runs"] = runs[1:]
-                r_["tokens_per_s"] = sorted(runs[1:])[len(runs[1:]) // 2]
-                r_["prefill_s"] = r.prefill_seconds
-                r_["first_tokens"] = r.tokens[:8]
-                if not args.no_eager:
-                    eager = dec.generate(ids, min(16, args.tokens), use_graph=False)
-                    r_["eager_tokens_per_s"] = eager.tokens_per_second
-                r_["fused_decoder"] = dec.fused is not None
-                r_["chosen_kernels"] = {repr(k): v for k, v in _common.chosen().items()}
-                print(f"{kind:10s} {mode:14s} {r_['tokens_per_s']:8.1f} tok/s (graph)  "
-                      f"{r_.get('eager_tokens_per_s', float('nan')):7.1f} tok/s (eager)  decoder-vs-HF rel err "
-                      f"{r_['decoder_vs_transformers_rel_err']:.2e}  ckpt {row['checkpoint_bytes'] / 1e9:.2f} GB  "
-                      f"write {row['write_s']} s  load {row['load_s']} s", flush=True)
-                del dec
-                out.write_text(json.dumps(res, indent=1, default=str))
+                for batch in batches:
+                    _decode_mode(args, res, row, kind, mode, batch, model, ids, ref, out)
             del model
         except Exception as e:  # noqa: BLE001  (keep the other variants' numbers)
             import traceback
@@ -162,20 +195,24 @@ def main() -> int:
                 torch.cuda.empty_cache()
             res["chosen_kernels"] = {repr(k): v for k, v in _common.chosen().items()}
             out.write_text(json.dumps(res, indent=1, default=str))
-    if args.compare:  # ratios against the same decoder's bf16 (fused vs fused, unfused vs unfused)
-        for kind, row in res["variants"].items():
-            for mode, r_ in row.get("modes", {}).items():
-                bf = res["variants"].get("bf16", {}).get("modes", {}).get(mode, {}).get("tokens_per_s")
-                if bf and r_.get("tokens_per_s"):
-                    print(f"{kind:10s} {mode:8s} {r_['tokens_per_s']:8.1f} tok/s  {r_['tokens_per_s'] / bf:.2f}x bf16 "
-                          f"({mode})  fused vs unfused logits {r_.get('fused_vs_unfused_rel_err', float('nan')):.2e}")
-        return 0
-    bf = res["variants"].get("bf16", {}).get("tokens_per_s")
-    if bf:
-        for kind, row in res["variants"].items():
-            if row.get("tokens_per_s"):
-                print(f"{kind:14s} {row['tokens_per_s'] / bf:.2f}x bf16")
+    _print_ratios(res, batches)
     return 0
+
+
+def _print_ratios(res: dict, batches: list[int]) -> None:
+    """Every variant against the same decoder's bf16 at the same batch (fused vs fused, unfused vs unfused)."""
+    bf_row = res["variants"].get("bf16", {})
+    for kind, row in res["variants"].items():
+        for mode, r_ in (row.get("modes") or {"default": row}).items():
+            bf_r = bf_row.get("modes", {}).get(mode, {}) if mode != "default" else bf_row
+            for b in batches:
+                mine = r_ if b == 1 else r_.get(f"batch_{b}", {})
+                bf = (bf_r if b == 1 else bf_r.get(f"batch_{b}", {})).get("tokens_per_s")
+                if bf and mine.get("tokens_per_s"):
+                    print(f"{kind:10s} {mode:8s} batch {b:3d} {mine['tokens_per_s']:9.1f} tok/s  "
+                          f"{mine['tokens_per_s'] / bf:.2f}x bf16 ({mode})  fused vs unfused logits "
+                          f"{mine.get('fused_vs_unfused_rel_err', float('nan')):.2e}")
+
 
 
 if __name__ == "__main__":
