@@ -38,6 +38,7 @@ DEV = "cuda"
 SHAPES = [(8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)]  # (K, N): N x K as in Llama-3-8B
 MS = [1, 16, 64, 256, 1024, 4096]
 W8_MS = {1, 16, 2048, 4096}
+FP4 = True
 ROTATE = 256 << 20
 
 
@@ -60,7 +61,7 @@ def build(k, n):
             v["gemlite"] = peers.gemlite_layer(qw, sc, 128)
         except Exception as e:  # noqa: BLE001  (a peer that fails is reported, not fatal)
             v["gemlite_error"] = repr(e)[:300]
-    for kind in ("nvfp4", "mxfp4"):
+    for kind in ("nvfp4", "mxfp4") if FP4 else ():
         p, s, gsc = peers.fp4_quantize(w, kind)
         v[kind] = _copies(n * k // 2, lambda p=p, s=s: (p.clone(), s.clone()))
         v[kind + "_g"] = gsc
@@ -100,7 +101,7 @@ def bench_cell(k, n, m, v, log, check) -> dict:
         _timed(cell, "tinygemm", [lambda d=d: peers.tinygemm(x, d[0], d[1], 128) for d in v["tinygemm"]], check, ref4)
     if v.get("gemlite") is not None and m <= 1024:
         _timed(cell, "gemlite", [lambda: v["gemlite"](x)], check, ref4)  # one weight copy: L2-warm (flatters it)
-    if m <= 64:
+    if m <= 64 and FP4:
         for kind in ("nvfp4", "mxfp4"):
             refk = x.double() @ v[kind + "_ref"]
             _timed(cell, kind, [lambda d=d, kind=kind: fp4.fp4_linear(x, d[0], d[1], v[kind + "_g"], kind)
@@ -159,7 +160,7 @@ def host_overhead(log) -> dict:
 
 
 def main() -> int:
-    global DEV, graph_time, ROTATE, W8_MS
+    global DEV, graph_time, ROTATE, W8_MS, FP4
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="h200.json")
     ap.add_argument("--shapes", default="all")
@@ -169,7 +170,9 @@ def main() -> int:
                     help="time the wide W4A16 candidate sets (HUBQUANT_W4_SWEEP=1), compiled first in parallel")
     ap.add_argument("--w8-ms", default=",".join(map(str, sorted(W8_MS))), help="M values with INT8/FP8 cells")
     ap.add_argument("--workers", type=int, default=14, help="compile processes for --sweep")
+    ap.add_argument("--no-fp4", action="store_true", help="leave out the NVFP4/MXFP4 cells")
     args = ap.parse_args()
+    FP4 = not args.no_fp4
     W8_MS = {int(v) for v in args.w8_ms.split(",") if v}
     if args.sweep:
         os.environ["HUBQUANT_W4_SWEEP"] = "1"
@@ -199,7 +202,7 @@ def main() -> int:
     if args.sweep:
         import warm
 
-        res["warm"] = warm.warm(shapes, [m for m in ms if m >= 2], 2 if args.smoke else args.workers, DEV)
+        res["warm"] = warm.warm(shapes, ms, 2 if args.smoke else args.workers, DEV)
         log(f"compiled in parallel: {res['warm']}")
     if DEV == "cuda":
         res["read"] = peers.read_bandwidth(graph_time)
