@@ -78,7 +78,7 @@ _UNFUSED_LOGITS: dict[str, torch.Tensor] = {}  # per variant: the unfused decode
 def _decode_mode(args, res, row, kind, mode, batch, model, ids, ref, out) -> None:
     """Time one decoder setup (mode) at one batch size: batch 1 fills the row (or its mode), batch B its
     "batch_B" entry (B different prompts of the same length)."""
-    dec = GraphDecoder(model, max_len=args.prompt + args.tokens + 8, fuse=mode == "fused", batch=batch)
+    dec = GraphDecoder(model, max_len=args.prompt + args.tokens + 8, fuse=mode != "unfused", batch=batch)
     r_ = row if mode == "default" else row.setdefault("modes", {}).setdefault(mode, {})
     if batch == 1:
         with torch.no_grad():

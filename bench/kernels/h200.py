@@ -171,6 +171,7 @@ def main() -> int:
     ap.add_argument("--w8-ms", default=",".join(map(str, sorted(W8_MS))), help="M values with INT8/FP8 cells")
     ap.add_argument("--workers", type=int, default=14, help="compile processes for --sweep")
     ap.add_argument("--no-fp4", action="store_true", help="leave out the NVFP4/MXFP4 cells")
+    ap.add_argument("--warm", action="store_true", help="compile the W4A16 candidates in parallel first")
     args = ap.parse_args()
     FP4 = not args.no_fp4
     W8_MS = {int(v) for v in args.w8_ms.split(",") if v}
@@ -199,7 +200,7 @@ def main() -> int:
     except ImportError:
         res["gemlite"] = None
     res["host_us"] = host_overhead(log)
-    if args.sweep:
+    if args.sweep or args.warm:
         import warm
 
         res["warm"] = warm.warm(shapes, ms, 2 if args.smoke else args.workers, DEV)

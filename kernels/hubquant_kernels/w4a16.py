@@ -337,7 +337,7 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
                 fn=lambda *a, bm=bm, bn=bn, bk=bk, s=split, w=warps, st=stages:
                     _mm(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
     out += w4a16_gemv.candidates(m, n, k, gs)  # M=1: the only candidates
-    if m >= 2 and os.environ.get("HUBQUANT_W4_SWEEP") == "1":  # one wide GPU sweep (bench/kernels/h200.py --sweep)
+    if os.environ.get("HUBQUANT_W4_SWEEP") == "1":  # one wide GPU sweep (bench/kernels/h200.py --sweep)
         out += w4a16_tc.sweep_candidates(m, n, k, gs) if m <= 64 else []
         out += w4a16_mma.sweep_candidates(m, n, k, gs)
     else:

@@ -198,6 +198,7 @@ CONFIGS = ((64, 256, 4), (128, 128, 4), (128, 256, 8), (64, 128, 4))
 # 3, 6 and 12 besides the powers of two: the grid (N tiles x split) can then fill the 132 SMs' resident slots in
 # whole waves more often (e.g. 4096x4096 at BN=64: 64 tiles x 6 = 384 programs instead of 256 or 512)
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
+SWEEP_CONFIGS = ((32, 256, 4), (32, 512, 4), (64, 512, 8), (64, 256, 2))
 
 
 def enabled() -> bool:
@@ -214,7 +215,8 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     if m > 1 or not enabled():
         return []
     out = []
-    for bn, bk, warps in CONFIGS:
+    sweep = os.environ.get("HUBQUANT_W4_SWEEP") == "1"  # one wide GPU sweep: narrower and deeper tiles too
+    for bn, bk, warps in CONFIGS + (SWEEP_CONFIGS if sweep else ()):
         n_blocks, tiles = -(-k // bk), -(-n // bn)
         for split in SPLITS:  # not so many programs that the reduction dominates (narrow N needs big splits)
             per = -(-n_blocks // split)  # blocks per program; every program must get at least one
