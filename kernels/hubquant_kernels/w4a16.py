@@ -342,7 +342,7 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
         out += w4a16_mma.sweep_candidates(m, n, k, gs)
     else:
         if 2 <= m <= 16:  # tensor cores: won some M=16 shapes (docs/kernels.md); few configs, tuning is slow
-            out += w4a16_tc.candidates(m, n, k, gs, configs=w4a16_tc.SMALL_M_CONFIGS, prefetch=(False, True))
+            out += w4a16_tc.candidates(m, n, k, gs, configs=w4a16_tc.SMALL_M_CONFIGS)
         out += w4a16_mma.candidates(m, n, k, gs)
     if m > 16:
         out.append(Candidate(name="dequant+cublas", fn=_dequant_cublas, pure=False))
@@ -391,12 +391,19 @@ def _compute(x2, qweight, scales, zeros, gs, bias, y, impl=None) -> Candidate | 
         cands = [c for c in candidates(m, n, k, gs) if c.name == impl]
         check(bool(cands), f"no W4A16 implementation named {impl!r} for this shape",
               hint="see hubquant_kernels.w4a16.candidates(m, n, k, group_size)")
-        cands[0].fn(*args)
+        _run_into(cands[0], args, y)
         return cands[0]
     key = ("w4a16", m_bucket(m), n, k, gs, zeros is not None, x2.dtype, bias is not None)
     c = choose_lazy(key, lambda: candidates(m, n, k, gs), args, on_gpu=x2.is_cuda)
-    c.fn(*args)
+    _run_into(c, args, y)
     return c
+
+
+def _run_into(c: Candidate, args: tuple, y: torch.Tensor) -> None:
+    """Run candidate c; its result ends in y (callers and bound plans hold y, not the return value)."""
+    out = c.fn(*args)
+    if out is not y:
+        y.copy_(out)
 
 
 def bind(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,

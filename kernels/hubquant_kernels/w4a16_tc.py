@@ -229,8 +229,10 @@ def tc(x, qweight, scales, zeros, bias, y, gs, *, bm=16, bn=64, bk=128, split_k=
 CONFIGS = ((64, 128, 4, False), (128, 128, 4, False), (256, 128, 4, False), (256, 128, 8, False),
            (256, 256, 8, False), (64, 128, 4, True), (128, 128, 4, True), (256, 128, 4, True), (256, 256, 8, True))
 SPLITS = (1, 2, 4, 8, 16, 32)
-# the ones that won or came within 10% at M=16 in the first H100 sweep (bench/kernels/results/h100_sweep_w4_run1.json)
-SMALL_M_CONFIGS = ((128, 128, 4, False), (256, 128, 8, False), (64, 128, 4, False), (128, 128, 4, True))
+# offered by the chooser for M = 2..16: the H200 sweep's winner at M=16 on 8192x8192 and 4096x4096 (128x256, 8 warps:
+# bench/kernels/results/h200_sweepH.json) and the H100 sweep's (h100_sweep_w4_run1.json); the swapped variant and the
+# prefetching one ("_p") never won there and are left to sweeps
+SMALL_M_CONFIGS = ((128, 256, 8, False), (128, 128, 4, False), (256, 128, 8, False), (64, 128, 4, False))
 
 
 def candidates(m: int, n: int, k: int, gs: int, configs=CONFIGS, splits=SPLITS,

@@ -348,9 +348,10 @@ def _cublas_int8(qa, sa, qw, sw, bias, y):
 
 
 def _cublas_fp8(qa, sa, qw, sw, bias, y):
-    # row-wise scales as cuBLASLt wants them: fp32 [M, 1] and [1, N], contiguous views (no copy when sw is fp32)
-    return torch._scaled_mm(qa, qw.t(), scale_a=sa.reshape(-1, 1), scale_b=sw.float().reshape(1, -1), bias=bias,
-                            out_dtype=y.dtype)
+    # row-wise scales as cuBLASLt wants them: fp32 [M, 1] and [1, N], contiguous views (no copy when sw is fp32);
+    # every candidate writes y (callers may hold y and not the return value)
+    return y.copy_(torch._scaled_mm(qa, qw.t(), scale_a=sa.reshape(-1, 1), scale_b=sw.float().reshape(1, -1),
+                                    bias=bias, out_dtype=y.dtype))
 
 
 def mm_candidates(m: int, n: int, k: int, fp8: bool, out_dtype: torch.dtype) -> list[Candidate]:
@@ -453,7 +454,9 @@ def bind(qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
             return None
         qa, sa = quantize_act(x2, fp8=fp8, static_scale=static_scale)
         scaled_mm(qa[:0], sa[:0], qweight, ws, bias, out_dtype=y.dtype)  # the argument checks, on no rows
-        c = _mm_into(qa, sa, qweight, ws, bias, y)[1]
+        out, c = _mm_into(qa, sa, qweight, ws, bias, y)
+        if out is not y:  # the plan and the caller hold y
+            y.copy_(out)
         return [qa, sa] if c is not None and c.pure else None
 
     return Bound(k, n, run, (qweight, ws, bias, static_scale))

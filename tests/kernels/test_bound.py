@@ -57,3 +57,19 @@ def test_plan_substitutes_x_and_y_and_refuses_foreign_tensors():
     assert bound.make_plan([(k, (), (1,), (x, other, y))], x, y, consts=(w,), scratch=[other]) is not None
     assert bound.make_plan(records + [None], x, y, consts=(w,)) is None  # a launch through Triton's own path
     assert bound.make_plan([], x, y, consts=(w,)) is None  # no launch at all (a cuBLAS call)
+
+
+def test_every_cpu_runnable_scaled_mm_candidate_writes_its_output_in_place():
+    # bound plans and `bind` hold the preallocated y: a candidate that returned a new tensor instead (as the cuBLAS
+    # FP8 one did) left y unwritten
+    g = torch.Generator().manual_seed(2)
+    qw = torch.randint(-127, 128, (48, 256), generator=g).to(torch.int8)
+    sw = torch.rand(48, generator=g) * 0.01
+    qa, sa = w8a8.quantize_act(torch.randn(20, 256, generator=g).to(torch.bfloat16))
+    ref = w8a8.scaled_mm_reference(qa, sa, qw, sw, None, torch.float32)
+    for c in w8a8.mm_candidates(20, 48, 256, False, torch.bfloat16):
+        if c.name.startswith("cublas"):
+            continue  # CUDA only
+        y = torch.full((20, 48), float("nan"), dtype=torch.bfloat16)
+        assert c.fn(qa, sa, qw, sw, None, y) is y, c.name
+        assert float((y.float() - ref).norm() / ref.norm()) < 1e-2, c.name
