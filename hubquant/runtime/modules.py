@@ -34,7 +34,15 @@ def _bound(mod: nn.Module, tensors: tuple, make) -> k_w4.Bound:
     return op[1]
 
 
-class W4A16Linear(nn.Module):
+class _BoundMixin:
+    """Drops the bound op when the module's tensors move (.to(), .cuda(), .half()): it holds the old tensors."""
+
+    def _apply(self, fn, *args, **kwargs):
+        self._op = None
+        return super()._apply(fn, *args, **kwargs)
+
+
+class W4A16Linear(_BoundMixin, nn.Module):
     """4-bit grouped weights, 16-bit activations.
 
     Buffers: qweight int32 [K/8, N] (unsigned codes, kernel layout), scales [G, N], zeros uint8 [G, N] or None
@@ -76,7 +84,7 @@ class W4A16Linear(nn.Module):
                 f"asym={self.zeros is not None}, act_order={self.perm is not None}")
 
 
-class W8A8Linear(nn.Module):
+class W8A8Linear(_BoundMixin, nn.Module):
     """8-bit weights and 8-bit activations (int8 or FP8 e4m3), per-channel weight scales.
 
     Buffers: qweight [N, K] int8 or float8_e4m3fn, w_scale fp32 [N], input_scale fp32 [1] (static schemes)

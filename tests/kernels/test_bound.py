@@ -73,3 +73,23 @@ def test_every_cpu_runnable_scaled_mm_candidate_writes_its_output_in_place():
         y = torch.full((20, 48), float("nan"), dtype=torch.bfloat16)
         assert c.fn(qa, sa, qw, sw, None, y) is y, c.name
         assert float((y.float() - ref).norm() / ref.norm()) < 1e-2, c.name
+
+
+def test_layer_op_is_made_again_when_its_tensors_change():
+    from hubquant.runtime import modules
+
+    k, n = 128, 16
+    qw = pack.pack_kn(torch.randint(0, 16, (k, n), generator=torch.Generator().manual_seed(3)))
+    mod = modules.W4A16Linear(k, n, 128, qweight=qw, scales=torch.rand(1, n).to(torch.bfloat16))
+    made = []
+
+    def op():
+        tensors = (mod.qweight, mod.scales, mod.zeros, mod.bias)
+        return modules._bound(mod, tensors, lambda: made.append(1) or w4a16.bind(*tensors[:3], 128, tensors[3]))
+
+    first = op()
+    assert op() is first and len(made) == 1  # one op per layer while its tensors stay
+    mod.scales = mod.scales.clone()  # load_state_dict / fusing replace buffers
+    assert op() is not first and len(made) == 2
+    mod.float()  # moving the module drops the op (it holds the old tensors)
+    assert mod._op is None
