@@ -386,6 +386,11 @@ def policy_in_force(policy: RoutingPolicy):
         _POLICY.reset(token)
 
 
+def current_policy() -> RoutingPolicy | None:
+    """The policy in force (`policy_in_force`), if any."""
+    return _POLICY.get()
+
+
 class _Routed(Exception):
     """Stops a layer once its router has chosen the experts (the routing pass needs nothing after that)."""
 

@@ -270,10 +270,10 @@ def load(run: Run) -> None:
     from hubquant.modeling import decoder_layers, model_dtype, quantizable_linears
 
     with run.stage("load"):
-        run.weights, tokenizer = streaming.open_for(run.opts.streaming, method=run.opts.method, fmt=run.plan.format,
-                                                    path=run.path, trust_remote_code=run.opts.trust_remote_code,
-                                                    log=run.log)
-        model, tokenizer = (run.weights.model, tokenizer) if run.weights is not None else \
+        run.weights = streaming.open_for(run.opts.streaming, method=run.opts.method, fmt=run.plan.format,
+                                         path=run.path, trust_remote_code=run.opts.trust_remote_code, log=run.log)
+        model, tokenizer = (run.weights.model, load_tokenizer(run.path, trust_remote_code=run.opts.trust_remote_code)
+                            ) if run.weights is not None else \
             load_model(run.path, trust_remote_code=run.opts.trust_remote_code)
         decoder_layers(model)  # unsupported layouts fail here, before any work
         _experts(run, model)

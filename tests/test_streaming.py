@@ -96,37 +96,6 @@ def test_sharded_output_is_byte_identical(tmp_path, tokenizer, monkeypatch):
         assert filecmp.cmp(tmp_path / "mem" / n, tmp_path / "str" / n, shallow=False), n
 
 
-def test_checkpoint_needing_conversion_is_not_streamed(tmp_path, tokenizer, monkeypatch):
-    """A Mixtral checkpoint stores per-expert Linears that transformers 5 fuses into 3-D parameters on load:
-    not streamable, and said so (auto then loads the model in memory)."""
-    from transformers import AutoModelForCausalLM, MixtralConfig
-
-    from hubquant.errors import UnsupportedError
-    from hubquant.streaming import open_for
-
-    monkeypatch.setattr("hubquant.streaming.AUTO_FRACTION", 0.0)  # auto considers streaming at any size
-
-    cfg = MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=256, num_local_experts=2, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    from safetensors import safe_open
-
-    with safe_open(tmp_path / "model.safetensors", "pt") as f:
-        keys = list(f.keys())
-    if not any(".experts.0." in k for k in keys):
-        pytest.skip("this transformers saves fused expert tensors")
-    logs: list[str] = []
-    assert open_for("auto", method="rtn", fmt="compressed-tensors", path=tmp_path, trust_remote_code=False,
-                    log=logs.append) == (None, None)
-    assert "converted on load" in logs[0]
-    with pytest.raises(UnsupportedError, match="cannot stream"):
-        open_for("on", method="rtn", fmt="compressed-tensors", path=tmp_path, trust_remote_code=False)
-    assert open_for("auto", method="awq", fmt="awq", path=tmp_path, trust_remote_code=False,
-                    log=logs.append) == (None, None)
-
-
 @pytest.mark.slow  # ~1 min alone, ~4 min on 2 busy cores
 def test_streamed_peak_rss_below_model_size(hub_env, local_hub, tmp_path):
     """`hubquant convert` (RTN, streamed) of a ~1 GB model in a child process: its peak resident size stays below a

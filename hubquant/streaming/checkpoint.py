@@ -1,0 +1,221 @@
+"""The model on the meta device and where each of its tensors is in the checkpoint.
+
+Model keys map to checkpoint keys through transformers' own loading rules for the model
+(`get_model_conversion_mapping`): renamings give one checkpoint tensor per model tensor; a `WeightConverter`
+(transformers 5 fuses a sparse block's per-expert `gate_proj`/`up_proj`/`down_proj` into the 3-D
+`experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I], and may concatenate, split or permute other
+tensors) makes a model tensor from several checkpoint tensors. `Weights` runs those converters on just the keys of
+the tensor it materializes, in transformers' loading order and dtype, so a decoder layer holds exactly the values
+`from_pretrained` would give it. Experts already replaced by per-expert Linears (`hubquant.moe.unfuse_experts` on
+the skeleton) get views of the fused tensors, as `unfuse_experts` makes them in memory.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hubquant.formats.shards import DTYPES, Checkpoint
+from hubquant.modeling import layers_prefix
+
+
+@dataclass
+class Converted:
+    """Model tensors one transformers `WeightConverter` makes: a copy of the converter, its checkpoint sources in
+    transformers' loading order ((source pattern, checkpoint key)), the dtype they are read in, and the model keys
+    it produces."""
+
+    converter: object
+    first: str  # the model key transformers files the converter under
+    dtype: torch.dtype
+    sources: list[tuple[str, str]] = field(default_factory=list)
+    targets: tuple[str, ...] = ()
+
+    def run(self, read, model: nn.Module) -> dict[str, torch.Tensor]:
+        """{model key: tensor} from the sources (`read(key)` -> tensor; meta tensors give the shapes)."""
+        conv = self.converter
+        for pattern, key in self.sources:
+            conv.add_tensor(self.first, key, pattern, lambda key=key: read(key).to(self.dtype))
+        return conv.convert(self.first, model=model, config=model.config)
+
+
+@dataclass
+class Weights:
+    """A meta-device model and where each of its tensors is in the checkpoint (`mapping`: model key -> key;
+    `converted`: model key -> the converter that makes it)."""
+
+    model: nn.Module
+    checkpoint: Checkpoint
+    mapping: dict[str, str]
+    converted: dict[str, Converted] = field(default_factory=dict)
+    _spare: dict[str, torch.Tensor] = field(default_factory=dict)  # converter outputs not asked for yet
+
+    def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The value of model tensor `key` as `from_pretrained` gives it (a fresh CPU tensor)."""
+        if key in self.mapping:
+            t = self.checkpoint.read(self.mapping[key])
+            return t if dtype is None else t.to(dtype)
+        if key not in self._spare:
+            self._spare.update(self.converted[key].run(self.checkpoint.read, self.model))
+        return self._spare.pop(key)
+
+    def load(self, module: nn.Module, prefix: str = "") -> None:
+        """Read every parameter and persistent buffer of `module` still on the meta device (per-expert Linears:
+        views of their experts module's fused tensors)."""
+        from hubquant import moe
+
+        for ename, experts in moe.expert_modules(module, prefix).items():
+            lin = experts[0].projections()[0]
+            if lin.weight.is_meta:
+                fill_experts(experts, self.tensor(f"{ename}.gate_up_proj"), self.tensor(f"{ename}.down_proj"), ename)
+        for name, t in _tensors(module):
+            if t.is_meta:
+                full = f"{prefix}.{name}" if prefix else name
+                _set(module, name, self.tensor(full, t.dtype))
+
+    def release(self, module: nn.Module) -> None:
+        """Put every parameter and persistent buffer of `module` back on the meta device (frees the memory)."""
+        for name, t in _tensors(module):
+            _set(module, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+
+    def load_rest(self, *, head: bool = True) -> None:
+        """The weights outside the decoder layers (embeddings, final norm and, with `head`, lm_head); re-ties
+        tied ones."""
+        prefix = layers_prefix(self.model)
+        inside, body = prefix + ".", prefix.rpartition(".")[0] + "."
+        for name, t in list(_tensors(self.model)):
+            if t.is_meta and not name.startswith(inside) and (head or name.startswith(body)):
+                _set(self.model, name, self.tensor(name, t.dtype))
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
+
+
+def fill_experts(experts, gate_up: torch.Tensor, down: torch.Tensor, name: str) -> None:
+    """Per-expert Linear weights as views of the fused [E, 2I, H] and [E, H, I] tensors (hubquant.moe.unfuse_experts'
+    split: gate rows first, then up)."""
+    inter = gate_up.shape[1] // 2
+    for e, mlp in enumerate(experts):
+        for lin, w in zip(mlp.projections(), (gate_up[e, :inter], gate_up[e, inter:], down[e]), strict=True):
+            if tuple(w.shape) != tuple(lin.weight.shape):
+                raise RuntimeError(f"{name}.{e}: checkpoint experts {tuple(w.shape)} do not fit the model's "
+                                   f"{tuple(lin.weight.shape)}")
+            lin._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+
+
+def _tensors(module: nn.Module):
+    seen = set()
+    for name, p in module.named_parameters():
+        seen.add(name)
+        yield name, p
+    for mod_name, mod in module.named_modules():
+        for b, t in mod._buffers.items():
+            if t is not None and b not in mod._non_persistent_buffers_set:
+                yield (f"{mod_name}.{b}" if mod_name else b), t
+
+
+def _set(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = dotted.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
+def load_skeleton(path: Path, *, trust_remote_code: bool, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of `path` with every parameter on the meta device (non-persistent buffers such as rotary
+    frequencies computed on the CPU, as transformers' own loading does)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    owners = {}
+    for name, buf in list(model.named_buffers()):
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        if buf.is_meta and attr in mod._non_persistent_buffers_set:
+            mod._buffers[attr] = torch.empty_like(buf, device="cpu")
+            owners[id(mod)] = mod
+    for mod in owners.values():
+        if isinstance(getattr(mod, "original_inv_freq", None), torch.Tensor) and mod.original_inv_freq.is_meta:
+            mod.original_inv_freq = torch.empty_like(mod.original_inv_freq, device="cpu")
+        model._init_weights(mod)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def key_mapping(model: nn.Module, checkpoint: Checkpoint):
+    """(mapping, converted, why): model key -> checkpoint key through transformers' renaming rules for this model,
+    model key -> `Converted` for tensors its WeightConverters make, and why not ("" when every model tensor has a
+    source whose shape fits)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    mapping: dict[str, str] = {}
+    converted: dict[str, Converted] = {}
+    for key in sorted(checkpoint.keys(), key=dot_natural_key):  # transformers' loading order
+        new, pattern = rename_source_key(key, renamings, converters, prefix, state)
+        if new not in state and key in state:
+            new, pattern = rename_source_key(key, [], [], prefix, state)
+        if new not in state:
+            continue  # not a model tensor (transformers skips it too)
+        if pattern is not None:
+            conv = converted.setdefault(new, Converted(copy.deepcopy(by_pattern[pattern]), new, state[new].dtype))
+            conv.sources.append((pattern, key))
+        elif new in mapping:
+            return None, None, f"checkpoint tensors {mapping[new]} and {key} both map to {new}"
+        else:
+            mapping[new] = key
+    made, why = _converted_targets(model, checkpoint, converted, state)
+    if why:
+        return None, None, why
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in tied.items():
+        if target not in mapping and source in mapping:
+            mapping[target] = mapping[source]
+    missing = [k for k in state if k not in mapping and k not in made and "rotary_emb" not in k]
+    if missing:
+        return None, None, f"{len(missing)} model tensors are not in the checkpoint (e.g. {missing[0]})"
+    return mapping, made, ""
+
+
+def _converted_targets(model, checkpoint: Checkpoint, converted: dict[str, Converted], state):
+    """Each converter run on meta tensors of its sources' shapes: which model keys it makes, with fitting shapes."""
+    def meta(key):
+        e = checkpoint.entries[key]
+        return torch.empty(e.shape, dtype=DTYPES[e.dtype], device="meta")
+
+    made: dict[str, Converted] = {}
+    for first, conv in converted.items():
+        try:
+            out = conv.run(meta, model)
+        except Exception as e:  # an operation transformers cannot run on shapes alone
+            return None, f"checkpoint tensors for {first} are converted by {type(conv.converter).__name__} ({e})"
+        for key, t in out.items():
+            if key not in state or tuple(state[key].shape) != tuple(t.shape):
+                return None, f"{first}: transformers' conversion makes {key} {tuple(t.shape)}, which the model lacks"
+            made[key] = conv
+        conv.targets = tuple(out)
+    return made, ""
+
+
+def open_checkpoint(path: Path, *, trust_remote_code: bool, dtype: torch.dtype):
+    """Weights for a streamed conversion of the folder `path`, or (None, why not)."""
+    checkpoint = Checkpoint(path)
+    if not checkpoint.entries:
+        return None, "no safetensors weights"
+    model = load_skeleton(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    mapping, converted, why = key_mapping(model, checkpoint)
+    if mapping is None:
+        return None, why
+    return Weights(model=model, checkpoint=checkpoint, mapping=mapping, converted=converted), ""

@@ -1,0 +1,247 @@
+"""The streamed quantize-and-write pass: the layer hooks (`Session`) and the method drivers.
+
+Per decoder layer, `Session.before` materializes the layer (`Weights.load`) and advances the base's evaluation
+activations through it; the method quantizes it (its QuantizedWeights go to `Session.results`, the sink
+`hubquant.engine.results()` returns); `Session.after` advances the variant's activations, quantizes any expert
+projection the method left out (the routing policy's rule), hands the layer's tensors to the writer and frees it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hubquant import fp4, moe
+from hubquant.engine import layer_hooks
+from hubquant.formats.shards import ShardWriter
+from hubquant.modeling import decoder_layers, layers_prefix, quantizable_linears
+from hubquant.streaming.activations import EvalStreams, evaluate_streams
+from hubquant.streaming.checkpoint import Weights
+
+
+class Session:
+    """The layer hooks of a streamed conversion (see hubquant.engine.layer_hooks): materialize, evaluate,
+    write, release. `results` is the dict the method fills with each layer's QuantizedWeights."""
+
+    def __init__(self, weights: Weights, writer: ShardWriter, fmt, *, job, method: str, streams: EvalStreams,
+                 log=print):
+        self.weights, self.writer, self.fmt, self.job, self.log = weights, writer, fmt, job, log
+        self.scheme, self.method, self.options = job.scheme, method, job.options
+        self.device, self.streams = torch.device(job.device), streams
+        self.results: dict = {}
+        self.names: set[str] = set()  # every quantized Linear, once its layer is written
+        self.witness: tuple | None = None  # one written QuantizedWeight, for the final config call
+        self.policy = None  # the routing policy of a mixture-of-experts run
+        self.unrouted = 0  # expert projections the method left out, quantized by the policy's rule
+        self.tmp = writer.out_dir / ".hubquant-final"  # the format's own writer writes the config files here
+
+    def before(self, index: int, name: str, layer: nn.Module) -> None:
+        self.weights.load(layer, name)
+        self._advance(self.streams.base, index, layer)
+
+    def after(self, index: int, name: str, layer: nn.Module) -> None:
+        self._quantize_left_out_experts(name, layer)
+        self._advance(self.streams.variant, index, layer)
+        quantized = {n: self.results.pop(n) for n in list(self.results) if n.startswith(name + ".")}
+        state = {f"{name}.{k}": v for k, v in layer.state_dict().items()}
+        modules = [(f"{name}.{n}" if n else name, m) for n, m in layer.named_modules()]
+        self.write_part(state, quantized, modules)
+        self.weights.release(layer)
+
+    def layers_done(self) -> None:
+        """Every decoder layer is quantized: the base's numbers, before a Linear outside the layers changes."""
+        if self.streams.base and self.streams.reference is None:
+            evaluate_streams(self.weights, self.streams, variant=False)
+
+    def _quantize_left_out_experts(self, name: str, layer: nn.Module) -> None:
+        """hubquant.moe_pipeline.quantize_with_policy's rule, per layer: round-to-nearest for every expert projection
+        the method did not quantize (an expert no calibration batch reached), counted."""
+        if self.policy is None:
+            return
+        from hubquant.moe_pipeline import _rtn_linears
+
+        experts = moe.expert_linear_names(layer, name)
+        missing = {n: m for n, m in quantizable_linears(layer, self.job.ignore, name).items()
+                   if n in experts and n not in self.results}
+        if missing:
+            self.policy.fallback_linears.extend(missing)
+            self.unrouted += len(missing)
+            self.results.update(_rtn_linears(missing, self.job))
+
+    def _advance(self, streams: list, index: int, layer: nn.Module) -> None:
+        if not any(s.hidden for s in streams):
+            return
+        home = next(layer.parameters()).device
+        layer.to(self.device)
+        for s in streams:
+            s.advance(index, layer, self.device)
+        layer.to(home)
+
+    def write_part(self, state: dict, quantized: dict, modules: list) -> None:
+        """One decoder layer's tensors into the shards: its float tensors, and each quantized Linear's tensors as
+        the format names them (FormatSpec.linear_tensors), under their checkpoint names
+        (hubquant.moe.checkpoint_name), as the format's whole-model writer makes them."""
+        from hubquant.formats.common import dense_tensors, method_options
+
+        model = self.weights.model
+        config = model.config
+        for key, t in dense_tensors(_View(config, state, modules), quantized).items():
+            self.writer.add(moe.checkpoint_name(model, key), t)
+        options = method_options(self.method, self.options)
+        for name, qw in quantized.items():
+            for key, t in self.fmt.linear_tensors(name, qw, self.scheme, options=options).items():
+                self.writer.add(moe.checkpoint_name(model, key), t)
+        self.names.update(quantized)
+        if self.witness is None and quantized:
+            self.witness = next(iter(quantized.items()))
+
+    def finish(self, out_dir: Path) -> dict:
+        """Non-layer tensors, config.json and side files; lays the shards out. Returns the quantization_config."""
+        from hubquant.formats.common import dense_tensors
+
+        model, config = self.weights.model, self.weights.model.config
+        rest = dict(self.results)  # Linears outside the decoder layers that the method quantized (lm_head)
+        self.names.update(rest)
+        prefix = layers_prefix(model) + "."
+        skip = {f"{n}.weight" for n in self.names}
+        for key, t in model.state_dict().items():
+            if key.startswith(prefix) or key in skip:
+                continue
+            if not dense_tensors(_View(config, {key: torch.empty(0)}, []), self.names):
+                continue  # left out by the writers' rules (tied lm_head, rotary buffers)
+            value = t if not t.is_meta else self.weights.tensor(key, t.dtype)
+            for k, v in dense_tensors(_View(config, {key: value}, []), self.names).items():
+                self.writer.add(k, v)
+        final = dict(rest)
+        if self.witness is not None:
+            final.setdefault(*self.witness)
+        modules = [(n, m) for n, m in model.named_modules()
+                   if not (isinstance(m, nn.Linear) and n in self.names and n not in final)]
+        self.tmp.mkdir(exist_ok=True)
+        qc = self.fmt(_View(config, {}, modules), final, scheme=self.scheme, out_dir=self.tmp, method=self.method,
+                      options=self.options)
+        for f in sorted(self.tmp.iterdir()):
+            if f.name.endswith(".safetensors"):
+                self.writer.add_file(f, skip=set(self.writer.records))
+            elif not f.name.endswith(".index.json"):
+                f.replace(out_dir / f.name)
+        self.writer.finish()
+        _rmtree(self.tmp)
+        return qc
+
+
+class _View:
+    """What a format writer reads of a model, limited to one part of it: config, state_dict, named_modules."""
+
+    def __init__(self, config, state: dict, modules: list):
+        self.config, self._state, self._modules = config, state, modules
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def named_modules(self):
+        return iter(self._modules)
+
+    def parameters(self):
+        return iter(self._state.values())
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class StreamedResult:
+    quantized: dict  # quantized Linear name -> None (the tensors are in the files)
+    qc: dict
+    streams: EvalStreams
+    seconds: float
+    routing: object = None  # hubquant.moe.RoutingPolicy of a mixture-of-experts model
+
+
+def quantize_and_write(weights: Weights, job, *, method: str, fmt: str, out_dir: Path, streams: EvalStreams,
+                       method_options: dict | None = None, log=print) -> StreamedResult:
+    """Quantize the model layer by layer from its checkpoint and write the variant into `out_dir`.
+
+    Every stream in `streams.base` goes through each float layer, every one in `streams.variant` through each
+    quantized layer (for the evaluation afterwards, see `evaluate_streams`). Mixture-of-experts models (experts
+    unfused on the skeleton, `hubquant.moe.unfuse_experts`) run under the routing policy of `method_options` (the
+    raw `--method-option`s) exactly as `hubquant.moe_pipeline.quantize_with_policy` runs them in memory.
+    """
+    from hubquant.formats import get_format
+    from hubquant.moe_pipeline import quantize_with_policy
+
+    t0 = time.time()
+    writer = ShardWriter(out_dir)
+    session = Session(weights, writer, get_format(fmt), job=job, method=method, streams=streams, log=log)
+    if job.calib is not None:
+        weights.load_rest(head=False)  # the embeddings make the calibration activations
+    try:
+        with layer_hooks(session):
+            _, policy = quantize_with_policy(weights.model, job, _driver(method, session), options=method_options,
+                                             log=log)
+        session.layers_done()
+        qc = session.finish(out_dir)
+        if streams.base:
+            evaluate_streams(weights, streams, variant=True)
+    except BaseException:
+        writer.abort()
+        _rmtree(session.tmp)
+        raise
+    names = dict.fromkeys(sorted(session.names))
+    return StreamedResult(quantized=names, qc=qc, streams=streams, seconds=time.time() - t0, routing=policy)
+
+
+def _driver(method: str, session: Session):
+    """The method run for `quantize_with_policy`: quantized Linears go to the session's sink, low-token experts'
+    round-to-nearest too; returns every quantized name (the tensors are written already)."""
+    from hubquant.methods import get_method
+    from hubquant.moe_pipeline import _rtn_linears
+
+    def run(model: nn.Module, job) -> dict:
+        session.job = job
+        session.policy = moe.current_policy()
+        if session.policy is not None:  # the rule's tensors go where the layer's are written
+            session.policy.fallback = lambda lins: session.results.update(_rtn_linears(lins, job))
+        if method == "rtn" and (job.scheme.activations is None or not fp4.kind_of(job.scheme)):
+            _rtn(model, job, session)  # NVFP4 W4A4 calibrates: the method's own layer loop
+        else:
+            get_method(method).load()(model, job)
+        if session.unrouted:
+            session.log(f"moe: {session.unrouted} expert Linears got no statistics from the method; "
+                        "quantized with round-to-nearest")
+        return dict.fromkeys(session.names | set(session.results))
+
+    return run
+
+
+@torch.no_grad()
+def _rtn(model: nn.Module, job, session: Session) -> None:
+    """RTN, one decoder layer at a time (then the Linears outside the layers, e.g. an lm_head not ignored)."""
+    from tqdm.auto import tqdm
+
+    from hubquant.methods.fp4 import rtn_linears
+    from hubquant.methods.rtn import quantize_linears
+
+    kind = fp4.kind_of(job.scheme)  # FP4 presets round to the FP4 grid
+
+    def quantize(linears: dict) -> dict:
+        return rtn_linears(linears, kind) if kind else quantize_linears(linears, job)
+
+    layers = decoder_layers(model)
+    prefix = layers_prefix(model)
+    for i, layer in enumerate(tqdm(layers, desc="rtn: layers", disable=not job.progress)):
+        name = f"{prefix}.{i}"
+        session.before(i, name, layer)
+        session.results.update(quantize(quantizable_linears(layer, job.ignore, name)))
+        session.after(i, name, layer)
+    session.layers_done()
+    rest = {n: m for n, m in quantizable_linears(model, job.ignore).items() if not n.startswith(prefix + ".")}
+    for name, lin in rest.items():
+        session.weights.load(lin, name)
+    session.results.update(quantize(rest))
