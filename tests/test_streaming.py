@@ -36,6 +36,8 @@ CASES = [
     ("rtn", "compressed-tensors", dict(ignore=("down_proj",))),  # lm_head quantized, one Linear kind kept float
     ("gptq", "compressed-tensors", {}),
     ("gptq", "gptq", {}),
+    ("awq", "awq", {}),
+    ("awq", "compressed-tensors", {}),
 ]
 
 
@@ -94,6 +96,59 @@ def test_sharded_output_is_byte_identical(tmp_path, tokenizer, monkeypatch):
     assert names == sorted(os.listdir(tmp_path / "str"))
     for n in names:
         assert filecmp.cmp(tmp_path / "mem" / n, tmp_path / "str" / n, shallow=False), n
+
+
+def test_auto_streams_large_models_and_says_which_path(tmp_path, tokenizer, monkeypatch):
+    """auto: one log line naming the path and why; a MoE checkpoint (per-expert tensors that transformers fuses on
+    load) streams; methods that need the whole model fall back (auto) or are refused (on)."""
+    from hubquant.errors import UnsupportedError
+    from hubquant.streaming import open_for
+
+    folder = save_tiny_repo(tmp_path / "moe", "mixtral", tokenizer, layers=2, vocab=1024)
+    logs: list[str] = []
+    assert open_for("auto", method="rtn", fmt="compressed-tensors", path=folder, trust_remote_code=False,
+                    log=logs.append) is None
+    assert len(logs) == 1 and logs[0].startswith("loading the whole model in memory: its 0.0") and "fit in 25%" in logs[0]
+    monkeypatch.setattr("hubquant.streaming.switch.AUTO_FRACTION", 0.0)  # any model is "large"
+    weights = open_for("auto", method="gptq", fmt="compressed-tensors", path=folder, trust_remote_code=False,
+                       log=logs.append)
+    assert weights is not None and logs[-1].startswith("streaming 2 decoder layers")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in weights.converted
+    assert open_for("auto", method="smoothquant", fmt="compressed-tensors", path=folder, trust_remote_code=False,
+                    log=logs.append) is None
+    assert "--method smoothquant runs on the model in memory" in logs[-1]
+    with pytest.raises(UnsupportedError, match="cannot stream"):
+        open_for("on", method="smoothquant", fmt="compressed-tensors", path=folder, trust_remote_code=False)
+
+
+def test_streamed_activations_stay_on_the_conversion_device(tmp_path, tokenizer, monkeypatch):
+    """The evaluation activations and the final norm/lm_head go to the job's device, not a hard-coded CPU: run with
+    the device spelled `cpu:0`, every move the streamed evaluation makes names that device."""
+    from hubquant import evaluate
+    from hubquant.methods import QuantJob
+    from hubquant.quant import QuantScheme, WeightScheme
+    from hubquant.streaming import eval_streams, open_checkpoint, quantize_and_write
+    from hubquant.streaming import activations
+
+    folder = save_tiny_repo(tmp_path / "base", "llama", tokenizer, layers=2, vocab=1024)
+    weights, _ = open_checkpoint(folder, trust_remote_code=False, dtype=torch.bfloat16)
+    eval_set = evaluate.build_eval_set(tokenizer, ["a b c d e f g h " * 40] * 4, spec="t", description="t",
+                                       n_windows=2, seq_len=32)
+    moved: list[str] = []
+    real = activations.non_layers_to
+    monkeypatch.setattr(activations, "non_layers_to", lambda m, d: (moved.append(str(d)), real(m, d))[1])
+    advanced: list[str] = []
+    real_advance = activations.Stream.advance
+    monkeypatch.setattr(activations.Stream, "advance",
+                        lambda self, i, layer, d: (advanced.append(str(d)), real_advance(self, i, layer, d))[1])
+    job = QuantJob(scheme=QuantScheme(weights=WeightScheme(bits=4, group_size=32, symmetric=True)), progress=False,
+                   device="cpu:0")
+    streams = eval_streams(weights, eval_set, None, tokenizer, job.device)
+    assert str(streams.device) == "cpu:0"
+    quantize_and_write(weights, job, method="rtn", fmt="compressed-tensors", out_dir=tmp_path / "out", streams=streams)
+    assert advanced == ["cpu:0"] * 4  # base and variant through each of the 2 layers
+    assert [d for d in moved if d != "cpu"] == ["cpu:0", "cpu:0"]  # base, then variant evaluation on the device
+    assert streams.compare.perplexity > 0 and streams.reference.perplexity > 0
 
 
 @pytest.mark.slow  # ~1 min alone, ~4 min on 2 busy cores

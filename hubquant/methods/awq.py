@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hubquant import moe
-from hubquant.engine import LayerWork, LinearStats, run_layers
+from hubquant.engine import LayerWork, LinearStats, results, run_layers
 from hubquant.errors import UsageError
 from hubquant.methods.base import QuantJob
 from hubquant.methods.options import MethodOptions, at_least
@@ -180,7 +180,7 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
                 else mappings_for(getattr(model.config, "model_type", type(model).__name__)))
     scheme = job.scheme.weights
     dtype = model_dtype(model)
-    result: dict[str, QuantizedWeight] = {}
+    result: dict[str, QuantizedWeight] = results()  # a plain dict, or the streamed conversion's sink
 
     @torch.no_grad()
     def on_layer(work: LayerWork) -> None:

@@ -9,7 +9,7 @@ import torch
 from hubquant.formats.shards import Checkpoint
 from hubquant.modeling import decoder_layers
 
-STREAMED_METHODS = ("rtn", "gptq")
+STREAMED_METHODS = ("rtn", "gptq", "awq")
 STREAMED_FORMATS = ("compressed-tensors", "gptq", "awq")
 
 
@@ -34,9 +34,9 @@ def _config_why(config, *, trust_remote_code: bool) -> str:
 def open_for(mode: str, *, method: str, fmt: str, path: Path, trust_remote_code: bool, log=print):
     """`--streaming MODE` for this conversion: the streamed model's `Weights`, or None for the in-memory path.
 
-    auto streams whenever the method, the format and the checkpoint allow it (the files are the same bytes and the
-    quality numbers the same up to summation order) and logs one line saying which path and why; on streams or
-    raises UnsupportedError saying why it cannot; off loads the model in memory.
+    auto streams when the model's weights exceed AUTO_FRACTION of the available memory and the method, the format
+    and the checkpoint allow it (the files are the same bytes either way); it logs one line saying which path and
+    why. on streams any size or raises UnsupportedError saying why it cannot; off loads the model in memory.
     """
     from transformers import AutoConfig
 
@@ -57,6 +57,12 @@ def open_for(mode: str, *, method: str, fmt: str, path: Path, trust_remote_code:
     if not why:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         why = _config_why(config, trust_remote_code=trust_remote_code)
+    if not why and mode == "auto":
+        size, free = model_bytes(path), available_bytes()
+        if size < AUTO_FRACTION * free:
+            log(f"loading the whole model in memory: its {size / 1e9:.2f} GB of weights fit in "
+                f"{AUTO_FRACTION:.0%} of the {free / 1e9:.1f} GB available (--streaming on streams any size)")
+            return None
     if not why:
         weights, why = open_checkpoint(path, trust_remote_code=trust_remote_code, dtype=config_dtype(config))
     if weights is None:
@@ -66,7 +72,8 @@ def open_for(mode: str, *, method: str, fmt: str, path: Path, trust_remote_code:
         return None
     return_freed_memory()
     log(f"streaming {len(decoder_layers(weights.model))} decoder layers from the checkpoint, one at a time "
-        f"(--streaming {mode}: peak memory one layer, output identical to loading the whole model)")
+        f"(--streaming {mode}: " + ("the model's weights exceed a quarter of the available memory; " if mode == "auto"
+                                    else "") + "the output is the same bytes as loading the whole model)")
     return weights
 
 
@@ -95,5 +102,18 @@ def run_streamed(run, job, out_dir: Path) -> None:
     run.quantized, run.quant_config, run.routing = done.quantized, done.qc, done.routing
 
 
+AUTO_FRACTION = 0.25  # --streaming auto streams models whose weights exceed this share of the available memory
+
+
 def model_bytes(path: Path) -> int:
     return sum(e.nbytes for e in Checkpoint(path).entries.values())
+
+
+def available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
