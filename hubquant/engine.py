@@ -58,6 +58,23 @@ def results() -> dict:
     return hooks.results if hooks is not None else {}
 
 
+def for_each_layer(model: nn.Module, fn: Callable[[str, nn.Module], None], *, progress: bool = False,
+                   desc: str = "layers") -> None:
+    """`fn(name, layer)` on every decoder layer in order, for work without calibration data (per-Linear rounding);
+    under `layer_hooks` each layer is materialized before and written after, as in `run_layers`."""
+    from tqdm.auto import tqdm
+
+    hooks = _LAYER_HOOKS.get()
+    prefix = layers_prefix(model)
+    for i, layer in enumerate(tqdm(decoder_layers(model), desc=desc, disable=not progress, unit="layer")):
+        name = f"{prefix}.{i}"
+        if hooks is not None:
+            hooks.before(i, name, layer)
+        fn(name, layer)
+        if hooks is not None:
+            hooks.after(i, name, layer)
+
+
 class _StopForward(Exception):
     """Raised by a statistics hook once every wanted input of the batch is seen: the rest of the layer is skipped."""
 

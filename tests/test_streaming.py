@@ -38,6 +38,10 @@ CASES = [
     ("gptq", "gptq", {}),
     ("awq", "awq", {}),
     ("awq", "compressed-tensors", {}),
+    ("smoothquant", "compressed-tensors", dict(group_size=None)),  # smoothing folds within each decoder layer
+    ("w8a8", "compressed-tensors", dict(group_size=None)),  # no calibration: rounded layer by layer
+    ("fp8", "compressed-tensors", dict(group_size=None)),
+    ("fp8", "compressed-tensors", dict(group_size=None, activations="static")),  # per-Linear input scales
 ]
 
 
@@ -47,8 +51,8 @@ def test_streamed_files_are_byte_identical(hub_env, tiny_repo, tmp_path, method,
     results = {}
     for mode in ("off", "on"):
         logs[mode] = []
-        results[mode] = convert(ConvertOptions(repo_id=tiny_repo, method=method, format=fmt, group_size=32,
-                                               output_dir=str(tmp_path / mode), streaming=mode, **SMALL, **extra),
+        results[mode] = convert(ConvertOptions(repo_id=tiny_repo, method=method, format=fmt, streaming=mode,
+                                               output_dir=str(tmp_path / mode), **SMALL, **{"group_size": 32, **extra}),
                                 log=logs[mode].append)
     off, on = tmp_path / "off", tmp_path / "on"
     assert any("streaming 3 decoder layers" in m for m in logs["on"])

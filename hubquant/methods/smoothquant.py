@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hubquant.engine import for_each_layer, results
 from hubquant.errors import UnsupportedError, UsageError
 from hubquant.methods.actquant import (  # noqa: F401  (attach/detach are part of this module's documented API)
     activation_fake_quant,
@@ -195,7 +196,8 @@ def quantize_w8a8(model: nn.Module, job, *, smooth: bool, options: W8A8Options |
     cfg = options or job.options_as(SmoothConfig if smooth else W8A8Options, "smoothquant" if smooth else "w8a8")
     alpha0 = cfg.alpha_value if smooth else None
     smooth_mode = cfg.smooth_value if smooth else None
-    quantized: dict[str, QuantizedWeight] = {}
+    quantized: dict[str, QuantizedWeight] = results()  # a plain dict, or the streamed conversion's sink
+    done: set[str] = set()  # quantized Linears (a streamed conversion's sink lets written layers go)
     used: dict[str, float] = {}
     search_info: dict[str, dict] = {}
     use_gptq = cfg.weights == "gptq"
@@ -229,6 +231,7 @@ def quantize_w8a8(model: nn.Module, job, *, smooth: bool, options: W8A8Options |
             layer_q = {n: _quantize_linear(n, linears[n], scheme, dtype, absmax.get(n), pre.get(n)) for n in names}
             attach_input_hooks(model, layer_q, act)  # the rerun feeds quantized outputs to the next layer
             quantized.update(layer_q)
+            done.update(n for n in linears if n.startswith(work.name + "."))  # (+ experts the MoE rule rounds)
 
         # Sequential (each layer calibrated on the quantized outputs of the ones before) costs a second pass per
         # layer. Static scales and GPTQ depend on it; with dynamic activations only the smoothing ranges would,
@@ -237,7 +240,15 @@ def quantize_w8a8(model: nn.Module, job, *, smooth: bool, options: W8A8Options |
         run_layers(model, job.calib, on_layer=on_layer, device=job.device, ignore=job.ignore, rerun=sequential,
                    progress=job.progress, desc="smoothquant" if smooth else "w8a8 calibration",
                    tokens_per_batch=cfg.tokens_per_batch)
-    for name in tqdm([n for n in linears if n not in quantized], desc="quantizing", disable=not job.progress):
+    else:  # no calibration: each decoder layer's Linears rounded in turn (streamable), then the rest below
+        def round_layer(name: str, layer: nn.Module) -> None:
+            layer_q = {n: _quantize_linear(n, linears[n], scheme, dtype) for n in linears if n.startswith(name + ".")}
+            attach_input_hooks(model, layer_q, act)
+            quantized.update(layer_q)
+            done.update(layer_q)
+
+        for_each_layer(model, round_layer, progress=job.progress, desc="quantizing")
+    for name in tqdm([n for n in linears if n not in done], desc="quantizing", disable=not job.progress):
         quantized[name] = _quantize_linear(name, linears[name], scheme, dtype)
     attach_activation_quant(model, quantized, act)
     if smooth:

@@ -50,6 +50,8 @@ class Session:
         modules = [(f"{name}.{n}" if n else name, m) for n, m in layer.named_modules()]
         self.write_part(state, quantized, modules)
         self.weights.release(layer)
+        if index == len(decoder_layers(self.weights.model)) - 1:
+            self.layers_done()
 
     def layers_done(self) -> None:
         """Every decoder layer is quantized: the base's numbers, before a Linear outside the layers changes."""
@@ -211,6 +213,10 @@ def _driver(method: str, session: Session):
         if method == "rtn" and (job.scheme.activations is None or not fp4.kind_of(job.scheme)):
             _rtn(model, job, session)  # NVFP4 W4A4 calibrates: the method's own layer loop
         else:
+            prefix = layers_prefix(model) + "."
+            for name, lin in quantizable_linears(model, job.ignore).items():
+                if not name.startswith(prefix):  # a Linear outside the layers that a method may round (lm_head)
+                    session.weights.load(lin, name)
             get_method(method).load()(model, job)
         if session.unrouted:
             session.log(f"moe: {session.unrouted} expert Linears got no statistics from the method; "
@@ -240,7 +246,6 @@ def _rtn(model: nn.Module, job, session: Session) -> None:
         session.before(i, name, layer)
         session.results.update(quantize(quantizable_linears(layer, job.ignore, name)))
         session.after(i, name, layer)
-    session.layers_done()
     rest = {n: m for n, m in quantizable_linears(model, job.ignore).items() if not n.startswith(prefix + ".")}
     for name, lin in rest.items():
         session.weights.load(lin, name)

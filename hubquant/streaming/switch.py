@@ -9,7 +9,7 @@ import torch
 from hubquant.formats.shards import Checkpoint
 from hubquant.modeling import decoder_layers
 
-STREAMED_METHODS = ("rtn", "gptq", "awq")
+STREAMED_METHODS = ("rtn", "gptq", "awq", "smoothquant", "w8a8", "fp8")
 STREAMED_FORMATS = ("compressed-tensors", "gptq", "awq")
 
 
