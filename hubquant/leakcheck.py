@@ -106,3 +106,15 @@ def calibration_leak(base_model, variant_model, tokenizer, calib_texts, heldout_
     return leak_report(base, var)
 
 
+def leak_documents(calib, eval_src) -> tuple[list[str], list[str]]:
+    """Calibration documents, and held-out documents of the same source (else the eval text)."""
+    from hubquant.errors import HubquantError
+    from hubquant.textdata import load_texts
+
+    used = set(calib.texts)
+    try:
+        rest = [t for t in load_texts(calib.spec).texts if t not in used]
+    except HubquantError:  # the source was loadable a moment ago; fall back rather than fail the conversion
+        rest = []
+    heldout = rest if len(rest) >= 8 else list(eval_src.texts)
+    return list(calib.texts), heldout

@@ -340,10 +340,13 @@ def calibrate(run: Run) -> None:
 def baseline(run: Run) -> None:
     """The base model's reference numbers, before the weights change."""
     from hubquant import evaluate
+    from hubquant.streaming import pipeline as streamed
 
-    if run.eval_set is None or run.weights is not None:  # streamed: measured during the pass over the layers
+    if run.eval_set is None:
         return
     with run.stage("baseline"):
+        if run.weights is not None:  # streamed: measured during the pass over the layers
+            return streamed.baseline(run)
         with evaluate.on_device(run.model, run.device, run.log):
             run.ref = evaluate.reference(run.model, run.eval_set, progress=run.opts.progress)
         run.log(f"base perplexity {run.ref.perplexity:.3f} on {run.eval_set.n_tokens} tokens of "
@@ -354,22 +357,19 @@ def leak_check(run: Run, which: str) -> None:
     """Calibration-leak check: memorisation rates of the base (`which="base"`, before quantizing) or of the
     variant (`"variant"`, after), reported with progress and timed as one stage."""
     from hubquant import evaluate
-    from hubquant.leakcheck import leak_report, memorization_rates
+    from hubquant.leakcheck import leak_documents, leak_report, memorization_rates
+    from hubquant.streaming import pipeline as streamed
 
     if run.calib is None or not run.opts.leak_check or run.texts.eval_src is None:
         return
-    if run.weights is not None:  # streamed: both models' rates come from the pass over the layers
-        if which == "base":
-            run.leak_docs = _leak_documents(run.calib, run.texts.eval_src)
-        elif run.streams is not None and len(run.streams.leak_rates) == 2:
-            run.leak = leak_report(*run.streams.leak_rates)
-            run.log(f"calibration-leak check: score {run.leak['leak_score']:+.3f} (warn above {run.leak['threshold']})")
-        return
-    if which == "variant" and run.leak_base is None:
+    if which == "variant" and run.leak_base is None and run.weights is None:
         return
     with run.stage("leak_check"):
+        if run.weights is not None:  # streamed: the documents' activations pass through each layer with the rest
+            run.leak = streamed.leak_check(run, which)
+            return _log_leak(run)
         if run.leak_docs is None:
-            run.leak_docs = _leak_documents(run.calib, run.texts.eval_src)
+            run.leak_docs = leak_documents(run.calib, run.texts.eval_src)
         half = 0.0 if which == "base" else 0.5
 
         def step(done: int, total: int) -> None:
@@ -381,29 +381,23 @@ def leak_check(run: Run, which: str) -> None:
             run.leak_base = rates
             return
         run.leak = leak_report(run.leak_base, rates)
-        run.log(f"calibration-leak check: score {run.leak['leak_score']:+.3f} (warn above {run.leak['threshold']})")
-        if run.leak["warn"]:
-            run.log("WARNING: the variant continues calibration text verbatim more often than the base does: "
-                    "calibrate on more varied text or fewer samples")
+        _log_leak(run)
 
 
-def _leak_documents(calib, eval_src) -> tuple[list[str], list[str]]:
-    """Calibration documents, and held-out documents of the same source (else the eval text)."""
-    from hubquant.textdata import load_texts
-
-    used = set(calib.texts)
-    try:
-        rest = [t for t in load_texts(calib.spec).texts if t not in used]
-    except HubquantError:  # the source was loadable a moment ago; fall back rather than fail the conversion
-        rest = []
-    heldout = rest if len(rest) >= 8 else list(eval_src.texts)
-    return list(calib.texts), heldout
+def _log_leak(run: Run) -> None:
+    if run.leak is None:
+        return
+    run.log(f"calibration-leak check: score {run.leak['leak_score']:+.3f} (warn above {run.leak['threshold']})")
+    if run.leak["warn"]:
+        run.log("WARNING: the variant continues calibration text verbatim more often than the base does: "
+                "calibrate on more varied text or fewer samples")
 
 
 def quantize(run: Run) -> None:
     """Quantize layer by layer with the plan's method (the model in memory then computes the variant)."""
     from hubquant import moe_pipeline
     from hubquant.methods import QuantJob, get_method
+    from hubquant.streaming import pipeline as streamed
 
     opts = run.opts
     with run.stage("quantize"):
@@ -412,9 +406,7 @@ def quantize(run: Run) -> None:
                        calib=None if run.calib is None else run.calib.ids,
                        options=spec.parse_options(opts.method_options), device=run.device, progress=opts.progress)
         if run.weights is not None:  # streamed: each layer is written as soon as it is quantized
-            from hubquant.streaming import run_streamed
-
-            run_streamed(run, job, output_folder(run))
+            streamed.quantize(run, job, output_folder(run))
         else:
             run.quantized, run.routing = moe_pipeline.quantize_with_policy(  # GGUF: the format's own quantizer
                 run.model, job, run.plan.format_spec.method_fn(spec, run), options=opts.method_options, log=run.log)
@@ -494,17 +486,16 @@ def disk_errors(folder: Path):
 def evaluate_variant(run: Run) -> None:
     """The variant (in memory: the model now computes what the files hold) against the base's numbers."""
     from hubquant import evaluate
+    from hubquant.streaming import pipeline as streamed
 
-    if run.streams is not None and run.streams.compare is not None:
-        run.ref, cmp = run.streams.reference, run.streams.compare
-        run.metrics = cmp.as_dict()
-        run.log(f"base perplexity {run.ref.perplexity:.3f}; variant perplexity {cmp.perplexity:.3f} "
-                f"({cmp.ppl_increase_pct:+.2f}%), top-1 agreement {100 * cmp.top1_agreement:.1f}%, "
-                f"KL {cmp.mean_kl:.4f}")
-    elif run.ref is not None:
+    if run.ref is not None or (run.streams is not None and run.streams.reference is not None):
         with run.stage("evaluate"):
-            with evaluate.on_device(run.model, run.device, run.log):
-                cmp = evaluate.compare(run.model, run.eval_set, run.ref, progress=run.opts.progress)
+            if run.weights is not None:  # streamed: from the variant's last-layer activations
+                run.ref, cmp = streamed.evaluate(run)
+                run.log(f"base perplexity {run.ref.perplexity:.3f} on {run.eval_set.n_tokens} tokens")
+            else:
+                with evaluate.on_device(run.model, run.device, run.log):
+                    cmp = evaluate.compare(run.model, run.eval_set, run.ref, progress=run.opts.progress)
             run.metrics = cmp.as_dict()
             run.log(f"variant perplexity {cmp.perplexity:.3f} ({cmp.ppl_increase_pct:+.2f}%), "
                     f"top-1 agreement {100 * cmp.top1_agreement:.1f}%, KL {cmp.mean_kl:.4f}")

@@ -102,27 +102,27 @@ def test_sharded_output_is_byte_identical(tmp_path, tokenizer, monkeypatch):
         assert filecmp.cmp(tmp_path / "mem" / n, tmp_path / "str" / n, shallow=False), n
 
 
-def test_auto_streams_large_models_and_says_which_path(tmp_path, tokenizer, monkeypatch):
+def test_auto_streams_whenever_it_can_and_says_which_path(tmp_path, tokenizer):
     """auto: one log line naming the path and why; a MoE checkpoint (per-expert tensors that transformers fuses on
-    load) streams; methods that need the whole model fall back (auto) or are refused (on)."""
+    load) streams; a format written from the whole model falls back (auto) or is refused (on)."""
     from hubquant.errors import UnsupportedError
     from hubquant.streaming import open_for
 
     folder = save_tiny_repo(tmp_path / "moe", "mixtral", tokenizer, layers=2, vocab=1024)
     logs: list[str] = []
-    assert open_for("auto", method="rtn", fmt="compressed-tensors", path=folder, trust_remote_code=False,
-                    log=logs.append) is None
-    assert len(logs) == 1 and logs[0].startswith("loading the whole model in memory: its 0.0") and "fit in 25%" in logs[0]
-    monkeypatch.setattr("hubquant.streaming.switch.AUTO_FRACTION", 0.0)  # any model is "large"
     weights = open_for("auto", method="gptq", fmt="compressed-tensors", path=folder, trust_remote_code=False,
                        log=logs.append)
-    assert weights is not None and logs[-1].startswith("streaming 2 decoder layers")
+    assert weights is not None and len(logs) == 1 and logs[0].startswith("streaming 2 decoder layers")
     assert "model.layers.0.mlp.experts.gate_up_proj" in weights.converted
-    assert open_for("auto", method="smoothquant", fmt="compressed-tensors", path=folder, trust_remote_code=False,
+    assert open_for("auto", method="rtn", fmt="gguf", path=folder, trust_remote_code=False, log=logs.append) is None
+    assert logs[-1] == "loading the whole model in memory: --format gguf is written from the model in memory"
+    assert open_for("auto", method="bnb-nf4", fmt="bitsandbytes", path=folder, trust_remote_code=False,
                     log=logs.append) is None
-    assert "--method smoothquant runs on the model in memory" in logs[-1]
+    assert "--method bnb-nf4 runs on the model in memory" in logs[-1]
     with pytest.raises(UnsupportedError, match="cannot stream"):
-        open_for("on", method="smoothquant", fmt="compressed-tensors", path=folder, trust_remote_code=False)
+        open_for("on", method="rtn", fmt="gguf", path=folder, trust_remote_code=False)
+    assert open_for("off", method="rtn", fmt="compressed-tensors", path=folder, trust_remote_code=False,
+                    log=logs.append) is None and len(logs) == 3
 
 
 def test_streamed_activations_stay_on_the_conversion_device(tmp_path, tokenizer, monkeypatch):
@@ -131,8 +131,7 @@ def test_streamed_activations_stay_on_the_conversion_device(tmp_path, tokenizer,
     from hubquant import evaluate
     from hubquant.methods import QuantJob
     from hubquant.quant import QuantScheme, WeightScheme
-    from hubquant.streaming import eval_streams, open_checkpoint, quantize_and_write
-    from hubquant.streaming import activations
+    from hubquant.streaming import activations, eval_streams, evaluate_streams, open_checkpoint, quantize_and_write
 
     folder = save_tiny_repo(tmp_path / "base", "llama", tokenizer, layers=2, vocab=1024)
     weights, _ = open_checkpoint(folder, trust_remote_code=False, dtype=torch.bfloat16)
@@ -147,9 +146,10 @@ def test_streamed_activations_stay_on_the_conversion_device(tmp_path, tokenizer,
                         lambda self, i, layer, d: (advanced.append(str(d)), real_advance(self, i, layer, d))[1])
     job = QuantJob(scheme=QuantScheme(weights=WeightScheme(bits=4, group_size=32, symmetric=True)), progress=False,
                    device="cpu:0")
-    streams = eval_streams(weights, eval_set, None, tokenizer, job.device)
+    streams = eval_streams(weights, eval_set, tokenizer, job.device)
     assert str(streams.device) == "cpu:0"
     quantize_and_write(weights, job, method="rtn", fmt="compressed-tensors", out_dir=tmp_path / "out", streams=streams)
+    evaluate_streams(weights, streams, variant=True)
     assert advanced == ["cpu:0"] * 4  # base and variant through each of the 2 layers
     assert [d for d in moved if d != "cpu"] == ["cpu:0", "cpu:0"]  # base, then variant evaluation on the device
     assert streams.compare.perplexity > 0 and streams.reference.perplexity > 0

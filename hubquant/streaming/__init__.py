@@ -15,9 +15,10 @@ Modules:
     checkpoint   `Weights` (model key -> checkpoint key or transformers converter; `load`/`release` a module),
                  `load_skeleton`, `key_mapping`, `open_checkpoint`
     activations  `Stream` (hidden states advanced layer by layer, on the conversion's device), `replay`,
-                 `EvalStreams`, `eval_streams`, `evaluate_streams`
+                 `EvalStreams`, `eval_streams`, `add_leak_streams`, `evaluate_streams`, `leak_rates`
     session      `Session` (the engine's layer hooks), `quantize_and_write`, the RTN layer loop
-    switch       `open_for` (the --streaming policy), `run_streamed` (the pipeline's quantize stage)
+    switch       `open_for` (the --streaming policy)
+    pipeline     the stages' streamed bodies (baseline, leak_check, quantize, evaluate) for hubquant.stages
 
 Writer interface (stable; a streamed writer such as GGUF plugs in here): per decoder layer, in layer order,
 `Session.write_part(state, quantized, modules)` receives
@@ -29,11 +30,12 @@ and writes `dense_tensors` + `FormatSpec.linear_tensors` under checkpoint names 
 Mixtral's `block_sparse_moe`) into `formats/shards.ShardWriter`; `Session.finish(out_dir)` adds the tensors outside
 the layers and the format's config files and lays the shards out as `save_tensors` does.
 """
-from hubquant.streaming.activations import EvalStreams, Stream, eval_streams, evaluate_streams, replay
+from hubquant.streaming.activations import (EvalStreams, Stream, add_leak_streams, eval_streams, evaluate_streams,
+                                            leak_rates, replay)
 from hubquant.streaming.checkpoint import Weights, key_mapping, load_skeleton, open_checkpoint
 from hubquant.streaming.session import Session, StreamedResult, quantize_and_write
-from hubquant.streaming.switch import STREAMED_FORMATS, STREAMED_METHODS, open_for, return_freed_memory, run_streamed
+from hubquant.streaming.switch import STREAMED_FORMATS, STREAMED_METHODS, open_for, return_freed_memory
 
 __all__ = ["EvalStreams", "STREAMED_FORMATS", "STREAMED_METHODS", "Session", "Stream", "StreamedResult", "Weights",
-           "eval_streams", "evaluate_streams", "key_mapping", "load_skeleton", "open_checkpoint", "open_for",
-           "quantize_and_write", "replay", "return_freed_memory", "run_streamed"]
+           "add_leak_streams", "eval_streams", "evaluate_streams", "key_mapping", "leak_rates", "load_skeleton", "open_checkpoint", "open_for",
+           "quantize_and_write", "replay", "return_freed_memory"]

@@ -116,48 +116,74 @@ class EvalStreams:
     leak_rates: list = field(default_factory=list)  # leakcheck.Rates of the base, then of the variant
 
 
-def eval_streams(weights, eval_set, leak_docs, tokenizer, device, progress: bool = False) -> EvalStreams:
-    """Layer-0 activations of the eval windows (and of the leak check's documents), for base and variant, on
+def eval_streams(weights, eval_set, tokenizer, device, progress: bool = False) -> EvalStreams:
+    """Layer-0 activations of the evaluation windows (evaluate.perplexity's batches), for base and variant, on
     `device`."""
-    from hubquant.leakcheck import CONT_TOKENS, N_DOCS, PREFIX_TOKENS, _windows
-
     device = torch.device(device)
-    streams = EvalStreams(eval_set=eval_set, leak_docs=leak_docs, tokenizer=tokenizer, progress=progress,
-                          device=device)
-    if eval_set is None:
-        return streams
-    weights.load_rest()
-    streams.base.append(Stream(weights.model, eval_set.ids, 2, device))  # evaluate.perplexity's batches
-    if leak_docs is not None:
-        for texts in leak_docs:  # leakcheck._match_rate's batches
-            streams.base.append(Stream(weights.model, _windows(tokenizer, texts, N_DOCS, PREFIX_TOKENS + CONT_TOKENS),
-                                       8, device))
-    non_layers_to(weights.model, "cpu")  # until the evaluation: the device holds one decoder layer at a time
-    streams.variant = [s.copy() for s in streams.base]
+    streams = EvalStreams(eval_set=eval_set, tokenizer=tokenizer, progress=progress, device=device)
+    if eval_set is not None:
+        weights.load_rest()
+        streams.base.append(Stream(weights.model, eval_set.ids, 2, device))
+        streams.variant.append(streams.base[-1].copy())
+        non_layers_to(weights.model, "cpu")  # until the evaluation: the device holds one decoder layer at a time
     return streams
 
 
-def evaluate_streams(weights, streams: EvalStreams, *, variant: bool):
-    """Perplexity (+ agreement and KL for the variant) and calibration-leak rates from the streamed last-layer
-    activations, computed by hubquant.evaluate and hubquant.leakcheck exactly as for a model in memory, on the
-    streams' device. The base's numbers are taken before any Linear outside the decoder layers (an lm_head) is
+def add_leak_streams(weights, streams: EvalStreams, leak_docs: tuple, on_set=None) -> None:
+    """Layer-0 activations of the calibration-leak check's documents (leakcheck._match_rate's batches), for base
+    and variant; `on_set(done, total)` after each document set."""
+    from hubquant.leakcheck import CONT_TOKENS, N_DOCS, PREFIX_TOKENS, _windows
+
+    streams.leak_docs = leak_docs
+    weights.load_rest()
+    for i, texts in enumerate(leak_docs):
+        ids = _windows(streams.tokenizer, texts, N_DOCS, PREFIX_TOKENS + CONT_TOKENS)
+        streams.base.append(Stream(weights.model, ids, 8, streams.device))
+        streams.variant.append(streams.base[-1].copy())
+        if on_set is not None:
+            on_set(i + 1, len(leak_docs))
+    non_layers_to(weights.model, "cpu")
+
+
+def evaluate_streams(weights, streams: EvalStreams, *, variant: bool) -> None:
+    """Perplexity (+ agreement and KL for the variant) from the streamed last-layer activations, computed by
+    hubquant.evaluate exactly as for a model in memory, on the streams' device (`streams.reference`,
+    `streams.compare`). The base's numbers are taken before any Linear outside the decoder layers (an lm_head) is
     quantized."""
     from hubquant import evaluate
+
+    if streams.eval_set is None:
+        return
+    group = streams.variant if variant else streams.base
+    with _final_step(weights, streams.device), replay(weights.model, group[0]) as m:
+        if variant:
+            streams.compare = evaluate.compare(m, streams.eval_set, streams.reference, progress=streams.progress)
+        else:
+            streams.reference = evaluate.reference(m, streams.eval_set, progress=streams.progress)
+
+
+def leak_rates(weights, streams: EvalStreams, *, variant: bool, on_batch=None) -> None:
+    """The calibration-leak check's memorisation rates from the streamed activations (hubquant.leakcheck, as for a
+    model in memory), appended to `streams.leak_rates` (the base's first)."""
     from hubquant.leakcheck import memorization_rates
 
-    model = weights.model
-    weights.load_rest()
-    non_layers_to(model, streams.device)
+    if streams.leak_docs is None:
+        return
     group = streams.variant if variant else streams.base
-    try:
-        with replay(model, group[0]) as m:
-            if variant:
-                streams.compare = evaluate.compare(m, streams.eval_set, streams.reference, progress=streams.progress)
-            else:
-                streams.reference = evaluate.reference(m, streams.eval_set, progress=streams.progress)
-        if streams.leak_docs is not None:
-            with replay(model, *group[1:]) as m:
-                rates = memorization_rates(m, streams.tokenizer, *streams.leak_docs)
-            streams.leak_rates.append(rates)
-    finally:
-        non_layers_to(model, "cpu")
+    with _final_step(weights, streams.device), replay(weights.model, *group[streams.eval_set is not None:]) as m:
+        streams.leak_rates.append(memorization_rates(m, streams.tokenizer, *streams.leak_docs, on_batch=on_batch))
+
+
+class _final_step:
+    """Context: embeddings, final norm and lm_head loaded and on `device` (back on the CPU afterwards)."""
+
+    def __init__(self, weights, device):
+        self.weights, self.device = weights, device
+
+    def __enter__(self):
+        self.weights.load_rest()
+        non_layers_to(self.weights.model, self.device)
+
+    def __exit__(self, *exc):
+        non_layers_to(self.weights.model, "cpu")
+        return False

@@ -18,7 +18,7 @@ from hubquant import fp4, moe
 from hubquant.engine import layer_hooks
 from hubquant.formats.shards import ShardWriter
 from hubquant.modeling import decoder_layers, layers_prefix, quantizable_linears
-from hubquant.streaming.activations import EvalStreams, evaluate_streams
+from hubquant.streaming.activations import EvalStreams, evaluate_streams, leak_rates
 from hubquant.streaming.checkpoint import Weights
 
 
@@ -35,6 +35,7 @@ class Session:
         self.names: set[str] = set()  # every quantized Linear, once its layer is written
         self.witness: tuple | None = None  # one written QuantizedWeight, for the final config call
         self.policy = None  # the routing policy of a mixture-of-experts run
+        self.done = False  # the base's numbers are taken
         self.unrouted = 0  # expert projections the method left out, quantized by the policy's rule
         self.tmp = writer.out_dir / ".hubquant-final"  # the format's own writer writes the config files here
 
@@ -55,8 +56,10 @@ class Session:
 
     def layers_done(self) -> None:
         """Every decoder layer is quantized: the base's numbers, before a Linear outside the layers changes."""
-        if self.streams.base and self.streams.reference is None:
+        if self.streams.base and not self.done:
+            self.done = True
             evaluate_streams(self.weights, self.streams, variant=False)
+            leak_rates(self.weights, self.streams, variant=False)
 
     def _quantize_left_out_experts(self, name: str, layer: nn.Module) -> None:
         """hubquant.moe_pipeline.quantize_with_policy's rule, per layer: round-to-nearest for every expert projection
@@ -171,7 +174,8 @@ def quantize_and_write(weights: Weights, job, *, method: str, fmt: str, out_dir:
     """Quantize the model layer by layer from its checkpoint and write the variant into `out_dir`.
 
     Every stream in `streams.base` goes through each float layer, every one in `streams.variant` through each
-    quantized layer (for the evaluation afterwards, see `evaluate_streams`). Mixture-of-experts models (experts
+    quantized layer; the base's numbers are taken once the last layer is written, the variant's afterwards
+    (`evaluate_streams`, `leak_rates` with variant=True). Mixture-of-experts models (experts
     unfused on the skeleton, `hubquant.moe.unfuse_experts`) run under the routing policy of `method_options` (the
     raw `--method-option`s) exactly as `hubquant.moe_pipeline.quantize_with_policy` runs them in memory.
     """
@@ -189,8 +193,6 @@ def quantize_and_write(weights: Weights, job, *, method: str, fmt: str, out_dir:
                                              log=log)
         session.layers_done()
         qc = session.finish(out_dir)
-        if streams.base:
-            evaluate_streams(weights, streams, variant=True)
     except BaseException:
         writer.abort()
         _rmtree(session.tmp)
