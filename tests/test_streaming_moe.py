@@ -45,6 +45,8 @@ def test_streamed_moe_is_byte_identical(hub_env, local_hub, tokenizer, tmp_path,
     prov = {mode: json.loads((tmp_path / mode / "hubquant.json").read_text()) for mode in ("off", "on")}
     moe_off, moe_on = prov["off"]["moe"], prov["on"]["moe"]
     assert moe_on == moe_off
+    checked = [m for m in logs["on"] if m.endswith("expert projections on disk match the evaluated model")]
+    assert len(checked) == 1 and int(checked[0].split()[1]) > 0
     assert moe_on["expert_linears"] == moe_on["expert_linears_quantized"] > 0
     routing = [m for m in _routing_lines(logs["on"]) if "routed calibration tokens" in m]
     assert routing == [m for m in _routing_lines(logs["off"]) if "routed calibration tokens" in m]
@@ -87,3 +89,30 @@ def test_converter_runs_on_one_layers_keys(tmp_path):
     weights.release(layer)
     assert all(p.is_meta for p in layer.parameters())
     assert weights.model.model.layers[0].mlp.experts[0].w1.weight.is_meta  # the other layer was not read
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "llama"])
+def test_streamed_corruption_fails_the_smoke_check(hub_env, local_hub, tokenizer, tmp_path, monkeypatch, arch):
+    """A layer whose evaluated weights are not what is written (MoE: checked per expert), or whose outputs are not
+    finite (any model), fails the streamed conversion with exit 6."""
+    from hubquant.errors import QualityGateError
+    from hubquant.streaming.session import Session
+
+    repo = f"alice/tiny-corrupt-{arch}-{uuid.uuid4().hex[:6]}"
+    local_hub.hub.publish_folder(repo, save_tiny_repo(tmp_path / "base", arch, tokenizer))
+    real = Session.after
+
+    def corrupting(self, index, name, layer, _real=real):
+        if index == 0:
+            lin = layer.mlp.experts[0].w1 if arch == "mixtral" else layer.mlp.down_proj
+            lin.weight.data = torch.full_like(lin.weight, float("nan"))
+        return _real(self, index, name, layer)
+
+    monkeypatch.setattr(Session, "after", corrupting)
+    logs: list[str] = []
+    with pytest.raises(QualityGateError) as e:
+        convert(ConvertOptions(repo_id=repo, method="rtn", group_size=32, output_dir=str(tmp_path / "o"),
+                               streaming="on", **SMALL), log=logs.append)
+    expected = "the evaluated weight is not the dequantized stored one" if arch == "mixtral" else "not finite"
+    assert e.value.exit_code == 6 and expected in str(e.value), e.value
+    assert any(m.startswith("streaming 2 decoder layers") for m in logs)

@@ -36,6 +36,7 @@ class Session:
         self.witness: tuple | None = None  # one written QuantizedWeight, for the final config call
         self.policy = None  # the routing policy of a mixture-of-experts run
         self.done = False  # the base's numbers are taken
+        self.expected: dict = {}  # sampled expert projections' tensors, checked against the files at the end
         self.unrouted = 0  # expert projections the method left out, quantized by the policy's rule
         self.tmp = writer.out_dir / ".hubquant-final"  # the format's own writer writes the config files here
 
@@ -47,6 +48,7 @@ class Session:
         self._quantize_left_out_experts(name, layer)
         self._advance(self.streams.variant, index, layer)
         quantized = {n: self.results.pop(n) for n in list(self.results) if n.startswith(name + ".")}
+        self._check_experts(index, name, layer, quantized)
         state = {f"{name}.{k}": v for k, v in layer.state_dict().items()}
         modules = [(f"{name}.{n}" if n else name, m) for n, m in layer.named_modules()]
         self.write_part(state, quantized, modules)
@@ -75,6 +77,43 @@ class Session:
             self.policy.fallback_linears.extend(missing)
             self.unrouted += len(missing)
             self.results.update(_rtn_linears(missing, self.job))
+
+    def _check_experts(self, index: int, name: str, layer: nn.Module, quantized: dict) -> None:
+        """hubquant.moe_pipeline.verify_written, one layer at a time: the evaluated weights of sampled expert
+        projections are their stored values dequantized; their expected tensors are compared with the files in
+        `finish` (64 projections spread over layers and experts)."""
+        from hubquant.errors import QualityGateError
+        from hubquant.formats.common import method_options
+
+        names = sorted(n for n in moe.expert_linear_names(layer, name) if n in quantized)
+        if not names:
+            return
+        per_layer = max(1, 64 // len(decoder_layers(self.weights.model)))
+        lins = dict(layer.named_modules())
+        options = method_options(self.method, self.options)
+        for n in names[:: max(1, len(names) // per_layer)]:
+            qw, w = quantized[n], lins[n.removeprefix(name + ".")].weight
+            if not torch.equal(w.detach().cpu(), qw.dequantize(w.dtype)):
+                raise QualityGateError(f"{n}: the evaluated weight is not the dequantized stored one",
+                                       hint="report the model and method; nothing was pushed")
+            ckpt = moe.checkpoint_name(self.weights.model, n)
+            self.expected.update(self.fmt.linear_tensors(ckpt, qw, self.scheme, options=options))
+
+    def _check_disk(self, out_dir: Path) -> None:
+        from hubquant.errors import QualityGateError
+        from hubquant.formats.shards import Checkpoint
+
+        if not self.expected:
+            return
+        written = Checkpoint(out_dir)
+        for key, value in self.expected.items():
+            got = written.read(key) if key in written else None
+            if got is None or got.dtype != value.dtype or not torch.equal(got.view(torch.uint8),
+                                                                         value.view(torch.uint8)):
+                raise QualityGateError(f"{key} on disk differs from the quantized values that were evaluated",
+                                       hint="report the model and method; nothing was pushed")
+        keys = {k.rpartition(".")[0] for k in self.expected}
+        self.log(f"moe: {len(keys)} expert projections on disk match the evaluated model")
 
     def _advance(self, streams: list, index: int, layer: nn.Module) -> None:
         if not any(s.hidden for s in streams):
@@ -135,6 +174,7 @@ class Session:
                 f.replace(out_dir / f.name)
         self.writer.finish()
         _rmtree(self.tmp)
+        self._check_disk(out_dir)
         return qc
 
 
