@@ -84,6 +84,7 @@ class Run:
     weights: Any = None  # hubquant.streaming.Weights (a streamed run) and its EvalStreams
     streams: Any = None
     out_dir: Path | None = None
+    kept_files: set = field(default_factory=set)  # files of --output-dir from before a streamed run (not ours)
     tmp_root: Path | None = None
     written: list[str] = field(default_factory=list)
     quant_config: dict = field(default_factory=dict)
@@ -452,7 +453,7 @@ def write(run: Run) -> Path:
         streamed = run.weights is not None
         run.out_dir = out = run.out_dir if streamed else output_folder(run)
         out.mkdir(parents=True, exist_ok=True)
-        before = set() if streamed else {p for p in out.rglob("*")}
+        before = run.kept_files if streamed else {p for p in out.rglob("*")}
         with disk_errors(out):
             _fault("write")
             options = plan.format_spec.write_options(run, get_method(opts.method).parse_options(opts.method_options))

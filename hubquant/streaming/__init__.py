@@ -30,12 +30,21 @@ and writes `dense_tensors` + `FormatSpec.linear_tensors` under checkpoint names 
 Mixtral's `block_sparse_moe`) into `formats/shards.ShardWriter`; `Session.finish(out_dir)` adds the tensors outside
 the layers and the format's config files and lays the shards out as `save_tensors` does.
 """
-from hubquant.streaming.activations import (EvalStreams, Stream, add_leak_streams, eval_streams, evaluate_streams,
-                                            leak_rates, replay)
+from hubquant.streaming.activations import (
+                                            EvalStreams,
+                                            Stream,
+                                            add_leak_streams,
+                                            eval_streams,
+                                            evaluate_streams,
+                                            leak_rates,
+                                            replay,
+)
 from hubquant.streaming.checkpoint import Weights, key_mapping, load_skeleton, open_checkpoint
 from hubquant.streaming.session import Session, StreamedResult, quantize_and_write
 from hubquant.streaming.switch import STREAMED_FORMATS, STREAMED_METHODS, open_for, return_freed_memory
 
-__all__ = ["EvalStreams", "STREAMED_FORMATS", "STREAMED_METHODS", "Session", "Stream", "StreamedResult", "Weights",
-           "add_leak_streams", "eval_streams", "evaluate_streams", "key_mapping", "leak_rates", "load_skeleton", "open_checkpoint", "open_for",
-           "quantize_and_write", "replay", "return_freed_memory"]
+__all__ = [
+    "EvalStreams", "STREAMED_FORMATS", "STREAMED_METHODS", "Session", "Stream", "StreamedResult", "Weights",
+    "add_leak_streams", "eval_streams", "evaluate_streams", "key_mapping", "leak_rates", "load_skeleton",
+    "open_checkpoint", "open_for", "quantize_and_write", "replay", "return_freed_memory",
+]

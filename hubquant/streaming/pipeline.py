@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hubquant.streaming.activations import (EvalStreams, add_leak_streams, eval_streams, evaluate_streams,
-                                            leak_rates)
+from hubquant.streaming.activations import EvalStreams, add_leak_streams, eval_streams, evaluate_streams, leak_rates
 
 
 def _streams(run) -> EvalStreams:
@@ -51,6 +50,7 @@ def quantize(run, job, out_dir: Path) -> None:
 
     run.out_dir = out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    run.kept_files = set(out_dir.rglob("*"))  # the user's own files stay out of the variant's file list
     done = quantize_and_write(run.weights, job, method=run.opts.method, fmt=run.plan.format, out_dir=out_dir,
                               streams=_streams(run), method_options=run.opts.method_options, log=run.log)
     run.quantized, run.quant_config, run.routing = done.quantized, done.qc, done.routing

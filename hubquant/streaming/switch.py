@@ -40,7 +40,6 @@ def open_for(mode: str, *, method: str, fmt: str, path: Path, trust_remote_code:
     from transformers import AutoConfig
 
     from hubquant.errors import UnsupportedError, UsageError
-
     from hubquant.streaming.checkpoint import open_checkpoint
 
     if mode not in ("auto", "on", "off"):
