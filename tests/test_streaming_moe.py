@@ -45,8 +45,9 @@ def test_streamed_moe_is_byte_identical(hub_env, local_hub, tokenizer, tmp_path,
     prov = {mode: json.loads((tmp_path / mode / "hubquant.json").read_text()) for mode in ("off", "on")}
     moe_off, moe_on = prov["off"]["moe"], prov["on"]["moe"]
     assert moe_on == moe_off
-    checked = [m for m in logs["on"] if m.endswith("expert projections on disk match the evaluated model")]
-    assert len(checked) == 1 and int(checked[0].split()[1]) > 0
+    checked = {mode: [m for m in logs[mode] if m.endswith("expert projections on disk match the evaluated model")]
+               for mode in logs}
+    assert checked["on"] == checked["off"] and len(checked["on"]) == 1 and int(checked["on"][0].split()[1]) > 0
     assert moe_on["expert_linears"] == moe_on["expert_linears_quantized"] > 0
     routing = [m for m in _routing_lines(logs["on"]) if "routed calibration tokens" in m]
     assert routing == [m for m in _routing_lines(logs["off"]) if "routed calibration tokens" in m]
