@@ -47,10 +47,17 @@ def quantize(run, job, out_dir: Path) -> None:
     """Quantize and write into `out_dir`, keeping the evaluation activations for the evaluate and leak-check
     stages."""
     from hubquant.streaming.session import quantize_and_write
+    from hubquant.streaming.switch import OWN_STREAMED
 
     run.out_dir = out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     run.kept_files = set(out_dir.rglob("*"))  # the user's own files stay out of the variant's file list
+    _streams(run)
+    if run.plan.format in OWN_STREAMED:  # the format quantizes and writes itself (GGUF)
+        import importlib
+
+        module, _, fn = OWN_STREAMED[run.plan.format][1].partition(":")
+        return getattr(importlib.import_module(module), fn)(run, job, out_dir)
     done = quantize_and_write(run.weights, job, method=run.opts.method, fmt=run.plan.format, out_dir=out_dir,
                               streams=_streams(run), method_options=run.opts.method_options, log=run.log)
     run.quantized, run.quant_config, run.routing = done.quantized, done.qc, done.routing

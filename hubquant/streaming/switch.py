@@ -9,7 +9,9 @@ import torch
 from hubquant.modeling import decoder_layers
 
 STREAMED_METHODS = ("rtn", "gptq", "awq", "smoothquant", "w8a8", "fp8")
-STREAMED_FORMATS = ("compressed-tensors", "gptq", "awq")
+STREAMED_FORMATS = ("compressed-tensors", "gptq", "awq", "gguf")
+# formats that quantize and write a streamed run themselves: format -> (methods, "module:run_streamed(run, job, out)")
+OWN_STREAMED = {"gguf": (("rtn", "imatrix"), "hubquant.formats.gguf.streamed:run_streamed")}
 
 
 def config_dtype(config) -> torch.dtype:
@@ -47,8 +49,9 @@ def open_for(mode: str, *, method: str, fmt: str, path: Path, trust_remote_code:
     if mode == "off":
         return None
     why = ""
-    if method not in STREAMED_METHODS:
-        why = f"--method {method} runs on the model in memory (streamed: {', '.join(STREAMED_METHODS)})"
+    methods = OWN_STREAMED[fmt][0] if fmt in OWN_STREAMED else STREAMED_METHODS
+    if method not in methods:
+        why = f"--method {method} runs on the model in memory (streamed: {', '.join(methods)})"
     elif fmt not in STREAMED_FORMATS:
         why = f"--format {fmt} is written from the model in memory"
     weights = None
@@ -57,6 +60,8 @@ def open_for(mode: str, *, method: str, fmt: str, path: Path, trust_remote_code:
         why = _config_why(config, trust_remote_code=trust_remote_code)
     if not why:
         weights, why = open_checkpoint(path, trust_remote_code=trust_remote_code, dtype=config_dtype(config))
+    if weights is not None and fmt in OWN_STREAMED and any(p.dim() == 3 for p in weights.model.parameters()):
+        weights, why = None, f"--format {fmt} streams dense models (its experts are quantized in memory)"
     if weights is None:
         if mode == "on":
             raise UnsupportedError(f"cannot stream this conversion: {why}", hint="use --streaming auto or off")

@@ -200,23 +200,17 @@ def _write_entries(out: GGUFStream, entries: list, types: dict, state: dict, imp
 
 
 def run_streamed(run, job, out_dir: Path) -> None:
-    """The pipeline's quantize stage for `--format gguf --streaming` (hubquant.stages.Run with `run.weights`):
-    write the files into `out_dir` layer by layer, and take the evaluation from the same pass, as
-    hubquant.streaming does for the other formats: the base's activations go through each float layer, the
-    variant's (from the dequantized embeddings) through each quantized one; the base is scored with the float
-    embeddings and head, the variant with the dequantized ones."""
+    """The pipeline's quantize stage for `--format gguf --streaming` (hubquant.stages.Run with `run.weights` and
+    `run.streams`, the base's evaluation activations): write the files into `out_dir` layer by layer, and take the
+    evaluation from the same pass, as hubquant.streaming does for the other formats: the base's activations go
+    through each float layer, the variant's (from the dequantized embeddings) through each quantized one; the base is
+    scored here with the float embeddings and head, the variant by the evaluate and leak-check stages with the
+    dequantized ones."""
     from hubquant.modeling import layers_prefix
-    from hubquant.streaming import eval_streams, evaluate_streams
+    from hubquant.streaming import add_leak_streams, eval_streams, evaluate_streams, leak_rates
 
-    weights, device = run.weights, torch.device(run.device)
+    weights, device, streams = run.weights, torch.device(run.device), run.streams
     model = weights.model
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run.out_dir = out_dir
-
-    def streams_now():
-        return eval_streams(weights, run.eval_set, run.leak_docs, run.tokenizer, run.device, run.opts.progress)
-
-    streams = run.streams = streams_now()
     inside = layers_prefix(model) + "."
     float_rest = {}
     if streams.base:  # the base is scored with the float embeddings and head (the file holds quantized ones)
@@ -224,8 +218,11 @@ def run_streamed(run, job, out_dir: Path) -> None:
         float_rest = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith(inside)}
 
     def rest_done():
-        if streams.base:
-            streams.variant = streams_now().base  # the variant's activations start from the dequantized embeddings
+        if streams.base:  # the variant's activations start from the dequantized embeddings
+            fresh = eval_streams(weights, streams.eval_set, streams.tokenizer, streams.device)
+            if streams.leak_docs is not None:
+                add_leak_streams(weights, fresh, streams.leak_docs)
+            streams.variant = fresh.base
 
     def advance(group):
         def fn(i, layer):
@@ -245,9 +242,9 @@ def run_streamed(run, job, out_dir: Path) -> None:
         for n, t in float_rest.items():
             params[n].data = t
         evaluate_streams(weights, streams, variant=False)
+        leak_rates(weights, streams, variant=False)
         for n, t in quantized_rest.items():
             params[n].data = t
-        evaluate_streams(weights, streams, variant=True)
     _, types = plan_types(model, qc["gguf_type"], has_imatrix=qc["imatrix"], ignore=job.ignore)
     run.quantized = dict.fromkeys(sorted(m for m, t in types.items() if t != "F16"))
     run.quant_config, run.routing = qc, None
