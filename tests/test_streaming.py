@@ -181,3 +181,19 @@ def test_streamed_peak_rss_below_model_size(hub_env, local_hub, tmp_path):
     assert 100e6 < peak < budget, f"peak RSS {peak / 1e6:.0f} MB for a {model_bytes / 1e6:.0f} MB model"
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     assert 0.25 * model_bytes < written < 0.45 * model_bytes  # 4-bit layers, bf16 embeddings and lm_head
+
+
+def test_experts_outside_the_plain_fused_layout_load_in_memory(tmp_path, tokenizer):
+    """gpt-oss keeps transposed, interleaved, biased experts: hubquant.moe unfuses them in memory, so auto loads the
+    model and says why (on refuses)."""
+    from hubquant.errors import UnsupportedError
+    from hubquant.streaming import open_for
+
+    folder = save_tiny_repo(tmp_path / "gptoss", "gpt_oss", tokenizer, layers=2, vocab=1024)
+    logs: list[str] = []
+    assert open_for("auto", method="rtn", fmt="compressed-tensors", path=folder, trust_remote_code=False,
+                    log=logs.append) is None
+    assert logs == ["loading the whole model in memory: the experts of model.layers.0.mlp.experts (GptOssExperts) "
+                    "are not in the plain fused layout"]
+    with pytest.raises(UnsupportedError, match="plain fused layout"):
+        open_for("on", method="rtn", fmt="compressed-tensors", path=folder, trust_remote_code=False)

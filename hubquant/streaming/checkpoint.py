@@ -105,6 +105,21 @@ def fill_experts(experts, gate_up: torch.Tensor, down: torch.Tensor, name: str) 
             lin._parameters["weight"] = nn.Parameter(w, requires_grad=False)
 
 
+def unstreamable_experts(model: nn.Module) -> str:
+    """Why the fused experts of `model` cannot be split as `fill_experts` splits them ("" when they can): only the
+    plain layout (gate_up_proj [E, 2I, H] with gate rows first, down_proj [E, H, I], no biases) is split per layer;
+    others (gpt-oss: transposed, interleaved, biased) are unfused in memory by hubquant.moe."""
+    for name, mod in model.named_modules():
+        gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+        if not (isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3 and isinstance(down, torch.Tensor)):
+            continue
+        e, two_i, h = gate_up.shape
+        plain = set(dict(mod.named_parameters())) == {"gate_up_proj", "down_proj"}
+        if not plain or tuple(down.shape) != (e, h, two_i // 2):
+            return f"the experts of {name} ({type(mod).__name__}) are not in the plain fused layout"
+    return ""
+
+
 def _tensors(module: nn.Module):
     seen = set()
     for name, p in module.named_parameters():
@@ -215,6 +230,9 @@ def open_checkpoint(path: Path, *, trust_remote_code: bool, dtype: torch.dtype):
     if not checkpoint.entries:
         return None, "no safetensors weights"
     model = load_skeleton(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    why = unstreamable_experts(model)
+    if why:
+        return None, why
     mapping, converted, why = key_mapping(model, checkpoint)
     if mapping is None:
         return None, why

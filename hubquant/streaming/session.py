@@ -33,6 +33,7 @@ class Session:
         self.device, self.streams = torch.device(job.device), streams
         self.results: dict = {}
         self.names: set[str] = set()  # every quantized Linear, once its layer is written
+        self.written: dict[str, Written] = {}  # what the pipeline keeps of each (its scheme)
         self.witness: tuple | None = None  # one written QuantizedWeight, for the final config call
         self.policy = None  # the routing policy of a mixture-of-experts run
         self.done = False  # the base's numbers are taken
@@ -144,6 +145,7 @@ class Session:
             for key, t in self.fmt.linear_tensors(name, qw, self.scheme, options=options).items():
                 self.writer.add(moe.checkpoint_name(model, key), t)
         self.names.update(quantized)
+        self.written.update({n: Written(getattr(qw, "scheme", None)) for n, qw in quantized.items()})
         if self.witness is None and quantized:
             self.witness = next(iter(quantized.items()))
 
@@ -154,6 +156,7 @@ class Session:
         model, config = self.weights.model, self.weights.model.config
         rest = dict(self.results)  # Linears outside the decoder layers that the method quantized (lm_head)
         self.names.update(rest)
+        self.written.update({n: Written(getattr(qw, "scheme", None)) for n, qw in rest.items()})
         prefix = layers_prefix(model) + "."
         skip = {f"{n}.weight" for n in self.names}
         for key, t in model.state_dict().items():
@@ -205,9 +208,16 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Written:
+    """A quantized Linear whose tensors are in the files already: what the card and provenance read of it."""
+
+    scheme: object
+
+
 @dataclass
 class StreamedResult:
-    quantized: dict  # quantized Linear name -> None (the tensors are in the files)
+    quantized: dict  # quantized Linear name -> Written (the tensors are in the files)
     qc: dict
     streams: EvalStreams
     seconds: float
@@ -242,7 +252,7 @@ def quantize_and_write(weights: Weights, job, *, method: str, fmt: str, out_dir:
         writer.abort()
         _rmtree(session.tmp)
         raise
-    names = dict.fromkeys(sorted(session.names))
+    names = {n: session.written[n] for n in sorted(session.names)}
     return StreamedResult(quantized=names, qc=qc, streams=streams, seconds=time.time() - t0, routing=policy)
 
 
