@@ -60,8 +60,6 @@ def open_for(mode: str, *, method: str, fmt: str, path: Path, trust_remote_code:
         why = _config_why(config, trust_remote_code=trust_remote_code)
     if not why:
         weights, why = open_checkpoint(path, trust_remote_code=trust_remote_code, dtype=config_dtype(config))
-    if weights is not None and fmt in OWN_STREAMED and any(p.dim() == 3 for p in weights.model.parameters()):
-        weights, why = None, f"--format {fmt} streams dense models (its experts are quantized in memory)"
     if weights is None:
         if mode == "on":
             raise UnsupportedError(f"cannot stream this conversion: {why}", hint="use --streaming auto or off")

@@ -78,12 +78,13 @@ def _record(result: dict, module: str, grid: Grid, param: torch.nn.Parameter, *,
 
 
 @torch.no_grad()
-def collect_imatrix(model, calib: torch.Tensor, *, device: str = "cpu",
-                    progress: bool = True) -> dict[str, torch.Tensor]:
-    """Per decoder-layer Linear: sum over calibration tokens of x_j^2 for each input column j (float model)."""
+def collect_imatrix(model, calib: torch.Tensor, *, device: str = "cpu", progress: bool = True,
+                    into: dict | None = None) -> dict[str, torch.Tensor]:
+    """Per decoder-layer Linear: sum over calibration tokens of x_j^2 for each input column j (float model).
+    into: the dict to fill (a streamed run takes each layer's entries out as the layer is written)."""
     from hubquant.engine import run_layers
 
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {} if into is None else into
 
     def on_layer(work) -> None:
         def hook(name):
@@ -156,7 +157,7 @@ def run_imatrix(model: torch.nn.Module, job) -> dict[str, QuantizedWeight]:
 
 
 @contextlib.contextmanager
-def _routing(model):
+def routing_policy(model):
     """The routing policy calibration passes run under: the pipeline's (hubquant.moe_pipeline) threshold and
     calibrate_all_experts, but low-token experts are only recorded (this module quantizes them itself, without
     importance) instead of going to that policy's int round-to-nearest fallback; counts go back to the
@@ -172,6 +173,13 @@ def _routing(model):
     if outer is not None:
         outer.counts.update(policy.counts)
         outer.fallback_linears.extend(policy.fallback_linears)
+
+
+def log_low_token(policy, mode: str, log) -> None:
+    """The line saying how many expert projections the low-token rule quantized without importance."""
+    if policy is not None and policy.fallback_linears and mode != "plain":
+        log(f"gguf: {len(policy.fallback_linears)} expert projections saw under {policy.min_expert_tokens} routed "
+            "calibration tokens: quantized without importance (plain weighting)")
 
 
 def run(model: torch.nn.Module, job, *, mode: str, preset: str = mix.DEFAULT_PRESET, log=print,
@@ -194,7 +202,7 @@ def run(model: torch.nn.Module, job, *, mode: str, preset: str = mix.DEFAULT_PRE
     result: dict[str, QuantizedWeight] = {}
     given, imatrix = imatrix, {}
     t0 = time.time()
-    with _routing(model) as policy:
+    with routing_policy(model) as policy:
         if mode == "imatrix" and given is not None:
             imatrix = given
         elif mode == "imatrix":
@@ -212,9 +220,7 @@ def run(model: torch.nn.Module, job, *, mode: str, preset: str = mix.DEFAULT_PRE
             imp = imatrix.get(module)
             _record(result, module, quantize(p.detach(), t, None if imp is None else imp.to(p.device)), p,
                     imatrix=imp is not None)
-    if policy is not None and policy.fallback_linears and mode != "plain":
-        log(f"gguf: {len(policy.fallback_linears)} expert projections saw under {policy.min_expert_tokens} routed "
-            "calibration tokens: quantized without importance (plain weighting)")
+    log_low_token(policy, mode, log)
     counts: dict[str, int] = {}
     for qw in result.values():
         counts[qw.extra["gguf_type"]] = counts.get(qw.extra["gguf_type"], 0) + 1

@@ -20,7 +20,15 @@ import torch
 from hubquant.errors import UsageError
 from hubquant.formats.gguf.arch import arch_of
 from hubquant.formats.gguf.blocks import TYPES, quantize
-from hubquant.formats.gguf.method import _record, mode_of, plan_types
+from hubquant.formats.gguf.method import (
+    _SCHEME,
+    _record,
+    collect_imatrix,
+    log_low_token,
+    mode_of,
+    plan_types,
+    routing_policy,
+)
 from hubquant.formats.gguf.writer import open_writer, tensor_data
 
 
@@ -48,6 +56,7 @@ class GGUFStream:
         for name, shape, dtype, nbytes, raw in plan:
             writer.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=raw)
         writer.write_header_to_file(path)
+        self.kv_start = writer.fout[0].tell()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         self.where: dict[str, tuple[object, int, int]] = {}
@@ -69,6 +78,25 @@ class GGUFStream:
         self.writer.write_padding(fout, nbytes)
         self.pending.discard(name)
 
+    def set_uint32(self, key: str, value: int) -> None:
+        """Rewrite the value of a uint32 metadata key of the first file (one the data decides, e.g. the
+        imatrix entry count), in place: the header keeps its size."""
+        from gguf import GGUFValueType
+
+        w, offset = self.writer, self.kv_start
+        for k, v in w.kv_data[0].items():
+            offset += len(w._pack_val(k, GGUFValueType.STRING, add_vtype=False))
+            if k == key:
+                if v.type != GGUFValueType.UINT32:
+                    raise UsageError(f"GGUF stream: {key} is {v.type.name}, not UINT32", hint="report the model")
+                v.value = value
+                fout = w.fout[0]
+                fout.seek(offset + 4)  # after the value's type tag
+                fout.write(w._pack("I", value))
+                return
+            offset += len(w._pack_val(v.value, v.type, add_vtype=True, sub_type=v.sub_type))
+        raise UsageError(f"GGUF stream: no metadata key {key}", hint="report the model")
+
     def close(self) -> None:
         if self.pending:
             raise UsageError(f"GGUF stream: {len(self.pending)} tensors never written (e.g. {min(self.pending)})",
@@ -78,29 +106,6 @@ class GGUFStream:
 
 def _layer_of(gguf_name: str) -> int | None:
     return int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else None
-
-
-@torch.no_grad()
-def _layer_importance(layer, stream, index: int, names: dict, device) -> dict[str, torch.Tensor]:
-    """Sum of x^2 per input column of each Linear in `names` ({module: full name}), over the calibration
-    activations run through the float layer (which advances `stream` to the next layer's inputs)."""
-    out: dict[str, torch.Tensor] = {}
-
-    def hook(full):
-        def fn(_mod, args):
-            x = args[0]
-            s = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).cpu()
-            out[full] = s if full not in out else out[full] + s
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(full)) for m, full in names.items()]
-    try:
-        layer.to(device)
-        stream.advance(index, layer, device)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
 
 
 def _file_plan(entries, types: dict, extra: dict) -> tuple[list, dict[str, int]]:
@@ -118,22 +123,81 @@ def _file_plan(entries, types: dict, extra: dict) -> tuple[list, dict[str, int]]
     return plan, counts
 
 
+class _Layers:
+    """The engine's layer hooks (hubquant.engine.layer_hooks) of a streamed GGUF: before a decoder layer runs,
+    read it from the checkpoint (the tensors outside the layers are written just before the first, once the
+    calibration inputs are taken from the float embeddings); after, quantize it with the importance its run
+    collected, write it, free it. Counts what `writer.write` reports (imatrix entries, stacked experts)."""
+
+    def __init__(self, weights, out: GGUFStream, by_layer: dict, types: dict, spec, *, imatrix: dict,
+                 write_rest, before=None, after=None):
+        self.weights, self.out, self.by_layer, self.types, self.spec = weights, out, by_layer, types, spec
+        self.imatrix, self.write_rest, self.user_before, self.user_after = imatrix, write_rest, before, after
+        self.results: dict = {}  # (engine.results(): no method collects here)
+        self.names: list[str] = []  # every quantized module, experts one by one
+        self.with_imatrix = 0
+        self.stacks: dict[str, int] = {}
+        self.experts = self.plain_experts = 0
+
+    def before(self, index: int, name: str, layer: torch.nn.Module) -> None:
+        if self.write_rest is not None:
+            self.write_rest()
+            self.write_rest = None
+        self.weights.load(layer, name)
+        if self.user_before is not None:
+            self.user_before(index, layer)
+
+    def after(self, index: int, name: str, layer: torch.nn.Module) -> None:
+        layer.to("cpu")
+        imp = {k: self.imatrix.pop(k) for k in [k for k in self.imatrix if k.startswith(name + ".")]}
+        state = {f"{name}.{k}": v for k, v in layer.state_dict().items()}
+        self.write(self.by_layer.get(index, []), state, imp)
+        if self.user_after is not None:
+            self.user_after(index, layer)
+        self.weights.release(layer)
+
+    def write(self, entries: list, state: dict, imp: dict) -> None:
+        """Quantize (as `method.run` does) and write each entry of one part of the model; a quantized weight in
+        `state` then holds its dequantized values."""
+        for e in entries:
+            t = self.types.get(e.module) if e.quantizable else None
+            quantized = {}
+            if t is not None and t != "F16" and t in TYPES:
+                for module in e.experts or (e.module,):
+                    weight = state[f"{module}.weight" if e.experts else e.param].detach()
+                    i = imp.get(module)
+                    _record(quantized, module, quantize(weight, t, None if i is None else i.to(weight.device)),
+                            weight, imatrix=i is not None)
+            data, qtype = tensor_data(e, quantized, state, self.spec)
+            self.out.add(e.gguf, data)
+            self.names += quantized
+            self.with_imatrix += sum(1 for q in quantized.values() if q.extra["imatrix"])
+            if e.experts:
+                self.stacks[qtype or "F16"] = self.stacks.get(qtype or "F16", 0) + 1
+                self.experts += len(e.experts)
+                self.plain_experts += sum(1 for q in quantized.values() if not q.extra["imatrix"])
+
+
 def write_streamed(weights, job, *, method: str = "rtn", out_dir: Path, options: dict | None = None,
                    before=None, after=None, rest_done=None, log=print) -> dict:
-    """Quantize the checkpoint behind `weights` (hubquant.streaming.Weights, a dense model) to the preset in
-    `options` ("gguf_type") one decoder layer at a time and write the GGUF file(s) into `out_dir` (see the
-    module docstring). Returns the summary `writer.write` returns.
+    """Quantize the checkpoint behind `weights` (hubquant.streaming.Weights) to the preset in `options`
+    ("gguf_type") one decoder layer at a time and write the GGUF file(s) into `out_dir` (see the module
+    docstring). Returns the summary `writer.write` returns.
 
-    The tensors outside the decoder layers (embeddings, output) are quantized and written first (after the
-    calibration activations are taken from the float embeddings); `rest_done()` is then called, with the model's
-    embeddings and head holding what the file holds. before(index, layer) / after(index, layer): called with each
-    decoder layer holding its float weights, then the dequantized ones (e.g. to run evaluation activations).
+    imatrix: the calibration pass is `method.collect_imatrix`'s (hubquant.engine.run_layers on the float layers,
+    mixture-of-experts layers under `method.routing_policy`: each expert's importance from its routed tokens, the
+    low-token rule), with each layer read before and written after it runs. The header's imatrix entry count
+    (which the routing decides) is written last. The tensors outside the decoder layers (embeddings, output) are
+    quantized and written before the first layer; `rest_done()` is then called, with the model's embeddings and
+    head holding what the file holds. before(index, layer) / after(index, layer): called with each decoder layer
+    holding its float weights, then the dequantized ones (e.g. to run evaluation activations).
 
     Raises:
         UsageError: --method gptq (streamed GGUF runs rtn and imatrix), or no calibration for imatrix.
     """
+    from hubquant import moe
+    from hubquant.engine import layer_hooks
     from hubquant.modeling import decoder_layers, layers_prefix
-    from hubquant.streaming import Stream
 
     mode = mode_of(method)
     if mode == "gptq":
@@ -141,62 +205,52 @@ def write_streamed(weights, job, *, method: str = "rtn", out_dir: Path, options:
     if mode == "imatrix" and job.calib is None:
         raise UsageError("GGUF imatrix needs calibration text", hint="pass --calib-dataset, or use --method rtn")
     options = dict(options or {})
-    model, t0, device = weights.model, time.time(), torch.device(job.device)
+    model, t0 = weights.model, time.time()
+    moe.unfuse_experts(model)  # per-expert Linears on the meta skeleton (Weights.load fills them per layer)
     spec = arch_of(model.config)
     entries, types = plan_types(model, options.get("gguf_type", "Q4_K_M"), has_imatrix=mode != "plain",
                                 ignore=job.ignore)
-    in_layers = sum(1 for e in entries if e.quantizable and types[e.module] != "F16" and _layer_of(e.gguf) is not None)
-    w, path, preset, extra = open_writer(model, out_dir, options, n_imatrix=in_layers if mode == "imatrix" else 0)
+    in_layers = [e for e in entries if e.quantizable and types[e.module] != "F16" and _layer_of(e.gguf) is not None]
+    planned = sum(len(e.experts) or 1 for e in in_layers) if mode == "imatrix" else 0
+    w, path, preset, extra = open_writer(model, out_dir, options, n_imatrix=planned)
     plan, counts = _file_plan(entries, types, extra)
     out = GGUFStream(w, path, plan)
-
-    weights.load_rest()
-    layers, prefix = decoder_layers(model), layers_prefix(model)
-    stream = Stream(model, job.calib, max(1, 16384 // job.calib.shape[1]), device) if mode == "imatrix" else None
     by_layer: dict[int | None, list] = {}
     for e in entries:
         by_layer.setdefault(_layer_of(e.gguf), []).append(e)
-    _write_entries(out, by_layer.get(None, []), types, model.state_dict(), {}, spec)
-    for name, a in extra.items():
-        out.add(name, a)
-    if rest_done is not None:
-        rest_done()
-    for i, layer in enumerate(layers):
-        name = f"{prefix}.{i}"
-        weights.load(layer, name)
-        if before is not None:
-            before(i, layer)
-        imp = {}
-        if stream is not None:
-            linears = {m: f"{name}.{n}" for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-            imp = _layer_importance(layer, stream, i, linears, device)
-        layer.to("cpu")
-        _write_entries(out, by_layer.get(i, []), types, {f"{name}.{k}": v for k, v in layer.state_dict().items()},
-                       imp, spec)
-        if after is not None:
-            after(i, layer)
-        weights.release(layer)
+    imatrix: dict[str, torch.Tensor] = {}
+
+    def write_rest():
+        hooks.write(by_layer.get(None, []), model.state_dict(), {})
+        for name, a in extra.items():
+            out.add(name, a)
+        if rest_done is not None:
+            rest_done()
+
+    hooks = _Layers(weights, out, by_layer, types, spec, imatrix=imatrix, write_rest=write_rest, before=before,
+                    after=after)
+    weights.load_rest()
+    layers, prefix = decoder_layers(model), layers_prefix(model)
+    if mode == "imatrix":
+        with routing_policy(model) as policy, layer_hooks(hooks):
+            collect_imatrix(model, job.calib, device=job.device, progress=job.progress, into=imatrix)
+        log_low_token(policy, mode, log)
+    else:
+        for i, layer in enumerate(layers):
+            hooks.before(i, f"{prefix}.{i}", layer)
+            hooks.after(i, f"{prefix}.{i}", layer)
+    if planned:
+        out.set_uint32("quantize.imatrix.entries_count", hooks.with_imatrix)
     out.close()
     files = sorted(p.name for p in path.parent.glob(f"{path.stem}*.gguf"))
     log(f"gguf {preset} ({mode}, streamed): {len(entries)} tensors, {len(layers)} layers one at a time, "
         f"{time.time() - t0:.1f} s")
-    return {"quant_method": "gguf", "gguf_type": preset, "files": files, "tensor_types": counts,
-            "imatrix": mode == "imatrix" and in_layers > 0, "method": method}
-
-
-def _write_entries(out: GGUFStream, entries: list, types: dict, state: dict, imp: dict, spec) -> None:
-    """Quantize (as `method.run` does) and write each entry of one part of the model; a quantized weight in
-    `state` then holds its dequantized values."""
-    for e in entries:
-        t = types.get(e.module) if e.quantizable else None
-        quantized = {}
-        if t is not None and t != "F16" and t in TYPES:
-            weight = state[e.param].detach()
-            i = imp.get(e.module)
-            grid = quantize(weight, t, None if i is None else i.to(weight.device))
-            _record(quantized, e.module, grid, weight, imatrix=i is not None)
-        data, _ = tensor_data(e, quantized, state, spec)
-        out.add(e.gguf, data)
+    qc = {"quant_method": "gguf", "gguf_type": preset, "files": files, "tensor_types": counts,
+          "imatrix": hooks.with_imatrix > 0, "method": method}
+    if hooks.stacks:
+        qc["experts"] = {"stacked_types": hooks.stacks, "projections": hooks.experts,
+                         "without_imatrix": hooks.plain_experts if hooks.with_imatrix else hooks.experts}
+    return qc
 
 
 def run_streamed(run, job, out_dir: Path) -> None:
@@ -233,9 +287,22 @@ def run_streamed(run, job, out_dir: Path) -> None:
                 layer.to("cpu")
         return fn
 
-    qc = write_streamed(weights, job, method=run.opts.method, out_dir=out_dir,
-                        options=run.plan.format_spec.run_options(run), before=advance(streams.base),
-                        after=lambda i, layer: advance(streams.variant)(i, layer), rest_done=rest_done, log=run.log)
+    from hubquant.moe_pipeline import quantize_with_policy
+    from hubquant.streaming.session import Written
+
+    summary = {}
+
+    def quantize(_model, job) -> dict:  # under the pipeline's routing policy, as in memory
+        summary.update(write_streamed(weights, job, method=run.opts.method, out_dir=out_dir,
+                                      options=run.plan.format_spec.run_options(run), before=advance(streams.base),
+                                      after=lambda i, layer: advance(streams.variant)(i, layer),
+                                      rest_done=rest_done, log=run.log))
+        entries, types = plan_types(model, summary["gguf_type"], has_imatrix=summary["imatrix"], ignore=job.ignore)
+        return {m: Written(_SCHEME) for e in entries if e.quantizable and types[e.module] in TYPES
+                for m in e.experts or (e.module,)}
+
+    run.quantized, run.routing = quantize_with_policy(model, job, quantize, options=run.opts.method_options,
+                                                      log=run.log)
     if streams.base:
         params = dict(model.named_parameters())
         quantized_rest = {n: params[n].detach().clone() for n in float_rest}
@@ -245,6 +312,4 @@ def run_streamed(run, job, out_dir: Path) -> None:
         leak_rates(weights, streams, variant=False)
         for n, t in quantized_rest.items():
             params[n].data = t
-    _, types = plan_types(model, qc["gguf_type"], has_imatrix=qc["imatrix"], ignore=job.ignore)
-    run.quantized = dict.fromkeys(sorted(m for m, t in types.items() if t != "F16"))
-    run.quant_config, run.routing = qc, None
+    run.quant_config = summary
