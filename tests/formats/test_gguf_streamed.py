@@ -99,6 +99,22 @@ def test_convert_streamed_gguf_equals_in_memory(hub_env, local_hub, tokenizer, t
     assert "| base (float) |" in card_on and "tiny-llama-stream-Q4_K_M.gguf" in card_on
 
 
+def _moe_checkpoint(folder, arch: str, tokenizer):
+    """A tiny 3-layer MoE checkpoint (float32) with expert rows of 256, so the K-quants apply to the experts."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config(arch, hidden=256, intermediate=256, layers=3)
+    if arch != "mixtral":
+        cfg.moe_intermediate_size = 256
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n# tiny {arch}\n")
+    return folder
+
+
 MOE_CASES = [("qwen3_moe", "imatrix", "Q5_K_M"), ("qwen3_moe", "rtn", "Q4_K_M"), ("mixtral", "imatrix", "Q4_K_M"),
              ("deepseek_v3", "imatrix", "Q4_K_M"), ("deepseek_v3", "rtn", "Q3_K_M")]
 
@@ -113,14 +129,7 @@ def test_streamed_moe_bytes_equal_in_memory_bytes(tmp_path, tokenizer, arch, met
     from hubquant import moe
     from hubquant.streaming import open_checkpoint
 
-    folder = tmp_path / "base"
-    extra = {"intermediate": 256} if arch == "mixtral" else {}
-    model = tiny_model(arch, hidden=256, layers=3, **extra)
-    if arch != "mixtral":
-        model.config.moe_intermediate_size = 256  # expert rows of 256: the K-quants apply to the experts
-        model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = _moe_checkpoint(tmp_path / "base", arch, tokenizer)
     calib = torch.randint(0, 49152, (4, 48), generator=torch.Generator().manual_seed(3)) if method != "rtn" else None
     options = {"gguf_type": preset, "tokenizer_dir": str(folder), "name": "tiny", "split_size": "0"}
     policies, qcs, threshold = {}, {}, 16
@@ -178,9 +187,8 @@ def test_convert_streamed_moe_gguf_routing_equals_in_memory(hub_env, local_hub, 
     import json
 
     from hubquant.convert import ConvertOptions, convert
-    from tests.helpers import save_tiny_repo
 
-    folder = save_tiny_repo(tmp_path / "src", "qwen3_moe", tokenizer, dtype=torch.float32, hidden=256, layers=3)
+    folder = _moe_checkpoint(tmp_path / "src", "qwen3_moe", tokenizer)
     local_hub.hub.publish_folder("alice/tiny-moe-stream", folder)
     logs, files, cards, prov = {}, {}, {}, {}
     for mode in ("off", "on"):
