@@ -1,6 +1,7 @@
 """Streamed GGUF: header first, one decoder layer at a time from the checkpoint; the files are byte-identical to
-the in-memory path's (one file and gguf-split shards, plain and importance-matrix), and while any tensor is
-written at most one decoder layer holds weights."""
+the in-memory path's (one file and gguf-split shards, plain and importance-matrix, dense and mixture-of-experts
+models), while any tensor is written at most one decoder layer holds weights, and a MoE's routing statistics reach
+the log, hubquant.json and the card as in memory."""
 from __future__ import annotations
 
 import numpy as np

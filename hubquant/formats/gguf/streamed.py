@@ -4,10 +4,13 @@ A GGUF header lists every tensor's name, type, shape and offset before the data.
 config and the preset (`method.plan_types` on the meta-device skeleton of `hubquant.streaming`), so
 `GGUFStream` writes the headers of every file (gguf-split shards included, split where `gguf.GGUFWriter`
 splits) before any weight is read, and `add` writes one tensor at its offset. `write_streamed` reads one decoder
-layer from the checkpoint, collects its importance (imatrix mode: the calibration activations go through the
-float layer, as the in-memory pass does), quantizes it, writes it and frees it: the writer holds no tensor, the
-process one decoder layer plus the embeddings, head and activations. The files are byte-identical to
-`writer.write` after `method.run` on the model in memory.
+layer from the checkpoint, collects its importance (imatrix mode: the in-memory pass itself, `method.collect_imatrix`,
+run with the engine's layer hooks), quantizes it, writes it and frees it: the writer holds no tensor, the process one
+decoder layer plus the embeddings, head and activations. Mixtures of experts stream the same way: each layer's
+fused experts come from the checkpoint as per-expert views, each expert's importance from the calibration tokens
+routed to it (the low-token rule and the routing record as in memory), and the experts are stacked per tensor. The
+one header value the data decides, the imatrix entry count, is rewritten in place at the end. The files are
+byte-identical to `writer.write` after `method.run` on the model in memory.
 """
 from __future__ import annotations
 
