@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -222,15 +223,16 @@ class LayerWork:
         """
         todo = [n for n in (names if names is not None else self.linears)]
         if len(self.inputs) == 1:
-            inputs: list[tuple[torch.Tensor, LinearStats]] = []  # (tensor, its stats), refs keep ids valid
+            # (weak reference to the input tensor, its stats): the layer frees each input once its Linears ran
+            inputs: list[tuple[weakref.ref, LinearStats]] = []
 
             def hook(name, x):
-                st = next((s for t, s in inputs if t is x), None)
+                st = next((s for t, s in inputs if t() is x), None)
                 if st is None:
                     acc = _StatsAccumulator([name], hessian=True, dtype=dtype, scratch=self.scratch)
                     acc.add(name, x)
                     st = acc.finish()[name]
-                    inputs.append((x, st))
+                    inputs.append((weakref.ref(x), st))
                 on_group([name], st)
 
             self.outputs = [self._run_hooked(self.inputs[0], self.kwargs[0], {n: hook for n in todo})]
@@ -353,7 +355,7 @@ class _StatsAccumulator:
         if self.hessian:
             if st.xtx is None:
                 st.xtx = torch.zeros(x2.shape[1], x2.shape[1], dtype=self.dtype, device=x2.device)
-            _accumulate_xtx(st.xtx, x2, self.scratch)
+            _accumulate_xtx(st.xtx, x2)
         if self.absmean or self.absmax:
             a = x2.abs()
             if self.absmean:
@@ -376,31 +378,31 @@ class _StatsAccumulator:
         return self.stats
 
 
-def _accumulate_xtx(acc: torch.Tensor, x: torch.Tensor, scratch: dict | None = None) -> None:
+def _accumulate_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc += x^T x in fp32. On CUDA, 16-bit inputs go through a 16-bit GEMM with fp32 output: products of
     bf16/fp16 values are exact in fp32, so this equals the fp32 GEMM of the upcast values, at tensor-core speed.
-    On CPU the upcast goes into `scratch["xtx"]`, one buffer reused from layer to layer (a fresh 100 MB tensor
-    per call costs page faults: the allocator hands large blocks back to the OS when they are freed)."""
+    On the CPU, large inputs go block by block (the upper block rows, mirrored once at the end), upcasting one
+    column block of `x` at a time: two [tokens, in / 4] fp32 temporaries instead of an fp32 copy of the whole
+    input (the same products and sums, so the same bits)."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
         try:
             acc += torch.mm(x.T, x, out_dtype=torch.float32)
             return
         except (RuntimeError, TypeError):  # torch without mm(out_dtype=)
             pass
-    if scratch is not None and not x.is_cuda and x.dtype != acc.dtype:
-        buf = scratch.get("xtx")
-        if buf is None or buf.numel() < x.numel() or buf.dtype != acc.dtype:
-            buf = scratch["xtx"] = torch.empty(x.numel(), dtype=acc.dtype, device=x.device)
-        xf = buf[: x.numel()].view(x.shape).copy_(x)
-    else:
-        xf = x.to(acc.dtype)
-    n = xf.shape[1]
     if not _blocked(acc):
+        xf = x.to(acc.dtype)
         acc.addmm_(xf.T, xf)
         return
+    n = x.shape[1]
     b = -(-n // _SYM_BLOCKS)  # symmetric: only the upper block rows (10/16 of the work); mirrored once at the end
     for i in range(0, n, b):
-        acc[i: i + b, i:].addmm_(xf[:, i: i + b].T, xf[:, i:])
+        left = x[:, i: i + b].to(acc.dtype)
+        for j in range(i, n, b):
+            right = left if j == i else x[:, j: j + b].to(acc.dtype)
+            acc[i: i + b, j: j + b].addmm_(left.T, right)
+            del right
+        del left
 
 
 _SYM_BLOCKS, _SYM_MIN = 4, 512
@@ -556,9 +558,12 @@ def run_layers(
             home[name] = p.device if p is not None else torch.device("cpu")
     inputs, kwargs = capture_inputs(model, calib, device=device, batch_size=batch_size)
     by_type = kwargs_by_attention_type(model, calib, kwargs, device=device, batch_size=batch_size)
+    hooks = _LAYER_HOOKS.get()
     for name, child in parent.named_children():
         if name in home:
             child.to(home[name])
+    if hooks is not None and hasattr(hooks, "inputs_ready"):
+        hooks.inputs_ready()  # a streamed conversion frees the embeddings until the evaluation
     kwargs = [_to(kw, device) for kw in kwargs]
     act_bytes = sum(x.numel() * x.element_size() for x in inputs)
     if offload_activations is None:
@@ -570,7 +575,6 @@ def run_layers(
 
     types = layer_attention_types(model)
     scratch: dict = {}
-    hooks = _LAYER_HOOKS.get()
     bar = tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer")
     for i in bar:
         layer = layers[i]

@@ -3,6 +3,7 @@ in-memory (the whole model loaded), side by side, on random-weight Llama-shaped 
 
     python bench/memory/run.py                                  # 1, 2 and 4 GB; rtn and gptq; docs/memory.md
     python bench/memory/run.py --sizes 1 --cases rtn --no-doc   # quick look
+    python bench/memory/report.py bench/memory/results/A.json bench/memory/results/B.json   # runs side by side
 
 Each size is written once (bench/memory/synthetic.py), published on a local Hub (127.0.0.1) and converted by
 `python -m hubquant.cli convert` in a subprocess; its peak resident set size is the run's own VmHWM
@@ -77,49 +78,74 @@ def run_convert(repo: str, case: str, streaming: str, out: Path, env: dict) -> d
 def bench(args) -> list[dict]:
 
     from bench.memory.synthetic import layers_for, write_checkpoint
-    from hubquant.localhub import LocalHub
 
     work = Path(tempfile.mkdtemp(prefix="hubquant-membench-", dir=args.work))
-    hub_root = work / "hub"
-    hub_root.mkdir()
-    proc, endpoint = start_hub(hub_root)
     rows = []
     try:
         for gb in args.sizes:
-            layers = layers_for(gb * 1e9)
-            folder = work / f"model-{gb}gb"
-            nbytes = write_checkpoint(folder, layers)
-            repo = f"bench/llama-random-{layers}l"
-            LocalHub(hub_root).publish_folder(repo, folder)
-            shutil.rmtree(folder)
-            env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(work / f"hf-{gb}"), "HF_HUB_DISABLE_XET": "1",
-                   "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-            env.pop("HF_HUB_OFFLINE", None)
-            env.pop("HF_TOKEN", None)
-            subprocess.run([sys.executable, "-c", "import sys; from huggingface_hub import snapshot_download; "
-                            "snapshot_download(sys.argv[1])", repo], env=env, check=True, cwd=ROOT,
-                           capture_output=True)  # download once, outside the measured runs
-            for case in args.cases:
-                for mode in ("on", "off"):
-                    if (mode == "off" and (gb > args.in_memory_max_gb or case == "rtn+eval")) or \
-                            (CASES[case][0] == "gptq" and gb > args.gptq_max_gb):
-                        continue
-                    out = work / f"out-{gb}-{case}-{mode}"
-                    r = run_convert(repo, case, mode, out, env)
-                    r.update(size_gb=gb, layers=layers, model_bytes=nbytes)
-                    r["rss_pct_of_model"] = round(100 * r["peak_rss_bytes"] / nbytes, 1)
-                    rows.append(r)
-                    if args.partial:
-                        Path(args.partial).write_text(json.dumps(rows, indent=2) + "\n")
-                    print(f"{gb} GB ({layers} layers) {case:8s} streaming={mode:3s} peak RSS "
-                          f"{r['peak_rss_bytes'] / 1e9:.2f} GB ({r['rss_pct_of_model']}% of the model), "
-                          f"{r['wall_s']} s", flush=True)
-                    shutil.rmtree(out)
-            shutil.rmtree(work / f"hf-{gb}", ignore_errors=True)
+            rows += bench_size(args, gb, work, layers_for(gb * 1e9), write_checkpoint)
     finally:
-        proc.kill()
-        proc.wait()
         shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def _wanted(args, gb: float, case: str, mode: str) -> bool:
+    if mode == "off" and (gb > args.in_memory_max_gb or case == "rtn+eval"):
+        return False
+    if case == "rtn+eval" and gb > args.eval_max_gb:
+        return False
+    return not (CASES[case][0] == "gptq" and gb > args.gptq_max_gb)
+
+
+def bench_size(args, gb: float, work: Path, layers: int, write_checkpoint) -> list[dict]:
+    """Write one size, publish it on its own local Hub (or convert it from its folder), run the cases, and delete
+    every file of that size before the next one (the disk holds one size at a time)."""
+    from hubquant.localhub import LocalHub
+
+    folder = work / f"model-{gb}gb"
+    nbytes = write_checkpoint(folder, layers)
+    from_folder = gb >= args.folder_min_gb
+    env = {**os.environ, "HF_HOME": str(work / f"hf-{gb}"), "HF_HUB_DISABLE_XET": "1",
+           "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("HF_TOKEN", None)
+    proc = None
+    hub_root = work / f"hub-{gb}"
+    rows = []
+    try:
+        if from_folder:
+            source = str(folder)
+        else:
+            hub_root.mkdir()
+            proc, env["HF_ENDPOINT"] = start_hub(hub_root)
+            source = f"bench/llama-random-{layers}l"
+            LocalHub(hub_root).publish_folder(source, folder)
+            shutil.rmtree(folder)
+            subprocess.run([sys.executable, "-c", "import sys; from huggingface_hub import snapshot_download; "
+                            "snapshot_download(sys.argv[1])", source], env=env, check=True, cwd=ROOT,
+                           capture_output=True)  # download once, outside the measured runs
+        for case in args.cases:
+            for mode in ("on", "off"):
+                if not _wanted(args, gb, case, mode):
+                    continue
+                out = work / f"out-{gb}-{case}-{mode}"
+                r = run_convert(source, case, mode, out, env)
+                r.update(size_gb=gb, layers=layers, model_bytes=nbytes,
+                         source="local folder" if from_folder else "local Hub")
+                r["rss_pct_of_model"] = round(100 * r["peak_rss_bytes"] / nbytes, 1)
+                rows.append(r)
+                if args.partial:
+                    Path(args.partial).write_text(json.dumps(rows, indent=2) + "\n")
+                print(f"{gb} GB ({layers} layers) {case:8s} streaming={mode:3s} peak RSS "
+                      f"{r['peak_rss_bytes'] / 1e9:.2f} GB ({r['rss_pct_of_model']}% of the model), "
+                      f"{r['wall_s']} s", flush=True)
+                shutil.rmtree(out)
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        for p in (folder, hub_root, work / f"hf-{gb}"):
+            shutil.rmtree(p, ignore_errors=True)
     return rows
 
 
@@ -130,6 +156,10 @@ def main() -> None:
                    help="rtn and gptq skip the evaluation; rtn+eval streams it too (streamed path only)")
     p.add_argument("--in-memory-max-gb", type=float, default=2, help="run the in-memory path up to this size")
     p.add_argument("--gptq-max-gb", type=float, default=1, help="run GPTQ up to this size (slow on a CPU)")
+    p.add_argument("--eval-max-gb", type=float, default=1e9, help="run rtn+eval up to this size")
+    p.add_argument("--folder-min-gb", type=float, default=1e9,
+                   help="convert sizes from this one up from their local folder instead of a local Hub (one copy "
+                        "of the model on disk instead of three)")
     p.add_argument("--work", default=None, help="scratch folder (default: the system temp folder)")
     p.add_argument("--json", default=str(ROOT / "bench/memory/results/latest.json"))
     p.add_argument("--partial", default=None, help="also write the rows measured so far here, after each run")

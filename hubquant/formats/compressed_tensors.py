@@ -30,7 +30,13 @@ def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     element i at bit i*b, low bits first, stored as q + 2^(b-1); codes may straddle two words (3-bit)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
+    if dim == 1 and q.shape[0] > PACK_ROWS:  # rows pack independently: a block at a time, fewer temporaries
+        return torch.cat([pack_to_int32(q[r: r + PACK_ROWS].to(torch.int8), bits, packed_dim=1)
+                          for r in range(0, q.shape[0], PACK_ROWS)])
     return pack_to_int32(q.to(torch.int8), bits, packed_dim=dim)
+
+
+PACK_ROWS = 512
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, cols: int, dim: int = 1) -> torch.Tensor:

@@ -52,23 +52,26 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with more damping.
 
     Adds the damping to `h`'s diagonal in place. Returns (factor, damp actually used). Raises CholeskyFailed.
+    The factor, the inverse and the factor of the inverse are computed in place in one buffer beside `h`
+    (kept for the retries): two [in, in] matrices at a time, not four. The factor is column-major, as
+    `torch.linalg.cholesky` returns it (the GEMMs that read it round the same way).
     """
     diag = h.diagonal()
     diag_mean = torch.mean(diag).item()
     added = 0.0
+    buf = torch.empty_like(h).mT  # column-major, as LAPACK (and torch's own results) lay it out
+    info = torch.empty((), dtype=torch.int32, device=h.device)
     for mult in DAMP_RETRIES:
         d = damp * mult
         diag.add_(d * diag_mean - added)
         added = d * diag_mean
-        low, info = torch.linalg.cholesky_ex(h)
+        buf.copy_(h)
+        torch.linalg.cholesky_ex(buf, out=(buf, info))
         if info.item() == 0:
-            hinv = torch.cholesky_inverse(low)
-            del low
-            up, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
-            if info.item() == 0 and torch.isfinite(up).all():
-                return up, d
-            del up
+            torch.cholesky_inverse(buf, out=buf)
+            torch.linalg.cholesky_ex(buf, upper=True, out=(buf, info))
+            if info.item() == 0 and torch.isfinite(buf).all():
+                return buf, d
     raise CholeskyFailed(f"Hessian not positive definite with damping up to {damp * DAMP_RETRIES[-1]:g}")
 
 

@@ -8,16 +8,35 @@ from hubquant.methods.base import QuantJob
 from hubquant.modeling import decoder_layers, layers_prefix, quantizable_linears
 from hubquant.quant import QuantizedWeight, rtn_quantize
 
+ROWS = 256  # output rows quantized at a time: the float temporaries of one block, not of the whole weight
+
 
 def quantize_linears(linears: dict[str, torch.nn.Linear], job: QuantJob) -> dict[str, QuantizedWeight]:
-    """RTN-quantize each Linear in place (weight := dequantized value) and return the codes."""
+    """RTN-quantize each Linear in place (weight := dequantized value) and return the codes.
+
+    Every output row has its own groups, so the weight is quantized `ROWS` rows at a time (the same values as
+    one call on the whole weight, with a fraction of its float32 temporaries)."""
     out = {}
     for name, lin in linears.items():
         w = lin.weight.data
-        qw = rtn_quantize(w.to(job.device), job.scheme.weights, scale_dtype=w.dtype)
-        lin.weight.data = qw.dequantize(w.dtype).to(w.device)
-        out[name] = _to_cpu(qw)
+        deq = torch.empty_like(w)
+        parts = []
+        for r in range(0, w.shape[0], ROWS):
+            qw = rtn_quantize(w[r: r + ROWS].to(job.device), job.scheme.weights, scale_dtype=w.dtype)
+            deq[r: r + ROWS] = qw.dequantize(w.dtype).to(w.device)
+            parts.append(_to_cpu(qw))
+            del qw
+        lin.weight.data = deq
+        out[name] = _join(parts)
     return out
+
+
+def _join(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    if len(parts) == 1:
+        return parts[0]
+    zps = [p.zero_point for p in parts]
+    return QuantizedWeight(qweight=torch.cat([p.qweight for p in parts]), scale=torch.cat([p.scale for p in parts]),
+                           zero_point=None if zps[0] is None else torch.cat(zps), scheme=parts[0].scheme)
 
 
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:

@@ -92,6 +92,15 @@ class Weights:
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
 
+    def release_rest(self) -> None:
+        """The weights outside the decoder layers (tied ones too) back on the meta device (`load_rest` rereads)."""
+        inside = layers_prefix(self.model) + "."
+        for mod_name, mod in self.model.named_modules():
+            if not (mod_name + ".").startswith(inside):
+                for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
+                    if t is not None and not t.is_meta and attr not in mod._non_persistent_buffers_set:
+                        _set(mod, attr, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+
 
 def fill_experts(experts, gate_up: torch.Tensor, down: torch.Tensor, name: str) -> None:
     """Per-expert Linear weights as views of the fused [E, 2I, H] and [E, H, I] tensors (hubquant.moe.unfuse_experts'

@@ -43,6 +43,10 @@ class Session:
         self.unrouted = 0  # expert projections the method left out, quantized by the policy's rule
         self.tmp = writer.out_dir / ".hubquant-final"  # the format's own writer writes the config files here
 
+    def inputs_ready(self) -> None:
+        """Layer 0's calibration inputs are captured: no embeddings needed until the evaluation rereads them."""
+        self.weights.release_rest()
+
     def before(self, index: int, name: str, layer: nn.Module) -> None:
         self.weights.load(layer, name)
         self._advance(self.streams.base, index, layer)
