@@ -79,25 +79,93 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+TOKEN_CHUNK = 128  # positions whose logits exist at a time (vocabulary x chunk, not vocabulary x window)
+
+
+class _Once(torch.nn.Module):
+    """Stands in for the decoder while one batch's logits are taken chunk by chunk: runs it on the first call,
+    returns that output on the later ones."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.out = None
+
+    def forward(self, *args, **kwargs):
+        if self.out is None:
+            self.out = self.inner(*args, **kwargs)
+        return self.out
+
+
+def _decoder_attr(model) -> str | None:
+    """The attribute of `model` that holds the decoder, when its forward takes `logits_to_keep` (the logits are
+    then taken a chunk of positions at a time); None: whole windows."""
+    import inspect
+
+    name = getattr(model, "base_model_prefix", None)
+    try:
+        takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return name if takes and isinstance(getattr(model, name or "", None), torch.nn.Module) else None
+
+
+def _logprobs(model, batch: torch.Tensor, chunk: int):
+    """(first position, log-probs [B, n, vocab] fp32) of the next token at every position but the last, `chunk`
+    positions at a time: the decoder runs once, lm_head (with the model's own logit scaling) once per chunk."""
+    attr = _decoder_attr(model) if chunk else None
+    n = batch.shape[1] - 1
+    if attr is None or n <= chunk:
+        yield 0, F.log_softmax(model(batch).logits.float()[:, :-1], dim=-1)
+        return
+    inner = getattr(model, attr)
+    setattr(model, attr, _Once(inner))
+    try:
+        for s in range(0, n, chunk):
+            keep = torch.arange(s, min(s + chunk, n), device=batch.device)
+            yield s, F.log_softmax(model(batch, logits_to_keep=keep).logits.float(), dim=-1)
+    finally:
+        setattr(model, attr, inner)
+
+
 @torch.no_grad()
-def perplexity(model, eval_set: EvalSet, *, batch_size: int = 2, progress: bool = True,
-               keep_logprobs: int = 0) -> tuple[float, torch.Tensor | None]:
+def perplexity(model, eval_set: EvalSet, *, batch_size: int = 2, progress: bool = True, keep_logprobs: int = 0,
+               on_logprobs=None, chunk: int = TOKEN_CHUNK) -> tuple[float, torch.Tensor | None]:
     """exp(mean next-token NLL) over every window. Optionally keep log-probs of the first `keep_logprobs`
-    windows (bf16) for agreement/KL."""
+    windows (bf16) for agreement/KL, or hand each of them to `on_logprobs(window, logprobs_bf16)` instead.
+
+    The logits are taken `chunk` positions at a time (0: whole windows); the numbers are the same."""
     dev = _device_of(model)
-    nll, count, kept = 0.0, 0, []
+    nll, count, kept, window = 0.0, 0, None, 0
     batches = eval_set.ids.split(batch_size)
     for batch in tqdm(batches, desc="eval: perplexity", disable=not progress, leave=False):
-        logits = model(batch.to(dev)).logits.float()
-        lp = F.log_softmax(logits[:, :-1], dim=-1)
-        target = batch[:, 1:].to(dev)
-        nll -= lp.gather(-1, target.unsqueeze(-1)).sum().item()
-        count += target.numel()
-        if sum(k.shape[0] for k in kept) < keep_logprobs:
-            kept.append(lp.to(torch.bfloat16).cpu())
-        del logits, lp
-    logprobs = torch.cat(kept)[:keep_logprobs] if kept else None
-    return math.exp(nll / count), logprobs
+        batch = batch.to(dev)
+        b, n = batch.shape[0], batch.shape[1] - 1
+        picked = torch.empty(b, n, 1, device=dev)
+        keep = max(0, min(b, keep_logprobs - window))
+        lp16 = None
+        for s, lp in _logprobs(model, batch, chunk):
+            e = s + lp.shape[1]
+            picked[:, s:e] = lp.gather(-1, batch[:, s + 1: e + 1].unsqueeze(-1))
+            if keep:
+                if lp16 is None:
+                    lp16 = torch.empty(keep, n, lp.shape[-1], dtype=torch.bfloat16)
+                lp16[:, s:e] = lp[:keep].to(torch.bfloat16).cpu()
+            del lp
+        nll -= picked.sum().item()
+        count += picked.numel()
+        if lp16 is not None:
+            if on_logprobs is not None:
+                for i in range(keep):
+                    on_logprobs(window + i, lp16[i])
+            else:
+                if kept is None:
+                    rows = min(keep_logprobs, eval_set.ids.shape[0])
+                    kept = torch.empty(rows, n, lp16.shape[-1], dtype=torch.bfloat16)
+                kept[window: window + keep] = lp16
+            del lp16
+        window += b
+    return math.exp(nll / count), kept
 
 
 def reference(model, eval_set: EvalSet, *, n_prompts: int = 4, progress: bool = True) -> Reference:
@@ -108,17 +176,19 @@ def reference(model, eval_set: EvalSet, *, n_prompts: int = 4, progress: bool = 
 
 @torch.no_grad()
 def compare(model, eval_set: EvalSet, ref: Reference, *, progress: bool = True) -> Comparison:
-    """The variant (already in `model`) against the base's reference numbers."""
-    ppl, lp = perplexity(model, eval_set, progress=progress, keep_logprobs=ref.logprobs.shape[0])
-    agree_sum = kl_sum = 0.0
-    for b16, v16 in zip(ref.logprobs, lp):  # one window at a time: a few [L, vocab] fp32 temporaries, not n_prompts
-        base, var = b16.float(), v16.float()
-        agree_sum += (base.argmax(-1) == var.argmax(-1)).float().sum().item()
+    """The variant (already in `model`) against the base's reference numbers. Agreement and KL are taken window
+    by window as the variant's log-probs come (a few [L, vocab] fp32 temporaries, not every window's)."""
+    sums = [0.0, 0.0]
+
+    def visit(i: int, v16: torch.Tensor) -> None:
+        base, var = ref.logprobs[i].float(), v16.float()
+        sums[0] += (base.argmax(-1) == var.argmax(-1)).float().sum().item()
         # KL(base || variant) per position, averaged
-        kl_sum += (base.exp() * (base - var)).sum(-1).clamp(min=0).sum().item()
-        del base, var
-    n = lp.shape[0] * lp.shape[1]
-    agree, kl = agree_sum / n, kl_sum / n
+        sums[1] += (base.exp() * (base - var)).sum(-1).clamp(min=0).sum().item()
+
+    ppl, _ = perplexity(model, eval_set, progress=progress, keep_logprobs=ref.logprobs.shape[0], on_logprobs=visit)
+    n = ref.logprobs.shape[0] * ref.logprobs.shape[1]
+    agree, kl = sums[0] / n, sums[1] / n
     return Comparison(base_perplexity=ref.perplexity, perplexity=ppl, top1_agreement=agree, mean_kl=kl,
                       eval_tokens=eval_set.n_tokens)
 
