@@ -181,10 +181,15 @@ def compare(model, eval_set: EvalSet, ref: Reference, *, progress: bool = True) 
     sums = [0.0, 0.0]
 
     def visit(i: int, v16: torch.Tensor) -> None:
-        base, var = ref.logprobs[i].float(), v16.float()
-        sums[0] += (base.argmax(-1) == var.argmax(-1)).float().sum().item()
-        # KL(base || variant) per position, averaged
-        sums[1] += (base.exp() * (base - var)).sum(-1).clamp(min=0).sum().item()
+        same = torch.empty(v16.shape[0])
+        kl = torch.empty(v16.shape[0])
+        for r in range(0, v16.shape[0], TOKEN_CHUNK):  # per position, then summed over the window as one vector
+            base, var = ref.logprobs[i][r: r + TOKEN_CHUNK].float(), v16[r: r + TOKEN_CHUNK].float()
+            same[r: r + TOKEN_CHUNK] = (base.argmax(-1) == var.argmax(-1)).float()
+            kl[r: r + TOKEN_CHUNK] = (base.exp() * (base - var)).sum(-1)  # KL(base || variant) per position
+            del base, var
+        sums[0] += same.sum().item()
+        sums[1] += kl.clamp(min=0).sum().item()
 
     ppl, _ = perplexity(model, eval_set, progress=progress, keep_logprobs=ref.logprobs.shape[0], on_logprobs=visit)
     n = ref.logprobs.shape[0] * ref.logprobs.shape[1]

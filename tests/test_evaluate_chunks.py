@@ -30,7 +30,7 @@ def test_chunked_logits_same_numbers(arch, dtype):
 
 def test_compare_window_by_window_matches_whole():
     model = tiny_model("llama", vocab=4096).to(torch.bfloat16)
-    es = _eval_set(4, 100, 4096)
+    es = _eval_set(4, 300, 4096)  # 299 positions: three chunks of TOKEN_CHUNK (128) per window
     ref = evaluate.reference(model, es, n_prompts=4, progress=False)
     with torch.no_grad():
         model.lm_head.weight.mul_(1.05).add_(0.01)  # a different "variant"
