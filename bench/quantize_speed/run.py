@@ -58,19 +58,20 @@ def build(name: str, layers: int | None, seed: int = 0):
 
 
 def measure(config: str, method: str, layers: int | None, samples: int, seq_len: int, save: bool) -> dict:
+    from hubquant import engine
     from hubquant.formats import get_format
     from hubquant.methods import QuantJob, get_method
     from hubquant.quant import QuantScheme, WeightScheme
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda":
+        engine._expandable_segments()  # as the layer runner sets it, before the first CUDA allocation here
     t = time.time()
     model, full_layers = build(config, layers)
     t_build = time.time() - t
     calib = torch.randint(0, model.config.vocab_size, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     scheme = QuantScheme(weights=WeightScheme(bits=4, group_size=128, symmetric=(method == "gptq")))
     layer_times: list[float] = []
-    from hubquant import engine
-
     orig = engine.LayerWork.forward
 
     def timed_forward(self, hooks=None):  # the engine's rerun closes each layer: time stamps per layer
@@ -82,6 +83,8 @@ def measure(config: str, method: str, layers: int | None, samples: int, seq_len:
 
     engine.LayerWork.forward = timed_forward
     if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the random init's cached blocks are not the method's
         torch.cuda.reset_peak_memory_stats()
     t = time.time()
     try:
