@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 
+import pytest
 import torch
 
 from hubquant import engine
@@ -87,3 +88,74 @@ def test_expandable_segments_left_to_the_user(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
     engine._expandable_segments()
     assert calls == ["expandable_segments:True"]
+
+
+def _spd(n: int, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(2 * n, n, generator=torch.Generator().manual_seed(seed))
+    return x.T @ x / (2 * n)
+
+
+def _factor_out_of_place(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """The three-matrix formula: factor, inverse, factor of the inverse as new tensors."""
+    diag, mean, added = h.diagonal(), h.diagonal().mean().item(), 0.0
+    for mult in gptq_mod.DAMP_RETRIES:
+        d = damp * mult
+        diag.add_(d * mean - added)
+        added = d * mean
+        low, info = torch.linalg.cholesky_ex(h)
+        if info.item() == 0:
+            up, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+            if info.item() == 0 and torch.isfinite(up).all():
+                return up, d
+    raise gptq_mod.CholeskyFailed("singular")
+
+
+def test_inverse_factor_in_place_same_bits_and_layout():
+    """The in-place factor has the out-of-place one's values and column-major layout (the GEMMs that read it
+    round alike), also when the damping has to be raised, and fails where the formula fails."""
+    used = []
+    for h in (_spd(300), _spd(200, 1) - 0.1 * torch.eye(200), _spd(200, 1) - 0.5 * torch.eye(200)):
+        ref, d_ref = _factor_out_of_place(h.clone(), 0.01)
+        got, d = gptq_mod.inverse_hessian_cholesky(h.clone(), 0.01)
+        assert d == d_ref and torch.equal(got, ref) and got.stride() == ref.stride()
+        used.append(d)
+    assert used == [0.01, 0.1, 1.0]  # the first damping, then the second and third retries
+    with pytest.raises(gptq_mod.CholeskyFailed):
+        gptq_mod.inverse_hessian_cholesky(-torch.eye(50), 0.01)
+
+
+def test_blocked_hessian_upcasts_by_column_block_same_bits():
+    """acc += x^T x from bf16 inputs upcast one column block at a time equals the fp32 GEMM of the whole upcast
+    input (upper block rows, mirrored), bit for bit."""
+    x = (torch.randn(700, 1100, generator=torch.Generator().manual_seed(2)) * 3).to(torch.bfloat16)
+    ref = torch.ones(1100, 1100)
+    xf = x.float()
+    b = -(-1100 // engine._SYM_BLOCKS)
+    for i in range(0, 1100, b):
+        ref[i: i + b, i:].addmm_(xf[:, i: i + b].T, xf[:, i:])
+    got = torch.ones(1100, 1100)
+    engine._accumulate_xtx(got, x)
+    assert torch.equal(got.triu(), ref.triu())
+    engine._finish_xtx(got)
+    assert torch.equal(got, got.T)
+
+
+def test_rtn_row_blocks_and_packing_same_bytes():
+    """RTN a block of rows at a time and int32 packing a block of rows at a time: the whole-weight values."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from hubquant.formats.compressed_tensors import PACK_ROWS, pack_int32
+    from hubquant.methods import rtn
+    from hubquant.quant import rtn_quantize
+
+    for ws in (WeightScheme(bits=4, group_size=128), WeightScheme(bits=3, group_size=32, symmetric=False)):
+        lin = torch.nn.Linear(512, 3 * rtn.ROWS + 5, bias=False).to(torch.bfloat16)
+        ref = rtn_quantize(lin.weight.data, ws, scale_dtype=torch.bfloat16)
+        deq = ref.dequantize(torch.bfloat16)
+        got = rtn.quantize_linears({"x": lin}, QuantJob(scheme=QuantScheme(weights=ws), progress=False))["x"]
+        assert torch.equal(got.qweight, ref.qweight) and torch.equal(got.scale, ref.scale)
+        assert (got.zero_point is None) == (ref.zero_point is None)
+        assert got.zero_point is None or torch.equal(got.zero_point, ref.zero_point)
+        assert torch.equal(lin.weight.data, deq)
+        q = torch.randint(-4, 4, (2 * PACK_ROWS + 3, 96), dtype=torch.int8)
+        assert torch.equal(pack_int32(q, ws.bits), pack_to_int32(q, ws.bits, packed_dim=1))
