@@ -1,6 +1,10 @@
 """docs/memory.md and docs/img/memory.svg from bench/memory/run.py's results.
 
     python bench/memory/report.py bench/memory/results/*.json    # several runs' rows in one table
+    python bench/memory/report.py RUNS.json --gpu bench/memory/results/gpu-70b.json   # with the GPU section
+
+The GPU section comes from `python bench/quantize_speed/run.py --config 70b --layers 2 --methods gptq --no-save
+--json FILE` (its peak_gpu_gib and peak_gpu_reserved_gib); without --gpu it says the GPU figure is not measured.
 """
 from __future__ import annotations
 
@@ -16,14 +20,15 @@ CASE_TEXT = {"rtn": "RTN, evaluation skipped", "rtn+eval": "RTN with evaluation"
 
 def table(rows: list[dict]) -> list[str]:
     sha = {(r["size_gb"], r["case"], r["streaming"]): r["sha256"] for r in rows}
-    out = ["| model | layers | case | path | peak RSS GB | % of model | wall s | same bytes as in-memory |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| model | layers | read from | case | path | peak RSS GB | % of model | wall s | same bytes as in-memory |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["case"], r["size_gb"], r["streaming"] != "on")):
         other = sha.get((r["size_gb"], r["case"], "off"))
         same = "-" if r["streaming"] == "off" or other is None else ("yes" if other == r["sha256"] else "NO")
         path = "streamed" if r["streaming"] == "on" else "in memory"
         case = CASE_TEXT.get(r["case"], r["case"])
-        out.append(f"| {r['model_bytes'] / 1e9:.2f} GB | {r['layers']} | {case} | {path} | "
+        src = r.get("source", "local Hub")
+        out.append(f"| {r['model_bytes'] / 1e9:.2f} GB | {r['layers']} | {src} | {case} | {path} | "
                    f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['rss_pct_of_model']:.0f}% | {r['wall_s']:.0f} | {same} |")
     return out
 
@@ -35,7 +40,36 @@ def goals(rows: list[dict]) -> list[str]:
             ok = r["rss_pct_of_model"] <= goal
             out.append(f"- {CASE_TEXT[case]}, {r['model_bytes'] / 1e9:.2f} GB: {r['rss_pct_of_model']:.0f}% of the "
                        f"model against the {goal}% goal: {'met' if ok else 'missed'}.")
+    sha = {(r["size_gb"], r["case"], r["streaming"]): r["sha256"] for r in rows}
+    for (gb, case, mode), digest in sorted(sha.items()):
+        if mode == "on" and (gb, case, "off") in sha:
+            same = digest == sha[(gb, case, "off")]
+            out.append(f"- {CASE_TEXT.get(case, case)}, {gb:g} GB: the streamed files are "
+                       f"{'the same bytes as' if same else 'NOT the same bytes as'} the in-memory path's.")
     return out
+
+
+def gpu_section(path: Path | None) -> list[str]:
+    """docs/memory.md's GPU section from bench/quantize_speed/run.py's JSON (a list of rows), or 'not measured'."""
+    head = ["## On the GPU (70B-shaped GPTQ)", ""]
+    cmd = "python bench/quantize_speed/run.py --config 70b --layers 2 --methods gptq --no-save --json FILE"
+    rows = [r for r in json.loads(path.read_text()) if r.get("method") == "gptq"] if path else []
+    if not rows or rows[0].get("peak_gpu_gib") is None:
+        return head + [f"Not measured on a GPU yet: `{cmd}` reports `peak_gpu_gib` (max allocated) and "
+                       "`peak_gpu_reserved_gib` (max reserved); `python bench/memory/report.py RUNS.json --gpu FILE` "
+                       "puts them here.", ""]
+    r = rows[0]
+    limit = 24e9 / 2**30
+    ok = r["peak_gpu_gib"] <= limit and r["peak_gpu_reserved_gib"] <= limit
+    return head + [
+        f"Measured {r['date']} on {r['device']} (torch {r['torch']}) by `{cmd}`: GPTQ (W4, group 128, act-order, "
+        f"{r['samples']} x {r['seq_len']} calibration tokens) on {r['layers']} of the {r['full_layers']} decoder "
+        "layers of a Llama-3-70B-shaped model (random bf16 weights in host memory; each layer visits the GPU in "
+        "turn, so the peak does not grow with depth).", "",
+        "| peak allocated GiB | peak reserved GiB | goal | quantize s (2 layers) | later layer s |",
+        "|---|---|---|---|---|",
+        f"| {r['peak_gpu_gib']:.1f} | {r['peak_gpu_reserved_gib']:.1f} | 24 GB ({limit:.1f} GiB), allocated and "
+        f"reserved: {'met' if ok else 'missed'} | {r['quant_s']:.0f} | {r['later_layer_s'] or float('nan'):.0f} |", ""]
 
 
 def svg(rows: list[dict]) -> str:
@@ -95,7 +129,7 @@ def svg(rows: list[dict]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_report(meta: dict, rows: list[dict], md: Path, img: Path) -> None:
+def write_report(meta: dict, rows: list[dict], md: Path, img: Path, gpu: Path | None = None) -> None:
     img.parent.mkdir(parents=True, exist_ok=True)
     img.write_text(svg(rows))
     notes = (Path(__file__).parent / "NOTES.md").read_text()
@@ -104,22 +138,30 @@ def write_report(meta: dict, rows: list[dict], md: Path, img: Path) -> None:
              f"by `{meta['command']}`.", "",
              "Random-weight models with Llama shapes (TinyLlama-1.1B's decoder layer: hidden 2048, MLP 5632, 32 heads, "
              "4 KV heads; 49152-token vocabulary, untied lm_head), bf16, more or fewer layers for each size; published "
-             "on a local Hub and converted by the CLI in a child process. W4A16, group 128, compressed-tensors. "
+             "on a local Hub (or, where the table says so, converted from the local folder: one copy on disk instead "
+             "of three) and converted by the CLI in a child process. W4A16, group 128, compressed-tensors. "
              "Peak RSS is the process's VmHWM.", "",
              *table(rows), "",
              f"![peak RSS against model size]({img.relative_to(md.parent).as_posix()})", "",
              "## Goals", "", *goals(rows), "",
-             notes]
-    md.write_text("\n".join(lines) + "\n")
+             notes.rstrip(), "",
+             *gpu_section(gpu)]
+    md.write_text("\n".join(lines).rstrip() + "\n")
 
 
 def main() -> None:
-    runs = [json.loads(Path(p).read_text()) for p in sys.argv[1:]]
+    args = sys.argv[1:]
+    gpu = None
+    if "--gpu" in args:
+        i = args.index("--gpu")
+        gpu = Path(args[i + 1])
+        args = args[:i] + args[i + 2:]
+    runs = [json.loads(Path(p).read_text()) for p in args]
     meta = dict(runs[0]["meta"])
     meta["command"] = "` and `".join(r["meta"]["command"] for r in runs)
     meta["date"] = " / ".join(dict.fromkeys(r["meta"]["date"] for r in runs))
     rows = [row for r in runs for row in r["rows"]]
-    write_report(meta, rows, ROOT / "docs" / "memory.md", ROOT / "docs" / "img" / "memory.svg")
+    write_report(meta, rows, ROOT / "docs" / "memory.md", ROOT / "docs" / "img" / "memory.svg", gpu)
 
 
 if __name__ == "__main__":
