@@ -319,8 +319,9 @@ def _expandable_segments() -> None:
 
     if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
         return
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.11; the older one warns
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
     except (AttributeError, RuntimeError):
         pass
 
