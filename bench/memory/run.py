@@ -106,7 +106,7 @@ def bench_size(args, gb: float, work: Path, layers: int, write_checkpoint) -> li
     nbytes = write_checkpoint(folder, layers)
     from_folder = gb >= args.folder_min_gb
     env = {**os.environ, "HF_HOME": str(work / f"hf-{gb}"), "HF_HUB_DISABLE_XET": "1",
-           "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+           "OMP_NUM_THREADS": str(args.threads or os.cpu_count() or 1)}
     env.pop("HF_HUB_OFFLINE", None)
     env.pop("HF_TOKEN", None)
     proc = None
@@ -160,6 +160,8 @@ def main() -> None:
     p.add_argument("--folder-min-gb", type=float, default=1e9,
                    help="convert sizes from this one up from their local folder instead of a local Hub (one copy "
                         "of the model on disk instead of three)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of the conversions (default: every core; 1 is faster on a busy machine)")
     p.add_argument("--work", default=None, help="scratch folder (default: the system temp folder)")
     p.add_argument("--json", default=str(ROOT / "bench/memory/results/latest.json"))
     p.add_argument("--partial", default=None, help="also write the rows measured so far here, after each run")
