@@ -319,9 +319,9 @@ def _expandable_segments() -> None:
 
     if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
         return
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.11; the older one warns
-    try:
-        (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
+    try:  # torch >= 2.11's setter; the older one warns
+        getattr(torch._C, "_accelerator_setAllocatorSettings", torch.cuda.memory._set_allocator_settings)(
+            "expandable_segments:True")
     except (AttributeError, RuntimeError):
         pass
 
@@ -380,11 +380,9 @@ class _StatsAccumulator:
 
 
 def _accumulate_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """acc += x^T x in fp32. On CUDA, 16-bit inputs go through a 16-bit GEMM with fp32 output: products of
-    bf16/fp16 values are exact in fp32, so this equals the fp32 GEMM of the upcast values, at tensor-core speed.
-    On the CPU, large inputs go block by block (the upper block rows, mirrored once at the end), upcasting one
-    column block of `x` at a time: two [tokens, in / 4] fp32 temporaries instead of an fp32 copy of the whole
-    input (the same products and sums, so the same bits)."""
+    """acc += x^T x in fp32. CUDA, 16-bit inputs: a 16-bit GEMM with fp32 output (products of bf16/fp16 values are
+    exact in fp32: the fp32 GEMM of the upcast values). CPU, large inputs: the upper block rows (mirrored once at
+    the end), upcasting a column block of `x` at a time, not the whole input (the same products and sums)."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
         try:
             acc += torch.mm(x.T, x, out_dtype=torch.float32)
@@ -403,7 +401,6 @@ def _accumulate_xtx(acc: torch.Tensor, x: torch.Tensor) -> None:
             right = left if j == i else x[:, j: j + b].to(acc.dtype)
             acc[i: i + b, j: j + b].addmm_(left.T, right)
             del right
-        del left
 
 
 _SYM_BLOCKS, _SYM_MIN = 4, 512
@@ -563,8 +560,7 @@ def run_layers(
     for name, child in parent.named_children():
         if name in home:
             child.to(home[name])
-    if hooks is not None and hasattr(hooks, "inputs_ready"):
-        hooks.inputs_ready()  # a streamed conversion frees the embeddings until the evaluation
+    getattr(hooks, "inputs_ready", lambda: None)()  # a streamed conversion frees the embeddings until needed
     kwargs = [_to(kw, device) for kw in kwargs]
     act_bytes = sum(x.numel() * x.element_size() for x in inputs)
     if offload_activations is None:
