@@ -22,6 +22,17 @@ from tests.hub.oidc_issuer import GitHubIssuer, b64url
 CI_REPO, WORKFLOW = "acme/models-ci", "convert.yml"
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """hubquant.hub.trusted hands the id token it mints to huggingface_hub through os.environ (HF_OIDC_ID_TOKEN);
+    monkeypatch restores only the variables a test set itself, so put the whole environment back after each test
+    (a leaked token made a later test's action see an id token where it expected none)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def trusted(local_hub):
     """(target repo, issuer): alice's empty repo that trusts acme/models-ci's convert.yml on main."""
