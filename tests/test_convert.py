@@ -178,14 +178,6 @@ def error_repos(local_hub, tokenizer, tmp_path_factory):
     return names
 
 
-@pytest.fixture()
-def cli_env(local_hub, tmp_path):
-    env = dict(os.environ, HF_ENDPOINT=local_hub.endpoint, HF_TOKEN=local_hub.token("alice"),
-               HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1")
-    env.pop("HUBQUANT_DEBUG", None)
-    return env
-
-
 @pytest.mark.parametrize("case,args,code,needle", [
     ("missing", ["convert", "nobody/no-such-model-x"], 4, "not found"),
     ("revision", ["convert", "{good}", "--revision", "no-such-branch"], 4, "revision"),

@@ -148,12 +148,8 @@ def test_vision_language_quantizes_the_language_model_only(hub_env, local_hub, t
         assert torch.isfinite(model(input_ids=torch.randint(0, 1000, (1, 16))).logits).all()
 
 
-@pytest.mark.parametrize("method", ["gptq", "fp8"])
-def test_gpt_oss_mxfp4_source_converts_and_loads_in_hubquant(hub_env, local_hub, tokenizer, tmp_path, method):
-    """The Hub's gpt-oss checkpoints are MXFP4: transformers dequantizes them while loading, every expert is
-    quantized again, and hubquant.load computes what the evaluated model computed."""
-    import hubquant
-    from hubquant import moe_gptoss
+def publish_mxfp4_gpt_oss(local_hub, tokenizer, tmp_path) -> str:
+    """A tiny gpt-oss in the Hub's MXFP4 layout, published as alice's; skips without gpt-oss in transformers."""
     from tests.test_moe_gptoss import save_mxfp4_gpt_oss
 
     if not hasattr(__import__("transformers"), "GptOssConfig"):
@@ -161,6 +157,17 @@ def test_gpt_oss_mxfp4_source_converts_and_loads_in_hubquant(hub_env, local_hub,
     repo = f"alice/tiny-gpt-oss-mxfp4-{uuid.uuid4().hex[:6]}"
     save_mxfp4_gpt_oss(tmp_path / "src", tokenizer)
     local_hub.hub.publish_folder(repo, tmp_path / "src")
+    return repo
+
+
+@pytest.mark.parametrize("method", ["gptq", "fp8"])
+def test_gpt_oss_mxfp4_source_converts_and_loads_in_hubquant(hub_env, local_hub, tokenizer, tmp_path, method):
+    """The Hub's gpt-oss checkpoints are MXFP4: transformers dequantizes them while loading, every expert is
+    quantized again, and hubquant.load computes what the evaluated model computed."""
+    import hubquant
+    from hubquant import moe_gptoss
+
+    repo = publish_mxfp4_gpt_oss(local_hub, tokenizer, tmp_path)
     out = tmp_path / "out"
     logs: list[str] = []
     group = {"group_size": 32} if method == "gptq" else {}
@@ -219,13 +226,8 @@ def test_gpt_oss_mxfp4_to_mxfp4_with_gptq_loads_with_plain_transformers(hub_env,
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from tests.test_moe_gptoss import save_mxfp4_gpt_oss
 
-    if not hasattr(__import__("transformers"), "GptOssConfig"):
-        pytest.skip("transformers without gpt-oss")
-    repo = f"alice/tiny-gpt-oss-mxfp4-{uuid.uuid4().hex[:6]}"
-    save_mxfp4_gpt_oss(tmp_path / "src", tokenizer)
-    local_hub.hub.publish_folder(repo, tmp_path / "src")
+    repo = publish_mxfp4_gpt_oss(local_hub, tokenizer, tmp_path)
     out = tmp_path / "out"
     res = convert(ConvertOptions(repo_id=repo, method="gptq", scheme="MXFP4A16", format="mxfp4", output_dir=str(out),
                                  **FAST), log=lambda m: None)

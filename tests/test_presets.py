@@ -3,10 +3,7 @@ through `hubquant convert` and `hubquant generate` on tiny models of real archit
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import uuid
 
 import pytest
@@ -16,7 +13,7 @@ from hubquant.convert import ConvertOptions, convert
 from hubquant.errors import UsageError
 from hubquant.methods import METHODS, get_method, methods_for
 from hubquant.presets import PRESETS
-from tests.helpers import save_tiny_repo
+from tests.helpers import run_cli, save_tiny_repo
 
 # preset -> (bits, group size, symmetric, weight type, activations as (bits, type, dynamic) or None)
 EXPECTED = {
@@ -82,19 +79,6 @@ def tiny_repos(local_hub, tokenizer, tmp_path_factory):
     return repos
 
 
-def _cli(args: list[str], env: dict, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hubquant.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-@pytest.fixture()
-def cli_env(local_hub, tmp_path):
-    env = dict(os.environ, HF_ENDPOINT=local_hub.endpoint, HF_TOKEN=local_hub.token("alice"),
-               HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1")
-    env.pop("HUBQUANT_DEBUG", None)
-    return env
-
-
 @pytest.mark.parametrize("args,needle", [
     (["--scheme", "W4A16", "--bits", "8"], "--bits 8"),
     (["--scheme", "NVFP4A16", "--group-size", "32"], "--group-size 32"),
@@ -105,22 +89,22 @@ def cli_env(local_hub, tmp_path):
     (["--scheme", "NVFP4A16", "--method", "gptq", "--format", "gptq"], "compressed-tensors"),
 ])
 def test_cli_conflicts_exit_2(cli_env, tiny_repos, args, needle):
-    r = _cli(["convert", tiny_repos["llama"], *args], cli_env)
+    r = run_cli(["convert", tiny_repos["llama"], *args], cli_env, timeout=600)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "fix:" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_unknown_preset_is_a_usage_error(cli_env, tiny_repos):
-    r = _cli(["convert", tiny_repos["llama"], "--scheme", "W3A5"], cli_env)
+    r = run_cli(["convert", tiny_repos["llama"], "--scheme", "W3A5"], cli_env, timeout=600)
     assert r.returncode == 2 and "NVFP4A16" in r.stderr
 
 
 @pytest.mark.parametrize("scheme,method", [("NVFP4A16", "gptq"), ("NVFP4", "rtn"), ("MXFP4A16", "rtn")])
 def test_cli_converts_fp4_and_generate_runs_it(cli_env, tiny_repos, tmp_path, scheme, method):
     out = tmp_path / "variant"
-    r = _cli(["convert", tiny_repos["llama"], "--scheme", scheme, "--method", method, "--output-dir", str(out),
-              "--calib-dataset", "fortunes", "--num-samples", "8", "--seq-len", "64", "--eval-windows", "2",
-              "--eval-seq-len", "64", "--quiet", "--json"], cli_env)
+    r = run_cli(["convert", tiny_repos["llama"], "--scheme", scheme, "--method", method, "--output-dir", str(out),
+                 "--calib-dataset", "fortunes", "--num-samples", "8", "--seq-len", "64", "--eval-windows", "2",
+                 "--eval-seq-len", "64", "--quiet", "--json"], cli_env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["metrics"]["ppl_increase_pct"] < 60.0  # 4-bit on a random tiny model
@@ -130,8 +114,8 @@ def test_cli_converts_fp4_and_generate_runs_it(cli_env, tiny_repos, tmp_path, sc
     assert json.loads((out / "hubquant.json").read_text())["scheme_name"] == scheme
     card = (out / "README.md").read_text()
     assert f"--method {method} --scheme {scheme}" in card and "FP4 e2m1" in card, card[:3000]
-    g = _cli(["generate", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "4",
-              "--device", "cpu", "--dtype", "float32"], cli_env)
+    g = run_cli(["generate", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "4",
+                 "--device", "cpu", "--dtype", "float32"], cli_env, timeout=600)
     assert g.returncode == 0, g.stderr[-3000:]
     assert re.search(r"\[compressed-tensors, 14 quantized Linears, cpu\] \d+ tokens", g.stdout), g.stdout
 
