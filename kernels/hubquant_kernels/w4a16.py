@@ -307,7 +307,7 @@ def _dequant_cublas(x, qweight, scales, zeros, bias, y, gs):
 
 def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     """Implementations worth timing for an [m, k] x [k, n] W4A16 product; the first is the default."""
-    from hubquant_kernels import w4a16_gemv, w4a16_mma, w4a16_tc
+    from hubquant_kernels import w4a16_gemv, w4a16_mma, w4a16_tc, w4a16_wgmma
 
     out = []
     n_blocks = lambda bk: -(-k // bk)
@@ -344,6 +344,7 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
         if 2 <= m <= 16:  # tensor cores: won some M=16 shapes (docs/kernels.md); few configs, tuning is slow
             out += w4a16_tc.candidates(m, n, k, gs, configs=w4a16_tc.SMALL_M_CONFIGS)
         out += w4a16_mma.candidates(m, n, k, gs)
+    out += w4a16_wgmma.candidates(m, n, k, gs)  # M > 32: weight as the register operand (swapped AB)
     if m > 16:
         out.append(Candidate(name="dequant+cublas", fn=_dequant_cublas, pure=False))
     return out

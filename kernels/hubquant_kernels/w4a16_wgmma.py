@@ -117,6 +117,7 @@ if triton is not None:
         GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr,
         ONE_GROUP: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr, DOT_F32: tl.constexpr,
+        TMA: tl.constexpr,
     ):
         # K and k_split are multiples of BK (the wrapper checks): the K loop needs no mask, so the activation
         # loads stay 16 bytes wide
@@ -138,12 +139,19 @@ if triton is not None:
         k_lo = pid_k * k_split
         k_hi = tl.minimum(k_lo + k_split, K)
         acc = tl.zeros((BN, BM), dtype=tl.float32)
+        if TMA:  # bulk tensor copies (rows past M and columns past N arrive as zeros)
+            x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BM, BK])
+            w_desc = tl.make_tensor_descriptor(qw_ptr, [K // 8, N], [stride_w, 1], [R, BN])
         for k0 in range(k_lo, k_hi, BK):
             offs_r = k0 // 8 + tl.arange(0, R)
-            offs_k = k0 + tl.arange(0, BK)
             m2 = mask_n[:, None] & (offs_r < K // 8)[None, :]
-            pw = tl.load(qw_ptr + offs_n[:, None] + offs_r[None, :] * stride_w, mask=m2, other=0)
-            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=mask_m[None, :], other=0.0)
+            if TMA:
+                pw = tl.trans(w_desc.load([k0 // 8, pid_n * BN]))
+                xt = tl.trans(x_desc.load([pid_m * BM, k0]))
+            else:
+                offs_k = k0 + tl.arange(0, BK)
+                pw = tl.load(qw_ptr + offs_n[:, None] + offs_r[None, :] * stride_w, mask=m2, other=0)
+                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=mask_m[None, :], other=0.0)
             s, z = _params_t(s_ptr, z_ptr, k0, offs_r, m2, offs_n, mask_n, stride_s, GS, HAS_ZP, ONE_GROUP, BN, R)
             w = _dequant_t(pw, s, z, dtype, BN, BK, R, USE_ASM, FP16)
             if DOT_F32:  # the CPU interpreter mis-multiplies 16-bit dots: same rounded values, fp32 operands
@@ -164,15 +172,32 @@ def fits(k: int, gs: int, bk: int, split: int = 1) -> bool:
             and (split == 1 or (blocks % split == 0 and blocks >= 2 * split)))
 
 
+USE_PTX = True  # the PTX dequantization where it applies (a benchmark may turn it off to compare)
+
+
+def _tma_ready(x, qweight) -> bool:
+    """Bulk tensor copies need 16-byte aligned bases and row strides (and a Triton that has them)."""
+    return (hasattr(tl, "make_tensor_descriptor") and x.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0
+            and (x.stride(0) * x.element_size()) % 16 == 0 and (qweight.stride(0) * 4) % 16 == 0)
+
+
+def _alloc(size: int, alignment: int, stream):
+    """Global scratch for device-side tensor descriptors (Triton asks for it at launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def wgmma(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k=1, warps=8, stages=3, group_n=64,
-          asm=None):
+          asm=None, tma=False):
     """y = x @ W (+ bias); x [M, K] contiguous rows, y [M, N] preallocated; K % bk == 0 (see `fits`)."""
     m, k = x.shape
     n = qweight.shape[1]
     if not fits(k, gs, bk, split_k):
         raise ValueError(f"wgmma block K {bk} / split {split_k} does not fit K={k}, group size {gs}")
     # the PTX path rounds the scale to x's dtype: only where the scales already are in it
-    asm = (not interpreting() and scales.dtype == x.dtype) if asm is None else asm
+    asm = (USE_PTX and not interpreting() and scales.dtype == x.dtype) if asm is None else asm
+    tma = tma and _tma_ready(x, qweight)
+    if tma and x.is_cuda:
+        triton.set_allocator(_alloc)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_split = k // split_k
     ws, cnt = workspace(x.device, m * n, tiles) if split_k > 1 else (y, y)
@@ -181,12 +206,13 @@ def wgmma(x, qweight, scales, zeros, bias, y, gs, *, bm, bn, bk, split_k=1, warp
         ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split_k,
         GROUP_N=group_n, ONE_GROUP=gs % bk == 0 or gs == k, USE_ASM=asm, FP16=x.dtype == torch.float16,
-        DOT_F32=interpreting(), num_warps=warps, num_stages=stages,
+        DOT_F32=interpreting(), TMA=tma, num_warps=warps, num_stages=stages,
     )
     return y
 
 
-# (BM, BN, BK, split, warps, stages) per M bucket. BN is the wgmma M side (64 rows per warpgroup), BM its N side.
+# (BM, BN, BK, split, warps, stages[, tma]) per M bucket. BN is the wgmma M side (64 rows per warpgroup), BM its
+# N side; tma: activation and weight tiles by bulk tensor copies instead of Triton's pointer loads.
 CONFIGS = {
     64: ((64, 128, 128, 2, 4, 4), (64, 128, 128, 1, 4, 4), (64, 64, 128, 2, 4, 4), (64, 128, 64, 2, 4, 4)),
     256: ((128, 128, 64, 1, 8, 4), (64, 128, 128, 1, 4, 4), (256, 128, 64, 1, 8, 3), (128, 64, 128, 1, 4, 4)),
@@ -195,13 +221,13 @@ CONFIGS = {
 }
 
 
-def config_name(bm, bn, bk, split, warps, stages) -> str:
-    return f"wgmma_{bm}x{bn}x{bk}_s{split}_w{warps}_st{stages}"
+def config_name(bm, bn, bk, split, warps, stages, tma=False) -> str:
+    return f"wgmma_{bm}x{bn}x{bk}_s{split}_w{warps}_st{stages}" + ("_tma" if tma else "")
 
 
-def candidate(bm, bn, bk, split, warps, stages) -> Candidate:
-    return Candidate(name=config_name(bm, bn, bk, split, warps, stages),
-                     fn=lambda *a: wgmma(*a, bm=bm, bn=bn, bk=bk, split_k=split, warps=warps, stages=stages))
+def candidate(bm, bn, bk, split, warps, stages, tma=False) -> Candidate:
+    return Candidate(name=config_name(bm, bn, bk, split, warps, stages, tma),
+                     fn=lambda *a: wgmma(*a, bm=bm, bn=bn, bk=bk, split_k=split, warps=warps, stages=stages, tma=tma))
 
 
 def configs_for(m: int):

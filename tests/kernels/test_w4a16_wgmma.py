@@ -15,13 +15,14 @@ from tests.kernels.test_w4a16 import _case
     (37, 33, 512, 64, True, torch.bfloat16, {"bm": 16, "bn": 32, "bk": 64, "split_k": 2}),
     (5, 64, 256, -1, False, torch.bfloat16, {"bm": 16, "bn": 64, "bk": 64, "split_k": 2}),
 ])
-def test_wgmma_matches_float64(m, n, k, gs, asym, dtype, cfg):
+@pytest.mark.parametrize("tma", [False, True])
+def test_wgmma_matches_float64(m, n, k, gs, asym, dtype, cfg, tma):
     x, qw, s, z, b = _case(m, n, k, gs, asym, dtype, seed=m + n)
     gsz = k if gs == -1 else gs
     ref = x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
     for _ in range(2):  # twice: split-K must leave the workspace zeroed
         y = torch.full((m, n), float("nan"), dtype=dtype)
-        w4a16_wgmma.wgmma(x, qw, s, z, b, y, gsz, warps=4, stages=2, **cfg)
+        w4a16_wgmma.wgmma(x, qw, s, z, b, y, gsz, warps=4, stages=2, tma=tma, **cfg)
         assert not torch.isnan(y).any()
         err = float((y.double() - ref).norm() / ref.norm())
         assert err < 1e-2, err
