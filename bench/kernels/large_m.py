@@ -37,22 +37,6 @@ from hubquant_kernels import w4a16, w4a16_wgmma  # noqa: E402
 SHAPES = [(8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)]  # (K, N); reported as N x K
 MS = [64, 256, 1024, 4096]
 ROTATE = 256 << 20
-# (BM, BN, BK, split, warps, stages) timed per M bucket; BN is the wgmma M side (64 rows a warpgroup)
-SWEEP = {
-    64: ((64, 128, 128, 2, 4, 4), (64, 128, 128, 1, 4, 4), (64, 64, 128, 2, 4, 4), (64, 64, 128, 1, 4, 4),
-         (64, 128, 64, 2, 4, 4), (64, 128, 128, 4, 8, 3), (64, 256, 64, 1, 8, 4), (64, 64, 128, 4, 4, 4),
-         (64, 128, 128, 2, 4, 4, True), (64, 64, 128, 2, 4, 4, True)),
-    256: ((128, 128, 64, 1, 8, 4), (128, 128, 64, 2, 8, 4), (64, 128, 128, 1, 4, 4), (128, 64, 128, 1, 4, 4),
-          (256, 128, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (64, 256, 64, 1, 8, 4), (128, 128, 64, 1, 4, 4),
-          (256, 64, 64, 1, 4, 3), (256, 64, 64, 2, 4, 3),
-          (128, 128, 64, 1, 8, 4, True), (128, 64, 128, 1, 4, 4, True)),
-    1024: ((256, 128, 64, 1, 8, 3), (128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (256, 64, 64, 1, 4, 3),
-           (256, 64, 64, 2, 4, 3), (256, 128, 64, 1, 8, 4), (128, 128, 128, 1, 8, 3), (128, 64, 128, 1, 4, 4),
-           (256, 128, 64, 1, 8, 3, True), (128, 256, 64, 1, 8, 3, True)),
-    None: ((256, 128, 64, 1, 8, 3), (256, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 64, 1, 8, 4),
-           (256, 128, 128, 1, 8, 2), (256, 64, 64, 1, 4, 3), (128, 128, 128, 1, 8, 3),
-           (256, 128, 64, 1, 8, 3, True), (256, 128, 64, 1, 8, 4, True), (128, 256, 64, 1, 8, 3, True)),
-}
 FAILED: set[str] = set()  # configurations that failed a check (not timed)
 SMOKE_SWEEP = ((32, 32, 64, 1, 4, 2), (16, 32, 64, 2, 4, 2, True))
 # checks: (m, n, k, group size, asym, dtype name, bias)
@@ -63,7 +47,8 @@ SMOKE_CHECKS = [(37, 40, 256, 64, True, "bfloat16", True), (20, 32, 128, -1, Fal
 
 
 def sweep_for(m: int, smoke: bool):
-    return SMOKE_SWEEP if smoke else next(v for lim, v in SWEEP.items() if lim is None or m <= lim)
+    """The configurations timed at m: w4a16_wgmma.SWEEP_CONFIGS (a superset of the chooser's shortlist)."""
+    return SMOKE_SWEEP if smoke else w4a16_wgmma.configs_for(m, w4a16_wgmma.SWEEP_CONFIGS)
 
 
 def all_configs(ms, smoke: bool) -> list[tuple]:
@@ -126,7 +111,8 @@ def checks(jobs, dev, log) -> list[dict]:
     for spec, cfg in jobs:
         err, clean, y = run_check(spec, cfg, dev)
         row = {"case": spec, "config": w4a16_wgmma.config_name(*cfg), "rel_err": err, "ok": clean and err < 1e-2}
-        if dev == "cuda":  # the PTX dequantization must give the portable one's values exactly
+        if dev == "cuda" and cfg[3] == 1:  # the PTX dequantization must give the portable one's values exactly
+            # (split-K sums in arrival order, which varies between runs)
             _, _, y_plain = run_check(spec, cfg, dev, asm=False)
             row["ptx_equals_portable"] = bool(torch.equal(y, y_plain))
         out.append(row)
@@ -171,7 +157,9 @@ def compile_all(configs, jobs, shapes, ms, workers: int, dev: str) -> dict:
     res = {"wgmma_compiled": sum(o[0] for o in out), "wgmma_failed": sum(o[1] for o in out),
            "wgmma_seconds": round(time.time() - t0, 1)}
     if dev == "cuda":
-        res["current"] = sibling("warm").warm(shapes, ms, workers, dev)
+        import warm  # by its own name: spawned workers import it again
+
+        res["current"] = warm.warm(shapes, ms, workers, dev)
     return res
 
 
@@ -259,7 +247,7 @@ def main() -> int:
     res["compile"] = compile_all(configs, jobs, shapes, ms, 1 if args.smoke else args.workers, dev)
     log(f"compiled: {res['compile']}")
     res["checks"] = checks(jobs, dev, log)
-    if any(not r.get("ptx_equals_portable", True) for r in res["checks"]):
+    if any(r["ok"] and not r.get("ptx_equals_portable", True) for r in res["checks"]):
         w4a16_wgmma.USE_PTX = False  # time the portable dequantization rather than a wrong fast one
         log("PTX dequantization differs from the portable one: timing the portable path")
     FAILED.update(r["config"] for r in res["checks"] if not r["ok"])

@@ -46,8 +46,10 @@ def test_fits_and_candidates():
     assert not w4a16_wgmma.fits(4104, 8, 64)  # K not a multiple of the block
     assert not w4a16_wgmma.fits(4096, 128, 64, split=3)  # 64 blocks do not split 3 ways evenly
     assert not w4a16_wgmma.candidates(16, 4096, 4096, 128)
-    names = [c.name for c in w4a16_wgmma.candidates(4096, 4096, 4096, 128)]
-    assert names and all(nm.startswith("wgmma_") for nm in names)
+    names = [c.name for c in w4a16_wgmma.candidates(256, 4096, 4096, 128)]
+    assert names and all(nm.startswith("wgmma_") and "_tma" not in nm for nm in names)
+    assert not w4a16_wgmma.candidates(4096, 4096, 4096, 128)  # dequantize + cuBLAS is faster there
+    assert any(c.name.startswith("wgmma_") for c in w4a16.candidates(64, 4096, 4096, 128))
     with pytest.raises(ValueError):
         w4a16_wgmma.wgmma(torch.zeros(2, 96, dtype=torch.bfloat16), torch.zeros(12, 8, dtype=torch.int32),
                           torch.ones(1, 8, dtype=torch.bfloat16), None, None, torch.empty(2, 8), 96, bm=16, bn=8,
