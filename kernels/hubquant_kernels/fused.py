@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from hubquant_kernels._common import use_triton
+from hubquant_kernels._common import interpreting, use_triton
 from hubquant_kernels.w8a8 import quantize_act, quantize_act_reference
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:
     triton = None
 
@@ -77,37 +78,69 @@ def rope_to_cache_reference(qkv, cos, sin, positions, k_cache, v_cache, n_heads:
 # ---------------------------------------------------------------- Triton kernels
 if triton is not None:
 
+    from hubquant_kernels.pack import _round_to_bf16
+    from hubquant_kernels.w8a8 import _quant_tile, _row_scale
+
     @triton.jit
-    def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, H, eps,
-                            HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    def _round_to(v, ROUND: tl.constexpr):
+        # fp32 -> the activation dtype's nearest value, kept in fp32 (0: fp32, 1: bf16, 2: fp16); exact in the
+        # CPU interpreter too, so the quantized codes see the values the unfused torch code rounds to
+        if ROUND == 1:
+            r = _round_to_bf16(v)
+        elif ROUND == 2:
+            r = v.to(tl.float16).to(tl.float32)
+        else:
+            r = v
+        return r
+
+    @triton.jit
+    def _norm_rows(h, w, inv_h, eps, ROUND: tl.constexpr):
+        """weight * rmsnorm(h) for fp32 rows h [BM, BLOCK], as LlamaRMSNorm computes it on a CUDA tensor: the
+        squares rounded (no FMA: the kernels are compiled without fp fusion), their sum times the fp32 1/H (torch's
+        mean), rsqrt (CUDA's rsqrtf), the product rounded to the activation dtype, then times the weight, rounded.
+        Only the order of the sum differs from torch's."""
+        var = tl.sum(h * h, axis=1) * inv_h
+        n = _round_to(h * tl.math.rsqrt(var + eps)[:, None], ROUND)
+        return _round_to(w[None, :] * n, ROUND)
+
+    @triton.jit
+    def _silu_mul(g, u, ROUND: tl.constexpr, PRECISE: tl.constexpr):
+        """SiLU(g) * u as torch computes it (F.silu = g / (1 + expf(-g)) with IEEE division, rounded to the
+        activation dtype, then the product, rounded). PRECISE: CUDA's expf (libdevice); the CPU interpreter, which
+        has no libdevice, uses numpy's exp."""
+        g = g.to(tl.float32)
+        if PRECISE:
+            e = libdevice.exp(-g)
+        else:
+            e = tl.exp(-g)
+        return _round_to(_round_to(tl.math.div_rn(g, 1.0 + e), ROUND) * u.to(tl.float32), ROUND)
+
+    @triton.jit
+    def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, H, inv_h, eps,
+                            HAS_RES: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < H
-        x = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0)
+        h = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
-            x = (x.to(tl.float32) + tl.load(r_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32))
-            x = x.to(h_ptr.dtype.element_ty)
-            tl.store(h_ptr + row * H + offs, x, mask=mask)
-        h = x.to(tl.float32)
-        var = tl.sum(h * h, axis=0) / H
-        n = (h * (1.0 / tl.sqrt_rn(var + eps))).to(y_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        tl.store(y_ptr + row * H + offs, (w.to(tl.float32) * n.to(tl.float32)).to(y_ptr.dtype.element_ty),
-                 mask=mask)
+            h = _round_to(h + tl.load(r_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32), ROUND)
+            tl.store(h_ptr + row * H + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * H + offs, _norm_rows(h[None, :], w, inv_h, eps, ROUND).reshape(BLOCK)
+                 .to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, y_ptr, inter, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, y_ptr, inter, ROUND: tl.constexpr, PRECISE: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < inter
-        g = tl.load(gu_ptr + row * 2 * inter + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + row * 2 * inter + inter + offs, mask=mask, other=0.0).to(tl.float32)
-        a = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(y_ptr + row * inter + offs, (a * u).to(y_ptr.dtype.element_ty), mask=mask)
+        g = tl.load(gu_ptr + row * 2 * inter + offs, mask=mask, other=0.0)
+        u = tl.load(gu_ptr + row * 2 * inter + inter + offs, mask=mask, other=0.0)
+        tl.store(y_ptr + row * inter + offs, _silu_mul(g, u, ROUND, PRECISE).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, T, L,
-                           NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr):
+                           NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, ROUND: tl.constexpr):
         bt = tl.program_id(0)  # sequence b, token t: row b * T + t of qkv (every sequence at the same positions)
         b = bt // T
         t = bt % T
@@ -126,8 +159,8 @@ if triton is not None:
             s2 = tl.load(sin_ptr + t * D + half + offs).to(tl.float32)
             a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
             # (x * cos) + (rotate_half(x) * sin), each product rounded like the torch ops
-            o1 = ((a1 * c1).to(dt).to(tl.float32) + (-(a2 * s1)).to(dt).to(tl.float32)).to(dt)
-            o2 = ((a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)).to(dt)
+            o1 = _round_to(_round_to(a1 * c1, ROUND) + _round_to(-(a2 * s1), ROUND), ROUND).to(dt)
+            o2 = _round_to(_round_to(a2 * c2, ROUND) + _round_to(a1 * s2, ROUND), ROUND).to(dt)
             if hd < NH:
                 dst = q_ptr + ((b * NH + hd) * T + t) * D
             else:
@@ -140,24 +173,8 @@ if triton is not None:
             tl.store(dst + half + offs, x2)
 
 
-if triton is not None:
-    from hubquant_kernels.pack import _round_to_bf16
-    from hubquant_kernels.w8a8 import _quant_tile, _row_scale
-
     @triton.jit
-    def _round_to(v, ROUND: tl.constexpr):
-        # fp32 -> the activation dtype's nearest value, kept in fp32 (0: fp32, 1: bf16, 2: fp16); exact in the
-        # CPU interpreter too, so the quantized codes see the values the unfused torch code rounds to
-        if ROUND == 1:
-            r = _round_to_bf16(v)
-        elif ROUND == 2:
-            r = v.to(tl.float16).to(tl.float32)
-        else:
-            r = v
-        return r
-
-    @triton.jit
-    def _add_rmsnorm_quant_kernel(x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, h_ptr, M, H, eps,
+    def _add_rmsnorm_quant_kernel(x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, h_ptr, M, H, inv_h, eps,
                                   HAS_RES: tl.constexpr, ROUND: tl.constexpr, FP8: tl.constexpr,
                                   BM: tl.constexpr, BLOCK: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -170,17 +187,15 @@ if triton is not None:
         if HAS_RES:
             h = _round_to(h + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32), ROUND)
             tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
-        var = tl.sum(h * h, axis=1) / H
-        n = _round_to(h * (1.0 / tl.sqrt_rn(var + eps))[:, None], ROUND)
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        y = _round_to(w[None, :] * n, ROUND)
+        y = _norm_rows(h, w, inv_h, eps, ROUND)
         s = _row_scale(tl.max(tl.abs(y), axis=1), FP8)
         tl.store(q_ptr + offs, _quant_tile(y, s, FP8, 1), mask=mask)
         tl.store(s_ptr + rows, s, mask=rmask)
 
     @triton.jit
     def _silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, M, inter, ROUND: tl.constexpr, FP8: tl.constexpr,
-                               BM: tl.constexpr, BK: tl.constexpr):
+                               PRECISE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
         # two passes over the row in BK chunks: the row maximum of SiLU(g) * u, then the codes (the second pass
         # recomputes the product from gate/up, which the first pass left in L2)
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -193,22 +208,27 @@ if triton is not None:
             mask = rmask[:, None] & (k0 + cols < inter)[None, :]
             g = tl.load(g_rows + k0 + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_last")
             u = tl.load(g_rows + inter + k0 + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_last")
-            g = g.to(tl.float32)
-            a = _round_to(_round_to(g / (1.0 + tl.exp(-g)), ROUND) * u.to(tl.float32), ROUND)
-            amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
+            amax = tl.maximum(amax, tl.max(tl.abs(_silu_mul(g, u, ROUND, PRECISE)), axis=1))
         s = _row_scale(amax, FP8)
         for k0 in range(0, inter, BK):
             mask = rmask[:, None] & (k0 + cols < inter)[None, :]
             g = tl.load(g_rows + k0 + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
             u = tl.load(g_rows + inter + k0 + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-            g = g.to(tl.float32)
-            a = _round_to(_round_to(g / (1.0 + tl.exp(-g)), ROUND) * u.to(tl.float32), ROUND)
-            tl.store(q_rows + k0 + cols[None, :], _quant_tile(a, s, FP8, 1), mask=mask)
+            tl.store(q_rows + k0 + cols[None, :], _quant_tile(_silu_mul(g, u, ROUND, PRECISE), s, FP8, 1), mask=mask)
         tl.store(s_ptr + rows, s, mask=rmask)
 
 
 def _round_code(dtype: torch.dtype) -> int:
     return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+
+
+def _inv(n: int) -> float:
+    """1/n rounded once to fp32 (torch's mean multiplies by this factor); exact as a Python float argument."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / n)
+
+
+# compiled without FMA contraction: the squares are rounded before they are summed, as torch's pow(2) rounds them
+_NO_FMA = {"enable_fp_fusion": False}
 
 
 # ---------------------------------------------------------------- wrappers
@@ -232,8 +252,9 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     y = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else x
     _add_rmsnorm_kernel[(x.numel() // hsz,)](x, residual.contiguous() if residual is not None else x, weight, y, h,
-                                            hsz, eps, HAS_RES=residual is not None,
-                                            BLOCK=triton.next_power_of_2(hsz), num_warps=4)
+                                            hsz, _inv(hsz), eps, HAS_RES=residual is not None,
+                                            ROUND=_round_code(x.dtype), BLOCK=triton.next_power_of_2(hsz),
+                                            num_warps=4, **_NO_FMA)
     return y, h
 
 
@@ -246,7 +267,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows = gate_up.numel() // two_i
     y = torch.empty(*gate_up.shape[:-1], two_i // 2, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(two_i // 2, block))](gate_up, y, two_i // 2, BLOCK=block, num_warps=4)
+    _silu_mul_kernel[(rows, triton.cdiv(two_i // 2, block))](gate_up, y, two_i // 2, ROUND=_round_code(y.dtype),
+                                                             PRECISE=not interpreting(), BLOCK=block, num_warps=4)
     return y
 
 
@@ -273,7 +295,8 @@ def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
     q = torch.empty(b, n_heads, t, d, dtype=qkv.dtype, device=qkv.device)
     _rope_cache_kernel[(b * t, n_heads + 2 * n_kv)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), positions,
                                                q, k_cache, v_cache, t, k_cache.shape[2],
-                                               NH=n_heads, NKV=n_kv, D=d, num_warps=1)
+                                               NH=n_heads, NKV=n_kv, D=d, ROUND=_round_code(qkv.dtype), num_warps=1,
+                                               **_NO_FMA)
     return q
 
 
@@ -311,9 +334,9 @@ def add_rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residua
     bm = max(1, min(16, 4096 // block))
     if m:
         _add_rmsnorm_quant_kernel[(triton.cdiv(m, bm),)](
-            x, residual.contiguous() if residual is not None else x, weight, q, s, h, m, hsz, eps,
+            x, residual.contiguous() if residual is not None else x, weight, q, s, h, m, hsz, _inv(hsz), eps,
             HAS_RES=residual is not None, ROUND=_round_code(x.dtype), FP8=fp8, BM=bm, BLOCK=block,
-            num_warps=max(4, min(16, bm * block // 512)))  # ~16 values of each operand per thread
+            num_warps=max(4, min(16, bm * block // 512)), **_NO_FMA)  # ~16 values of each operand per thread
     return q, s, h
 
 
@@ -338,5 +361,6 @@ def silu_mul_quant(gate_up: torch.Tensor, *, fp8: bool = False) -> tuple[torch.T
     bm = max(1, min(8, 4096 // bk))
     if m:
         _silu_mul_quant_kernel[(triton.cdiv(m, bm),)](gate_up, q, s, m, inter, ROUND=_round_code(gate_up.dtype),
-                                                      FP8=fp8, BM=bm, BK=bk, num_warps=16)
+                                                      FP8=fp8, PRECISE=not interpreting(), BM=bm, BK=bk,
+                                                      num_warps=16)
     return q, s

@@ -185,6 +185,24 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
+    def _int_split_epilogue(acc, sa, sw, bias, y_ptrs, ws_ptrs, mask, cnt_ptr,
+                            SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """int8 split-K: the int32 partial sums meet in the workspace (integer atomics: exact, any order) and the
+        tile's last program scales the total once, so every split count gives the unsplit kernel's output bit for
+        bit. The workspace is left zeroed, as the fp32 reduction leaves it."""
+        tl.atomic_add(ws_ptrs, acc, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr, 1)
+        if arrived == SPLIT_K - 1:
+            total = tl.atomic_add(ws_ptrs, tl.zeros_like(acc), mask=mask)  # read through L2
+            tl.store(ws_ptrs, tl.zeros_like(acc), mask=mask)
+            out = total.to(tl.float32) * sa[:, None] * sw[None, :]
+            if HAS_BIAS:
+                out = out + bias
+            tl.store(y_ptrs, out.to(y_ptrs.dtype.element_ty), mask=mask)
+            tl.store(cnt_ptr, 0)
+
+    @triton.jit
     def _scaled_mm_kernel(
         a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, k_split, stride_am, stride_wn, stride_ym,
@@ -217,11 +235,16 @@ if triton is not None:
             acc = tl.dot(a, b, acc, out_dtype=tl.float32 if FP8 else tl.int32)
         sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
         sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
         mask = mask_m[:, None] & mask_n[None, :]
-        _store_or_reduce(out, y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-                         ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask, cnt_ptr, pid, bias, SPLIT_K, HAS_BIAS)
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        if FP8 or SPLIT_K == 1:
+            out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+            _store_or_reduce(out, y_ptrs, ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask, cnt_ptr, pid, bias,
+                             SPLIT_K, HAS_BIAS)
+        else:
+            _int_split_epilogue(acc, sa, sw, bias, y_ptrs, ws_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+                                + offs_m[:, None] * N + offs_n[None, :], mask, cnt_ptr + pid, SPLIT_K, HAS_BIAS)
 
 
 # ---------------------------------------------------------------- wrappers
@@ -349,7 +372,10 @@ def _cublas_int8(qa, sa, qw, sw, bias, y):
 
 def _cublas_fp8(qa, sa, qw, sw, bias, y):
     # row-wise scales as cuBLASLt wants them: fp32 [M, 1] and [1, N], contiguous views (no copy when sw is fp32);
-    # every candidate writes y (callers may hold y and not the return value)
+    # written straight into y (callers may hold y and not the return value; a copy would cost a pass over y)
+    if y.is_contiguous():
+        return torch._scaled_mm(qa, qw.t(), scale_a=sa.reshape(-1, 1), scale_b=sw.float().reshape(1, -1),
+                                bias=bias, out_dtype=y.dtype, out=y)
     return y.copy_(torch._scaled_mm(qa, qw.t(), scale_a=sa.reshape(-1, 1), scale_b=sw.float().reshape(1, -1),
                                     bias=bias, out_dtype=y.dtype))
 
