@@ -34,6 +34,7 @@ from hubquant_kernels.bound import Bound
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT8_QMAX = 127.5  # (2^8 - 1) / 2: the symmetric min-max divisor of hubquant.quant
 FP8_MAX = 448.0
+MAX_ONE_LAUNCH_M = 16  # = hubquant_kernels.quant_mm.MAX_M
 
 
 # ---------------------------------------------------------------- torch references
@@ -304,6 +305,12 @@ def act_quant_candidates(m: int, k: int, fp8: bool, *, div: int = 1) -> list[Can
     return out
 
 
+def _check_static(static_scale: torch.Tensor | None) -> None:
+    if static_scale is not None:
+        check(static_scale.numel() == 1, "a static activation scale must hold one value",
+              hint="per-tensor input_scale [1] (per-token static scales are not supported)")
+
+
 def quantize_act(x: torch.Tensor, *, fp8: bool = False, static_scale: torch.Tensor | None = None,
                  impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused per-token activation quantization (Triton on GPU; the torch reference elsewhere).
@@ -319,9 +326,7 @@ def quantize_act(x: torch.Tensor, *, fp8: bool = False, static_scale: torch.Tens
     """
     check_dtype("x", x, ACT_DTYPES)
     check(x.dim() == 2, f"x must be [M, K], got {tuple(x.shape)}", hint="flatten leading dims first")
-    if static_scale is not None:
-        check(static_scale.numel() == 1, "a static activation scale must hold one value",
-              hint="per-tensor input_scale [1] (per-token static scales are not supported)")
+    _check_static(static_scale)
     if not use_triton(x):
         return quantize_act_reference(x, fp8=fp8, static_scale=static_scale)
     require_triton()
@@ -478,12 +483,12 @@ def bind(qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
         if not use_triton(x2) or x2.dtype == torch.float32:  # fp32 on the GPU: bf16 output, converted
             y.copy_(_quantized_linear(x2, qweight, w_scale, bias, static_scale, fp8=fp8, impl=None))
             return None
-        qa, sa = quantize_act(x2, fp8=fp8, static_scale=static_scale)
-        scaled_mm(qa[:0], sa[:0], qweight, ws, bias, out_dtype=y.dtype)  # the argument checks, on no rows
-        out, c = _mm_into(qa, sa, qweight, ws, bias, y)
-        if out is not y:  # the plan and the caller hold y
-            y.copy_(out)
-        return [qa, sa] if c is not None and c.pure else None
+        check_dtype("x", x2, ACT_DTYPES)
+        _check_static(static_scale)
+        # the argument checks, on no rows
+        scaled_mm(x2.new_empty(0, k, dtype=qweight.dtype), x2.new_empty(0, dtype=torch.float32), qweight, ws, bias,
+                  out_dtype=y.dtype)
+        return _linear_into(x2, qweight, ws, bias, static_scale, y)
 
     return Bound(k, n, run, (qweight, ws, bias, static_scale))
 
@@ -508,7 +513,52 @@ def _quantized_linear(x, qweight, w_scale, bias, static_scale, *, fp8, impl):
     k = qweight.shape[1]
     lead = x.shape[:-1]
     x2 = as_2d(x, k)
+    if impl is None and use_triton(x2) and x2.dtype != torch.float32 and x2.shape[0] <= MAX_ONE_LAUNCH_M:
+        check_dtype("x", x2, ACT_DTYPES)
+        _check_static(static_scale)
+        check(w_scale.numel() == qweight.shape[0], f"w_scale has {w_scale.numel()} values, expected "
+              f"{qweight.shape[0]}", hint="per-channel weight scales [N] (expand a per-tensor scale at load time)")
+        scaled_mm(x2.new_empty(0, k, dtype=qweight.dtype), x2.new_empty(0, dtype=torch.float32), qweight, w_scale,
+                  bias, out_dtype=x.dtype)  # the argument checks, on no rows
+        y = torch.empty(x2.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
+        _linear_into(x2, qweight, w_scale.reshape(-1), bias, static_scale, y)
+        return y.reshape(*lead, qweight.shape[0])
     qa, sa = quantize_act(x2, fp8=fp8, static_scale=static_scale)
     out_dtype = x.dtype if x.dtype != torch.float32 or not x.is_cuda else torch.bfloat16
     y = scaled_mm(qa, sa, qweight, w_scale, bias, out_dtype=out_dtype, impl=impl)
     return y.to(x.dtype).reshape(*lead, qweight.shape[0])
+
+
+def _two_launch(x2, qweight, ws, bias, static, y) -> list | None:
+    """quantize_act, then the chooser's GEMM into y; the scratch a bound plan may keep (None: not replayable)."""
+    qa, sa = quantize_act(x2, fp8=qweight.dtype == torch.float8_e4m3fn, static_scale=static)
+    out, c = _mm_into(qa, sa, qweight, ws, bias, y)
+    if out is not y:  # the plan and the caller hold y
+        y.copy_(out)
+    return [qa, sa] if c is not None and c.pure else None
+
+
+def linear_candidates(m: int, k: int) -> list[Candidate]:
+    """Ways to compute a quantized layer on x [m, k] (bf16/fp16): the one-launch kernels (hubquant_kernels.quant_mm,
+    first: the default off the GPU) and ``two_launch`` (quantize_act + the GEMM chooser's pick)."""
+    from hubquant_kernels.quant_mm import one_launch_candidates
+
+    return one_launch_candidates(m, k) + [Candidate(name="two_launch", fn=_two_launch, pure=False)]
+
+
+def _linear_into(x2, qweight, ws, bias, static, y) -> list | None:
+    """y = the quantized layer of x2 [M, K]; returns the scratch a bound plan may keep, or None (not replayable).
+    Up to MAX_ONE_LAUNCH_M rows the chooser times the one-launch kernels against two launches."""
+    m, k = x2.shape
+    if m == 0:
+        return None
+    if m > MAX_ONE_LAUNCH_M or x2.dtype == torch.float32:
+        return _two_launch(x2, qweight, ws, bias, static, y)
+    fp8 = qweight.dtype == torch.float8_e4m3fn
+    key = ("w8_linear", "fp8" if fp8 else "int8", m_bucket(m), qweight.shape[0], k, x2.dtype, bias is not None,
+           static is not None)
+    c = choose_lazy(key, lambda: linear_candidates(m, k), (x2, qweight, ws, bias, static, y), on_gpu=x2.is_cuda)
+    if c.name == "two_launch":
+        return _two_launch(x2, qweight, ws, bias, static, y)
+    c.fn(x2, qweight, ws, bias, static, y)
+    return []
