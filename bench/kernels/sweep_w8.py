@@ -41,13 +41,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 from harness import header, sibling, smoke_time  # noqa: E402
 
-from hubquant_kernels import _common, fp8, fused, w8a8  # noqa: E402
+from hubquant_kernels import _common, fp8, fused, quant_mm, w8a8  # noqa: E402
 
 _run = sibling("run")
 graph_time, rel_err, copy_bandwidth = _run.graph_time, _run.rel_err, _run.copy_bandwidth
 
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (8192, 8192)]  # (K, N)
-MS = [256, 1024, 2048, 4096]
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # (K, N): bench/kernels/h200.py's shapes
+MS = [1, 16, 2048, 4096, 8192]
 ROTATE_BYTES = 256 << 20
 DEV = "cpu" if SMOKE else "cuda"
 # FP8 codes: at most one e4m3 step from torch's, and nearly all equal (the CPU interpreter's e4m3 cast does not
@@ -94,8 +94,7 @@ def check_all(log) -> list[dict]:
 
     # 1. per-token quantization, every configuration
     # K: a tail in one-pass tiles (1000, 14336), two-pass chunk tails (14336 / 4096, 20000 / 1024), two-pass only
-    act_shapes = [(5, 1000), (6, 2100)] if SMOKE else [(5, 1000), (33, 4096), (300, 4096), (64, 14336), (130, 8192),
-                                                       (3, 20000)]
+    act_shapes = [(5, 1000), (6, 2100)] if SMOKE else [(5, 1000), (300, 4096), (64, 14336), (3, 20000)]
     for m, k in act_shapes:
         x = rnd(m, k)
         for is_fp8 in (False, True):
@@ -190,10 +189,67 @@ def check_all(log) -> list[dict]:
             except Exception as ex:  # noqa: BLE001
                 e, ok = repr(ex)[:300], False
             out.append({"op": name, "shape": [m, n, k], "rel_err": e, "ok": ok})
+    out += check_one_launch(rnd, g) + check_fused_vs_torch(rnd)
     bad = [r for r in out if not r["ok"]]
     log(f"correctness: {len(out) - len(bad)}/{len(out)} checks passed")
     for r in bad[:20]:
         log(f"  FAILED {r}")
+    return out
+
+
+def check_one_launch(rnd, g) -> list[dict]:
+    """Every one-launch configuration (quantization inside the GEMM) against the two-launch path with the same GEMM
+    configuration (bit for bit, except FP8 split-K, whose fp32 atomics add in any order) and float64."""
+    out, dev = [], DEV
+    for m, n, k in [(3, 72, 512)] if SMOKE else [(1, 4096, 4096), (5, 1000, 1024), (16, 4096, 14336)]:
+        x = rnd(m, k, scale=2.0)
+        for is_fp8 in (False, True):
+            if is_fp8:
+                qw, sw = fp8.quantize_weight_fp8(rnd(n, k))
+            else:
+                qw = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=dev, generator=g)
+                sw = torch.rand(n, device=dev, generator=g) * 0.01 + 1e-4
+            qr, sr = (t.to(dev) for t in w8a8.quantize_act_reference(x.cpu(), fp8=is_fp8))
+            exact = w8a8.scaled_mm_reference(qr, sr, qw, sw, None, torch.float64)
+            qa, sa = w8a8.quantize_act(x, fp8=is_fp8)
+            for c in quant_mm.one_launch_candidates(m, k):
+                poison(m * n * 2)
+                y = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
+                try:
+                    c.fn(x, qw, sw, None, None, y)
+                    two = w8a8.scaled_mm(qa, sa, qw, sw, impl=c.name.replace("q1_", "triton_"))
+                    same = torch.equal(y, two)
+                    e = rel_err(y, exact)
+                    ok = (same or (is_fp8 and "_s1_" not in c.name)) and e < (0.1 if SMOKE and is_fp8 else 1e-2)
+                except Exception as ex:  # noqa: BLE001
+                    same, e, ok = None, repr(ex)[:300], False
+                out.append({"op": "one_launch_" + ("fp8" if is_fp8 else "int8"), "shape": [m, n, k], "impl": c.name,
+                            "equals_two_launch": same, "rel_err": e, "ok": ok})
+    return out
+
+
+def check_fused_vs_torch(rnd) -> list[dict]:
+    """The fused decoder's norm and activation kernels against the torch ops the unfused decoder runs, on the same
+    device: the fraction of bf16 outputs that differ (W8A8 quantizes these outputs, so a one-ulp difference can move
+    a code, or a whole row's scale when it hits the row maximum)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    out = []
+    for m, hsz in [(5, 200)] if SMOKE else [(132, 576), (33, 4096), (300, 8192)]:
+        x, r = rnd(m, hsz, scale=3.0), rnd(m, hsz)
+        norm = LlamaRMSNorm(hsz, eps=1e-5).to(device=DEV, dtype=torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.copy_(rnd(hsz))
+            y, h = fused.add_rmsnorm(x, norm.weight, 1e-5, r)
+            ref = norm(x + r)
+        frac = float((y != ref).float().mean())
+        out.append({"op": "add_rmsnorm_vs_torch", "shape": [m, hsz], "mismatch_fraction": frac,
+                    "h_equal": torch.equal(h, x + r), "ok": frac < 1e-3 and torch.equal(h, x + r)})
+    for m, inter in [(3, 300)] if SMOKE else [(132, 1536), (33, 14336)]:
+        gu = rnd(m, 2 * inter, scale=2.0)
+        g_, u_ = gu.chunk(2, dim=-1)
+        frac = float((fused.silu_mul(gu) != torch.nn.functional.silu(g_) * u_).float().mean())
+        out.append({"op": "silu_mul_vs_torch", "shape": [m, inter], "mismatch_fraction": frac, "ok": frac < 1e-3})
     return out
 
 
@@ -220,23 +276,28 @@ def bench_shape(k, n, ms, log) -> list[dict]:
         cell["bf16"] = t([lambda ww=ww: torch.nn.functional.linear(x, ww) for ww in bf_w])
         qa, sa = w8a8.quantize_act(x)
         qa8, sa8 = w8a8.quantize_act(x, fp8=True)
-        # raw cuBLAS
-        cell["raw_int_mm"] = t([lambda d=d: torch._int_mm(qa, d.t()) for d in i8_w])
+        # raw cuBLAS (torch._int_mm takes M > 16 only)
+        if m > 16:
+            cell["raw_int_mm"] = t([lambda d=d: torch._int_mm(qa, d.t()) for d in i8_w])
         cell["raw_scaled_mm"] = t([lambda d=d: torch._scaled_mm(qa8, d.t(), scale_a=sa8[:, None], scale_b=sf8[None, :],
                                                                 out_dtype=torch.bfloat16) for d in f8_w])
         cell["raw_scaled_mm_fast"] = t([lambda d=d: torch._scaled_mm(
             qa8, d.t(), scale_a=sa8[:, None], scale_b=sf8[None, :], out_dtype=torch.bfloat16, use_fast_accum=True)
             for d in f8_w])
-        # standalone per-token quantization
+        # standalone per-token quantization: the first kernel, the default tile, the chooser's pick
         for kind, is_fp8 in (("int8", False), ("fp8", True)):
             default = w8a8.act_quant_candidates(m, k, is_fp8)[0].name
-            for col, impl in (("v1", "row_v1"), ("new", default), ("div", default + "_div"), ("rcp", default + "_rcp"),
-                              ("chosen", None)):
+            for col, impl in ((("v1", "row_v1"), ("new", default)) if m > 16 else ()) + (("chosen", None),):
                 cell[f"quant_{kind}_{col}"] = t([lambda xx=xx, f=is_fp8, i=impl: w8a8.quantize_act(xx, fp8=f, impl=i)
                                                  for xx in xs])
             cell[f"quant_{kind}_default_impl"] = default
             cell[f"quant_{kind}_impl"] = _common.chosen().get(
                 ("act_quant", kind, False, _common.m_bucket(m), k, torch.bfloat16), default)
+            cell[f"quant_{kind}_tb_s"] = 3 * m * k / (cell[f"quant_{kind}_chosen"] * 1e-6) / 1e12  # bytes moved
+        if m <= 16:  # the one-launch kernel against two launches (quantize_act + the GEMM chooser's pick)
+            for kind, d8, s8, ww in (("int8", False, sw, i8_w), ("fp8", True, sf8, f8_w)):
+                cell[f"{kind}_two"] = t([lambda d=d, f=d8, sc=s8: w8a8.scaled_mm(*w8a8.quantize_act(x, fp8=f), d, sc)
+                                         for d in ww])
         # end to end: quantization + the chooser's GEMM; the GEMM alone on pre-quantized activations
         cell["int8"] = t([lambda d=d: w8a8.w8a8_matmul(x, d, sw) for d in i8_w])
         cell["fp8"] = t([lambda d=d: fp8.fp8_matmul(x, d, sf8) for d in f8_w])
@@ -244,11 +305,16 @@ def bench_shape(k, n, ms, log) -> list[dict]:
         cell["fp8_gemm"] = t([lambda d=d: w8a8.scaled_mm(qa8, sa8, d, sf8) for d in f8_w])
         cell["int8_impl"] = _common.chosen().get(("int8", _common.m_bucket(m), n, k, torch.bfloat16, False))
         cell["fp8_impl"] = _common.chosen().get(("fp8", _common.m_bucket(m), n, k, torch.bfloat16, False))
+        for kind in ("int8", "fp8"):  # the layer-level pick at M <= 16: a one-launch config or two_launch
+            cell[f"{kind}_linear_impl"] = _common.chosen().get(
+                ("w8_linear", kind, _common.m_bucket(m), n, k, torch.bfloat16, False, False))
         if cell["int8_impl"] != "cublas_int_mm" and m > 16:
             cell["int8_cublas_epilogue"] = t([lambda d=d: w8a8.scaled_mm(qa, sa, d, sw, impl="cublas_int_mm")
                                               for d in i8_w])
         # what feeds the layer: bf16 norm / activation vs the fused + quantized one
-        if k in SILU_KS:  # down_proj: SiLU(gate) * up of a [M, 2K] gate/up output
+        if m <= 16:
+            pass
+        elif k in SILU_KS:  # down_proj: SiLU(gate) * up of a [M, 2K] gate/up output
             gus = copies(4 * m * k, lambda: torch.randn(m, 2 * k, device=dev, generator=g).to(torch.bfloat16))
             cell["pre_op"] = "silu_mul"
             cell["pre_bf16"] = t([lambda gu=gu: fused.silu_mul(gu) for gu in gus])
@@ -262,7 +328,7 @@ def bench_shape(k, n, ms, log) -> list[dict]:
             cell["pre_int8"] = t([lambda xx=xx: fused.add_rmsnorm_quant(xx, nw, 1e-5, x) for xx in xs])
             cell["pre_fp8"] = t([lambda xx=xx: fused.add_rmsnorm_quant(xx, nw, 1e-5, x, fp8=True) for xx in xs])
         # the layer with its input op: bf16 (norm + F.linear) over fused quant + GEMM
-        for kind in ("int8", "fp8"):
+        for kind in ("int8", "fp8") if m > 16 else ():
             cell[f"layer_x_{kind}"] = (cell["pre_bf16"] + cell["bf16"]) / (cell[f"pre_{kind}"] + cell[f"{kind}_gemm"])
         # correctness of the timed end-to-end paths against float64
         ref_i = w8a8.scaled_mm_reference(*w8a8.quantize_act_reference(x), wi8, sw, None, torch.float64)
@@ -274,31 +340,38 @@ def bench_shape(k, n, ms, log) -> list[dict]:
         del ref_i, ref_f, xs
         rows.append(cell)
         bf = cell["bf16"]
-        log(f"K={k:5d} N={n:5d} M={m:4d} bf16 {bf:7.1f} | int8 {cell['int8']:7.1f} ({bf / cell['int8']:.2f}x, gemm "
-            f"{bf / cell['int8_gemm']:.2f}x {cell['int8_impl']}) | fp8 {cell['fp8']:7.1f} ({bf / cell['fp8']:.2f}x, "
-            f"gemm {bf / cell['fp8_gemm']:.2f}x) | quant int8 v1 {cell['quant_int8_v1']:.1f} new "
-            f"{cell['quant_int8_new']:.1f} div {cell['quant_int8_div']:.1f} rcp {cell['quant_int8_rcp']:.1f} chosen "
-            f"{cell['quant_int8_chosen']:.1f} "
-            f"({cell['quant_int8_impl']}) | {cell['pre_op']} {cell['pre_bf16']:.1f} +q {cell['pre_int8']:.1f}/"
-            f"{cell['pre_fp8']:.1f} | err {cell['int8_rel_err']:.1e}/{cell['fp8_rel_err']:.1e}")
+        log(f"K={k:5d} N={n:5d} M={m:4d} bf16 {bf:7.1f} | int8 {bf / cell['int8']:.2f}x (gemm "
+            f"{bf / cell['int8_gemm']:.2f}x {cell['int8_impl']}, layer pick {cell['int8_linear_impl']}) | fp8 "
+            f"{bf / cell['fp8']:.2f}x (gemm {bf / cell['fp8_gemm']:.2f}x, raw {bf / cell['raw_scaled_mm']:.2f}x, "
+            f"layer pick {cell['fp8_linear_impl']}) | quant fp8 {cell['quant_fp8_chosen']:.1f} us "
+            f"{cell['quant_fp8_tb_s']:.2f} TB/s ({cell['quant_fp8_impl']}) | err {cell['int8_rel_err']:.1e}/"
+            f"{cell['fp8_rel_err']:.1e}")
     return rows
 
 
+def _x(c: dict, key: str) -> str:
+    """bf16 time / c[key], or '-' where the cell has no such column."""
+    return f"{c['bf16'] / c[key]:.2f}" if c.get(key) else "-"
+
+
+def _f(c: dict, key: str, fmt: str = ".1f") -> str:
+    return format(c[key], fmt) if c.get(key) is not None else "-"
+
+
 def table(cells: list[dict]) -> str:
-    head = ("| K x N | M | bf16 µs | INT8 e2e x | INT8 GEMM x | layer x INT8 | FP8 e2e x | FP8 GEMM x | layer x FP8 | "
-            "_int_mm x | _scaled_mm x | fast x | int8 quant v1/new/div/rcp/chosen µs | fp8 quant v1/new/chosen µs | "
-            "pre bf16/int8/fp8 µs | INT8 GEMM impl |")
+    head = ("| K x N | M | bf16 µs | INT8 e2e x | INT8 GEMM x | INT8 two-launch x | layer x INT8 | FP8 e2e x "
+            "| FP8 GEMM x | FP8 two-launch x | layer x FP8 | _int_mm x | _scaled_mm x | fast x "
+            "| fp8 quant v1/new/chosen µs | fp8 quant TB/s | pre bf16/int8/fp8 µs | INT8 GEMM | INT8 layer pick "
+            "| FP8 layer pick |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in cells:
-        bf = c["bf16"]
         lines.append(
-            f"| {c['K']}x{c['N']} | {c['M']} | {bf:.1f} | {bf / c['int8']:.2f} | {bf / c['int8_gemm']:.2f} | "
-            f"{c['layer_x_int8']:.2f} | {bf / c['fp8']:.2f} | {bf / c['fp8_gemm']:.2f} | {c['layer_x_fp8']:.2f} | "
-            f"{bf / c['raw_int_mm']:.2f} | {bf / c['raw_scaled_mm']:.2f} | {bf / c['raw_scaled_mm_fast']:.2f} | "
-            f"{c['quant_int8_v1']:.1f}/{c['quant_int8_new']:.1f}/{c['quant_int8_div']:.1f}/{c['quant_int8_rcp']:.1f}/"
-            f"{c['quant_int8_chosen']:.1f} | {c['quant_fp8_v1']:.1f}/{c['quant_fp8_new']:.1f}/"
-            f"{c['quant_fp8_chosen']:.1f} | "
-            f"{c['pre_bf16']:.1f}/{c['pre_int8']:.1f}/{c['pre_fp8']:.1f} | `{c['int8_impl']}` |")
+            f"| {c['K']}x{c['N']} | {c['M']} | {c['bf16']:.1f} | {_x(c, 'int8')} | {_x(c, 'int8_gemm')} | "
+            f"{_x(c, 'int8_two')} | {_f(c, 'layer_x_int8', '.2f')} | {_x(c, 'fp8')} | {_x(c, 'fp8_gemm')} | "
+            f"{_x(c, 'fp8_two')} | {_f(c, 'layer_x_fp8', '.2f')} | {_x(c, 'raw_int_mm')} | {_x(c, 'raw_scaled_mm')} | "
+            f"{_x(c, 'raw_scaled_mm_fast')} | {_f(c, 'quant_fp8_v1')}/{_f(c, 'quant_fp8_new')}/"
+            f"{_f(c, 'quant_fp8_chosen')} | {_f(c, 'quant_fp8_tb_s', '.2f')} | {_f(c, 'pre_bf16')}/{_f(c, 'pre_int8')}/"
+            f"{_f(c, 'pre_fp8')} | `{c['int8_impl']}` | `{c.get('int8_linear_impl')}` | `{c.get('fp8_linear_impl')}` |")
     return "\n".join(lines)
 
 
@@ -338,7 +411,7 @@ def main() -> int:
     shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
     if SMOKE:
-        shapes, ms, SILU_KS = [(256, 96), (512, 64)], [40], {512}
+        shapes, ms, SILU_KS = [(256, 96), (512, 64)], [3, 40], {512}
     for k, n in shapes:
         res["cells"] += bench_shape(k, n, ms, log)
         save()

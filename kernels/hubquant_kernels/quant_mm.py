@@ -94,8 +94,7 @@ def quant_mm(x, qw, sw, bias, static, y, *, bm, bn, bk, split_k, warps, stages):
 
 def one_launch_cfgs(m: int, k: int) -> list[tuple[int, int, int, int, int, int]]:
     """(BM, BN, BK, split-K, warps, stages) of the one-launch kernel worth timing at m <= MAX_M rows."""
-    cfgs = [(16, 64, 128, s, 4, 4) for s in (1, 2, 4, 8)] + [(16, 128, 128, s, 4, 4) for s in (1, 2, 4)] + \
-           [(16, 64, 256, s, 4, 3) for s in (1, 2, 4)]
+    cfgs = [(16, 64, 128, s, 4, 4) for s in (1, 2, 4, 8)] + [(16, 128, 128, s, 4, 4) for s in (1, 2)]
     return [c for c in cfgs if c[3] == 1 or k // c[2] >= 2 * c[3]] if m <= MAX_M else []
 
 

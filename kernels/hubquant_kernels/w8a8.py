@@ -278,6 +278,11 @@ def _act_quant_cfgs(k: int) -> list[tuple[str, int, int, int]]:
         for tile in (8192, 16384):
             bm = max(1, tile // block)
             cfgs.append((f"rows{bm}_full_w{_tile_warps(bm * block)}", bm, block, _tile_warps(bm * block)))
+        # fewer threads per value (more independent loads per thread), and one row of <= 4K values per program
+        for tile, warps in ((8192, 4), (16384, 8), (4096, 4)):
+            bm = max(1, tile // block)
+            if bm * block >= tile and bm * block <= warps * 32 * 64:  # <= 64 values per thread
+                cfgs.append((f"rows{bm}_full_w{warps}", bm, block, warps))
     for bm, bk in ((4, 1024), (2, 4096)):  # two passes over K in chunks
         if bk < k:
             cfgs.append((f"rows{bm}_bk{bk}_w{_tile_warps(bm * bk)}", bm, bk, _tile_warps(bm * bk)))
