@@ -82,7 +82,51 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def run(slice_dir: Path, out: Path, variants: list[str], device: str) -> dict:
+def _mismatch(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(fraction of elements that differ, relative error) between two same-shape tensors."""
+    return float((a != b).float().mean()), _rel(a, b)
+
+
+def diagnose(model, ids: torch.Tensor, pos: torch.Tensor, fused_layers: list) -> dict:
+    """Where the fused decoder's inputs to each layer op first differ from the unfused one's: every fused kernel and
+    fused q/k/v, gate/up module run on the activations the unfused decoder's own modules saw (captured by hooks),
+    compared with those modules' outputs. Mean (over layers) fraction of differing elements, and max rel. error."""
+    from hubquant.runtime.decode import GraphDecoder
+    from hubquant_kernels import fused as kf
+
+    seen: dict[tuple[int, str], tuple] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        mods = {"norm_in": layer.input_layernorm, "norm_post": layer.post_attention_layernorm,
+                "q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj, "v": layer.self_attn.v_proj,
+                "gate": layer.mlp.gate_proj, "up": layer.mlp.up_proj, "down": layer.mlp.down_proj}
+        for name, mod in mods.items():
+            hooks.append(mod.register_forward_hook(
+                lambda m, a, o, key=(i, name): seen.__setitem__(key, (a[0].detach().clone(), o.detach().clone()))))
+    try:
+        with torch.no_grad():
+            GraphDecoder(model, max_len=ids.shape[1] + 4, fuse=False, batch=ids.shape[0]).forward(ids, pos)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows: dict[str, list[tuple[float, float]]] = {}
+    with torch.no_grad():
+        for i, f in enumerate(fused_layers):
+            for name, norm in (("norm_in", f.norm_in), ("norm_post", f.norm_post)):
+                x, ref = seen[(i, name)]
+                rows.setdefault("add_rmsnorm", []).append(_mismatch(kf.add_rmsnorm(x, *norm)[0], ref))
+            x = seen[(i, "q")][0]
+            ref = torch.cat([seen[(i, p)][1] for p in ("q", "k", "v")], -1)
+            rows.setdefault("qkv_linear", []).append(_mismatch(f.qkv(x), ref))
+            x = seen[(i, "gate")][0]
+            gu_ref = torch.cat([seen[(i, p)][1] for p in ("gate", "up")], -1)
+            rows.setdefault("gate_up_linear", []).append(_mismatch(f.gate_up(x), gu_ref))
+            rows.setdefault("silu_mul", []).append(_mismatch(kf.silu_mul(gu_ref), seen[(i, "down")][0]))
+    return {op: {"mean_mismatch_fraction": sum(r[0] for r in v) / len(v), "max_rel_err": max(r[1] for r in v),
+                 "per_layer_mismatch": [round(r[0], 6) for r in v]} for op, v in rows.items()}
+
+
+def run(slice_dir: Path, out: Path, variants: list[str], device: str, diag: bool = False) -> dict:
     from safetensors.torch import load_file
 
     from hubquant.runtime import load
@@ -109,7 +153,8 @@ def run(slice_dir: Path, out: Path, variants: list[str], device: str) -> dict:
             with torch.no_grad():
                 hf = model(ids).logits[:, -1].float()
                 unfused = GraphDecoder(model, max_len=t + 4, fuse=False, batch=b).forward(ids, pos).float()
-                fused = GraphDecoder(model, max_len=t + 4, fuse=True, batch=b).forward(ids, pos).float()
+                fdec = GraphDecoder(model, max_len=t + 4, fuse=True, batch=b)
+                fused = fdec.forward(ids, pos).float()
             if kind == "bf16":
                 base_logits = unfused
             row = {"fused_vs_unfused_rel_err": _rel(fused, unfused),
@@ -118,6 +163,11 @@ def run(slice_dir: Path, out: Path, variants: list[str], device: str) -> dict:
                    "fused_vs_transformers_rel_err": _rel(fused, hf),
                    "top1_fused_equals_unfused": int((fused.argmax(-1) == unfused.argmax(-1)).sum()),
                    "vs_bf16_unfused_rel_err": _rel(unfused, base_logits) if base_logits is not None else None}
+            if diag:
+                row["ops"] = diagnose(model, ids, pos, fdec.fused)
+                print("  ops (mean fraction of differing outputs, max rel. err): " + ", ".join(
+                    f"{op} {v['mean_mismatch_fraction']:.1e}/{v['max_rel_err']:.1e}" for op, v in row["ops"].items()),
+                    flush=True)
             res["variants"][kind] = row
             print(f"{kind:9s} fused vs unfused {row['fused_vs_unfused_rel_err']:.2e} (per prompt "
                   + ", ".join(f"{e:.1e}" for e in row["fused_vs_unfused_rel_err_per_prompt"])
@@ -143,12 +193,13 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--cpu", action="store_true", help="run on CPU (checks the script)")
+    ap.add_argument("--diagnose", action="store_true", help="also compare each fused op with the unfused modules")
     args = ap.parse_args()
     if args.what == "slice":
         print(json.dumps({k: v for k, v in make_slice(Path(args.out), args.layers, args.vocab).items() if k != "ids"}))
         return 0
     device = "cpu" if args.cpu else "cuda"
-    run(Path(args.slice), Path(args.out), args.variants.split(","), device)
+    run(Path(args.slice), Path(args.out), args.variants.split(","), device, diag=args.diagnose)
     return 0
 
 
