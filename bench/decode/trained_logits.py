@@ -144,7 +144,11 @@ def run(slice_dir: Path, out: Path, variants: list[str], device: str, diag: bool
            "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "slice": {k: v for k, v in info.items() if k != "ids"}, "prompts": b, "variants": {}}
     base_logits = None
-    for kind in variants:
+    for name in variants:
+        # "KIND:det": the same variant under torch.use_deterministic_algorithms (FP8 then sums in one order for
+        # every shape: no split-K atomics, no cuBLAS, see hubquant_kernels.w8a8.mm_candidates)
+        kind, det = name.split(":")[0], name.endswith(":det")
+        torch.use_deterministic_algorithms(det, warn_only=True)
         d = Path(tempfile.mkdtemp(prefix=f"hq-trained-{kind}-"))
         try:
             write_variant(d, cfg, ((k, v.to(device)) for k, v in state.items()), linears, kind, group_size=64,
@@ -155,7 +159,7 @@ def run(slice_dir: Path, out: Path, variants: list[str], device: str, diag: bool
                 unfused = GraphDecoder(model, max_len=t + 4, fuse=False, batch=b).forward(ids, pos).float()
                 fdec = GraphDecoder(model, max_len=t + 4, fuse=True, batch=b)
                 fused = fdec.forward(ids, pos).float()
-            if kind == "bf16":
+            if name == "bf16":
                 base_logits = unfused
             row = {"fused_vs_unfused_rel_err": _rel(fused, unfused),
                    "fused_vs_unfused_rel_err_per_prompt": [_rel(f, u) for f, u in zip(fused, unfused)],
@@ -168,17 +172,18 @@ def run(slice_dir: Path, out: Path, variants: list[str], device: str, diag: bool
                 print("  ops (mean fraction of differing outputs, max rel. err): " + ", ".join(
                     f"{op} {v['mean_mismatch_fraction']:.1e}/{v['max_rel_err']:.1e}" for op, v in row["ops"].items()),
                     flush=True)
-            res["variants"][kind] = row
-            print(f"{kind:9s} fused vs unfused {row['fused_vs_unfused_rel_err']:.2e} (per prompt "
+            res["variants"][name] = row
+            print(f"{name:9s} fused vs unfused {row['fused_vs_unfused_rel_err']:.2e} (per prompt "
                   + ", ".join(f"{e:.1e}" for e in row["fused_vs_unfused_rel_err_per_prompt"])
                   + f"), top-1 equal {row['top1_fused_equals_unfused']}/{b}, unfused vs transformers "
                   f"{row['unfused_vs_transformers_rel_err']:.2e}, vs bf16 {row['vs_bf16_unfused_rel_err'] or 0:.2e}",
                   flush=True)
             del model
         except Exception as e:  # noqa: BLE001  (keep the other variants' numbers)
-            res["variants"][kind] = {"error": repr(e)[:500]}
-            print(f"{kind}: FAILED {e!r}", flush=True)
+            res["variants"][name] = {"error": repr(e)[:500]}
+            print(f"{name}: FAILED {e!r}", flush=True)
         finally:
+            torch.use_deterministic_algorithms(False)
             shutil.rmtree(d, ignore_errors=True)
         out.write_text(json.dumps(res, indent=1))
     return res

@@ -79,7 +79,8 @@ class Bound:
 
     `run(x2, y)` computes the product through the op's normal path (checks, chooser, launches) into y [M, N] and
     returns the scratch tensors it allocated that a plan may keep (e.g. quantized activations), or None if its
-    work is not only Triton launches. `consts` are the layer's tensors that launches may read.
+    work is not only Triton launches, or the output tensor itself when the op wrote a new one instead of y.
+    `consts` are the layer's tensors that launches may read.
     """
 
     def __init__(self, k: int, n: int, run: Callable, consts: Sequence[torch.Tensor | None]):
@@ -108,15 +109,17 @@ class Bound:
                     and len(self._plans) < MAX_PLANS and _common._fast_launch_enabled()
                     and not torch.cuda.is_current_stream_capturing())
         if not bindable or key not in self._seen:  # the first call decides; the second is recorded
-            self._run(x2, y)
+            out = self._run(x2, y)
             if bindable:
                 self._seen.add(key)
-            return y.reshape(*lead, self.n)
+            return (out if isinstance(out, torch.Tensor) else y).reshape(*lead, self.n)
         _common.RECORDING.append([])
         try:
             scratch = self._run(x2, y)
         finally:
             records = _common.RECORDING.pop()
+        if isinstance(scratch, torch.Tensor):  # the op returned its own output (a cuBLAS call): nothing to replay
+            return scratch.reshape(*lead, self.n)
         if scratch is not None and key not in self._plans:
             plan = make_plan(records, x2, y, self._consts, scratch)
             if plan is not None and x2.data_ptr() & 15 == 0:

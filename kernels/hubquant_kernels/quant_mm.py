@@ -27,6 +27,27 @@ if triton is not None:
     from hubquant_kernels.w8a8 import _int_split_epilogue, _quant_tile, _row_scale
 
     @triton.jit
+    def _row_maxima(x_ptr, row0, M, K, stride_xm, BM: tl.constexpr, BKA: tl.constexpr = 2048):
+        """max |x| of rows row0 .. row0 + BM - 1 (0 past M): one real row at a time, four [BKA] loads in flight, so
+        a row of up to 8K values costs one memory round trip (a [BM, BK] tile loop would cost K / BK of them, most
+        of its lanes masked at M = 1)."""
+        amax = tl.zeros([BM], dtype=tl.float32)
+        idx = tl.arange(0, BM)
+        ka = tl.arange(0, BKA)
+        for r in range(0, tl.minimum(BM, M - row0)):
+            row = x_ptr + (row0 + r).to(tl.int64) * stride_xm
+            m = tl.zeros([BKA], dtype=tl.float32)
+            for k0 in range(0, K, 4 * BKA):
+                v0 = tl.load(row + k0 + ka, mask=k0 + ka < K, other=0.0)
+                v1 = tl.load(row + k0 + BKA + ka, mask=k0 + BKA + ka < K, other=0.0)
+                v2 = tl.load(row + k0 + 2 * BKA + ka, mask=k0 + 2 * BKA + ka < K, other=0.0)
+                v3 = tl.load(row + k0 + 3 * BKA + ka, mask=k0 + 3 * BKA + ka < K, other=0.0)
+                m = tl.maximum(tl.maximum(m, tl.maximum(tl.abs(v0.to(tl.float32)), tl.abs(v1.to(tl.float32)))),
+                               tl.maximum(tl.abs(v2.to(tl.float32)), tl.abs(v3.to(tl.float32))))
+            amax = tl.where(idx == r, tl.max(m, axis=0), amax)
+        return amax
+
+    @triton.jit
     def _quant_mm_kernel(
         x_ptr, w_ptr, sw_ptr, b_ptr, st_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, k_split, stride_xm, stride_wn, stride_ym,
@@ -47,12 +68,7 @@ if triton is not None:
         if STATIC:
             s = tl.zeros([BM], dtype=tl.float32) + tl.load(st_ptr).to(tl.float32)
         else:  # the row maxima over the whole K, as `quantize_act` takes them (max is exact in any order)
-            amax = tl.zeros([BM], dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                xt = tl.load(x_rows + k0 + cols[None, :], mask=mask_m[:, None] & (k0 + cols < K)[None, :],
-                             other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=1))
-            s = _row_scale(amax, FP8)
+            s = _row_scale(_row_maxima(x_ptr, pid_m * BM, M, K, stride_xm, BM), FP8)
         k_lo = pid_k * k_split
         k_hi = tl.minimum(k_lo + k_split, K)
         acc = tl.zeros((BM, BN), dtype=tl.float32 if FP8 else tl.int32)

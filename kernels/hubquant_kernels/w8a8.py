@@ -381,13 +381,11 @@ def _cublas_int8(qa, sa, qw, sw, bias, y):
 
 
 def _cublas_fp8(qa, sa, qw, sw, bias, y):
-    # row-wise scales as cuBLASLt wants them: fp32 [M, 1] and [1, N], contiguous views (no copy when sw is fp32);
-    # written straight into y (callers may hold y and not the return value; a copy would cost a pass over y)
-    if y.is_contiguous():
-        return torch._scaled_mm(qa, qw.t(), scale_a=sa.reshape(-1, 1), scale_b=sw.float().reshape(1, -1),
-                                bias=bias, out_dtype=y.dtype, out=y)
-    return y.copy_(torch._scaled_mm(qa, qw.t(), scale_a=sa.reshape(-1, 1), scale_b=sw.float().reshape(1, -1),
-                                    bias=bias, out_dtype=y.dtype))
+    # row-wise scales as cuBLASLt wants them: fp32 [M, 1] and [1, N], contiguous views (no copy when sw is fp32).
+    # Returns cuBLAS's own output, not y: torch._scaled_mm(out=y) measured 5-10% slower on an H200 at M=2048-8192,
+    # and a copy into y costs a pass over y (callers use the return value)
+    return torch._scaled_mm(qa, qw.t(), scale_a=sa.reshape(-1, 1), scale_b=sw.float().reshape(1, -1), bias=bias,
+                            out_dtype=y.dtype)
 
 
 def mm_candidates(m: int, n: int, k: int, fp8: bool, out_dtype: torch.dtype) -> list[Candidate]:
@@ -401,6 +399,14 @@ def mm_candidates(m: int, n: int, k: int, fp8: bool, out_dtype: torch.dtype) -> 
         cfgs = [(64, 128, 128, 1, 4, 4), (128, 128, 128, 1, 8, 3), (64, 64, 128, 2, 4, 4), (128, 64, 128, 1, 4, 4)]
     else:
         cfgs = [(128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3), (256, 128, 128, 1, 8, 3), (128, 128, 64, 1, 4, 4)]
+    if fp8 and torch.are_deterministic_algorithms_enabled():
+        # FP8 sums in fp32: split-K atomics add in any order and cuBLAS picks its algorithm per shape, so only the
+        # unsplit Triton kernels with one K block size give every shape (a fused q/k/v and its parts) the same sums
+        cfgs = [c for c in cfgs if c[3] == 1 and c[2] == 128] or [(64, 128, 128, 1, 4, 4)]
+        return [Candidate(name=f"triton_{bm}x{bn}x{bk}_s1_w{warps}",
+                          fn=lambda *a, bm=bm, bn=bn, bk=bk, w=warps, st=stages:
+                          _triton_mm(*a, bm=bm, bn=bn, bk=bk, split_k=1, warps=w, stages=st))
+                for bm, bn, bk, _, warps, stages in cfgs]
     out = []
     for bm, bn, bk, split, warps, stages in cfgs:
         if split == 1 or k // bk >= 2 * split:
@@ -467,7 +473,7 @@ def _mm_into(qa, sa, qweight, w_scale, bias, y, impl=None) -> tuple[torch.Tensor
         check(bool(cands), f"no scaled-mm implementation named {impl!r} for this shape",
               hint="see hubquant_kernels.w8a8.mm_candidates(...)")
         return cands[0].fn(*args), cands[0]
-    key = ("fp8" if fp8 else "int8", m_bucket(m), n, k, out_dtype, bias is not None)
+    key = ("fp8" if fp8 else "int8", m_bucket(m), n, k, out_dtype, bias is not None) + _det(fp8)
     c = choose_lazy(key, lambda: mm_candidates(m, n, k, fp8, out_dtype), args, on_gpu=qa.is_cuda)
     return c.fn(*args), c
 
@@ -526,33 +532,41 @@ def _quantized_linear(x, qweight, w_scale, bias, static_scale, *, fp8, impl):
         scaled_mm(x2.new_empty(0, k, dtype=qweight.dtype), x2.new_empty(0, dtype=torch.float32), qweight, w_scale,
                   bias, out_dtype=x.dtype)  # the argument checks, on no rows
         y = torch.empty(x2.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
-        _linear_into(x2, qweight, w_scale.reshape(-1), bias, static_scale, y)
-        return y.reshape(*lead, qweight.shape[0])
+        out = _linear_into(x2, qweight, w_scale.reshape(-1), bias, static_scale, y)
+        return (out if isinstance(out, torch.Tensor) else y).reshape(*lead, qweight.shape[0])
     qa, sa = quantize_act(x2, fp8=fp8, static_scale=static_scale)
     out_dtype = x.dtype if x.dtype != torch.float32 or not x.is_cuda else torch.bfloat16
     y = scaled_mm(qa, sa, qweight, w_scale, bias, out_dtype=out_dtype, impl=impl)
     return y.to(x.dtype).reshape(*lead, qweight.shape[0])
 
 
-def _two_launch(x2, qweight, ws, bias, static, y) -> list | None:
-    """quantize_act, then the chooser's GEMM into y; the scratch a bound plan may keep (None: not replayable)."""
+def _two_launch(x2, qweight, ws, bias, static, y) -> list | torch.Tensor | None:
+    """quantize_act, then the chooser's GEMM into y. Returns the scratch a bound plan may keep, None (y written,
+    not replayable) or the output when the GEMM returned its own tensor (cuBLAS FP8) instead of writing y."""
     qa, sa = quantize_act(x2, fp8=qweight.dtype == torch.float8_e4m3fn, static_scale=static)
     out, c = _mm_into(qa, sa, qweight, ws, bias, y)
-    if out is not y:  # the plan and the caller hold y
-        y.copy_(out)
+    if out is not y:
+        return out
     return [qa, sa] if c is not None and c.pure else None
 
 
-def linear_candidates(m: int, k: int) -> list[Candidate]:
+def _det(fp8: bool) -> tuple:
+    """A chooser-key suffix: FP8 choices made under torch.use_deterministic_algorithms are kept apart."""
+    return ("deterministic",) if fp8 and torch.are_deterministic_algorithms_enabled() else ()
+
+
+def linear_candidates(m: int, k: int, *, deterministic: bool = False) -> list[Candidate]:
     """Ways to compute a quantized layer on x [m, k] (bf16/fp16): the one-launch kernels (hubquant_kernels.quant_mm,
-    first: the default off the GPU) and ``two_launch`` (quantize_act + the GEMM chooser's pick)."""
+    first: the default off the GPU) and ``two_launch`` (quantize_act + the GEMM chooser's pick). deterministic:
+    unsplit one-launch kernels only (FP8 under torch.use_deterministic_algorithms, see `mm_candidates`)."""
     from hubquant_kernels.quant_mm import one_launch_candidates
 
-    return one_launch_candidates(m, k) + [Candidate(name="two_launch", fn=_two_launch, pure=False)]
+    one = [c for c in one_launch_candidates(m, k) if not deterministic or "_s1_" in c.name]
+    return one + [Candidate(name="two_launch", fn=_two_launch, pure=False)]
 
 
-def _linear_into(x2, qweight, ws, bias, static, y) -> list | None:
-    """y = the quantized layer of x2 [M, K]; returns the scratch a bound plan may keep, or None (not replayable).
+def _linear_into(x2, qweight, ws, bias, static, y) -> list | torch.Tensor | None:
+    """y = the quantized layer of x2 [M, K]; returns what `_two_launch` returns (scratch, None or a new output).
     Up to MAX_ONE_LAUNCH_M rows the chooser times the one-launch kernels against two launches."""
     m, k = x2.shape
     if m == 0:
@@ -561,8 +575,10 @@ def _linear_into(x2, qweight, ws, bias, static, y) -> list | None:
         return _two_launch(x2, qweight, ws, bias, static, y)
     fp8 = qweight.dtype == torch.float8_e4m3fn
     key = ("w8_linear", "fp8" if fp8 else "int8", m_bucket(m), qweight.shape[0], k, x2.dtype, bias is not None,
-           static is not None)
-    c = choose_lazy(key, lambda: linear_candidates(m, k), (x2, qweight, ws, bias, static, y), on_gpu=x2.is_cuda)
+           static is not None) + _det(fp8)
+    # timed as CUDA-graph replays: eager timing would count the host cost of the second launch as GPU time
+    c = choose_lazy(key, lambda: linear_candidates(m, k, deterministic=bool(_det(fp8))),
+                    (x2, qweight, ws, bias, static, y), on_gpu=x2.is_cuda, graph=True)
     if c.name == "two_launch":
         return _two_launch(x2, qweight, ws, bias, static, y)
     c.fn(x2, qweight, ws, bias, static, y)

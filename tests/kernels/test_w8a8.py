@@ -183,8 +183,11 @@ def test_cublas_int8_single_epilogue(with_bias):
     assert "cublas_int_mm" in [c.name for c in w8a8.mm_candidates(m, n, k, False, torch.bfloat16)]
 
 
-def test_cublas_fp8_writes_into_y():
-    # torch._scaled_mm(out=y): the layer's preallocated output is written in place, with no copy pass over it
+def test_cublas_fp8_output_reaches_every_caller():
+    # the cuBLAS FP8 candidate returns its own tensor (no out=, no copy): the entry point and the bound layer op
+    # must return that tensor's values, not the unwritten y they allocated
+    from hubquant_kernels import bound
+
     g = torch.Generator().manual_seed(9)
     x = _x(32, 128, seed=9)
     qa, sa = w8a8.quantize_act_reference(x, fp8=True)
@@ -194,6 +197,27 @@ def test_cublas_fp8_writes_into_y():
         out = w8a8._cublas_fp8(qa, sa, qw, sw, None, y)
     except RuntimeError as e:  # a torch without a CPU _scaled_mm
         pytest.skip(f"torch._scaled_mm on CPU: {e}")
-    assert out is y and out.data_ptr() == y.data_ptr()
     exact = w8a8.scaled_mm_reference(qa, sa, qw, sw, None, torch.float64)
-    assert float((y.double() - exact).norm() / exact.norm()) < 1e-2
+    assert float((out.double() - exact).norm() / exact.norm()) < 1e-2
+    assert torch.equal(w8a8.scaled_mm(qa, sa, qw, sw, impl="cublas_scaled_mm"), out)
+    # a bound op whose run returns a new tensor hands that tensor back (no plan)
+    op = bound.Bound(128, 48, lambda x2, yy: out.clone(), (qw, sw))
+    assert torch.equal(op(x), out) and op.plans() == 0
+
+
+def test_fp8_candidates_under_deterministic_algorithms():
+    # split-K atomics and cuBLAS's per-shape algorithms change FP8's fp32 sums between a fused q/k/v and its parts;
+    # under torch.use_deterministic_algorithms only unsplit Triton kernels with one K block remain
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for m in (1, 40, 300, 4096):
+            names = [c.name for c in w8a8.mm_candidates(m, 4096, 4096, True, torch.bfloat16)]
+            assert names and all(n.startswith("triton_") and "x128_s1_" in n for n in names), (m, names)
+        lin = [c.name for c in w8a8.linear_candidates(1, 4096, deterministic=True)]
+        assert all("_s1_" in n for n in lin[:-1]) and lin[-1] == "two_launch"
+        assert w8a8._det(True) == ("deterministic",) and w8a8._det(False) == ()
+        # int8 keeps every candidate (int32 sums are exact in any order)
+        assert any("_s2_" in c.name for c in w8a8.mm_candidates(1, 4096, 4096, False, torch.bfloat16))
+    finally:
+        torch.use_deterministic_algorithms(before)
