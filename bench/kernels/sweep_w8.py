@@ -202,7 +202,7 @@ def check_one_launch(rnd, g) -> list[dict]:
     """Every one-launch configuration (quantization inside the GEMM) against the two-launch path with the same GEMM
     configuration (bit for bit, except FP8 split-K, whose fp32 atomics add in any order) and float64."""
     out, dev = [], DEV
-    for m, n, k in [(3, 72, 512)] if SMOKE else [(1, 4096, 4096), (5, 1000, 1024), (16, 4096, 14336)]:
+    for m, n, k in [(3, 72, 512)] if SMOKE else [(1, 4096, 4096), (3, 1000, 1024), (4, 4096, 14336)]:
         x = rnd(m, k, scale=2.0)
         for is_fp8 in (False, True):
             if is_fp8:

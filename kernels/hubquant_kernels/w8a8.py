@@ -9,7 +9,10 @@ The quantization kernel takes BM rows per program (whole rows in registers, or t
 rows) and divides without IEEE division's per-element branch (reciprocal + two exact corrections, same codes).
 The GEMM kernel is shared with FP8 (hubquant_kernels.fp8): the operand type decides the accumulator.
 Per shape the chooser picks a Triton config or cuBLAS (`torch._int_mm` + a one-pass Triton epilogue, or
-`torch._scaled_mm` with row-wise scales). hubquant_kernels.fused quantizes straight out of RMSNorm and SiLU * up.
+`torch._scaled_mm` with row-wise scales). hubquant_kernels.fused quantizes straight out of RMSNorm and SiLU * up;
+hubquant_kernels.quant_mm quantizes inside the GEMM (one launch) at M <= 4, where the chooser finds it faster.
+int8 sums are exact in any order (split-K reduces int32), so every int8 configuration gives the same output; FP8
+sums in fp32, and under torch.use_deterministic_algorithms only unsplit Triton configurations are offered.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from hubquant_kernels.bound import Bound
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT8_QMAX = 127.5  # (2^8 - 1) / 2: the symmetric min-max divisor of hubquant.quant
 FP8_MAX = 448.0
-MAX_ONE_LAUNCH_M = 16  # = hubquant_kernels.quant_mm.MAX_M
+MAX_ONE_LAUNCH_M = 4  # = hubquant_kernels.quant_mm.MAX_M (at M = 16 one launch measured 1.5-2.5x slower than two)
 
 
 # ---------------------------------------------------------------- torch references
