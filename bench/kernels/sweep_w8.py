@@ -1,5 +1,6 @@
-"""INT8 W8A8 and FP8 at M >= 256: the per-token quantization kernels, the fused norm/activation + quantization,
-the cuBLAS epilogues and the end-to-end layers, against bf16, in one run (issue #5).
+"""INT8 W8A8 and FP8 on bench/kernels/h200.py's shapes, M = 1 .. 8192: the per-token quantization kernels, the
+one-launch kernel (quantization inside the GEMM), the fused norm/activation + quantization, the cuBLAS paths and the
+end-to-end layers, against bf16 and raw cuBLAS, in one run.
 
     python bench/kernels/sweep_w8.py                 # on a CUDA machine; JSON to $OUT/sweep_w8.json if OUT is set
     python bench/kernels/sweep_w8.py --cpu-smoke     # CPU + TRITON_INTERPRET=1, tiny shapes: checks the script
@@ -8,16 +9,17 @@ the cuBLAS epilogues and the end-to-end layers, against bf16, in one run (issue 
    every activation-quantization configuration (default arithmetic and IEEE division `_div`: int8 codes and
    scales bit for bit against `quantize_act_reference`; FP8 codes within one e4m3 step, nearly all equal; the
    bare reciprocal `_rcp` within one step and only next to ties), `add_rmsnorm_quant` and `silu_mul_quant`
-   against their torch references, the cuBLAS epilogues against float64, and every timed end-to-end cell against
-   float64.
-2. Timing, for each Llama-3-8B shape (K x N) and M: bf16 F.linear, raw torch._int_mm, raw torch._scaled_mm
-   (row-wise scales; and with use_fast_accum), the standalone quantization (first kernel `row_v1`, the new
-   default tile with its default arithmetic, the same tile with IEEE division `_div` and with a bare reciprocal
-   `_rcp`, the chooser's pick), INT8 and FP8 end to end (`w8a8_matmul`,
-   `fp8_matmul`: quantization + the chooser's GEMM), the GEMM alone on pre-quantized activations, and the
-   norm (K = 4096, 8192: add_rmsnorm with a residual) or activation (K = 14336: SiLU * up) before the layer,
-   without and with the fused quantization. Each as in bench/kernels/run.py: a CUDA graph over rotating copies
-   (weights, or inputs for the weight-free ops) of >= 256 MiB, median of 20 replays, per call.
+   against their torch references, the cuBLAS epilogues against float64, every one-launch configuration against
+   the two-launch path with the same GEMM configuration (bit for bit) and float64, the fused decoder's norm and
+   SiLU*up kernels against torch's own ops on the device (fraction of differing outputs), and every timed
+   end-to-end cell against float64.
+2. Timing, for each shape (K x N) and M: bf16 F.linear, raw torch._int_mm (M > 16), raw torch._scaled_mm
+   (row-wise scales; and with use_fast_accum), the standalone quantization (first kernel `row_v1`, the default
+   tile, the chooser's pick, and its bandwidth), INT8 and FP8 end to end (`w8a8_matmul`, `fp8_matmul`: the
+   chooser's pick, one or two launches at M <= 16), two launches at M <= 16, the GEMM alone on pre-quantized
+   activations, and at M > 16 the norm (add_rmsnorm with a residual) or activation (K = 14336: SiLU * up)
+   before the layer, without and with the fused quantization. Each as in bench/kernels/run.py: a CUDA graph over
+   rotating copies (weights, or inputs for the weight-free ops) of >= 256 MiB, median of 20 replays, per call.
 """
 from __future__ import annotations
 
@@ -161,7 +163,17 @@ def check_all(log) -> list[dict]:
                         "ok": dmax <= (FP8_TOL[0] if is_fp8 else 1) and frac < (FP8_TOL[1] if is_fp8 else 2e-3)
                         and s_err <= 2 ** -7})
 
-    # 3. cuBLAS paths (one-pass int8 epilogue, fp8 row-wise; fast accumulation for the record) vs float64
+    out += check_cublas(rnd, g) + check_one_launch(rnd, g) + check_fused_vs_torch(rnd)
+    bad = [r for r in out if not r["ok"]]
+    log(f"correctness: {len(out) - len(bad)}/{len(out)} checks passed")
+    for r in bad[:20]:
+        log(f"  FAILED {r}")
+    return out
+
+
+def check_cublas(rnd, g) -> list[dict]:
+    """cuBLAS paths (one-pass int8 epilogue, fp8 row-wise; fast accumulation for the record) against float64."""
+    out, dev = [], DEV
     mm_shapes = [(40, 72, 256)] if SMOKE else [(33, 144, 768), (320, 4096, 4096)]
     for m, n, k in mm_shapes:
         x, b = rnd(m, k), rnd(n)
@@ -190,11 +202,6 @@ def check_all(log) -> list[dict]:
             except Exception as ex:  # noqa: BLE001
                 e, ok = repr(ex)[:300], False
             out.append({"op": name, "shape": [m, n, k], "rel_err": e, "ok": ok})
-    out += check_one_launch(rnd, g) + check_fused_vs_torch(rnd)
-    bad = [r for r in out if not r["ok"]]
-    log(f"correctness: {len(out) - len(bad)}/{len(out)} checks passed")
-    for r in bad[:20]:
-        log(f"  FAILED {r}")
     return out
 
 
