@@ -7,7 +7,9 @@ Model keys map to checkpoint keys through transformers' own loading rules for th
 tensors) makes a model tensor from several checkpoint tensors. `Weights` runs those converters on just the keys of
 the tensor it materializes, in transformers' loading order and dtype, so a decoder layer holds exactly the values
 `from_pretrained` would give it. Experts already replaced by per-expert Linears (`hubquant.moe.unfuse_experts` on
-the skeleton) get views of the fused tensors, as `unfuse_experts` makes them in memory.
+the skeleton) read their own checkpoint tensors when the converters only stack and concatenate them (the values
+the fused tensors would hold, without building them: a layer's experts are in memory once); otherwise they get
+views of the fused tensors, as `unfuse_experts` makes them in memory.
 """
 from __future__ import annotations
 
@@ -69,12 +71,54 @@ class Weights:
 
         for ename, experts in moe.expert_modules(module, prefix).items():
             lin = experts[0].projections()[0]
-            if lin.weight.is_meta:
+            if not lin.weight.is_meta:
+                continue
+            per_expert = self.expert_sources(ename, len(experts))
+            if per_expert is not None:
+                self._read_experts(experts, per_expert, ename)
+            else:
                 fill_experts(experts, self.tensor(f"{ename}.gate_up_proj"), self.tensor(f"{ename}.down_proj"), ename)
         for name, t in _tensors(module):
             if t.is_meta:
                 full = f"{prefix}.{name}" if prefix else name
                 _set(module, name, self.tensor(full, t.dtype))
+
+    def expert_sources(self, ename: str, n: int) -> list[tuple[tuple[str, torch.dtype], ...]] | None:
+        """Each expert's checkpoint tensors [(gate, up, down) as (key, dtype)] when transformers' converters only
+        stack them (`MergeModulelist(dim=0)`) and put gate before up (`Concatenate(dim=1)`): the fused tensors
+        would hold exactly these values, expert e being the e-th tensor of each source pattern in loading order.
+        None for anything else (the converters run as transformers runs them)."""
+        from transformers.core_model_loading import Concatenate, MergeModulelist
+
+        gate_up, down = self.converted.get(f"{ename}.gate_up_proj"), self.converted.get(f"{ename}.down_proj")
+        if gate_up is None or down is None or gate_up is down:
+            return None
+        ops = [(type(op), op.dim) for op in gate_up.converter.operations]
+        if ops != [(MergeModulelist, 0), (Concatenate, 1)] or \
+                [(type(op), op.dim) for op in down.converter.operations] != [(MergeModulelist, 0)]:
+            return None
+        columns = []
+        for conv, count in ((gate_up, 2), (down, 1)):
+            patterns = list(conv.converter.source_patterns)
+            if len(patterns) != count:
+                return None
+            for p in patterns:
+                keys = [k for q, k in conv.sources if q == p]
+                if len(keys) != n:
+                    return None
+                columns.append([(k, conv.dtype) for k in keys])
+        return list(zip(*columns, strict=True))
+
+    def _read_experts(self, experts, per_expert: list, name: str) -> None:
+        """Per-expert Linear weights read straight from their checkpoint tensors (no fused copy: the layer's
+        experts are in memory once), in the dtype transformers' converter gives them."""
+        for e, (mlp, sources) in enumerate(zip(experts, per_expert, strict=True)):
+            for lin, (key, dtype) in zip(mlp.projections(), sources, strict=True):
+                w = self.checkpoint.read(key).to(dtype)
+                if tuple(w.shape) != tuple(lin.weight.shape):
+                    raise RuntimeError(f"{name}.{e}: checkpoint tensor {key} {tuple(w.shape)} does not fit the "
+                                       f"model's {tuple(lin.weight.shape)}")
+                lin._parameters["weight"] = nn.Parameter(w, requires_grad=False)
 
     def release(self, module: nn.Module) -> None:
         """Put every parameter and persistent buffer of `module` back on the meta device (frees the memory)."""
