@@ -72,12 +72,19 @@ def minmax_qparams(
     hi = g.amax(dim=-1).clamp(min=0) * clip_ratio
     levels = float(2**scheme.bits - 1)
     if scheme.symmetric:
-        scale = torch.maximum(lo.abs(), hi) / (levels / 2)
+        scale = _div(torch.maximum(lo.abs(), hi), levels / 2)
         scale = _safe_scale(scale, scale_dtype)
         return scale, None
-    scale = _safe_scale((hi - lo) / levels, scale_dtype)
+    scale = _safe_scale(_div(hi - lo, levels), scale_dtype)
     zp = torch.round(scheme.qmin - lo / scale.float()).clamp(scheme.qmin, scheme.qmax).to(torch.int8)
     return scale, zp
+
+
+def _div(x: torch.Tensor, c: float) -> torch.Tensor:
+    """x / c, correctly rounded on every device: CUDA divides by a Python scalar as a multiplication by its
+    reciprocal (an ulp off for some x), which would make GPU scales, and the codes of each group's extreme
+    weight, differ from the CPU's."""
+    return x / torch.full_like(x, c)
 
 
 def _safe_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -137,7 +144,7 @@ def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def fp8_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """amax / 448 in `dtype`, with zero ranges mapped to the smallest safe scale."""
-    scale = amax.float() / FP8_MAX
+    scale = _div(amax.float(), FP8_MAX)
     scale = torch.where(scale > 0, scale, torch.full_like(scale, 1e-8))
     return scale.to(dtype)
 
