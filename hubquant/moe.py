@@ -81,8 +81,9 @@ STORED = {"compressed-tensors": "stored per expert (`experts.{i}.<projection>`),
 # GGUF: an expert under the threshold gets no importance matrix (llama.cpp's plain weighting), not round-to-nearest
 GGUF_LOW_TOKEN_RULE = "no importance matrix (llama.cpp's plain weighting) for experts under the threshold"
 
-INT8_EXPERTS_REASON = ("plain transformers 5.24 cannot load int8 experts (int-quantized: its expert decompression "
-                       "takes packed and FP8 experts only); vLLM reads W8A8 int8 experts, not W8A16 ones")
+INT8_EXPERTS_REASON = ("plain transformers 5.24 cannot load W8A8 int8 experts (int8 `weight` tensors, the layout "
+                       "vLLM's W8A8 MoE path reads: transformers' expert decompression takes packed and FP8 experts "
+                       "only)")
 
 # Fused experts hubquant refuses (none today; kept for architectures whose layout is not known yet).
 UNSUPPORTED_EXPERTS: dict[str, str] = {}
@@ -261,7 +262,10 @@ def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: boo
     if not expert_modules(model):
         return scheme
     if scheme.weights.type == "int" and scheme.weights.bits == 8 and fmt == "compressed-tensors":
-        log(f"moe: {INT8_EXPERTS_REASON}; hubquant.load runs the variant (docs/moe.md)")
+        if scheme.activations is not None:
+            log(f"moe: {INT8_EXPERTS_REASON}; hubquant.load runs the variant (docs/moe.md)")
+        else:
+            log("moe: weight-only int8 is written pack-quantized (the layout transformers and vLLM read for experts)")
     if model_type(model) in NO_TRANSFORMERS_MAPPING and fmt == "compressed-tensors":
         log(f"moe: the variant loads with hubquant.load; plain transformers cannot load its experts "
             f"({NO_TRANSFORMERS_MAPPING[model_type(model)]}); --format mxfp4 --scheme MXFP4A16 writes gpt-oss's own "
@@ -279,6 +283,22 @@ def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: boo
                          "in its expert decompression)", hint="drop --asym; experts are written symmetric")
     log("moe: experts are written with symmetric groups (transformers loads no zero points for experts)")
     return dataclasses.replace(scheme, weights=dataclasses.replace(w, symmetric=True))
+
+
+def pack_weight_only_int8(model: nn.Module, quantized: dict, scheme) -> None:
+    """Mark every quantized Linear of a weight-only int8 (W8A16) mixture-of-experts variant to be written
+    `pack-quantized` (hubquant.formats.compressed_tensors.PACK_INT8), one format for the whole checkpoint:
+    transformers 5.24 decompresses packed and FP8 experts only, and vLLM's MoE loader takes weight-only int8
+    experts only packed (WNA16). W8A8 experts keep int8 `weight` tensors, which vLLM's W8A8 MoE path reads.
+    Values of `quantized` that are not QuantizedWeights (names of Linears already written) are left alone."""
+    from hubquant.formats.compressed_tensors import PACK_INT8
+
+    w = scheme.weights
+    if w.type != "int" or w.bits != 8 or scheme.activations is not None or not expert_modules(model):
+        return
+    for qw in quantized.values():
+        if isinstance(getattr(qw, "extra", None), dict):
+            qw.extra[PACK_INT8] = True
 
 
 def model_name(model: nn.Module, key: str) -> str:
@@ -499,6 +519,8 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
                  fmt: str = "compressed-tensors") -> str:
     """Markdown for the model card: expert coverage, routing statistics, what stayed float and why, what loads it
     (`fmt`: the checkpoint format; "mxfp4" is gpt-oss's own layout, which plain transformers loads)."""
+    from hubquant.formats.compressed_tensors import PACK_INT8
+
     rep = report(model, quantized, policy)
     if rep is None:
         return ""
@@ -516,8 +538,10 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
                      f"{r['threshold']}. Rule: {rule} ({r['fallback_linears']} projections by that rule).")
     elif "expert_linears" in rep:
         lines.append("- No calibration: every expert is quantized from its own weights.")
-    ws = next((quantized[n].scheme for n in expert_linear_names(model) if n in quantized), None)
-    int8 = ws is not None and ws.type == "int" and ws.bits == 8
+    first = next((quantized[n] for n in expert_linear_names(model) if n in quantized), None)
+    ws = getattr(first, "scheme", None)
+    packed = bool(getattr(first, "extra", {}).get(PACK_INT8))  # weight-only int8, pack-quantized: loads
+    int8 = ws is not None and ws.type == "int" and ws.bits == 8 and not packed
     if fmt == "gguf":
         pass  # the GGUF section lists the llama.cpp / Ollama commands
     elif fmt == "mxfp4":

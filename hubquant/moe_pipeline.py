@@ -49,6 +49,7 @@ def quantize_with_policy(model: nn.Module, job, method_fn, *, options: dict | No
         log(f"moe: {len(missing)} expert Linears got no statistics from the method; quantized with round-to-nearest")
         policy.fallback_linears.extend(missing)
         result.update(_rtn_linears(missing, job))
+    moe.pack_weight_only_int8(model, result, job.scheme)
     s = policy.summary()
     if s:
         log(f"moe: routed calibration tokens per expert over {s['layers']} layers x experts: min {s['min']}, "

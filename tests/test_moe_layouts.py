@@ -1,7 +1,8 @@
 """Which MoE checkpoint layouts transformers 5.24 loads, and tripwires for the ones it cannot (docs/moe.md, "Checkpoint
-layout, and why"): MXFP4A16 experts load exactly; NVFP4 experts lose their global scale; W8A8 int8 experts and
-asymmetric int4 experts do not load; bitsandbytes leaves fused experts in float. Each tripwire fails when
-upstream changes, which is the signal to lift the matching refusal in hubquant.moe.checkpoint_scheme."""
+layout, and why"): MXFP4A16 and W8A16 (pack-quantized) experts load exactly; NVFP4 experts lose their global
+scale; W8A8 int8 experts and asymmetric int4 experts do not load; bitsandbytes leaves fused experts in float.
+Each tripwire fails when upstream changes, which is the signal to lift the matching refusal in
+hubquant.moe.checkpoint_scheme."""
 from __future__ import annotations
 
 import pytest
@@ -97,24 +98,58 @@ def test_tripwire_transformers_drops_nvfp4_expert_global_scale(tmp_path):
     torch.testing.assert_close(theirs, ours * gscale, rtol=2**-7, atol=0)
 
 
-@pytest.mark.parametrize("method", ["w8a8", "rtn"])
-def test_tripwire_transformers_cannot_load_int8_experts(method, tmp_path):
-    """int8 experts (`int-quantized`: int8 `weight` + `weight_scale` per expert; W8A8 is what vLLM's
+def test_tripwire_transformers_cannot_load_w8a8_int8_experts(tmp_path):
+    """W8A8 int8 experts (`int-quantized`: int8 `weight` + `weight_scale` per expert, what vLLM's
     CompressedTensorsW8A8Int8MoEMethod reads): transformers' expert decompression handles FP8 pairs and
-    `weight_packed` only, so its Concatenate gets no tensors. hubquant.load runs the variant. rtn is W8A16 here."""
+    `weight_packed` only, so its Concatenate gets no tensors. hubquant.load runs the variant."""
     from transformers import AutoModelForCausalLM
 
     import hubquant
 
-    scheme = (get_method(method).default_scheme if method == "w8a8"
-              else QuantScheme(weights=WeightScheme(bits=8, group_size=-1)))
-    _, model, quantized = written("qwen3_moe", method, scheme, tmp_path)
+    _, model, quantized = written("qwen3_moe", "w8a8", get_method("w8a8").default_scheme, tmp_path)
     with pytest.raises(RuntimeError, match="conversion"):
         AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    assert "cannot load int8 experts" in moe.card_section(model, quantized, None)  # the card says what loads it
+    assert "cannot load W8A8 int8 experts" in moe.card_section(model, quantized, None)  # the card says what loads it
     mine, _ = hubquant.load(tmp_path, device="cpu", dtype=torch.float32, progress=False)
     assert mine.hubquant_format["quantized_linears"] == len(quantized)
-    assert sqnr_db(logits(model), logits(mine)) > (25 if method == "w8a8" else 60)  # W8A8: int8 activations
+    assert sqnr_db(logits(model), logits(mine)) > 25  # int8 activations
+
+
+@pytest.mark.parametrize("arch,method,group_size", [("qwen3_moe", "rtn", -1), ("qwen3_moe", "gptq", 32),
+                                                    ("mixtral", "rtn", 32)])
+def test_w8a16_experts_load_with_plain_transformers(arch, method, group_size, tmp_path):
+    """Weight-only int8 on a MoE model is written `pack-quantized` (weight_packed: four 8-bit codes an int32), the
+    layout transformers' expert decompression takes and vLLM's WNA16 MoE path reads: transformers fuses exactly
+    hubquant's dequantized experts, and the logits match hubquant's own model."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    import hubquant
+
+    scheme = QuantScheme(weights=WeightScheme(bits=8, group_size=group_size))
+    ref, model, quantized = written(arch, method, scheme, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["num_bits"] == 8
+    f = safe_open(tmp_path / "model.safetensors", "pt")
+    block, proj = ("block_sparse_moe", "w1") if arch == "mixtral" else ("mlp", "gate_proj")
+    packed = f.get_tensor(f"model.layers.1.{block}.experts.3.{proj}.weight_packed")
+    assert packed.dtype == torch.int32 and packed.shape[1] * 4 == model.config.hidden_size
+    assert f.get_tensor("model.layers.1.self_attn.q_proj.weight_packed").dtype == torch.int32  # one format
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    for name, experts in moe.expert_modules(model).items():  # transformers fused exactly our dequantized experts
+        fused = loaded.get_submodule(name)
+        for i, mlp in enumerate(experts):
+            gate, up, down = mlp.projections()
+            assert torch.equal(fused.gate_up_proj[i], torch.cat([gate.weight, up.weight]))
+            assert torch.equal(fused.down_proj[i], down.weight)
+    deq = logits(model)
+    assert sqnr_db(deq, logits(loaded)) > 60 and sqnr_db(ref, deq) > 25
+    assert "from_pretrained` (transformers fuses the experts again)" in moe.card_section(model, quantized, None)
+    mine, _ = hubquant.load(tmp_path, device="cpu", dtype=torch.float32, progress=False)
+    assert mine.hubquant_format["quantized_linears"] == len(quantized)
+    assert sqnr_db(deq, logits(mine)) > 60
 
 
 def test_tripwire_transformers_drops_expert_zero_points(tmp_path):
@@ -146,3 +181,34 @@ def test_tripwire_bitsandbytes_leaves_fused_experts_in_float(tmp_path):
         with pytest.raises(UnsupportedError) as e:
             moe.checkpoint_scheme(model, get_method(method).default_scheme, "bitsandbytes", asym_requested=False)
         assert e.value.exit_code == 5 and "rtn, gptq" in e.value.hint
+
+
+def test_w8a16_moe_conversion_streamed_and_in_memory(tokenizer, tmp_path):
+    """`hubquant convert --bits 8` of a MoE model: the same pack-quantized bytes streamed and in memory, and the
+    card tells the loader transformers runs."""
+    import filecmp
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from hubquant.convert import ConvertOptions, convert
+    from tests.helpers import save_tiny_repo
+
+    base = save_tiny_repo(tmp_path / "base", "qwen3_moe", tokenizer, layers=2)
+    logs: dict[str, list[str]] = {}
+    for mode in ("off", "on"):
+        logs[mode] = []
+        convert(ConvertOptions(repo_id=str(base), method="rtn", bits=8, group_size=32, streaming=mode,
+                               output_dir=str(tmp_path / mode), eval_windows=2, eval_seq_len=64, num_samples=4,
+                               seq_len=64, calib_dataset="fortunes", progress=False), log=logs[mode].append)
+    assert any(m.startswith("streaming 2 decoder layers") for m in logs["on"])
+    for name in ("model.safetensors", "config.json"):
+        assert filecmp.cmp(tmp_path / "off" / name, tmp_path / "on" / name, shallow=False), name
+    qc = json.loads((tmp_path / "on" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized"
+    for mode in ("off", "on"):
+        card = (tmp_path / mode / "README.md").read_text()
+        assert "plain `AutoModelForCausalLM.from_pretrained` (transformers fuses the experts again)" in card
+        assert "cannot load" not in card
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "on", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info

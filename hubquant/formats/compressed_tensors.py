@@ -2,7 +2,9 @@
 
 - weight-only 2/3/4-bit ints  -> ``pack-quantized``: weight_packed int32 [out, ceil(in*b/32)], weight_scale,
   weight_shape, and for asymmetric schemes weight_zero_point packed along the output dim;
-- 8-bit ints (W8A16 and W8A8)  -> ``int-quantized``: weight int8 [out, in], weight_scale [out, 1];
+- 8-bit ints (W8A16 and W8A8)  -> ``int-quantized``: weight int8 [out, in], weight_scale [out, 1]; weight-only
+  8-bit ints of mixture-of-experts models -> ``pack-quantized`` (QuantizedWeight.extra[PACK_INT8], set by
+  hubquant.moe.pack_weight_only_int8), the layout transformers and vLLM read for weight-only int8 experts;
 - FP8                          -> ``float-quantized``: weight float8_e4m3fn, weight_scale (+ input_scale);
 - FP4 (NVFP4A16, NVFP4, MXFP4A16) -> ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` (hubquant.formats.ct_fp4).
 Values are written exactly as `hubquant.quant` computed them, so loaders dequantize to the same floats.
@@ -23,6 +25,8 @@ from hubquant.errors import UsageError
 from hubquant.formats import ct_fp4
 from hubquant.formats.common import ignored_linears, method_options, write_model
 from hubquant.quant import QuantizedWeight, QuantScheme
+
+PACK_INT8 = "pack_int8"  # QuantizedWeight.extra key: write these 8-bit codes packed (`pack-quantized`)
 
 
 def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
@@ -57,13 +61,13 @@ def _args(num_bits, type_, strategy, symmetric, *, group_size=None, dynamic=Fals
                             group_size=group_size, dynamic=dynamic, actorder=actorder, observer=observer, **kw)
 
 
-def format_name(scheme: QuantScheme) -> str:
+def format_name(scheme: QuantScheme, *, pack_int8: bool = False) -> str:
     if ct_fp4.is_fp4(scheme):
         return ct_fp4.format_name(scheme)
     w = scheme.weights
     if w.type == "float":
         return "float-quantized"
-    return "int-quantized" if w.bits == 8 else "pack-quantized"
+    return "int-quantized" if w.bits == 8 and not pack_int8 else "pack-quantized"
 
 
 def check_scheme(scheme: QuantScheme) -> None:
@@ -89,10 +93,11 @@ def needs_dequantize_on_load(scheme: QuantScheme) -> bool:
     return w.type == "int" and w.bits < 8 and not w.symmetric
 
 
-def quantization_config(scheme: QuantScheme, *, options=None, ignored=()) -> dict:
+def quantization_config(scheme: QuantScheme, *, options=None, ignored=(), pack_int8: bool = False) -> dict:
     """The `quantization_config` dict: compressed-tensors' QuantizationConfig, dumped as llm-compressor saves it.
 
     Grouped weights of a method that ran with act-order (GPTQ's static groups) say ``actorder: static``.
+    `pack_int8`: 8-bit weights are stored `pack-quantized` (see PACK_INT8).
     """
     if ct_fp4.is_fp4(scheme):
         return ct_fp4.quantization_config(scheme, options=options, ignored=ignored)
@@ -104,7 +109,7 @@ def quantization_config(scheme: QuantScheme, *, options=None, ignored=()) -> dic
         a = scheme.activations
         acts = _args(a.bits, a.type, "token" if a.dynamic else "tensor", a.symmetric, dynamic=a.dynamic,
                      observer=None if a.dynamic else "minmax")
-    fmt = format_name(scheme)
+    fmt = format_name(scheme, pack_int8=pack_int8)
     group = QuantizationScheme(targets=["Linear"], weights=_weight_args(scheme, options), input_activations=acts,
                                format=fmt)
     config = QuantizationConfig(config_groups={"group_0": group}, format=fmt, quantization_status="compressed",
@@ -126,7 +131,7 @@ def linear_tensors(name: str, qw: QuantizedWeight, scheme: QuantScheme, *, optio
         t[f"{name}.weight"] = qw.qweight.to(torch.float8_e4m3fn)
         scale = qw.scale if scheme.activations is None or scheme.activations.dynamic else qw.scale.reshape(1)
         t[f"{name}.weight_scale"] = scale
-    elif w.bits == 8:
+    elif w.bits == 8 and not qw.extra.get(PACK_INT8):
         t[f"{name}.weight"] = qw.qweight.to(torch.int8)
         t[f"{name}.weight_scale"] = qw.scale
         if qw.zero_point is not None:
@@ -163,7 +168,8 @@ def write(model, quantized: dict[str, QuantizedWeight], *, scheme: QuantScheme, 
             raise UsageError(f"static activation scheme but no input_scale for {missing[0]}",
                              hint="static activations need calibration; use a calibrated method")
     options = method_options(method, options)
-    qc = quantization_config(scheme, options=options, ignored=ignored_linears(model, quantized))
+    qc = quantization_config(scheme, options=options, ignored=ignored_linears(model, quantized),
+                             pack_int8=any(q.extra.get(PACK_INT8) for q in quantized.values()))
     dtype = next(iter(quantized.values())).scale.dtype
     if ct_fp4.is_fp4(scheme):  # FP4 scales are e4m3/E8M0 codes: the checkpoint keeps the model's dtype
         dtype = _float_dtype(model)

@@ -8,7 +8,7 @@ projection the method left out (the routing policy's rule), hands the layer's te
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class Session:
         self._quantize_left_out_experts(name, layer)
         self._advance(self.streams.variant, index, layer)
         quantized = {n: self.results.pop(n) for n in list(self.results) if n.startswith(name + ".")}
+        moe.pack_weight_only_int8(self.weights.model, quantized, self.scheme)
         self._check_experts(index, name, layer, quantized)
         state = {f"{name}.{k}": v for k, v in layer.state_dict().items()}
         modules = [(f"{name}.{n}" if n else name, m) for n, m in layer.named_modules()]
@@ -149,7 +150,7 @@ class Session:
             for key, t in self.fmt.linear_tensors(name, qw, self.scheme, options=options).items():
                 self.writer.add(moe.checkpoint_name(model, key), t)
         self.names.update(quantized)
-        self.written.update({n: Written(getattr(qw, "scheme", None)) for n, qw in quantized.items()})
+        self.written.update({n: Written.of(qw) for n, qw in quantized.items()})
         if self.witness is None and quantized:
             self.witness = next(iter(quantized.items()))
 
@@ -159,8 +160,9 @@ class Session:
 
         model, config = self.weights.model, self.weights.model.config
         rest = dict(self.results)  # Linears outside the decoder layers that the method quantized (lm_head)
+        moe.pack_weight_only_int8(model, rest, self.scheme)
         self.names.update(rest)
-        self.written.update({n: Written(getattr(qw, "scheme", None)) for n, qw in rest.items()})
+        self.written.update({n: Written.of(qw) for n, qw in rest.items()})
         prefix = layers_prefix(model) + "."
         skip = {f"{n}.weight" for n in self.names}
         for key, t in model.state_dict().items():
@@ -217,6 +219,12 @@ class Written:
     """A quantized Linear whose tensors are in the files already: what the card and provenance read of it."""
 
     scheme: object
+    extra: dict = field(default_factory=dict)  # the QuantizedWeight's flags (its tensors are in the files)
+
+    @classmethod
+    def of(cls, qw) -> Written:
+        flags = {k: v for k, v in (getattr(qw, "extra", None) or {}).items() if isinstance(v, (bool, int, str))}
+        return cls(getattr(qw, "scheme", None), flags)
 
 
 @dataclass
