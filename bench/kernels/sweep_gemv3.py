@@ -1,0 +1,172 @@
+"""One-call GPU sweep of the rotated-code GEMV (hubquant_kernels.w4a16_gemv3) against the earlier W4A16 candidate
+sets, bf16 cuBLAS and torch's tinygemm, in one process, on the same weights.
+
+    python bench/kernels/sweep_gemv3.py --out sweep.json                  # on a CUDA machine
+    python bench/kernels/sweep_gemv3.py --smoke --out /tmp/smoke.json     # CPU, TRITON_INTERPRET=1
+
+1. Correctness: gemv3 configurations (register prefetch and cp.async pipelines, BM 1/4/8 rows, split-K) on odd
+   shapes, group sizes 32/64/128/-1, sym/asym, bf16/fp16, bias, against float64; the output is NaN-poisoned
+   before each call and each configuration runs twice (the split-K workspace must come back zeroed).
+2. Per shape and M: bf16 F.linear and tinygemm; the earlier candidate set (HUBQUANT_GEMV3=0) and the wide
+   gemv3 set, each picked by hubquant's chooser (cold L2); the best few of each timed as CUDA-graph replays over
+   rotating weight copies (>= 256 MiB), every timed output checked against float64.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels"), str(Path(__file__).resolve().parent)]
+os.environ.setdefault("HUBQUANT_TUNE_CACHE", "0")
+
+import peers  # noqa: E402
+from harness import header, sibling, smoke_time, w4_weights  # noqa: E402
+
+from hubquant_kernels import _common, pack, w4a16, w4a16_gemv3  # noqa: E402
+
+_run = sibling("run")
+graph_time, rel_err = _run.graph_time, _run.rel_err
+DEV = "cuda"
+SHAPES = [(8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)]  # (K, N)
+CHECK_CONFIGS = [dict(bn=64, bk=128, split_k=1, stages=1), dict(bn=32, bk=256, split_k=3, stages=4),
+                 dict(bn=128, bk=64, split_k=2, stages=3), dict(bn=64, bk=128, split_k=2, stages=3, bm=4),
+                 dict(bn=32, bk=128, split_k=1, stages=1, bm=8), dict(bn=256, bk=64, split_k=4, stages=5)]
+
+
+def checks(log) -> list[dict]:
+    out = []
+    g = torch.Generator(device=DEV).manual_seed(0)
+    cases = [(1, 72, 512, 32, False, torch.bfloat16), (3, 200, 1024, 64, True, torch.float16),
+             (8, 136, 768, -1, True, torch.bfloat16), (1, 4096, 4096, 128, False, torch.bfloat16),
+             (5, 264, 2048, 128, True, torch.bfloat16), (16, 1024, 4096, 128, False, torch.float16),
+             (1, 520, 1024, 64, True, torch.float16)]
+    for (m, n, k, gs, asym, dt) in cases if DEV == "cuda" else cases[:3]:
+        gsz = k if gs == -1 else gs
+        qw = pack.pack_kn(torch.randint(0, 16, (k, n), device=DEV, generator=g))
+        s = (torch.rand(k // gsz, n, device=DEV, generator=g) * 0.02 + 1e-3).to(dt)
+        z = torch.randint(0, 16, (k // gsz, n), device=DEV, generator=g).to(torch.uint8) if asym else None
+        x = torch.randn(m, k, device=DEV, generator=g).to(dt)
+        b = torch.randn(n, device=DEV, generator=g).to(dt)
+        ref = x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
+        for cfg in CHECK_CONFIGS:
+            for asm in (True, False) if DEV == "cuda" else (False,):
+                y1 = torch.full((m, n), float("nan"), dtype=dt, device=DEV)
+                y2 = torch.full((m, n), float("nan"), dtype=dt, device=DEV)
+                try:
+                    w4a16_gemv3.gemv3(x, qw, s, z, b, y1, gsz, asm=asm, **cfg)
+                    w4a16_gemv3.gemv3(x, qw, s, z, b, y2, gsz, asm=asm, **cfg)
+                    e = rel_err(y1, ref)
+                    ok = e < 1e-2 and not torch.isnan(y1).any().item() and torch.equal(y1, y2)
+                except Exception as ex:  # noqa: BLE001  (a failing configuration is a failed check, not a crash)
+                    e, ok = repr(ex)[:300], False
+                out.append({"shape": [m, n, k], "group": gs, "asym": asym, "dtype": str(dt), "cfg": cfg, "asm": asm,
+                            "rel_err": e, "ok": bool(ok)})
+    bad = [c for c in out if not c["ok"]]
+    worst = max((c["rel_err"] for c in out if isinstance(c["rel_err"], float)), default=float("nan"))
+    log(f"gemv3 checks: {len(out) - len(bad)}/{len(out)} pass, worst rel err {worst:.2e}; failures: {bad[:3]}")
+    return out
+
+
+def _pick(key, cands, args):
+    """The chooser's cold-L2 pick among cands, with every candidate's time."""
+    if DEV != "cuda":
+        return cands[0], {c.name: 0.0 for c in cands}
+    c = _common.choose(key, cands, args, on_gpu=True)
+    return c, _common.TUNE_LOG.get(key, {})
+
+
+def bench_cell(k, n, m, wts, log, top: int) -> dict:
+    g, qw, sc, bf_w, w4_w, tg_w = wts
+    x = torch.randn(m, k, device=DEV, generator=g, dtype=torch.bfloat16)
+    ref = x.double() @ w4a16.dequantize_reference(qw, sc, None, 128).double()
+    cell = {"K": k, "N": n, "M": m}
+    cell["bf16"] = graph_time([lambda w=w: torch.nn.functional.linear(x, w) for w in bf_w])
+    if tg_w is not None:
+        cell["tinygemm"] = graph_time([lambda d=d: peers.tinygemm(x, d[0], d[1], 128) for d in tg_w])
+    ys = [torch.empty(m, n, device=DEV, dtype=torch.bfloat16) for _ in w4_w]
+    args = (x, qw, sc, None, None, ys[0], 128)
+    os.environ["HUBQUANT_GEMV3"] = "0"
+    old = w4a16.candidates(m, n, k, 128)
+    os.environ["HUBQUANT_GEMV3"] = "1"
+    new = w4a16_gemv3.candidates(m, n, k, 128)
+    for fam, cands in (("old", old), ("gemv3", new)):
+        best, tune = _pick(("sweep", fam, m, n, k), cands, args)
+        finite = sorted((t, name) for name, t in tune.items() if t != float("inf"))
+        names = [name for _, name in finite[:top]] or [best.name]
+        timed = {}
+        for name in names:
+            c = next(c for c in cands if c.name == name)
+            ys[0].fill_(float("nan"))
+            c.fn(x, qw, sc, None, None, ys[0], 128)
+            e = rel_err(ys[0], ref)
+            t = graph_time([lambda d=d, yy=yy, c=c: c.fn(x, d[0], d[1], None, None, yy, 128) for d, yy in zip(w4_w, ys)])
+            timed[name] = {"graph_s": t, "rel_err": e, "ok": bool(e < 1e-2 and not torch.isnan(ys[0]).any().item()),
+                           "cold_l2_s": tune.get(name, 0) / 1e3}
+        win = min(timed, key=lambda nm: timed[nm]["graph_s"])
+        cell[fam] = {"pick": best.name, "best_graph": win, "graph_s": timed[win]["graph_s"], "timed": timed,
+                     "n_candidates": len(cands), "tune_ms": tune}
+    bf = cell["bf16"]
+    log(f"K={k:5d} N={n:5d} M={m:3d} bf16 {bf * 1e6:7.1f} us | old {bf / cell['old']['graph_s']:.2f}x "
+        f"({cell['old']['best_graph']}) | gemv3 {bf / cell['gemv3']['graph_s']:.2f}x ({cell['gemv3']['best_graph']})"
+        + (f" | tinygemm {bf / cell['tinygemm']:.2f}x" if "tinygemm" in cell else ""))
+    return cell
+
+
+def main() -> int:
+    global DEV, graph_time
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="sweep_gemv3.json")
+    ap.add_argument("--shapes", default="all")
+    ap.add_argument("--ms", default="1,8,16")
+    ap.add_argument("--top", type=int, default=4, help="graph-time this many of each family's cold-L2 best")
+    ap.add_argument("--workers", type=int, default=15)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    os.environ["HUBQUANT_W4_SWEEP_GEMV3"] = "1"
+    shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    ms = [int(v) for v in args.ms.split(",")]
+    if args.smoke:
+        DEV, graph_time, shapes, ms = "cpu", smoke_time, [(512, 64)], [1, 8]
+    t0 = time.time()
+    res = {**header(DEV), "command": " ".join(sys.argv), "cells": []}
+
+    def log(s):
+        print(s, flush=True)
+
+    def save():
+        res["seconds"] = round(time.time() - t0, 1)
+        Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+
+    res["checks"] = checks(log)
+    save()
+    if DEV == "cuda":
+        import warm
+
+        res["warm"] = warm.warm(shapes, ms, args.workers, DEV)
+        log(f"compiled in parallel: {res['warm']}")
+    for k, n in shapes:
+        g, qw, sc, bf_w, w4_w = w4_weights(k, n, DEV, 256 << 20 if DEV == "cuda" else 1)
+        tg_w = None
+        if DEV == "cuda":
+            tw, tsz = peers.tinygemm_pack(qw, sc, 128)
+            tg_w = [(tw.clone(), tsz.clone()) for _ in w4_w]
+        for m in ms:
+            res["cells"].append(bench_cell(k, n, m, (g, qw, sc, bf_w, w4_w, tg_w), log, args.top))
+            save()
+        del bf_w, w4_w, tg_w
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    log(f"done in {time.time() - t0:.0f} s")
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
