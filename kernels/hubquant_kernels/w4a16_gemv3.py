@@ -142,9 +142,8 @@ if triton is not None:
         return tl.load(ptrs, eviction_policy="evict_first")
 
     @triton.jit
-    def _row_block(pw, x_ptrs, rmask, s, z, acc, USE_ASM: tl.constexpr, EVEN: tl.constexpr):
-        """acc + s * (x @ W) of one [R, BN] block for one row of x."""
-        x0, x1, x2, x3, x4, x5, x6, x7, cs, xs = _xrows(x_ptrs, rmask, EVEN)
+    def _row_part(pw, x0, x1, x2, x3, x4, x5, x6, x7, cs, xs, s, z, acc, USE_ASM: tl.constexpr):
+        """acc + s * (x @ W) of one [R, BN] block for one row of x (x_j, cs, xs: [R])."""
         d = cs[:, None] + z * xs[:, None]
         part = _word_sums(pw, x0[:, None], x1[:, None], x2[:, None], x3[:, None], x4[:, None], x5[:, None],
                           x6[:, None], x7[:, None], d, USE_ASM)
@@ -164,17 +163,20 @@ if triton is not None:
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, k_split, stride_xm, stride_ym, stride_w, stride_s,
         GS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_AFTER: tl.constexpr,
-        USE_ASM: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+        BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, NT: tl.constexpr, SPLIT_K: tl.constexpr,
+        SCALE_AFTER: tl.constexpr, USE_ASM: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
     ):
-        # EVEN: N % BN == 0, M % BM == 0 and every program's K range is whole blocks: no masks anywhere.
-        # BM == 1: one row of x per program, [R, BN] tiles; else BM rows, [BM, R, BN] partial sums.
+        # EVEN: N % (NT * BN) == 0, M % BM == 0 and every program's K range is whole blocks: no masks anywhere.
+        # BM == 1: one row of x per program and NT [R, BN] tiles side by side (NT = 2: each x value feeds twice as
+        # many columns); else BM rows of x, [BM, R, BN] partial sums.
         R: tl.constexpr = BK // 8
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_n = pid_n * (NT * BN) + tl.arange(0, BN)
         mask_n = offs_n < N
+        offs_n2 = offs_n + BN
+        mask_n2 = offs_n2 < N
         offs_m = pid_m * BM + tl.arange(0, BM)
         mask_m = offs_m < M
         k_lo = pid_k * k_split
@@ -182,76 +184,100 @@ if triton is not None:
         ar = tl.arange(0, R)
         if BM == 1:
             acc = tl.zeros((R, BN), dtype=tl.float32)
+            acc2 = tl.zeros((R, BN), dtype=tl.float32)
         else:
             acc = tl.zeros((BM, R, BN), dtype=tl.float32)
         if STAGES == 1:  # register prefetch: the first block is loaded before the loop
             pw_next = _tile(qw_ptr, k_lo // 8 + ar, k_lo // 8 + ar < k_hi // 8, offs_n, mask_n, stride_w, True)
+            if NT == 2:
+                pw2_next = _tile(qw_ptr, k_lo // 8 + ar, k_lo // 8 + ar < k_hi // 8, offs_n2, mask_n2, stride_w, True)
         for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
             offs_r = k0 // 8 + ar
             rmask = offs_r < k_hi // 8
             if STAGES == 1:
                 pw = pw_next
                 pw_next = _tile(qw_ptr, offs_r + R, offs_r + R < k_hi // 8, offs_n, mask_n, stride_w, True)
+                if NT == 2:
+                    pw2 = pw2_next
+                    pw2_next = _tile(qw_ptr, offs_r + R, offs_r + R < k_hi // 8, offs_n2, mask_n2, stride_w, True)
             else:
                 pw = _tile(qw_ptr, offs_r, rmask, offs_n, mask_n, stride_w, not EVEN)
+                if NT == 2:
+                    pw2 = _tile(qw_ptr, offs_r, rmask, offs_n2, mask_n2, stride_w, not EVEN)
             s, z = _params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n, mask_n, stride_s, GS, HAS_ZP, SCALE_AFTER)
             if BM == 1:
-                acc = _row_block(pw, x_ptr + pid_m * stride_xm + offs_r * 8, rmask, s, z, acc, USE_ASM, EVEN)
+                x0, x1, x2, x3, x4, x5, x6, x7, cs, xs = _xrows(x_ptr + pid_m * stride_xm + offs_r * 8, rmask, EVEN)
+                acc = _row_part(pw, x0, x1, x2, x3, x4, x5, x6, x7, cs, xs, s, z, acc, USE_ASM)
+                if NT == 2:
+                    s2, z2 = _params(s_ptr, z_ptr, k0, offs_r, rmask, offs_n2, mask_n2, stride_s, GS, HAS_ZP,
+                                     SCALE_AFTER)
+                    acc2 = _row_part(pw2, x0, x1, x2, x3, x4, x5, x6, x7, cs, xs, s2, z2, acc2, USE_ASM)
             else:
                 acc = _rows_block(pw, x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :] * 8,
                                   mask_m[:, None] & rmask[None, :], s, z, acc, USE_ASM, EVEN)
-        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        tiles = tl.cdiv(N, BN) + 1  # counters per row of x (a last half-empty pair of tiles may use one more)
         if BM == 1:
-            out = tl.sum(acc, axis=0)
-            _store_or_reduce(out, y_ptr + pid_m * stride_ym + offs_n, ws_ptr + pid_m * N + offs_n, mask_n,
-                             cnt_ptr, pid_m * tl.num_programs(1) + pid_n, bias, SPLIT_K, HAS_BIAS)
+            _finish(tl.sum(acc, axis=0), b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, offs_n, mask_n,
+                    cnt_ptr, pid_m * tiles + pid_n * NT, SPLIT_K, HAS_BIAS)
+            if NT == 2:
+                _finish(tl.sum(acc2, axis=0), b_ptr, y_ptr + pid_m * stride_ym, ws_ptr + pid_m * N, offs_n2, mask_n2,
+                        cnt_ptr, pid_m * tiles + pid_n * NT + 1, SPLIT_K, HAS_BIAS)
         else:
             out = tl.sum(acc, axis=1)
-            if HAS_BIAS:
-                bias = bias[None, :]
+            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
             _store_or_reduce(out, y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
                              ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :],
-                             cnt_ptr, pid_m * tl.num_programs(1) + pid_n, bias, SPLIT_K, HAS_BIAS)
+                             cnt_ptr, pid_m * tiles + pid_n, bias, SPLIT_K, HAS_BIAS)
+
+    @triton.jit
+    def _finish(out, b_ptr, y_row, ws_row, offs_n, mask_n, cnt_ptr, tile, SPLIT_K: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        _store_or_reduce(out, y_row + offs_n, ws_row + offs_n, mask_n, cnt_ptr, tile, bias, SPLIT_K, HAS_BIAS)
 
 
-def gemv3(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4, stages=3, bm=1, asm=None):
+def gemv3(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4, stages=3, bm=1, nt=1, asm=None):
     """y = x @ W (+ bias) with the rotated-code GEMV; x [M, K] contiguous rows, y [M, N] preallocated."""
     m, k = x.shape
     n = qweight.shape[1]
+    nt = nt if bm == 1 else 1
     n_tiles = triton.cdiv(n, bn)
     m_tiles = triton.cdiv(m, bm)
     k_split = triton.cdiv(triton.cdiv(k, bk), split_k) * bk
-    ws, cnt = workspace(x.device, m * n, m_tiles * n_tiles) if split_k > 1 else (y, y)
-    even = n % bn == 0 and m % bm == 0 and k % bk == 0 and k_split * (split_k - 1) < k
-    launch(_w4a16_gemv3_kernel, (m_tiles, n_tiles, split_k),
+    ws, cnt = workspace(x.device, m * n, m_tiles * (n_tiles + 1)) if split_k > 1 else (y, y)
+    even = n % (bn * nt) == 0 and m % bm == 0 and k % bk == 0 and k_split * (split_k - 1) < k
+    launch(_w4a16_gemv3_kernel, (m_tiles, triton.cdiv(n, bn * nt), split_k),
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=gs, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
-        BN=bn, BK=bk, BM=bm, SPLIT_K=split_k, SCALE_AFTER=gs % bk == 0 or gs == k,
+        BN=bn, BK=bk, BM=bm, NT=nt, SPLIT_K=split_k, SCALE_AFTER=gs % bk == 0 or gs == k,
         USE_ASM=not interpreting() if asm is None else asm, EVEN=even, STAGES=stages, num_warps=warps,
     )
     return y
 
 
-# (BN, BK, warps, stages) offered by default at M=1; stages 1 is the register prefetch, >= 2 Triton's cp.async
-# pipeline with stages - 1 blocks in flight per program
-M1_CONFIGS = ((64, 128, 4, 4), (64, 256, 4, 3), (32, 256, 4, 4), (128, 128, 4, 3), (256, 64, 4, 4), (64, 256, 4, 1))
+# (BN, BK, warps, stages, NT) offered by default at M=1; stages 1 is the register prefetch, >= 2 Triton's cp.async
+# pipeline with stages - 1 blocks in flight per program; NT = 2 tiles of BN columns side by side
+M1_CONFIGS = ((64, 128, 4, 4, 1), (64, 256, 4, 3, 1), (32, 256, 4, 4, 1), (128, 128, 4, 3, 1), (256, 64, 4, 4, 1),
+              (64, 256, 4, 1, 1), (64, 128, 4, 4, 2), (32, 256, 4, 3, 2))
 # (BN, BK, warps, stages) for M = 2..16, each with BM = the M bucket (at most 8) and 4
-ROWS_CONFIGS = ((32, 128, 4, 3), (64, 128, 4, 3), (32, 256, 4, 3), (64, 64, 4, 4))
+ROWS_CONFIGS = ((32, 128, 4, 3, 1), (64, 128, 4, 3, 1), (32, 256, 4, 3, 1), (64, 64, 4, 4, 1))
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
-def sweep_configs(rows: bool) -> list[tuple[int, int, int, int]]:
-    """The wide set one GPU sweep times (bench/kernels/h200.py --sweep): tiles of 2-16 KiB of packed weights."""
+def sweep_configs(rows: bool) -> list[tuple[int, int, int, int, int]]:
+    """The wide set one GPU sweep times (bench/kernels/sweep_gemv3.py): tiles of 2-16 KiB of packed weights."""
     if rows:
-        return [(bn, bk, 4, st) for bn, bk in ((32, 128), (64, 128), (32, 256), (64, 64), (128, 64)) for st in (1, 3)]
+        return [(bn, bk, 4, st, 1) for bn, bk in ((32, 128), (64, 128), (32, 256), (64, 64), (128, 64))
+                for st in (1, 3)]
     out = []
     for bn in (32, 64, 128, 256):
         for bk in (64, 128, 256, 512):
-            tile = bn * bk // 2
-            if 2048 <= tile <= 16384:
-                for warps in (4, 8) if tile >= 8192 else (4,):
-                    out += [(bn, bk, warps, stages) for stages in (1, 3, 5) if stages * tile <= 65536]
+            for nt in (1, 2) if bn <= 128 else (1,):
+                tile = nt * bn * bk // 2
+                if 2048 <= tile <= 16384:
+                    for warps in (4, 8) if tile >= 16384 else (4,):
+                        out += [(bn, bk, warps, stages, nt) for stages in (1, 3, 5) if stages * tile <= 65536]
     return out
 
 
@@ -260,7 +286,7 @@ def enabled() -> bool:
     return os.environ.get("HUBQUANT_GEMV3", "1") != "0"
 
 
-def _splits(n: int, k: int, bn: int, bk: int, m_tiles: int, limit: int = 1584) -> list[int]:
+def _splits(n: int, k: int, bn: int, bk: int, m_tiles: int, limit: int = 1056) -> list[int]:
     n_blocks, tiles = -(-k // bk), -(-n // bn) * m_tiles
     out = []
     for split in SPLITS:  # every program gets at least two blocks; not so many programs that the reduction weighs
@@ -283,10 +309,12 @@ def candidates(m: int, n: int, k: int, gs: int, *, configs=None) -> list[Candida
     bms = (1,) if m == 1 else tuple(sorted({min(8, bucket), min(4, bucket)}, reverse=True))
     out = []
     for bm in bms:
-        for bn, bk, warps, stages in configs:
-            for split in _splits(n, k, bn, bk, -(-m // bm)):
+        for bn, bk, warps, stages, nt in configs:
+            nt = nt if bm == 1 else 1
+            for split in _splits(n, k, bn * nt, bk, -(-m // bm)):
                 out.append(Candidate(
-                    name=f"gemv3_bn{bn}_bk{bk}_s{split}_w{warps}_st{stages}" + (f"_m{bm}" if bm > 1 else ""),
-                    fn=lambda *a, bn=bn, bk=bk, s=split, w=warps, st=stages, bm=bm:
-                        gemv3(*a, bn=bn, bk=bk, split_k=s, warps=w, stages=st, bm=bm)))
+                    name=f"gemv3_bn{bn}{'x2' if nt == 2 else ''}_bk{bk}_s{split}_w{warps}_st{stages}"
+                         + (f"_m{bm}" if bm > 1 else ""),
+                    fn=lambda *a, bn=bn, bk=bk, s=split, w=warps, st=stages, bm=bm, nt=nt:
+                        gemv3(*a, bn=bn, bk=bk, split_k=s, warps=w, stages=st, bm=bm, nt=nt)))
     return out
