@@ -160,7 +160,7 @@ def main() -> int:
         h, inter = dims["hidden_size"], dims["intermediate_size"]
         kv = h // dims["num_attention_heads"] * dims["num_key_value_heads"]
         shapes = [(h, h + 2 * kv), (h, h), (h, 2 * inter), (inter, h), (h, kv), (h, inter)]  # (K, N)
-        res["warm"] = warm.warm(shapes, sorted({b for b in batches if b > 1}), args.warm_workers)
+        res["warm"] = warm.warm(shapes, sorted(set(batches)), args.warm_workers)
         print(f"compiled in parallel: {res['warm']}", flush=True)
     ids = torch.randint(0, cfg["vocab_size"], (1, args.prompt), generator=torch.Generator().manual_seed(1))
     for kind in args.variants.split(","):

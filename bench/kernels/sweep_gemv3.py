@@ -29,7 +29,7 @@ os.environ.setdefault("HUBQUANT_TUNE_CACHE", "0")
 import peers  # noqa: E402
 from harness import header, sibling, smoke_time, w4_weights  # noqa: E402
 
-from hubquant_kernels import _common, pack, w4a16, w4a16_gemv3  # noqa: E402
+from hubquant_kernels import _common, pack, w4a16, w4a16_gemv3, w4a16_mmv  # noqa: E402
 
 _run = sibling("run")
 graph_time, rel_err = _run.graph_time, _run.rel_err
@@ -39,6 +39,35 @@ CHECK_CONFIGS = [dict(bn=64, bk=128, split_k=1, stages=1), dict(bn=32, bk=256, s
                  dict(bn=128, bk=64, split_k=2, stages=3), dict(bn=64, bk=128, split_k=2, stages=3, bm=4),
                  dict(bn=32, bk=128, split_k=1, stages=1, bm=8), dict(bn=256, bk=64, split_k=4, stages=5),
                  dict(bn=64, bk=128, split_k=3, stages=4, nt=2), dict(bn=32, bk=256, split_k=1, stages=1, nt=2)]
+
+
+MMV_CASES = [(1, 256, 1024, 128, False, torch.bfloat16), (3, 528, 2048, 64, True, torch.float16),
+             (8, 4096, 4096, 128, False, torch.bfloat16), (5, 1024, 768, -1, True, torch.bfloat16),
+             (1, 4096, 14336, 128, True, torch.bfloat16), (2, 128, 512, 256, False, torch.float16)]
+
+
+def mmv_checks(g) -> list[dict]:
+    """Every third MMA GEMV configuration per case (warps, split-K, pipeline depth) against float64."""
+    out = []
+    for (m, n, k, gs, asym, dt) in MMV_CASES if DEV == "cuda" else MMV_CASES[:2]:
+        gsz = k if gs == -1 else gs
+        qw = pack.pack_kn(torch.randint(0, 16, (k, n), device=DEV, generator=g))
+        s = (torch.rand(k // gsz, n, device=DEV, generator=g) * 0.02 + 1e-3).to(dt)
+        z = torch.randint(0, 16, (k // gsz, n), device=DEV, generator=g).to(torch.uint8) if asym else None
+        x = torch.randn(m, k, device=DEV, generator=g).to(dt)
+        b = torch.randn(n, device=DEV, generator=g).to(dt)
+        ref = x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
+        for c in w4a16_mmv.candidates(m, n, k, gsz)[::3]:
+            y1 = torch.full((m, n), float("nan"), dtype=dt, device=DEV)
+            try:
+                c.fn(x, qw, s, z, b, y1, gsz)
+                e = rel_err(y1, ref)
+                ok = e < 1e-2 and not torch.isnan(y1).any().item()
+            except Exception as ex:  # noqa: BLE001
+                e, ok = repr(ex)[:300], False
+            out.append({"shape": [m, n, k], "group": gs, "asym": asym, "dtype": str(dt), "cfg": c.name, "asm": True,
+                        "rel_err": e, "ok": bool(ok)})
+    return out
 
 
 def checks(log) -> list[dict]:
@@ -69,9 +98,14 @@ def checks(log) -> list[dict]:
                     e, ok = repr(ex)[:300], False
                 out.append({"shape": [m, n, k], "group": gs, "asym": asym, "dtype": str(dt), "cfg": cfg, "asm": asm,
                             "rel_err": e, "ok": bool(ok)})
+    out += mmv_checks(g)
     bad = [c for c in out if not c["ok"]]
     worst = max((c["rel_err"] for c in out if isinstance(c["rel_err"], float)), default=float("nan"))
-    log(f"gemv3 checks: {len(out) - len(bad)}/{len(out)} pass, worst rel err {worst:.2e}; failures: {bad[:3]}")
+    log(f"gemv3 and mmv checks: {len(out) - len(bad)}/{len(out)} pass, worst rel err {worst:.2e}; failures: "
+        f"{bad[:3]}")
+    mmv = [c for c in out if str(c["cfg"]).startswith("mmv")]
+    if mmv and all(c["ok"] for c in mmv):
+        log(f"MMV_OK ({len(mmv)} checks)")
     return out
 
 
@@ -93,11 +127,11 @@ def bench_cell(k, n, m, wts, log, top: int) -> dict:
         cell["tinygemm"] = graph_time([lambda d=d: peers.tinygemm(x, d[0], d[1], 128) for d in tg_w])
     ys = [torch.empty(m, n, device=DEV, dtype=torch.bfloat16) for _ in w4_w]
     args = (x, qw, sc, None, None, ys[0], 128)
-    os.environ["HUBQUANT_GEMV3"] = "0"
+    os.environ["HUBQUANT_GEMV3"] = os.environ["HUBQUANT_MMV"] = "0"
     old = w4a16.candidates(m, n, k, 128)
-    os.environ["HUBQUANT_GEMV3"] = "1"
-    new = w4a16_gemv3.candidates(m, n, k, 128)
-    for fam, cands in (("old", old), ("gemv3", new)):
+    os.environ["HUBQUANT_GEMV3"] = os.environ["HUBQUANT_MMV"] = "1"
+    fams = (("old", old), ("gemv3", w4a16_gemv3.candidates(m, n, k, 128)), ("mmv", w4a16_mmv.candidates(m, n, k, 128)))
+    for fam, cands in fams:
         if not cands:
             continue
         best, tune = _pick(("sweep", fam, m, n, k), cands, args)
@@ -118,7 +152,7 @@ def bench_cell(k, n, m, wts, log, top: int) -> dict:
                      "n_candidates": len(cands), "tune_ms": tune}
     bf = cell["bf16"]
     fams = " | ".join(f"{fam} {bf / cell[fam]['graph_s']:.2f}x ({cell[fam]['best_graph']})"
-                      for fam in ("old", "gemv3") if fam in cell)
+                      for fam in ("old", "gemv3", "mmv") if fam in cell)
     log(f"K={k:5d} N={n:5d} M={m:3d} bf16 {bf * 1e6:7.1f} us | {fams}"
         + (f" | tinygemm {bf / cell['tinygemm']:.2f}x" if "tinygemm" in cell else ""))
     return cell
@@ -133,8 +167,10 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=4, help="graph-time this many of each family's cold-L2 best")
     ap.add_argument("--workers", type=int, default=15)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--wide", action="store_true", help="time gemv3's wide configuration set")
     args = ap.parse_args()
-    os.environ["HUBQUANT_W4_SWEEP_GEMV3"] = "1"
+    if args.wide:
+        os.environ["HUBQUANT_W4_SWEEP_GEMV3"] = "1"
     shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
     if args.smoke:

@@ -307,7 +307,7 @@ def _dequant_cublas(x, qweight, scales, zeros, bias, y, gs):
 
 def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
     """Implementations worth timing for an [m, k] x [k, n] W4A16 product; the first is the default."""
-    from hubquant_kernels import w4a16_gemv, w4a16_gemv3, w4a16_mma, w4a16_tc, w4a16_wgmma
+    from hubquant_kernels import w4a16_gemv, w4a16_gemv3, w4a16_mma, w4a16_mmv, w4a16_tc, w4a16_wgmma
 
     out = []
     n_blocks = lambda bk: -(-k // bk)
@@ -338,6 +338,7 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
                     _mm(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
     out += w4a16_gemv.candidates(m, n, k, gs)  # M=1: the only candidates
     out += w4a16_gemv3.candidates(m, n, k, gs)  # M <= 16: rotated codes, pipelined loads, BM rows per program
+    out += w4a16_mmv.candidates(m, n, k, gs)  # M <= 8: tensor-core GEMV on shuffled weights
     if os.environ.get("HUBQUANT_W4_SWEEP") == "1":  # one wide GPU sweep (bench/kernels/h200.py --sweep)
         out += w4a16_tc.sweep_candidates(m, n, k, gs) if m <= 64 else []
         out += w4a16_mma.sweep_candidates(m, n, k, gs)

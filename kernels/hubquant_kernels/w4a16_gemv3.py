@@ -260,8 +260,9 @@ def gemv3(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4, s
 # pipeline with stages - 1 blocks in flight per program; NT = 2 tiles of BN columns side by side
 M1_CONFIGS = ((64, 128, 4, 4, 1), (64, 256, 4, 3, 1), (32, 256, 4, 4, 1), (128, 128, 4, 3, 1), (256, 64, 4, 4, 1),
               (64, 256, 4, 1, 1), (64, 128, 4, 4, 2), (32, 256, 4, 3, 2))
-# (BN, BK, warps, stages) for M = 2..16, each with BM = the M bucket (at most 8) and 4
-ROWS_CONFIGS = ((32, 128, 4, 3, 1), (64, 128, 4, 3, 1), (32, 256, 4, 3, 1), (64, 64, 4, 4, 1))
+# (BN, BK, warps, stages) for M = 2..16 (BM = the M bucket, at most 8, and 4): none by default, since the H200 sweep
+# (bench/kernels/results/h200_sweep_gemv3.json) measured them at 0.32-0.43x bf16 at M=8, far behind the tensor cores
+ROWS_CONFIGS = ()
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
