@@ -136,7 +136,10 @@ def bench_cell(k, n, m, wts, log, top: int) -> dict:
             continue
         best, tune = _pick(("sweep", fam, m, n, k), cands, args)
         finite = sorted((t, name) for name, t in tune.items() if t != float("inf"))
-        names = [name for _, name in finite[:top]] or [best.name]
+        names = [name for _, name in finite[:top]] if DEV == "cuda" else [best.name]
+        if not names:  # every candidate failed (e.g. a kernel that declined this GPU)
+            cell[fam] = {"failed": True, "tune_ms": tune}
+            continue
         timed = {}
         for name in names:
             c = next(c for c in cands if c.name == name)
@@ -152,7 +155,7 @@ def bench_cell(k, n, m, wts, log, top: int) -> dict:
                      "n_candidates": len(cands), "tune_ms": tune}
     bf = cell["bf16"]
     fams = " | ".join(f"{fam} {bf / cell[fam]['graph_s']:.2f}x ({cell[fam]['best_graph']})"
-                      for fam in ("old", "gemv3", "mmv") if fam in cell)
+                      for fam in ("old", "gemv3", "mmv") if "graph_s" in cell.get(fam, {}))
     log(f"K={k:5d} N={n:5d} M={m:3d} bf16 {bf * 1e6:7.1f} us | {fams}"
         + (f" | tinygemm {bf / cell['tinygemm']:.2f}x" if "tinygemm" in cell else ""))
     return cell

@@ -184,7 +184,7 @@ if triton is not None:
         kc_n = K // 64
         wrow = (tile * kc_n * 32 + lane) * 4  # word offset of chunk 0, step 0 for this lane
         x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        xb = g * (stride_xm // 2) + 4 * q  # lane's first bf16 pair of row g in a chunk (int32 units)
+        xb = g * (stride_xm // 2) + 8 * q  # lane q's first bf16 pair of row g in a chunk (int32 units)
         xm = g < M
         e4 = tl.arange(0, 4)
         acc0 = tl.zeros((T,), tl.float32)
