@@ -2,6 +2,7 @@
 
     python bench/kernels/sass_report.py                  # needs triton (its bundled ptxas/cuobjdump), no GPU
     python bench/kernels/sass_report.py --gemv2-budget   # JSON: gemv2's K-loop instructions, plain vs PTX
+    python bench/kernels/sass_report.py --mmv-budget     # JSON: the MMA GEMV's K loop (instructions, HMMAs)
 
 For each kernel configuration: registers (ptxas), shared memory, and the SASS of the K loop (the longest
 backward-branch loop) as instructions per weight and an opcode histogram, so that instruction counts can be
@@ -104,6 +105,20 @@ def gemv2_budget() -> dict:
     return out
 
 
+def mmv_budget() -> dict:
+    """K-loop SASS of the MMA GEMV (4 warps, g128, bf16): instructions per weight and the MMAs in the loop."""
+    from hubquant_kernels import w4a16_mmv
+
+    types = dict(TYPES, qs_ptr="*i32")
+    k = compile_kernel(w4a16_mmv._w4a16_mmv_kernel, types,
+                       dict(GS=128, GB=128, ONE_GROUP=False, HAS_ZP=False, HAS_BIAS=False, W=4, SPLIT_K=4, FP16=False,
+                            MASK_X=True, STAGES=1), 4, 1)
+    body = loop_body(k)
+    ops = collections.Counter(_LINE.match(line).group(2).split(".")[0] for line in body)
+    return {"weights_per_thread": 128 * 16 / 32, "loop": len(body), "hmma": ops.get("HMMA", 0),
+            "ldg": ops.get("LDG", 0)}
+
+
 def main() -> None:
     from hubquant_kernels import w4a16_gemv, w4a16_tc
 
@@ -125,5 +140,7 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--gemv2-budget"]:
         print(json.dumps(gemv2_budget()))
+    elif sys.argv[1:] == ["--mmv-budget"]:
+        print(json.dumps(mmv_budget()))
     else:
         main()

@@ -257,9 +257,10 @@ def gemv3(x, qweight, scales, zeros, bias, y, gs, *, bn, bk, split_k, warps=4, s
 
 
 # (BN, BK, warps, stages, NT) offered by default at M=1; stages 1 is the register prefetch, >= 2 Triton's cp.async
-# pipeline with stages - 1 blocks in flight per program; NT = 2 tiles of BN columns side by side
-M1_CONFIGS = ((64, 128, 4, 4, 1), (64, 256, 4, 3, 1), (32, 256, 4, 4, 1), (128, 128, 4, 3, 1), (256, 64, 4, 4, 1),
-              (64, 256, 4, 1, 1), (64, 128, 4, 4, 2), (32, 256, 4, 3, 2))
+# pipeline (stages - 1 blocks in flight per program); NT = 2 tiles of BN columns side by side. The defaults are the
+# shapes that won a cell of the H200 sweeps (bench/kernels/results/h200_sweep_gemv3.json, h200_sweep_mmv2.json);
+# NT = 2 and deeper cp.async pipelines never did
+M1_CONFIGS = ((64, 512, 8, 1, 1), (32, 512, 4, 1, 1), (64, 256, 4, 1, 1), (64, 128, 4, 1, 1), (256, 64, 4, 3, 1))
 # (BN, BK, warps, stages) for M = 2..16 (BM = the M bucket, at most 8, and 4): none by default, since the H200 sweep
 # (bench/kernels/results/h200_sweep_gemv3.json) measured them at 0.32-0.43x bf16 at M=8, far behind the tensor cores
 ROWS_CONFIGS = ()

@@ -323,8 +323,12 @@ def _launch(x, qweight, scales, zeros, bias, y, gs, warps, split_k, stages):
     return y
 
 
-# (warps, split-K ways, stages); the chooser keeps the fastest per shape
-CONFIGS = tuple((w, s, st) for w in (4, 8, 2) for s in (1, 2, 3, 4, 6, 8, 12, 16) for st in (1, 3))
+# (warps, split-K ways, stages); the chooser keeps the fastest per shape. The H200 sweep
+# (bench/kernels/results/h200_sweep_mmv2.json) timed 2/4/8 warps, splits 1-16 and stages 1/3: Triton's cp.async
+# pipeline (stages 3) lost everywhere, 2 warps never won alone, and the winners used splits of 4-16 (the largest
+# offered on most shapes, so 24 and 32 are offered too)
+CONFIGS = tuple((w, s, 1) for w in (4, 8) for s in (1, 2, 4, 6, 8, 12, 16, 24, 32))
+SWEEP_CONFIGS = tuple((w, s, st) for w in (2, 4, 8) for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) for st in (1, 3))
 
 
 def enabled() -> bool:
@@ -338,7 +342,8 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
         return []
     gb, _ = _group_block(gs, k)
     out = []
-    for warps, split, stages in CONFIGS:
+    sweep = "1" in (os.environ.get("HUBQUANT_W4_SWEEP"), os.environ.get("HUBQUANT_W4_SWEEP_MMV"))
+    for warps, split, stages in SWEEP_CONFIGS if sweep else CONFIGS:
         progs = (n // 16) // warps
         if (n // 16) % warps or split > k // gb or progs * split > 4096 or (split > 1 and progs * split < 132):
             continue
