@@ -5,7 +5,9 @@ optional unsigned zero points [G, N]; symmetric codes use zero point 8), so
 ``W[k, n] = (u[k, n] - z[k // gs, n]) * s[k // gs, n]`` and ``y = x @ W (+ bias)``.
 
 Paths, chosen per shape (timed once per shape bucket on GPU):
-- GEMV (M <= 4): FMA over [BK, BN] tiles, split-K across programs, no tensor cores;
+- GEMV (M <= 4): FMA over [BK, BN] tiles, split-K across programs, no tensor cores (also w4a16_gemv's mantissa
+  codes and w4a16_gemv3's rotated codes at M=1);
+- tensor-core GEMV (M <= 8, w4a16_mmv): mma.sync with swapped operands on a shuffled copy of the codes;
 - tiled: tl.dot on dequantized [BK, BN] tiles, optional split-K for small M;
 - dequantize once into a bf16 [K, N] buffer + cuBLAS (large M, where the GEMM is compute-bound).
 Split-K programs add fp32 partial sums into a shared workspace; the last program of a tile (arrival counter)

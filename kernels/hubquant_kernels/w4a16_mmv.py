@@ -67,16 +67,18 @@ _SHUFFLED: dict[tuple, tuple] = {}
 
 
 def shuffled(qweight: torch.Tensor) -> torch.Tensor:
-    """`shuffle(qweight)`, made once per weight tensor and kept while that tensor lives (+1x its memory)."""
+    """`shuffle(qweight)`, made once per weight tensor and freed with it (one more copy of its packed bytes)."""
     key = (qweight.data_ptr(), tuple(qweight.shape), qweight.stride(0), qweight.device)
     hit = _SHUFFLED.get(key)
     if hit is not None and hit[0]() is qweight and hit[2] == qweight._version:
         return hit[1]
     qs = shuffle(qweight)
-    _SHUFFLED[key] = (weakref.ref(qweight), qs, qweight._version)
-    if len(_SHUFFLED) > 4096:  # drop entries whose weight is gone
-        for kk in [kk for kk, v in _SHUFFLED.items() if v[0]() is None]:
-            del _SHUFFLED[kk]
+
+    def _forget(ref, key=key):
+        if _SHUFFLED.get(key, (None,))[0] is ref:
+            del _SHUFFLED[key]
+
+    _SHUFFLED[key] = (weakref.ref(qweight, _forget), qs, qweight._version)
     return qs
 
 

@@ -83,3 +83,17 @@ def test_mmv_declines_what_it_cannot_do():
     _, qw, s, _, x, _ = _case(1, 72, 512, 128, False, torch.bfloat16, seed=1)
     with pytest.raises(UnsupportedError):
         w4a16_mmv.mmv(x, qw, s, None, None, torch.empty(1, 72, dtype=torch.bfloat16), 128)
+
+
+def test_mmv_shuffled_copy_lives_as_long_as_its_weight():
+    import gc
+
+    _, qw, *_ = _case(1, 32, 128, 64, False, torch.bfloat16, seed=2)
+    before = len(w4a16_mmv.held())
+    qs = w4a16_mmv.shuffled(qw)
+    assert len(w4a16_mmv.held()) == before + 1 and any(t is qs for t in w4a16_mmv.held())
+    qw.add_(0)  # an in-place change makes a new copy
+    assert w4a16_mmv.shuffled(qw) is not qs
+    del qw
+    gc.collect()
+    assert len(w4a16_mmv.held()) == before
