@@ -339,7 +339,7 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
                 fn=lambda *a, bm=bm, bn=bn, bk=bk, s=split, w=warps, st=stages:
                     _mm(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
     out += w4a16_gemv.candidates(m, n, k, gs)  # M=1: the only candidates
-    out += w4a16_gemv3.candidates(m, n, k, gs)  # M <= 16: rotated codes, pipelined loads, BM rows per program
+    out += w4a16_gemv3.candidates(m, n, k, gs)  # M=1 by default: rotated codes (BM rows per program in sweeps)
     out += w4a16_mmv.candidates(m, n, k, gs)  # M <= 8: tensor-core GEMV on shuffled weights
     if os.environ.get("HUBQUANT_W4_SWEEP") == "1":  # one wide GPU sweep (bench/kernels/h200.py --sweep)
         out += w4a16_tc.sweep_candidates(m, n, k, gs) if m <= 64 else []
