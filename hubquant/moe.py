@@ -287,11 +287,11 @@ def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: boo
 
 def pack_weight_only_int8(model: nn.Module, quantized: dict, scheme) -> None:
     """Mark every quantized Linear of a weight-only int8 (W8A16) mixture-of-experts variant to be written
-    `pack-quantized` (hubquant.formats.compressed_tensors.PACK_INT8), one format for the whole checkpoint:
+    `pack-quantized` (hubquant.quant.PACK_INT8), one format for the whole checkpoint:
     transformers 5.24 decompresses packed and FP8 experts only, and vLLM's MoE loader takes weight-only int8
     experts only packed (WNA16). W8A8 experts keep int8 `weight` tensors, which vLLM's W8A8 MoE path reads.
     Values of `quantized` that are not QuantizedWeights (names of Linears already written) are left alone."""
-    from hubquant.formats.compressed_tensors import PACK_INT8
+    from hubquant.quant import PACK_INT8
 
     w = scheme.weights
     if w.type != "int" or w.bits != 8 or scheme.activations is not None or not expert_modules(model):
@@ -519,7 +519,7 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
                  fmt: str = "compressed-tensors") -> str:
     """Markdown for the model card: expert coverage, routing statistics, what stayed float and why, what loads it
     (`fmt`: the checkpoint format; "mxfp4" is gpt-oss's own layout, which plain transformers loads)."""
-    from hubquant.formats.compressed_tensors import PACK_INT8
+    from hubquant.quant import PACK_INT8
 
     rep = report(model, quantized, policy)
     if rep is None:

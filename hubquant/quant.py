@@ -17,6 +17,8 @@ import torch
 from hubquant.errors import UsageError
 from hubquant.schemes import SCHEME_VERSION, ActivationScheme, QuantScheme, WeightScheme  # noqa: F401
 
+PACK_INT8 = "pack_int8"  # QuantizedWeight.extra key: write these 8-bit codes packed (`pack-quantized`)
+
 
 @dataclass
 class QuantizedWeight:

@@ -24,9 +24,7 @@ import torch
 from hubquant.errors import UsageError
 from hubquant.formats import ct_fp4
 from hubquant.formats.common import ignored_linears, method_options, write_model
-from hubquant.quant import QuantizedWeight, QuantScheme
-
-PACK_INT8 = "pack_int8"  # QuantizedWeight.extra key: write these 8-bit codes packed (`pack-quantized`)
+from hubquant.quant import PACK_INT8, QuantizedWeight, QuantScheme
 
 
 def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:

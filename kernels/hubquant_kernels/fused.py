@@ -79,7 +79,7 @@ def rope_to_cache_reference(qkv, cos, sin, positions, k_cache, v_cache, n_heads:
 if triton is not None:
 
     from hubquant_kernels.pack import _round_to_bf16
-    from hubquant_kernels.w8a8 import _quant_tile, _row_scale
+    from hubquant_kernels.w8_tiles import _quant_tile, _row_scale
 
     @triton.jit
     def _round_to(v, ROUND: tl.constexpr):

@@ -26,7 +26,7 @@ MAX_M = 4  # one-launch candidates up to this many rows (the row maxima cost one
 
 if triton is not None:
     from hubquant_kernels.splitk import store_or_reduce as _store_or_reduce
-    from hubquant_kernels.w8a8 import _int_split_epilogue, _quant_tile, _row_scale
+    from hubquant_kernels.w8_tiles import _int_split_epilogue, _quant_tile, _row_scale
 
     @triton.jit
     def _row_maxima(x_ptr, row0, M, K, stride_xm, BM: tl.constexpr, BKA: tl.constexpr = 2048):

@@ -334,8 +334,9 @@ SWEEP_CONFIGS = tuple((w, s, st) for w in (2, 4, 8) for s in (1, 2, 3, 4, 6, 8, 
 
 
 def enabled() -> bool:
-    """HUBQUANT_MMV=0 leaves these candidates out."""
-    return os.environ.get("HUBQUANT_MMV", "1") != "0"
+    """HUBQUANT_MMV=1 offers these candidates; off by default, as each weight they run on keeps a shuffled copy
+    (one more copy of its packed bytes on the GPU)."""
+    return os.environ.get("HUBQUANT_MMV", "0") == "1"
 
 
 def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:

@@ -22,7 +22,8 @@ def interpreted_kernels():
     import hubquant_kernels.w4a16 as w4
 
     if not isinstance(w4._w4a16_gemv_kernel, InterpretedFunction):
-        for name in ("hubquant_kernels.pack", "hubquant_kernels.w4a16", "hubquant_kernels.w4a16_gemv",
+        for name in ("hubquant_kernels.pack", "hubquant_kernels.w8_tiles", "hubquant_kernels.w4a16",
+                     "hubquant_kernels.w4a16_gemv",
                      "hubquant_kernels.w8a8", "hubquant_kernels.fp8", "hubquant_kernels.fused",
                      "hubquant_kernels.w4a16_tc", "hubquant_kernels.fp4", "hubquant_kernels.quant_mm",
                      "hubquant_kernels.w4a16_gemv3", "hubquant_kernels.w4a16_mmv"):

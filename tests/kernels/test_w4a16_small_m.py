@@ -64,8 +64,10 @@ def test_mmv_shuffle_layout():
 
 @pytest.mark.parametrize("m,gs,asym,dtype", [(1, 128, False, torch.bfloat16), (5, 64, True, torch.float16),
                                              (8, -1, True, torch.bfloat16)])
-def test_mmv_candidates_through_the_entry_point(m, gs, asym, dtype):
+def test_mmv_candidates_through_the_entry_point(m, gs, asym, dtype, monkeypatch):
     n, k = 64, 512
+    assert w4a16_mmv.candidates(m, n, k, k if gs == -1 else gs) == []  # off by default (a shuffled copy each)
+    monkeypatch.setenv("HUBQUANT_MMV", "1")
     _, qw, s, z, x, b = _case(m, n, k, gs, asym, dtype, seed=m)
     gsz = k if gs == -1 else gs
     exact = x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
@@ -76,7 +78,8 @@ def test_mmv_candidates_through_the_entry_point(m, gs, asym, dtype):
     assert w4a16_mmv.shuffled(qw) is w4a16_mmv.shuffled(qw)  # made once per weight tensor
 
 
-def test_mmv_declines_what_it_cannot_do():
+def test_mmv_declines_what_it_cannot_do(monkeypatch):
+    monkeypatch.setenv("HUBQUANT_MMV", "1")
     assert w4a16_mmv.candidates(9, 64, 512, 128) == []  # M > 8
     assert w4a16_mmv.candidates(1, 72, 512, 128) == []  # N % 16
     assert w4a16_mmv.candidates(1, 64, 512, 32) == []  # groups of 32
