@@ -223,10 +223,12 @@ class LayerWork:
         """
         todo = [n for n in (names if names is not None else self.linears)]
         if len(self.inputs) == 1:
-            # (weak reference to the input tensor, its stats): the layer frees each input once its Linears ran
+            # (weak reference to the input tensor, its stats): the layer frees each input once its Linears ran,
+            # and the stats of a freed input are dropped (a method may key its per-input work on them)
             inputs: list[tuple[weakref.ref, LinearStats]] = []
 
             def hook(name, x):
+                inputs[:] = [(t, s) for t, s in inputs if t() is not None]
                 st = next((s for t, s in inputs if t() is x), None)
                 if st is None:
                     acc = _StatsAccumulator([name], hessian=True, dtype=dtype, scratch=self.scratch)
@@ -432,10 +434,8 @@ def _move_non_layers(model: nn.Module, layers: nn.ModuleList, device) -> nn.Modu
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+    if isinstance(obj, (tuple, list)):
+        return (tuple if isinstance(obj, tuple) else list)(_to(o, device) for o in obj)
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     return obj

@@ -14,6 +14,7 @@ loop; llm-compressor uses plain min-max).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -70,9 +71,14 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor
         if info.item() == 0:
             torch.cholesky_inverse(buf, out=buf)
             torch.linalg.cholesky_ex(buf, upper=True, out=(buf, info))
-            if info.item() == 0 and torch.isfinite(buf).all():
+            if info.item() == 0 and _all_finite(buf):
                 return buf, d
     raise CholeskyFailed(f"Hessian not positive definite with damping up to {damp * DAMP_RETRIES[-1]:g}")
+
+
+def _all_finite(t: torch.Tensor, rows: int = 256) -> bool:
+    """torch.isfinite(t).all(), a few rows at a time (on a whole [in, in] matrix its temporaries are 1.5 x t)."""
+    return all(bool(torch.isfinite(t[i: i + rows]).all()) for i in range(0, t.shape[0], rows))
 
 
 def _block_step(w1, hinv1, cs, cz, q1, err1, scale1, zp1, *, gs_dyn: int, bits: int, symmetric: bool,
@@ -150,8 +156,8 @@ def prepare_hessian(hessian: torch.Tensor, scheme: WeightScheme, *, damp: float 
     Raises:
         CholeskyFailed: the Hessian stays singular with the largest damping.
     """
-    h = hessian.detach().float()
-    h = h if (inplace and h is hessian) else h.clone()
+    own = inplace and hessian.dtype == torch.float32 and not hessian.requires_grad
+    h = hessian if own else hessian.detach().float().clone()  # (a detached view is another object: test the dtype)
     in_f = h.shape[0]
     gs = in_f if scheme.group_size == -1 else scheme.group_size
     dead = torch.diag(h) == 0
@@ -173,9 +179,27 @@ def clip_ratios(w: torch.Tensor, blocks: torch.Tensor, scheme: WeightScheme, *, 
     """Per (row, group) range-shrink ratio minimising that group's rounding error d^T H_gg d.
 
     The search of `hubquant.methods.awq.search_clip` (same candidates, same float32 arithmetic, same
-    result), laid out group-major so each candidate is one batched GEMM over contiguous memory.
+    result), laid out group-major so each candidate is one batched GEMM over contiguous memory. In host memory
+    a few groups at a time (each group's search is independent; its three [groups, out, gs] temporaries stay
+    near CLIP_CHUNK_ELEMENTS each instead of the weight's size).
     w: [out, in] float32; blocks: [n_groups, gs, gs]. Returns ratios [out, n_groups].
     """
+    out_f = w.shape[0]
+    ng, gs = blocks.shape[0], blocks.shape[1]
+    step = ng if w.is_cuda else max(1, CLIP_CHUNK_ELEMENTS // (out_f * gs))
+    best = torch.empty(ng, out_f, device=w.device)
+    for g0 in range(0, ng, step):
+        g1 = min(ng, g0 + step)
+        best[g0:g1] = _clip_search(w[:, g0 * gs: g1 * gs], blocks[g0:g1], scheme, grid, min_ratio)
+    return best.T
+
+
+CLIP_CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 per temporary of the host clip search
+
+
+def _clip_search(w: torch.Tensor, blocks: torch.Tensor, scheme: WeightScheme, grid: int,
+                 min_ratio: float) -> torch.Tensor:
+    """clip_ratios on the groups of `w` [out, ng * gs]; returns [ng, out]."""
     out_f = w.shape[0]
     ng, gs = blocks.shape[0], blocks.shape[1]
     g = w.reshape(out_f, ng, gs).transpose(0, 1).contiguous()  # [ng, out, gs]
@@ -203,7 +227,7 @@ def clip_ratios(w: torch.Tensor, blocks: torch.Tensor, scheme: WeightScheme, *, 
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio.masked_fill_(better, ratio)
-    return best_ratio.T
+    return best_ratio
 
 
 def _block_static(wt, hinv1, cst, czt, qt, errt, *, qmin: int, qmax: int) -> None:
@@ -260,7 +284,7 @@ def gptq_quantize(
     Raises:
         CholeskyFailed: the Hessian stays singular with the largest damping.
     """
-    w = weight.detach().float().clone()
+    w = weight.detach().to(torch.float32, copy=True)  # one float32 copy (not a cast and then a clone)
     out_f, in_f = w.shape
     dev = w.device
     gs = in_f if scheme.group_size == -1 else scheme.group_size
@@ -288,11 +312,12 @@ def gptq_quantize(
     group_of = (perm if perm is not None else torch.arange(in_f, device=dev)) // gs
 
     block = block_size if static else max(gs, (block_size // gs) * gs)  # dynamic groups never straddle blocks
-    codes = torch.empty(out_f, in_f, dtype=torch.float32, device=dev)
     kw = dict(gs_dyn=0 if static else gs, bits=scheme.bits, symmetric=scheme.symmetric, qmin=scheme.qmin,
               qmax=scheme.qmax, scale_dtype=scale_dtype)
     use_graph = cuda_graphs and dev.type == "cuda"
     fast = static and not use_graph
+    small = fast and -128 <= scheme.qmin and scheme.qmax <= 127  # the integer codes fit int8 exactly
+    codes = torch.empty(out_f, in_f, dtype=torch.int8 if small else torch.float32, device=dev)
     scale_f = scale.float()
     zp_f = None if zp is None else zp.float()
     loss = torch.zeros((), device=dev)
@@ -446,14 +471,18 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
             gscales.clear()
             gscales.update(fp4.fused_global_scales({n: lin.weight for n, lin in work.linears.items()}))
         if opts["true_sequential"]:
-            preps: dict[int, tuple[LinearStats, HessianPrep]] = {}  # Linears reading one input share its prep
+            # Linears reading one input share its prep; an entry goes once the engine drops that input's stats
+            # (the layer freed the input tensor): its factor is not kept for the rest of the layer
+            preps: dict[int, tuple[weakref.ref, HessianPrep]] = {}
 
             def on_group(names: list[str], st: LinearStats) -> None:
+                for k in [k for k, (ref, _) in preps.items() if ref() is None]:
+                    del preps[k]
                 known = preps.get(id(st))
                 prep = known[1] if known else prepare(names, st)
                 quantize(work, names, None, prep)
                 if len(work.inputs) == 1:  # the Linears reading this input come one call each: they share the prep
-                    preps[id(st)] = (st, prep)
+                    preps[id(st)] = (weakref.ref(st), prep)
 
             work.sequential(on_group)
             return
