@@ -3,6 +3,7 @@ Hessians freed group by group (allocation accounting on the CPU; the GPU figures
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
@@ -161,3 +162,84 @@ def test_rtn_row_blocks_and_packing_same_bytes():
         assert torch.equal(lin.weight.data, deq)
         q = torch.randint(-4, 4, (2 * PACK_ROWS + 3, 96), dtype=torch.int8)
         assert torch.equal(pack_int32(q, ws.bits), pack_to_int32(q, ws.bits, packed_dim=1))
+
+
+def _squares(n: int, exclude=()) -> int:
+    """Distinct float32 [n, n] storages alive (besides `exclude`'s)."""
+    gc.collect()
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    return len({t.untyped_storage().data_ptr() for t in gc.get_objects()
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == (n, n)
+                and t.untyped_storage().data_ptr() not in skip})
+
+
+def test_prepare_hessian_in_place_keeps_one_hessian(monkeypatch):
+    """prepare_hessian(inplace=True) works in the caller's Hessian (no copy of it): while the factor is computed,
+    the Hessian is the only [in, in] matrix besides the factor's buffer; the factor has the copying call's bits."""
+    h = _spd(320, 3)
+    ref = gptq_mod.prepare_hessian(h.clone(), SCHEME.weights, clip=True)
+    seen = []
+    orig = gptq_mod.inverse_hessian_cholesky
+
+    def spy(hh, damp):
+        seen.append(_squares(320, exclude=[ref.hinv]))
+        return orig(hh, damp)
+
+    monkeypatch.setattr(gptq_mod, "inverse_hessian_cholesky", spy)
+    got = gptq_mod.prepare_hessian(h, SCHEME.weights, clip=True, inplace=True)
+    assert seen == [1]
+    assert torch.equal(got.hinv, ref.hinv) and torch.equal(got.perm, ref.perm) and torch.equal(got.blocks, ref.blocks)
+
+
+def _peak_bytes(fn) -> int:
+    """Growth of this process's peak resident size while `fn` runs (Linux: VmHWM reset through clear_refs)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * page
+    fn()
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    return hwm - before
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's VmHWM reset")
+def test_factor_and_clip_search_temporaries_stay_small():
+    """The host-memory peak of the inverse factor (Hessian of a 4096-wide input) and of the clip search (a
+    2048 x 5632 weight, the down projection of a 1B model) beyond their inputs: the factor's buffer plus under
+    a third of it (checking the factor for inf/NaN a few rows at a time), and the clip search's temporaries
+    about one weight-sized buffer (a few groups at a time; the whole weight at once needed three)."""
+    n = 4096
+    x = torch.randn(n + 64, n, generator=torch.Generator().manual_seed(0))
+    h = x.T @ x / n
+    del x
+    grew = _peak_bytes(lambda: gptq_mod.inverse_hessian_cholesky(h, 0.01))
+    assert grew < 1.4 * h.numel() * 4, grew / 1e6
+    w = torch.randn(2048, 5632, generator=torch.Generator().manual_seed(1))
+    blocks = torch.randn(44, 128, 128, generator=torch.Generator().manual_seed(2))
+    blocks = blocks @ blocks.mT
+    scheme = WeightScheme(bits=4, group_size=128)
+    ratios = []
+    grew = _peak_bytes(lambda: ratios.append(gptq_mod.clip_ratios(w, blocks, scheme)))
+    assert grew < 1.6 * w.numel() * 4, grew / 1e6
+    whole = gptq_mod._clip_search(w, blocks, scheme, gptq_mod.CLIP_GRID, gptq_mod.CLIP_MIN_RATIO).T
+    assert torch.equal(ratios[0], whole)  # the same ratios as the search over every group at once
+
+
+def test_true_sequential_drops_factors_of_freed_inputs(monkeypatch):
+    """One calibration batch: when down_proj is quantized, the factors of q/k/v's and o_proj's inputs (freed by
+    the layer) are gone; only gate/up's remains (the MLP still holds its input)."""
+    alive = []
+    orig = gptq_mod.gptq_quantize
+    model = tiny_model("llama", vocab=1000, layers=1, hidden=64, intermediate=256)
+    params = list(model.parameters())
+
+    def spy(w, h, scheme, **kw):
+        if w.shape[1] == 256:  # down_proj
+            alive.append(_squares(64, exclude=params))
+        return orig(w, h, scheme, **kw)
+
+    monkeypatch.setattr(gptq_mod, "gptq_quantize", spy)
+    gptq_mod.run(model, QuantJob(scheme=SCHEME, calib=_calib(), progress=False))
+    assert alive == [1]
