@@ -1,6 +1,8 @@
 """docs/memory.md and docs/img/memory.svg from bench/memory/run.py's results.
 
-    python bench/memory/report.py bench/memory/results/*.json    # several runs' rows in one table
+    python bench/memory/report.py bench/memory/results/*.json    # several runs' rows in one table (a later file's
+                                                                 # row replaces an earlier one of the same size, case
+                                                                 # and path)
     python bench/memory/report.py RUNS.json --gpu bench/memory/results/gpu-70b.json   # with the GPU section
 
 The GPU section comes from `python bench/quantize_speed/run.py --config 70b --layers 2 --methods gptq --no-save
@@ -159,11 +161,16 @@ def main() -> None:
         gpu = Path(args[i + 1])
         args = args[:i] + args[i + 2:]
     runs = [json.loads(Path(p).read_text()) for p in args]
-    meta = dict(runs[0]["meta"])
-    meta["command"] = "\n".join(r["meta"]["command"] for r in runs)
-    dates = sorted(r["meta"]["date"] for r in runs)
+    latest: dict = {}  # (size, case, path) -> (run index, row): a later run's row replaces an earlier one's
+    for i, r in enumerate(runs):
+        for row in r["rows"]:
+            latest[(row["size_gb"], row["case"], row["streaming"])] = (i, row)
+    used = sorted({i for i, _ in latest.values()})  # runs with a row in the table
+    meta = dict(runs[used[0]]["meta"])
+    meta["command"] = "\n".join(runs[i]["meta"]["command"] for i in used)
+    dates = sorted(runs[i]["meta"]["date"] for i in used)
     meta["date"] = dates[0] if len(set(dates)) == 1 else f"from {dates[0]} to {dates[-1]}"
-    rows = [row for r in runs for row in r["rows"]]
+    rows = [row for _, row in latest.values()]
     write_report(meta, rows, ROOT / "docs" / "memory.md", ROOT / "docs" / "img" / "memory.svg", gpu)
 
 
