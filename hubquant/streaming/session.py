@@ -20,6 +20,7 @@ from hubquant.formats.shards import ShardWriter
 from hubquant.modeling import decoder_layers, layers_prefix, quantizable_linears
 from hubquant.streaming.activations import EvalStreams, evaluate_streams, leak_rates
 from hubquant.streaming.checkpoint import Weights
+from hubquant.streaming.switch import trim_heap
 
 
 class Session:
@@ -61,6 +62,7 @@ class Session:
         modules = [(f"{name}.{n}" if n else name, m) for n, m in layer.named_modules()]
         self.write_part(state, quantized, modules)
         self.weights.release(layer)
+        trim_heap()
         if index == len(decoder_layers(self.weights.model)) - 1:
             self.layers_done()
 

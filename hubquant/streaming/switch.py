@@ -80,3 +80,13 @@ def return_freed_memory() -> None:
         return
     libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks >= 1 MiB are mmapped and unmapped on free
     libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+
+
+def trim_heap() -> None:
+    """Give the free pages inside glibc's heap back to the OS (malloc_trim): the small blocks of each layer's work
+    (Python objects, tensors under 1 MiB) leave holes that the heap keeps resident, and with GPTQ's churn they
+    grew the resident size by about 0.1 GB over 50 layers. Called after each streamed layer (a few ms)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
