@@ -471,9 +471,7 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
             gscales.clear()
             gscales.update(fp4.fused_global_scales({n: lin.weight for n, lin in work.linears.items()}))
         if opts["true_sequential"]:
-            # Linears reading one input share its prep; an entry goes once the engine drops that input's stats
-            # (the layer freed the input tensor): its factor is not kept for the rest of the layer
-            preps: dict[int, tuple[weakref.ref, HessianPrep]] = {}
+            preps: dict[int, tuple[weakref.ref, HessianPrep]] = {}  # per input, while the layer keeps the input
 
             def on_group(names: list[str], st: LinearStats) -> None:
                 for k in [k for k, (ref, _) in preps.items() if ref() is None]:
