@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.memory.peak import run_cli  # noqa: E402
+from bench.memory.peak import run_cli, safetensors_sha256  # noqa: E402
 from bench.memory.run import hardware  # noqa: E402
 
 # Qwen3-30B-A3B's proportions at a quarter of its width: 64 experts of 512 (top-8), 16 query / 4 KV heads of 64
@@ -106,15 +105,10 @@ def convert(folder: Path, case: str, streaming: str, out: Path, env: dict) -> di
     rc, peak = run_cli(args, env=env, cwd=ROOT, log=log)
     if rc != 0:
         raise RuntimeError(f"hubquant {' '.join(args)} failed:\n{log.read_text(errors='replace')[-3000:]}")
-    digest = hashlib.sha256()
-    for f in sorted(out.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                digest.update(chunk)
     prov = json.loads((out / "hubquant.json").read_text())
     moe = prov.get("moe", {})
     return {"case": case, "streaming": streaming, "peak_rss_bytes": peak, "wall_s": round(time.time() - t0, 1),
-            "sha256": digest.hexdigest(), "size_bytes": prov.get("metrics", {}).get("size_bytes"),
+            "sha256": safetensors_sha256(out), "size_bytes": prov.get("metrics", {}).get("size_bytes"),
             "expert_linears": moe.get("expert_linears"),
             "expert_linears_quantized": moe.get("expert_linears_quantized"),
             "command": "hubquant " + " ".join(args[:1] + ["MODEL"] + args[2:]).replace(str(out), "OUT")}

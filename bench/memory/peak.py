@@ -6,6 +6,7 @@ exec: the wrapper below reads it when the CLI exits.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -36,3 +37,13 @@ def run_cli(args: list[str], *, env: dict, cwd: Path, log: Path) -> tuple[int, i
         return rc, int(text) * 1024 if text else 0
     finally:
         os.unlink(hwm_file)
+
+
+def safetensors_sha256(folder: Path) -> str:
+    """One sha256 over the output's safetensors files in name order (equal digests: the same bytes)."""
+    digest = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.memory.peak import run_cli  # noqa: E402
+from bench.memory.peak import run_cli, safetensors_sha256  # noqa: E402
 
 COMMON = ["--calib-dataset", "fortunes", "--eval-dataset", "lee-news", "--eval-windows", "4", "--eval-seq-len", "256",
           "--group-size", "128", "--quiet"]
@@ -64,14 +63,9 @@ def run_convert(repo: str, case: str, streaming: str, out: Path, env: dict) -> d
     wall = time.time() - t0
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{logf.read_text(errors='replace')[-3000:]}")
-    digest = hashlib.sha256()
-    for f in sorted(out.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                digest.update(chunk)
     prov = json.loads((out / "hubquant.json").read_text())
     return {"case": case, "method": method, "streaming": streaming, "peak_rss_bytes": peak, "wall_s": round(wall, 1),
-            "sha256": digest.hexdigest(), "metrics": prov.get("metrics", {}), "timings": prov.get("timings_s", {}),
+            "sha256": safetensors_sha256(out), "metrics": prov.get("metrics", {}), "timings": prov.get("timings_s", {}),
             "command": "hubquant convert REPO " + " ".join(cmd[cmd.index("--method"):])}
 
 
