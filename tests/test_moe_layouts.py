@@ -24,6 +24,16 @@ def quantize(model, method: str, scheme: QuantScheme):
     return moe_pipeline.quantize_with_policy(model, job, spec.load(), log=lambda m: None)
 
 
+def assert_fused_experts_equal(model, loaded) -> None:
+    """transformers fused exactly hubquant's dequantized experts: every expert's gate/up and down, bit for bit."""
+    for name, experts in moe.expert_modules(model).items():
+        fused = loaded.get_submodule(name)
+        for i, mlp in enumerate(experts):
+            gate, up, down = mlp.projections()
+            assert torch.equal(fused.gate_up_proj[i], torch.cat([gate.weight, up.weight]))
+            assert torch.equal(fused.down_proj[i], down.weight)
+
+
 def written(arch: str, method: str, scheme: QuantScheme, tmp_path, dtype=torch.float32):
     """(float logits, model after the method, quantized dict) with the variant written to tmp_path."""
     model = moe_model(arch).to(dtype)
@@ -57,12 +67,7 @@ def test_mxfp4a16_experts_load_with_plain_transformers(arch, method, tmp_path):
     assert scale.shape[1] == hidden // 32
     assert not any(k.startswith(f"model.layers.1.{block}.gate.weight_") for k in f.keys())  # router float
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    for name, experts in moe.expert_modules(model).items():  # transformers fused exactly our dequantized experts
-        fused = loaded.get_submodule(name)
-        for i, mlp in enumerate(experts):
-            gate, up, down = mlp.projections()
-            assert torch.equal(fused.gate_up_proj[i], torch.cat([gate.weight, up.weight]))
-            assert torch.equal(fused.down_proj[i], down.weight)
+    assert_fused_experts_equal(model, loaded)
     out = logits(loaded)
     assert sqnr_db(deq, out) > 38  # bf16: transformers multiplies fused gate/up, hubquant the halves
     assert sqnr_db(ref, deq) > 10 and sqnr_db(ref, out) > 10
@@ -138,12 +143,7 @@ def test_w8a16_experts_load_with_plain_transformers(arch, method, group_size, tm
     assert packed.dtype == torch.int32 and packed.shape[1] * 4 == model.config.hidden_size
     assert f.get_tensor("model.layers.1.self_attn.q_proj.weight_packed").dtype == torch.int32  # one format
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    for name, experts in moe.expert_modules(model).items():  # transformers fused exactly our dequantized experts
-        fused = loaded.get_submodule(name)
-        for i, mlp in enumerate(experts):
-            gate, up, down = mlp.projections()
-            assert torch.equal(fused.gate_up_proj[i], torch.cat([gate.weight, up.weight]))
-            assert torch.equal(fused.down_proj[i], down.weight)
+    assert_fused_experts_equal(model, loaded)
     deq = logits(model)
     assert sqnr_db(deq, logits(loaded)) > 60 and sqnr_db(ref, deq) > 25
     assert "from_pretrained` (transformers fuses the experts again)" in moe.card_section(model, quantized, None)
