@@ -545,7 +545,9 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
     if fmt == "gguf":
         pass  # the GGUF section lists the llama.cpp / Ollama commands
     elif fmt == "mxfp4":
-        lines.append("- Loading: plain `AutoModelForCausalLM.from_pretrained` (gpt-oss's own MXFP4 layout) or vLLM.")
+        lines.append("- Loading: plain `AutoModelForCausalLM.from_pretrained` (gpt-oss's own MXFP4 layout) or vLLM. "
+                     "Offline or without a GPU, pass `quantization_config=Mxfp4Config(dequantize=True)` (transformers "
+                     "5.25 and later otherwise fetch gpt-oss's MXFP4 kernels from the Hub).")
     elif int8 and model_type(model) not in NO_TRANSFORMERS_MAPPING:
         lines.append(f"- Loading: `hubquant.load(path)` runs this variant. {INT8_EXPERTS_REASON}.")
     elif ws is not None and model_type(model) not in NO_TRANSFORMERS_MAPPING:

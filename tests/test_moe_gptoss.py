@@ -185,7 +185,7 @@ def test_gpt_oss_mxfp4_layout_loads_with_plain_transformers(method, tmp_path):
     """--format mxfp4: experts as gpt-oss's own blocks and E8M0 scales, attention float; plain from_pretrained
     (transformers dequantizes MXFP4 on CPU) computes what hubquant's dequantized model computes."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, Mxfp4Config
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     from hubquant import moe_pipeline
@@ -218,7 +218,10 @@ def test_gpt_oss_mxfp4_layout_loads_with_plain_transformers(method, tmp_path):
     assert torch.equal(tensors[f"{key}.gate_up_proj_bias"][5][1::2], e5.up_proj.bias)
     q_ref = ref_model.model.layers[1].self_attn.q_proj.weight
     assert torch.equal(tensors["model.layers.1.self_attn.q_proj.weight"], q_ref)  # float, untouched
-    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    # transformers >= 5.25 installs `kernels` and then fetches gpt-oss's MXFP4 kernels from the Hub; offline, on CPU,
+    # dequantize=True is the documented load (what earlier versions did by themselves without `kernels`)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True,
+                                                        quantization_config=Mxfp4Config(dequantize=True))
     assert not info["missing_keys"] and not info["unexpected_keys"]
     out = logits(loaded)
     assert sqnr_db(deq, out) > 60
