@@ -208,7 +208,8 @@ def _serve(args) -> int:
         pool = WorkerPool(db, n_workers, WorkerOptions(lease_s=lease, job_timeout_s=job_timeout)).start()
         cleanup.append(pool.stop)
         print(f"{pool.n} local worker(s)" + (f", one per GPU ({pool.gpus})" if pool.gpus else ""), file=sys.stderr)
-    print(f"hubquant service on http://{args.host}:{args.port} (queue {db})", file=sys.stderr, flush=True)
+    sys.stderr.write(f"hubquant service on http://{args.host}:{args.port} (queue {db})\n")  # one write (threads)
+    sys.stderr.flush()
     try:
         from hubquant.localhub.serving import uvicorn_config
 

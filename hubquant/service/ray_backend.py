@@ -155,7 +155,8 @@ class RayBackend:
 
     def run(self, stop: threading.Event) -> None:
         """Dispatch until `stop` is set."""
-        print(self.describe(), file=sys.stderr, flush=True)
+        sys.stderr.write(self.describe() + "\n")  # one write: print() sends the newline apart, so another
+        sys.stderr.flush()  # thread's line could land between them
         while not stop.is_set():
             self.step(wait_s=self.opts.poll_s)
 
