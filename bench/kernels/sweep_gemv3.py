@@ -46,17 +46,22 @@ MMV_CASES = [(1, 256, 1024, 128, False, torch.bfloat16), (3, 528, 2048, 64, True
              (1, 4096, 14336, 128, True, torch.bfloat16), (2, 128, 512, 256, False, torch.float16)]
 
 
+def _problem(g, m, n, k, gs, asym, dt):
+    """A seeded random W4A16 problem and its float64 product: (group, qweight, scales, zeros, x, bias, ref)."""
+    gsz = k if gs == -1 else gs
+    qw = pack.pack_kn(torch.randint(0, 16, (k, n), device=DEV, generator=g))
+    s = (torch.rand(k // gsz, n, device=DEV, generator=g) * 0.02 + 1e-3).to(dt)
+    z = torch.randint(0, 16, (k // gsz, n), device=DEV, generator=g).to(torch.uint8) if asym else None
+    x = torch.randn(m, k, device=DEV, generator=g).to(dt)
+    b = torch.randn(n, device=DEV, generator=g).to(dt)
+    return gsz, qw, s, z, x, b, x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
+
+
 def mmv_checks(g) -> list[dict]:
     """Every third MMA GEMV configuration per case (warps, split-K, pipeline depth) against float64."""
     out = []
     for (m, n, k, gs, asym, dt) in MMV_CASES if DEV == "cuda" else MMV_CASES[:2]:
-        gsz = k if gs == -1 else gs
-        qw = pack.pack_kn(torch.randint(0, 16, (k, n), device=DEV, generator=g))
-        s = (torch.rand(k // gsz, n, device=DEV, generator=g) * 0.02 + 1e-3).to(dt)
-        z = torch.randint(0, 16, (k // gsz, n), device=DEV, generator=g).to(torch.uint8) if asym else None
-        x = torch.randn(m, k, device=DEV, generator=g).to(dt)
-        b = torch.randn(n, device=DEV, generator=g).to(dt)
-        ref = x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
+        gsz, qw, s, z, x, b, ref = _problem(g, m, n, k, gs, asym, dt)
         for c in w4a16_mmv.candidates(m, n, k, gsz)[::3]:
             y1 = torch.full((m, n), float("nan"), dtype=dt, device=DEV)
             try:
@@ -78,13 +83,7 @@ def checks(log, mmv_only: bool = False) -> list[dict]:
              (5, 264, 2048, 128, True, torch.bfloat16), (16, 1024, 4096, 128, False, torch.float16),
              (1, 520, 1024, 64, True, torch.float16)]
     for (m, n, k, gs, asym, dt) in [] if mmv_only else cases if DEV == "cuda" else cases[:3]:
-        gsz = k if gs == -1 else gs
-        qw = pack.pack_kn(torch.randint(0, 16, (k, n), device=DEV, generator=g))
-        s = (torch.rand(k // gsz, n, device=DEV, generator=g) * 0.02 + 1e-3).to(dt)
-        z = torch.randint(0, 16, (k // gsz, n), device=DEV, generator=g).to(torch.uint8) if asym else None
-        x = torch.randn(m, k, device=DEV, generator=g).to(dt)
-        b = torch.randn(n, device=DEV, generator=g).to(dt)
-        ref = x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
+        gsz, qw, s, z, x, b, ref = _problem(g, m, n, k, gs, asym, dt)
         for cfg in CHECK_CONFIGS:
             for asm in (True, False) if DEV == "cuda" and cfg is CHECK_CONFIGS[0] else (DEV == "cuda",):
                 y1 = torch.full((m, n), float("nan"), dtype=dt, device=DEV)
