@@ -17,15 +17,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_gemv2_ptx_dequantization_cuts_instructions_per_weight():
+def _sass_report(flag: str) -> dict:
+    """The last JSON line of `bench/kernels/sass_report.py FLAG` (compiled for sm_90 on the CPU; skips without
+    Triton's bundled ptxas/cuobjdump)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels" / "sass_report.py"), "--gemv2-budget"],
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels" / "sass_report.py"), flag],
                        capture_output=True, text=True, env=env, timeout=600)
     if r.returncode != 0 and ("ptxas" in r.stderr or "cuobjdump" in r.stderr):
         pytest.skip(f"cannot compile for sm_90 here: {r.stderr[-300:]}")
     assert r.returncode == 0, r.stderr[-2000:]
-    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_gemv2_ptx_dequantization_cuts_instructions_per_weight():
+    counts = _sass_report("--gemv2-budget")
     assert counts["ptx"] / counts["weights_per_thread"] < 5.0, counts
     assert counts["ptx"] < 0.92 * counts["plain"], counts
 
@@ -33,14 +39,7 @@ def test_gemv2_ptx_dequantization_cuts_instructions_per_weight():
 def test_mmv_loop_is_tensor_core_mma_with_few_instructions_per_weight():
     """The MMA GEMV's K loop: one HMMA per 8 weights a lane holds, 16-byte loads, < 3.5 instructions a weight
     (the rotated-code FMA GEMV needs ~3.8, gemv2 ~4.2)."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels" / "sass_report.py"), "--mmv-budget"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    if r.returncode != 0 and ("ptxas" in r.stderr or "cuobjdump" in r.stderr):
-        pytest.skip(f"cannot compile for sm_90 here: {r.stderr[-300:]}")
-    assert r.returncode == 0, r.stderr[-2000:]
-    c = json.loads(r.stdout.strip().splitlines()[-1])
+    c = _sass_report("--mmv-budget")
     assert c["hmma"] == c["weights_per_thread"] / 8, c
     assert c["loop"] / c["weights_per_thread"] < 3.5, c
     assert c["ldg"] <= 8, c  # per 64 weights a lane: 2 x 16 B of codes, 4 x 16 B of x, 2 scales
