@@ -75,11 +75,13 @@ def layers_prefix(model: nn.Module) -> str:
 def quantizable_linears(module: nn.Module, ignore=DEFAULT_IGNORE, prefix: str = "") -> dict[str, nn.Linear]:
     """Linear sub-modules of `module` not matched by `ignore`, keyed by full module name.
 
-    Routers, shared-expert gates and vision towers (FLOAT_PATTERNS) always stay float."""
+    Routers, shared-expert gates and vision towers (FLOAT_PATTERNS, and the routers hubquant.moe_arch.mark_routers
+    marks) always stay float."""
     out = {}
     for name, mod in module.named_modules():
         full = f"{prefix}.{name}" if prefix and name else (prefix or name)
-        if isinstance(mod, nn.Linear) and not matches_any(full, ignore) and not matches_any(full, FLOAT_PATTERNS):
+        if isinstance(mod, nn.Linear) and not matches_any(full, ignore) and not matches_any(full, FLOAT_PATTERNS) \
+                and not getattr(mod, "hubquant_float", False):  # a router hubquant.moe_arch found
             out[full] = mod
     return out
 

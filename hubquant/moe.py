@@ -31,40 +31,12 @@ from torch import nn
 
 from hubquant.errors import UnsupportedError, UsageError
 from hubquant.modeling import FLOAT_PATTERNS, is_float_module  # noqa: F401  (re-exported)
+from hubquant.moe_arch import OVERRIDES as EXPERT_LAYOUTS  # noqa: F401  (re-exported)
+from hubquant.moe_arch import ExpertLayout, expert_layout
 
 # ------------------------------------------------------------------------------------------ architectures as data
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExpertLayout:
-    """How one architecture names its experts in Hub checkpoints.
-
-    proj_names: the gate, up and down Linears of one expert, as checkpoints (and vLLM's loaders) name them.
-    block_rename: (module path in transformers 5, path in checkpoints) of the sparse block, when they differ.
-    """
-
-    proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-    block_rename: tuple[str, str] | None = None
-
-
-_QWEN_LIKE = ExpertLayout()
-_MIXTRAL_LIKE = ExpertLayout(proj_names=("w1", "w3", "w2"), block_rename=(".mlp.", ".block_sparse_moe."))
-
-# model_type -> layout. Each entry is an architecture whose fused experts transformers 5.24 fuses again from
-# per-expert checkpoint tensors (its conversion_mapping), so the variant loads with plain from_pretrained.
-EXPERT_LAYOUTS: dict[str, ExpertLayout] = {
-    "qwen2_moe": _QWEN_LIKE,
-    "qwen3_moe": _QWEN_LIKE,
-    "deepseek_v2": _QWEN_LIKE,
-    "deepseek_v3": _QWEN_LIKE,
-    "glm4_moe": _QWEN_LIKE,
-    "olmoe": _QWEN_LIKE,
-    "mixtral": _MIXTRAL_LIKE,
-    "minimax": _MIXTRAL_LIKE,
-    # biased, clamped-SwiGLU experts (hubquant.moe_gptoss), written per expert as llm-compressor names them;
-    # transformers 5.24 has no conversion mapping for them: hubquant.load reads the variant (docs/moe.md)
-    "gpt_oss": _QWEN_LIKE,
-}
+# Where each architecture's experts are in its checkpoints: hubquant.moe_arch (transformers' conversion mapping,
+# OVERRIDES for what it does not give, the unfuse check, routers).
 
 # Model types whose variants plain transformers 5.24 cannot load (no per-expert conversion mapping): why.
 NO_TRANSFORMERS_MAPPING = {
@@ -177,29 +149,36 @@ def unfuse_experts(model: nn.Module) -> int:
     Raises:
         UnsupportedError: fused experts of an architecture without a per-expert checkpoint layout.
     """
+    from hubquant import moe_arch
+
     fused = _fused_experts(model)
     if not fused:
         return 0
     mtype = model_type(model)
     if mtype in UNSUPPORTED_EXPERTS:
-        raise UnsupportedError(f"{UNSUPPORTED_EXPERTS[mtype]}, so a quantized variant could not be loaded",
-                               hint=f"mixture-of-experts models hubquant converts: {', '.join(EXPERT_LAYOUTS)}")
-    layout = EXPERT_LAYOUTS.get(mtype)
+        raise moe_arch.refusal(mtype, f"cannot be converted: {UNSUPPORTED_EXPERTS[mtype]}")
+    layout = expert_layout(model, fused[0][0])
     if layout is None:
-        raise UnsupportedError(f"fused experts of model_type '{mtype}' have no known per-expert checkpoint layout",
-                               hint=f"mixture-of-experts models hubquant converts: {', '.join(EXPERT_LAYOUTS)}")
+        raise moe_arch.refusal(mtype, "have no known per-expert checkpoint layout (transformers' conversion mapping "
+                                      "builds them from no per-expert tensors)")
+    if mtype == "gpt_oss":
+        from hubquant import moe_gptoss
+
+        def build(mod):
+            return PerExpertLinears(moe_gptoss.experts(mod))
+    else:
+        def build(mod):
+            gate_up, down = mod.gate_up_proj.data, mod.down_proj.data
+            inter = gate_up.shape[1] // 2
+            return PerExpertLinears([ExpertMLP(layout.proj_names, _linear(gate_up[e, :inter]),
+                                               _linear(gate_up[e, inter:]), _linear(down[e]), mod.act_fn)
+                                     for e in range(gate_up.shape[0])])
+        moe_arch.check_unfused(fused[0][1], build, mtype)  # transformers' forward = per-expert Linears, or exit 5
     for name, mod in fused:
         parent_name, _, child = name.rpartition(".")
-        if mtype == "gpt_oss":
-            from hubquant import moe_gptoss
-
-            setattr(model.get_submodule(parent_name), child, PerExpertLinears(moe_gptoss.experts(mod)))
-            continue
-        gate_up, down = mod.gate_up_proj.data, mod.down_proj.data
-        inter = gate_up.shape[1] // 2
-        experts = [ExpertMLP(layout.proj_names, _linear(gate_up[e, :inter]), _linear(gate_up[e, inter:]),
-                             _linear(down[e]), mod.act_fn) for e in range(gate_up.shape[0])]
-        setattr(model.get_submodule(parent_name), child, PerExpertLinears(experts))
+        parent = model.get_submodule(parent_name)
+        moe_arch.mark_routers(parent, mod, mod.gate_up_proj.shape[0], mod.down_proj.shape[1])
+        setattr(parent, child, build(mod))
     return len(fused)
 
 
@@ -225,10 +204,16 @@ def expert_linear_names(module: nn.Module, prefix: str = "") -> dict[str, tuple[
 # ------------------------------------------------------------------------------------------ checkpoint names
 
 
+def _layout(model: nn.Module) -> ExpertLayout | None:
+    """The layout of `model`'s per-expert Linears (None for a model without them)."""
+    name = next(iter(expert_modules(model)), None)
+    return None if name is None else expert_layout(model, name)
+
+
 def checkpoint_name(model: nn.Module, key: str) -> str:
     """The name a tensor or module of `model` gets in the checkpoint (Mixtral: `.mlp.` -> `.block_sparse_moe.`)."""
-    layout = EXPERT_LAYOUTS.get(model_type(model))
-    if layout is None or layout.block_rename is None or not expert_modules(model):
+    layout = _layout(model)
+    if layout is None or layout.block_rename is None:
         return key
     src, dst = layout.block_rename
     return key.replace(src, dst) if ".layers." in key else key
@@ -238,7 +223,8 @@ def float_module_names(model: nn.Module) -> list[str]:
     """Modules kept in float that a loader could otherwise take for quantized Linears (routers: vLLM builds
     them as Linear layers and reads the `ignore` list of the quantization config)."""
     return sorted(n for n, m in model.named_modules()
-                  if n and is_float_module(n) and not isinstance(m, (nn.ModuleList, nn.ModuleDict))
+                  if n and (is_float_module(n) or getattr(m, "hubquant_float", False))
+                  and not isinstance(m, (nn.ModuleList, nn.ModuleDict))
                   and any(True for _ in m.parameters(recurse=False)))
 
 
@@ -303,8 +289,8 @@ def pack_weight_only_int8(model: nn.Module, quantized: dict, scheme) -> None:
 
 def model_name(model: nn.Module, key: str) -> str:
     """Inverse of `checkpoint_name`: the module path in transformers of a checkpoint name."""
-    layout = EXPERT_LAYOUTS.get(model_type(model))
-    if layout is None or layout.block_rename is None or not expert_modules(model):
+    layout = _layout(model)
+    if layout is None or layout.block_rename is None:
         return key
     src, dst = layout.block_rename
     return key.replace(dst, src) if ".layers." in key else key
@@ -339,10 +325,12 @@ def scale_mappings(model: nn.Module, *, extra: bool = True) -> list[tuple[str, t
     """The scaling map of a mixture-of-experts model as (smooth, balance, extra) triples (the fields of
     hubquant.methods.scaling.ScaleMapping), None for other models (their architecture's table applies).
     `extra=False` keeps the norms only (SmoothQuant smooth=norms)."""
+    from hubquant.methods import MOE_MODEL_TYPES  # the architectures whose scaling map is checked (docs/moe.md)
+
     mods = expert_modules(model)
-    if not mods or model_type(model) not in EXPERT_LAYOUTS:
+    if not mods or model_type(model) not in MOE_MODEL_TYPES:
         return None
-    _, up, down = EXPERT_LAYOUTS[model_type(model)].proj_names
+    _, up, down = _layout(model).proj_names
     n = max(m.num_experts for m in mods.values())
     if model_type(model) in NO_EXPERT_SCALING:
         n = 0
