@@ -12,8 +12,10 @@ DEFAULT_IGNORE = ("lm_head",)
 # model_type values hubquant converts (tests/conftest.py builds a tiny one of each); VISION_LANGUAGE ones have
 # their language model quantized, their vision tower and projector kept float.
 TEXT_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-                      "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe", "olmoe", "gpt_oss")
-VISION_LANGUAGE = ("qwen2_5_vl", "gemma3", "llava")
+                      "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe", "olmoe", "gpt_oss",
+                      "qwen3_next", "qwen3_5_moe", "ernie4_5_moe", "hunyuan_v1_moe", "minimax_m2", "exaone_moe",
+                      "dots1", "deepseek_v32", "glm4_moe_lite", "flex_olmo", "phimoe")
+VISION_LANGUAGE = ("qwen2_5_vl", "gemma3", "llava", "glm4v_moe")
 
 
 # Modules kept in float whatever the method: routers and shared-expert gates are small and decide which

@@ -124,6 +124,14 @@ def tiny_vl_config(arch: str):
         return transformers.LlavaConfig(text_config={**text, "model_type": "llama"},
                                         vision_config={**vis, "model_type": "clip_vision_model"},
                                         architectures=["LlavaForConditionalGeneration"])
+    if arch == "glm4v_moe":  # a mixture-of-experts language model (dense first layer, shared expert)
+        moe = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
+                   first_k_dense_replace=1, rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                                             "rope_type": "default", "mrope_section": [2, 3, 3]})
+        return transformers.Glm4vMoeConfig(
+            text_config={**text, **moe}, vision_config={**vision, "depth": 1, "num_heads": 2, "out_hidden_size": 128,
+                                                         "patch_size": 8, "image_size": 32},
+            architectures=["Glm4vMoeForConditionalGeneration"], tie_word_embeddings=False)
     raise KeyError(arch)
 
 

@@ -45,6 +45,11 @@ class MoeOptions(MethodOptions):
     min_expert_tokens: int = 16
 MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe", "mixtral", "minimax",
                    "gpt_oss")
+# MoE model types whose expert layout hubquant.moe_arch derives from transformers' conversion mapping, tested end to
+# end with rtn, gptq, fp8 and w8a8 (hubquant.moe_arch.TESTED); AWQ and SmoothQuant have no checked scaling map for them
+DERIVED_MOE_MODEL_TYPES = ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "ernie4_5_moe", "hunyuan_v1_moe",
+                           "minimax_m2", "exaone_moe", "dots1", "deepseek_v32", "glm4_moe_lite", "flex_olmo", "phimoe",
+                           "glm4v_moe")
 # MoE model types whose experts carry no scale (hubquant.moe.NO_EXPERT_SCALING): scaling methods stop there
 NO_EXPERT_SCALING_TYPES = ("gpt_oss",)
 # MoE variants transformers 5.24 cannot load (hubquant.moe.checkpoint_scheme, preflight; docs/moe.md has the causes):
@@ -170,6 +175,10 @@ class MethodSpec:
                                    hint=f"use --method rtn, gptq or fp8 for {mtype}")
         if mtype in MOE_MODEL_TYPES:
             return  # hubquant.moe builds the scaling map from the loaded model's experts
+        if mtype in DERIVED_MOE_MODEL_TYPES and self.scaling and self.parse_options(options).uses_scaling():
+            raise UnsupportedError(f"{self.title} has no checked scaling map for {mtype}'s mixture of experts (its "
+                                   f"mixture-of-experts maps cover {', '.join(MOE_MODEL_TYPES[:-1])})",
+                                   hint=f"use --method rtn, gptq, fp8 or w8a8 for {mtype}")
         if self.scaling and self.parse_options(options).uses_scaling():
             from hubquant.methods.scaling import mappings_for
 
