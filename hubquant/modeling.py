@@ -23,6 +23,7 @@ VISION_LANGUAGE = ("qwen2_5_vl", "gemma3", "llava", "glm4v_moe")
 # of vision-language models are not the language model.
 FLOAT_PATTERNS: tuple[str, ...] = (
     r"re:.*\.mlp\.gate$", r"re:.*\.block_sparse_moe\.gate$", r"re:.*\.mlp\.router$", r"re:.*shared_expert_gate$",
+    r"re:.*\.self_attn\.indexer\..*",  # DeepSeek-V3.2's sparse-attention indexer: a top-k over tokens, like a router
     r"re:(.*\.)?(visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|mm_projector)(\..*)?$",
 )
 def is_float_module(name: str) -> bool:

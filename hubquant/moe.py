@@ -63,6 +63,8 @@ UNSUPPORTED_EXPERTS: dict[str, str] = {}
 FLOAT_REASONS = {
     "router": "routers and shared-expert gates decide which expert runs; kept in float (as vLLM expects)",
     "vision": "vision tower and projector of a vision-language model; only the language model is quantized",
+    "indexer": "the sparse-attention indexer picks the tokens each query attends to (a top-k, like a router's); kept "
+               "in float",
     "embedding": "embeddings and norms are not Linear layers; kept in float",
 }
 
@@ -480,9 +482,10 @@ def finish_layer(work) -> None:
 
 
 def _float_kinds(model: nn.Module) -> dict[str, list[str]]:
-    kinds: dict[str, list[str]] = {"router": [], "vision": []}
+    kinds: dict[str, list[str]] = {"router": [], "vision": [], "indexer": []}
     for n in float_module_names(model):
-        kinds["vision" if any(v in n for v in ("vis", "projector")) else "router"].append(checkpoint_name(model, n))
+        kind = "vision" if any(v in n for v in ("vis", "projector")) else "indexer" if ".indexer." in n else "router"
+        kinds[kind].append(checkpoint_name(model, n))
     return {k: v for k, v in kinds.items() if v}
 
 

@@ -113,13 +113,13 @@ def check_config(plan: Plan, config: dict) -> None:
 
 def _check_experts(plan: Plan, mtype: str) -> None:
     """Mixture-of-experts variants that could not be loaded back stop before the download (hubquant.moe)."""
-    from hubquant.methods import (BNB_EXPERTS_REASON, DERIVED_MOE_MODEL_TYPES, MOE_MODEL_TYPES, NVFP4_EXPERTS_HINT,
-                                  NVFP4_EXPERTS_REASON)
+    from hubquant.methods import BNB_EXPERTS_REASON, MOE_MODEL_TYPES, NVFP4_EXPERTS_HINT, NVFP4_EXPERTS_REASON
+    from hubquant.methods import DERIVED_MOE_MODEL_TYPES as DERIVED
 
     if plan.format == "mxfp4" and mtype != "gpt_oss":
         raise UnsupportedError(f"--format mxfp4 is gpt-oss's own checkpoint layout; this model is {mtype}",
                                hint="use --format compressed-tensors --scheme MXFP4A16 for other models")
-    if mtype not in MOE_MODEL_TYPES + DERIVED_MOE_MODEL_TYPES:
+    if mtype not in MOE_MODEL_TYPES + DERIVED:
         return
     if plan.format == "bitsandbytes":
         raise UnsupportedError(BNB_EXPERTS_REASON,

@@ -110,9 +110,13 @@ def ignored_linears(model: torch.nn.Module, quantized: dict[str, QuantizedWeight
     would otherwise build as quantized Linears; checkpoint names (hubquant.moe.checkpoint_name)."""
     from hubquant import moe
 
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    names = [n for n in linears if n not in quantized]
     names += [n for n in moe.float_module_names(model) if n not in names]
-    return [moe.checkpoint_name(model, n) for n in names]
+    out = [moe.checkpoint_name(model, n) for n in names]
+    # a float Linear whose checkpoint name differs (Phi-MoE's router under block_sparse_moe) is also listed under its
+    # module name: transformers' compressed-tensors integration matches the loaded model's names
+    return out + [n for n, c in zip(names, out) if c != n and n in linears]
 
 
 def method_options(method: str, options):
