@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from hubquant.modeling import decoder_layers
+from hubquant.modeling import auto_class, decoder_layers
 
 STREAMED_METHODS = ("rtn", "gptq", "awq", "smoothquant", "w8a8", "fp8")
 STREAMED_FORMATS = ("compressed-tensors", "gptq", "awq", "gguf")
@@ -29,6 +29,12 @@ def _config_why(config, *, trust_remote_code: bool) -> str:
         return f"model_type {config.model_type} is not a causal language model transformers knows"
     if trust_remote_code:
         return "--trust-remote-code models load through their own code"
+    from transformers import AutoModelForCausalLM
+
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    if auto_class(config) is not AutoModelForCausalLM and MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type] != arch:
+        # the causal LM class would drop the vision tower (Qwen3.5-MoE: Qwen3_5MoeForCausalLM)
+        return f"{config.model_type} is a vision-language model whose causal LM class has no vision tower"
     return ""
 
 
