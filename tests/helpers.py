@@ -132,6 +132,12 @@ def tiny_vl_config(arch: str):
             text_config={**text, **moe}, vision_config={**vision, "depth": 1, "num_heads": 2, "out_hidden_size": 128,
                                                          "patch_size": 8, "image_size": 32},
             architectures=["Glm4vMoeForConditionalGeneration"], tie_word_embeddings=False)
+    if arch == "qwen3_5_moe":  # hybrid linear attention + MoE language model
+        return transformers.Qwen3_5MoeConfig(
+            text_config={**text, **TINY_ARCHS["qwen3_5_moe"][1]},
+            vision_config={**vision, "depth": 1, "num_heads": 2, "out_hidden_size": 128, "num_position_embeddings": 64,
+                           "patch_size": 8},
+            architectures=["Qwen3_5MoeForConditionalGeneration"], tie_word_embeddings=False)
     raise KeyError(arch)
 
 

@@ -231,6 +231,37 @@ def test_streamed_conversion_writes_the_same_bytes(arch, tokenizer, tmp_path):
         assert rep["float_modules"]["router"] >= 1
 
 
+def test_qwen3_5_moe_checkpoint_converts_with_its_vision_tower(tokenizer, tmp_path):
+    """Qwen3.5-MoE checkpoints are vision-language models whose model_type also maps to a text-only causal LM class:
+    the conversion keeps the vision tower (in memory; a streamed skeleton would drop it) and the variant loads with
+    AutoModelForImageTextToText."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    from hubquant.convert import ConvertOptions, convert
+    from tests.helpers import save_tiny_vl_repo
+
+    base = save_tiny_vl_repo(tmp_path / "base", "qwen3_5_moe", tokenizer)
+    logs: list[str] = []
+    convert(ConvertOptions(repo_id=str(base), method="rtn", group_size=32, output_dir=str(tmp_path / "out"), **FAST),
+            log=logs.append)
+    assert any("vision-language model whose causal LM class has no vision tower" in m for m in logs)
+    rep = json.loads((tmp_path / "out" / "hubquant.json").read_text())["moe"]
+    assert rep["expert_linears"] == rep["expert_linears_quantized"] == 2 * 8 * 3
+    keys = set(safe_open(tmp_path / "out" / "model.safetensors", "pt").keys())
+    base_keys = set(safe_open(base / "model.safetensors", "pt").keys())
+    visual = {k for k in base_keys if k.startswith("model.visual.")}
+    assert visual and {k for k in keys if k.startswith("model.visual.")} == visual  # the vision tower, float
+    assert all(k.startswith(("model.visual.", "model.language_model.", "lm_head.")) for k in keys)
+    loaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert type(loaded).__name__ == "Qwen3_5MoeForConditionalGeneration"
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with pytest.raises(UnsupportedError) as e:
+        convert(ConvertOptions(repo_id=str(base), method="rtn", group_size=32, streaming="on",
+                               output_dir=str(tmp_path / "on"), **FAST), log=lambda m: None)
+    assert e.value.exit_code == 5
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_vision_language_moe_quantizes_the_language_models_experts(method, tokenizer, tmp_path):
     from safetensors import safe_open
