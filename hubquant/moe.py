@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import statistics
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -181,6 +182,7 @@ def unfuse_experts(model: nn.Module) -> int:
         parent = model.get_submodule(parent_name)
         moe_arch.mark_routers(parent, mod, mod.gate_up_proj.shape[0], mod.down_proj.shape[1])
         setattr(parent, child, build(mod))
+    _LAYOUTS[model] = layout
     return len(fused)
 
 
@@ -206,10 +208,16 @@ def expert_linear_names(module: nn.Module, prefix: str = "") -> dict[str, tuple[
 # ------------------------------------------------------------------------------------------ checkpoint names
 
 
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its layout (names are asked per tensor)
+
+
 def _layout(model: nn.Module) -> ExpertLayout | None:
     """The layout of `model`'s per-expert Linears (None for a model without them)."""
+    if model in _LAYOUTS:
+        return _LAYOUTS[model]
     name = next(iter(expert_modules(model)), None)
-    return None if name is None else expert_layout(model, name)
+    _LAYOUTS[model] = layout = None if name is None else expert_layout(model, name)
+    return layout
 
 
 def checkpoint_name(model: nn.Module, key: str) -> str:
