@@ -32,7 +32,7 @@ class Session:
         self.weights, self.writer, self.fmt, self.job, self.log = weights, writer, fmt, job, log
         self.scheme, self.method, self.options = job.scheme, method, job.options
         self.device, self.streams = torch.device(job.device), streams
-        self.results: dict = {}
+        self.results: dict = _Sink(self)  # early: expert projections written as soon as they are quantized
         self.names: set[str] = set()  # every quantized Linear, once its layer is written
         self.written: dict[str, Written] = {}  # what the pipeline keeps of each (its scheme)
         self.witness: tuple | None = None  # one written QuantizedWeight, for the final config call
@@ -51,10 +51,14 @@ class Session:
     def before(self, index: int, name: str, layer: nn.Module) -> None:
         self.weights.load(layer, name)
         self._advance(self.streams.base, index, layer)
+        if self.results.early:
+            self._pick()
+            self.results.experts = set(moe.expert_linear_names(layer, name))
 
     def after(self, index: int, name: str, layer: nn.Module) -> None:
         self._quantize_left_out_experts(name, layer)
         self._advance(self.streams.variant, index, layer)
+        self.results.experts = set()
         quantized = {n: self.results.pop(n) for n in list(self.results) if n.startswith(name + ".")}
         moe.pack_weight_only_int8(self.weights.model, quantized, self.scheme)
         self._check_experts(index, name, layer, quantized)
@@ -95,12 +99,7 @@ class Session:
         from hubquant.errors import QualityGateError
         from hubquant.formats.common import method_options
 
-        if self.picked is None:  # verify_written's sample: spread over the sorted names of every expert projection
-            model = self.weights.model
-            quantizable = quantizable_linears(model, self.job.ignore)
-            names = sorted(n for n in moe.expert_linear_names(model) if n in quantizable)
-            picked = names[:: max(1, len(names) // 64)] + names[-1:] if names else []
-            self.picked, self.checked = set(picked), len(picked)
+        self._pick()
         if getattr(self.fmt, "name", "") != "compressed-tensors":  # (as in memory)
             return
         lins = dict(layer.named_modules())
@@ -112,6 +111,15 @@ class Session:
                                        hint="report the model and method; nothing was pushed")
             ckpt = moe.checkpoint_name(self.weights.model, n)
             self.expected.update(self.fmt.linear_tensors(ckpt, qw, self.scheme, options=options))
+
+    def _pick(self) -> None:
+        """verify_written's sample: spread over the sorted names of every expert projection."""
+        if self.picked is None:
+            model = self.weights.model
+            quantizable = quantizable_linears(model, self.job.ignore)
+            names = sorted(n for n in moe.expert_linear_names(model) if n in quantizable)
+            picked = names[:: max(1, len(names) // 64)] + names[-1:] if names else []
+            self.picked, self.checked = set(picked), len(picked)
 
     def _check_disk(self, out_dir: Path) -> None:
         from hubquant.errors import QualityGateError
@@ -141,20 +149,30 @@ class Session:
         """One decoder layer's tensors into the shards: its float tensors, and each quantized Linear's tensors as
         the format names them (FormatSpec.linear_tensors), under their checkpoint names
         (hubquant.moe.checkpoint_name), as the format's whole-model writer makes them."""
-        from hubquant.formats.common import dense_tensors, method_options
+        from hubquant.formats.common import dense_tensors
 
         model = self.weights.model
         config = model.config
         for key, t in dense_tensors(_View(config, state, modules), quantized).items():
             self.writer.add(moe.checkpoint_name(model, key), t)
-        options = method_options(self.method, self.options)
         for name, qw in quantized.items():
-            for key, t in self.fmt.linear_tensors(name, qw, self.scheme, options=options).items():
-                self.writer.add(moe.checkpoint_name(model, key), t)
-        self.names.update(quantized)
-        self.written.update({n: Written.of(qw) for n, qw in quantized.items()})
-        if self.witness is None and quantized:
-            self.witness = next(iter(quantized.items()))
+            if name not in self.names:  # (else its tensors went to the shards when it was quantized)
+                self.write_linear(name, qw)
+        if self.witness is None and quantized:  # the layer's first quantized Linear, as written at once
+            first = next(iter(quantized.items()))
+            self.witness = first if not isinstance(first[1], Written) else self.results.first
+
+    def write_linear(self, name: str, qw) -> None:
+        """One quantized Linear's tensors as the format names them (FormatSpec.linear_tensors), under their
+        checkpoint names (hubquant.moe.checkpoint_name)."""
+        from hubquant.formats.common import method_options
+
+        model = self.weights.model
+        options = method_options(self.method, self.options)
+        for key, t in self.fmt.linear_tensors(name, qw, self.scheme, options=options).items():
+            self.writer.add(moe.checkpoint_name(model, key), t)
+        self.names.add(name)
+        self.written[name] = Written.of(qw)
 
     def finish(self, out_dir: Path) -> dict:
         """Non-layer tensors, config.json and side files; lays the shards out. Returns the quantization_config."""
@@ -192,6 +210,33 @@ class Session:
         _rmtree(self.tmp)
         self._check_disk(out_dir)
         return qc
+
+
+class _Sink(dict):
+    """`Session.results`. With `early` set (GPTQ), each expert projection of the layer being quantized
+    (`experts`) is written to the shards as soon as the method stores it: its value becomes its `Written` record
+    (the sampled ones, `Session.picked`, keep their QuantizedWeight for the layer's check), so a layer's quantized
+    experts never wait in memory all together. The written tensors and the files are the same as when the layer
+    is written at once (the shards are laid out by name)."""
+
+    def __init__(self, session: Session):
+        super().__init__()
+        self.session = session
+        self.early = False
+        self.experts: set[str] = set()
+        self.first: tuple | None = None  # the first early-written (name, QuantizedWeight): a witness if need be
+
+    def __setitem__(self, name: str, qw) -> None:
+        from hubquant.quant import QuantizedWeight
+
+        s = self.session
+        if name in self.experts and type(qw) is QuantizedWeight:
+            moe.pack_weight_only_int8(s.weights.model, {name: qw}, s.scheme)
+            s.write_linear(name, qw)
+            self.first = self.first or (name, qw)
+            if name not in s.picked:
+                qw = s.written[name]
+        super().__setitem__(name, qw)
 
 
 class _View:
@@ -279,6 +324,7 @@ def _driver(method: str, session: Session):
     def run(model: nn.Module, job) -> dict:
         session.job = job
         session.policy = moe.current_policy()
+        session.results.early = method == "gptq"
         if session.policy is not None:  # the rule's tensors go where the layer's are written
             session.policy.fallback = lambda lins: session.results.update(_rtn_linears(lins, job))
         if method == "rtn" and (job.scheme.activations is None or not fp4.kind_of(job.scheme)):

@@ -72,6 +72,7 @@ def open_for(mode: str, *, method: str, fmt: str, path: Path, trust_remote_code:
         log(f"loading the whole model in memory: {why}")
         return None
     return_freed_memory()
+    cap_kernel_caches()
     log(f"streaming {len(decoder_layers(weights.model))} decoder layers from the checkpoint, one at a time "
         f"(--streaming {mode}: the output is the same bytes as loading the whole model)")
     return weights
@@ -86,6 +87,21 @@ def return_freed_memory() -> None:
         return
     libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks >= 1 MiB are mmapped and unmapped on free
     libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+
+
+KERNEL_CACHE_ENTRIES = 64
+
+
+def cap_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> None:
+    """Bound oneDNN's primitive cache and ideep's (torch's CPU bf16/fp16 matmuls) to `entries` kernels each,
+    unless the user set them. Each caches a JIT kernel per GEMM shape, 1024 by default, about 0.3 MB each: routed
+    experts see a different token count in every layer, so with the defaults a mixture-of-experts conversion grew
+    by about 0.07 GB per layer up to 0.6 GB. The kernels and their results are the same; a shape that left the
+    cache is compiled again (a fraction of a millisecond). Read by torch when it first runs such a matmul."""
+    import os
+
+    for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(var, str(entries))
 
 
 def trim_heap() -> None:
