@@ -324,7 +324,8 @@ def _driver(method: str, session: Session):
     def run(model: nn.Module, job) -> dict:
         session.job = job
         session.policy = moe.current_policy()
-        session.results.early = method == "gptq"
+        # GPTQ and integer RTN store expert projections one at a time: written as they come (_Sink)
+        session.results.early = method == "gptq" or (method == "rtn" and not fp4.kind_of(job.scheme))
         if session.policy is not None:  # the rule's tensors go where the layer's are written
             session.policy.fallback = lambda lins: session.results.update(_rtn_linears(lins, job))
         if method == "rtn" and (job.scheme.activations is None or not fp4.kind_of(job.scheme)):
@@ -361,7 +362,12 @@ def _rtn(model: nn.Module, job, session: Session) -> None:
     for i, layer in enumerate(tqdm(layers, desc="rtn: layers", disable=not job.progress)):
         name = f"{prefix}.{i}"
         session.before(i, name, layer)
-        session.results.update(quantize(quantizable_linears(layer, job.ignore, name)))
+        linears = quantizable_linears(layer, job.ignore, name)
+        if kind:  # NVFP4's fused Linears share a global scale
+            session.results.update(quantize(linears))
+        else:  # each Linear on its own (the same values): expert projections are written as they come
+            for n, lin in linears.items():
+                session.results[n] = quantize({n: lin})[n]
         session.after(i, name, layer)
     rest = {n: m for n, m in quantizable_linears(model, job.ignore).items() if not n.startswith(prefix + ".")}
     for name, lin in rest.items():
