@@ -1,14 +1,16 @@
-"""Peak resident memory of `hubquant convert` on a mixture-of-experts model: streamed (one decoder layer at a time)
-and in memory (the whole model loaded), side by side, RTN and GPTQ, evaluation skipped.
+"""Peak resident memory of `hubquant convert` on a mixture-of-experts model at three depths: streamed (one decoder
+layer at a time) RTN and GPTQ at every size, and in memory (the whole model loaded) at the smallest, side by side,
+evaluation skipped.
 
-    python bench/memory/moe.py                        # ~1 GB Qwen3-MoE-shaped model; docs/moe.md, results JSON
-    python bench/memory/moe.py --gb 0.3 --no-doc      # quick look
+    python bench/memory/moe.py                        # 4, 9 and 19 layers (1.0, 2.1, 4.1 GB); docs/moe.md, JSON
+    python bench/memory/moe.py --layers 2 --no-doc    # quick look
     python bench/memory/moe.py --doc-from bench/memory/results/moe-DATE.json   # its table into docs/moe.md
 
 The model has Qwen3-MoE's layout with random bf16 weights (per-expert checkpoint tensors, as the Hub's Qwen3-MoE
 checkpoints store them; SmolLM2's 49152-token tokenizer), written one tensor at a time into a local folder and
 converted from it by `python -m hubquant.cli convert` in a child process; the peak is that process's VmHWM
-(bench/memory/peak.py). Both paths' safetensors are hashed: "same bytes" compares them.
+(bench/memory/peak.py). Each size's folder is deleted before the next is written. The smallest size is also
+converted in memory: "same bytes" compares the two paths' safetensors.
 """
 from __future__ import annotations
 
@@ -60,13 +62,6 @@ def skeleton(layers: int):
     return model
 
 
-def layers_for(target_bytes: float) -> int:
-    one = skeleton(1)
-    per_layer = sum(p.numel() for p in one.model.layers[0].parameters()) * 2
-    rest = sum(p.numel() for p in one.parameters()) * 2 - per_layer
-    return max(1, round((target_bytes - rest) / per_layer))
-
-
 def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> tuple[int, int]:
     """Write the model one tensor at a time; returns (weight bytes, expert bytes of one layer)."""
     from hubquant.assets import smollm2_dir
@@ -115,27 +110,28 @@ def convert(folder: Path, case: str, streaming: str, out: Path, env: dict) -> di
 
 
 def table(res: dict) -> str:
-    m = res["model"]
     rows = res["rows"]
-    sha = {(r["case"], r["streaming"]): r["sha256"] for r in rows}
-    lines = [f"Measured {res['date']} on {res['hardware']}, shared with three other jobs (wall times are noisy), by "
+    sha = {(r["layers"], r["case"], r["streaming"]): r["sha256"] for r in rows}
+    sizes = sorted({(r["layers"], r["model_bytes"]) for r in rows})
+    lines = [f"Measured {res['date']} on {res['hardware']}, shared with other jobs (wall times are noisy), by "
              f"`{res['command']}`.",
              "",
-             f"Model: Qwen3-MoE layout, {m['layers']} decoder layers, hidden {SHAPE['hidden_size']}, "
-             f"{SHAPE['num_experts']} experts of {SHAPE['moe_intermediate_size']} (top-{SHAPE['num_experts_per_tok']}),"
-             f" {VOCAB}-token vocabulary (untied lm_head), random bf16 weights: {m['bytes'] / 1e9:.2f} GB, of which "
-             f"{m['layer_expert_bytes'] / 1e6:.0f} MB of experts per layer; per-expert checkpoint tensors in a local "
-             "folder, converted by the CLI in a child process (W4A16, group 128, compressed-tensors, evaluation "
-             "skipped). Peak RSS is the process's VmHWM. Raw numbers: "
+             f"Models: Qwen3-MoE layout, hidden {SHAPE['hidden_size']}, {SHAPE['num_experts']} experts of "
+             f"{SHAPE['moe_intermediate_size']} (top-{SHAPE['num_experts_per_tok']}), {VOCAB}-token vocabulary "
+             f"(untied lm_head), random bf16 weights, {res['layer_expert_bytes'] / 1e6:.0f} MB of experts per layer; "
+             f"{', '.join(f'{n} layers: {b / 1e9:.2f} GB' for n, b in sizes)}. Per-expert checkpoint tensors in a "
+             "local folder, converted by the CLI in a child process (W4A16, group 128, compressed-tensors, "
+             "evaluation skipped). Peak RSS is the process's VmHWM. Raw numbers: "
              f"`{res['json']}`.",
              "",
-             "| case | path | peak RSS GB | % of model | wall s | expert projections quantized | same bytes |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["case"] != "rtn", r["streaming"] != "on")):
-        other = sha.get((r["case"], "off" if r["streaming"] == "on" else "on"))
+             "| model | case | path | peak RSS GB | % of model | wall s | expert projections quantized | same bytes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["case"] != "rtn", r["streaming"] != "on", r["layers"])):
+        other = sha.get((r["layers"], r["case"], "off" if r["streaming"] == "on" else "on"))
         same = "-" if other is None else ("yes" if other == r["sha256"] else "NO")
-        lines.append(f"| {CASE_TEXT[r['case']]} | {'streamed' if r['streaming'] == 'on' else 'in memory'} | "
-                     f"{r['peak_rss_bytes'] / 1e9:.2f} | {100 * r['peak_rss_bytes'] / m['bytes']:.0f}% | "
+        lines.append(f"| {r['layers']} layers, {r['model_bytes'] / 1e9:.2f} GB | {CASE_TEXT[r['case']]} | "
+                     f"{'streamed' if r['streaming'] == 'on' else 'in memory'} | "
+                     f"{r['peak_rss_bytes'] / 1e9:.2f} | {100 * r['peak_rss_bytes'] / r['model_bytes']:.0f}% | "
                      f"{r['wall_s']:.0f} | {r['expert_linears_quantized']} of {r['expert_linears']} | {same} |")
     return "\n".join(lines)
 
@@ -152,12 +148,33 @@ def write_doc(res: dict) -> None:
     doc.write_text(text)
 
 
+def measure(work: Path, layers: int, args, env: dict) -> tuple[list[dict], int]:
+    """Write the `layers`-deep model, convert it (streamed; in memory too with `args.paths`), delete it."""
+    rows = []
+    try:
+        nbytes, expert_bytes = write_checkpoint(work / "model", layers)
+        print(f"model: {layers} layers, {nbytes / 1e9:.2f} GB ({expert_bytes / 1e6:.0f} MB of experts a layer)")
+        for case in args.cases:
+            for mode in args.paths:
+                out = work / f"out-{case}-{mode}"
+                r = {"layers": layers, "model_bytes": nbytes, **convert(work / "model", case, mode, out, env)}
+                rows.append(r)
+                print(f"{case:5s} {'streamed' if mode == 'on' else 'in memory':9s} peak RSS "
+                      f"{r['peak_rss_bytes'] / 1e9:.2f} GB ({100 * r['peak_rss_bytes'] / nbytes:.0f}% of the model), "
+                      f"{r['wall_s']} s", flush=True)
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(work / "model", ignore_errors=True)
+    return rows, expert_bytes
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gb", type=float, default=1.0, help="model size in GB (default 1.0)")
+    p.add_argument("--layers", default="4,9,19",
+                   help="model depths, comma-separated (default 4,9,19: 1.0, 2.1 and 4.1 GB)")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--paths", nargs="+", default=["on", "off"], choices=["on", "off"],
-                   help="on: streamed, off: in memory (default both)")
+                   help="on: streamed at every size, off: in memory at the smallest size (default both)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the conversions (default 1)")
     p.add_argument("--work", default=None, help="scratch folder (default: the system temp folder)")
     p.add_argument("--json", default=None, help="default bench/memory/results/moe-DATE.json")
@@ -167,6 +184,7 @@ def main() -> None:
     if args.doc_from:
         write_doc(json.loads(Path(args.doc_from).read_text()))
         return
+    depths = sorted({int(n) for n in args.layers.split(",")})
     now = datetime.datetime.now(datetime.timezone.utc)
     out_json = Path(args.json or ROOT / "bench/memory/results" / f"moe-{now:%Y-%m-%d}.json")
     work = Path(tempfile.mkdtemp(prefix="hubquant-moemem-", dir=args.work))
@@ -174,22 +192,16 @@ def main() -> None:
     env.pop("HF_TOKEN", None)
     rows = []
     try:
-        layers = layers_for(args.gb * 1e9)
-        nbytes, expert_bytes = write_checkpoint(work / "model", layers)
-        print(f"model: {layers} layers, {nbytes / 1e9:.2f} GB ({expert_bytes / 1e6:.0f} MB of experts a layer)")
-        for case in args.cases:
-            for mode in args.paths:
-                r = convert(work / "model", case, mode, work / f"out-{case}-{mode}", env)
-                rows.append(r)
-                print(f"{case:5s} {'streamed' if mode == 'on' else 'in memory':9s} peak RSS "
-                      f"{r['peak_rss_bytes'] / 1e9:.2f} GB ({100 * r['peak_rss_bytes'] / nbytes:.0f}% of the model), "
-                      f"{r['wall_s']} s", flush=True)
-                shutil.rmtree(work / f"out-{case}-{mode}")
+        for i, layers in enumerate(depths):
+            paths = args.paths if i == 0 else [m for m in args.paths if m == "on"]
+            if paths:
+                got, expert_bytes = measure(work, layers, argparse.Namespace(cases=args.cases, paths=paths), env)
+                rows += got
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "hardware": hardware(),
            "command": "python bench/memory/moe.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
-           "model": {"layers": layers, "bytes": nbytes, "layer_expert_bytes": expert_bytes, **SHAPE, "vocab": VOCAB},
+           "model": {**SHAPE, "vocab": VOCAB}, "layer_expert_bytes": expert_bytes,
            "json": out_json.relative_to(ROOT).as_posix() if out_json.is_relative_to(ROOT) else str(out_json),
            "rows": rows}
     out_json.parent.mkdir(parents=True, exist_ok=True)
