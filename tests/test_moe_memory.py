@@ -85,3 +85,45 @@ def test_streamed_moe_layer_holds_its_experts_once(tmp_path):
     # the measurement tells the two apart: transformers' stack-and-concatenate holds the stacked gate and up
     # halves and their concatenation at once (4/3 of the experts; measured 1.34)
     assert fused["peak_growth"] >= 1.25 * expert_bytes, ratio
+
+
+# Runs in a fresh interpreter: bf16 Linears over 600 token counts (routed experts see a new count in every layer),
+# with the kernel caches as a streamed conversion sets them (argv "capped") or torch's defaults; prints the growth
+# of the resident size and a digest of the outputs.
+KERNELS_CHILD = r"""
+import ctypes, hashlib, re, sys
+if sys.argv[1] == "capped":
+    from hubquant.streaming.switch import cap_kernel_caches
+    cap_kernel_caches()
+import torch
+
+def rss():
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read())[1]) * 1024
+
+gen = torch.Generator().manual_seed(0)
+w = torch.randn(512, 1024, generator=gen).to(torch.bfloat16)
+x = torch.randn(1300, 1024, generator=gen).to(torch.bfloat16)
+digest = hashlib.sha256()
+torch.nn.functional.linear(x[:8], w)
+before = rss()
+for m in range(700, 1300):
+    digest.update(torch.nn.functional.linear(x[:m], w).view(torch.int16).numpy().tobytes())
+print(rss() - before, digest.hexdigest())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_capped_kernel_caches_stay_small_and_compute_the_same():
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    got = {}
+    for mode in ("capped", "default"):
+        out = subprocess.run([sys.executable, "-c", KERNELS_CHILD, mode], capture_output=True, text=True,
+                             env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        growth, digest = out.stdout.split()
+        got[mode] = (int(growth), digest)
+    assert got["capped"][1] == got["default"][1]  # the same kernels: the same bytes
+    if got["default"][0] < 100e6:
+        pytest.skip(f"this torch build's default caches grew by {got['default'][0] / 1e6:.0f} MB only")
+    assert got["capped"][0] < 60e6, got
