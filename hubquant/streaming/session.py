@@ -234,6 +234,7 @@ class _Sink(dict):
             moe.pack_weight_only_int8(s.weights.model, {name: qw}, s.scheme)
             s.write_linear(name, qw)
             self.first = self.first or (name, qw)
+            trim_heap()  # the projection's work leaves holes in the heap; the next one would grow it
             if name not in s.picked:
                 qw = s.written[name]
         super().__setitem__(name, qw)
