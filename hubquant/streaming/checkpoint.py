@@ -64,24 +64,39 @@ class Weights:
             self._spare.update(self.converted[key].run(self.checkpoint.read, self.model))
         return self._spare.pop(key)
 
-    def load(self, module: nn.Module, prefix: str = "") -> None:
+    def load(self, module: nn.Module, prefix: str = "", *, experts: bool = True) -> None:
         """Read every parameter and persistent buffer of `module` still on the meta device (per-expert Linears:
-        views of their experts module's fused tensors)."""
+        views of their experts module's fused tensors). experts=False leaves the per-expert Linears that
+        `load_expert_linear` reads one at a time (each from its own checkpoint tensor) on the meta device."""
         from hubquant import moe
 
-        for ename, experts in moe.expert_modules(module, prefix).items():
-            lin = experts[0].projections()[0]
+        later = []
+        for ename, mods in moe.expert_modules(module, prefix).items():
+            lin = mods[0].projections()[0]
             if not lin.weight.is_meta:
                 continue
-            per_expert = self.expert_sources(ename, len(experts))
-            if per_expert is not None:
-                self._read_experts(experts, per_expert, ename)
+            per_expert = self.expert_sources(ename, len(mods))
+            if per_expert is not None and not experts:
+                later.append(ename + ".")
+            elif per_expert is not None:
+                self._read_experts(mods, per_expert, ename)
             else:
-                fill_experts(experts, self.tensor(f"{ename}.gate_up_proj"), self.tensor(f"{ename}.down_proj"), ename)
+                fill_experts(mods, self.tensor(f"{ename}.gate_up_proj"), self.tensor(f"{ename}.down_proj"), ename)
         for name, t in _tensors(module):
-            if t.is_meta:
-                full = f"{prefix}.{name}" if prefix else name
+            full = f"{prefix}.{name}" if prefix else name
+            if t.is_meta and not full.startswith(tuple(later)):
                 _set(module, name, self.tensor(full, t.dtype))
+
+    def load_expert_linear(self, mods, ename: str, index: int, proj: str) -> bool:
+        """Read projection `proj` of expert `index` of the experts module `mods` (named `ename`) from its own
+        checkpoint tensor, as `load` reads it; False (nothing read) when the experts are not stored per expert."""
+        per_expert = self.expert_sources(ename, len(mods))
+        if per_expert is None:
+            return False
+        mlp = mods[index]
+        key, dtype = per_expert[index][mlp.names.index(proj)]
+        self._read_linear(getattr(mlp, proj), key, dtype, f"{ename}.{index}")
+        return True
 
     def expert_sources(self, ename: str, n: int) -> list[tuple[tuple[str, torch.dtype], ...]] | None:
         """Each expert's checkpoint tensors [(gate, up, down) as (key, dtype)] when transformers' converters only
@@ -114,11 +129,14 @@ class Weights:
         experts are in memory once), in the dtype transformers' converter gives them."""
         for e, (mlp, sources) in enumerate(zip(experts, per_expert, strict=True)):
             for lin, (key, dtype) in zip(mlp.projections(), sources, strict=True):
-                w = self.checkpoint.read(key).to(dtype)
-                if tuple(w.shape) != tuple(lin.weight.shape):
-                    raise RuntimeError(f"{name}.{e}: checkpoint tensor {key} {tuple(w.shape)} does not fit the "
-                                       f"model's {tuple(lin.weight.shape)}")
-                lin._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+                self._read_linear(lin, key, dtype, f"{name}.{e}")
+
+    def _read_linear(self, lin: nn.Linear, key: str, dtype: torch.dtype, where: str) -> None:
+        w = self.checkpoint.read(key).to(dtype)
+        if tuple(w.shape) != tuple(lin.weight.shape):
+            raise RuntimeError(f"{where}: checkpoint tensor {key} {tuple(w.shape)} does not fit the "
+                               f"model's {tuple(lin.weight.shape)}")
+        lin._parameters["weight"] = nn.Parameter(w, requires_grad=False)
 
     def release(self, module: nn.Module) -> None:
         """Put every parameter and persistent buffer of `module` back on the meta device (frees the memory)."""

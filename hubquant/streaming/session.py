@@ -48,8 +48,10 @@ class Session:
         """Layer 0's calibration inputs are captured: no embeddings needed until the evaluation rereads them."""
         self.weights.release_rest()
 
-    def before(self, index: int, name: str, layer: nn.Module) -> None:
-        self.weights.load(layer, name)
+    def before(self, index: int, name: str, layer: nn.Module, *, experts: bool = True) -> None:
+        """experts=False: per-expert Linears stay unread where `Weights.load_expert_linear` can read them (the
+        method reads and drops each in turn)."""
+        self.weights.load(layer, name, experts=experts)
         self._advance(self.streams.base, index, layer)
         if self.results.early:
             self._pick()
@@ -360,17 +362,38 @@ def _rtn(model: nn.Module, job, session: Session) -> None:
 
     layers = decoder_layers(model)
     prefix = layers_prefix(model)
+    # no activations to advance: each expert projection is read, quantized, written and dropped in turn
+    one_by_one = not kind and not any(s.hidden for s in (*session.streams.base, *session.streams.variant))
     for i, layer in enumerate(tqdm(layers, desc="rtn: layers", disable=not job.progress)):
         name = f"{prefix}.{i}"
-        session.before(i, name, layer)
+        session.before(i, name, layer, experts=not one_by_one)
         linears = quantizable_linears(layer, job.ignore, name)
         if kind:  # NVFP4's fused Linears share a global scale
             session.results.update(quantize(linears))
         else:  # each Linear on its own (the same values): expert projections are written as they come
-            for n, lin in linears.items():
-                session.results[n] = quantize({n: lin})[n]
+            _rtn_one_by_one(layer, name, linears, session, quantize)
         session.after(i, name, layer)
     rest = {n: m for n, m in quantizable_linears(model, job.ignore).items() if not n.startswith(prefix + ".")}
     for name, lin in rest.items():
         session.weights.load(lin, name)
     session.results.update(quantize(rest))
+
+
+def _rtn_one_by_one(layer: nn.Module, name: str, linears: dict, session: Session, quantize) -> None:
+    """Integer RTN on each Linear of a layer in turn; an expert projection left unread by `Session.before` is read
+    first and dropped once written (the sampled ones stay for the layer's check)."""
+    where = moe.expert_linear_names(layer, name)
+    mods = moe.expert_modules(layer, name)
+
+    def read(n: str) -> bool:
+        ename, e = where[n]
+        return session.weights.load_expert_linear(mods[ename], ename, e, n.rpartition(".")[2])
+
+    for n, lin in linears.items():
+        fresh = lin.weight.is_meta and read(n)
+        session.results[n] = quantize({n: lin})[n]
+        if fresh and n not in session.picked:
+            session.weights.release(lin)
+    for n in where:  # expert projections left float (--ignore) are written as they are
+        if n not in linears and layer.get_submodule(n.removeprefix(name + ".")).weight.is_meta:
+            read(n)
