@@ -42,17 +42,18 @@ print(json.dumps({"peak_growth": peak - before, "held": held, "after": status("V
 """
 
 
-def _write_checkpoint(folder: Path) -> int:
-    """A one-layer Qwen3-MoE checkpoint with per-expert tensors (the Hub's layout), random bf16 weights; returns
-    the bytes of the layer's experts."""
+def _write_checkpoint(folder: Path, *, hidden: int = HIDDEN, inter: int = INTER, experts: int = EXPERTS,
+                      layers: int = 1, vocab: int = 1024) -> int:
+    """A Qwen3-MoE checkpoint with per-expert tensors (the Hub's layout), random bf16 weights; returns the bytes of
+    the experts."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     from hubquant import moe
 
-    config = Qwen3MoeConfig(vocab_size=1024, hidden_size=HIDDEN, intermediate_size=2048, moe_intermediate_size=INTER,
-                            num_experts=EXPERTS, num_experts_per_tok=4, num_hidden_layers=1, num_attention_heads=8,
-                            num_key_value_heads=2, head_dim=64, tie_word_embeddings=False,
+    config = Qwen3MoeConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2048, moe_intermediate_size=inter,
+                            num_experts=experts, num_experts_per_tok=4, num_hidden_layers=layers,
+                            num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False,
                             architectures=["Qwen3MoeForCausalLM"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -127,3 +128,33 @@ def test_capped_kernel_caches_stay_small_and_compute_the_same():
     if got["default"][0] < 100e6:
         pytest.skip(f"this torch build's default caches grew by {got['default'][0] / 1e6:.0f} MB only")
     assert got["capped"][0] < 60e6, got
+
+
+def test_streamed_rtn_without_evaluation_reads_one_expert_projection_at_a_time(tmp_path, tokenizer, monkeypatch):
+    """Evaluation skipped: no activations go through the layers, so streamed RTN reads each expert projection from
+    its own checkpoint tensor just before quantizing it and drops it once written; the files are the in-memory
+    path's bytes, a projection left float by --ignore included."""
+    from hubquant.convert import ConvertOptions, convert
+    from hubquant.streaming.checkpoint import Weights
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    _write_checkpoint(folder, hidden=256, inter=128, experts=64, layers=2, vocab=tokenizer.vocab_size + 64)
+    tokenizer.save_pretrained(folder)
+    reads, live = [], []
+    original = Weights.load_expert_linear
+
+    def counting(self, mods, ename, index, proj):
+        reads.append(f"{ename}.{index}.{proj}")
+        live.append(sum(not p.is_meta for p in mods.parameters()))  # expert weights in memory before this read
+        return original(self, mods, ename, index, proj)
+
+    monkeypatch.setattr(Weights, "load_expert_linear", counting)
+    for mode in ("off", "on"):
+        convert(ConvertOptions(repo_id=str(folder), method="rtn", group_size=32, streaming=mode, skip_eval=True,
+                               ignore=("experts.3.down_proj",), progress=False, output_dir=str(tmp_path / mode)),
+                log=lambda m: None)
+    assert len(reads) == len(set(reads)) == 2 * 64 * 3  # every expert projection of both layers, once
+    # each is dropped once written, but for the ones sampled for the layer's check (a fifth here)
+    assert max(live) < 64 * 3 // 4, max(live)
+    assert (tmp_path / "off" / "model.safetensors").read_bytes() == (tmp_path / "on" / "model.safetensors").read_bytes()
