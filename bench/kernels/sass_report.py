@@ -2,7 +2,7 @@
 
     python bench/kernels/sass_report.py                  # needs triton (its bundled ptxas/cuobjdump), no GPU
     python bench/kernels/sass_report.py --gemv2-budget   # JSON: gemv2's K-loop instructions, plain vs PTX
-    python bench/kernels/sass_report.py --mmv-budget     # JSON: the MMA GEMV's K loop (instructions, HMMAs)
+    python bench/kernels/sass_report.py --mmv-budget [--all]  # JSON: the MMA GEMV's K loop (instructions, HMMAs)
 
 For each kernel configuration: registers (ptxas), shared memory, and the SASS of the K loop (the longest
 backward-branch loop) as instructions per weight and an opcode histogram, so that instruction counts can be
@@ -81,6 +81,13 @@ def registers(kernel) -> str:
         err = subprocess.run([str(BIN / "ptxas"), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
                              capture_output=True, text=True).stderr
     m = re.search(r"Used (\d+) registers", err)
+    if m:
+        return m.group(1)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:  # ptxas -v printed nothing: the cubin's own record
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+)", res)
     return m.group(1) if m else "?"
 
 
@@ -105,18 +112,18 @@ def gemv2_budget() -> dict:
     return out
 
 
-def mmv_budget() -> dict:
-    """K-loop SASS of the MMA GEMV (4 warps, g128, bf16): instructions per weight and the MMAs in the loop."""
+def mmv_budget(mb: int = 1, pf: bool = True, warps: int = 4) -> dict:
+    """K-loop SASS of the MMA GEMV (g128, bf16): registers, instructions per weight and the MMAs in the loop."""
     from hubquant_kernels import w4a16_mmv
 
-    types = dict(TYPES, qs_ptr="*i32")
-    k = compile_kernel(w4a16_mmv._w4a16_mmv_kernel, types,
-                       dict(GS=128, GB=128, ONE_GROUP=False, HAS_ZP=False, HAS_BIAS=False, W=4, SPLIT_K=4, FP16=False,
-                            MASK_X=True, STAGES=1), 4, 1)
+    k = compile_kernel(w4a16_mmv._w4a16_mmv_kernel, TYPES,
+                       dict(GS=128, ONE_GROUP=False, HAS_ZP=False, HAS_BIAS=False, W=warps, SPLIT_K=4, FP16=False,
+                            MB=mb, MASK_X=True, PF=pf, EMUL=False), warps, 1)
     body = loop_body(k)
     ops = collections.Counter(_LINE.match(line).group(2).split(".")[0] for line in body)
-    return {"weights_per_thread": 128 * 16 / 32, "loop": len(body), "hmma": ops.get("HMMA", 0),
-            "ldg": ops.get("LDG", 0)}
+    return {"weights_per_thread": 128 * 32 / 32, "loop": len(body), "hmma": ops.get("HMMA", 0),
+            "ldg": ops.get("LDG", 0), "registers": registers(k), "mb": mb, "prefetch": pf,
+            "top": dict(ops.most_common(8))}
 
 
 def main() -> None:
@@ -140,7 +147,9 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--gemv2-budget"]:
         print(json.dumps(gemv2_budget()))
-    elif sys.argv[1:] == ["--mmv-budget"]:
+    elif sys.argv[1:2] == ["--mmv-budget"]:
+        for mb, pf in ((2, True), (1, False)) if sys.argv[2:] == ["--all"] else ():
+            print(json.dumps(mmv_budget(mb, pf)))
         print(json.dumps(mmv_budget()))
     else:
         main()

@@ -1,5 +1,5 @@
-"""One-call GPU sweep of the rotated-code GEMV (hubquant_kernels.w4a16_gemv3) against the earlier W4A16 candidate
-sets, bf16 cuBLAS and torch's tinygemm, in one process, on the same weights.
+"""One-call GPU sweep of the small-M W4A16 kernels (the rotated-code GEMV w4a16_gemv3, the tensor-core GEMV
+w4a16_mmv) against the other W4A16 candidates, bf16 cuBLAS and torch's tinygemm, in one process, same weights.
 
     python bench/kernels/sweep_gemv3.py --out sweep.json                  # on a CUDA machine
     python bench/kernels/sweep_gemv3.py --smoke --out /tmp/smoke.json     # CPU, TRITON_INTERPRET=1
@@ -7,9 +7,11 @@ sets, bf16 cuBLAS and torch's tinygemm, in one process, on the same weights.
 1. Correctness: gemv3 configurations (register prefetch and cp.async pipelines, BM 1/4/8 rows, split-K) on odd
    shapes, group sizes 32/64/128/-1, sym/asym, bf16/fp16, bias, against float64; the output is NaN-poisoned
    before each call and each configuration runs twice (the split-K workspace must come back zeroed).
-2. Per shape and M: bf16 F.linear and tinygemm; the earlier candidate set (HUBQUANT_GEMV3=0) and the wide
-   gemv3 set, each picked by hubquant's chooser (cold L2); the best few of each timed as CUDA-graph replays over
-   rotating weight copies (>= 256 MiB), every timed output checked against float64.
+   The MMA GEMV: every third configuration per case, M = 1-16, on the stored layout and on column slices.
+2. Per shape and M (default 1, 8, 16, 64): bf16 F.linear and tinygemm; three W4A16 families, each picked by
+   hubquant's chooser (cold L2): "old" (every default candidate but gemv3 and the MMA GEMV), gemv3, the MMA GEMV;
+   the best few of each timed as CUDA-graph replays over rotating weight copies (>= 256 MiB), every timed output
+   checked against float64. "best" is the fastest family (all three are offered by default).
 """
 from __future__ import annotations
 
@@ -41,9 +43,10 @@ CHECK_CONFIGS = [dict(bn=64, bk=128, split_k=1, stages=1), dict(bn=32, bk=256, s
                  dict(bn=64, bk=128, split_k=3, stages=4, nt=2), dict(bn=32, bk=256, split_k=1, stages=1, nt=2)]
 
 
-MMV_CASES = [(1, 256, 1024, 128, False, torch.bfloat16), (3, 528, 2048, 64, True, torch.float16),
+MMV_CASES = [(1, 256, 1024, 128, False, torch.bfloat16), (3, 544, 2048, 128, True, torch.float16),
              (8, 4096, 4096, 128, False, torch.bfloat16), (5, 1024, 768, -1, True, torch.bfloat16),
-             (1, 4096, 14336, 128, True, torch.bfloat16), (2, 128, 512, 256, False, torch.float16)]
+             (1, 4096, 14336, 128, True, torch.bfloat16), (2, 128, 512, 256, False, torch.float16),
+             (12, 1024, 2048, 128, True, torch.bfloat16), (16, 4096, 4096, 128, False, torch.float16)]
 
 
 def _problem(g, m, n, k, gs, asym, dt):
@@ -58,20 +61,27 @@ def _problem(g, m, n, k, gs, asym, dt):
 
 
 def mmv_checks(g) -> list[dict]:
-    """Every third MMA GEMV configuration per case (warps, split-K, pipeline depth) against float64."""
+    """Every third MMA GEMV configuration per case (warps, split-K, prefetch) against float64, on the stored layout
+    and, for every second case, on a column slice of a wider weight (as fused q/k/v and gate/up layers pass)."""
     out = []
-    for (m, n, k, gs, asym, dt) in MMV_CASES if DEV == "cuda" else MMV_CASES[:2]:
+    for i, (m, n, k, gs, asym, dt) in enumerate(MMV_CASES if DEV == "cuda" else MMV_CASES[:2]):
         gsz, qw, s, z, x, b, ref = _problem(g, m, n, k, gs, asym, dt)
-        for c in w4a16_mmv.candidates(m, n, k, gsz)[::3]:
+        if i % 2:
+            wide = torch.zeros(qw.shape[0], n + 64, dtype=qw.dtype, device=DEV)
+            wide[:, :n] = qw
+            qw = wide[:, :n]
+        for c in w4a16_mmv.candidates(m, n, k, gsz)[i % 3::3]:
             y1 = torch.full((m, n), float("nan"), dtype=dt, device=DEV)
+            y2 = torch.full((m, n), float("nan"), dtype=dt, device=DEV)
             try:
                 c.fn(x, qw, s, z, b, y1, gsz)
+                c.fn(x, qw, s, z, b, y2, gsz)
                 e = rel_err(y1, ref)
-                ok = e < 1e-2 and not torch.isnan(y1).any().item()
+                ok = e < 1e-2 and not torch.isnan(y1).any().item() and torch.allclose(y1, y2, rtol=1e-2, atol=1e-2)
             except Exception as ex:  # noqa: BLE001
                 e, ok = repr(ex)[:300], False
             out.append({"shape": [m, n, k], "group": gs, "asym": asym, "dtype": str(dt), "cfg": c.name, "asm": True,
-                        "rel_err": e, "ok": bool(ok)})
+                        "slice": bool(i % 2), "rel_err": e, "ok": bool(ok)})
     return out
 
 
@@ -153,9 +163,11 @@ def bench_cell(k, n, m, wts, log, top: int) -> dict:
         cell[fam] = {"pick": best.name, "best_graph": win, "graph_s": timed[win]["graph_s"], "timed": timed,
                      "n_candidates": len(cands), "tune_ms": tune}
     bf = cell["bf16"]
+    best = min((cell[f]["graph_s"], f) for f in ("old", "gemv3", "mmv") if "graph_s" in cell.get(f, {}))
+    cell["default_best"] = {"family": best[1], "graph_s": best[0], "x_bf16": bf / best[0]}
     fams = " | ".join(f"{fam} {bf / cell[fam]['graph_s']:.2f}x ({cell[fam]['best_graph']})"
                       for fam in ("old", "gemv3", "mmv") if "graph_s" in cell.get(fam, {}))
-    log(f"K={k:5d} N={n:5d} M={m:3d} bf16 {bf * 1e6:7.1f} us | {fams}"
+    log(f"K={k:5d} N={n:5d} M={m:3d} bf16 {bf * 1e6:7.1f} us | best {bf / best[0]:.2f}x | {fams}"
         + (f" | tinygemm {bf / cell['tinygemm']:.2f}x" if "tinygemm" in cell else ""))
     return cell
 
@@ -165,7 +177,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="sweep_gemv3.json")
     ap.add_argument("--shapes", default="all")
-    ap.add_argument("--ms", default="1,8,16")
+    ap.add_argument("--ms", default="1,8,16,64")
     ap.add_argument("--top", type=int, default=4, help="graph-time this many of each family's cold-L2 best")
     ap.add_argument("--workers", type=int, default=15)
     ap.add_argument("--smoke", action="store_true")

@@ -53,9 +53,6 @@ def make_plan(records: Sequence, x: torch.Tensor, y: torch.Tensor, consts: Seque
         allowed |= {id(ws), id(cnt)}
     for ws, cnt in _common._RETIRED:
         allowed |= {id(ws), id(cnt)}
-    from hubquant_kernels import w4a16_mmv
-
-    allowed |= {id(t) for t in w4a16_mmv.held()}  # the MMA GEMV's shuffled weights (live as long as the layer's)
     launches = []
     keep = [t for t in consts if t is not None] + list(scratch)
     for compiled, tail, grid, args in records:
