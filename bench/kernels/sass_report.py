@@ -112,17 +112,18 @@ def gemv2_budget() -> dict:
     return out
 
 
-def mmv_budget(mb: int = 1, pf: bool = True, warps: int = 4) -> dict:
+def mmv_budget(mb: int = 1, pf: bool = True, wn: int = 2, wk: int = 4) -> dict:
     """K-loop SASS of the MMA GEMV (g128, bf16): registers, instructions per weight and the MMAs in the loop."""
     from hubquant_kernels import w4a16_mmv
 
     k = compile_kernel(w4a16_mmv._w4a16_mmv_kernel, TYPES,
-                       dict(GS=128, ONE_GROUP=False, HAS_ZP=False, HAS_BIAS=False, W=warps, SPLIT_K=4, FP16=False,
-                            MB=mb, MASK_X=True, PF=pf, EMUL=False), warps, 1)
+                       dict(GS=128, ONE_GROUP=False, HAS_ZP=False, HAS_BIAS=False, WN=wn, WK=wk, SPLIT_K=1,
+                            FP16=False, MB=mb, MASK_X=True, PF=pf, EMUL=False), wn * wk, 1)
     body = loop_body(k)
     ops = collections.Counter(_LINE.match(line).group(2).split(".")[0] for line in body)
     return {"weights_per_thread": 128 * 32 / 32, "loop": len(body), "hmma": ops.get("HMMA", 0),
-            "ldg": ops.get("LDG", 0), "registers": registers(k), "mb": mb, "prefetch": pf,
+            "ldg": ops.get("LDG", 0), "registers": registers(k), "mb": mb, "prefetch": pf, "wn": wn, "wk": wk,
+            "shared": k.metadata.shared,
             "top": dict(ops.most_common(8))}
 
 

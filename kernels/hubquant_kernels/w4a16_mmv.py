@@ -193,7 +193,7 @@ if triton is not None:
     def _zq(z_ptr, grp, stride_s, nb, e4, HAS_ZP: tl.constexpr, FP16: tl.constexpr, EMUL: tl.constexpr):
         """[T, 4] zero points of outputs nb .. nb + 3: floats (EMUL) or -(magic + z) as two equal 16-bit halves."""
         if HAS_ZP:
-            z = tl.load(z_ptr + grp * stride_s + nb[:, None] + e4[None, :]).to(tl.float32)
+            z = tl.load(z_ptr + (grp * stride_s + nb)[:, None] + e4[None, :]).to(tl.float32)
         else:
             z = tl.full((nb.shape[0], 4), 8.0, tl.float32)
         if EMUL:
@@ -239,35 +239,57 @@ if triton is not None:
         return _chunk(wv3, xa, xb, c, zq, MB, FP16, EMUL, W)
 
     @triton.jit
-    def _words(qw_ptr, wo, k0, stride_w):
-        """The lane's 4 x 16 bytes of the step at k0 (rows k0/8 + q + 4i)."""
+    def _words(qw_ptr, wo, k0, stride_w, ok):
+        """The lane's 4 x 16 bytes of the step at k0 (rows k0/8 + q + 4i; none where ok is false)."""
         p = qw_ptr + wo + (k0 // 8) * stride_w
-        w0 = tl.load(p, eviction_policy="evict_first")
-        w1 = tl.load(p + 4 * stride_w, eviction_policy="evict_first")
-        w2 = tl.load(p + 8 * stride_w, eviction_policy="evict_first")
-        w3 = tl.load(p + 12 * stride_w, eviction_policy="evict_first")
+        if ok is None:
+            w0 = tl.load(p, eviction_policy="evict_first")
+            w1 = tl.load(p + 4 * stride_w, eviction_policy="evict_first")
+            w2 = tl.load(p + 8 * stride_w, eviction_policy="evict_first")
+            w3 = tl.load(p + 12 * stride_w, eviction_policy="evict_first")
+        else:
+            w0 = tl.load(p, mask=ok, other=0, eviction_policy="evict_first")
+            w1 = tl.load(p + 4 * stride_w, mask=ok, other=0, eviction_policy="evict_first")
+            w2 = tl.load(p + 8 * stride_w, mask=ok, other=0, eviction_policy="evict_first")
+            w3 = tl.load(p + 12 * stride_w, mask=ok, other=0, eviction_policy="evict_first")
         return w0, w1, w2, w3
+
+    @triton.jit
+    def _out_index(pid_n, WN: tl.constexpr, MB: tl.constexpr):
+        """(output, x row) of every C-fragment element of a program's 32 WN outputs (one warp per 32)."""
+        t = tl.arange(0, 32 * WN)
+        q = t % 4
+        nb = pid_n * (32 * WN) + 4 * (t // 4)  # warp t // 32, lane group (t % 32) // 4
+        nn = _per_output(nb[:, None] + tl.arange(0, 4)[None, :], MB)
+        m0 = 2 * q
+        mm = tl.join(_join4(m0, m0 + 1, m0, m0 + 1), _join4(m0, m0 + 1, m0, m0 + 1))
+        if MB == 2:
+            mm = tl.join(mm, mm + 8)
+        return nn, mm
 
     @triton.jit
     def _w4a16_mmv_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, k_split, stride_xm, stride_ym, stride_w, stride_s,
         GS: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
-        W: tl.constexpr, SPLIT_K: tl.constexpr, FP16: tl.constexpr, MB: tl.constexpr, MASK_X: tl.constexpr,
-        PF: tl.constexpr, EMUL: tl.constexpr,
+        WN: tl.constexpr, WK: tl.constexpr, SPLIT_K: tl.constexpr, FP16: tl.constexpr, MB: tl.constexpr,
+        MASK_X: tl.constexpr, PF: tl.constexpr, EMUL: tl.constexpr,
     ):
-        # every [T] tensor holds element i in thread i (lane i % 32 of warp i // 32), which the MMA fragments
-        # in the inline assembly assume; [T, 4] loads keep a thread's 4 words in that thread.
-        T: tl.constexpr = 32 * W
+        # WN x WK warps: warp w owns outputs 32 (w % WN) .. + 31 of the program and every WK-th 128-input step
+        # (w // WN) of its K range; the WK partial sums meet in shared memory at the end. Every [T] tensor holds
+        # element i in thread i (lane i % 32 of warp i // 32), which the MMA fragments in the inline assembly
+        # assume; [T, 4] loads keep a thread's 4 words in that thread.
+        T: tl.constexpr = 32 * WN * WK
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         t = tl.arange(0, T)
         g = (t % 32) // 4
         q = t % 4
-        nb = pid_n * T + (t // 32) * 32 + 4 * g
+        wk = t // (32 * WN)
+        nb = pid_n * (32 * WN) + ((t // 32) % WN) * 32 + 4 * g
         e4 = tl.arange(0, 4)
-        wo = (q * stride_w + nb)[:, None] + e4[None, :]
-        xo = g * stride_xm + 8 * q
+        wo = (q * stride_w + wk * 16 * stride_w + nb)[:, None] + e4[None, :]
+        xo = g * stride_xm + 8 * q + 128 * wk
         xm = g < M
         xo2 = xo + 8 * stride_xm
         xm2 = g + 8 < M
@@ -278,31 +300,34 @@ if triton is not None:
         if MB == 2:
             acc = tl.join(acc, acc)
         zc = acc
-        zq = _zq(z_ptr, k_lo // GS, stride_s, nb, e4, HAS_ZP, FP16, EMUL)
+        zq = _zq(z_ptr, 0, stride_s, nb, e4, HAS_ZP, FP16, EMUL)
         if PF:  # register prefetch: the next step's words are in flight while this step computes
-            wv0, wv1, wv2, wv3 = _words(qw_ptr, wo, k_lo, stride_w)
-        for k0 in range(k_lo, k_hi, 128):
+            wv0, wv1, wv2, wv3 = _words(qw_ptr, wo, k_lo, stride_w, None)
+        for k0 in range(k_lo, k_hi, 128 * WK):
             if PF:
-                n0, n1, n2, n3 = _words(qw_ptr, wo, tl.minimum(k0 + 128, k_hi - 128), stride_w)
+                n0, n1, n2, n3 = _words(qw_ptr, wo, k0 + 128 * WK, stride_w, wo * 0 + k0 + 128 * WK < k_hi)
             else:
-                wv0, wv1, wv2, wv3 = _words(qw_ptr, wo, k0, stride_w)
+                wv0, wv1, wv2, wv3 = _words(qw_ptr, wo, k0, stride_w, None)
+            grp = (k0 + 128 * wk) // GS
             if not ONE_GROUP:
-                zq = _zq(z_ptr, k0 // GS, stride_s, nb, e4, HAS_ZP, FP16, EMUL)
-            part = _step(x_ptr, xo, xm, xo2, xm2, k0, zc, zq, wv0, wv1, wv2, wv3, e4, MB, FP16, EMUL, W, MASK_X)
+                zq = _zq(z_ptr, grp, stride_s, nb, e4, HAS_ZP, FP16, EMUL)
+            part = _step(x_ptr, xo, xm, xo2, xm2, k0, zc, zq, wv0, wv1, wv2, wv3, e4, MB, FP16, EMUL, WN * WK,
+                         MASK_X)
             if ONE_GROUP:
                 acc += part
             else:
-                s4 = tl.load(s_ptr + (k0 // GS) * stride_s + nb[:, None] + e4[None, :]).to(tl.float32)
+                s4 = tl.load(s_ptr + (grp * stride_s + nb)[:, None] + e4[None, :]).to(tl.float32)
                 acc += part * _per_output(s4, MB)
             if PF:
                 wv0, wv1, wv2, wv3 = n0, n1, n2, n3
         if ONE_GROUP:
             acc *= _per_output(tl.load(s_ptr + nb[:, None] + e4[None, :]).to(tl.float32), MB)
-        nn = _per_output(nb[:, None] + e4[None, :], MB)
-        m0 = 2 * q
-        mm = tl.join(_join4(m0, m0 + 1, m0, m0 + 1), _join4(m0, m0 + 1, m0, m0 + 1))
-        if MB == 2:
-            mm = tl.join(mm, mm + 8)
+        if WK > 1:
+            if MB == 1:
+                acc = tl.sum(tl.reshape(acc, (WK, 32 * WN, 2, 2, 2)), axis=0)
+            else:
+                acc = tl.sum(tl.reshape(acc, (WK, 32 * WN, 2, 2, 2, 2)), axis=0)
+        nn, mm = _out_index(pid_n, WN, MB)
         bias = tl.load(b_ptr + nn).to(tl.float32) if HAS_BIAS else 0.0
         _store_or_reduce(acc, y_ptr + mm * stride_ym + nn, ws_ptr + mm * N + nn, mm < M, cnt_ptr,
                          pid_n, bias, SPLIT_K, HAS_BIAS)
@@ -318,34 +343,35 @@ def _self_check(device: torch.device) -> bool:
 
     g = torch.Generator(device=device).manual_seed(1)
     ok = True
-    for m, n, k, gs, asym, dt, w, s, pf in ((1, 256, 1024, 128, False, torch.bfloat16, 4, 2, True),
-                                            (5, 128, 512, 256, True, torch.float16, 2, 1, False),
-                                            (13, 256, 512, 512, False, torch.bfloat16, 8, 1, True)):
+    for m, n, k, gs, asym, dt, cfg in ((1, 256, 1024, 128, False, torch.bfloat16, (4, 1, 2, True)),
+                                       (5, 128, 1024, 256, True, torch.float16, (2, 4, 1, False)),
+                                       (13, 256, 2048, 2048, False, torch.bfloat16, (1, 8, 2, True))):
         qw = pack.pack_kn(torch.randint(0, 16, (k, n), device=device, generator=g))
         sc = (torch.rand(k // gs, n, device=device, generator=g) * 0.02 + 1e-3).to(dt)
         z = torch.randint(0, 16, (k // gs, n), device=device, generator=g).to(torch.uint8) if asym else None
         x = torch.randn(m, k, device=device, generator=g).to(dt)
         y = torch.full((m, n), float("nan"), dtype=dt, device=device)
-        _launch(x, qw, sc, z, None, y, gs, w, s, pf)
+        _launch(x, qw, sc, z, None, y, gs, *cfg)
         ref = mmv_reference(x.double(), qw, sc.double(), z, gs, None)
         err = float((y.double() - ref).norm() / ref.norm())
         ok = ok and err < 1e-2
     return ok
 
 
-def supports(m: int, n: int, k: int, gs: int, warps: int = 1) -> bool:
-    """Shapes the kernel takes: M <= 16, N a multiple of 32 * warps, K of 128, groups of 128 * 2^i or one."""
-    return m <= 16 and n % (32 * warps) == 0 and k % KB == 0 and (gs >= k or gs % KB == 0)
+def supports(m: int, n: int, k: int, gs: int, wn: int = 1, wk: int = 1, split_k: int = 1) -> bool:
+    """Shapes the kernel takes: M <= 16, N a multiple of 32 wn, K of 128 wk split_k, groups of 128 * 2^i or one."""
+    return (m <= 16 and n % (32 * wn) == 0 and k % (KB * wk * split_k) == 0 and (gs >= k or gs % KB == 0))
 
 
-def mmv(x, qweight, scales, zeros, bias, y, gs, *, warps=4, split_k=1, prefetch=True):
-    """y = x @ W (+ bias) on the tensor cores for M <= 16; x [M, K] contiguous rows, y [M, N] preallocated."""
+def mmv(x, qweight, scales, zeros, bias, y, gs, *, wn=4, wk=1, split_k=1, prefetch=True):
+    """y = x @ W (+ bias) on the tensor cores for M <= 16; x [M, K] contiguous rows, y [M, N] preallocated.
+    A program is wn x wk warps (32 wn outputs; K steps dealt out to wk warps), split_k programs share K."""
     m, k = x.shape
     n = qweight.shape[1]
-    if (not supports(m, n, k, gs, warps) or x.dtype not in (torch.bfloat16, torch.float16) or x.data_ptr() % 16
-            or x.stride(0) % 8 or x.stride(1) != 1):
+    if (not supports(m, n, k, gs, wn, wk, split_k) or x.dtype not in (torch.bfloat16, torch.float16)
+            or x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1):
         raise UnsupportedError(f"the MMA GEMV takes M <= 16 rows of bf16/fp16 x (16-byte aligned), N a multiple "
-                               f"of {32 * warps}, K of 128 and groups of a multiple of 128 inputs",
+                               f"of {32 * wn}, K of {KB * wk * split_k} and groups of a multiple of 128 inputs",
                                hint="other W4A16 kernels handle this case")
     if not x.is_cuda and not interpreting():
         y.copy_(mmv_reference(x, qweight, scales, zeros, gs, bias).to(y.dtype))
@@ -356,32 +382,32 @@ def mmv(x, qweight, scales, zeros, bias, y, gs, *, warps=4, split_k=1, prefetch=
             _CHECKED[dev] = _self_check(x.device)
         if not _CHECKED[dev]:
             raise UnsupportedError("the MMA GEMV failed its check on this GPU", hint="other W4A16 kernels are used")
-    return _launch(x, qweight, scales, zeros, bias, y, gs, warps, split_k, prefetch)
+    return _launch(x, qweight, scales, zeros, bias, y, gs, wn, wk, split_k, prefetch)
 
 
-def _launch(x, qweight, scales, zeros, bias, y, gs, warps, split_k, prefetch):
+def _launch(x, qweight, scales, zeros, bias, y, gs, wn, wk, split_k, prefetch):
     m, k = x.shape
     n = qweight.shape[1]
-    steps = k // KB
-    split_k = max(1, min(split_k, steps))
-    k_split = -(-steps // split_k) * KB
-    progs = n // (32 * warps)
+    progs = n // (32 * wn)
     mb = 1 if m <= 8 else 2
     ws, cnt = workspace(x.device, m * n, progs) if split_k > 1 else (y, y)
     launch(_w4a16_mmv_kernel, (progs, split_k),
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
-        y, ws, cnt, m, n, k, k_split, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
+        y, ws, cnt, m, n, k, k // split_k, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=min(gs, k), ONE_GROUP=gs >= k, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
-        W=warps, SPLIT_K=split_k, FP16=x.dtype == torch.float16, MB=mb, MASK_X=m < 8 * mb,
-        PF=bool(prefetch), EMUL=interpreting(), num_warps=warps,
+        WN=wn, WK=wk, SPLIT_K=split_k, FP16=x.dtype == torch.float16, MB=mb, MASK_X=m < 8 * mb,
+        PF=bool(prefetch), EMUL=interpreting(), num_warps=wn * wk,
     )
     return y
 
 
-# (warps, split-K ways, register prefetch); the chooser keeps the fastest per shape.
-CONFIGS = tuple((w, s, pf) for w in (4, 8) for s in (1, 2, 4, 6, 8, 12, 16, 24, 32) for pf in (True, False))
-SWEEP_CONFIGS = tuple((w, s, pf) for w in (2, 4, 8) for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-                      for pf in (True, False))
+# (warps along N, warps along K, split-K programs, register prefetch); the chooser keeps the fastest per shape.
+# Warps along K add their partial sums in shared memory; split-K programs through the fp32 workspace (atomics).
+CONFIGS = tuple((wn, wk, s, pf) for wn, wk in ((1, 8), (1, 16), (2, 4), (2, 8), (4, 2), (4, 4))
+                for s in (1, 2, 4, 8) for pf in (True, False)) + tuple(
+                (wn, 1, s, True) for wn in (4, 8) for s in (4, 8, 16))
+SWEEP_CONFIGS = tuple((wn, wk, s, pf) for wn in (1, 2, 4, 8) for wk in (1, 2, 4, 8, 16) if 2 <= wn * wk <= 16
+                      for s in (1, 2, 4, 8, 16, 32) for pf in (True, False))
 
 
 def enabled() -> bool:
@@ -395,16 +421,13 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
         return []
     out = []
     sweep = "1" in (os.environ.get("HUBQUANT_W4_SWEEP"), os.environ.get("HUBQUANT_W4_SWEEP_MMV"))
-    steps = k // KB
     cfgs = SWEEP_CONFIGS if sweep else CONFIGS
-    if n % 128:  # narrow layers: the widest program that divides N
-        cfgs = tuple((2 if n % 64 == 0 else 1, s, pf) for w, s, pf in cfgs if w == 4)
-    for warps, split, pf in cfgs:
-        progs = n // (32 * warps)
-        if n % (32 * warps) or split > steps or progs * split > 4096 or (split > 1 and progs * split < 132):
+    if n % 128:  # narrow layers: one warp along N
+        cfgs = tuple(dict.fromkeys((1, wk, s, pf) for _, wk, s, pf in cfgs))
+    for wn, wk, split, pf in cfgs:
+        progs = n // (32 * wn)
+        if not supports(m, n, k, gs, wn, wk, split) or progs * split > 4096 or (split > 1 and progs * split < 132):
             continue
-        if split > 1 and -(-steps // split) * (split - 1) >= steps:  # a program would get no step
-            continue
-        out.append(Candidate(name=f"mmv_w{warps}_s{split}_{'pf' if pf else 'np'}",
-                             fn=lambda *a, w=warps, s=split, p=pf: mmv(*a, warps=w, split_k=s, prefetch=p)))
+        out.append(Candidate(name=f"mmv_n{wn}k{wk}_s{split}_{'pf' if pf else 'np'}",
+                             fn=lambda *a, wn=wn, wk=wk, s=split, p=pf: mmv(*a, wn=wn, wk=wk, split_k=s, prefetch=p)))
     return out

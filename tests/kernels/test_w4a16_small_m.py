@@ -48,14 +48,15 @@ def test_gemv3_codes_are_exact():
     assert torch.equal(y.float(), torch.full((1, 16), 5.0 - 8.0))
 
 
-@pytest.mark.parametrize("m,n,k,gs,asym,dtype,warps,split,pf,slice_n", [
-    (1, 64, 512, 128, False, torch.bfloat16, 2, 1, True, 0),
-    (3, 128, 512, -1, True, torch.float16, 1, 2, False, 0),
-    (8, 64, 768, 256, True, torch.bfloat16, 1, 3, True, 32),  # column slice of a wider weight (fused layers)
-    (9, 64, 384, 128, False, torch.bfloat16, 2, 1, False, 0),  # two B tiles
-    (16, 32, 512, 128, True, torch.float16, 1, 4, True, 0),
+@pytest.mark.parametrize("m,n,k,gs,asym,dtype,wn,wk,split,pf,slice_n", [
+    (1, 64, 512, 128, False, torch.bfloat16, 2, 1, 1, True, 0),
+    (3, 128, 512, -1, True, torch.float16, 1, 2, 2, False, 0),
+    (8, 64, 768, 256, True, torch.bfloat16, 1, 1, 3, True, 32),  # column slice of a wider weight (fused layers)
+    (9, 64, 1024, 128, False, torch.bfloat16, 1, 4, 1, True, 0),  # two B tiles; 4 warps share K
+    (16, 32, 1024, 128, True, torch.float16, 1, 2, 2, True, 0),
+    (2, 64, 1024, 256, False, torch.bfloat16, 2, 2, 1, False, 0),
 ])
-def test_mmv_kernel_matches_float64(m, n, k, gs, asym, dtype, warps, split, pf, slice_n):
+def test_mmv_kernel_matches_float64(m, n, k, gs, asym, dtype, wn, wk, split, pf, slice_n):
     """The kernel itself (its two MMAs per tile emulated across lanes under the interpreter) on the stored layout:
     output poisoned with NaN, split-K run twice (the workspace must come back zeroed)."""
     wide = n + slice_n
@@ -67,7 +68,7 @@ def test_mmv_kernel_matches_float64(m, n, k, gs, asym, dtype, warps, split, pf, 
     exact = x.double() @ w4a16.dequantize_reference(qw, s, z, gs).double() + b.double()
     for _ in range(2):
         y = torch.full((m, n), float("nan"), dtype=dtype)
-        w4a16_mmv.mmv(x, qw, s, z, b, y, gsz, warps=warps, split_k=split, prefetch=pf)
+        w4a16_mmv.mmv(x, qw, s, z, b, y, gsz, wn=wn, wk=wk, split_k=split, prefetch=pf)
         assert not torch.isnan(y).any()
         err = float((y.double() - exact).norm() / exact.norm())
         assert err < (5e-3 if dtype == torch.bfloat16 else 1e-3), err  # the output's own rounding, no more
@@ -83,7 +84,7 @@ def test_mmv_sums_each_output_from_its_own_codes():
         x = torch.zeros(m, k, dtype=torch.bfloat16)
         x[row, col] = 1.0
         y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
-        w4a16_mmv.mmv(x, qw, s, None, None, y, 128, warps=2, split_k=2)
+        w4a16_mmv.mmv(x, qw, s, None, None, y, 128, wn=2, wk=1, split_k=2)
         want = torch.zeros(m, n)
         want[row] = u[col].float() - 8.0
         assert torch.equal(y.float(), want)
