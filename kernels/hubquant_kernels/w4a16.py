@@ -7,7 +7,7 @@ optional unsigned zero points [G, N]; symmetric codes use zero point 8), so
 Paths, chosen per shape (timed once per shape bucket on GPU):
 - GEMV (M <= 4): FMA over [BK, BN] tiles, split-K across programs, no tensor cores (also w4a16_gemv's mantissa
   codes and w4a16_gemv3's rotated codes at M=1);
-- tensor-core GEMV (M <= 16, w4a16_mmv): mma.sync with swapped operands, on the same packed layout;
+- tensor-core GEMV (M <= 32, w4a16_mmv): mma.sync with swapped operands, on the same packed layout;
 - tiled: tl.dot on dequantized [BK, BN] tiles, optional split-K for small M;
 - dequantize once into a bf16 [K, N] buffer + cuBLAS (large M, where the GEMM is compute-bound).
 Split-K programs add fp32 partial sums into a shared workspace; the last program of a tile (arrival counter)
@@ -340,7 +340,7 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
                     _mm(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
     out += w4a16_gemv.candidates(m, n, k, gs)  # M=1: the only candidates
     out += w4a16_gemv3.candidates(m, n, k, gs)  # M=1 by default: rotated codes (BM rows per program in sweeps)
-    out += w4a16_mmv.candidates(m, n, k, gs)  # M <= 16: tensor-core GEMV on the stored layout
+    out += w4a16_mmv.candidates(m, n, k, gs)  # M <= 32: tensor-core GEMV on the stored layout
     if os.environ.get("HUBQUANT_W4_SWEEP") == "1":  # one wide GPU sweep (bench/kernels/h200.py --sweep)
         out += w4a16_tc.sweep_candidates(m, n, k, gs) if m <= 64 else []
         out += w4a16_mma.sweep_candidates(m, n, k, gs)

@@ -1,7 +1,8 @@
-"""W4A16 for M <= 16 on the tensor cores, reading the stored kernel layout: swapped operands, packed 16-bit codes.
+"""W4A16 for M <= 32 on the tensor cores, reading the stored kernel layout: swapped operands, packed 16-bit codes.
 
 y^T [N, M] = W^T [N, K] @ x^T [K, M] as ``mma.sync.m16n8k16`` with the weights as the A operand (16 outputs x 16
-inputs per instruction) and x as B (16 inputs x 8 rows of x): M <= 8 costs one B tile, M <= 16 two (MB).
+inputs per instruction) and x as B (16 inputs x 8 rows of x): M <= 8 costs one B tile, M <= 16 two (MB), and
+M <= 32 two launches of up to 16 rows.
 
 The weights are read in the layout every W4A16 path uses (qweight int32 [K/8, N], `hubquant_kernels.pack`): no
 second copy. A warp owns 32 outputs; lane l = 4g + q loads, per 32-input chunk, one 16-byte vector: packed row
@@ -13,6 +14,11 @@ slots (2q, 2q+1) and (2q+8, 2q+9) of the chunk's first MMA, (2, 6) and (3, 7) of
 activations of the same inputs (one 16-byte load) are put into the same pairs with ``prmt``. So the MMA's input
 slots are a permutation of the chunk's inputs, the same for W and x. Per 32 weights a lane issues 3 shifts, 4 LOP3
 and 4 packed FMAs a word (4 words), 4 PRMT and 4 MMAs (8 with two B tiles); groups are scaled in fp32.
+
+A program is WN x WK warps: WN side by side along N (32 outputs each), WK taking every WK-th 128-input step of the
+program's K range; the WK partial sums are added in shared memory at the end, and SPLIT_K programs share K through
+the fp32 workspace of `hubquant_kernels.splitk`. With register prefetch (PF) the next step's 64 bytes a lane are
+in flight while the current step computes.
 
 C fragment of a tile: (row g, x row 2q + e) and (row g + 8, x row 2q + e), e = 0, 1; kept as one joined tensor
 [T, 2 (h), 2 (e), 2 (tile)] (and a last axis for the B tile): output nb + 2 tile + h, x row 2q + e + 8 bt.
@@ -359,18 +365,20 @@ def _self_check(device: torch.device) -> bool:
 
 
 def supports(m: int, n: int, k: int, gs: int, wn: int = 1, wk: int = 1, split_k: int = 1) -> bool:
-    """Shapes the kernel takes: M <= 16, N a multiple of 32 wn, K of 128 wk split_k, groups of 128 * 2^i or one."""
-    return (m <= 16 and n % (32 * wn) == 0 and k % (KB * wk * split_k) == 0 and (gs >= k or gs % KB == 0))
+    """Shapes the kernel takes: M <= 32 (two launches above 16), N a multiple of 32 wn, K of 128 wk split_k, groups
+    of 128 * 2^i or one."""
+    return (m <= 32 and n % (32 * wn) == 0 and k % (KB * wk * split_k) == 0 and (gs >= k or gs % KB == 0))
 
 
 def mmv(x, qweight, scales, zeros, bias, y, gs, *, wn=4, wk=1, split_k=1, prefetch=True):
-    """y = x @ W (+ bias) on the tensor cores for M <= 16; x [M, K] contiguous rows, y [M, N] preallocated.
-    A program is wn x wk warps (32 wn outputs; K steps dealt out to wk warps), split_k programs share K."""
+    """y = x @ W (+ bias) on the tensor cores for M <= 32; x [M, K] contiguous rows, y [M, N] preallocated.
+    A program is wn x wk warps (32 wn outputs; K steps dealt out to wk warps), split_k programs share K; one
+    launch takes up to 16 rows of x (M > 16: two launches, each reading the weights)."""
     m, k = x.shape
     n = qweight.shape[1]
     if (not supports(m, n, k, gs, wn, wk, split_k) or x.dtype not in (torch.bfloat16, torch.float16)
             or x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1):
-        raise UnsupportedError(f"the MMA GEMV takes M <= 16 rows of bf16/fp16 x (16-byte aligned), N a multiple "
+        raise UnsupportedError(f"the MMA GEMV takes M <= 32 rows of bf16/fp16 x (16-byte aligned), N a multiple "
                                f"of {32 * wn}, K of {KB * wk * split_k} and groups of a multiple of 128 inputs",
                                hint="other W4A16 kernels handle this case")
     if not x.is_cuda and not interpreting():
@@ -382,6 +390,10 @@ def mmv(x, qweight, scales, zeros, bias, y, gs, *, wn=4, wk=1, split_k=1, prefet
             _CHECKED[dev] = _self_check(x.device)
         if not _CHECKED[dev]:
             raise UnsupportedError("the MMA GEMV failed its check on this GPU", hint="other W4A16 kernels are used")
+    if m > 16:
+        _launch(x[:16], qweight, scales, zeros, bias, y[:16], gs, wn, wk, split_k, prefetch)
+        _launch(x[16:], qweight, scales, zeros, bias, y[16:], gs, wn, wk, split_k, prefetch)
+        return y
     return _launch(x, qweight, scales, zeros, bias, y, gs, wn, wk, split_k, prefetch)
 
 
@@ -416,7 +428,7 @@ def enabled() -> bool:
 
 
 def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
-    """MMA GEMV configurations for an [m, k] x [k, n] product with m <= 16."""
+    """MMA GEMV configurations for an [m, k] x [k, n] product with m <= 32."""
     if not enabled() or not supports(m, n, k, gs):
         return []
     out = []

@@ -55,6 +55,7 @@ def test_gemv3_codes_are_exact():
     (9, 64, 1024, 128, False, torch.bfloat16, 1, 4, 1, True, 0),  # two B tiles; 4 warps share K
     (16, 32, 1024, 128, True, torch.float16, 1, 2, 2, True, 0),
     (2, 64, 1024, 256, False, torch.bfloat16, 2, 2, 1, False, 0),
+    (27, 64, 512, 128, True, torch.bfloat16, 2, 2, 1, True, 0),  # two launches of 16 and 11 rows
 ])
 def test_mmv_kernel_matches_float64(m, n, k, gs, asym, dtype, wn, wk, split, pf, slice_n):
     """The kernel itself (its two MMAs per tile emulated across lanes under the interpreter) on the stored layout:
@@ -108,7 +109,7 @@ def test_mmv_candidates_through_the_entry_point(m, gs, asym, dtype, monkeypatch)
 
 
 def test_mmv_declines_what_it_cannot_do():
-    assert w4a16_mmv.candidates(17, 64, 512, 128) == []  # M > 16
+    assert w4a16_mmv.candidates(33, 64, 512, 128) == []  # M > 32
     assert w4a16_mmv.candidates(1, 80, 512, 128) == []  # N % 32
     assert w4a16_mmv.candidates(1, 64, 512, 64) == []  # groups of 64
     assert w4a16_mmv.candidates(1, 64, 448, 448) == []  # K % 128
