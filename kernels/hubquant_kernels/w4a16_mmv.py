@@ -33,6 +33,7 @@ import torch
 
 from hubquant.errors import UnsupportedError
 from hubquant_kernels._common import Candidate, interpreting, launch, workspace
+from hubquant_kernels.pack import unpack_kn
 
 try:
     import triton
@@ -45,9 +46,10 @@ KB = 128  # inputs per loop step (4 chunks of 32)
 
 def mmv_reference(x, qweight, scales, zeros, gs, bias):
     """What the kernel computes, in float32 (the portable path off the GPU)."""
-    from hubquant_kernels.w4a16 import dequantize_reference
-
-    y = x.to(torch.float32) @ dequantize_reference(qweight, scales, zeros, gs)
+    u = unpack_kn(qweight).to(torch.float32)
+    k = u.shape[0]
+    z = 8.0 if zeros is None else zeros.to(torch.float32).repeat_interleave(gs, 0)[:k]
+    y = x.to(torch.float32) @ ((u - z) * scales.to(torch.float32).repeat_interleave(gs, 0)[:k])
     return y + bias.to(torch.float32) if bias is not None else y
 
 
