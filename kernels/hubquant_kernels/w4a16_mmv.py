@@ -430,7 +430,8 @@ def _launch(x, qweight, scales, zeros, bias, y, gs, wn, wk, split_k, prefetch):
     return y
 
 
-# (warps along N, warps along K, split-K programs, register prefetch depth 0-2 steps); the chooser keeps the fastest per shape.
+# (warps along N, warps along K, split-K programs, register prefetch depth in steps); the chooser keeps the fastest
+# per shape.
 # Warps along K add their partial sums in shared memory; split-K programs through the fp32 workspace (atomics).
 CONFIGS = tuple((wn, wk, s, pf) for wn, wk in ((1, 8), (1, 16), (2, 4), (2, 8), (4, 2), (4, 4))
                 for s in (1, 2, 4, 8) for pf in (1, 2)) + tuple(
