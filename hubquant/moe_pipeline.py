@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from hubquant import moe
+from hubquant import moe, moe_scaling
 from hubquant.errors import UsageError
 from hubquant.methods import MOE_OPTION_KEYS
 from hubquant.modeling import quantizable_linears
@@ -43,6 +43,9 @@ def quantize_with_policy(model: nn.Module, job, method_fn, *, options: dict | No
     policy.fallback = lambda lins: extra.update(_rtn_linears(lins, job))
     with moe.policy_in_force(policy):
         result = method_fn(model, job)
+    scaled = moe_scaling.record(model)  # AWQ/SmoothQuant on a derived architecture: the moves checked per layer
+    if scaled is not None:
+        log(f"moe: scaling: {scaled.summary()}")
     result.update(extra)
     missing = {n: m for n, m in quantizable_linears(model, job.ignore).items() if n in experts and n not in result}
     if missing:

@@ -175,10 +175,8 @@ class MethodSpec:
                                    hint=f"use --method rtn, gptq or fp8 for {mtype}")
         if mtype in MOE_MODEL_TYPES:
             return  # hubquant.moe builds the scaling map from the loaded model's experts
-        if mtype in DERIVED_MOE_MODEL_TYPES and self.scaling and self.parse_options(options).uses_scaling():
-            raise UnsupportedError(f"{self.title} has no checked scaling map for {mtype}'s mixture of experts "
-                                   f"(checked: {', '.join(MOE_MODEL_TYPES[:-1])})",
-                                   hint=f"use --method rtn, gptq, fp8 or w8a8 for {mtype}")
+        if mtype in DERIVED_MOE_MODEL_TYPES:
+            return  # hubquant.moe_scaling builds and checks each layer's scaling map from its structure
         if self.scaling and self.parse_options(options).uses_scaling():
             from hubquant.methods.scaling import mappings_for
 

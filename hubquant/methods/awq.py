@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hubquant import moe
+from hubquant import moe_scaling
 from hubquant.engine import LayerWork, LinearStats, results, run_layers
 from hubquant.errors import UsageError
 from hubquant.methods.base import QuantJob
@@ -175,9 +175,9 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
     if job.calib is None:
         raise UsageError("AWQ needs calibration data", hint="pass --calib-dataset (or use --method rtn)")
     opts = dataclasses.asdict(job.options_as(AwqOptions, "awq"))
-    moe_map = moe.scale_mappings(model)
-    mappings = (tuple(ScaleMapping(smooth=p, balance=c, extra=e) for p, c, e in moe_map) if moe_map is not None
-                else mappings_for(getattr(model.config, "model_type", type(model).__name__)))
+    mappings = moe_scaling.scale_map(model)  # mixture of experts: checked or built per layer (hubquant.moe_scaling)
+    if mappings is None:
+        mappings = mappings_for(getattr(model.config, "model_type", type(model).__name__))
     scheme = job.scheme.weights
     dtype = model_dtype(model)
     result: dict[str, QuantizedWeight] = results()  # a plain dict, or the streamed conversion's sink
@@ -186,7 +186,7 @@ def run(model: torch.nn.Module, job: QuantJob) -> dict[str, QuantizedWeight]:
     def on_layer(work: LayerWork) -> None:
         stats: dict[str, LinearStats] = work.collect(work.linears, hessian=True, absmean=True)
         hs = {id(st.xtx): st.xtx for st in stats.values()}  # one H per distinct input
-        for m in _active_mappings(work, mappings):
+        for m in _active_mappings(work, moe_scaling.for_layer(mappings, work)):
             names = [f"{work.name}.{b}" for b in m.balance]
             st = stats[names[0]]
             h = hs[id(st.xtx)]

@@ -142,11 +142,11 @@ def architecture_groups(model: nn.Module, *, smooth: str = "all") -> tuple[Scale
 
     if smooth not in ("all", "norms"):
         raise UsageError(f"smooth option '{smooth}' is unknown", hint="use smooth=all or smooth=norms")
-    from hubquant import moe
+    from hubquant import moe_scaling
 
-    moe_groups = moe.scale_mappings(model, extra=smooth == "all")
+    moe_groups = moe_scaling.scale_map(model, extra=smooth == "all")
     if moe_groups is not None:  # per-layer: a layer without a mapping's modules skips it (dense first layers, MLA)
-        return tuple(ScaleMapping(smooth=p, balance=c, extra=e) for p, c, e in moe_groups)
+        return moe_groups  # a tuple, or a StructuralMap (moe_scaling.for_layer gives each layer's)
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     groups = mappings_for(mtype, method="SmoothQuant", hint=W8A8_HINT)
     groups = tuple(g for g in groups if smooth == "all" or not g.extra)
@@ -155,7 +155,7 @@ def architecture_groups(model: nn.Module, *, smooth: str = "all") -> tuple[Scale
 
 
 def head_dims(model: nn.Module) -> tuple[int, int]:
-    cfg = model.config
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return head_dim, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 

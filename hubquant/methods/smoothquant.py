@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hubquant import moe_scaling
 from hubquant.engine import for_each_layer, results
 from hubquant.errors import UnsupportedError, UsageError
 from hubquant.methods.actquant import (  # noqa: F401  (attach/detach are part of this module's documented API)
@@ -110,9 +111,10 @@ def smooth_model(model: nn.Module, calib: torch.Tensor, *, config: SmoothConfig 
 
     def on_layer(work):
         names = list(work.linears)
-        first = {f"{work.name}.{g.balance[0]}" for g in groups} & set(names) if alpha == "search" else set()
+        lgroups = moe_scaling.for_layer(groups, work)
+        first = {f"{work.name}.{g.balance[0]}" for g in lgroups} & set(names) if alpha == "search" else set()
         absmax, samples = _layer_stats(work, names, first, config.search_tokens)
-        used.update(smooth_layer(work.layer, work.name, absmax, groups=groups, head_dim=head_dim,
+        used.update(smooth_layer(work.layer, work.name, absmax, groups=lgroups, head_dim=head_dim,
                                  n_kv=n_kv, alpha=alpha, scheme=scheme, samples=samples,
                                  alpha_grid=config.alpha_grid))
 
@@ -210,20 +212,21 @@ def quantize_w8a8(model: nn.Module, job, *, smooth: bool, options: W8A8Options |
 
         def on_layer(work):
             names = [n for n in work.linears if n in linears]
+            lgroups = moe_scaling.for_layer(groups, work)
             first = set()
             if alpha0 == "search":
-                first = {f"{work.name}.{g.balance[0]}" for g in groups} & set(names)
+                first = {f"{work.name}.{g.balance[0]}" for g in lgroups} & set(names)
             absmax, samples = _layer_stats(work, names, first, cfg.search_tokens if smooth else 0)
             float_out = work.outputs  # the float layer's outputs (smoothing keeps its function)
             alpha = alpha0
             if alpha0 == "layer-search":
-                found, info = search_layer_alphas(work, absmax, groups=groups, head_dim=head_dim,
+                found, info = search_layer_alphas(work, absmax, groups=lgroups, head_dim=head_dim,
                                                   n_kv=n_kv, scheme=scheme, grid=cfg.alpha_grid,
                                                   start=dict(cfg.alpha_start), tokens=cfg.layer_search_tokens)
                 alpha = tuple(sorted(found.items()))
                 search_info[work.name] = info
             if smooth:
-                used.update(smooth_layer(work.layer, work.name, absmax, groups=groups, head_dim=head_dim,
+                used.update(smooth_layer(work.layer, work.name, absmax, groups=lgroups, head_dim=head_dim,
                                          n_kv=n_kv, alpha=alpha, scheme=scheme, samples=samples,
                                          alpha_grid=cfg.alpha_grid))
             pre = _gptq_layer(work, names, scheme.weights, dtype) if use_gptq else {}

@@ -1,0 +1,291 @@
+"""Scaling maps (AWQ, SmoothQuant) of mixture-of-experts architectures found from each layer's structure.
+
+The model types whose expert layout hubquant.moe_arch derives from transformers' conversion mapping
+(`DERIVED_MOE_MODEL_TYPES`) differ in ways no per-type table keeps up with: Qwen3-Next mixes linear-attention
+and gated full-attention layers and scales its norms by (1 + weight), DeepSeek-V3.2's indexer reads the norms in
+front of attention, some routers are plain `nn.Linear`. So `StructuralMap` builds each decoder layer's map from
+the layer itself, with the layer's calibration inputs (the engine's `LayerWork`):
+
+1. candidates: a norm whose output (traced on a forward pass with hooks) is read only by quantized Linears
+   whose input width is the norm's width; `v_proj -> o_proj` in every module holding both; `up -> down` in
+   every gated MLP (`gate_proj/up_proj/down_proj`, `w1/w3/w2`): each expert, shared expert and dense MLP;
+2. every candidate is applied with random scales to a float32 copy (the layer for norms and attention, the MLP
+   for up -> down, with random inputs so that experts no calibration token reaches are checked too) and kept
+   only if the output moves by less than `TOLERANCE` (relative); a norm is tried as `x * w` then as
+   `x * (1 + w)`; moves that fail are dropped and recorded (`record(model)`), never applied.
+
+Layers of one structure (module names and classes, quantized Linears) share one verified map.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hubquant import moe
+from hubquant.methods.scaling import ScaleMapping, expand_kv, fold
+
+TOLERANCE = 1e-5  # relative change of the float32 layer output a kept move may cause
+MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+NORM_OFFSETS = (0.0, 1.0)  # y = norm(x) * w (RMSNorm, LayerNorm) or norm(x) * (1 + w) (Gemma, Qwen3-Next)
+
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its StructuralMap
+
+
+def applies(model: nn.Module) -> bool:
+    """Whether `model`'s scaling map is built from its structure (a derived mixture-of-experts type)."""
+    from hubquant.methods import DERIVED_MOE_MODEL_TYPES
+
+    return moe.model_type(model) in DERIVED_MOE_MODEL_TYPES and bool(moe.expert_modules(model))
+
+
+def scale_map(model: nn.Module, *, extra: bool = True):
+    """The scaling map of a mixture-of-experts model: the hand-checked one (hubquant.moe.scale_mappings) as a
+    tuple of ScaleMapping, a `StructuralMap` for the derived types, None for dense models."""
+    listed = moe.scale_mappings(model, extra=extra)
+    if listed is not None:
+        return tuple(ScaleMapping(smooth=p, balance=c, extra=e) for p, c, e in listed)
+    if applies(model):
+        from hubquant.methods.smoothing import head_dims
+
+        smap = StructuralMap(extra=extra, head_dims=head_dims(model))
+        _RECORDS[model] = smap
+        return smap
+    return None
+
+
+def for_layer(mappings, work) -> tuple[ScaleMapping, ...]:
+    """The mappings that apply to the layer of `work` (a plain tuple applies to every layer as is)."""
+    return mappings.for_layer(work) if isinstance(mappings, StructuralMap) else tuple(mappings)
+
+
+def record(model: nn.Module) -> StructuralMap | None:
+    """The structural map a scaling method used on `model` (kept and dropped moves), if any."""
+    return _RECORDS.get(model)
+
+
+@dataclass
+class StructuralMap:
+    """Verified scale moves per layer structure. `kept` / `dropped`: {layer name: [move, ...]} for the first layer
+    of each structure (a dropped move reads "smooth -> balance: why")."""
+
+    extra: bool = True  # False: norms only (SmoothQuant smooth=norms)
+    head_dims: tuple[int, int] = (0, 0)  # (head_dim, num_key_value_heads), as SmoothQuant ties GQA scales
+    kept: dict[str, list[str]] = field(default_factory=dict)
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def for_layer(self, work) -> tuple[ScaleMapping, ...]:
+        rel = frozenset(work.relative(n) for n in work.linears)
+        key = (tuple((n, type(m).__name__) for n, m in work.layer.named_modules()), rel)
+        if key not in self._cache:
+            x, kw = work._to_device(work.inputs[0]), work.kwargs[0]
+            kept, dropped = verified_mappings(work.layer, x, kw, rel, head_dims=self.head_dims)
+            kept = tuple(m for m in kept if self.extra or not m.extra)
+            self._cache[key] = kept
+            self.kept[work.name] = [_describe(m) for m in kept]
+            self.dropped[work.name] = dropped
+        return self._cache[key]
+
+    def summary(self) -> str:
+        kept = sum(len(v) for v in self.kept.values())
+        dropped = list(dict.fromkeys(d for v in self.dropped.values() for d in v))
+        return (f"{kept} scale moves kept over {len(self.kept)} layer structure(s) (each checked exact on a float32 "
+                f"copy); {len(dropped)} dropped" + (f": {'; '.join(dropped)}" if dropped else ""))
+
+
+def _describe(m: ScaleMapping) -> str:
+    return f"{m.smooth} -> {', '.join(m.balance)}"
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+def _is_norm(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return (isinstance(w, torch.Tensor) and w.dim() == 1 and "norm" in type(module).__name__.lower()
+            and not any(True for _ in module.children()))
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+@torch.no_grad()
+def norm_consumers(layer: nn.Module, x: torch.Tensor, kw: dict) -> dict[str, list[str]]:
+    """{norm: [leaf modules that read its output]} from one forward pass of `layer`, in call order. A module reads
+    a norm's output when one of its tensor inputs shares the output's storage (views and reshapes included)."""
+    norms = {n for n, m in layer.named_modules() if _is_norm(m)}
+    live: dict[int, str] = {}  # storage of a norm output seen so far -> that norm
+    keep: list[torch.Tensor] = []  # norm outputs stay alive: no later tensor reuses their storage
+    out: dict[str, list[str]] = {}
+    handles = []
+
+    def on_norm(name):
+        def hook(mod, args, y):
+            for t in _tensors(y):
+                keep.append(t)
+                live[_ptr(t)] = name
+                out.setdefault(name, [])
+        return hook
+
+    def on_leaf(name):
+        def hook(mod, args, kwargs):
+            for t in _tensors((args, kwargs)):
+                norm = live.get(_ptr(t))
+                if norm is not None and norm != name and name not in out[norm]:
+                    out[norm].append(name)
+        return hook
+
+    try:
+        for name, mod in layer.named_modules():
+            if name in norms:
+                handles.append(mod.register_forward_hook(on_norm(name)))
+            if name and not any(True for _ in mod.children()):
+                handles.append(mod.register_forward_pre_hook(on_leaf(name), with_kwargs=True))
+        layer(x, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def candidates(layer: nn.Module, x: torch.Tensor, kw: dict, linears: frozenset[str]):
+    """(norm mappings, Linear-to-Linear mappings, rejected norms with why) of one layer, before any check."""
+    norms, rejected = [], []
+    for norm, readers in norm_consumers(layer, x, kw).items():
+        width = layer.get_submodule(norm).weight.numel()
+        if not readers:
+            continue
+        other = [r for r in readers if r not in linears]
+        wide = [r for r in readers if r in linears and layer.get_submodule(r).in_features != width]
+        if other or wide:
+            why = (f"{', '.join(other)} also read(s) it (not a quantized Linear)" if other else
+                   f"{', '.join(wide)} read(s) it reshaped ({width} norm channels)")
+            rejected.append(f"{norm} -> {', '.join(readers)}: {why}")
+            continue
+        norms.append(ScaleMapping(smooth=norm, balance=tuple(readers)))
+    pairs = []
+    for name, mod in layer.named_modules():
+        pre = f"{name}." if name else ""
+        kids = dict(mod.named_children())
+        if isinstance(kids.get("v_proj"), nn.Linear) and isinstance(kids.get("o_proj"), nn.Linear):
+            pairs.append(ScaleMapping(smooth=f"{pre}v_proj", balance=(f"{pre}o_proj",), extra=True))
+        for triple in MLP_NAMES + ((mod.names,) if isinstance(mod, moe.ExpertMLP) else ()):
+            gate, up, down = triple
+            if all(isinstance(kids.get(k), nn.Linear) for k in triple):
+                pairs.append(ScaleMapping(smooth=f"{pre}{up}", balance=(f"{pre}{down}",), extra=True))
+    pairs = list(dict.fromkeys(pairs))
+    pairs = [p for p in pairs if all(b in linears for b in p.balance) and p.smooth in linears]
+    return norms, pairs, rejected
+
+
+# ---------------------------------------------------------------------------------------------- the checks
+def _f32(obj):
+    if torch.is_tensor(obj):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_f32(o) for o in obj)
+    if isinstance(obj, list):
+        return [_f32(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _f32(v) for k, v in obj.items()}
+    return obj
+
+
+def _out(y) -> torch.Tensor:
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def _random_scales(n: int, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.exp(torch.empty(n).uniform_(-0.7, 0.7, generator=gen)).to(device)  # in [0.5, 2]
+
+
+@torch.no_grad()
+def _moved_error(module: nn.Module, mapping: ScaleMapping, run, ref: torch.Tensor, gen, head_dims) -> float:
+    """Relative change of `run()` after moving random scales along `mapping` in `module` (restored after)."""
+    smooth = module.get_submodule(mapping.smooth)
+    balance = [module.get_submodule(b) for b in mapping.balance]
+    saved = [(p, p.data.clone()) for m in (smooth, *balance) for p in m.parameters(recurse=False)]
+    dev = balance[0].weight.device
+    s_smooth = None
+    if isinstance(smooth, nn.Linear) and smooth.out_features != balance[0].in_features:
+        head_dim = head_dims[0]
+        n_rep = balance[0].in_features // smooth.out_features
+        if smooth.out_features != head_dim * head_dims[1] or n_rep * smooth.out_features != balance[0].in_features:
+            return float("inf")  # not the grouped-query layout SmoothQuant ties scales for
+        s_smooth = _random_scales(smooth.out_features, gen, dev)
+        s = expand_kv(s_smooth, smooth.out_features // head_dim, n_rep, head_dim)
+    else:
+        s = _random_scales(balance[0].in_features, gen, dev)
+    try:
+        fold(module, mapping, s, s_smooth=s_smooth, dtype=torch.float32)
+        return _rel(run(), ref)
+    except (RuntimeError, ValueError):
+        return float("inf")
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
+@torch.no_grad()
+def verified_mappings(layer: nn.Module, x: torch.Tensor, kw: dict, linears: frozenset[str], *,
+                      head_dims: tuple[int, int]) -> tuple[list[ScaleMapping], list[str]]:
+    """The scale moves of `layer` that leave its float32 function unchanged (< TOLERANCE relative), and the
+    moves dropped with the reason. `linears`: the layer's quantized Linears (relative names)."""
+    gen = torch.Generator().manual_seed(0)
+    work = copy.deepcopy(layer).float()
+    x32, kw32 = _f32(x[:1]), _f32(kw)
+    if x.shape[0] > 1:
+        from hubquant.methods.smooth_search import _slice_batch
+
+        kw32 = _slice_batch(kw32, x.shape[0], 1)
+
+    def run_layer():
+        return _out(work(x32, **kw32)) - x32  # the layer's update: the residual stream would hide small changes
+
+    ref = run_layer()
+    norms, pairs, dropped = candidates(work, x32, kw32, linears)
+    kept = []
+    for m in norms:
+        for offset in NORM_OFFSETS:
+            cand = ScaleMapping(smooth=m.smooth, balance=m.balance, norm_offset=offset)
+            err = _moved_error(work, cand, run_layer, ref, gen, head_dims)
+            if err < TOLERANCE:
+                kept.append(cand)
+                break
+        else:
+            dropped.append(f"{_describe(m)}: the layer output moves by {err:.1e} (relative)")
+    for m in pairs:
+        owner, _, _ = m.smooth.rpartition(".")
+        if m.smooth.endswith("v_proj"):
+            module, local, run, want = work, m, run_layer, ref
+        else:  # a gated MLP alone, on random inputs (experts no calibration token reaches are checked too)
+            module = work.get_submodule(owner) if owner else work
+            local = ScaleMapping(smooth=m.smooth.rpartition(".")[2], balance=(m.balance[0].rpartition(".")[2],),
+                                 extra=True)
+            inp = torch.randn(8, module.get_submodule(local.smooth).in_features, generator=gen).to(x32.device)
+            run = lambda module=module, inp=inp: _out(module(inp))  # noqa: E731
+            want = run()
+        err = _moved_error(module, local, run, want, gen, head_dims)
+        if err < TOLERANCE:
+            kept.append(m)
+        else:
+            dropped.append(f"{_describe(m)}: the output moves by {err:.1e} (relative)")
+    return kept, dropped
