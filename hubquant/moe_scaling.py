@@ -69,12 +69,12 @@ def record(model: nn.Module) -> StructuralMap | None:
 
 @dataclass
 class StructuralMap:
-    """Verified scale moves per layer structure. `kept` / `dropped`: {layer name: [move, ...]} for the first layer
-    of each structure (a dropped move reads "smooth -> balance: why")."""
+    """Verified scale moves per layer structure. `kept`: {layer name: its mappings} and `dropped`: {layer name:
+    ["smooth -> balance: why", ...]}, for the first layer of each structure."""
 
     extra: bool = True  # False: norms only (SmoothQuant smooth=norms)
     head_dims: tuple[int, int] = (0, 0)  # (head_dim, num_key_value_heads), as SmoothQuant ties GQA scales
-    kept: dict[str, list[str]] = field(default_factory=dict)
+    kept: dict[str, tuple[ScaleMapping, ...]] = field(default_factory=dict)
     dropped: dict[str, list[str]] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -86,7 +86,7 @@ class StructuralMap:
             kept, dropped = verified_mappings(work.layer, x, kw, rel, head_dims=self.head_dims)
             kept = tuple(m for m in kept if self.extra or not m.extra)
             self._cache[key] = kept
-            self.kept[work.name] = [_describe(m) for m in kept]
+            self.kept[work.name] = kept
             self.dropped[work.name] = dropped
         return self._cache[key]
 

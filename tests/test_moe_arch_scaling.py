@@ -1,0 +1,189 @@
+"""AWQ and SmoothQuant on the mixture-of-experts architectures whose scaling map hubquant.moe_scaling builds from
+each layer's structure: every expert projection is quantized and no router, the variant loads (plain transformers
+for W4A16, hubquant.load for W8A8 int8 experts) and computes what hubquant's model computes, AWQ is no worse than
+round-to-nearest, and the moves that are not exact (Qwen3-Next's gated linear-attention norm, DeepSeek-V3.2's
+indexer reading the norms, routers reading a norm through a cast) are dropped, never applied."""
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+import torch
+
+import hubquant
+from hubquant import moe, moe_scaling
+from hubquant.formats.compressed_tensors import write
+from hubquant.methods import get_method
+from hubquant.methods.scaling import ScaleMapping, fold
+from hubquant.modeling import quantizable_linears
+from hubquant.quant import sqnr_db
+from tests.helpers import NEW_MOE_ARCHS, save_tiny_repo
+from tests.test_moe import EVAL_IDS, check_int8_experts, logits, moe_model, quantize, scheme_of, write_and_load
+
+AWQ_MARGIN_DB = 0.5  # AWQ against the float model may trail RTN by this much on random weights (no outliers)
+
+
+def _quantized(arch: str, method: str):
+    model = moe_model(arch)
+    ref = logits(model)
+    moe.unfuse_experts(model)
+    wanted = set(quantizable_linears(model))
+    quantized, _ = quantize(model, method)
+    return model, ref, wanted, quantized
+
+
+def _assert_experts_and_routers(model, quantized, wanted) -> None:
+    experts = set(moe.expert_linear_names(model))
+    assert experts and experts <= set(quantized) and set(quantized) == wanted
+    routers = moe.float_module_names(model)
+    assert routers and not set(routers) & set(quantized)
+
+
+def _assert_every_expert_scaled(model) -> None:
+    """Each expert's up -> down move was checked exact and kept, in every sparse layer structure."""
+    rec = moe_scaling.record(model)
+    assert rec is not None and rec.kept
+    for layer, kept in rec.kept.items():
+        smooths = {m.smooth for m in kept}
+        for ename, experts in moe.expert_modules(model.get_submodule(layer)).items():
+            _, up, _ = experts[0].names
+            assert {f"{ename}.{i}.{up}" for i in range(experts.num_experts)} <= smooths, layer
+
+
+@pytest.mark.parametrize("arch", NEW_MOE_ARCHS)
+def test_awq_quantizes_every_expert_loads_with_transformers_and_is_not_worse_than_rtn(arch, tmp_path):
+    model, ref, wanted, quantized = _quantized(arch, "awq")
+    _assert_experts_and_routers(model, quantized, wanted)
+    _assert_every_expert_scaled(model)
+    deq = logits(model)
+    loaded, qc = write_and_load(model, quantized, "awq", tmp_path)
+    assert {moe.checkpoint_name(model, r) for r in moe.float_module_names(model)} <= set(qc["ignore"])
+    assert sqnr_db(deq, logits(loaded)) > 60, "the loaded variant must compute what hubquant's model computes"
+    rtn_model, _, _, _ = _quantized(arch, "rtn")
+    awq_db, rtn_db = sqnr_db(ref, deq), sqnr_db(ref, logits(rtn_model))
+    assert awq_db > rtn_db - AWQ_MARGIN_DB, (awq_db, rtn_db)
+
+
+@pytest.mark.parametrize("arch", NEW_MOE_ARCHS)
+def test_smoothquant_quantizes_every_expert_and_hubquant_load_computes_it(arch, tmp_path):
+    model, ref, wanted, quantized = _quantized(arch, "smoothquant")
+    _assert_experts_and_routers(model, quantized, wanted)
+    _assert_every_expert_scaled(model)
+    deq = logits(model)
+    assert sqnr_db(ref, deq) > 12
+    write(model, quantized, scheme=scheme_of("smoothquant"), out_dir=tmp_path, method="smoothquant")
+    _, checked = check_int8_experts(model, tmp_path)  # compressed-tensors' compressor gives hubquant's weights
+    assert checked == len(moe.expert_linear_names(model))
+    loaded, _ = hubquant.load(tmp_path, device="cpu", dtype=torch.float32, progress=False)
+    # both quantize activations per token, each in its own arithmetic: an int8 rounding tie now and then tips a router
+    # (Qwen3-Next's tiny model: 36 dB, the others 40-65 dB)
+    assert sqnr_db(deq, logits(loaded)) > 30
+
+
+def _moves(model, layer: str) -> dict[str, ScaleMapping]:
+    return {m.smooth: m for m in moe_scaling.record(model).kept[layer]}
+
+
+def test_qwen3_next_layers_get_their_own_moves():
+    model, _, _, _ = _quantized("qwen3_next", "smoothquant")
+    rec = moe_scaling.record(model)
+    linear, full = _moves(model, "model.layers.0"), _moves(model, "model.layers.1")  # linear, then full attention
+    assert linear["input_layernorm"].balance == ("linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba")
+    assert full["input_layernorm"].balance == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    assert linear["input_layernorm"].norm_offset == 1.0  # Qwen3-Next norms scale by (1 + weight)
+    assert "self_attn.v_proj" in full and "mlp.shared_expert.up_proj" in full
+    assert "linear_attn.norm" not in linear and "post_attention_layernorm" not in full  # router reads that norm
+    dropped = "; ".join(rec.dropped["model.layers.0"])
+    assert "linear_attn.norm -> linear_attn.out_proj" in dropped and "mlp.gate" in dropped
+
+
+def test_norms_the_indexer_reads_are_left_alone():
+    model = moe_model("deepseek_v32")
+    moe.unfuse_experts(model)
+    layer = model.model.layers[1]
+    before = {n: layer.get_submodule(n).weight.clone() for n in ("input_layernorm", "self_attn.q_a_layernorm",
+                                                                 "self_attn.kv_a_layernorm")}
+    quantize(model, "awq")
+    dropped = "; ".join(moe_scaling.record(model).dropped["model.layers.1"])
+    assert "self_attn.indexer.wk" in dropped and "self_attn.indexer.wq_b" in dropped
+    assert torch.equal(layer.input_layernorm.weight, before["input_layernorm"])
+    assert torch.equal(layer.self_attn.q_a_layernorm.weight, before["self_attn.q_a_layernorm"])
+    assert not torch.equal(layer.self_attn.kv_a_layernorm.weight, before["self_attn.kv_a_layernorm"])  # kv_b only
+
+
+def test_a_reader_the_hooks_miss_is_caught_by_the_output_check():
+    """ERNIE-4.5's router reads post_attention_layernorm's output through a float32 copy (no hook sees it): the
+    candidate norm -> shared experts move changes the layer's output and is dropped."""
+    model, _, _, _ = _quantized("ernie4_5_moe", "awq")
+    dropped = moe_scaling.record(model).dropped["model.layers.1"]
+    assert any(d.startswith("post_attention_layernorm -> mlp.shared_experts.gate_proj") and "moves by" in d
+               for d in dropped), dropped
+    assert "post_attention_layernorm" not in _moves(model, "model.layers.1")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "deepseek_v32", "ernie4_5_moe"])
+def test_kept_moves_leave_the_float_model_unchanged(arch):
+    """Every move verified_mappings keeps, applied with random scales to every layer of the float32 model at once
+    (grouped-query v -> o with one scale per KV channel, as SmoothQuant ties them), keeps its logits."""
+    from hubquant.methods.scaling import expand_kv
+    from hubquant.methods.smoothing import head_dims
+
+    model = moe_model(arch)
+    moe.unfuse_experts(model)
+    ref = logits(model)
+    layers = model.model.layers
+    seen: dict[int, tuple] = {}
+
+    def capture(i):
+        def hook(mod, args, kwargs):  # the layer's input by name: (hidden states, the other arguments)
+            bound = dict(inspect.signature(mod.forward).bind(*args, **kwargs).arguments)
+            bound.update(bound.pop("kwargs", {}))
+            seen.setdefault(i, (bound.pop("hidden_states"), bound))
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(EVAL_IDS, use_cache=False)
+    for h in hooks:
+        h.remove()
+    hd, n_kv = head_dims(model)
+    lins = quantizable_linears(model)
+    gen = torch.Generator().manual_seed(3)
+    moved = 0
+    for i, layer in enumerate(layers):
+        rel = frozenset(n[len(f"model.layers.{i}."):] for n in lins if n.startswith(f"model.layers.{i}."))
+        kept, _ = moe_scaling.verified_mappings(layer, *seen[i], rel, head_dims=(hd, n_kv))
+        for m in kept:
+            smooth, cols = layer.get_submodule(m.smooth), layer.get_submodule(m.balance[0]).in_features
+            rows = smooth.out_features if isinstance(smooth, torch.nn.Linear) else cols
+            s_smooth = torch.exp(torch.empty(rows).uniform_(-0.7, 0.7, generator=gen))
+            s = expand_kv(s_smooth, n_kv, cols // rows, hd) if rows != cols else s_smooth
+            fold(layer, m, s, s_smooth=s_smooth, dtype=torch.float32)
+            moved += 1
+    assert moved > 8 and sqnr_db(ref, logits(model)) > 80
+
+
+def test_awq_converts_a_derived_moe_end_to_end_and_logs_the_moves(tokenizer, tmp_path):
+    from hubquant.convert import ConvertOptions, convert
+
+    base = save_tiny_repo(tmp_path / "base", "minimax_m2", tokenizer)
+    logs: list[str] = []
+    convert(ConvertOptions(repo_id=str(base), method="awq", group_size=32, output_dir=str(tmp_path / "out"),
+                           eval_windows=2, eval_seq_len=64, num_samples=4, seq_len=64, calib_dataset="fortunes",
+                           progress=False), log=logs.append)
+    line = next(m for m in logs if m.startswith("moe: scaling:"))
+    assert "kept" in line and "post_attention_layernorm -> mlp.gate" in line  # the router's norm, dropped
+    rep = json.loads((tmp_path / "out" / "hubquant.json").read_text())["moe"]
+    assert rep["expert_linears"] == rep["expert_linears_quantized"] > 0
+
+
+def test_gpt_oss_still_stops_before_download():
+    from types import SimpleNamespace
+
+    from hubquant.errors import UnsupportedError
+
+    for method in ("awq", "smoothquant"):
+        with pytest.raises(UnsupportedError) as e:
+            get_method(method).check_architecture(SimpleNamespace(model_type="gpt_oss"), {})
+        assert e.value.exit_code == 5
