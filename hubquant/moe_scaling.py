@@ -49,9 +49,7 @@ def scale_map(model: nn.Module, *, extra: bool = True):
     if listed is not None:
         return tuple(ScaleMapping(smooth=p, balance=c, extra=e) for p, c, e in listed)
     if applies(model):
-        from hubquant.methods.smoothing import head_dims
-
-        smap = StructuralMap(extra=extra, head_dims=head_dims(model))
+        smap = StructuralMap(extra=extra, head_dims=_head_dims(model))
         _RECORDS[model] = smap
         return smap
     return None
@@ -65,6 +63,13 @@ def for_layer(mappings, work) -> tuple[ScaleMapping, ...]:
 def record(model: nn.Module) -> StructuralMap | None:
     """The structural map a scaling method used on `model` (kept and dropped moves), if any."""
     return _RECORDS.get(model)
+
+
+def _head_dims(model: nn.Module) -> tuple[int, int]:
+    """(head_dim, num_key_value_heads) as SmoothQuant reads them (hubquant.methods.smoothing.head_dims)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return head_dim, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
 @dataclass
@@ -205,6 +210,17 @@ def _f32(obj):
     return obj
 
 
+def _first(obj, b: int):
+    """Keep the first sequence in every tensor whose first dimension is the batch `b`."""
+    if torch.is_tensor(obj):
+        return obj[:1] if obj.dim() and obj.shape[0] == b and b > 1 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_first(o, b) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _first(v, b) for k, v in obj.items()}
+    return obj
+
+
 def _out(y) -> torch.Tensor:
     return y[0] if isinstance(y, (tuple, list)) else y
 
@@ -251,11 +267,7 @@ def verified_mappings(layer: nn.Module, x: torch.Tensor, kw: dict, linears: froz
     moves dropped with the reason. `linears`: the layer's quantized Linears (relative names)."""
     gen = torch.Generator().manual_seed(0)
     work = copy.deepcopy(layer).float()
-    x32, kw32 = _f32(x[:1]), _f32(kw)
-    if x.shape[0] > 1:
-        from hubquant.methods.smooth_search import _slice_batch
-
-        kw32 = _slice_batch(kw32, x.shape[0], 1)
+    x32, kw32 = _f32(x[:1]), _f32(_first(kw, x.shape[0]))
 
     def run_layer():
         return _out(work(x32, **kw32)) - x32  # the layer's update: the residual stream would hide small changes
