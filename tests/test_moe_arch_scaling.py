@@ -5,6 +5,7 @@ round-to-nearest, and the moves that are not exact (Qwen3-Next's gated linear-at
 indexer reading the norms, routers reading a norm through a cast) are dropped, never applied."""
 from __future__ import annotations
 
+import filecmp
 import inspect
 import json
 
@@ -21,6 +22,7 @@ from hubquant.quant import sqnr_db
 from tests.helpers import NEW_MOE_ARCHS, save_tiny_repo
 from tests.test_moe import EVAL_IDS, check_int8_experts, logits, moe_model, quantize, scheme_of, write_and_load
 
+FAST = dict(eval_windows=2, eval_seq_len=64, num_samples=4, seq_len=64, calib_dataset="fortunes", progress=False)
 AWQ_MARGIN_DB = 0.5  # AWQ against the float model may trail RTN by this much on random weights (no outliers)
 
 
@@ -169,9 +171,8 @@ def test_awq_converts_a_derived_moe_end_to_end_and_logs_the_moves(tokenizer, tmp
 
     base = save_tiny_repo(tmp_path / "base", "minimax_m2", tokenizer)
     logs: list[str] = []
-    convert(ConvertOptions(repo_id=str(base), method="awq", group_size=32, output_dir=str(tmp_path / "out"),
-                           eval_windows=2, eval_seq_len=64, num_samples=4, seq_len=64, calib_dataset="fortunes",
-                           progress=False), log=logs.append)
+    convert(ConvertOptions(repo_id=str(base), method="awq", group_size=32, output_dir=str(tmp_path / "out"), **FAST),
+            log=logs.append)
     line = next(m for m in logs if m.startswith("moe: scaling:"))
     assert "kept" in line and "post_attention_layernorm -> mlp.gate" in line  # the router's norm, dropped
     rep = json.loads((tmp_path / "out" / "hubquant.json").read_text())["moe"]
@@ -187,3 +188,25 @@ def test_gpt_oss_still_stops_before_download():
         with pytest.raises(UnsupportedError) as e:
             get_method(method).check_architecture(SimpleNamespace(model_type="gpt_oss"), {})
         assert e.value.exit_code == 5
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v32", "qwen3_next"])
+def test_streamed_scaling_writes_the_same_bytes(arch, tokenizer, tmp_path):
+    """The per-layer checks run on the streamed layer too (its weights materialized): the same moves, the same
+    bytes as the in-memory conversion."""
+    from hubquant.convert import ConvertOptions, convert
+
+    base = save_tiny_repo(tmp_path / "base", arch, tokenizer)
+    for method, gs in (("awq", 32), ("smoothquant", None)):
+        lines = {}
+        for mode in ("off", "on"):
+            logs: list[str] = []
+            convert(ConvertOptions(repo_id=str(base), method=method, group_size=gs, streaming=mode,
+                                   output_dir=str(tmp_path / f"{method}-{mode}"), **FAST), log=logs.append)
+            lines[mode] = next(m for m in logs if m.startswith("moe: scaling:"))
+        assert lines["on"] == lines["off"]
+        for name in ("model.safetensors", "config.json"):
+            assert filecmp.cmp(tmp_path / f"{method}-off" / name, tmp_path / f"{method}-on" / name,
+                               shallow=False), (method, name)
+        rep = json.loads((tmp_path / f"{method}-on" / "hubquant.json").read_text())["moe"]
+        assert rep["expert_linears"] == rep["expert_linears_quantized"] > 0
