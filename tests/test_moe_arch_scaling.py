@@ -179,6 +179,12 @@ def test_awq_converts_a_derived_moe_end_to_end_and_logs_the_moves(tokenizer, tmp
     assert rep["expert_linears"] == rep["expert_linears_quantized"] > 0
 
 
+def test_smoothquant_on_deepseek_v3_skips_the_v_to_o_move_mla_has_no_v_proj_for():
+    model, ref, wanted, quantized = _quantized("deepseek_v3", "smoothquant")
+    _assert_experts_and_routers(model, quantized, wanted)
+    assert sqnr_db(ref, logits(model)) > 20
+
+
 def test_gpt_oss_still_stops_before_download():
     from types import SimpleNamespace
 

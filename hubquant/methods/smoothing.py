@@ -212,7 +212,10 @@ def smooth_layer(layer: nn.Module, layer_name: str, absmax: dict[str, torch.Tens
         cnames = [f"{layer_name}.{c}" for c in g.balance]
         if any(c not in absmax for c in cnames):
             continue  # a consumer is not quantized (ignored): leave this group alone
-        producer = layer.get_submodule(g.smooth)
+        try:
+            producer = layer.get_submodule(g.smooth)
+        except AttributeError:
+            continue  # a layer without the producer (MLA has no v_proj, its o_proj reads kv_b_proj's heads)
         consumers = [layer.get_submodule(c) for c in g.balance]
         act = absmax[cnames[0]]
         for c in cnames[1:]:
