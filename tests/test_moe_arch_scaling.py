@@ -185,6 +185,29 @@ def test_smoothquant_on_deepseek_v3_skips_the_v_to_o_move_mla_has_no_v_proj_for(
     assert sqnr_db(ref, logits(model)) > 20
 
 
+@pytest.mark.parametrize("arch", ["glm4v_moe", "qwen3_5_moe"])
+def test_vision_language_moe_scales_the_language_model_only(arch, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from tests.helpers import tiny_vl_config
+
+    for method in ("awq", "smoothquant"):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(tiny_vl_config(arch), dtype=torch.float32).eval()
+        vision = {n: p.clone() for n, p in model.named_parameters() if ".visual." in n}
+        moe.unfuse_experts(model)
+        quantized, _ = quantize(model, method)
+        assert set(moe.expert_linear_names(model)) <= set(quantized)
+        assert all(n.startswith("model.language_model.") for n in quantized)
+        assert vision and all(torch.equal(p, vision[n]) for n, p in model.named_parameters() if n in vision)
+        _assert_every_expert_scaled(model)
+        if method == "awq":
+            deq = logits(model)
+            write(model, quantized, scheme=scheme_of(method), out_dir=tmp_path, method=method)
+            loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
+            assert sqnr_db(deq, logits(loaded)) > 60
+
+
 def test_gpt_oss_still_stops_before_download():
     from types import SimpleNamespace
 
