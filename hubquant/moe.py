@@ -333,7 +333,8 @@ NO_EXPERT_SCALING = {"gpt_oss": "gpt-oss experts clamp up_proj's output and add 
 
 def scale_mappings(model: nn.Module, *, extra: bool = True) -> list[tuple[str, tuple[str, ...], bool]] | None:
     """The scaling map of a mixture-of-experts model as (smooth, balance, extra) triples (the fields of
-    hubquant.methods.scaling.ScaleMapping), None for other models (their architecture's table applies).
+    hubquant.methods.scaling.ScaleMapping), None for other models (dense: their architecture's table; derived
+    mixture-of-experts types: hubquant.moe_scaling builds each layer's map from its structure).
     `extra=False` keeps the norms only (SmoothQuant smooth=norms)."""
     from hubquant.methods import MOE_MODEL_TYPES  # the architectures whose scaling map is checked (docs/moe.md)
 

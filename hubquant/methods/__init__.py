@@ -46,7 +46,8 @@ class MoeOptions(MethodOptions):
 MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe", "mixtral", "minimax",
                    "gpt_oss")
 # MoE model types whose expert layout hubquant.moe_arch derives from transformers' conversion mapping, tested end to
-# end with rtn, gptq, fp8 and w8a8 (hubquant.moe_arch.TESTED); AWQ and SmoothQuant have no checked scaling map for them
+# end with every method (hubquant.moe_arch.TESTED); AWQ and SmoothQuant build each layer's scaling map from its
+# structure and keep the moves checked exact on a float32 copy (hubquant.moe_scaling)
 DERIVED_MOE_MODEL_TYPES = ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "ernie4_5_moe", "hunyuan_v1_moe",
                            "minimax_m2", "exaone_moe", "dots1", "deepseek_v32", "glm4_moe_lite", "flex_olmo", "phimoe",
                            "glm4v_moe")
