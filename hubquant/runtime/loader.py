@@ -241,7 +241,7 @@ def load(repo_or_path: str | Path, device: str | torch.device | None = None, dty
     """
     from accelerate import init_empty_weights
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     t0 = time.time()
     path = resolve(repo_or_path, revision=revision)
@@ -263,8 +263,10 @@ def load(repo_or_path: str | Path, device: str | torch.device | None = None, dty
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    from hubquant.modeling import auto_class
+
+    with init_empty_weights():  # the base's own class: a vision-language model keeps its (float) vision tower
+        model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
     from hubquant import moe
 
     moe.unfuse_experts(model)  # per-expert Linears, named as the checkpoint names them
