@@ -9,8 +9,9 @@ the layer itself, with the layer's calibration inputs (the engine's `LayerWork`)
 1. candidates: a norm whose output (traced on a forward pass with hooks) is read only by quantized Linears
    whose input width is the norm's width; `v_proj -> o_proj` in every module holding both; `up -> down` in
    every gated MLP (`gate_proj/up_proj/down_proj`, `w1/w3/w2`): each expert, shared expert and dense MLP;
-2. every candidate is applied with random scales to a float32 copy (the layer for norms and attention, the MLP
-   for up -> down, with random inputs so that experts no calibration token reaches are checked too) and kept
+2. every candidate is applied with random scales to a float32 copy (the layer for norms and attention, its routed
+   experts replaced by small random stand-ins: `light_copy`; the MLP alone for up -> down, with random inputs so
+   that experts no calibration token reaches are checked too) and kept
    only if the output moves by less than `TOLERANCE` (relative); a norm is tried as `x * w` then as
    `x * (1 + w)`; moves that fail are dropped and recorded (`record(model)`), never applied.
 
@@ -260,13 +261,38 @@ def _moved_error(module: nn.Module, mapping: ScaleMapping, run, ref: torch.Tenso
             p.data = data
 
 
+STAND_IN_WIDTH = 8  # intermediate size of the stand-in experts of the layer-level check
+
+
+def _random_linear(n_in: int, n_out: int, gen: torch.Generator, device) -> nn.Linear:
+    lin = nn.Linear(n_in, n_out, bias=False, device="meta")
+    lin.weight = nn.Parameter((torch.randn(n_out, n_in, generator=gen) / n_in ** 0.5).to(device),
+                              requires_grad=False)
+    return lin
+
+
+def light_copy(layer: nn.Module, gen: torch.Generator) -> nn.Module:
+    """A float32 copy of `layer` whose routed experts are random stand-ins of intermediate size STAND_IN_WIDTH (same
+    routing, same input width, a nonlinear function of their input): the layer-level checks only need the experts
+    to see their input change, and a copy of every expert would cost twice the layer's bytes."""
+    memo = {}
+    for mod in layer.modules():
+        if isinstance(mod, moe.PerExpertLinears) and all(isinstance(e, moe.ExpertMLP) for e in mod):
+            gate, _, _ = mod[0].projections()
+            h, dev, w = gate.in_features, gate.weight.device, STAND_IN_WIDTH
+            memo[id(mod)] = moe.PerExpertLinears([
+                moe.ExpertMLP(e.names, _random_linear(h, w, gen, dev), _random_linear(h, w, gen, dev),
+                              _random_linear(w, h, gen, dev), e.act_fn) for e in mod])
+    return copy.deepcopy(layer, memo).float()
+
+
 @torch.no_grad()
 def verified_mappings(layer: nn.Module, x: torch.Tensor, kw: dict, linears: frozenset[str], *,
                       head_dims: tuple[int, int]) -> tuple[list[ScaleMapping], list[str]]:
     """The scale moves of `layer` that leave its float32 function unchanged (< TOLERANCE relative), and the
     moves dropped with the reason. `linears`: the layer's quantized Linears (relative names)."""
     gen = torch.Generator().manual_seed(0)
-    work = copy.deepcopy(layer).float()
+    work = light_copy(layer, gen)
     x32, kw32 = _f32(x[:1]), _f32(_first(kw, x.shape[0]))
 
     def run_layer():
@@ -289,7 +315,7 @@ def verified_mappings(layer: nn.Module, x: torch.Tensor, kw: dict, linears: froz
         if m.smooth.endswith("v_proj"):
             module, local, run, want = work, m, run_layer, ref
         else:  # a gated MLP alone, on random inputs (experts no calibration token reaches are checked too)
-            module = work.get_submodule(owner) if owner else work
+            module = copy.deepcopy(layer.get_submodule(owner) if owner else layer).float()
             local = ScaleMapping(smooth=m.smooth.rpartition(".")[2], balance=(m.balance[0].rpartition(".")[2],),
                                  extra=True)
             inp = torch.randn(8, module.get_submodule(local.smooth).in_features, generator=gen).to(x32.device)
