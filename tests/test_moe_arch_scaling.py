@@ -208,6 +208,24 @@ def test_vision_language_moe_scales_the_language_model_only(arch, tmp_path):
             assert sqnr_db(deq, logits(loaded)) > 60
 
 
+@pytest.mark.parametrize("method,options", [("fp8", {"alpha": 0.5}), ("smoothquant", {"alpha": "layer-search"}),
+                                            ("smoothquant", {"smooth": "norms"})])
+def test_smoothing_options_use_the_structural_map(method, options):
+    from hubquant import moe_pipeline
+    from hubquant.methods import QuantJob
+    from tests.test_moe import calib_ids
+
+    model = moe_model("qwen3_next")
+    ref = logits(model)
+    moe.unfuse_experts(model)
+    job = QuantJob(scheme=scheme_of(method), calib=calib_ids(), options=options, progress=False)
+    quantized, _ = moe_pipeline.quantize_with_policy(model, job, get_method(method).load(), log=lambda m: None)
+    assert set(moe.expert_linear_names(model)) <= set(quantized)
+    kept = [m for v in moe_scaling.record(model).kept.values() for m in v]
+    assert kept and all(not m.extra for m in kept) == (options.get("smooth") == "norms")
+    assert sqnr_db(ref, logits(model)) > 20
+
+
 def test_gpt_oss_still_stops_before_download():
     from types import SimpleNamespace
 
