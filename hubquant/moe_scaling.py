@@ -85,16 +85,25 @@ class StructuralMap:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def for_layer(self, work) -> tuple[ScaleMapping, ...]:
+        """The checked moves of `work.layer` whose Linears the method quantizes in this layer (experts the low-token
+        rule rounds instead leave theirs out; the check itself sees every expert, so one check serves a structure)."""
         rel = frozenset(work.relative(n) for n in work.linears)
-        key = (tuple((n, type(m).__name__) for n, m in work.layer.named_modules()), rel)
+        experts = frozenset(moe.expert_linear_names(work.layer))
+        checked = rel | experts
+        key = (tuple((n, type(m).__name__) for n, m in work.layer.named_modules()), checked)
         if key not in self._cache:
             x, kw = work._to_device(work.inputs[0]), work.kwargs[0]
-            kept, dropped = verified_mappings(work.layer, x, kw, rel, head_dims=self.head_dims)
+            kept, dropped = verified_mappings(work.layer, x, kw, checked, head_dims=self.head_dims)
             kept = tuple(m for m in kept if self.extra or not m.extra)
             self._cache[key] = kept
             self.kept[work.name] = kept
             self.dropped[work.name] = dropped
-        return self._cache[key]
+
+        def quantized_here(m: ScaleMapping) -> bool:
+            norm = not isinstance(work.layer.get_submodule(m.smooth), nn.Linear)
+            return (norm or m.smooth in rel) and all(b in rel for b in m.balance)
+
+        return tuple(m for m in self._cache[key] if quantized_here(m))
 
     def summary(self) -> str:
         kept = sum(len(v) for v in self.kept.values())

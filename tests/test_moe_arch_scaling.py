@@ -26,13 +26,17 @@ FAST = dict(eval_windows=2, eval_seq_len=64, num_samples=4, seq_len=64, calib_da
 AWQ_MARGIN_DB = 0.5  # AWQ against the float model may trail RTN by this much on random weights (no outliers)
 
 
-def _quantized(arch: str, method: str):
+def _quantized_with(arch: str, method: str, **options):
     model = moe_model(arch)
     ref = logits(model)
     moe.unfuse_experts(model)
     wanted = set(quantizable_linears(model))
-    quantized, _ = quantize(model, method)
+    quantized, _ = quantize(model, method, **options)
     return model, ref, wanted, quantized
+
+
+def _quantized(arch: str, method: str):
+    return _quantized_with(arch, method)
 
 
 def _assert_experts_and_routers(model, quantized, wanted) -> None:
@@ -224,6 +228,20 @@ def test_smoothing_options_use_the_structural_map(method, options):
     kept = [m for v in moe_scaling.record(model).kept.values() for m in v]
     assert kept and all(not m.extra for m in kept) == (options.get("smooth") == "norms")
     assert sqnr_db(ref, logits(model)) > 20
+
+
+def test_experts_the_low_token_rule_rounds_get_no_scale():
+    """Experts under min_expert_tokens are rounded to nearest from their float weights: no move touches them (the
+    layer structure is still checked once, with every expert)."""
+    awq, _, _, _ = _quantized_with("minimax_m2", "awq", min_expert_tokens=10**6)
+    rtn, _, _, _ = _quantized_with("minimax_m2", "rtn")
+    lins = quantizable_linears(rtn)
+    for name, lin in quantizable_linears(awq).items():
+        if ".experts." in name:
+            assert torch.equal(lin.weight, lins[name].weight), name
+    rec = moe_scaling.record(awq)
+    assert list(rec.kept) == ["model.layers.0"]  # both layers share one checked map
+    assert any(".experts." in m.smooth for m in rec.kept["model.layers.0"])
 
 
 def test_gpt_oss_still_stops_before_download():
