@@ -24,6 +24,7 @@ from torch import nn
 
 from hubquant.errors import CorruptFileError, NotFoundError, UnsupportedError
 from hubquant.formats import FORMATS, by_quant_method
+from hubquant.modeling import auto_class
 from hubquant.runtime import repack
 from hubquant.runtime.modules import W4A16Linear, W8A8Linear
 
@@ -243,6 +244,8 @@ def load(repo_or_path: str | Path, device: str | torch.device | None = None, dty
     from tqdm.auto import tqdm
     from transformers import AutoConfig
 
+    from hubquant import moe
+
     t0 = time.time()
     path = resolve(repo_or_path, revision=revision)
     cfg_path = path / "config.json"
@@ -263,12 +266,8 @@ def load(repo_or_path: str | Path, device: str | torch.device | None = None, dty
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    from hubquant.modeling import auto_class
-
     with init_empty_weights():  # the base's own class: a vision-language model keeps its (float) vision tower
         model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
-    from hubquant import moe
-
     moe.unfuse_experts(model)  # per-expert Linears, named as the checkpoint names them
 
     files = TensorFiles(path)
