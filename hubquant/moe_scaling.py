@@ -9,13 +9,14 @@ the layer itself, with the layer's calibration inputs (the engine's `LayerWork`)
 1. candidates: a norm whose output (traced on a forward pass with hooks) is read only by quantized Linears
    whose input width is the norm's width; `v_proj -> o_proj` in every module holding both; `up -> down` in
    every gated MLP (`gate_proj/up_proj/down_proj`, `w1/w3/w2`): each expert, shared expert and dense MLP;
-2. every candidate is applied with random scales to a float32 copy (the layer for norms and attention, its routed
-   experts replaced by small random stand-ins: `light_copy`; the MLP alone for up -> down, with random inputs so
-   that experts no calibration token reaches are checked too) and kept
-   only if the output moves by less than `TOLERANCE` (relative); a norm is tried as `x * w` then as
-   `x * (1 + w)`; moves that fail are dropped and recorded (`record(model)`), never applied.
+2. every candidate is applied with random scales to a float32 copy and kept only if the output moves by less
+   than `TOLERANCE` (relative): the layer for norms and attention (its routed experts replaced by small random
+   stand-ins, `light_copy`), the MLP alone for up -> down (random inputs, so experts no calibration token reaches
+   are checked too); a norm is tried as `x * w`, then as `x * (1 + w)`. Moves that fail are dropped and recorded
+   (`record(model)`), never applied.
 
-Layers of one structure (module names and classes, quantized Linears) share one verified map.
+Layers of one structure (module names and classes) share one check; each keeps the moves whose Linears the method
+quantizes in it.
 """
 from __future__ import annotations
 
