@@ -118,7 +118,7 @@ def mmv_budget(mb: int = 1, pf: bool = True, wn: int = 2, wk: int = 4) -> dict:
 
     k = compile_kernel(w4a16_mmv._w4a16_mmv_kernel, TYPES,
                        dict(GS=128, ONE_GROUP=False, HAS_ZP=False, HAS_BIAS=False, WN=wn, WK=wk, SPLIT_K=1,
-                            FP16=False, MB=mb, MASK_X=True, PF=pf, EMUL=False), wn * wk, 1)
+                            FP16=False, MB=mb, PF=pf, EMUL=False), wn * wk, 1)
     body = loop_body(k)
     ops = collections.Counter(_LINE.match(line).group(2).split(".")[0] for line in body)
     return {"weights_per_thread": 128 * 32 / 32, "loop": len(body), "hmma": ops.get("HMMA", 0),

@@ -216,35 +216,30 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _x(x_ptr, xo, xm, kc, e4, MASK_X: tl.constexpr, EMUL: tl.constexpr):
+    def _x(x_ptr, xo, kc, e4, EMUL: tl.constexpr):
         """The lane's 8 activations of a chunk: [T, 4] bf16 pairs (one 16-byte load), or [T, 8] floats (EMUL)."""
         if EMUL:
             e8 = tl.arange(0, 8)
-            out = tl.load(x_ptr + (xo + kc)[:, None] + e8[None, :], mask=xm[:, None], other=0.0).to(tl.float32)
+            out = tl.load(x_ptr + (xo + kc)[:, None] + e8[None, :]).to(tl.float32)
         else:
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-            if MASK_X:
-                out = tl.load(x32 + ((xo + kc) // 2)[:, None] + e4[None, :], mask=xm[:, None], other=0)
-            else:
-                out = tl.load(x32 + ((xo + kc) // 2)[:, None] + e4[None, :])
+            out = tl.load(x32 + ((xo + kc) // 2)[:, None] + e4[None, :])
         return out
 
     @triton.jit
-    def _step(x_ptr, xo, xm, xo2, xm2, k0, c, zq, wv0, wv1, wv2, wv3, e4,
-              MB: tl.constexpr, FP16: tl.constexpr, EMUL: tl.constexpr, W: tl.constexpr, MASK_X: tl.constexpr):
-        """The 4 chunks of one 128-input step (words already loaded) into c."""
-        xa = _x(x_ptr, xo, xm, k0, e4, MASK_X, EMUL)
-        xb = _x(x_ptr, xo2, xm2, k0, e4, True, EMUL) if MB == 2 else xa
-        c = _chunk(wv0, xa, xb, c, zq, MB, FP16, EMUL, W)
-        xa = _x(x_ptr, xo, xm, k0 + 32, e4, MASK_X, EMUL)
-        xb = _x(x_ptr, xo2, xm2, k0 + 32, e4, True, EMUL) if MB == 2 else xa
-        c = _chunk(wv1, xa, xb, c, zq, MB, FP16, EMUL, W)
-        xa = _x(x_ptr, xo, xm, k0 + 64, e4, MASK_X, EMUL)
-        xb = _x(x_ptr, xo2, xm2, k0 + 64, e4, True, EMUL) if MB == 2 else xa
-        c = _chunk(wv2, xa, xb, c, zq, MB, FP16, EMUL, W)
-        xa = _x(x_ptr, xo, xm, k0 + 96, e4, MASK_X, EMUL)
-        xb = _x(x_ptr, xo2, xm2, k0 + 96, e4, True, EMUL) if MB == 2 else xa
-        return _chunk(wv3, xa, xb, c, zq, MB, FP16, EMUL, W)
+    def _xs(x_ptr, xo, k0, e4, EMUL: tl.constexpr):
+        """The lane's activations of the 4 chunks of the step at k0 (rows of x past M read row M - 1)."""
+        return (_x(x_ptr, xo, k0, e4, EMUL), _x(x_ptr, xo, k0 + 32, e4, EMUL), _x(x_ptr, xo, k0 + 64, e4, EMUL),
+                _x(x_ptr, xo, k0 + 96, e4, EMUL))
+
+    @triton.jit
+    def _step(c, zq, wv0, wv1, wv2, wv3, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3,
+              MB: tl.constexpr, FP16: tl.constexpr, EMUL: tl.constexpr, W: tl.constexpr):
+        """The 4 chunks of one 128-input step (words and activations already loaded) into c."""
+        c = _chunk(wv0, xa0, xb0, c, zq, MB, FP16, EMUL, W)
+        c = _chunk(wv1, xa1, xb1, c, zq, MB, FP16, EMUL, W)
+        c = _chunk(wv2, xa2, xb2, c, zq, MB, FP16, EMUL, W)
+        return _chunk(wv3, xa3, xb3, c, zq, MB, FP16, EMUL, W)
 
     @triton.jit
     def _words(qw_ptr, wo, k0, stride_w, ok):
@@ -281,7 +276,7 @@ if triton is not None:
         M, N, K, k_split, stride_xm, stride_ym, stride_w, stride_s,
         GS: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
         WN: tl.constexpr, WK: tl.constexpr, SPLIT_K: tl.constexpr, FP16: tl.constexpr, MB: tl.constexpr,
-        MASK_X: tl.constexpr, PF: tl.constexpr, EMUL: tl.constexpr,
+        PF: tl.constexpr, EMUL: tl.constexpr,
     ):
         # WN x WK warps: warp w owns outputs 32 (w % WN) .. + 31 of the program and every WK-th 128-input step
         # (w // WN) of its K range; the WK partial sums meet in shared memory at the end. Every [T] tensor holds
@@ -297,10 +292,8 @@ if triton is not None:
         nb = pid_n * (32 * WN) + ((t // 32) % WN) * 32 + 4 * g
         e4 = tl.arange(0, 4)
         wo = (q * stride_w + wk * 16 * stride_w + nb)[:, None] + e4[None, :]
-        xo = g * stride_xm + 8 * q + 128 * wk
-        xm = g < M
-        xo2 = xo + 8 * stride_xm
-        xm2 = g + 8 < M
+        xo = tl.minimum(g, M - 1) * stride_xm + 8 * q + 128 * wk  # rows past M repeat row M - 1 (not stored)
+        xo2 = tl.minimum(g + 8, M - 1) * stride_xm + 8 * q + 128 * wk
         k_lo = pid_k * k_split
         k_hi = tl.minimum(k_lo + k_split, K)
         zero = tl.zeros((T,), tl.float32)
@@ -309,25 +302,46 @@ if triton is not None:
             acc = tl.join(acc, acc)
         zc = acc
         zq = _zq(z_ptr, 0, stride_s, nb, e4, HAS_ZP, FP16, EMUL)
-        if PF:  # register prefetch: the next step's words are in flight while this step computes
+        S: tl.constexpr = 128 * WK
+        if PF >= 1:  # register prefetch: words PF steps ahead (x one step) load while this step computes
             wv0, wv1, wv2, wv3 = _words(qw_ptr, wo, k_lo, stride_w, None)
-        for k0 in range(k_lo, k_hi, 128 * WK):
-            if PF:
-                n0, n1, n2, n3 = _words(qw_ptr, wo, k0 + 128 * WK, stride_w, wo * 0 + k0 + 128 * WK < k_hi)
+            xa0, xa1, xa2, xa3 = _xs(x_ptr, xo, k_lo, e4, EMUL)
+            xb0, xb1, xb2, xb3 = xa0, xa1, xa2, xa3
+            if MB == 2:
+                xb0, xb1, xb2, xb3 = _xs(x_ptr, xo2, k_lo, e4, EMUL)
+        if PF == 2:
+            v0, v1, v2, v3 = _words(qw_ptr, wo, k_lo + S, stride_w, wo * 0 + k_lo + S < k_hi)
+        for k0 in range(k_lo, k_hi, S):
+            if PF >= 1:
+                kn = tl.minimum(k0 + S, k_hi - S)  # past the range: the current step's x again
+                n0, n1, n2, n3 = _words(qw_ptr, wo, k0 + PF * S, stride_w, wo * 0 + k0 + PF * S < k_hi)
+                na0, na1, na2, na3 = _xs(x_ptr, xo, kn, e4, EMUL)
+                nb0, nb1, nb2, nb3 = na0, na1, na2, na3
+                if MB == 2:
+                    nb0, nb1, nb2, nb3 = _xs(x_ptr, xo2, kn, e4, EMUL)
             else:
                 wv0, wv1, wv2, wv3 = _words(qw_ptr, wo, k0, stride_w, None)
+                xa0, xa1, xa2, xa3 = _xs(x_ptr, xo, k0, e4, EMUL)
+                xb0, xb1, xb2, xb3 = xa0, xa1, xa2, xa3
+                if MB == 2:
+                    xb0, xb1, xb2, xb3 = _xs(x_ptr, xo2, k0, e4, EMUL)
             grp = (k0 + 128 * wk) // GS
             if not ONE_GROUP:
                 zq = _zq(z_ptr, grp, stride_s, nb, e4, HAS_ZP, FP16, EMUL)
-            part = _step(x_ptr, xo, xm, xo2, xm2, k0, zc, zq, wv0, wv1, wv2, wv3, e4, MB, FP16, EMUL, WN * WK,
-                         MASK_X)
+            part = _step(zc, zq, wv0, wv1, wv2, wv3, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, MB, FP16, EMUL, WN * WK)
             if ONE_GROUP:
                 acc += part
             else:
                 s4 = tl.load(s_ptr + (grp * stride_s + nb)[:, None] + e4[None, :]).to(tl.float32)
                 acc += part * _per_output(s4, MB)
-            if PF:
+            if PF == 1:
                 wv0, wv1, wv2, wv3 = n0, n1, n2, n3
+            if PF == 2:
+                wv0, wv1, wv2, wv3 = v0, v1, v2, v3
+                v0, v1, v2, v3 = n0, n1, n2, n3
+            if PF >= 1:
+                xa0, xa1, xa2, xa3 = na0, na1, na2, na3
+                xb0, xb1, xb2, xb3 = nb0, nb1, nb2, nb3
         if ONE_GROUP:
             acc *= _per_output(tl.load(s_ptr + nb[:, None] + e4[None, :]).to(tl.float32), MB)
         if WK > 1:
@@ -351,9 +365,10 @@ def _self_check(device: torch.device) -> bool:
 
     g = torch.Generator(device=device).manual_seed(1)
     ok = True
-    for m, n, k, gs, asym, dt, cfg in ((1, 256, 1024, 128, False, torch.bfloat16, (4, 1, 2, True)),
-                                       (5, 128, 1024, 256, True, torch.float16, (2, 4, 1, False)),
-                                       (13, 256, 2048, 2048, False, torch.bfloat16, (1, 8, 2, True))):
+    for m, n, k, gs, asym, dt, cfg in ((1, 256, 1024, 128, False, torch.bfloat16, (4, 1, 2, 2)),
+                                       (5, 128, 1024, 256, True, torch.float16, (2, 4, 1, 0)),
+                                       (13, 256, 2048, 2048, False, torch.bfloat16, (1, 8, 2, 1)),
+                                       (3, 256, 4096, 128, True, torch.bfloat16, (2, 4, 1, 2))):
         qw = pack.pack_kn(torch.randint(0, 16, (k, n), device=device, generator=g))
         sc = (torch.rand(k // gs, n, device=device, generator=g) * 0.02 + 1e-3).to(dt)
         z = torch.randint(0, 16, (k // gs, n), device=device, generator=g).to(torch.uint8) if asym else None
@@ -372,7 +387,7 @@ def supports(m: int, n: int, k: int, gs: int, wn: int = 1, wk: int = 1, split_k:
     return (m <= 32 and n % (32 * wn) == 0 and k % (KB * wk * split_k) == 0 and (gs >= k or gs % KB == 0))
 
 
-def mmv(x, qweight, scales, zeros, bias, y, gs, *, wn=4, wk=1, split_k=1, prefetch=True):
+def mmv(x, qweight, scales, zeros, bias, y, gs, *, wn=4, wk=1, split_k=1, prefetch=1):
     """y = x @ W (+ bias) on the tensor cores for M <= 32; x [M, K] contiguous rows, y [M, N] preallocated.
     A program is wn x wk warps (32 wn outputs; K steps dealt out to wk warps), split_k programs share K; one
     launch takes up to 16 rows of x (M > 16: two launches, each reading the weights)."""
@@ -409,19 +424,20 @@ def _launch(x, qweight, scales, zeros, bias, y, gs, wn, wk, split_k, prefetch):
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
         y, ws, cnt, m, n, k, k // split_k, x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GS=min(gs, k), ONE_GROUP=gs >= k, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
-        WN=wn, WK=wk, SPLIT_K=split_k, FP16=x.dtype == torch.float16, MB=mb, MASK_X=m < 8 * mb,
-        PF=bool(prefetch), EMUL=interpreting(), num_warps=wn * wk,
+        WN=wn, WK=wk, SPLIT_K=split_k, FP16=x.dtype == torch.float16, MB=mb,
+        PF=int(prefetch), EMUL=interpreting(), num_warps=wn * wk,
     )
     return y
 
 
-# (warps along N, warps along K, split-K programs, register prefetch); the chooser keeps the fastest per shape.
+# (warps along N, warps along K, split-K programs, register prefetch depth in steps); the chooser keeps the fastest
+# per shape.
 # Warps along K add their partial sums in shared memory; split-K programs through the fp32 workspace (atomics).
 CONFIGS = tuple((wn, wk, s, pf) for wn, wk in ((1, 8), (1, 16), (2, 4), (2, 8), (4, 2), (4, 4))
-                for s in (1, 2, 4, 8) for pf in (True, False)) + tuple(
-                (wn, 1, s, True) for wn in (4, 8) for s in (4, 8, 16))
+                for s in (1, 2, 4, 8) for pf in (1, 2)) + tuple(
+                (wn, 1, s, pf) for wn in (4, 8) for s in (4, 8, 16) for pf in (1, 2))
 SWEEP_CONFIGS = tuple((wn, wk, s, pf) for wn in (1, 2, 4, 8) for wk in (1, 2, 4, 8, 16) if 2 <= wn * wk <= 16
-                      for s in (1, 2, 4, 8, 16, 32) for pf in (True, False))
+                      for s in (1, 2, 4, 8, 16, 32) for pf in (0, 1, 2))
 
 
 def enabled() -> bool:
@@ -442,6 +458,6 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
         progs = n // (32 * wn)
         if not supports(m, n, k, gs, wn, wk, split) or progs * split > 4096 or (split > 1 and progs * split < 132):
             continue
-        out.append(Candidate(name=f"mmv_n{wn}k{wk}_s{split}_{'pf' if pf else 'np'}",
+        out.append(Candidate(name=f"mmv_n{wn}k{wk}_s{split}_p{int(pf)}",
                              fn=lambda *a, wn=wn, wk=wk, s=split, p=pf: mmv(*a, wn=wn, wk=wk, split_k=s, prefetch=p)))
     return out

@@ -49,11 +49,11 @@ def test_gemv3_codes_are_exact():
 
 
 @pytest.mark.parametrize("m,n,k,gs,asym,dtype,wn,wk,split,pf,slice_n", [
-    (1, 64, 512, 128, False, torch.bfloat16, 2, 1, 1, True, 0),
+    (1, 64, 512, 128, False, torch.bfloat16, 2, 1, 1, 2, 0),
     (3, 128, 512, -1, True, torch.float16, 1, 2, 2, False, 0),
     (8, 64, 768, 256, True, torch.bfloat16, 1, 1, 3, True, 32),  # column slice of a wider weight (fused layers)
     (9, 64, 1024, 128, False, torch.bfloat16, 1, 4, 1, True, 0),  # two B tiles; 4 warps share K
-    (16, 32, 1024, 128, True, torch.float16, 1, 2, 2, True, 0),
+    (16, 32, 1024, 128, True, torch.float16, 1, 2, 2, 2, 0),
     (2, 64, 1024, 256, False, torch.bfloat16, 2, 2, 1, False, 0),
     (27, 64, 512, 128, True, torch.bfloat16, 2, 2, 1, True, 0),  # two launches of 16 and 11 rows
 ])
