@@ -340,7 +340,11 @@ def candidates(m: int, n: int, k: int, gs: int) -> list[Candidate]:
                     _mm(*a, bm=bm, bn=bn, bk=bk, split_k=s, warps=w, stages=st)))
     out += w4a16_gemv.candidates(m, n, k, gs)  # M=1: the only candidates
     out += w4a16_gemv3.candidates(m, n, k, gs)  # M=1 by default: rotated codes (BM rows per program in sweeps)
-    out += w4a16_mmv.candidates(m, n, k, gs)  # M <= 32: tensor-core GEMV on the stored layout
+    # M = 2..32: tensor-core GEMV on the stored layout. Not at M=1 when the FMA GEMVs run: they were 5-30% faster
+    # there on every measured shape (docs/kernels-h200.md runs K and L), yet close enough in the chooser's
+    # cold-L2 timings that a decode process picked the MMA GEMV and ran 1.49x bf16 instead of 1.56x
+    if m > 1 or not w4a16_gemv.enabled():
+        out += w4a16_mmv.candidates(m, n, k, gs)
     if os.environ.get("HUBQUANT_W4_SWEEP") == "1":  # one wide GPU sweep (bench/kernels/h200.py --sweep)
         out += w4a16_tc.sweep_candidates(m, n, k, gs) if m <= 64 else []
         out += w4a16_mma.sweep_candidates(m, n, k, gs)

@@ -91,7 +91,7 @@ def test_mmv_sums_each_output_from_its_own_codes():
         assert torch.equal(y.float(), want)
 
 
-@pytest.mark.parametrize("m,gs,asym,dtype", [(1, 128, False, torch.bfloat16), (5, 256, True, torch.float16),
+@pytest.mark.parametrize("m,gs,asym,dtype", [(2, 128, False, torch.bfloat16), (5, 256, True, torch.float16),
                                              (16, -1, True, torch.bfloat16)])
 def test_mmv_candidates_through_the_entry_point(m, gs, asym, dtype, monkeypatch):
     n, k = 64, 512
@@ -106,6 +106,14 @@ def test_mmv_candidates_through_the_entry_point(m, gs, asym, dtype, monkeypatch)
     assert any(c.name == names[0] for c in w4a16.candidates(m, n, k, gsz))  # offered by default
     y = w4a16.w4a16_matmul(x, qw, s, z, gs, b, impl=names[0])
     assert float((y.double() - exact).norm() / exact.norm()) < 5e-3
+
+
+def test_mmv_not_offered_at_m1_beside_the_fma_gemvs():
+    """At M=1 the FMA GEMVs win every measured shape: the default set leaves the MMA GEMV out there."""
+    assert w4a16_mmv.candidates(1, 64, 512, 128)  # it can run M=1 (benchmarks time it)
+    names = [c.name for c in w4a16.candidates(1, 64, 512, 128)]
+    assert names and not any(nm.startswith("mmv_") for nm in names)
+    assert any(nm.startswith("mmv_") for nm in (c.name for c in w4a16.candidates(2, 64, 512, 128)))
 
 
 def test_mmv_declines_what_it_cannot_do():
