@@ -152,7 +152,7 @@ def unfuse_experts(model: nn.Module) -> int:
     Raises:
         UnsupportedError: fused experts of an architecture without a per-expert checkpoint layout.
     """
-    from hubquant import moe_arch
+    from hubquant import moe_arch, moe_gptoss, moe_llama4
 
     fused = _fused_experts(model)
     if not fused:
@@ -160,13 +160,13 @@ def unfuse_experts(model: nn.Module) -> int:
     mtype = model_type(model)
     if mtype in UNSUPPORTED_EXPERTS:
         raise moe_arch.refusal(mtype, f"cannot be converted: {UNSUPPORTED_EXPERTS[mtype]}")
+    if mtype in ("llama4_text", "llama4"):  # the router's score scales the expert input: hubquant.moe_llama4
+        return moe_llama4.unfuse(model)
     layout = expert_layout(model, fused[0][0])
     if layout is None:
         raise moe_arch.refusal(mtype, "have no known per-expert checkpoint layout (transformers' conversion mapping "
                                       "builds them from no per-expert tensors)")
     if mtype == "gpt_oss":
-        from hubquant import moe_gptoss
-
         def build(mod):
             return PerExpertLinears(moe_gptoss.experts(mod))
     else:

@@ -42,14 +42,15 @@ class ExpertLayout:
 
 # Layouts transformers' conversion mapping does not give. gpt-oss: biased, clamped-SwiGLU experts
 # (hubquant.moe_gptoss), written per expert as llm-compressor names them; transformers has no per-expert mapping
-# for them, so hubquant.load reads the variant (docs/moe.md).
-OVERRIDES: dict[str, ExpertLayout] = {"gpt_oss": ExpertLayout()}
+# for them, so hubquant.load reads the variant (docs/moe.md). Llama 4: transposed experts whose router score scales
+# their input (hubquant.moe_llama4), per expert as transformers' compressed-tensors loading names them.
+OVERRIDES: dict[str, ExpertLayout] = dict.fromkeys(("gpt_oss", "llama4_text", "llama4"), ExpertLayout())
 
 # Architectures converted end to end in the tests (tests/test_moe.py, tests/test_moe_arch.py): the hint of a refusal
 # names them. Others whose experts transformers maps the same way convert too, after the same check.
 TESTED = ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "mixtral", "minimax", "minimax_m2", "phimoe",
           "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "olmoe",
-          "flex_olmo", "ernie4_5_moe", "hunyuan_v1_moe", "exaone_moe", "dots1", "gpt_oss")
+          "flex_olmo", "ernie4_5_moe", "hunyuan_v1_moe", "exaone_moe", "dots1", "gpt_oss", "llama4_text")
 
 FLOAT_ATTR = "hubquant_float"  # set on the router modules `mark_routers` finds (hubquant.modeling skips them)
 

@@ -50,7 +50,7 @@ MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4
 # structure and keep the moves checked exact on a float32 copy (hubquant.moe_scaling)
 DERIVED_MOE_MODEL_TYPES = ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "ernie4_5_moe", "hunyuan_v1_moe",
                            "minimax_m2", "exaone_moe", "dots1", "deepseek_v32", "glm4_moe_lite", "flex_olmo", "phimoe",
-                           "glm4v_moe")
+                           "glm4v_moe", "llama4_text", "llama4")
 # MoE model types whose experts carry no scale (hubquant.moe.NO_EXPERT_SCALING): scaling methods stop there
 NO_EXPERT_SCALING_TYPES = ("gpt_oss",)
 # MoE variants transformers 5.24 cannot load (hubquant.moe.checkpoint_scheme, preflight; docs/moe.md has the causes):

@@ -1,0 +1,182 @@
+"""Llama 4 (text): transposed fused experts whose router score scales the expert input, split into per-expert
+Linears that compute transformers' logits exactly and see only their routed tokens; rtn, gptq and fp8 quantize every
+expert projection, the router stays float, the checkpoint names experts per expert, and both hubquant.load and plain
+transformers (its per-expert SequentialLlama4TextExperts) read it back with hubquant's logits; AWQ and SmoothQuant
+stop with exit 5; streaming falls back to memory with the reason."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hubquant import moe
+from hubquant.errors import UnsupportedError
+from hubquant.methods import get_method
+from hubquant.modeling import quantizable_linears
+from hubquant.quant import sqnr_db
+from tests.test_moe import EVAL_IDS, calib_ids, quantize, scheme_of
+
+pytestmark = pytest.mark.skipif(not hasattr(__import__("transformers"), "Llama4TextConfig"),
+                                reason="transformers without Llama 4")
+
+EXPERTS, SPARSE_LAYERS = 4, (1, 3)  # 4 layers, every second one sparse (interleave_moe_layer_step=2)
+EXPERT_LINEARS = len(SPARSE_LAYERS) * EXPERTS * 3
+
+
+def llama4_model(seed: int = 0, vocab: int = 512):
+    """A tiny random Llama4ForCausalLM: layers 0 and 2 dense (intermediate_size_mlp), 1 and 3 sparse (4 experts of
+    intermediate_size 64, top-1, a shared expert)."""
+    from transformers import AutoModelForCausalLM, Llama4TextConfig
+
+    cfg = Llama4TextConfig(vocab_size=vocab, hidden_size=128, intermediate_size=64, intermediate_size_mlp=256,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                           num_local_experts=EXPERTS, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                           max_position_embeddings=256, attention_chunk_size=64, tie_word_embeddings=False,
+                           pad_token_id=None, bos_token_id=1, eos_token_id=2, architectures=["Llama4ForCausalLM"])
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(EVAL_IDS).logits.float()
+
+
+def unfused():
+    model = llama4_model()
+    moe.unfuse_experts(model)
+    return model
+
+
+def test_per_expert_linears_compute_transformers_logits():
+    model = llama4_model()
+    assert [layer.is_moe_layer for layer in model.model.layers] == [False, True, False, True]
+    ref = logits(model)
+    fused = model.model.layers[1].feed_forward.experts
+    gate_up, down = fused.gate_up_proj.detach().clone(), fused.down_proj.detach().clone()
+    assert moe.unfuse_experts(model) == 2
+    err = float((logits(model) - ref).norm() / ref.norm())
+    assert err < 1e-5, err
+    e2 = model.model.layers[1].feed_forward.experts[2]
+    assert torch.equal(e2.gate_proj.weight, gate_up[2][:, :64].t()) and torch.equal(e2.up_proj.weight,
+                                                                                     gate_up[2][:, 64:].t())
+    assert torch.equal(e2.down_proj.weight, down[2].t()) and e2.down_proj.weight.shape == (128, 64)
+    names = set(quantizable_linears(model))
+    assert len(moe.expert_linear_names(model)) == EXPERT_LINEARS and set(moe.expert_linear_names(model)) <= names
+    assert "model.layers.1.feed_forward.shared_expert.up_proj" in names  # quantized like any MLP
+    assert "model.layers.0.feed_forward.gate_proj" in names  # dense layer
+    assert not [n for n in names if "router" in n]
+    assert moe.float_module_names(model) == ["model.layers.1.feed_forward.router", "model.layers.3.feed_forward.router"]
+
+
+def test_each_expert_sees_only_its_routed_tokens_scaled_by_their_score():
+    model = unfused()
+    block = model.model.layers[3].feed_forward
+    seen: dict[int, list[torch.Tensor]] = {e: [] for e in range(EXPERTS)}
+    hooks = [block.experts[e].up_proj.register_forward_pre_hook(lambda m, a, e=e: seen[e].append(a[0].clone()))
+             for e in range(EXPERTS)]
+    captured = {}
+    hooks.append(block.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].reshape(-1, 128))))
+    logits(model)
+    for h in hooks:
+        h.remove()
+    x = captured["x"]
+    scores, router_logits = block.router(x)
+    chosen = router_logits.argmax(-1)
+    for e in range(EXPERTS):
+        rows = (chosen == e).nonzero().squeeze(1)
+        got = torch.cat(seen[e]) if seen[e] else torch.empty(0, 128)
+        assert got.shape[0] == rows.numel() == int((scores[:, e] > 0).sum())  # routed tokens only
+        torch.testing.assert_close(got, x[rows] * scores[rows, e, None], rtol=0, atol=0)
+
+
+def test_calibrate_all_experts_keeps_the_output():
+    model = unfused()
+    ref = logits(model)
+    for m in moe.expert_modules(model).values():
+        m.calibrate_all = True
+    torch.testing.assert_close(logits(model), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,min_sqnr", [("rtn", 10.0), ("gptq", 10.0), ("fp8", 20.0)])
+def test_variant_names_experts_per_expert_and_loads_back(method, min_sqnr, tmp_path):
+    from safetensors import safe_open
+
+    import hubquant
+    from hubquant.formats.compressed_tensors import write
+
+    ref = logits(llama4_model())
+    model = unfused()
+    quantized, policy = quantize(model, method)
+    assert set(quantized) == set(quantizable_linears(model))
+    assert sum(n in quantized for n in moe.expert_linear_names(model)) == EXPERT_LINEARS
+    if get_method(method).needs_calibration():  # per-expert token counts are the router's top-1 choices
+        for name, counts in policy.counts.items():
+            assert sum(counts) == calib_ids().numel(), name
+    deq = logits(model)
+    assert sqnr_db(ref, deq) > min_sqnr
+    qc = write(model, quantized, scheme=scheme_of(method), out_dir=tmp_path, method=method)
+    assert "model.layers.1.feed_forward.router" in qc["ignore"]
+    keys = set(safe_open(tmp_path / "model.safetensors", "pt").keys())
+    stored = "weight_packed" if scheme_of(method).weights.bits == 4 else "weight"
+    for layer in SPARSE_LAYERS:
+        for i in range(EXPERTS):
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                name = f"model.layers.{layer}.feed_forward.experts.{i}.{p}"
+                assert f"{name}.{stored}" in keys and f"{name}.weight_scale" in keys, name
+    assert not [k for k in keys if k.endswith(("gate_up_proj", "experts.down_proj"))]
+    assert "model.layers.1.feed_forward.router.weight" in keys
+    assert "model.layers.1.feed_forward.shared_expert.gate_proj.weight_scale" in keys
+    loaded, _ = hubquant.load(tmp_path, device="cpu", dtype=torch.float32, progress=False)
+    assert loaded.hubquant_format["quantized_linears"] == len(quantized)
+    weight_only = scheme_of(method).activations is None
+    assert sqnr_db(deq, logits(loaded)) > (60 if weight_only else 40)
+    # plain transformers: FP8 activations run unquantized there (33.8 dB measured), quantized per token in hubquant
+    assert sqnr_db(deq, plain_transformers_logits(tmp_path)) > (60 if weight_only else 25)
+
+
+def plain_transformers_logits(path) -> torch.Tensor:
+    """Tripwire: transformers 5.25 loads compressed-tensors Llama 4 experts per expert (`SequentialLlama4TextExperts`
+    replaces the fused `Llama4TextExperts`, quantizers/base.py) with no missing or unexpected keys. When this fails,
+    transformers changed how it loads them: docs/moe.md's Llama 4 section and hubquant.moe_llama4 must follow."""
+    from transformers import AutoModelForCausalLM
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    experts = loaded.model.layers[1].feed_forward.experts
+    assert type(experts).__name__ == "SequentialLlama4TextExperts" and len(experts) == EXPERTS
+    return logits(loaded.eval())
+
+
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_scaling_methods_stop_with_exit_5_before_download(method):
+    from types import SimpleNamespace
+
+    for mtype in ("llama4_text", "llama4"):
+        with pytest.raises(UnsupportedError) as e:
+            get_method(method).check_architecture(SimpleNamespace(model_type=mtype), {})
+        assert e.value.exit_code == 5 and "rtn, gptq" in e.value.hint
+    get_method("gptq").check_architecture(SimpleNamespace(model_type="llama4_text"), {})
+
+
+def test_convert_streaming_auto_converts_in_memory_with_the_reason(tokenizer, tmp_path):
+    from hubquant.convert import ConvertOptions, convert
+    from tests.test_moe_arch import FAST
+
+    base = tmp_path / "base"
+    llama4_model(vocab=len(tokenizer)).to(torch.bfloat16).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    logs: list[str] = []
+    out = tmp_path / "out"
+    convert(ConvertOptions(repo_id=str(base), method="rtn", group_size=32, output_dir=str(out), **FAST),
+            log=logs.append)
+    assert any(m.startswith("loading the whole model in memory") and "feed_forward.experts" in m for m in logs), logs
+    rep = json.loads((out / "hubquant.json").read_text())["moe"]
+    assert rep["expert_linears"] == rep["expert_linears_quantized"] == EXPERT_LINEARS
+    assert rep["float_modules"]["router"] == len(SPARSE_LAYERS)
+    assert "hubquant.load" in (out / "README.md").read_text()
+    with pytest.raises(UnsupportedError) as e:
+        convert(ConvertOptions(repo_id=str(base), method="rtn", group_size=32, streaming="on",
+                               output_dir=str(tmp_path / "on"), **FAST), log=lambda m: None)
+    assert e.value.exit_code == 5
