@@ -51,7 +51,7 @@ def auto_class(config):
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder blocks (model.model.layers for Llama-likes, transformer.h for GPT-likes)."""
     for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
-                 "model.language_model.layers"):
+                 "model.language_model.layers", "language_model.model.layers"):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)

@@ -551,7 +551,8 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
     elif int8 and model_type(model) not in NO_TRANSFORMERS_MAPPING:
         lines.append(f"- Loading: `hubquant.load(path)` runs this variant. {INT8_EXPERTS_REASON}.")
     elif ws is not None and model_type(model) not in NO_TRANSFORMERS_MAPPING:
-        lines.append("- Loading: plain `AutoModelForCausalLM.from_pretrained` (transformers fuses the experts again) "
+        how = "reads Llama 4's experts per expert" if "llama4" in model_type(model) else "fuses the experts again"
+        lines.append(f"- Loading: plain `AutoModelForCausalLM.from_pretrained` (transformers {how}) "
                      "or `hubquant.load(path)`.")
     if model_type(model) in NO_TRANSFORMERS_MAPPING and fmt == "compressed-tensors":
         lines.append(f"- Loading: `hubquant.load(path)` runs this variant. plain transformers cannot load its experts "

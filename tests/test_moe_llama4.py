@@ -175,8 +175,48 @@ def test_convert_streaming_auto_converts_in_memory_with_the_reason(tokenizer, tm
     rep = json.loads((out / "hubquant.json").read_text())["moe"]
     assert rep["expert_linears"] == rep["expert_linears_quantized"] == EXPERT_LINEARS
     assert rep["float_modules"]["router"] == len(SPARSE_LAYERS)
-    assert "hubquant.load" in (out / "README.md").read_text()
+    assert "from_pretrained` (transformers reads Llama 4's experts per expert)" in (out / "README.md").read_text()
     with pytest.raises(UnsupportedError) as e:
         convert(ConvertOptions(repo_id=str(base), method="rtn", group_size=32, streaming="on",
                                output_dir=str(tmp_path / "on"), **FAST), log=lambda m: None)
     assert e.value.exit_code == 5
+
+
+def test_vision_language_llama4_quantizes_the_language_models_experts(tokenizer, tmp_path):
+    """Llama4ForConditionalGeneration: the vision tower and projector stay float (bit-identical), the language
+    model's experts are written per expert under `language_model.model.layers.N.feed_forward.experts.{i}`, and plain
+    AutoModelForImageTextToText loads the variant with no missing or unexpected keys."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText, Llama4Config
+
+    from hubquant.convert import ConvertOptions, convert
+    from tests.test_moe_arch import FAST
+
+    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=64, intermediate_size_mlp=256,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                num_local_experts=EXPERTS, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                max_position_embeddings=256, attention_chunk_size=64)
+    vision = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=1, image_size=32,
+                  patch_size=8, vision_output_dim=128, projector_input_dim=128, projector_output_dim=128)
+    cfg = Llama4Config(text_config=text, vision_config=vision, architectures=["Llama4ForConditionalGeneration"],
+                       tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base, out = tmp_path / "base", tmp_path / "out"
+    AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    logs: list[str] = []
+    convert(ConvertOptions(repo_id=str(base), method="gptq", group_size=32, output_dir=str(out), **FAST),
+            log=logs.append)
+    assert any("vision-language model whose causal LM class has no vision tower" in m for m in logs)
+    rep = json.loads((out / "hubquant.json").read_text())["moe"]
+    assert rep["expert_linears"] == rep["expert_linears_quantized"] == EXPERTS * 3
+    assert rep["float_modules"]["router"] == 1 and rep["float_modules"]["vision"] > 0
+    f, fb = safe_open(out / "model.safetensors", "pt"), safe_open(base / "model.safetensors", "pt")
+    keys = set(f.keys())
+    for i in range(EXPERTS):
+        assert f"language_model.model.layers.1.feed_forward.experts.{i}.gate_proj.weight_packed" in keys
+    visual = [k for k in fb.keys() if k.startswith(("vision_model.", "multi_modal_projector."))]
+    assert visual and all(torch.equal(f.get_tensor(k), fb.get_tensor(k)) for k in visual)  # float, untouched
+    loaded, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(loaded.language_model.model.layers[1].feed_forward.experts).__name__ == "SequentialLlama4TextExperts"
