@@ -45,6 +45,8 @@ NO_TRANSFORMERS_MAPPING = {
                "transposed, interleaved experts",
 }
 
+# Model types whose experts transformers loads as per-expert Linears (SequentialLlama4TextExperts): int8 ones too.
+PER_EXPERT_LOADING = ("llama4_text", "llama4")
 # how the card words where the experts are, per format
 STORED = {"compressed-tensors": "stored per expert (`experts.{i}.<projection>`), as vLLM's MoE loaders name them",
           "mxfp4": "stored as gpt-oss's MXFP4 blocks and E8M0 scales per sparse block (`experts.gate_up_proj_blocks`, "
@@ -258,9 +260,9 @@ def checkpoint_scheme(model: nn.Module, scheme, fmt: str, *, asym_requested: boo
     if not expert_modules(model):
         return scheme
     if scheme.weights.type == "int" and scheme.weights.bits == 8 and fmt == "compressed-tensors":
-        if scheme.activations is not None:
+        if scheme.activations is not None and model_type(model) not in PER_EXPERT_LOADING:
             log(f"moe: {INT8_EXPERTS_REASON}; hubquant.load runs the variant (docs/moe.md)")
-        else:
+        elif scheme.activations is None:
             log("moe: weight-only int8 is written pack-quantized (the layout transformers and vLLM read for experts)")
     if model_type(model) in NO_TRANSFORMERS_MAPPING and fmt == "compressed-tensors":
         log(f"moe: the variant loads with hubquant.load; plain transformers cannot load its experts "
@@ -540,7 +542,8 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
         lines.append("- No calibration: every expert is quantized from its own weights.")
     first = next((quantized[n] for n in expert_linear_names(model) if n in quantized), None)
     ws = getattr(first, "scheme", None)
-    packed = bool(getattr(first, "extra", {}).get(PACK_INT8))  # weight-only int8, pack-quantized: loads
+    per_expert = model_type(model) in PER_EXPERT_LOADING
+    packed = bool(getattr(first, "extra", {}).get(PACK_INT8)) or per_expert  # weight-only int8 packed, Llama 4: load
     int8 = ws is not None and ws.type == "int" and ws.bits == 8 and not packed
     if fmt == "gguf":
         pass  # the GGUF section lists the llama.cpp / Ollama commands
@@ -551,7 +554,7 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
     elif int8 and model_type(model) not in NO_TRANSFORMERS_MAPPING:
         lines.append(f"- Loading: `hubquant.load(path)` runs this variant. {INT8_EXPERTS_REASON}.")
     elif ws is not None and model_type(model) not in NO_TRANSFORMERS_MAPPING:
-        how = "reads Llama 4's experts per expert" if "llama4" in model_type(model) else "fuses the experts again"
+        how = "reads Llama 4's experts per expert" if per_expert else "fuses the experts again"
         lines.append(f"- Loading: plain `AutoModelForCausalLM.from_pretrained` (transformers {how}) "
                      "or `hubquant.load(path)`.")
     if model_type(model) in NO_TRANSFORMERS_MAPPING and fmt == "compressed-tensors":
