@@ -91,6 +91,33 @@ def experts(fused: nn.Module) -> Llama4Experts:
     return Llama4Experts(out)
 
 
+@torch.no_grad()
+def check_unfused(fused: nn.Module, mtype: str, *, tokens: int = 16, rtol: float = 1e-5) -> float:
+    """Run transformers' own `Llama4TextExperts` forward (every expert on every token, input times score, outputs
+    summed) and the per-expert Linears `experts(fused)` makes, on random tokens and scores (fp32; the first, middle and
+    last expert; some tokens on two experts), and return the relative error.
+
+    Raises:
+        UnsupportedError: the outputs differ by more than float rounding (`rtol` of the output's norm).
+    """
+    from hubquant.moe_arch import _probe_copy, refusal
+
+    n = fused.gate_up_proj.shape[0]
+    small = _probe_copy(fused, sorted({0, n // 2, n - 1}))
+    e, h = small.gate_up_proj.shape[:2]
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(tokens, h, generator=g)
+    scores = torch.rand(tokens, e, generator=g) * (torch.rand(tokens, e, generator=g) > 0.5)
+    routed_in = hidden.repeat(e, 1) * scores.transpose(0, 1).reshape(-1, 1)
+    ref = small(routed_in).reshape(e, tokens, h).sum(dim=0)
+    out = experts(small)(hidden, scores)
+    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    if not torch.isfinite(out).all() or err > rtol:
+        raise refusal(mtype, f"do not match hubquant's per-expert Linears (relative error {err:.2e}): transformers' "
+                             "Llama 4 experts are not the transposed [E, H, 2I] / [E, I, H] layout hubquant splits")
+    return err
+
+
 def sparse_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The `Llama4TextMoe` blocks of `model` (a router, fused experts and a shared expert)."""
     return [(n, m) for n, m in model.named_modules()
@@ -109,13 +136,15 @@ def unfuse(model: nn.Module) -> int:
     from hubquant import moe_arch
 
     blocks = sparse_blocks(model)
-    for name, block in blocks:
+    mtype = getattr(model.config, "model_type", "llama4")
+    for i, (name, block) in enumerate(blocks):
         fused = block.experts
         e, h, two_i = fused.gate_up_proj.shape
         if tuple(fused.down_proj.shape) != (e, two_i // 2, h) or len(dict(fused.named_parameters())) != 2:
-            raise moe_arch.refusal(getattr(model.config, "model_type", "llama4"),
-                                   f"have gate_up_proj {tuple(fused.gate_up_proj.shape)} and down_proj "
+            raise moe_arch.refusal(mtype, f"have gate_up_proj {tuple(fused.gate_up_proj.shape)} and down_proj "
                                    f"{tuple(fused.down_proj.shape)}, not Llama 4's [E, H, 2I] / [E, I, H] layout")
+        if i == 0:
+            check_unfused(fused, mtype)  # transformers' forward = per-expert Linears, or exit 5
         moe_arch.mark_routers(block, fused, e, h)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, Llama4SparseBlock(block, experts(fused)))

@@ -24,18 +24,24 @@ EXPERTS, SPARSE_LAYERS = 4, (1, 3)  # 4 layers, every second one sparse (interle
 EXPERT_LINEARS = len(SPARSE_LAYERS) * EXPERTS * 3
 
 
-def llama4_model(seed: int = 0, vocab: int = 512):
-    """A tiny random Llama4ForCausalLM: layers 0 and 2 dense (intermediate_size_mlp), 1 and 3 sparse (4 experts of
+def llama4_config(vocab: int = 512):
+    """A tiny Llama 4 text config: layers 0 and 2 dense (intermediate_size_mlp), 1 and 3 sparse (4 experts of
     intermediate_size 64, top-1, a shared expert)."""
-    from transformers import AutoModelForCausalLM, Llama4TextConfig
+    from transformers import Llama4TextConfig
 
-    cfg = Llama4TextConfig(vocab_size=vocab, hidden_size=128, intermediate_size=64, intermediate_size_mlp=256,
-                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                           num_local_experts=EXPERTS, num_experts_per_tok=1, interleave_moe_layer_step=2,
-                           max_position_embeddings=256, attention_chunk_size=64, tie_word_embeddings=False,
-                           pad_token_id=None, bos_token_id=1, eos_token_id=2, architectures=["Llama4ForCausalLM"])
+    return Llama4TextConfig(vocab_size=vocab, hidden_size=128, intermediate_size=64, intermediate_size_mlp=256,
+                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                            num_local_experts=EXPERTS, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                            max_position_embeddings=256, attention_chunk_size=64, tie_word_embeddings=False,
+                            pad_token_id=None, bos_token_id=1, eos_token_id=2, architectures=["Llama4ForCausalLM"])
+
+
+def llama4_model(seed: int = 0, vocab: int = 512):
+    """A tiny random Llama4ForCausalLM (`llama4_config`), float32."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_config(llama4_config(vocab), dtype=torch.float32).eval()
 
 
 def logits(model) -> torch.Tensor:
@@ -68,6 +74,30 @@ def test_per_expert_linears_compute_transformers_logits():
     assert "model.layers.0.feed_forward.gate_proj" in names  # dense layer
     assert not [n for n in names if "router" in n]
     assert moe.float_module_names(model) == ["model.layers.1.feed_forward.router", "model.layers.3.feed_forward.router"]
+
+
+def test_the_unfuse_check_runs_transformers_own_experts_and_catches_another_layout():
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+    from hubquant import moe_llama4
+
+    fused = llama4_model().model.layers[1].feed_forward.experts
+    assert moe_llama4.check_unfused(fused, "llama4_text") < 1e-6
+    with torch.device("meta"):  # a streamed or loader skeleton: random weights of the real shapes
+        skeleton = Llama4TextExperts(llama4_config())
+    assert moe_llama4.check_unfused(skeleton, "llama4_text") < 1e-6
+
+    class UpFirst(Llama4TextExperts):  # a layout whose gate is the second half: per-expert Linears would be wrong
+        def forward(self, hidden_states):
+            x = hidden_states.view(self.gate_up_proj.shape[0], -1, self.hidden_size)
+            up, gate = torch.bmm(x, self.gate_up_proj).chunk(2, dim=-1)
+            return torch.bmm(up * self.act_fn(gate), self.down_proj).view(-1, self.hidden_size)
+
+    other = UpFirst(llama4_config())
+    other.load_state_dict(fused.state_dict())
+    with pytest.raises(UnsupportedError) as e:
+        moe_llama4.check_unfused(other, "llama4_text")
+    assert e.value.exit_code == 5 and "llama4_text" in str(e.value)
 
 
 def test_each_expert_sees_only_its_routed_tokens_scaled_by_their_score():
