@@ -31,6 +31,8 @@ class Llama4Experts(PerExpertLinears):
     """Per-expert MLPs called with the block's hidden states [T, H] and the router's scores [T, E] (0 where a token
     is not routed): expert e runs on `hidden[t] * scores[t, e]` for its routed tokens t."""
 
+    transposed = True  # split from [E, H, 2I] / [E, I, H] (hubquant.streaming.checkpoint.fill_experts reads this)
+
     def forward(self, hidden_states: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         routed = scores > 0
         if self.on_route is not None:  # routing statistics see the expert index of every (token, expert) pair

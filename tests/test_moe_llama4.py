@@ -194,26 +194,32 @@ def test_scaling_methods_stop_with_exit_5_before_download(method):
     get_method("gptq").check_architecture(SimpleNamespace(model_type="llama4_text"), {})
 
 
-def test_convert_streaming_auto_converts_in_memory_with_the_reason(tokenizer, tmp_path):
+@pytest.mark.parametrize("method,skip_eval", [("rtn", False), ("gptq", False), ("rtn", True)])
+def test_streamed_conversion_writes_the_same_bytes(method, skip_eval, tokenizer, tmp_path):
+    """--streaming on reads each layer's fused, transposed experts from the checkpoint and splits them as the
+    in-memory conversion does: the same model.safetensors and config.json bytes (RTN without evaluation too, which
+    reads other architectures' experts one projection at a time)."""
+    import filecmp
+
     from hubquant.convert import ConvertOptions, convert
     from tests.test_moe_arch import FAST
 
     base = tmp_path / "base"
     llama4_model(vocab=len(tokenizer)).to(torch.bfloat16).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    logs: list[str] = []
-    out = tmp_path / "out"
-    convert(ConvertOptions(repo_id=str(base), method="rtn", group_size=32, output_dir=str(out), **FAST),
-            log=logs.append)
-    assert any(m.startswith("loading the whole model in memory") and "feed_forward.experts" in m for m in logs), logs
-    rep = json.loads((out / "hubquant.json").read_text())["moe"]
+    logs: dict[str, list[str]] = {}
+    for mode in ("off", "on"):
+        logs[mode] = []
+        convert(ConvertOptions(repo_id=str(base), method=method, group_size=32, streaming=mode, skip_eval=skip_eval,
+                               output_dir=str(tmp_path / mode), **FAST), log=logs[mode].append)
+    assert any(m.startswith("streaming 4 decoder layers") for m in logs["on"]), logs["on"]
+    for name in ("model.safetensors", "config.json"):
+        assert filecmp.cmp(tmp_path / "off" / name, tmp_path / "on" / name, shallow=False), name
+    rep = json.loads((tmp_path / "on" / "hubquant.json").read_text())["moe"]
     assert rep["expert_linears"] == rep["expert_linears_quantized"] == EXPERT_LINEARS
     assert rep["float_modules"]["router"] == len(SPARSE_LAYERS)
-    assert "from_pretrained` (transformers reads Llama 4's experts per expert)" in (out / "README.md").read_text()
-    with pytest.raises(UnsupportedError) as e:
-        convert(ConvertOptions(repo_id=str(base), method="rtn", group_size=32, streaming="on",
-                               output_dir=str(tmp_path / "on"), **FAST), log=lambda m: None)
-    assert e.value.exit_code == 5
+    card = (tmp_path / "on" / "README.md").read_text()
+    assert "from_pretrained` (transformers reads Llama 4's experts per expert)" in card
 
 
 def test_vision_language_llama4_quantizes_the_language_models_experts(tokenizer, tmp_path):

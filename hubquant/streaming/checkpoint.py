@@ -167,9 +167,12 @@ class Weights:
 def fill_experts(experts, gate_up: torch.Tensor, down: torch.Tensor, name: str) -> None:
     """Per-expert Linear weights as views of the fused [E, 2I, H] and [E, H, I] tensors (hubquant.moe.unfuse_experts'
     split: gate rows first, then up)."""
+    if getattr(experts, "transposed", False):  # Llama 4: [E, H, 2I] and [E, I, H] (hubquant.moe_llama4.experts)
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     inter = gate_up.shape[1] // 2
     for e, mlp in enumerate(experts):
         for lin, w in zip(mlp.projections(), (gate_up[e, :inter], gate_up[e, inter:], down[e]), strict=True):
+            w = w if w.is_contiguous() else w.contiguous()  # as unfusing in memory copies transposed experts
             if tuple(w.shape) != tuple(lin.weight.shape):
                 raise RuntimeError(f"{name}.{e}: checkpoint experts {tuple(w.shape)} do not fit the model's "
                                    f"{tuple(lin.weight.shape)}")
@@ -186,6 +189,8 @@ def unstreamable_experts(model: nn.Module) -> str:
             continue
         e, two_i, h = gate_up.shape
         plain = set(dict(mod.named_parameters())) == {"gate_up_proj", "down_proj"}
+        if plain and type(mod).__name__ == "Llama4TextExperts" and tuple(down.shape) == (e, h // 2, two_i):
+            continue  # transposed [E, H, 2I] / [E, I, H]: fill_experts splits them as hubquant.moe_llama4 does
         if not plain or tuple(down.shape) != (e, h, two_i // 2):
             return f"the experts of {name} ({type(mod).__name__}) are not in the plain fused layout"
     return ""
