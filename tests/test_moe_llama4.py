@@ -260,3 +260,7 @@ def test_vision_language_llama4_quantizes_the_language_models_experts(tokenizer,
     loaded, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert type(loaded.language_model.model.layers[1].feed_forward.experts).__name__ == "SequentialLlama4TextExperts"
+    with pytest.raises(UnsupportedError) as e:  # a streamed causal LM skeleton would drop the vision tower
+        convert(ConvertOptions(repo_id=str(base), method="rtn", group_size=32, streaming="on",
+                               output_dir=str(tmp_path / "on"), **FAST), log=lambda m: None)
+    assert e.value.exit_code == 5
