@@ -45,8 +45,7 @@ NO_TRANSFORMERS_MAPPING = {
                "transposed, interleaved experts",
 }
 
-# Model types whose experts transformers loads as per-expert Linears (SequentialLlama4TextExperts): int8 ones too.
-PER_EXPERT_LOADING = ("llama4_text", "llama4")
+PER_EXPERT_LOADING = ("llama4_text", "llama4")  # transformers loads their experts as Linears (int8 too): moe_llama4
 # how the card words where the experts are, per format
 STORED = {"compressed-tensors": "stored per expert (`experts.{i}.<projection>`), as vLLM's MoE loaders name them",
           "mxfp4": "stored as gpt-oss's MXFP4 blocks and E8M0 scales per sparse block (`experts.gate_up_proj_blocks`, "
@@ -162,7 +161,7 @@ def unfuse_experts(model: nn.Module) -> int:
     mtype = model_type(model)
     if mtype in UNSUPPORTED_EXPERTS:
         raise moe_arch.refusal(mtype, f"cannot be converted: {UNSUPPORTED_EXPERTS[mtype]}")
-    if mtype in ("llama4_text", "llama4"):  # the router's score scales the expert input: hubquant.moe_llama4
+    if mtype in PER_EXPERT_LOADING:  # the router's score scales the expert input: hubquant.moe_llama4
         return moe_llama4.unfuse(model)
     layout = expert_layout(model, fused[0][0])
     if layout is None:
