@@ -224,11 +224,13 @@ def test_streamed_conversion_writes_the_same_bytes(method, skip_eval, tokenizer,
 
 def test_vision_language_llama4_quantizes_the_language_models_experts(tokenizer, tmp_path):
     """Llama4ForConditionalGeneration: the vision tower and projector stay float (bit-identical), the language
-    model's experts are written per expert under `language_model.model.layers.N.feed_forward.experts.{i}`, and plain
-    AutoModelForImageTextToText loads the variant with no missing or unexpected keys."""
+    model's experts are written per expert under `language_model.model.layers.N.feed_forward.experts.{i}`, plain
+    AutoModelForImageTextToText loads the variant with no missing or unexpected keys, and hubquant.load computes the
+    same text logits."""
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText, Llama4Config
 
+    import hubquant
     from hubquant.convert import ConvertOptions, convert
     from tests.test_moe_arch import FAST
 
@@ -257,9 +259,12 @@ def test_vision_language_llama4_quantizes_the_language_models_experts(tokenizer,
         assert f"language_model.model.layers.1.feed_forward.experts.{i}.gate_proj.weight_packed" in keys
     visual = [k for k in fb.keys() if k.startswith(("vision_model.", "multi_modal_projector."))]
     assert visual and all(torch.equal(f.get_tensor(k), fb.get_tensor(k)) for k in visual)  # float, untouched
-    loaded, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    loaded, info = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert type(loaded.language_model.model.layers[1].feed_forward.experts).__name__ == "SequentialLlama4TextExperts"
+    ours, _ = hubquant.load(out, device="cpu", dtype=torch.float32, progress=False)  # the same class, vision included
+    assert type(ours).__name__ == "Llama4ForConditionalGeneration"
+    assert sqnr_db(logits(loaded.eval()), logits(ours)) > 60  # text logits: the same dequantized weights
     with pytest.raises(UnsupportedError) as e:  # a streamed causal LM skeleton would drop the vision tower
         convert(ConvertOptions(repo_id=str(base), method="rtn", group_size=32, streaming="on",
                                output_dir=str(tmp_path / "on"), **FAST), log=lambda m: None)
