@@ -290,7 +290,7 @@ def light_copy(layer: nn.Module, gen: torch.Generator) -> nn.Module:
         if isinstance(mod, moe.PerExpertLinears) and all(isinstance(e, moe.ExpertMLP) for e in mod):
             gate, _, _ = mod[0].projections()
             h, dev, w = gate.in_features, gate.weight.device, STAND_IN_WIDTH
-            memo[id(mod)] = moe.PerExpertLinears([
+            memo[id(mod)] = type(mod)([  # its own class: the block's call convention (Llama 4: input x score)
                 moe.ExpertMLP(e.names, _random_linear(h, w, gen, dev), _random_linear(h, w, gen, dev),
                               _random_linear(w, h, gen, dev), e.act_fn) for e in mod])
     return copy.deepcopy(layer, memo).float()

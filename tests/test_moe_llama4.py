@@ -2,7 +2,8 @@
 Linears that compute transformers' logits exactly and see only their routed tokens; rtn, gptq and fp8 quantize every
 expert projection, the router stays float, the checkpoint names experts per expert, and both hubquant.load and plain
 transformers (its per-expert SequentialLlama4TextExperts) read it back with hubquant's logits; AWQ and SmoothQuant
-stop with exit 5; streaming falls back to memory with the reason."""
+move scale from each expert's up_proj to its down_proj (checked exact) and never from the norm the router reads;
+streamed conversions write the in-memory bytes."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import json
 import pytest
 import torch
 
-from hubquant import moe
+from hubquant import moe, moe_scaling
 from hubquant.errors import UnsupportedError
 from hubquant.methods import get_method
 from hubquant.modeling import quantizable_linears
@@ -129,8 +130,10 @@ def test_calibrate_all_experts_keeps_the_output():
     torch.testing.assert_close(logits(model), ref, rtol=1e-5, atol=1e-6)
 
 
-# floors: measured logits SQNR against the float model (rtn 14.0, gptq 14.5, fp8 23.0, w8a8 34.0 dB) minus a margin
-@pytest.mark.parametrize("method,min_sqnr", [("rtn", 11.0), ("gptq", 11.0), ("fp8", 20.0), ("w8a8", 30.0)])
+# floors: measured logits SQNR against the float model (rtn 14.0, gptq 14.5, awq 15.2, fp8 23.0, w8a8 34.0,
+# smoothquant 33.8 dB) minus a margin
+@pytest.mark.parametrize("method,min_sqnr", [("rtn", 11.0), ("gptq", 11.0), ("awq", 12.0), ("fp8", 20.0),
+                                             ("w8a8", 30.0), ("smoothquant", 30.0)])
 def test_variant_names_experts_per_expert_and_loads_back(method, min_sqnr, tmp_path):
     from safetensors import safe_open
 
@@ -184,21 +187,42 @@ def plain_transformers_logits(path) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", ["awq", "smoothquant"])
-def test_scaling_methods_stop_with_exit_5_before_download(method):
+def test_scaling_methods_move_scale_inside_every_expert_never_from_the_routers_norm(method):
+    """Every expert's up_proj -> down_proj move (and the shared expert's, and attention's) is kept, checked exact on a
+    float32 copy; post_attention_layernorm -> the sparse block is dropped (the router reads it, the score scales each
+    expert's input). AWQ is not worse than RTN against the float model."""
     from types import SimpleNamespace
 
     for mtype in ("llama4_text", "llama4"):
-        with pytest.raises(UnsupportedError) as e:
-            get_method(method).check_architecture(SimpleNamespace(model_type=mtype), {})
-        assert e.value.exit_code == 5 and "rtn, gptq" in e.value.hint
-    get_method("gptq").check_architecture(SimpleNamespace(model_type="llama4_text"), {})
+        get_method(method).check_architecture(SimpleNamespace(model_type=mtype), {})  # no refusal before download
+    ref = logits(llama4_model())
+    model = unfused()
+    quantized, _ = quantize(model, method)
+    assert sum(n in quantized for n in moe.expert_linear_names(model)) == EXPERT_LINEARS
+    smap = moe_scaling.record(model)
+    sparse = [n for n in smap.kept if int(n.rpartition(".")[2]) in SPARSE_LAYERS]
+    assert sparse, smap.kept
+    for layer in sparse:
+        kept = {(m.smooth, m.balance) for m in smap.kept[layer]}
+        for p in [f"experts.{i}" for i in range(EXPERTS)] + ["shared_expert"]:
+            assert (f"feed_forward.{p}.up_proj", (f"feed_forward.{p}.down_proj",)) in kept, (layer, p)
+        assert ("self_attn.v_proj", ("self_attn.o_proj",)) in kept
+        assert not [m for m in smap.kept[layer] if m.smooth == "post_attention_layernorm"]
+        assert [d for d in smap.dropped[layer]
+                if d.startswith("post_attention_layernorm -> feed_forward.router") and "also read(s) it" in d]
+    assert moe.float_module_names(model) == ["model.layers.1.feed_forward.router", "model.layers.3.feed_forward.router"]
+    if method == "awq":
+        rtn = unfused()
+        quantize(rtn, "rtn")
+        assert sqnr_db(ref, logits(model)) > sqnr_db(ref, logits(rtn)) - 0.5
 
 
-@pytest.mark.parametrize("method,skip_eval", [("rtn", False), ("gptq", False), ("rtn", True)])
+@pytest.mark.parametrize("method,skip_eval", [("rtn", False), ("gptq", False), ("rtn", True),
+                                                  ("awq", False)])
 def test_streamed_conversion_writes_the_same_bytes(method, skip_eval, tokenizer, tmp_path):
     """--streaming on reads each layer's fused, transposed experts from the checkpoint and splits them as the
     in-memory conversion does: the same model.safetensors and config.json bytes (RTN without evaluation too, which
-    reads other architectures' experts one projection at a time)."""
+    reads other architectures' experts one projection at a time; AWQ with its checked scale moves)."""
     import filecmp
 
     from hubquant.convert import ConvertOptions, convert

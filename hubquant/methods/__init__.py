@@ -53,9 +53,6 @@ DERIVED_MOE_MODEL_TYPES = ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "ern
                            "glm4v_moe", "llama4_text", "llama4")
 # MoE model types whose experts carry no scale (hubquant.moe.NO_EXPERT_SCALING): scaling methods stop there
 NO_EXPERT_SCALING_TYPES = ("gpt_oss",)
-# MoE model types scaling methods stop on (hubquant.moe_llama4: the score scales each expert's input), with the reason
-NO_SCALING_MAP = dict.fromkeys(("llama4_text", "llama4"), "the router's score multiplies each expert's input and the "
-                               "norm in front also feeds the router: no scale moves from it into the experts exactly")
 # MoE variants transformers 5.24 cannot load (hubquant.moe.checkpoint_scheme, preflight; docs/moe.md has the causes):
 # its CompressedTensorsDequantize rebuilds each expert from weight_packed/weight_scale/weight_shape only, so NVFP4's
 # weight_global_scale never reaches the compressor; bitsandbytes replaces nn.Linear modules only.
@@ -177,9 +174,6 @@ class MethodSpec:
             raise UnsupportedError(f"{self.title} moves scale from each expert's up_proj to its down_proj, and "
                                    f"{mtype} experts clamp up_proj's output and add 1 to it (no exact scale moves)",
                                    hint=f"use --method rtn, gptq or fp8 for {mtype}")
-        if mtype in NO_SCALING_MAP and self.scaling and self.parse_options(options).uses_scaling():
-            raise UnsupportedError(f"{self.title} has no scaling map for {mtype}: {NO_SCALING_MAP[mtype]}",
-                                   hint=f"use --method rtn, gptq, fp8 or w8a8 for {mtype}")
         if mtype in MOE_MODEL_TYPES:
             return  # hubquant.moe builds the scaling map from the loaded model's experts
         if mtype in DERIVED_MOE_MODEL_TYPES:
