@@ -246,11 +246,12 @@ def test_streamed_conversion_writes_the_same_bytes(method, skip_eval, tokenizer,
     assert "from_pretrained` (transformers reads Llama 4's experts per expert)" in card
 
 
-def test_vision_language_llama4_quantizes_the_language_models_experts(tokenizer, tmp_path):
+@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
+def test_vision_language_llama4_quantizes_the_language_models_experts(method, tokenizer, tmp_path):
     """Llama4ForConditionalGeneration: the vision tower and projector stay float (bit-identical), the language
     model's experts are written per expert under `language_model.model.layers.N.feed_forward.experts.{i}`, plain
     AutoModelForImageTextToText loads the variant with no missing or unexpected keys, and hubquant.load computes the
-    same text logits."""
+    same text logits (W8A8: activations quantized differently in transformers)."""
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText, Llama4Config
 
@@ -271,16 +272,18 @@ def test_vision_language_llama4_quantizes_the_language_models_experts(tokenizer,
     AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16).save_pretrained(base)
     tokenizer.save_pretrained(base)
     logs: list[str] = []
-    convert(ConvertOptions(repo_id=str(base), method="gptq", group_size=32, output_dir=str(out), **FAST),
-            log=logs.append)
+    group = {} if method == "smoothquant" else {"group_size": 32}  # W8A8: per-channel weights
+    convert(ConvertOptions(repo_id=str(base), method=method, output_dir=str(out), **group, **FAST), log=logs.append)
     assert any("vision-language model whose causal LM class has no vision tower" in m for m in logs)
     rep = json.loads((out / "hubquant.json").read_text())["moe"]
     assert rep["expert_linears"] == rep["expert_linears_quantized"] == EXPERTS * 3
     assert rep["float_modules"]["router"] == 1 and rep["float_modules"]["vision"] > 0
     f, fb = safe_open(out / "model.safetensors", "pt"), safe_open(base / "model.safetensors", "pt")
     keys = set(f.keys())
+    stored = "weight" if method == "smoothquant" else "weight_packed"
     for i in range(EXPERTS):
-        assert f"language_model.model.layers.1.feed_forward.experts.{i}.gate_proj.weight_packed" in keys
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            assert f"language_model.model.layers.1.feed_forward.experts.{i}.{p}.{stored}" in keys
     visual = [k for k in fb.keys() if k.startswith(("vision_model.", "multi_modal_projector."))]
     assert visual and all(torch.equal(f.get_tensor(k), fb.get_tensor(k)) for k in visual)  # float, untouched
     loaded, info = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
@@ -288,7 +291,13 @@ def test_vision_language_llama4_quantizes_the_language_models_experts(tokenizer,
     assert type(loaded.language_model.model.layers[1].feed_forward.experts).__name__ == "SequentialLlama4TextExperts"
     ours, _ = hubquant.load(out, device="cpu", dtype=torch.float32, progress=False)  # the same class, vision included
     assert type(ours).__name__ == "Llama4ForConditionalGeneration"
-    assert sqnr_db(logits(loaded.eval()), logits(ours)) > 60  # text logits: the same dequantized weights
+    # text logits: the same dequantized weights (W8A8 measured 48.1 dB: activations quantized differently there)
+    assert sqnr_db(logits(loaded.eval()), logits(ours)) > (25 if method == "smoothquant" else 60)
+    if method != "gptq":  # the language model's checked moves: every expert's up -> down, not the router's norm
+        moved = [m for m in logs if "scale moves kept" in m]  # dense layer: 4; sparse: q/k/v, v -> o, 5 up -> down
+        assert moved and f"{4 + 2 + EXPERTS + 1} scale moves kept over 2" in moved[0], logs
+        assert "1 dropped: post_attention_layernorm -> feed_forward.router" in moved[0], logs
+        return
     with pytest.raises(UnsupportedError) as e:  # a streamed causal LM skeleton would drop the vision tower
         convert(ConvertOptions(repo_id=str(base), method="rtn", group_size=32, streaming="on",
                                output_dir=str(tmp_path / "on"), **FAST), log=lambda m: None)
