@@ -101,6 +101,7 @@ class CardInputs:
     dequantize_note: str = ""
     base_label: str | None = None  # how the card names the base when base_model is None
     extra_markdown: str = ""  # a format's own section (GGUF: files per memory budget, llama.cpp / Ollama commands)
+    auto_class: str = "AutoModelForCausalLM"  # the class that loads the base (hubquant.modeling.auto_class)
 
 
 def _base_card_data(path: Path | None) -> dict:
@@ -184,7 +185,7 @@ def render(inp: CardInputs):
         base_sha=inp.base_sha, hubquant_version=inp.hubquant_version, settings_hash=inp.settings_hash,
         settings_json=json.dumps(inp.settings, sort_keys=True), command=inp.command, base_note=base_note,
         engines=engine_rows(inp.format, inp.target_repo), loader_note=fmt_spec.loader_note if fmt_spec else "",
-        dequantize_note=inp.dequantize_note,
+        dequantize_note=inp.dequantize_note, auto_class=inp.auto_class,
     )
     if inp.extra_markdown:
         card.text = card.text.rstrip() + "\n\n" + inp.extra_markdown.strip() + "\n"

@@ -39,6 +39,7 @@ def card_inputs(run):
     from hubquant.formats import get_format
     from hubquant.hub import client
     from hubquant.methods import get_method
+    from hubquant.modeling import auto_class
     from hubquant.plan import default_target
     from hubquant.stages import card_command, unquantized
 
@@ -59,6 +60,8 @@ def card_inputs(run):
         hubquant_version=hubquant.__version__, hardware_key=hw, leak=run.leak, endpoint=client.endpoint(),
         base_label=plan.base.card_base or f"a local model folder ({plan.base.name})",
         dequantize_note=DEQUANTIZE_NOTE if run.quant_config.get("dequantize") else "",
+        auto_class=auto_class(run.model.config).__name__ if getattr(run.model, "config", None) is not None
+        else "AutoModelForCausalLM",
     )
     fields.update(get_format(plan.format).card_fields(run))  # e.g. GGUF's own words and section
     return CardInputs(**fields)

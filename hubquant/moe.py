@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from hubquant.errors import UnsupportedError, UsageError
-from hubquant.modeling import FLOAT_PATTERNS, is_float_module  # noqa: F401  (re-exported)
+from hubquant.modeling import FLOAT_PATTERNS, auto_class, is_float_module  # noqa: F401  (re-exported)
 from hubquant.moe_arch import OVERRIDES as EXPERT_LAYOUTS  # noqa: F401  (re-exported)
 from hubquant.moe_arch import ExpertLayout, expert_layout
 
@@ -554,7 +554,7 @@ def card_section(model: nn.Module, quantized: dict, policy: RoutingPolicy | None
         lines.append(f"- Loading: `hubquant.load(path)` runs this variant. {INT8_EXPERTS_REASON}.")
     elif ws is not None and model_type(model) not in NO_TRANSFORMERS_MAPPING:
         how = "reads Llama 4's experts per expert" if per_expert else "fuses the experts again"
-        lines.append(f"- Loading: plain `AutoModelForCausalLM.from_pretrained` (transformers {how}) "
+        lines.append(f"- Loading: plain `{auto_class(model.config).__name__}.from_pretrained` (transformers {how}) "
                      "or `hubquant.load(path)`.")
     if model_type(model) in NO_TRANSFORMERS_MAPPING and fmt == "compressed-tensors":
         lines.append(f"- Loading: `hubquant.load(path)` runs this variant. plain transformers cannot load its experts "

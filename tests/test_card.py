@@ -89,3 +89,13 @@ def test_eval_results_reach_the_hub(hub_env, tmp_path):
     assert {"README.md", ".eval_results/perplexity.yaml"} <= set(HfApi().list_repo_files(repo))
     entries = yaml.safe_load(open(hf_hub_download(repo, ".eval_results/perplexity.yaml")).read())
     assert entries[0]["value"] == pytest.approx(12.3456)
+
+
+def test_how_to_use_names_the_class_that_loads_the_base(tmp_path):
+    text_only = render(_inputs("compressed-tensors", tmp_path)).text
+    assert "model = AutoModelForCausalLM.from_pretrained(\"alice/tiny-W4A16-GPTQ\")" in text_only
+    vlm = render(_inputs("compressed-tensors", tmp_path, auto_class="AutoModelForImageTextToText")).text
+    how = vlm.split("## How to use", 1)[1].split("## Provenance", 1)[0]
+    assert "from transformers import AutoModelForImageTextToText, AutoTokenizer" in how
+    assert "model = AutoModelForImageTextToText.from_pretrained(\"alice/tiny-W4A16-GPTQ\")" in how
+    assert "AutoModelForCausalLM" not in how

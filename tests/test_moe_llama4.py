@@ -244,6 +244,7 @@ def test_streamed_conversion_writes_the_same_bytes(method, skip_eval, tokenizer,
     assert rep["float_modules"]["router"] == len(SPARSE_LAYERS)
     card = (tmp_path / "on" / "README.md").read_text()
     assert "from_pretrained` (transformers reads Llama 4's experts per expert)" in card
+    assert "model = AutoModelForCausalLM.from_pretrained(" in card
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
@@ -275,6 +276,8 @@ def test_vision_language_llama4_quantizes_the_language_models_experts(method, to
     group = {} if method == "smoothquant" else {"group_size": 32}  # W8A8: per-channel weights
     convert(ConvertOptions(repo_id=str(base), method=method, output_dir=str(out), **group, **FAST), log=logs.append)
     assert any("vision-language model whose causal LM class has no vision tower" in m for m in logs)
+    card = (out / "README.md").read_text()  # the card loads it with the class that loads the base
+    assert "model = AutoModelForImageTextToText.from_pretrained(" in card and "AutoModelForCausalLM" not in card
     rep = json.loads((out / "hubquant.json").read_text())["moe"]
     assert rep["expert_linears"] == rep["expert_linears_quantized"] == EXPERTS * 3
     assert rep["float_modules"]["router"] == 1 and rep["float_modules"]["vision"] > 0
