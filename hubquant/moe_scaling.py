@@ -283,14 +283,15 @@ def _random_linear(n_in: int, n_out: int, gen: torch.Generator, device) -> nn.Li
 
 def light_copy(layer: nn.Module, gen: torch.Generator) -> nn.Module:
     """A float32 copy of `layer` whose routed experts are random stand-ins of intermediate size STAND_IN_WIDTH (same
-    routing, same input width, a nonlinear function of their input): the layer-level checks only need the experts
-    to see their input change, and a copy of every expert would cost twice the layer's bytes."""
+    class, so the same call and routing: Llama 4's take the router scores; same input width; a nonlinear function of
+    their input): the layer-level checks only need the experts to see their input change, and a copy of every expert
+    would cost twice the layer's bytes."""
     memo = {}
     for mod in layer.modules():
         if isinstance(mod, moe.PerExpertLinears) and all(isinstance(e, moe.ExpertMLP) for e in mod):
             gate, _, _ = mod[0].projections()
             h, dev, w = gate.in_features, gate.weight.device, STAND_IN_WIDTH
-            memo[id(mod)] = type(mod)([  # its own class: the block's call convention (Llama 4: input x score)
+            memo[id(mod)] = type(mod)([
                 moe.ExpertMLP(e.names, _random_linear(h, w, gen, dev), _random_linear(h, w, gen, dev),
                               _random_linear(w, h, gen, dev), e.act_fn) for e in mod])
     return copy.deepcopy(layer, memo).float()
