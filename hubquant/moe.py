@@ -138,7 +138,7 @@ def _fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _linear(weight: torch.Tensor) -> nn.Linear:
+def expert_linear(weight: torch.Tensor) -> nn.Linear:
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     lin.weight = nn.Parameter(weight, requires_grad=False)
     return lin
@@ -174,8 +174,8 @@ def unfuse_experts(model: nn.Module) -> int:
         def build(mod):
             gate_up, down = mod.gate_up_proj.data, mod.down_proj.data
             inter = gate_up.shape[1] // 2
-            return PerExpertLinears([ExpertMLP(layout.proj_names, _linear(gate_up[e, :inter]),
-                                               _linear(gate_up[e, inter:]), _linear(down[e]), mod.act_fn)
+            return PerExpertLinears([ExpertMLP(layout.proj_names, expert_linear(gate_up[e, :inter]),
+                                               expert_linear(gate_up[e, inter:]), expert_linear(down[e]), mod.act_fn)
                                      for e in range(gate_up.shape[0])])
         moe_arch.check_unfused(fused[0][1], build, mtype)  # transformers' forward = per-expert Linears, or exit 5
     for name, mod in fused:

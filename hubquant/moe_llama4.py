@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hubquant.moe import ExpertMLP, PerExpertLinears
+from hubquant.moe import ExpertMLP, PerExpertLinears, expert_linear
 
 MODEL_TYPES = ("llama4_text", "llama4")
 
@@ -73,12 +73,6 @@ class Llama4SparseBlock(nn.Module):
         return out, router_logits
 
 
-def _linear(weight: torch.Tensor) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    lin.weight = nn.Parameter(weight, requires_grad=False)
-    return lin
-
-
 @torch.no_grad()
 def experts(fused: nn.Module) -> Llama4Experts:
     """Per-expert MLPs of a `Llama4TextExperts` module (contiguous copies: the fused weights are transposed, so no
@@ -87,9 +81,9 @@ def experts(fused: nn.Module) -> Llama4Experts:
     inter = down.shape[1]
     out = []
     for e in range(gate_up.shape[0]):
-        out.append(ExpertMLP(("gate_proj", "up_proj", "down_proj"), _linear(gate_up[e, :, :inter].t().contiguous()),
-                             _linear(gate_up[e, :, inter:].t().contiguous()), _linear(down[e].t().contiguous()),
-                             fused.act_fn))
+        gate, up = gate_up[e, :, :inter].t().contiguous(), gate_up[e, :, inter:].t().contiguous()
+        out.append(ExpertMLP(("gate_proj", "up_proj", "down_proj"), expert_linear(gate), expert_linear(up),
+                             expert_linear(down[e].t().contiguous()), fused.act_fn))
     return Llama4Experts(out)
 
 
