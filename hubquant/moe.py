@@ -327,25 +327,19 @@ _ATTENTION_SCALING = (
 )
 
 
-# Experts whose up -> down pair cannot carry a scale: gpt-oss clamps up and adds 1 before the product.
-NO_EXPERT_SCALING = {"gpt_oss": "gpt-oss experts clamp up_proj's output and add 1 to it, so no scale moves "
-                                "from up_proj to down_proj exactly, and the norm in front also feeds the router"}
-
-
 def scale_mappings(model: nn.Module, *, extra: bool = True) -> list[tuple[str, tuple[str, ...], bool]] | None:
     """The scaling map of a mixture-of-experts model as (smooth, balance, extra) triples (the fields of
     hubquant.methods.scaling.ScaleMapping), None for other models (dense: their architecture's table; derived
-    mixture-of-experts types: hubquant.moe_scaling builds each layer's map from its structure).
+    mixture-of-experts types and gpt-oss: hubquant.moe_scaling builds each layer's map from its structure).
     `extra=False` keeps the norms only (SmoothQuant smooth=norms)."""
     from hubquant.methods import MOE_MODEL_TYPES  # the architectures whose scaling map is checked (docs/moe.md)
+    from hubquant.moe_scaling import STRUCTURAL_TYPES  # gpt-oss: built and checked per layer like the derived types
 
     mods = expert_modules(model)
-    if not mods or model_type(model) not in MOE_MODEL_TYPES:
+    if not mods or model_type(model) not in MOE_MODEL_TYPES or model_type(model) in STRUCTURAL_TYPES:
         return None
     _, up, down = _layout(model).proj_names
     n = max(m.num_experts for m in mods.values())
-    if model_type(model) in NO_EXPERT_SCALING:
-        n = 0
     groups = list(_ATTENTION_SCALING) + [(f"mlp.experts.{i}.{up}", (f"mlp.experts.{i}.{down}",), True)
                                          for i in range(n)]
     return [(p, c, e) for p, c, e in groups if extra or not e]

@@ -29,6 +29,7 @@ from torch import nn
 
 from hubquant import moe
 from hubquant.methods.scaling import ScaleMapping, expand_kv, fold
+from hubquant.moe_gptoss import GptOssExpertMLP
 
 TOLERANCE = 1e-5  # relative change of the float32 layer output a kept move may cause
 MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
@@ -37,23 +38,29 @@ NORM_OFFSETS = (0.0, 1.0)  # y = norm(x) * w (RMSNorm, LayerNorm) or norm(x) * (
 _RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its StructuralMap
 
 
+# listed mixture-of-experts types whose map is built from their structure too: gpt-oss's biased attention with sinks,
+# and experts whose clamped `(up + 1)` product no scale crosses exactly (the check drops those moves)
+STRUCTURAL_TYPES = ("gpt_oss",)
+
+
 def applies(model: nn.Module) -> bool:
-    """Whether `model`'s scaling map is built from its structure (a derived mixture-of-experts type)."""
+    """Whether `model`'s scaling map is built from its structure (a derived mixture-of-experts type, gpt-oss)."""
     from hubquant.methods import DERIVED_MOE_MODEL_TYPES
 
-    return moe.model_type(model) in DERIVED_MOE_MODEL_TYPES and bool(moe.expert_modules(model))
+    mtype = moe.model_type(model)
+    return (mtype in DERIVED_MOE_MODEL_TYPES or mtype in STRUCTURAL_TYPES) and bool(moe.expert_modules(model))
 
 
 def scale_map(model: nn.Module, *, extra: bool = True):
     """The scaling map of a mixture-of-experts model: the hand-checked one (hubquant.moe.scale_mappings) as a
     tuple of ScaleMapping, a `StructuralMap` for the derived types, None for dense models."""
-    listed = moe.scale_mappings(model, extra=extra)
-    if listed is not None:
-        return tuple(ScaleMapping(smooth=p, balance=c, extra=e) for p, c, e in listed)
     if applies(model):
         smap = StructuralMap(extra=extra, head_dims=_head_dims(model))
         _RECORDS[model] = smap
         return smap
+    listed = moe.scale_mappings(model, extra=extra)
+    if listed is not None:
+        return tuple(ScaleMapping(smooth=p, balance=c, extra=e) for p, c, e in listed)
     return None
 
 
@@ -281,6 +288,19 @@ def _random_linear(n_in: int, n_out: int, gen: torch.Generator, device) -> nn.Li
     return lin
 
 
+def _stand_in(expert: nn.Module, gen: torch.Generator) -> nn.Module:
+    """A random expert of the same class as `expert` (an ExpertMLP or GptOssExpertMLP), of intermediate size
+    STAND_IN_WIDTH."""
+    gate, _, _ = expert.projections()
+    h, dev, w = gate.in_features, gate.weight.device, STAND_IN_WIDTH
+    lins = [_random_linear(h, w, gen, dev), _random_linear(h, w, gen, dev), _random_linear(w, h, gen, dev)]
+    if isinstance(expert, GptOssExpertMLP):  # biased Linears, the clamped SwiGLU
+        for lin in lins:
+            lin.bias = nn.Parameter(torch.randn(lin.out_features, generator=gen).to(dev) * 0.1, requires_grad=False)
+        return GptOssExpertMLP(*lins, expert.alpha, expert.limit)
+    return moe.ExpertMLP(expert.names, *lins, expert.act_fn)
+
+
 def light_copy(layer: nn.Module, gen: torch.Generator) -> nn.Module:
     """A float32 copy of `layer` whose routed experts are random stand-ins of intermediate size STAND_IN_WIDTH (same
     class, so the same call and routing: Llama 4's take the router scores; same input width; a nonlinear function of
@@ -288,12 +308,8 @@ def light_copy(layer: nn.Module, gen: torch.Generator) -> nn.Module:
     would cost twice the layer's bytes."""
     memo = {}
     for mod in layer.modules():
-        if isinstance(mod, moe.PerExpertLinears) and all(isinstance(e, moe.ExpertMLP) for e in mod):
-            gate, _, _ = mod[0].projections()
-            h, dev, w = gate.in_features, gate.weight.device, STAND_IN_WIDTH
-            memo[id(mod)] = type(mod)([
-                moe.ExpertMLP(e.names, _random_linear(h, w, gen, dev), _random_linear(h, w, gen, dev),
-                              _random_linear(w, h, gen, dev), e.act_fn) for e in mod])
+        if isinstance(mod, moe.PerExpertLinears) and all(isinstance(e, (moe.ExpertMLP, GptOssExpertMLP)) for e in mod):
+            memo[id(mod)] = type(mod)([_stand_in(e, gen) for e in mod])
     return copy.deepcopy(layer, memo).float()
 
 

@@ -209,16 +209,26 @@ def test_moe_mxfp4a16_converts_and_loads_with_plain_transformers(hub_env, local_
 
 
 @pytest.mark.parametrize("method", ["awq", "smoothquant"])
-def test_gpt_oss_scaling_methods_exit_5_from_the_cli(cli_env, local_hub, tokenizer, tmp_path, method):
+def test_gpt_oss_scaling_methods_convert_from_the_cli(cli_env, local_hub, tokenizer, tmp_path, method):
+    """AWQ and SmoothQuant on gpt-oss: the checked moves (attention) kept, every expert quantized, the moves no scale
+    crosses exactly logged as dropped; the variant loads in hubquant.load."""
+    import hubquant
     from tests.helpers import run_cli
 
     if not hasattr(__import__("transformers"), "GptOssConfig"):
         pytest.skip("transformers without gpt-oss")
     repo = publish(local_hub, tokenizer, tmp_path, "gpt_oss")
-    r = run_cli(["convert", repo, "--method", method, "--output-dir", str(tmp_path / "o")], cli_env)
-    assert r.returncode == 5, r.stderr
-    assert "rtn, gptq or fp8" in r.stderr and "clamp" in r.stderr
-    assert not (tmp_path / "o" / "config.json").exists()
+    out = tmp_path / "o"
+    r = run_cli(["convert", repo, "--method", method, "--output-dir", str(out), "--num-samples", "8", "--seq-len", "64",
+                 "--calib-dataset", "fortunes", "--eval-windows", "2", "--eval-seq-len", "64"], cli_env)
+    assert r.returncode == 0, r.stderr
+    logged = r.stdout + r.stderr
+    assert "2 scale moves kept" in logged and "mlp.experts.7.up_proj -> mlp.experts.7.down_proj" in logged
+    prov = json.loads((out / "hubquant.json").read_text())
+    assert prov["moe"]["expert_linears"] == prov["moe"]["expert_linears_quantized"] == 2 * 8 * 3
+    model, _ = hubquant.load(out, device="cpu", dtype=torch.float32, progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 1000, (1, 16))).logits).all()
 
 
 def test_gpt_oss_mxfp4_to_mxfp4_with_gptq_loads_with_plain_transformers(hub_env, local_hub, tokenizer, tmp_path):

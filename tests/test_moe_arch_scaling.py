@@ -244,17 +244,6 @@ def test_experts_the_low_token_rule_rounds_get_no_scale():
     assert any(".experts." in m.smooth for m in rec.kept["model.layers.0"])
 
 
-def test_gpt_oss_still_stops_before_download():
-    from types import SimpleNamespace
-
-    from hubquant.errors import UnsupportedError
-
-    for method in ("awq", "smoothquant"):
-        with pytest.raises(UnsupportedError) as e:
-            get_method(method).check_architecture(SimpleNamespace(model_type="gpt_oss"), {})
-        assert e.value.exit_code == 5
-
-
 @pytest.mark.parametrize("arch", ["deepseek_v32", "qwen3_next"])
 def test_streamed_scaling_writes_the_same_bytes(arch, tokenizer, tmp_path):
     """The per-layer checks run on the streamed layer too (its weights materialized): the same moves, the same

@@ -1,7 +1,7 @@
 """gpt-oss: biased, interleaved, clamped-SwiGLU experts quantized per expert (rtn, gptq, fp8), biases and routers
-float, the variant read back by hubquant.load with the logits of hubquant's dequantized model; scaling methods stop
-with exit 5; plain transformers 5.24 cannot fuse per-expert gpt-oss tensors (tripwire); MXFP4 source checkpoints
-are dequantized by transformers while loading."""
+float, the variant read back by hubquant.load with the logits of hubquant's dequantized model (AWQ and SmoothQuant:
+tests/test_moe_gptoss_scaling.py); plain transformers 5.24 cannot fuse per-expert gpt-oss tensors (tripwire);
+MXFP4 source checkpoints are dequantized by transformers while loading."""
 from __future__ import annotations
 
 import json
@@ -92,18 +92,6 @@ def test_plain_transformers_cannot_fuse_per_expert_gpt_oss_tensors(tmp_path):
     missing = set(info["missing_keys"])
     assert "model.layers.0.mlp.experts.gate_up_proj" in missing and "model.layers.1.mlp.experts.down_proj" in missing
     assert "gpt_oss" in moe.NO_TRANSFORMERS_MAPPING
-
-
-@pytest.mark.parametrize("method", ["awq", "smoothquant"])
-def test_scaling_methods_stop_with_exit_5_naming_the_supported_ones(method):
-    from types import SimpleNamespace
-
-    with pytest.raises(UnsupportedError) as e:
-        get_method(method).check_architecture(SimpleNamespace(model_type="gpt_oss"), {})
-    assert e.value.exit_code == 5 and "rtn, gptq or fp8" in e.value.hint
-    get_method("gptq").check_architecture(SimpleNamespace(model_type="gpt_oss"), {})
-    maps = moe.scale_mappings(unfused())
-    assert maps and not [m for m in maps if m[0].startswith("mlp.experts.")]  # attention only
 
 
 # ------------------------------------------------------------------------------------------ MXFP4 sources

@@ -51,8 +51,6 @@ MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4
 DERIVED_MOE_MODEL_TYPES = ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "ernie4_5_moe", "hunyuan_v1_moe",
                            "minimax_m2", "exaone_moe", "dots1", "deepseek_v32", "glm4_moe_lite", "flex_olmo", "phimoe",
                            "glm4v_moe", "llama4_text", "llama4")
-# MoE model types whose experts carry no scale (hubquant.moe.NO_EXPERT_SCALING): scaling methods stop there
-NO_EXPERT_SCALING_TYPES = ("gpt_oss",)
 # MoE variants transformers 5.24 cannot load (hubquant.moe.checkpoint_scheme, preflight; docs/moe.md has the causes):
 # its CompressedTensorsDequantize rebuilds each expert from weight_packed/weight_scale/weight_shape only, so NVFP4's
 # weight_global_scale never reaches the compressor; bitsandbytes replaces nn.Linear modules only.
@@ -170,10 +168,6 @@ class MethodSpec:
     def check_architecture(self, config: Any, options: Any = None) -> None:
         """Raise UnsupportedError before any download when the method cannot handle `config`'s architecture."""
         mtype = getattr(config, "model_type", None)
-        if mtype in NO_EXPERT_SCALING_TYPES and self.scaling and self.parse_options(options).uses_scaling():
-            raise UnsupportedError(f"{self.title} moves scale from each expert's up_proj to its down_proj, and "
-                                   f"{mtype} experts clamp up_proj's output and add 1 to it (no exact scale moves)",
-                                   hint=f"use --method rtn, gptq or fp8 for {mtype}")
         if mtype in MOE_MODEL_TYPES:
             return  # hubquant.moe builds the scaling map from the loaded model's experts
         if mtype in DERIVED_MOE_MODEL_TYPES:
