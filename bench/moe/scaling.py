@@ -2,16 +2,19 @@
 (hubquant.moe_scaling), side by side with RTN and naive W8A8 on the same tiny random models.
 
     python bench/moe/scaling.py            # every derived architecture, CPU, about a minute on 2 shared cores
+    python bench/moe/scaling.py gpt_oss    # the named model types only (gpt-oss: its map is built the same way)
 
 Per architecture: expert projections quantized / present (AWQ), scale moves kept and dropped (over the distinct
 layer structures; experts' up -> down moves included), logits SQNR against the float model for RTN and AWQ
 (W4A16, groups of 32) and for W8A8 and SmoothQuant (int8 weights and per-token activations), and the SQNR between
-hubquant's AWQ model and the variant plain transformers loads. Prints a markdown table with date and hardware.
+hubquant's AWQ model and the variant plain transformers loads (`hubquant.load` for the model types transformers
+cannot load per-expert tensors of: gpt-oss). Prints a markdown table with date and hardware.
 """
 from __future__ import annotations
 
 import datetime
 import platform
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -21,11 +24,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import hubquant  # noqa: E402
 from hubquant import moe, moe_scaling  # noqa: E402
+from hubquant.formats.compressed_tensors import write  # noqa: E402
 from hubquant.modeling import quantizable_linears  # noqa: E402
 from hubquant.quant import sqnr_db  # noqa: E402
 from tests.helpers import NEW_MOE_ARCHS  # noqa: E402
-from tests.test_moe import logits, moe_model, quantize, write_and_load  # noqa: E402
+from tests.test_moe import logits, moe_model, quantize, scheme_of, write_and_load  # noqa: E402
 
 
 def run_method(arch: str, method: str):
@@ -45,9 +50,14 @@ def row(arch: str) -> str:
     rec = moe_scaling.record(model)
     kept = sum(len(v) for v in rec.kept.values())
     n_exp = sum(1 for v in rec.kept.values() for m in v if ".experts." in m.smooth)
-    dropped = sorted({d.split(":")[0].split(" -> ")[0] for v in rec.dropped.values() for d in v})
+    dropped = sorted({re.sub(r"experts\.\d+\.", "experts.*.", d.split(":")[0].split(" -> ")[0])
+                      for v in rec.dropped.values() for d in v})
     with tempfile.TemporaryDirectory() as tmp:
-        loaded, _ = write_and_load(model, quantized, "awq", Path(tmp))
+        if arch in moe.NO_TRANSFORMERS_MAPPING:
+            write(model, quantized, scheme=scheme_of("awq"), out_dir=tmp, method="awq")
+            loaded, _ = hubquant.load(tmp, device="cpu", dtype=torch.float32, progress=False)
+        else:
+            loaded, _ = write_and_load(model, quantized, "awq", Path(tmp))
         load_db = sqnr_db(logits(model), logits(loaded))
     _, _, sq = run_method(arch, "smoothquant")
     return (f"| `{arch}` | {len(experts & set(quantized))}/{len(experts)} | {kept} ({n_exp} expert) | "
@@ -58,11 +68,11 @@ def row(arch: str) -> str:
 def main() -> None:
     torch.set_num_threads(1)
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"1 thread; `python bench/moe/scaling.py`\n")
+          f"1 thread; `python {' '.join(['bench/moe/scaling.py', *sys.argv[1:]])}`\n")
     print("| `model_type` | experts quantized (AWQ) | moves kept | norms / moves dropped | RTN dB | AWQ dB | "
           "W8A8 dB | SmoothQuant dB | AWQ variant vs hubquant dB |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for arch in NEW_MOE_ARCHS:
+    for arch in sys.argv[1:] or NEW_MOE_ARCHS:
         print(row(arch), flush=True)
 
 

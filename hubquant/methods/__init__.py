@@ -21,7 +21,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from hubquant.errors import UnsupportedError, UsageError
+from hubquant.errors import UsageError
 from hubquant.methods.base import MethodFn, QuantJob  # noqa: F401  (the methods' contract, re-exported)
 from hubquant.methods.options import MethodOptions, option_strings, parse_options
 from hubquant.schemes import ActivationScheme, QuantScheme, WeightScheme
