@@ -147,6 +147,11 @@ class MethodSpec:
             if base.activations is not None and bits_ != 8:
                 raise UsageError(f"--method {self.name} quantizes weights and activations to 8 bits",
                                  hint="use --bits 8, or a weight-only method (rtn, gptq, awq) for 4 bits")
+            if base.activations is not None and (gs != -1 or not sym):
+                raise UsageError(f"--method {self.name} quantizes weights symmetric per output channel (W8A8): "
+                                 f"{'--asym' if not sym else f'--group-size {gs}'} does not apply",
+                                 hint="drop --group-size/--asym, or use a weight-only method (rtn, gptq, awq) "
+                                      "for grouped weights")
             weights = WeightScheme(bits=bits_, group_size=gs, symmetric=sym)
         acts = base.activations
         if activations is not None:

@@ -86,6 +86,11 @@ def test_resolve_scheme_applies_overrides_and_refuses_the_rest():
     assert "--bits 8" in e.value.hint
     with pytest.raises(UsageError, match="weight-only"):
         rtn.resolve_scheme(activations="static")
+    for method, kw, flag in (("smoothquant", {"group_size": 32}, "--group-size 32"),
+                             ("w8a8", {"bits": 8, "symmetric": False}, "--asym")):
+        with pytest.raises(UsageError, match=f"per output channel.*{flag}"):  # before any download
+            get_method(method).resolve_scheme(**kw)
+    assert get_method("smoothquant").resolve_scheme(group_size=-1).name == "W8A8"
     assert get_method("awq").takes_scheme_overrides(4) and not get_method("fp8").takes_scheme_overrides(4)
     assert not get_method("smoothquant").takes_scheme_overrides(4) and get_method("w8a8").takes_scheme_overrides(8)
 
