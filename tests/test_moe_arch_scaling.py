@@ -128,18 +128,14 @@ def test_a_reader_the_hooks_miss_is_caught_by_the_output_check():
     assert "post_attention_layernorm" not in _moves(model, "model.layers.1")
 
 
-@pytest.mark.parametrize("arch", ["qwen3_next", "deepseek_v32", "ernie4_5_moe"])
-def test_kept_moves_leave_the_float_model_unchanged(arch):
-    """Every move verified_mappings keeps, applied with random scales to every layer of the float32 model at once
-    (grouped-query v -> o with one scale per KV channel, as SmoothQuant ties them), keeps its logits."""
+def fold_every_kept_move(model) -> list[str]:
+    """Apply every move moe_scaling.verified_mappings keeps, each layer checked with its own input (captured on
+    EVAL_IDS), with random scales to every layer of the float32 model at once (grouped-query v -> o with one scale
+    per KV channel, as SmoothQuant ties them). Returns the moved `smooth` modules, layer by layer."""
     from hubquant.methods.scaling import expand_kv
     from hubquant.methods.smoothing import head_dims
 
-    model = moe_model(arch)
-    moe.unfuse_experts(model)
-    ref = logits(model)
-    layers = model.model.layers
-    seen: dict[int, tuple] = {}
+    layers, seen = model.model.layers, {}
 
     def capture(i):
         def hook(mod, args, kwargs):  # the layer's input by name: (hidden states, the other arguments)
@@ -154,9 +150,7 @@ def test_kept_moves_leave_the_float_model_unchanged(arch):
     for h in hooks:
         h.remove()
     hd, n_kv = head_dims(model)
-    lins = quantizable_linears(model)
-    gen = torch.Generator().manual_seed(3)
-    moved = 0
+    lins, gen, moved = quantizable_linears(model), torch.Generator().manual_seed(3), []
     for i, layer in enumerate(layers):
         rel = frozenset(n[len(f"model.layers.{i}."):] for n in lins if n.startswith(f"model.layers.{i}."))
         kept, _ = moe_scaling.verified_mappings(layer, *seen[i], rel, head_dims=(hd, n_kv))
@@ -166,8 +160,19 @@ def test_kept_moves_leave_the_float_model_unchanged(arch):
             s_smooth = torch.exp(torch.empty(rows).uniform_(-0.7, 0.7, generator=gen))
             s = expand_kv(s_smooth, n_kv, cols // rows, hd) if rows != cols else s_smooth
             fold(layer, m, s, s_smooth=s_smooth, dtype=torch.float32)
-            moved += 1
-    assert moved > 8 and sqnr_db(ref, logits(model)) > 80
+            moved.append(m.smooth)
+    return moved
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "deepseek_v32", "ernie4_5_moe"])
+def test_kept_moves_leave_the_float_model_unchanged(arch):
+    """Every move verified_mappings keeps, applied with random scales to every layer of the float32 model at once,
+    keeps its logits."""
+    model = moe_model(arch)
+    moe.unfuse_experts(model)
+    ref = logits(model)
+    moved = fold_every_kept_move(model)
+    assert len(moved) > 8 and sqnr_db(ref, logits(model)) > 80
 
 
 def test_awq_converts_a_derived_moe_end_to_end_and_logs_the_moves(tokenizer, tmp_path):

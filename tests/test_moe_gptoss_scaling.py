@@ -4,8 +4,6 @@ product; the norm the router reads); every expert projection is still quantized 
 W8A8), routers and sinks stay float, and hubquant.load computes what hubquant's model computes."""
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
@@ -13,11 +11,11 @@ import hubquant
 from hubquant import moe, moe_scaling
 from hubquant.formats.compressed_tensors import write
 from hubquant.methods import get_method
-from hubquant.methods.scaling import ScaleMapping, expand_kv, fold
-from hubquant.methods.smoothing import head_dims
+from hubquant.methods.scaling import ScaleMapping, fold
 from hubquant.modeling import quantizable_linears
 from hubquant.quant import sqnr_db
-from tests.test_moe import EVAL_IDS, check_int8_experts, logits, moe_model, quantize, scheme_of
+from tests.test_moe import check_int8_experts, logits, moe_model, quantize, scheme_of
+from tests.test_moe_arch_scaling import fold_every_kept_move
 
 pytestmark = pytest.mark.skipif(not hasattr(__import__("transformers"), "GptOssConfig"),
                                 reason="transformers without gpt-oss")
@@ -89,33 +87,9 @@ def test_kept_moves_leave_the_float_model_unchanged():
     model = moe_model("gpt_oss")
     moe.unfuse_experts(model)
     ref = logits(model)
-    layers, seen = model.model.layers, {}
-
-    def capture(i):
-        def hook(mod, args, kwargs):
-            bound = dict(inspect.signature(mod.forward).bind(*args, **kwargs).arguments)
-            bound.update(bound.pop("kwargs", {}))
-            seen.setdefault(i, (bound.pop("hidden_states"), bound))
-        return hook
-
-    hooks = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    with torch.no_grad():
-        model(EVAL_IDS, use_cache=False)
-    for h in hooks:
-        h.remove()
-    hd, n_kv = head_dims(model)
-    lins, gen, moved = quantizable_linears(model), torch.Generator().manual_seed(3), []
-    for i, layer in enumerate(layers):
-        rel = frozenset(n[len(f"model.layers.{i}."):] for n in lins if n.startswith(f"model.layers.{i}."))
-        kept, _ = moe_scaling.verified_mappings(layer, *seen[i], rel, head_dims=(hd, n_kv))
-        assert layer.self_attn.v_proj.bias is not None
-        for m in kept:
-            smooth, cols = layer.get_submodule(m.smooth), layer.get_submodule(m.balance[0]).in_features
-            rows = smooth.out_features if isinstance(smooth, torch.nn.Linear) else cols
-            s_smooth = torch.exp(torch.empty(rows).uniform_(-0.7, 0.7, generator=gen))
-            s = expand_kv(s_smooth, n_kv, cols // rows, hd) if rows != cols else s_smooth
-            fold(layer, m, s, s_smooth=s_smooth, dtype=torch.float32)
-            moved.append(m.smooth)
+    layers = model.model.layers
+    assert all(layer.self_attn.v_proj.bias is not None for layer in layers)
+    moved = fold_every_kept_move(model)
     assert moved == list(KEPT) * LAYERS and sqnr_db(ref, logits(model)) > 80
     e = layers[0].mlp.experts[0]  # the dropped move: up's rows (and bias) / s, down's columns * s
     fold(layers[0].mlp.experts, ScaleMapping(smooth="0.up_proj", balance=("0.down_proj",), extra=True),

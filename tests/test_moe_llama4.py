@@ -221,39 +221,11 @@ def test_kept_moves_leave_the_float_model_unchanged():
     """Every move moe_scaling keeps on Llama 4 (each layer checked with its own input), applied with random scales
     to every layer of the float32 model at once (grouped-query v -> o with one scale per KV channel), keeps its
     logits: the router still sees the unscaled norm output and each expert its scored input."""
-    import inspect
-
-    from hubquant.methods.scaling import expand_kv, fold
-    from hubquant.methods.smoothing import head_dims
+    from tests.test_moe_arch_scaling import fold_every_kept_move
 
     model = unfused()
     ref = logits(model)
-    layers, seen = model.model.layers, {}
-
-    def capture(i):
-        def hook(mod, args, kwargs):
-            bound = dict(inspect.signature(mod.forward).bind(*args, **kwargs).arguments)
-            bound.update(bound.pop("kwargs", {}))
-            seen.setdefault(i, (bound.pop("hidden_states"), bound))
-        return hook
-
-    hooks = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    with torch.no_grad():
-        model(EVAL_IDS, use_cache=False)
-    for h in hooks:
-        h.remove()
-    hd, n_kv = head_dims(model)
-    lins, gen, moved = quantizable_linears(model), torch.Generator().manual_seed(3), []
-    for i, layer in enumerate(layers):
-        rel = frozenset(n[len(f"model.layers.{i}."):] for n in lins if n.startswith(f"model.layers.{i}."))
-        kept, _ = moe_scaling.verified_mappings(layer, *seen[i], rel, head_dims=(hd, n_kv))
-        for m in kept:
-            smooth, cols = layer.get_submodule(m.smooth), layer.get_submodule(m.balance[0]).in_features
-            rows = smooth.out_features if isinstance(smooth, torch.nn.Linear) else cols
-            s_smooth = torch.exp(torch.empty(rows).uniform_(-0.7, 0.7, generator=gen))
-            s = expand_kv(s_smooth, n_kv, cols // rows, hd) if rows != cols else s_smooth
-            fold(layer, m, s, s_smooth=s_smooth, dtype=torch.float32)
-            moved.append(m.smooth)
+    moved = fold_every_kept_move(model)
     assert sum(".experts." in m for m in moved) == len(SPARSE_LAYERS) * EXPERTS
     assert len(moved) == 2 * 4 + len(SPARSE_LAYERS) * (2 + EXPERTS + 1) and sqnr_db(ref, logits(model)) > 80
 
