@@ -64,8 +64,15 @@ def _unescape(pattern: str) -> str | None:
     return s if _LITERAL.match(s) else None
 
 
-def _ops(conv) -> list[tuple[str, int | None]]:
-    return [(type(op).__name__, getattr(op, "dim", None)) for op in getattr(conv, "operations", [])]
+# What a converter does when it only stacks per-expert tensors into a fused one (gate rows before up rows)
+_STACK_OPS = {"gate_up_proj": [("MergeModulelist", 0), ("Concatenate", 1)], "down_proj": [("MergeModulelist", 0)]}
+
+
+def only_stacks(conv, target: str) -> bool:
+    """Whether transformers' converter `conv` builds `experts.<target>` ("gate_up_proj" or "down_proj") by stacking
+    per-expert tensors and nothing else, so that expert e of the fused tensor is the e-th source tensor."""
+    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in getattr(conv, "operations", [])]
+    return ops == _STACK_OPS[target]
 
 
 def _expert_sources(conv, target: str, n: int) -> list[re.Match] | None:
@@ -90,10 +97,10 @@ def derive_layout(transforms: list, experts_name: str) -> ExpertLayout | None:
         if type(t).__name__ != "WeightConverter":
             continue
         pair = _expert_sources(t, "gate_up_proj", 2)
-        if pair and _ops(t) == [("MergeModulelist", 0), ("Concatenate", 1)]:
+        if pair and only_stacks(t, "gate_up_proj"):
             gate_up = gate_up or pair
         one = _expert_sources(t, "down_proj", 1)
-        if one and _ops(t) == [("MergeModulelist", 0)]:
+        if one and only_stacks(t, "down_proj"):
             down = down or one
     if gate_up is None or down is None:
         return None

@@ -103,14 +103,12 @@ class Weights:
         stack them (`MergeModulelist(dim=0)`) and put gate before up (`Concatenate(dim=1)`): the fused tensors
         would hold exactly these values, expert e being the e-th tensor of each source pattern in loading order.
         None for anything else (the converters run as transformers runs them)."""
-        from transformers.core_model_loading import Concatenate, MergeModulelist
+        from hubquant.moe_arch import only_stacks
 
         gate_up, down = self.converted.get(f"{ename}.gate_up_proj"), self.converted.get(f"{ename}.down_proj")
         if gate_up is None or down is None or gate_up is down:
             return None
-        ops = [(type(op), op.dim) for op in gate_up.converter.operations]
-        if ops != [(MergeModulelist, 0), (Concatenate, 1)] or \
-                [(type(op), op.dim) for op in down.converter.operations] != [(MergeModulelist, 0)]:
+        if not (only_stacks(gate_up.converter, "gate_up_proj") and only_stacks(down.converter, "down_proj")):
             return None
         columns = []
         for conv, count in ((gate_up, 2), (down, 1)):

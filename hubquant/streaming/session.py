@@ -219,7 +219,8 @@ class _Sink(dict):
     (`experts`) is written to the shards as soon as the method stores it: its value becomes its `Written` record
     (the sampled ones, `Session.picked`, keep their QuantizedWeight for the layer's check), so a layer's quantized
     experts never wait in memory all together. The written tensors and the files are the same as when the layer
-    is written at once (the shards are laid out by name)."""
+    is written at once (the shards are laid out by name). Only item assignment writes early: `update()` (the
+    low-token rule's and NVFP4's batches) bypasses `__setitem__`, and those wait for the layer."""
 
     def __init__(self, session: Session):
         super().__init__()
